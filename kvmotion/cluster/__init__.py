@@ -1,0 +1,1 @@
+"""Control plane: cluster CA, inventory, placement and balancing."""

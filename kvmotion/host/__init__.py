@@ -1,0 +1,1 @@
+"""Host agent: HTTP API, the VMs of one host, its local resources."""

@@ -1,0 +1,1 @@
+"""Migration between agents: protocol, phases, convergence policy, switchover hooks, statistics."""

@@ -1,0 +1,1 @@
+"""Networking: lab topology, virtual switches, TAP devices, link shaping, announce, probes."""

@@ -1,0 +1,1 @@
+"""VM spec to QEMU process: command line, accelerator choice, supervision, QMP."""

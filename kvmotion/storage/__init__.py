@@ -1,0 +1,1 @@
+"""Datastore: disks on a network block (NBD) server, exclusive write leases with fencing."""
