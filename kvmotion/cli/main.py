@@ -1,0 +1,38 @@
+"""kvmotion's command line: one typer app, a sub-app per noun (vm, host, migrate, lab, datastore, disk, cluster)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from kvmotion.errors import KvmotionError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Live migration of running QEMU/KVM VMs.")
+
+# Each sub-app lives in kvmotion/cli/<module>.py and exposes `app`.
+_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "demo")
+for _mod in _SUBAPPS:
+    try:
+        _sub = importlib.import_module(f"kvmotion.cli.{_mod}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"kvmotion.cli.{_mod}":
+            raise
+        continue
+    if isinstance(_sub.app, typer.Typer):
+        app.add_typer(_sub.app, name=_mod)
+    else:  # a single command (e.g. demo)
+        app.command(name=_mod)(_sub.app)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except KvmotionError as exc:
+        print(f"kvmotion: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
