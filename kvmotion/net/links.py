@@ -1,0 +1,176 @@
+"""Bridges and TAP devices in the CURRENT network namespace (where the host agent runs), via netlink.
+
+A VM's NIC is a persistent TAP enslaved to its port group's bridge; QEMU attaches to it by name
+(`-netdev tap,ifname=X,script=no,downscript=no`). QEMU's tap_open asks for IFF_TAP|IFF_NO_PI
+(+IFF_VNET_HDR, +IFF_MULTI_QUEUE only when queues > 1); the kernel refuses the attach only if
+IFF_MULTI_QUEUE differs from the persistent device's, and re-sets IFF_VNET_HDR per attach. So we
+create single-queue TAPs with vnet_hdr on (what QEMU asks for by default).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+
+IFNAMSIZ = 15  # usable characters of a Linux interface name
+BRIDGE_AGEING_S = 300  # Linux's default; migration relies on RARP to re-teach, not on ageing
+
+
+def check_ifname(name: str) -> str:
+    if not name or len(name) > IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
+        raise InvalidInput(f"invalid interface name {name!r}: use 1-{IFNAMSIZ} characters, no '/' or spaces")
+    return name
+
+
+def tap_name(vm_name: str, index: int) -> str:
+    """Deterministic TAP name for NIC `index` of VM `vm_name`: 'kv' + 8 hex of a hash + 'n' + index."""
+    if not 0 <= index < 100:
+        raise InvalidInput(f"invalid NIC index {index}: use 0-99")
+    digest = hashlib.sha256(vm_name.encode()).hexdigest()[:8]
+    return f"kv{digest}n{index}"
+
+
+def derived_mac(name: str, first_octet: int) -> str:
+    """A stable MAC for a device we create, so a bridge's own address does not wander with its ports."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (first_octet, *digest[:5]))
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _kind(ipr: IPRoute, index: int) -> str | None:
+    return ipr.get_links(index)[0].get(("linkinfo", "kind"))
+
+
+def _quiet_ipv6(name: str) -> None:
+    """No IPv6 autoconf on L2-only devices: their router solicitations and MLD reports would be noise
+    in the switch's forwarding database. Best effort: the sysctl may be absent."""
+    path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+    try:
+        path.write_text("1")
+    except OSError:
+        pass
+
+
+def _fail(action: str, name: str, exc: NetlinkError) -> SetupError:
+    return SetupError(f"could not {action} {name}: {exc.args[-1] if exc.args else exc} (errno {exc.code})")
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return _index(ipr, name) is not None
+
+
+def ensure_bridge(name: str) -> None:
+    """Create (or re-configure) a learning bridge with STP off and forward delay 0, and bring it up."""
+    check_ifname(name)
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        try:
+            if idx is None:
+                ipr.link(
+                    "add",
+                    ifname=name,
+                    kind="bridge",
+                    address=derived_mac(name, 0x02),
+                    br_stp_state=0,
+                    br_forward_delay=0,
+                    br_ageing_time=BRIDGE_AGEING_S * 100,
+                )
+                idx = _index(ipr, name)
+                assert idx is not None
+            elif _kind(ipr, idx) != "bridge":
+                raise Conflict(f"interface {name} exists and is not a bridge: delete it or pick another name")
+            else:
+                ipr.link("set", index=idx, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            _quiet_ipv6(name)
+            ipr.link("set", index=idx, state="up")
+        except NetlinkError as exc:
+            raise _fail("create bridge", name, exc) from exc
+
+
+def enslave(name: str, bridge: str) -> None:
+    """Attach an existing link to a bridge as a learning port and bring it up."""
+    with IPRoute() as ipr:
+        idx, br = _index(ipr, name), _index(ipr, bridge)
+        if idx is None:
+            raise NotFound(f"interface {name} does not exist")
+        if br is None:
+            raise NotFound(f"bridge {bridge} does not exist: create the port group's bridge first")
+        try:
+            ipr.link("set", index=idx, master=br)
+            ipr.brport("set", index=idx, learning=1, unicast_flood=1)
+            ipr.link("set", index=idx, state="up")
+        except NetlinkError as exc:
+            raise _fail(f"attach to bridge {bridge}", name, exc) from exc
+
+
+def delete_link(name: str) -> None:
+    """Delete a link (a veth's peer goes with it); no error if it is absent."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise _fail("delete", name, exc) from exc
+
+
+def create_tap(name: str, bridge: str) -> None:
+    """Persistent single-queue TAP (no_pi, vnet_hdr), up, enslaved to `bridge`. Idempotent."""
+    check_ifname(name)
+    with IPRoute() as ipr:
+        if _index(ipr, bridge) is None:
+            raise NotFound(f"bridge {bridge} does not exist: create the port group's bridge first")
+        idx = _index(ipr, name)
+        if idx is not None:
+            info = ipr.get_links(idx)[0].get(("linkinfo", "data")) if _kind(ipr, idx) == "tun" else None
+            if info is None or info.get("IFLA_TUN_TYPE") != 2 or info.get("IFLA_TUN_MULTI_QUEUE"):
+                raise Conflict(f"interface {name} exists and is not a single-queue TAP: delete it first")
+        else:
+            try:
+                ipr.link(
+                    "add",
+                    ifname=name,
+                    kind="tuntap",
+                    mode="tap",
+                    ifr={"no_pi": 1, "vnet_hdr": 1, "multi_queue": 0},
+                )
+                idx = _index(ipr, name)
+                assert idx is not None
+                # 0xfe first octet (as libvirt does): the bridge never adopts a TAP's address.
+                ipr.link("set", index=idx, address=derived_mac(name, 0xFE))
+            except NetlinkError as exc:
+                raise _fail("create TAP", name, exc) from exc
+            except OSError as exc:  # the ioctl path of pyroute2's tuntap
+                raise SetupError(f"could not create TAP {name}: {exc.strerror} (is /dev/net/tun there?)") from exc
+        _quiet_ipv6(name)
+    enslave(name, bridge)
+
+
+def delete_tap(name: str) -> None:
+    """Delete a TAP; no error if it is absent. QEMU holding it open does not stop the deletion."""
+    delete_link(name)
+
+
+def master_of(name: str) -> str | None:
+    """Name of the bridge `name` is enslaved to, or None."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            raise NotFound(f"interface {name} does not exist")
+        master = ipr.get_links(idx)[0].get("master")
+        if not master:
+            return None
+        return ipr.get_links(master)[0].get("ifname")
