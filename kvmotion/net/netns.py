@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import time
+from socket import AF_BRIDGE
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,3 +207,219 @@ def ns_iproute(ns: str | None) -> IPRoute:
     if not ns_exists(ns):
         raise NotFound(f"network namespace {ns} does not exist")
     return IPRoute(netns=ns, flags=0)
+
+
+def _ns_fd(ns: str | None) -> int:
+    """An open fd naming namespace `ns` (None: the caller's own), for IFLA_NET_NS_FD."""
+    return os.open("/proc/self/ns/net" if ns is None else str(ns_path(ns)), os.O_RDONLY)
+
+
+def _lookup(ipr: IPRoute, ns: str | None, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NotFound(f"interface {ifname} does not exist in namespace {ns or '(root)'}")
+    return found[0]
+
+
+def link_exists_in(ns: str | None, ifname: str) -> bool:
+    if ns is not None and not ns_exists(ns):
+        return False
+    with ns_iproute(ns) as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def create_veth(name_a: str, ns_a: str | None, name_b: str, ns_b: str | None, *, up: bool = True) -> None:
+    """A veth pair with end `name_a` in `ns_a` and `name_b` in `ns_b` (None: the current namespace)."""
+    for name in (name_a, name_b):
+        if not name or len(name) > 15:
+            raise InvalidInput(f"invalid interface name {name!r}: use 1-15 characters")
+    fd_b = _ns_fd(ns_b)
+    try:
+        with ns_iproute(ns_a) as ipr:
+            if ipr.link_lookup(ifname=name_a):
+                raise Conflict(f"interface {name_a} already exists in namespace {ns_a or '(root)'}")
+            try:
+                ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": name_b, "net_ns_fd": fd_b})
+            except NetlinkError as exc:
+                raise SetupError(f"could not create veth {name_a}/{name_b}: {exc}") from exc
+            if up:
+                ipr.link("set", index=_lookup(ipr, ns_a, name_a), state="up")
+    finally:
+        os.close(fd_b)
+    if up:
+        set_up(ns_b, name_b)
+
+
+def set_up(ns: str | None, ifname: str) -> None:
+    with ns_iproute(ns) as ipr:
+        ipr.link("set", index=_lookup(ipr, ns, ifname), state="up")
+
+
+def delete_link_in(ns: str | None, ifname: str) -> None:
+    """Delete a link in `ns` (a veth's peer goes too); no error if the link or namespace is absent."""
+    if ns is not None and not ns_exists(ns):
+        return
+    with ns_iproute(ns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise SetupError(f"could not delete {ifname}: {exc}") from exc
+
+
+def add_address(ns: str | None, ifname: str, cidr: str) -> None:
+    """Put `cidr` ('10.1.0.5/24') on `ifname`; no error if it is there already."""
+    addr, _, prefix = cidr.partition("/")
+    if not prefix:
+        raise InvalidInput(f"invalid address {cidr!r}: use ADDR/PREFIX")
+    with ns_iproute(ns) as ipr:
+        try:
+            ipr.addr("add", index=_lookup(ipr, ns, ifname), address=addr, prefixlen=int(prefix))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise SetupError(f"could not add {cidr} to {ifname}: {exc}") from exc
+
+
+def add_route(ns: str | None, dst: str, *, gateway: str | None = None, dev: str | None = None) -> None:
+    """Route `dst` ('10.2.0.0/24' or 'default') via a gateway and/or out of a device; idempotent."""
+    with ns_iproute(ns) as ipr:
+        kwargs: dict[str, Any] = {"dst": dst}
+        if gateway:
+            kwargs["gateway"] = gateway
+        if dev:
+            kwargs["oif"] = _lookup(ipr, ns, dev)
+        try:
+            ipr.route("replace", **kwargs)
+        except NetlinkError as exc:
+            raise SetupError(f"could not add route to {dst}: {exc}") from exc
+
+
+def del_route(ns: str | None, dst: str) -> None:
+    """Delete the route to `dst`; no error if absent."""
+    if ns is not None and not ns_exists(ns):
+        return
+    with ns_iproute(ns) as ipr:
+        try:
+            ipr.route("del", dst=dst)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT):
+                raise SetupError(f"could not delete route to {dst}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class TbfParams:
+    """Token bucket of a shaped link, in bytes and seconds (what `tc ... tbf` takes)."""
+
+    rate: int  # bytes/s
+    burst: int  # bytes
+    latency_s: float
+
+    @staticmethod
+    def for_rate(rate_bytes_per_s: int, latency_s: float = 0.010) -> "TbfParams":
+        # 128 KiB is what measured 0.96 of 1 Gbit/s; faster links need a bucket of ~1 ms of traffic
+        # or the qdisc's timer granularity caps them below the rate.
+        return TbfParams(rate=rate_bytes_per_s, burst=max(128 * 1024, rate_bytes_per_s // 1000), latency_s=latency_s)
+
+
+def shape(ns: str | None, ifname: str, rate_bytes_per_s: int, *, latency_s: float = 0.010) -> TbfParams:
+    """Limit the egress of `ifname` in `ns` to `rate_bytes_per_s` with a tbf root qdisc (replacing
+    any). Shape both ends of a veth to limit both directions."""
+    if not 0 < rate_bytes_per_s < 2**32:
+        raise InvalidInput(f"invalid link rate {rate_bytes_per_s} B/s: use 1 B/s to 4 GB/s")
+    params = TbfParams.for_rate(rate_bytes_per_s, latency_s)
+    with ns_iproute(ns) as ipr:
+        idx = _lookup(ipr, ns, ifname)
+        try:
+            ipr.tc(
+                "replace",
+                "tbf",
+                index=idx,
+                handle="1:",
+                rate=params.rate,
+                burst=params.burst,
+                latency=int(params.latency_s * 1_000_000),
+            )
+        except NetlinkError as exc:
+            raise SetupError(f"could not shape {ifname}: {exc}") from exc
+    return params
+
+
+def unshape(ns: str | None, ifname: str) -> None:
+    """Remove the root qdisc set by shape(); no error if there is none."""
+    with ns_iproute(ns) as ipr:
+        try:
+            ipr.tc("del", index=_lookup(ipr, ns, ifname), root=True)
+        except NetlinkError:
+            pass
+
+
+def shaping(ns: str | None, ifname: str) -> int | None:
+    """The tbf rate (bytes/s) on `ifname`, or None when it is not shaped."""
+    with ns_iproute(ns) as ipr:
+        idx = _lookup(ipr, ns, ifname)
+        for q in ipr.get_qdiscs(index=idx):
+            if q.get("TCA_KIND") == "tbf":
+                return int(q.get("TCA_OPTIONS").get("TCA_TBF_PARMS")["rate"])
+    return None
+
+
+# USER_HZ: NDA_CACHEINFO ages are clock_t ticks (jiffies_to_clock_t in the bridge's fdb_fill_info).
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_NUD_NOARP, _NUD_PERMANENT = 0x40, 0x80
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    """Where a bridge learned a MAC, and how long ago (seconds, USER_HZ granularity)."""
+
+    mac: str
+    port: str
+    updated_s_ago: float | None  # last time a frame from this MAC arrived on `port`
+    used_s_ago: float | None  # last time the bridge forwarded to it
+    static: bool  # permanent/local entries (the bridge's own ports) are not learned
+
+
+def fdb_entries(ns: str | None, bridge: str) -> list[FdbEntry]:
+    """Every entry of `bridge`'s forwarding database in `ns`."""
+    with ns_iproute(ns) as ipr:
+        br = _lookup(ipr, ns, bridge)
+        names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+        entries = []
+        for msg in ipr.get_neighbours(family=AF_BRIDGE):
+            if msg.get("NDA_MASTER") != br:
+                continue
+            cache = msg.get("NDA_CACHEINFO")
+            entries.append(
+                FdbEntry(
+                    mac=str(msg.get("NDA_LLADDR")).lower(),
+                    port=names.get(msg["ifindex"], str(msg["ifindex"])),
+                    updated_s_ago=cache["ndm_updated"] / _CLOCK_TICKS if cache else None,
+                    used_s_ago=cache["ndm_used"] / _CLOCK_TICKS if cache else None,
+                    static=bool(msg["state"] & (_NUD_PERMANENT | _NUD_NOARP)),
+                )
+            )
+        return entries
+
+
+def fdb_entry(ns: str | None, bridge: str, mac: str) -> FdbEntry | None:
+    """The learned (non-static) entry for `mac` on `bridge`, or None if the bridge does not know it."""
+    mac = mac.lower()
+    for entry in fdb_entries(ns, bridge):
+        if entry.mac == mac and not entry.static:
+            return entry
+    return None
+
+
+def fdb_port(ns: str | None, bridge: str, mac: str) -> str | None:
+    """Name of the port on which `bridge` learned `mac`, or None."""
+    entry = fdb_entry(ns, bridge, mac)
+    return entry.port if entry else None
+
+
+def link_mac(ns: str | None, ifname: str) -> str:
+    """MAC address of `ifname` in `ns` (read over netlink: /sys shows the mounter's namespace)."""
+    with ns_iproute(ns) as ipr:
+        return str(ipr.get_links(_lookup(ipr, ns, ifname))[0].get("IFLA_ADDRESS")).lower()
