@@ -1,0 +1,90 @@
+"""`kvmotion host …`: run a host agent, list and inspect hosts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from kvmotion.cli.common import client_for, console, print_json
+from kvmotion.cluster.inventory import HostEntry, Inventory
+from kvmotion.errors import Unreachable
+from kvmotion.units import format_size
+
+app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, inspect one.")
+
+
+@app.command()
+def serve(
+    name: str = typer.Option(..., "--name", help="This host's name in the cluster."),
+    listen: str = typer.Option("127.0.0.1:7701", help="ADDRESS:PORT of the agent's API."),
+    portgroup: List[str] = typer.Option([], "--portgroup", help="NAME[=BRIDGE]; repeat. Default: vm-net."),
+    state_dir: Optional[Path] = typer.Option(None, help="VM definitions (default /var/lib/kvmotion/hosts/NAME)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
+    accel: Optional[str] = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
+    tls: bool = typer.Option(False, help="Serve the API over mutual TLS with the cluster CA's certificate for NAME."),
+) -> None:
+    """Run the host agent in the foreground (its VMs keep running if it stops)."""
+    from kvmotion.host.agent import serve as run
+    from kvmotion.qemu.spec import check_name
+
+    check_name(name, "host")
+    files = None
+    if tls:
+        from kvmotion.cluster.tls import host_tls_files
+
+        files = host_tls_files(name)
+    run(name, listen, portgroup, state_dir, run_dir, accel, tls_files=files)
+
+
+@app.command("list")
+def list_hosts(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Every host of the cluster, with its resources."""
+    rows = []
+    for entry in Inventory().hosts():
+        try:
+            rows.append((entry, client_for(entry).host()))
+        except Unreachable:
+            rows.append((entry, None))
+    if json_out:
+        print_json([{"name": e.name, "url": e.url, "info": info} for e, info in rows])
+        return
+    table = Table("host", "url", "state", "accel", "CPUs", "memory free/total", "VMs", "port groups")
+    for entry, info in rows:
+        if info is None:
+            table.add_row(entry.name, entry.url, "unreachable", "-", "-", "-", "-", "-")
+        else:
+            table.add_row(
+                entry.name, entry.url, "up", info.accel, str(info.cpus),
+                f"{format_size(info.memory_available)} / {format_size(info.memory_total)}",
+                str(info.vms), ", ".join(sorted(info.portgroups)),
+            )
+    console.print(table)
+
+
+@app.command()
+def info(name: str, json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """One host's resources."""
+    data = client_for(Inventory().host(name)).host()
+    if json_out:
+        print_json(data)
+    else:
+        for key, value in data.__dict__.items():
+            console.print(f"[bold]{key}[/]: {value}")
+
+
+@app.command()
+def add(name: str, url: str) -> None:
+    """Add a remote host's agent to the cluster inventory."""
+    from kvmotion.qemu.spec import check_name
+
+    check_name(name, "host")
+    Inventory().add(HostEntry(name=name, url=url))
+
+
+@app.command()
+def remove(name: str) -> None:
+    """Remove a host from the cluster inventory (its VMs are not touched)."""
+    Inventory().remove(name)

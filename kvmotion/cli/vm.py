@@ -1,0 +1,126 @@
+"""`kvmotion vm …`: define, start, stop, list VMs and attach to their consoles."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from kvmotion.cli.common import all_vms, console, err_console, host_client, locate_vm, print_json, vm_table
+from kvmotion.errors import InvalidInput
+from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.units import parse_rate, parse_size
+
+app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
+
+
+def _workloads(text: str) -> tuple[Workload, ...]:
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    try:
+        return tuple(Workload({"memwriter": "mem", "diskwriter": "disk"}.get(w, w)) for w in names) or (Workload.IDLE,)
+    except ValueError:
+        raise InvalidInput(f"unknown workload in {text!r}: use idle, echo, mem, disk (comma-separated)") from None
+
+
+@app.command()
+def create(
+    name: str,
+    memory: str = typer.Option("512M", help="Guest RAM, e.g. 512M, 1G."),
+    vcpus: int = typer.Option(1, help="Virtual CPUs."),
+    cpu_model: str = typer.Option("qemu64", help="QEMU CPU model (the cluster baseline keeps VMs movable)."),
+    disk: List[str] = typer.Option([], "--disk", help="PATH[:SIZE] (local) or DATASTORE/DISK; repeat."),
+    nic: List[str] = typer.Option([], "--nic", help="pg=PORTGROUP,mac=MAC[,ip=ADDR/PREFIX]; repeat."),
+    workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
+    mem_wss: str = typer.Option("256M", help="Memory writer's working set."),
+    mem_rate: str = typer.Option("100M", help="Memory writer's dirty rate in bytes/s (0 = flat out)."),
+    host: Optional[str] = typer.Option(None, help="Host to define it on (default: the only host)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Define a VM on a host (it does not start)."""
+    spec = VmSpec(
+        name=name,
+        memory=parse_size(memory),
+        vcpus=vcpus,
+        cpu_model=cpu_model,
+        disks=tuple(DiskSpec.parse(d) for d in disk),
+        nics=tuple(NicSpec.parse(n) for n in nic),
+        workloads=_workloads(workload),
+        params=WorkloadParams(mem_wss=parse_size(mem_wss), mem_rate=parse_rate(mem_rate)),
+    )
+    _, client = host_client(host)
+    status = client.create(spec)
+    if json_out:
+        print_json(status)
+    else:
+        console.print(f"VM {status.name} defined on host {status.host}")
+
+
+@app.command()
+def start(
+    name: str,
+    wait: bool = typer.Option(True, help="Wait for the guest's ready line."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for ready."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Start a VM on the host it is defined on."""
+    _, client, _ = locate_vm(name)
+    status = client.start(name, wait_ready=wait, timeout=timeout)
+    if json_out:
+        print_json(status)
+    else:
+        console.print(f"VM {name} {status.state.value} on host {status.host} (pid {status.pid}){', guest ready' if status.ready else ''}")
+
+
+@app.command()
+def stop(
+    name: str,
+    force: bool = typer.Option(False, help="Kill QEMU instead of a clean stop."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Stop a VM: vCPUs stop, disks are flushed, QEMU exits."""
+    _, client, _ = locate_vm(name)
+    status = client.stop(name, force=force)
+    if json_out:
+        print_json(status)
+    else:
+        console.print(f"VM {name} stopped on host {status.host}")
+
+
+@app.command()
+def delete(name: str) -> None:
+    """Delete a stopped VM's definition (its disks stay)."""
+    _, client, _ = locate_vm(name)
+    client.delete(name)
+    console.print(f"VM {name} deleted")
+
+
+@app.command("list")
+def list_vms(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Every VM of the cluster: name, state, host, memory, CPUs, uptime."""
+    vms, down = all_vms()
+    if json_out:
+        print_json(vms)
+    else:
+        console.print(vm_table(vms))
+    for h in down:
+        err_console.print(f"kvmotion: warning: host {h} did not answer; its VMs are not listed")
+
+
+@app.command()
+def show(name: str, json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """One VM's state and spec."""
+    _, _, status = locate_vm(name)
+    if json_out:
+        print_json(status)
+    else:
+        console.print(vm_table([status]))
+        console.print(status.spec)
+
+
+@app.command(name="console")
+def console_cmd(name: str) -> None:
+    """Attach to the guest's serial console (detach with Ctrl-])."""
+    from kvmotion.cli.console import attach
+
+    entry, _, _ = locate_vm(name)
+    attach(entry, name)

@@ -1,0 +1,72 @@
+"""The cluster inventory: which host agents exist and where their APIs listen.
+
+A JSON file in the cluster folder (KVMOTION_CLUSTER_DIR, default <state>/cluster). Agents register
+themselves when they start; `kvmotion host add/remove` edit it by hand for remote hosts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion import paths
+from kvmotion.errors import InvalidInput, NotFound
+from kvmotion.host.store import write_atomic
+
+
+def cluster_dir() -> Path:
+    env = os.environ.get("KVMOTION_CLUSTER_DIR")
+    return Path(env) if env else paths.state_dir() / "cluster"
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    name: str
+    url: str
+
+
+@contextmanager
+def _locked(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+class Inventory:
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or cluster_dir()
+        self.path = self.folder / "hosts.json"
+
+    def hosts(self) -> list[HostEntry]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            raise InvalidInput(f"cluster inventory {self.path} is damaged: {exc}") from exc
+        return [HostEntry(name=n, url=u) for n, u in sorted(data.items())]
+
+    def host(self, name: str) -> HostEntry:
+        for h in self.hosts():
+            if h.name == name:
+                return h
+        known = ", ".join(h.name for h in self.hosts()) or "none"
+        raise NotFound(f"no host named {name} in the cluster (known: {known}); start its agent or `kvmotion host add`")
+
+    def add(self, entry: HostEntry) -> None:
+        with _locked(self.folder):
+            data = {h.name: h.url for h in self.hosts()}
+            data[entry.name] = entry.url
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
+
+    def remove(self, name: str) -> None:
+        with _locked(self.folder):
+            data = {h.name: h.url for h in self.hosts()}
+            if data.pop(name, None) is None:
+                raise NotFound(f"no host named {name} in the cluster")
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))

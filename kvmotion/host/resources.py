@@ -1,0 +1,53 @@
+"""What a host offers: memory, CPUs, CPU model and features, port groups, datastores."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    total: int
+    available: int
+
+
+def meminfo() -> MemInfo:
+    fields: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            fields[key] = int(parts[0]) * 1024
+    return MemInfo(total=fields["MemTotal"], available=fields.get("MemAvailable", fields["MemFree"]))
+
+
+def cpu_model_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    name: str
+    version: str
+    accel: str
+    accel_reason: str
+    memory_total: int
+    memory_available: int
+    memory_committed: int
+    cpus: int
+    cpu_model_name: str
+    portgroups: dict[str, str]
+    vms: int
+
+    @staticmethod
+    def from_json(data: dict) -> "HostInfo":
+        return HostInfo(**{f: data[f] for f in HostInfo.__dataclass_fields__})

@@ -1,0 +1,425 @@
+"""The VMs of one host: lifecycle (create, start, stop, delete), supervision and re-attach.
+
+QEMU processes outlive the agent (own session, pid files): a restarted agent finds each running
+VM by its pid file and reconnects QMP; it never starts a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
+from kvmotion.host import resources
+from kvmotion.host.store import VmRecord, VmStore
+from kvmotion.qemu.accel import AccelChoice
+from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv, local_file_node, process_tag
+from kvmotion.qemu.process import QemuProcess
+from kvmotion.qemu.qmp import Qmp
+from kvmotion.qemu.spec import DiskSpec, VmSpec
+
+READY_MARK = b"KVMOTION READY"
+# Memory the host keeps for itself and QEMU's own overhead when admitting VMs.
+HOST_RESERVE = 256 << 20
+
+
+class VmState(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INCOMING = "incoming"  # shadow VM waiting for a migration stream
+    MIGRATING = "migrating"  # source of a migration in progress
+    STOPPING = "stopping"
+    CRASHED = "crashed"  # QEMU exited without being asked to
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    name: str
+    state: VmState
+    host: str
+    memory: int
+    vcpus: int
+    pid: int | None
+    started_at: float | None
+    ready: bool
+    spec: VmSpec
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    state_dir: Path
+    run_dir: Path
+    portgroups: dict[str, str]  # port group -> bridge on this host
+    accel: AccelChoice
+
+
+@dataclass
+class _Vm:
+    record: VmRecord
+    paths: VmPaths
+    state: VmState = VmState.STOPPED
+    proc: QemuProcess | None = None
+    qmp: Qmp | None = None
+    serial_offset: int = 0
+    watcher: asyncio.Task | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.record.spec.name
+
+
+class VmManager:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.store = VmStore(config.state_dir)
+        self.disk_dir = config.state_dir / "disks"
+        self._vms: dict[str, _Vm] = {}
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _paths(self, name: str) -> VmPaths:
+        return VmPaths(self.config.run_dir / "vms" / name)
+
+    def _vm(self, name: str) -> _Vm:
+        try:
+            return self._vms[name]
+        except KeyError:
+            raise NotFound(f"no VM named {name} on host {self.config.name}") from None
+
+    def local_disk_path(self, disk: DiskSpec) -> Path:
+        p = Path(disk.source)
+        return p if p.is_absolute() else self.disk_dir / p
+
+    def status(self, name: str) -> VmStatus:
+        vm = self._vm(name)
+        spec = vm.record.spec
+        return VmStatus(
+            name=spec.name,
+            state=vm.state,
+            host=self.config.name,
+            memory=spec.memory,
+            vcpus=spec.vcpus,
+            pid=vm.proc.pid if vm.proc else None,
+            started_at=vm.proc.started_at if vm.proc else None,
+            ready=self._ready(vm),
+            spec=spec,
+        )
+
+    def list(self) -> list[VmStatus]:
+        return [self.status(n) for n in sorted(self._vms)]
+
+    def committed_memory(self, exclude: str | None = None) -> int:
+        return sum(
+            vm.record.spec.memory
+            for vm in self._vms.values()
+            if vm.proc is not None and vm.name != exclude
+        )
+
+    def check_memory(self, spec: VmSpec) -> None:
+        mem = resources.meminfo()
+        if spec.memory > mem.total - HOST_RESERVE:
+            raise InsufficientResources(
+                f"VM {spec.name} wants {spec.memory >> 20} MiB but host {self.config.name} has only "
+                f"{(mem.total - HOST_RESERVE) >> 20} MiB for VMs"
+            )
+        free = min(mem.available, mem.total - HOST_RESERVE - self.committed_memory(exclude=spec.name))
+        if spec.memory > free:
+            raise InsufficientResources(
+                f"VM {spec.name} wants {spec.memory >> 20} MiB but host {self.config.name} has "
+                f"{max(free, 0) >> 20} MiB free"
+            )
+
+    def _ready(self, vm: _Vm) -> bool:
+        if vm.proc is None:
+            return False
+        try:
+            with open(vm.paths.serial_log, "rb") as f:
+                f.seek(vm.serial_offset)
+                return READY_MARK in f.read()
+        except OSError:
+            return False
+
+    # ---- recovery ------------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Load every defined VM; re-attach to those whose QEMU still runs."""
+        for record in self.store.all():
+            vm = _Vm(record=record, paths=self._paths(record.spec.name))
+            self._vms[vm.name] = vm
+            proc = QemuProcess.attach(vm.paths, process_tag(record.spec))
+            if proc is None:
+                if record.incoming_migration:
+                    # A shadow VM whose QEMU is gone never received the VM: forget it.
+                    self.store.remove(vm.name)
+                    del self._vms[vm.name]
+                continue
+            vm.proc = proc
+            vm.serial_offset = self._last_ready_offset(vm)
+            try:
+                await self._connect(vm)
+            except VmFailed:
+                vm.proc = None
+                vm.state = VmState.CRASHED
+                continue
+            vm.state = await self._qemu_state(vm)
+
+    def _last_ready_offset(self, vm: _Vm) -> int:
+        """Offset of the last boot's READY line in the (appended) serial log, so `ready` stays true."""
+        try:
+            data = vm.paths.serial_log.read_bytes()
+        except OSError:
+            return 0
+        idx = data.rfind(READY_MARK)
+        return max(idx, 0)
+
+    async def _qemu_state(self, vm: _Vm) -> VmState:
+        assert vm.qmp is not None
+        status = await vm.qmp.execute("query-status")
+        st = status["status"]  # type: ignore[index]
+        if st == "running":
+            return VmState.RUNNING
+        if st == "inmigrate":
+            return VmState.INCOMING
+        if st in ("finish-migrate", "postmigrate") or vm.record.incoming_migration:
+            return VmState.MIGRATING if not vm.record.incoming_migration else VmState.INCOMING
+        return VmState.PAUSED
+
+    async def _connect(self, vm: _Vm) -> None:
+        assert vm.proc is not None
+        proc = vm.proc
+        qmp = Qmp(vm.name)
+        await qmp.connect(vm.paths.qmp, alive=proc.alive)
+        vm.qmp = qmp
+        vm.watcher = asyncio.create_task(self._watch(vm, proc))
+
+    async def _watch(self, vm: _Vm, proc: QemuProcess) -> None:
+        await proc.wait_exit()
+        if vm.proc is not proc:
+            return
+        expected = vm.state in (VmState.STOPPING, VmState.STOPPED)
+        vm.state = VmState.STOPPED if expected else VmState.CRASHED
+        vm.proc = None
+        if vm.qmp is not None:
+            await vm.qmp.close()
+            vm.qmp = None
+        self._release_host_resources(vm.record.spec)
+        if vm.record.incoming_migration and vm.name in self._vms:
+            self._forget(vm.name)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def create(self, spec: VmSpec, *, incoming_migration: str | None = None) -> VmStatus:
+        if spec.name in self._vms:
+            raise Conflict(f"VM {spec.name} already exists on host {self.config.name}")
+        mem = resources.meminfo()
+        if spec.memory > mem.total - HOST_RESERVE:
+            raise InsufficientResources(
+                f"VM {spec.name} wants {spec.memory >> 20} MiB but host {self.config.name} has only "
+                f"{(mem.total - HOST_RESERVE) >> 20} MiB for VMs"
+            )
+        for nic in spec.nics:
+            if nic.portgroup not in self.config.portgroups:
+                raise NotFound(
+                    f"port group {nic.portgroup} does not exist on host {self.config.name} "
+                    f"(it has: {', '.join(sorted(self.config.portgroups)) or 'none'})"
+                )
+        macs = [n.mac for n in spec.nics]
+        if len(set(macs)) != len(macs):
+            raise InvalidInput(f"VM {spec.name} has the same MAC on two NICs")
+        for disk in spec.disks:
+            self._prepare_disk(spec, disk)
+        record = VmRecord(spec=spec, created_at=time.time(), incoming_migration=incoming_migration)
+        self.store.add(record)
+        self._vms[spec.name] = _Vm(record=record, paths=self._paths(spec.name))
+        return self.status(spec.name)
+
+    def _prepare_disk(self, spec: VmSpec, disk: DiskSpec) -> None:
+        if disk.datastore is not None:
+            from kvmotion.storage.host import check_disk  # datastore disks are checked by the storage layer
+
+            check_disk(disk)
+            return
+        path = self.local_disk_path(disk)
+        if path.exists():
+            return
+        if not disk.size:
+            raise NotFound(f"disk {path} of VM {spec.name} does not exist (give a size, e.g. {disk.source}:2G, to create it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "xb") as f:
+                f.truncate(disk.size)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise InsufficientResources(f"cannot create disk {path}: {exc.strerror}") from exc
+
+    def _disk_nodes(self, spec: VmSpec) -> tuple[dict, ...]:
+        nodes = []
+        for i, disk in enumerate(spec.disks):
+            if disk.datastore is not None:
+                from kvmotion.storage.host import blockdev_for
+
+                nodes.append(blockdev_for(disk, host=self.config.name, node_name=f"disk{i}-proto"))
+            else:
+                path = self.local_disk_path(disk)
+                if not path.exists():
+                    raise NotFound(f"disk {path} of VM {spec.name} is missing")
+                nodes.append(local_file_node(path))
+        return tuple(nodes)
+
+    def _setup_host_resources(self, spec: VmSpec) -> tuple[str, ...]:
+        from kvmotion.net import links
+
+        taps = []
+        for i, nic in enumerate(spec.nics):
+            bridge = self.config.portgroups[nic.portgroup]
+            links.ensure_bridge(bridge)
+            tap = links.tap_name(spec.name, i)
+            links.create_tap(tap, bridge)
+            taps.append(tap)
+        return tuple(taps)
+
+    def _release_host_resources(self, spec: VmSpec) -> None:
+        from kvmotion.net import links
+
+        for i, _ in enumerate(spec.nics):
+            links.delete_tap(links.tap_name(spec.name, i))
+
+    def _argv(self, spec: VmSpec, taps: tuple[str, ...], incoming: bool) -> list[str]:
+        from kvmotion.guest.cmdline import kernel_cmdline
+        from kvmotion.guest.image import ensure_image
+
+        image = ensure_image()
+        ctx = HostContext(
+            accel=self.config.accel.accel,
+            kernel=image.kernel,
+            initramfs=image.initramfs,
+            kernel_cmdline=kernel_cmdline(spec),
+            taps=taps,
+            disk_nodes=self._disk_nodes(spec),
+            incoming=incoming,
+        )
+        return build_argv(spec, self._paths(spec.name), ctx)
+
+    async def start(self, name: str, *, wait_ready: bool = False, timeout: float = 60.0, incoming: bool = False) -> VmStatus:
+        vm = self._vm(name)
+        async with vm.lock:
+            if vm.proc is not None and vm.proc.alive():
+                raise Conflict(f"VM {name} is already {vm.state.value} on host {self.config.name} (pid {vm.proc.pid})")
+            running = QemuProcess.attach(vm.paths, process_tag(vm.record.spec))
+            if running is not None:  # belt and braces: never a second copy
+                raise Conflict(f"VM {name} already has a QEMU process (pid {running.pid})")
+            spec = vm.record.spec
+            self.check_memory(spec)
+            if not incoming:
+                self._acquire_leases(spec)
+            taps = self._setup_host_resources(spec)
+            try:
+                argv = self._argv(spec, taps, incoming)
+                vm.paths.root.mkdir(parents=True, exist_ok=True)
+                try:
+                    vm.serial_offset = vm.paths.serial_log.stat().st_size
+                except OSError:
+                    vm.serial_offset = 0
+                vm.state = VmState.STARTING
+                vm.proc = QemuProcess.start(argv, vm.paths, process_tag(spec))
+                try:
+                    await self._connect(vm)
+                except VmFailed as exc:
+                    detail = vm.proc.last_log_line() if vm.proc else ""
+                    vm.proc = None
+                    vm.state = VmState.STOPPED
+                    raise VmFailed(f"VM {name} failed to start: {detail or exc}") from exc
+            except BaseException:
+                if vm.proc is None:
+                    self._release_host_resources(spec)
+                    vm.state = VmState.STOPPED
+                raise
+            vm.state = VmState.INCOMING if incoming else VmState.RUNNING
+        if wait_ready:
+            await self.wait_ready(name, timeout)
+        return self.status(name)
+
+    def _acquire_leases(self, spec: VmSpec) -> None:
+        if any(d.datastore for d in spec.disks):
+            from kvmotion.storage.host import acquire_leases
+
+            acquire_leases(spec, host=self.config.name)
+
+    async def wait_ready(self, name: str, timeout: float) -> None:
+        vm = self._vm(name)
+        deadline = time.monotonic() + timeout
+        while not self._ready(vm):
+            if vm.proc is None:
+                raise VmFailed(f"VM {name} stopped before its guest was ready (see {vm.paths.serial_log})")
+            if time.monotonic() > deadline:
+                raise VmFailed(f"VM {name} did not print its ready line within {timeout:.0f} s (see {vm.paths.serial_log})")
+            await asyncio.sleep(0.02)
+
+    async def stop(self, name: str, *, force: bool = False, timeout: float = 15.0) -> VmStatus:
+        vm = self._vm(name)
+        async with vm.lock:
+            proc = vm.proc
+            if proc is None:
+                raise Conflict(f"VM {name} is not running on host {self.config.name}")
+            vm.state = VmState.STOPPING
+            if not force and vm.qmp is not None:
+                try:
+                    # quit flushes every block device before QEMU exits, so acknowledged writes are on disk.
+                    await vm.qmp.execute("stop")
+                    await vm.qmp.execute("quit")
+                except VmFailed:
+                    pass
+                try:
+                    await asyncio.wait_for(proc.wait_exit(), timeout)
+                except asyncio.TimeoutError:
+                    proc.kill(signal.SIGKILL)
+            else:
+                proc.kill(signal.SIGKILL)
+            await proc.wait_exit()
+            if vm.watcher is not None:
+                await vm.watcher
+            vm.state = VmState.STOPPED
+        return self.status(name)
+
+    async def delete(self, name: str) -> None:
+        vm = self._vm(name)
+        if vm.proc is not None:
+            raise Conflict(f"VM {name} is {vm.state.value}: stop it before deleting it")
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.store.remove(name)
+        self._vms.pop(name, None)
+
+    async def shutdown(self) -> None:
+        """Agent exit: leave VMs running, just drop our monitor connections."""
+        for vm in self._vms.values():
+            if vm.watcher is not None:
+                vm.watcher.cancel()
+            if vm.qmp is not None:
+                await vm.qmp.close()
+
+    def qmp(self, name: str) -> Qmp:
+        vm = self._vm(name)
+        if vm.qmp is None:
+            raise Conflict(f"VM {name} is not running on host {self.config.name}")
+        return vm.qmp
+
+
+def status_from_json(data: dict) -> VmStatus:
+    return VmStatus(
+        name=data["name"],
+        state=VmState(data["state"]),
+        host=data["host"],
+        memory=int(data["memory"]),
+        vcpus=int(data["vcpus"]),
+        pid=data.get("pid"),
+        started_at=data.get("started_at"),
+        ready=bool(data.get("ready")),
+        spec=VmSpec.from_json(data["spec"]),
+    )

@@ -1,0 +1,122 @@
+"""A supervised QEMU process: started detached so it outlives an agent crash, re-attached by pid file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.errors import SetupError, VmFailed
+from kvmotion.qemu.cmdline import VmPaths
+
+
+def _cmdline_of(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _is_ours(pid: int, tag: str) -> bool:
+    """A pid is ours if it is a live (non-zombie) QEMU whose -name carries our tag."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    return any(f"process={tag}" in a for a in _cmdline_of(pid))
+
+
+@dataclass(frozen=True)
+class QemuProcess:
+    pid: int
+    paths: VmPaths
+    tag: str
+    started_at: float  # wall clock
+
+    @staticmethod
+    def start(argv: list[str], paths: VmPaths, tag: str, netns_fd: int | None = None) -> "QemuProcess":
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.qmp, paths.serial, paths.pidfile):
+            stale.unlink(missing_ok=True)
+        log = open(paths.qemu_log, "ab")
+        try:
+            # New session: an agent's SIGKILL (or Ctrl-C on its terminal) must not take its VMs with it.
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
+            )
+        except FileNotFoundError as exc:
+            raise SetupError(f"{argv[0]} not found: run `make setup` to install QEMU") from exc
+        finally:
+            log.close()
+        return QemuProcess(pid=proc.pid, paths=paths, tag=tag, started_at=time.time())
+
+    @staticmethod
+    def attach(paths: VmPaths, tag: str) -> "QemuProcess | None":
+        """The running QEMU of this VM, found through its pid file, or None."""
+        try:
+            pid = int(paths.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not _is_ours(pid, tag):
+            return None
+        try:
+            started = paths.pidfile.stat().st_mtime
+        except OSError:
+            started = time.time()
+        return QemuProcess(pid=pid, paths=paths, tag=tag, started_at=started)
+
+    def alive(self) -> bool:
+        # Reap if it is our child, so a dead child does not linger as a zombie that looks alive.
+        try:
+            os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return _is_ours(self.pid, self.tag)
+
+    def last_log_line(self) -> str:
+        try:
+            lines = [ln for ln in self.paths.qemu_log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    async def wait_exit(self, poll: float = 0.2) -> None:
+        """Return when the process is gone (child or not); pidfd where possible, polling otherwise."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:
+            fd = None
+        if fd is not None:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+            try:
+                await done
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+            self.alive()
+            return
+        while self.alive():
+            await asyncio.sleep(poll)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill_and_wait(self, timeout: float = 10.0) -> None:
+        self.kill(signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                raise VmFailed(f"QEMU pid {self.pid} did not exit after SIGKILL")
+            time.sleep(0.02)

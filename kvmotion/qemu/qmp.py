@@ -1,0 +1,101 @@
+"""QMP through the official `qemu.qmp` library, with kvmotion's errors and event timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp.protocol import ConnectError, StateError
+
+from kvmotion.errors import VmFailed
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    name: str
+    timestamp: float  # QEMU's own wall-clock time of the event (seconds since epoch)
+    data: dict
+
+
+def _to_event(msg) -> QmpEvent:
+    ts = msg.get("timestamp", {})
+    return QmpEvent(
+        name=str(msg["event"]),
+        timestamp=ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6,
+        data=dict(msg.get("data", {})),
+    )
+
+
+class Qmp:
+    """One QMP session to one QEMU process."""
+
+    def __init__(self, vm_name: str) -> None:
+        self.vm_name = vm_name
+        self._client = QMPClient(vm_name)
+
+    async def connect(self, socket_path: Path, timeout: float = 15.0, alive=lambda: True) -> None:
+        """Connect, retrying while QEMU creates its socket; stop early if the process died."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._client.connect(str(socket_path))
+                return
+            except (ConnectError, OSError) as exc:
+                if not alive():
+                    raise VmFailed(f"QEMU for VM {self.vm_name} exited before its monitor came up") from exc
+                if time.monotonic() > deadline:
+                    raise VmFailed(f"QEMU monitor of VM {self.vm_name} did not answer at {socket_path}: {exc}") from exc
+                self._client = QMPClient(self.vm_name)
+                await asyncio.sleep(0.05)
+
+    @property
+    def connected(self) -> bool:
+        from qemu.qmp import Runstate
+
+        return self._client.runstate == Runstate.RUNNING
+
+    async def execute(self, command: str, **arguments) -> object:
+        try:
+            return await self._client.execute(command, arguments or None)
+        except ExecuteError as exc:
+            raise VmFailed(f"QEMU refused {command} for VM {self.vm_name}: {exc.error.desc}") from exc
+        except (StateError, ConnectionError, EOFError) as exc:
+            raise VmFailed(f"lost the QEMU monitor of VM {self.vm_name} during {command}") from exc
+
+    def listen(self, *names: str) -> "EventStream":
+        return EventStream(self._client, names)
+
+    async def close(self) -> None:
+        try:
+            await self._client.disconnect()
+        except Exception:  # noqa: BLE001 - disconnect re-raises whatever ended the session; we are done with it
+            pass
+
+
+class EventStream:
+    """Events of the given names, as an async context manager yielding QmpEvent."""
+
+    def __init__(self, client: QMPClient, names: tuple[str, ...]) -> None:
+        self._client = client
+        self._listener = EventListener(list(names) or None)
+
+    async def __aenter__(self) -> "EventStream":
+        self._client.register_listener(self._listener)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._client.remove_listener(self._listener)
+
+    async def get(self, timeout: float | None = None) -> QmpEvent:
+        return _to_event(await asyncio.wait_for(self._listener.get(), timeout))
+
+    async def wait_for(self, name: str, timeout: float | None = None, where=lambda ev: True) -> QmpEvent:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ev = await self.get(left)
+            if ev.name == name and where(ev):
+                return ev
