@@ -50,6 +50,8 @@ def all_vms() -> tuple[list[VmStatus], list[str]]:
             vms.extend(client_for(entry).vms())
         except Unreachable:
             down.append(entry.name)
+    if down and not vms and len(down) == len(Inventory().hosts()):
+        raise Unreachable(f"no host agent answered (tried {', '.join(down)}): are the agents running?")
     return vms, down
 
 
@@ -66,8 +68,9 @@ def locate_vm(name: str) -> tuple[HostEntry, AgentClient, VmStatus]:
         except Unreachable:
             down.append(entry.name)
     if not found:
-        hint = f" (hosts not answering: {', '.join(down)})" if down else ""
-        raise NotFound(f"no VM named {name} in the cluster{hint}")
+        if down:
+            raise Unreachable(f"VM {name} is on none of the reachable hosts; not answering: {', '.join(down)}")
+        raise NotFound(f"no VM named {name} in the cluster")
     found.sort(key=lambda f: f[2].pid is None)  # a running copy wins over a stopped definition
     return found[0]
 

@@ -1,0 +1,29 @@
+# The two newcomer commands: `make demo` and `make test`. Both set up what they need, idempotently.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test unit bench clean-lab
+
+setup: $(STAMP)
+	@bash scripts/setup-host.sh
+	@$(PY) -m kvmotion.guest.image
+
+$(STAMP): pyproject.toml requirements.lock
+	@bash scripts/setup-host.sh
+	@test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	@$(PIP) install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/kvmotion demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q tests/unit
+
+bench: setup
+	$(PY) bench/boot.py

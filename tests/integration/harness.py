@@ -1,0 +1,113 @@
+"""Test harness: a host agent in its own network namespace, reachable from the test over a veth.
+
+Each harness has unique names (namespace, links, subnets, folders) and removes everything it made,
+QEMU processes included, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmotion.host.client import AgentClient
+from kvmotion.net import links, netns
+
+
+def _free_port() -> int:
+    return random.randint(20000, 45000)
+
+
+@dataclass
+class AgentHarness:
+    """One host: namespace, VM bridge with a host-side address, an agent process."""
+
+    name: str = "host-a"
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 10000:04d}{random.randint(0, 99):02d}")
+    agent: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        k = random.randint(1, 250)
+        self.ns = f"kvt-{self.tag}"
+        self.root_if, self.ns_if = f"kvr{self.tag}", f"kvn{self.tag}"
+        self.mgmt_root, self.mgmt_ns = f"10.213.{k}.1", f"10.213.{k}.2"
+        self.bridge = "br-vm"
+        self.vm_net = f"10.214.{k}"
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="kvt"))
+        self.env = dict(
+            os.environ,
+            KVMOTION_STATE=str(self.dir / "state"),
+            KVMOTION_RUN=str(self.dir / "run"),
+            KVMOTION_CLUSTER_DIR=str(self.dir / "cluster"),
+        )
+        netns.create_ns(self.ns)
+        netns.set_up(self.ns, "lo")
+        netns.create_veth(self.root_if, None, self.ns_if, self.ns)
+        netns.add_address(None, self.root_if, f"{self.mgmt_root}/30")
+        netns.add_address(self.ns, self.ns_if, f"{self.mgmt_ns}/30")
+        netns.run_in_ns(self.ns, links.ensure_bridge, self.bridge)
+        netns.add_address(self.ns, self.bridge, f"{self.vm_net}.1/24")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.mgmt_ns}:{self.port}"
+
+    def start_agent(self) -> None:
+        log = open(self.dir / "agent.log", "ab")
+        self.agent = netns.popen_in_ns(
+            self.ns,
+            [sys.executable, "-m", "kvmotion.cli.main", "host", "serve", "--name", self.name,
+             "--listen", f"{self.mgmt_ns}:{self.port}", "--portgroup", f"vm-net={self.bridge}"],
+            env=self.env, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                AgentClient(self.url, timeout=2).host()
+                return
+            except Exception:
+                if self.agent.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"agent did not come up: {(self.dir / 'agent.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+
+    def kill_agent(self) -> None:
+        if self.agent and self.agent.poll() is None:
+            self.agent.send_signal(signal.SIGKILL)
+            self.agent.wait()
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.url)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "kvmotion.cli.main", *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    def qemu_pids(self) -> list[int]:
+        """kvmotion QEMU processes whose run folder is this harness's."""
+        out = []
+        for pid in netns.pids_in_ns(self.ns):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(self.dir).encode() in cmd:
+                out.append(pid)
+        return out
+
+    def close(self) -> None:
+        self.kill_agent()
+        netns.kill_ns_processes(self.ns)
+        netns.delete_link_in(None, self.root_if)
+        netns.delete_ns(self.ns)
+        shutil.rmtree(self.dir, ignore_errors=True)
