@@ -21,9 +21,11 @@ err_console = Console(stderr=True)
 
 
 def client_for(entry: HostEntry) -> AgentClient:
+    if not entry.url.startswith("https"):
+        return AgentClient(entry.url)
     from kvmotion.cluster.tls import cli_ssl_context
 
-    return AgentClient(entry.url, ssl_context=cli_ssl_context() if entry.url.startswith("https") else None)
+    return AgentClient(entry.url, ssl_context=cli_ssl_context())
 
 
 def host_client(name: str | None) -> tuple[HostEntry, AgentClient]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from fastapi import Body, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
@@ -17,6 +18,8 @@ from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
 from kvmotion.qemu.spec import VmSpec
+
+log = logging.getLogger("kvmotion.agent")
 
 STATUS_OF = {
     errors.InvalidInput: 400,
@@ -52,6 +55,12 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
     @app.exception_handler(errors.KvmotionError)
     async def _kvmotion_error(request: Request, exc: errors.KvmotionError):
         return JSONResponse(status_code=http_status(exc), content={"error": {"kind": type(exc).__name__, "message": str(exc)}})
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("internal error serving %s %s", request.method, request.url.path)
+        message = f"internal error in agent {config.name}: {type(exc).__name__}: {exc}"
+        return JSONResponse(status_code=500, content={"error": {"kind": "KvmotionError", "message": message}})
 
     @app.get("/v1/host")
     async def host_info() -> dict:

@@ -208,7 +208,7 @@ class VmManager:
         if vm.qmp is not None:
             await vm.qmp.close()
             vm.qmp = None
-        self._release_host_resources(vm.record.spec)
+        await self._release_host_resources(vm.record.spec)
         if vm.record.incoming_migration and vm.name in self._vms:
             self._forget(vm.name)
 
@@ -271,23 +271,31 @@ class VmManager:
                 nodes.append(local_file_node(path))
         return tuple(nodes)
 
-    def _setup_host_resources(self, spec: VmSpec) -> tuple[str, ...]:
+    async def _setup_host_resources(self, spec: VmSpec) -> tuple[str, ...]:
         from kvmotion.net import links
 
-        taps = []
-        for i, nic in enumerate(spec.nics):
-            bridge = self.config.portgroups[nic.portgroup]
-            links.ensure_bridge(bridge)
-            tap = links.tap_name(spec.name, i)
-            links.create_tap(tap, bridge)
-            taps.append(tap)
-        return tuple(taps)
+        def setup() -> tuple[str, ...]:
+            taps = []
+            for i, nic in enumerate(spec.nics):
+                bridge = self.config.portgroups[nic.portgroup]
+                links.ensure_bridge(bridge)
+                tap = links.tap_name(spec.name, i)
+                links.create_tap(tap, bridge)
+                taps.append(tap)
+            return tuple(taps)
 
-    def _release_host_resources(self, spec: VmSpec) -> None:
+        # pyroute2's synchronous API runs its own event loop: keep it off the agent's.
+        return await asyncio.to_thread(setup) if spec.nics else ()
+
+    async def _release_host_resources(self, spec: VmSpec) -> None:
         from kvmotion.net import links
 
-        for i, _ in enumerate(spec.nics):
-            links.delete_tap(links.tap_name(spec.name, i))
+        def release() -> None:
+            for i, _ in enumerate(spec.nics):
+                links.delete_tap(links.tap_name(spec.name, i))
+
+        if spec.nics:
+            await asyncio.to_thread(release)
 
     def _argv(self, spec: VmSpec, taps: tuple[str, ...], incoming: bool) -> list[str]:
         from kvmotion.guest.cmdline import kernel_cmdline
@@ -317,7 +325,7 @@ class VmManager:
             self.check_memory(spec)
             if not incoming:
                 self._acquire_leases(spec)
-            taps = self._setup_host_resources(spec)
+            taps = await self._setup_host_resources(spec)
             try:
                 argv = self._argv(spec, taps, incoming)
                 vm.paths.root.mkdir(parents=True, exist_ok=True)
@@ -336,7 +344,7 @@ class VmManager:
                     raise VmFailed(f"VM {name} failed to start: {detail or exc}") from exc
             except BaseException:
                 if vm.proc is None:
-                    self._release_host_resources(spec)
+                    await self._release_host_resources(spec)
                     vm.state = VmState.STOPPED
                 raise
             vm.state = VmState.INCOMING if incoming else VmState.RUNNING

@@ -110,4 +110,6 @@ class AgentHarness:
         netns.kill_ns_processes(self.ns)
         netns.delete_link_in(None, self.root_if)
         netns.delete_ns(self.ns)
+        # Keep the last agent log for post-mortems of failed runs.
+        shutil.copy(self.dir / "agent.log", Path(tempfile.gettempdir()) / f"kvmotion-agent-{self.name}.log") if (self.dir / "agent.log").exists() else None
         shutil.rmtree(self.dir, ignore_errors=True)
