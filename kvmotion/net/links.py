@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -42,6 +43,11 @@ def derived_mac(name: str, first_octet: int) -> str:
     return ":".join(f"{b:02x}" for b in (first_octet, *digest[:5]))
 
 
+def random_mac() -> str:
+    """A random locally administered unicast MAC."""
+    return ":".join(f"{b:02x}" for b in (0x02, *os.urandom(5)))
+
+
 def _index(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
@@ -51,14 +57,26 @@ def _kind(ipr: IPRoute, index: int) -> str | None:
     return ipr.get_links(index)[0].get(("linkinfo", "kind"))
 
 
-def _quiet_ipv6(name: str) -> None:
-    """No IPv6 autoconf on L2-only devices: their router solicitations and MLD reports would be noise
-    in the switch's forwarding database. Best effort: the sysctl may be absent."""
-    path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+def _sysctl(path: str, value: str) -> None:
+    """Best effort: the knob may be absent (no IPv6) — the device still works."""
     try:
-        path.write_text("1")
+        Path(path).write_text(value)
     except OSError:
         pass
+
+
+def quiet_ipv6(name: str) -> None:
+    """No IPv6 autoconf on a device: its router solicitations and MLD reports would be noise in the
+    switches' forwarding databases."""
+    _sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+
+
+def make_l2_only(name: str) -> None:
+    """A port-group bridge or TAP carries guests' frames only. Linux answers ARP for any of the
+    host's addresses on any device by default, so without arp_ignore=8 a bridge on the VM network
+    would answer for the host's management IP and pull its traffic onto the wrong link."""
+    quiet_ipv6(name)
+    _sysctl(f"/proc/sys/net/ipv4/conf/{name}/arp_ignore", "8")
 
 
 def _fail(action: str, name: str, exc: NetlinkError) -> SetupError:
@@ -81,7 +99,9 @@ def ensure_bridge(name: str) -> None:
                     "add",
                     ifname=name,
                     kind="bridge",
-                    address=derived_mac(name, 0x02),
+                    # Fixed (so it doesn't follow its ports) but random: hosts' bridges of the
+                    # same name share one L2 segment and must not share an address.
+                    address=random_mac(),
                     br_stp_state=0,
                     br_forward_delay=0,
                     br_ageing_time=BRIDGE_AGEING_S * 100,
@@ -92,7 +112,7 @@ def ensure_bridge(name: str) -> None:
                 raise Conflict(f"interface {name} exists and is not a bridge: delete it or pick another name")
             else:
                 ipr.link("set", index=idx, kind="bridge", br_stp_state=0, br_forward_delay=0)
-            _quiet_ipv6(name)
+            make_l2_only(name)
             ipr.link("set", index=idx, state="up")
         except NetlinkError as exc:
             raise _fail("create bridge", name, exc) from exc
@@ -155,7 +175,7 @@ def create_tap(name: str, bridge: str) -> None:
                 raise _fail("create TAP", name, exc) from exc
             except OSError as exc:  # the ioctl path of pyroute2's tuntap
                 raise SetupError(f"could not create TAP {name}: {exc.strerror} (is /dev/net/tun there?)") from exc
-        _quiet_ipv6(name)
+        make_l2_only(name)
     enslave(name, bridge)
 
 

@@ -423,3 +423,13 @@ def link_mac(ns: str | None, ifname: str) -> str:
     """MAC address of `ifname` in `ns` (read over netlink: /sys shows the mounter's namespace)."""
     with ns_iproute(ns) as ipr:
         return str(ipr.get_links(_lookup(ipr, ns, ifname))[0].get("IFLA_ADDRESS")).lower()
+
+
+def neighbour_mac(ns: str | None, ip: str) -> str | None:
+    """The MAC that `ns`'s ARP table holds for `ip`, or None."""
+    with ns_iproute(ns) as ipr:
+        for msg in ipr.get_neighbours(dst=ip):
+            lladdr = msg.get("NDA_LLADDR")
+            if lladdr:
+                return str(lladdr).lower()
+    return None

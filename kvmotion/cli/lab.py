@@ -1,0 +1,63 @@
+"""`kvmotion lab up|down|show`: a small data centre of network namespaces on this machine."""
+
+from __future__ import annotations
+
+import typer
+
+from kvmotion.errors import NotFound
+from kvmotion.net import lab as labmod
+from kvmotion.units import parse_rate
+
+app = typer.Typer(no_args_is_help=True, help="Build and remove labs: hosts, a switch, a datastore and a client.")
+
+
+def _link_rate(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "", "0") else parse_rate(text)
+
+
+def _describe(topo: labmod.LabTopology) -> str:
+    rate = f"{topo.link_rate * 8 / 1e9:g} Gbit/s (tbf)" if topo.link_rate else "unshaped"
+    health = labmod.lab_health(topo)
+    state = "up" if health.ok else f"DAMAGED (missing: {', '.join(health.missing_namespaces) or topo.root_if})"
+    lines = [
+        f"lab {topo.name}: {state}",
+        f"  mgmt {topo.mgmt_subnet} ({rate}), VM subnet {topo.vm_subnet}, port group {topo.portgroup}",
+        f"  root namespace    {topo.root_ip:<15} via {topo.root_if}",
+    ]
+    for h in topo.hosts:
+        lines.append(f"  {h.name:<17} {h.mgmt_ip:<15} ns {h.ns}, bridge {h.vm_bridge}")
+    lines.append(f"  {'datastore':<17} {topo.datastore.ip:<15} ns {topo.datastore.ns}")
+    lines.append(f"  {'client':<17} {topo.client.ip:<15} ns {topo.client.ns}")
+    return "\n".join(lines)
+
+
+@app.command()
+def up(
+    name: str = typer.Option("lab", "--name", help="Lab name: 1-10 lowercase letters and digits."),
+    hosts: int = typer.Option(3, "--hosts", help="Number of hypervisor hosts (host-a, host-b, ...)."),
+    link: str = typer.Option("none", "--link", help="Shape mgmt/vMotion uplinks: 1gbit, 10gbit, any rate, or none."),
+) -> None:
+    """Build a lab (refuses if one of that name is up)."""
+    topo = labmod.lab_up(name, hosts, _link_rate(link))
+    typer.echo(_describe(topo))
+
+
+@app.command()
+def down(name: str = typer.Option("lab", "--name", help="Lab to remove.")) -> None:
+    """Remove a lab: kill its processes, delete its namespaces, links and state."""
+    report = labmod.lab_down(name)
+    if not report.namespaces_removed:
+        typer.echo(f"lab {name} was not up; nothing left behind")
+        return
+    typer.echo(
+        f"lab {name} removed: {len(report.namespaces_removed)} namespaces, {len(report.killed_pids)} processes killed"
+    )
+
+
+@app.command()
+def show(name: str = typer.Option(None, "--name", help="Show only this lab.")) -> None:
+    """Show the labs that are up, their hosts and addresses."""
+    labs = [labmod.load_lab(name)] if name else labmod.list_labs()
+    if not labs:
+        raise NotFound("no lab is up: start one with `kvmotion lab up`")
+    typer.echo("\n".join(_describe(t) for t in labs))
