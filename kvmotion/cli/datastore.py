@@ -1,0 +1,112 @@
+"""`kvmotion datastore serve|add|rm|ls`: shared disks on an NBD server, write leases per disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmotion.storage.address import parse_listen
+from kvmotion.storage.client import DatastoreClient
+from kvmotion.storage.datastore import DiskInfo
+from kvmotion.storage.registry import DatastoreRef, Registry
+from kvmotion.units import format_size, parse_duration
+
+app = typer.Typer(no_args_is_help=True, help="Shared datastores: disks on an NBD server with fenced write leases.")
+
+
+@app.command()
+def serve(
+    name: str = typer.Argument(..., help="Datastore name, e.g. ds1."),
+    root: Path = typer.Option(..., "--root", help="Directory holding the disk files (created if missing)."),
+    listen: str = typer.Option("0.0.0.0:10809", "--listen", help="NBD address HOST:PORT."),
+    control: str = typer.Option(None, "--control", help="Control API HOST:PORT (default: NBD port + 1)."),
+    lease_ttl: str = typer.Option("15s", "--lease-ttl", help="A lease expires this long after its last renewal."),
+) -> None:
+    """Serve a datastore: nbdkit for the disks (NBD) and the control API (HTTP), until stopped."""
+    from kvmotion.qemu.spec import check_name
+    from kvmotion.storage.server import ServeConfig, run
+
+    nbd = parse_listen(listen)
+    cfg = ServeConfig(
+        name=check_name(name, "datastore"),
+        root=root.resolve(),
+        listen=nbd,
+        control=parse_listen(control) if control else nbd.next_port(),
+        lease_ttl=parse_duration(lease_ttl),
+    )
+    run(cfg)
+
+
+@app.command()
+def add(
+    name: str = typer.Argument(..., help="Datastore name, e.g. ds1."),
+    nbd_url: str = typer.Argument(..., help="nbd://HOST[:PORT] as VMs' QEMU reaches it."),
+    control: str = typer.Option(None, "--control", help="Control API URL (default: http://HOST:PORT+1)."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry of that name."),
+    force: bool = typer.Option(False, "--force", help="Record it even if it does not answer now."),
+) -> None:
+    """Record a datastore in the cluster inventory (checks that it answers and has that name)."""
+    ref = DatastoreRef.make(name, nbd_url, control)
+    if not force:
+        with DatastoreClient(ref.control_url, timeout=5) as client:
+            served = client.info().name
+        if served != name:
+            typer.echo(f"note: the datastore at {ref.control_url} calls itself {served!r}", err=True)
+    Registry().add(ref, replace=replace)
+    typer.echo(f"datastore {name}: {ref.nbd_url} (control {ref.control_url})")
+
+
+@app.command("rm")
+def remove(name: str = typer.Argument(..., help="Datastore to forget (its disks are untouched).")) -> None:
+    """Remove a datastore from the cluster inventory."""
+    Registry().remove(name)
+    typer.echo(f"datastore {name} removed from the cluster inventory")
+
+
+def _lease_cell(d: DiskInfo, now: float) -> tuple[str, str, str]:
+    if d.lease is None:
+        return "-", "-", "-"
+    return d.lease.host, d.lease.vm, f"{max(0.0, d.lease.expires_at - now):.0f}s"
+
+
+@app.command("ls")
+def ls(
+    name: str = typer.Argument(None, help="Datastore whose disks to list (default: list datastores)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List a datastore's disks with their lease holder and generation, or all datastores."""
+    registry = Registry()
+    if name is None:
+        rows = []
+        for ref in registry.all():
+            with DatastoreClient(ref.control_url, timeout=3) as client:
+                rows.append((ref, client.reachable()))
+        if as_json:
+            typer.echo(json.dumps([{"name": r.name, "nbd_url": r.nbd_url, "control_url": r.control_url,
+                                    "reachable": ok} for r, ok in rows], indent=1))  # fmt: skip
+            return
+        table = Table("datastore", "NBD", "control", "state")
+        for ref, ok in rows:
+            table.add_row(ref.name, ref.nbd_url, ref.control_url, "up" if ok else "[red]unreachable[/]")
+        Console().print(table)
+        return
+    ref = registry.get(name)
+    with DatastoreClient(ref.control_url) as client:
+        info = client.info()
+        disks = client.list_disks()
+    if as_json:
+        typer.echo(json.dumps({"datastore": name, "nbd_url": ref.nbd_url, "lease_ttl": info.lease_ttl,
+                               "disks": [d.to_dict() for d in disks]}, indent=1))  # fmt: skip
+        return
+    now = info.now
+    table = Table("disk", "size", "allocated", "writer", "vm", "generation", "expires in",
+                  title=f"{name} ({ref.nbd_url}, lease TTL {info.lease_ttl:g}s)")  # fmt: skip
+    for d in disks:
+        host, vm, left = _lease_cell(d, now)
+        table.add_row(d.name, format_size(d.size), format_size(d.allocated), host, vm, str(d.generation), left)
+    Console().print(table)
+

@@ -1,0 +1,66 @@
+"""How a VM's QEMU attaches a datastore disk: QEMU's own NBD client, as `-blockdev json:...`.
+
+The export name is `DISK@HOST`, the host the QEMU runs on: the datastore lets any connection
+read, and lets it write only while HOST holds the disk's lease under the generation of the
+connection's first write (see lease.check_write). So a destination's shadow VM may connect long
+before the switchover and still cannot write until `transfer()` has given its host the lease;
+and a connection that wrote under an older generation stays refused, even if the lease comes
+back, until QEMU opens a new connection.
+
+Reconnection (QEMU's NBD client, block/nbd.c):
+- `reconnect-delay`: when the connection drops (datastore restart, network blip) QEMU keeps the
+  guest's requests queued for this many seconds while it reconnects, instead of failing them at
+  once (the default, 0). We use the lease TTL: a datastore that is away longer has let the lease
+  expire anyway, so later writes would be refused. Give the guest device `werror=stop` so a
+  refusal or a long outage pauses the VM instead of handing the guest an I/O error.
+- `open-timeout`: how long QEMU retries the first connect when the node is created (shadow VM
+  start); a few seconds ride out a datastore restart and still fail a VM start promptly.
+A reconnect is a new connection: it starts unbound and binds on its next allowed write.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kvmotion.errors import InvalidInput
+from kvmotion.storage.address import parse_nbd_url
+from kvmotion.storage.lease import ExportName, check_disk_name, check_host_name
+
+DEFAULT_RECONNECT_DELAY = 15  # seconds; = the datastore's default lease TTL
+DEFAULT_OPEN_TIMEOUT = 10  # seconds
+_NODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,30}$")  # QEMU's rule for node names
+
+
+def export_name(disk: str, host: str) -> str:
+    return str(ExportName(check_disk_name(disk), check_host_name(host)))
+
+
+def nbd_blockdev(
+    nbd_url: str,
+    disk: str,
+    host: str,
+    node_name: str,
+    *,
+    reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
+    open_timeout: int = DEFAULT_OPEN_TIMEOUT,
+) -> dict[str, object]:
+    """QEMU `-blockdev` options for `disk` on the datastore at `nbd_url`, opened from `host`.
+
+    >>> nbd_blockdev("nbd://10.77.0.1:10809", "web1.img", "host-b", "disk0")["export"]
+    'web1.img@host-b'
+    """
+    ep = parse_nbd_url(nbd_url)
+    if not _NODE_RE.match(node_name):
+        raise InvalidInput(
+            f"invalid block node name {node_name!r}: a letter, then up to 30 letters, digits, "
+            "'.', '_' or '-'"
+        )
+    return {
+        "driver": "nbd",
+        "node-name": node_name,
+        "server": {"type": "inet", "host": ep.host, "port": str(ep.port)},
+        "export": export_name(disk, host),
+        "reconnect-delay": int(reconnect_delay),
+        "open-timeout": int(open_timeout),
+        "discard": "unmap",  # guest TRIM punches holes on the datastore (thin disks stay thin)
+    }

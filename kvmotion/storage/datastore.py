@@ -1,0 +1,226 @@
+"""The datastore's control side: disk files under a root directory and their leases.
+
+Disks are raw files `<root>/<disk>`; lease state is in `<root>/.kvmotion/` (see leasefile).
+Every lease change runs under the exclusive lease lock, so the NBD server applies it before the
+call returns. A transfer or release first fdatasyncs the disk, so whatever the old holder had
+acknowledged is durable before anyone else may write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, LeaseError, NotFound
+from kvmotion.storage.lease import Clock, Lease, LeaseTable, check_disk_name, check_host_name
+from kvmotion.storage.leasefile import META_DIR, LeaseStore
+from kvmotion.units import format_size
+
+SECTOR = 512
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """A disk as `datastore ls` shows it; `lease` is None when nobody may write."""
+
+    name: str
+    size: int
+    allocated: int
+    generation: int  # last lease generation handed out (0: never leased)
+    lease: Lease | None
+
+    @property
+    def holder(self) -> str | None:
+        return self.lease.host if self.lease else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "allocated": self.allocated,
+            "generation": self.generation,
+            "lease": self.lease.to_dict() if self.lease else None,
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, object]) -> "DiskInfo":
+        lease = data.get("lease")
+        return DiskInfo(
+            name=str(data["name"]),
+            size=int(data["size"]),  # type: ignore[arg-type]
+            allocated=int(data["allocated"]),  # type: ignore[arg-type]
+            generation=int(data["generation"]),  # type: ignore[arg-type]
+            lease=Lease.from_dict(lease) if isinstance(lease, dict) else None,
+        )
+
+
+def check_disk_size(size: int) -> int:
+    if size <= 0 or size % SECTOR:
+        raise InvalidInput(f"invalid disk size {size}: use a positive multiple of 512 bytes (e.g. 4G)")
+    return size
+
+
+class Datastore:
+    """One datastore root: create, list and delete disks; acquire, renew, transfer leases."""
+
+    def __init__(self, name: str, root: Path, ttl: float, clock: Clock = time.time) -> None:
+        self.name = name
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise NotFound(f"datastore root {self.root} does not exist or is not a directory")
+        self.ttl = ttl
+        self._clock = clock
+        self._store = LeaseStore(self.root)
+        LeaseTable(ttl, clock)  # validates ttl once, here
+
+    # -- disks -----------------------------------------------------------------------------
+    def _path(self, disk: str) -> Path:
+        return self.root / check_disk_name(disk)
+
+    def _require(self, disk: str) -> Path:
+        path = self._path(disk)
+        if not path.is_file():
+            raise NotFound(f"no disk {disk!r} on datastore {self.name}")
+        return path
+
+    def create_disk(self, disk: str, size: int, prealloc: bool = False) -> DiskInfo:
+        path = self._path(disk)
+        check_disk_size(size)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise Conflict(f"disk {disk} already exists on datastore {self.name}") from None
+        except OSError as exc:
+            raise self._os_error(exc, disk, size) from None
+        try:
+            os.ftruncate(fd, size)
+            if prealloc:
+                os.posix_fallocate(fd, 0, size)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise self._os_error(exc, disk, size) from None
+        os.close(fd)
+        _fsync_dir(self.root)
+        return self.disk(disk)
+
+    def _os_error(self, exc: OSError, disk: str, size: int) -> Exception:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize
+            return InsufficientResources(
+                f"datastore {self.name} is full: {format_size(free)} free, cannot create "
+                f"{disk} of {format_size(size)}"
+            )
+        if exc.errno == errno.EFBIG:
+            return InvalidInput(f"disk size {size} is too large for the datastore's file system")
+        return InsufficientResources(f"cannot create {disk} on datastore {self.name}: {exc.strerror}")
+
+    def delete_disk(self, disk: str) -> None:
+        path = self._require(disk)
+
+        def unlink(table: LeaseTable) -> None:
+            lease = table.holder(disk)
+            if lease is not None:
+                raise LeaseError(
+                    f"cannot delete {disk}: it is leased to {lease.host} (vm {lease.vm}); "
+                    "release the lease first"
+                )
+            path.unlink()
+            _fsync_dir(self.root)
+
+        self._mutate(unlink)
+
+    def disk(self, disk: str) -> DiskInfo:
+        path = self._require(disk)
+        table = self._table(self._store.snapshot())
+        return self._info(path, table)
+
+    def list_disks(self) -> list[DiskInfo]:
+        table = self._table(self._store.snapshot())
+        paths = sorted(
+            Path(e.path)
+            for e in os.scandir(self.root)
+            if e.is_file() and e.name != META_DIR and not e.name.startswith(".")
+        )
+        return [self._info(p, table) for p in paths]
+
+    def _info(self, path: Path, table: LeaseTable) -> DiskInfo:
+        st = path.stat()
+        return DiskInfo(
+            name=path.name,
+            size=st.st_size,
+            allocated=st.st_blocks * 512,
+            generation=table.generation(path.name),
+            lease=table.holder(path.name),
+        )
+
+    # -- leases ----------------------------------------------------------------------------
+    def acquire(self, disk: str, host: str, vm: str) -> Lease:
+        self._require(disk)
+        check_host_name(host)
+        return self._mutate(lambda t: t.acquire(disk, host, vm))
+
+    def renew(self, disk: str, host: str) -> Lease:
+        self._require(disk)
+        return self._mutate(lambda t: t.renew(disk, host))
+
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str) -> Lease:
+        path = self._require(disk)
+
+        def move(table: LeaseTable) -> Lease:
+            lease = table.transfer(disk, from_host, to_host, vm)  # refusals raise before syncing
+            _fdatasync(path)
+            return lease
+
+        return self._mutate(move)
+
+    def release(self, disk: str, host: str) -> None:
+        path = self._require(disk)
+
+        def drop(table: LeaseTable) -> None:
+            held = table.holder(disk)
+            table.release(disk, host)
+            if held is not None and held.host == host:
+                _fdatasync(path)
+
+        self._mutate(drop)
+
+    def leases(self) -> list[Lease]:
+        return self._table(self._store.snapshot()).leases()
+
+    def _table(self, text: str) -> LeaseTable:
+        return LeaseTable.from_json(text, self.ttl, self._clock)
+
+    def _mutate(self, change: Callable[[LeaseTable], T]) -> T:
+        with self._store.exclusive() as txn:
+            before = txn.read()
+            table = self._table(before)
+            result = change(table)
+            after = table.to_json()
+            if after != before:
+                txn.write(after)
+            return result
+
+
+def _fdatasync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

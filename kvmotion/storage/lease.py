@@ -1,0 +1,278 @@
+"""Exclusive write leases on datastore disks: a pure state machine with an injectable clock.
+
+A lease names one writer of a disk: an owner (host, VM) and a generation. Generations only grow,
+per disk, and survive release and expiry, so a number once handed out never means anyone else.
+The NBD server binds each connection to the generation of its first authorized write and refuses
+writes once the lease has moved on (`check_write`); this module holds that rule too, so the
+server (nbdkit's embedded interpreter: stdlib only) and the tests share one definition.
+
+No I/O here. Times are the datastore's wall clock in Unix seconds, so leases survive a restart
+of the datastore service; hosts never compare their own clocks with `expires_at`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+
+from kvmotion.errors import InvalidInput, LeaseError
+
+STATE_VERSION = 1
+EXPORT_HOST_SEP = "@"
+_DISK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+Clock = Callable[[], float]
+
+
+def check_disk_name(name: str) -> str:
+    if not _DISK_RE.match(name):
+        raise InvalidInput(
+            f"invalid disk name {name!r}: use 1-100 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (e.g. web1.img)"
+        )
+    return name
+
+
+def check_host_name(name: str) -> str:
+    if not _HOST_RE.match(name):
+        raise InvalidInput(
+            f"invalid host name {name!r}: use 1-63 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right of one (host, VM) to write one disk, until `expires_at` unless renewed."""
+
+    disk: str
+    host: str
+    vm: str
+    generation: int
+    expires_at: float  # datastore wall clock, Unix seconds
+
+    def live(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, object]) -> "Lease":
+        return Lease(
+            disk=str(data["disk"]),
+            host=str(data["host"]),
+            vm=str(data["vm"]),
+            generation=int(data["generation"]),  # type: ignore[arg-type]
+            expires_at=float(data["expires_at"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class ExportName:
+    """What an NBD client asks for: 'web1.img' (read only) or 'web1.img@host-b' (may write).
+
+    The host part is the client's claim of identity; it is not authenticated (see nbd_plugin).
+    """
+
+    disk: str
+    host: str | None = None
+
+    def __str__(self) -> str:
+        return self.disk if self.host is None else f"{self.disk}{EXPORT_HOST_SEP}{self.host}"
+
+    @staticmethod
+    def parse(text: str) -> "ExportName":
+        disk, sep, host = text.partition(EXPORT_HOST_SEP)
+        check_disk_name(disk)
+        if sep:
+            check_host_name(host)
+            return ExportName(disk, host)
+        return ExportName(disk)
+
+
+class WriteRefusal(str, Enum):
+    """Why the storage side refused a write, trim, zero or flush."""
+
+    READ_ONLY = "read-only connection: the export name carries no host (use DISK@HOST)"
+    NO_LEASE = "the disk has no write lease"
+    NOT_HOLDER = "another host holds the write lease"
+    EXPIRED = "the write lease expired (not renewed in time)"
+    STALE = "the connection was authorized under an older lease generation; reconnect"
+
+
+@dataclass(frozen=True)
+class WriteCheck:
+    """Outcome of `check_write`: a refusal, or the generation the connection is (now) bound to."""
+
+    refusal: WriteRefusal | None
+    generation: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
+
+
+def check_write(lease: Lease | None, host: str | None, bound: int | None, now: float) -> WriteCheck:
+    """May a connection from `host`, bound to generation `bound` (None: never wrote), write now?
+
+    A connection may exist before its host holds the lease (the destination's shadow VM opens
+    its disks early); it is bound to the generation under which its first write is allowed, and
+    refused forever once the lease carries another generation, even if the lease comes back to
+    the same host later.
+    """
+    if host is None:
+        return WriteCheck(WriteRefusal.READ_ONLY)
+    if lease is None:
+        return WriteCheck(WriteRefusal.NO_LEASE)
+    if lease.host != host:
+        return WriteCheck(WriteRefusal.NOT_HOLDER)
+    if not lease.live(now):
+        return WriteCheck(WriteRefusal.EXPIRED)
+    if bound is not None and bound != lease.generation:
+        return WriteCheck(WriteRefusal.STALE)
+    return WriteCheck(None, lease.generation)
+
+
+def leases_from_json(text: str) -> dict[str, Lease]:
+    """The leases recorded in a state document (expired ones included), by disk."""
+    if not text.strip():
+        return {}
+    data = json.loads(text)
+    return {d["disk"]: Lease.from_dict(d) for d in data.get("leases", ())}
+
+
+class LeaseTable:
+    """All leases of one datastore. Every operation reads the clock once; refusals raise."""
+
+    def __init__(self, ttl: float, clock: Clock = time.time) -> None:
+        if ttl <= 0:
+            raise InvalidInput(f"invalid lease TTL {ttl!r}: use a positive duration")
+        self.ttl = ttl
+        self._clock = clock
+        self._leases: dict[str, Lease] = {}  # may hold expired leases until expire()
+        self._generations: dict[str, int] = {}  # last generation issued per disk
+
+    # -- queries ---------------------------------------------------------------------------
+    def holder(self, disk: str) -> Lease | None:
+        """The live lease on `disk`, if any."""
+        lease = self._leases.get(disk)
+        return lease if lease is not None and lease.live(self._clock()) else None
+
+    def generation(self, disk: str) -> int:
+        """The last generation handed out for `disk` (0: never leased)."""
+        return self._generations.get(disk, 0)
+
+    def leases(self) -> list[Lease]:
+        now = self._clock()
+        return [lease for lease in self._leases.values() if lease.live(now)]
+
+    # -- transitions -----------------------------------------------------------------------
+    def acquire(self, disk: str, host: str, vm: str) -> Lease:
+        """A new lease for (host, vm); the current owner acquiring again just renews."""
+        check_disk_name(disk)
+        check_host_name(host)
+        now = self._clock()
+        current = self._leases.get(disk)
+        if current is not None and current.live(now):
+            if (current.host, current.vm) == (host, vm):
+                return self._put(replace(current, expires_at=now + self.ttl))
+            raise LeaseError(f"cannot lease {disk} to {host}: {_held(current, now)}")
+        return self._put(Lease(disk, host, vm, self.generation(disk) + 1, now + self.ttl))
+
+    def renew(self, disk: str, host: str) -> Lease:
+        now = self._clock()
+        current = self._leases.get(disk)
+        if current is None:
+            raise LeaseError(f"cannot renew {disk} for {host}: it has no lease; acquire it first")
+        if current.host != host:
+            if current.live(now):
+                raise LeaseError(f"cannot renew {disk} for {host}: {_held(current, now)}")
+            raise LeaseError(f"cannot renew {disk} for {host}: the lease belongs to {current.host}")
+        if not current.live(now):
+            raise LeaseError(
+                f"cannot renew {disk} for {host}: its lease (generation {current.generation}) "
+                f"expired {now - current.expires_at:.1f}s ago and writes are fenced; stop the VM"
+            )
+        return self._put(replace(current, expires_at=now + self.ttl))
+
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str) -> Lease:
+        """Hand the lease from `from_host` to `to_host` under a new generation (switchover)."""
+        check_host_name(to_host)
+        if from_host == to_host:
+            raise InvalidInput(f"cannot transfer {disk} from {from_host} to itself")
+        now = self._clock()
+        current = self._leases.get(disk)
+        if current is None or not current.live(now):
+            raise LeaseError(
+                f"cannot transfer {disk} from {from_host}: it holds no live lease "
+                "(expired or never acquired)"
+            )
+        if current.host != from_host:
+            raise LeaseError(f"cannot transfer {disk} from {from_host}: {_held(current, now)}")
+        return self._put(Lease(disk, to_host, vm, self.generation(disk) + 1, now + self.ttl))
+
+    def release(self, disk: str, host: str) -> None:
+        """Give up the lease; releasing a lease one does not hold (any more) is a no-op."""
+        now = self._clock()
+        current = self._leases.get(disk)
+        if current is None:
+            return
+        if current.host == host:
+            del self._leases[disk]
+        elif current.live(now):
+            raise LeaseError(f"cannot release {disk} for {host}: {_held(current, now)}")
+
+    def expire(self) -> list[Lease]:
+        """Drop expired leases (writes were already refused by time); returns them."""
+        now = self._clock()
+        gone = [lease for lease in self._leases.values() if not lease.live(now)]
+        for lease in gone:
+            del self._leases[lease.disk]
+        return gone
+
+    # -- persistence -----------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": STATE_VERSION,
+                "generations": dict(sorted(self._generations.items())),
+                "leases": [lease.to_dict() for _, lease in sorted(self._leases.items())],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, ttl: float, clock: Clock = time.time) -> "LeaseTable":
+        table = cls(ttl, clock)
+        if text.strip():
+            data = json.loads(text)
+            if data.get("version") != STATE_VERSION:
+                raise InvalidInput(f"lease state version {data.get('version')!r} is not supported")
+            table._generations = {str(k): int(v) for k, v in data.get("generations", {}).items()}
+        table._leases = leases_from_json(text)
+        for lease in table._leases.values():  # a hand-edited file must not lower a generation
+            table._generations[lease.disk] = max(table.generation(lease.disk), lease.generation)
+        return table
+
+    def _put(self, lease: Lease) -> Lease:
+        self._leases[lease.disk] = lease
+        self._generations[lease.disk] = max(self.generation(lease.disk), lease.generation)
+        return lease
+
+
+def _held(lease: Lease, now: float) -> str:
+    return (
+        f"it is leased to {lease.host} (vm {lease.vm}, generation {lease.generation}) for "
+        f"another {lease.expires_at - now:.1f}s"
+    )
+
+
+def live_leases(leases: Iterable[Lease], now: float) -> list[Lease]:
+    return [lease for lease in leases if lease.live(now)]

@@ -1,0 +1,172 @@
+"""The lease state on disk, shared by the control API (writer) and the NBD server (reader).
+
+Files under `<root>/.kvmotion/`:
+  leases.json       the LeaseTable document, replaced atomically (write tmp, fsync, rename, fsync dir)
+  leases.seq        an 8-byte change counter, bumped after each replace; the NBD server maps it
+                    and reloads leases.json only when it changes (no syscall per write)
+  leases.lock       flock: writes hold it shared (check + pwrite), lease changes hold it exclusive
+  leases.turnstile  flock taken before leases.lock, so a waiting lease change is not starved by a
+                    stream of writers (Linux flock grants shared locks past a waiting exclusive)
+
+Holding leases.lock shared across "check, then pwrite" is what makes fencing exact: once
+`transfer()` has returned, no write authorized under the old generation is still in flight.
+Stdlib only: nbdkit's embedded interpreter imports this module.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kvmotion.storage.lease import Lease, leases_from_json
+
+META_DIR = ".kvmotion"
+_SEQ_BYTES = 8
+
+
+class LeasePaths:
+    def __init__(self, root: Path) -> None:
+        self.dir = Path(root) / META_DIR
+        self.state = self.dir / "leases.json"
+        self.seq = self.dir / "leases.seq"
+        self.lock = self.dir / "leases.lock"
+        self.turnstile = self.dir / "leases.turnstile"
+
+    def ensure(self) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        for path in (self.lock, self.turnstile):
+            path.touch(exist_ok=True)
+        if not self.seq.exists() or self.seq.stat().st_size < _SEQ_BYTES:
+            _write_atomic(self.seq, bytes(_SEQ_BYTES))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class LeaseTransaction:
+    """Read and replace the lease document while holding the exclusive lock."""
+
+    def __init__(self, paths: LeasePaths) -> None:
+        self._paths = paths
+
+    def read(self) -> str:
+        try:
+            return self._paths.state.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def write(self, text: str) -> None:
+        _write_atomic(self._paths.state, text.encode())
+        fd = os.open(self._paths.seq, os.O_RDWR)
+        try:
+            seq = int.from_bytes(os.pread(fd, _SEQ_BYTES, 0), "little")
+            os.pwrite(fd, ((seq + 1) % (1 << 63)).to_bytes(_SEQ_BYTES, "little"), 0)
+        finally:
+            os.close(fd)
+
+
+class LeaseStore:
+    """Control side: serialized, durable changes of the lease document."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = LeasePaths(root)
+        self.paths.ensure()
+        self._mutex = threading.Lock()  # flock is per open file; this orders our own threads
+
+    @contextmanager
+    def exclusive(self) -> Iterator[LeaseTransaction]:
+        with self._mutex:
+            turn = os.open(self.paths.turnstile, os.O_RDONLY)
+            lock = os.open(self.paths.lock, os.O_RDONLY)
+            try:
+                fcntl.flock(turn, fcntl.LOCK_EX)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield LeaseTransaction(self.paths)
+            finally:
+                os.close(lock)  # closing drops the flock
+                os.close(turn)
+
+    def snapshot(self) -> str:
+        """The current document, without locking (it is always replaced whole)."""
+        try:
+            return self.paths.state.read_text()
+        except FileNotFoundError:
+            return ""
+
+
+class LeaseGate:
+    """NBD server side: hold the shared lock around "check, then write" with fresh leases."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = LeasePaths(root)
+        self.paths.ensure()
+        seq_fd = os.open(self.paths.seq, os.O_RDONLY)
+        try:
+            self._seq_map = mmap.mmap(seq_fd, _SEQ_BYTES, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(seq_fd)
+        self._cache: tuple[int, dict[str, Lease]] = (-1, {})
+        # flock belongs to an open file description, so each worker thread needs its own fds;
+        # keyed by thread id (not threading.local: nbdkit's C threads may get a fresh Python
+        # thread state per callback, which would leak the fds).
+        self._fds: dict[int, tuple[int, int]] = {}
+        self._fds_lock = threading.Lock()
+
+    def _thread_fds(self) -> tuple[int, int]:
+        ident = threading.get_ident()
+        fds = self._fds.get(ident)
+        if fds is None:
+            fds = (os.open(self.paths.turnstile, os.O_RDONLY), os.open(self.paths.lock, os.O_RDONLY))
+            with self._fds_lock:
+                self._fds[ident] = fds
+        return fds
+
+    def _leases(self) -> dict[str, Lease]:
+        seq = int.from_bytes(self._seq_map[:_SEQ_BYTES], "little")
+        cached_seq, leases = self._cache
+        if seq != cached_seq:
+            try:
+                text = self.paths.state.read_text()
+            except FileNotFoundError:
+                text = ""
+            leases = leases_from_json(text)
+            self._cache = (seq, leases)
+        return leases
+
+    @contextmanager
+    def hold(self) -> Iterator[dict[str, Lease]]:
+        """Yields the current leases; they cannot change until the block ends."""
+        turn, lock = self._thread_fds()
+        fcntl.flock(turn, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        try:
+            yield self._leases()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def peek(self) -> dict[str, Lease]:
+        """The leases as last seen, without locking (for logging only)."""
+        return self._leases()

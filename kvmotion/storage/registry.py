@@ -1,0 +1,99 @@
+"""Which datastores the cluster knows: name -> NBD URL (and control URL), in a JSON file.
+
+`$KVMOTION_CLUSTER_DIR/datastores.json`, default `state_dir()/cluster/datastores.json`. A
+stand-in until a cluster inventory exists; it may be folded into that later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.errors import Conflict, InvalidInput, NotFound
+from kvmotion.paths import state_dir
+from kvmotion.qemu.spec import check_name
+from kvmotion.storage.address import parse_http_url, parse_nbd_url
+
+FILE_VERSION = 1
+
+
+def cluster_dir() -> Path:
+    env = os.environ.get("KVMOTION_CLUSTER_DIR")
+    return Path(env) if env else state_dir() / "cluster"
+
+
+@dataclass(frozen=True)
+class DatastoreRef:
+    """How to reach one datastore: NBD for VMs' disks, HTTP for disks and leases."""
+
+    name: str
+    nbd_url: str
+    control_url: str
+
+    @staticmethod
+    def make(name: str, nbd_url: str, control_url: str | None = None) -> "DatastoreRef":
+        check_name(name, "datastore")
+        nbd = parse_nbd_url(nbd_url)
+        control = parse_http_url(control_url) if control_url else nbd.next_port()
+        return DatastoreRef(name, nbd.nbd_url, control.http_url)
+
+
+class Registry:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cluster_dir() / "datastores.json"
+
+    def _load(self) -> dict[str, DatastoreRef]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot read {self.path}: {exc}; fix or remove the file") from None
+        return {
+            name: DatastoreRef(name, d["nbd_url"], d["control_url"])
+            for name, d in data.get("datastores", {}).items()
+        }
+
+    def _save(self, refs: dict[str, DatastoreRef]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "version": FILE_VERSION,
+            "datastores": {
+                r.name: {"nbd_url": r.nbd_url, "control_url": r.control_url}
+                for r in sorted(refs.values(), key=lambda r: r.name)
+            },
+        }
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def all(self) -> list[DatastoreRef]:
+        return sorted(self._load().values(), key=lambda r: r.name)
+
+    def get(self, name: str) -> DatastoreRef:
+        ref = self._load().get(name)
+        if ref is None:
+            raise NotFound(
+                f"no datastore {name!r} in the cluster; add it with "
+                f"`kvmotion datastore add {name} nbd://HOST:PORT`"
+            )
+        return ref
+
+    def add(self, ref: DatastoreRef, replace: bool = False) -> None:
+        refs = self._load()
+        old = refs.get(ref.name)
+        if old is not None and old != ref and not replace:
+            raise Conflict(f"datastore {ref.name} is already registered as {old.nbd_url}; use --replace")
+        refs[ref.name] = ref
+        self._save(refs)
+
+    def remove(self, name: str) -> None:
+        refs = self._load()
+        if refs.pop(name, None) is None:
+            raise NotFound(f"no datastore {name!r} in the cluster")
+        self._save(refs)
