@@ -61,6 +61,7 @@ def serve(
     tls: ssl.SSLContext | None = None,
     tls_files: tuple[Path, Path, Path] | None = None,
     register: bool = True,
+    migration_limit: int = 4,
 ) -> None:
     host, port = parse_listen(listen)
     choice = accel_mod.choose(accel)
@@ -72,9 +73,12 @@ def serve(
         portgroups=parse_portgroups(portgroups or ["vm-net"]),
         accel=choice,
     )
+    from kvmotion.cluster.tls import set_own_host
     from kvmotion.host.routers import routers  # migration & storage endpoints plug in here
 
-    app = create_app(config, extra_routers=routers())
+    set_own_host(name)
+
+    app = create_app(config, extra_routers=routers(host, migration_limit))
     sock = bind(host, port)
     scheme = "https" if tls_files else "http"
     if register:

@@ -140,6 +140,6 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
             with contextlib.suppress(Exception):
                 await ws.close()
 
-    for router in extra_routers:
-        app.include_router(router(manager, config))
+    for make_router in extra_routers:
+        app.include_router(make_router(manager, config))
     return app

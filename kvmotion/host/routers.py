@@ -1,7 +1,11 @@
-"""API routers beyond the VM lifecycle that an agent mounts (each takes the VM manager and host config)."""
+"""API routers beyond the VM lifecycle that an agent mounts (each made from the VM manager and host config)."""
 
 from __future__ import annotations
 
+from functools import partial
 
-def routers() -> tuple:
-    return ()
+
+def routers(listen_ip: str, migration_limit: int) -> tuple:
+    from kvmotion.migration.api import migration_router
+
+    return (partial(migration_router, listen_ip=listen_ip, limit=migration_limit),)

@@ -22,9 +22,15 @@ class VmRecord:
     created_at: float
     # Set on a shadow VM created for an incoming migration until the migration commits.
     incoming_migration: str | None = None
+    # The migration that brought the VM here and when it resumed (answers a retried commit).
+    committed_migration: str | None = None
+    resumed_at: float | None = None
 
     def to_json(self) -> dict:
-        return {"spec": self.spec.to_json(), "created_at": self.created_at, "incoming_migration": self.incoming_migration}
+        return {
+            "spec": self.spec.to_json(), "created_at": self.created_at, "incoming_migration": self.incoming_migration,
+            "committed_migration": self.committed_migration, "resumed_at": self.resumed_at,
+        }
 
     @staticmethod
     def from_json(data: dict) -> "VmRecord":
@@ -32,6 +38,8 @@ class VmRecord:
             spec=VmSpec.from_json(data["spec"]),
             created_at=float(data["created_at"]),
             incoming_migration=data.get("incoming_migration"),
+            committed_migration=data.get("committed_migration"),
+            resumed_at=data.get("resumed_at"),
         )
 
 

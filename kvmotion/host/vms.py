@@ -7,6 +7,7 @@ VM by its pid file and reconnects QMP; it never starts a second copy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass, field
@@ -153,11 +154,15 @@ class VmManager:
             vm = _Vm(record=record, paths=self._paths(record.spec.name))
             self._vms[vm.name] = vm
             proc = QemuProcess.attach(vm.paths, process_tag(record.spec))
+            if record.incoming_migration:
+                # An uncommitted shadow VM: the source never got our commit, so it keeps (or
+                # takes back) the VM. Destroy the shadow so there is never a second copy.
+                if proc is not None:
+                    proc.kill_and_wait()
+                await self._release_host_resources(record.spec)
+                self._forget(vm.name)
+                continue
             if proc is None:
-                if record.incoming_migration:
-                    # A shadow VM whose QEMU is gone never received the VM: forget it.
-                    self.store.remove(vm.name)
-                    del self._vms[vm.name]
                 continue
             vm.proc = proc
             vm.serial_offset = self._last_ready_offset(vm)
@@ -310,6 +315,7 @@ class VmManager:
             taps=taps,
             disk_nodes=self._disk_nodes(spec),
             incoming=incoming,
+            paused=incoming,
         )
         return build_argv(spec, self._paths(spec.name), ctx)
 
@@ -411,6 +417,21 @@ class VmManager:
                 vm.watcher.cancel()
             if vm.qmp is not None:
                 await vm.qmp.close()
+
+    def set_state(self, name: str, state: VmState) -> None:
+        self._vm(name).state = state
+
+    def commit_incoming(self, name: str, migration_id: str) -> None:
+        """The shadow VM becomes this host's VM (persisted before it resumes)."""
+        vm = self._vm(name)
+        vm.record = dataclasses.replace(vm.record, incoming_migration=None, committed_migration=migration_id)
+        self.store.put(vm.record)
+        vm.state = VmState.RUNNING
+
+    def set_resumed(self, name: str, at: float) -> None:
+        vm = self._vm(name)
+        vm.record = dataclasses.replace(vm.record, resumed_at=at)
+        self.store.put(vm.record)
 
     def qmp(self, name: str) -> Qmp:
         vm = self._vm(name)

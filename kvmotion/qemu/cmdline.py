@@ -56,6 +56,7 @@ class HostContext:
     taps: tuple[str, ...]  # one per NIC, in NIC order
     disk_nodes: tuple[dict, ...]  # QEMU -blockdev protocol-node options, one per disk, in disk order
     incoming: bool = False  # shadow VM: wait for a migration stream (set later via migrate-incoming)
+    paused: bool = False  # -S: do not run until told (a shadow resumes only at commit)
 
 
 def process_tag(spec: VmSpec) -> str:
@@ -94,12 +95,16 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         proto = dict(node, **{"node-name": f"disk{i}-proto"})
         fmt = {"driver": "raw", "node-name": f"disk{i}", "file": f"disk{i}-proto"}
         argv += ["-blockdev", json.dumps(proto, sort_keys=True), "-blockdev", json.dumps(fmt, sort_keys=True)]
-        argv += ["-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i},serial=kvm-{spec.name}-{i}"[:80]]
+        # werror/rerror=stop: an I/O error (a fenced write, a datastore restart) pauses the VM
+        # instead of failing the guest's I/O; `cont` retries the request once the cause is gone.
+        argv += ["-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i},serial=kvm{i},werror=stop,rerror=stop"]
     for i, (nic, tap) in enumerate(zip(spec.nics, ctx.taps)):
         argv += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no"]
         argv += ["-device", f"virtio-net-pci,netdev=net{i},id=vnet{i},mac={nic.mac}"]
     if ctx.incoming:
         argv += ["-incoming", "defer"]
+    if ctx.paused:
+        argv += ["-S"]
     return argv
 
 

@@ -1,0 +1,509 @@
+"""The migration engine. The source agent drives; the destination agent hosts the shadow VM.
+
+Commit protocol (never two running copies, never none):
+- The shadow VM starts paused (-S, -incoming defer) from the source's spec, before memory moves.
+- Pre-copy runs under the convergence policy; QEMU's pause-before-switchover stops the source's
+  vCPUs (disks flushed) and waits while hooks hand over what is outside QEMU (disk leases).
+- After QEMU completes, the source asks the destination agent to commit: it records the VM as its
+  own, then resumes it and announces its MACs. Only after that answer is the source's copy destroyed.
+- Any failure before the commit answer rolls back: leases return to the source first, then the
+  source resumes, and the shadow is destroyed. A destination agent that restarts destroys every
+  uncommitted shadow it finds, so a half-done migration never leaves a second copy behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.errors import Conflict, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable, VmFailed
+from kvmotion.host import resources
+from kvmotion.host.client import AsyncAgentClient
+from kvmotion.host.store import write_atomic
+from kvmotion.host.vms import HOST_RESERVE, VmManager, VmState
+from kvmotion.jsonio import as_json
+from kvmotion.migration import policy as pol
+from kvmotion.migration.checks import HostFacts, errors_of, run_checks
+from kvmotion.migration.facts import cpu_models, datastores_reached, facts_from_json, facts_to_json
+from kvmotion.migration.hooks import SwitchoverContext, default_hooks
+from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
+from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
+from kvmotion.qemu.spec import VmSpec
+
+log = logging.getLogger("kvmotion.migration")
+
+TICK = 0.1  # s between query-migrate polls: QEMU's own bandwidth window is 100 ms
+UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU has no "unlimited", libvirt uses a huge value too
+COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agent to commit
+TLS_ID = "kvmotion-tls"
+
+
+class Cancelled(MigrationError):
+    """The user cancelled the migration."""
+
+
+@dataclass(frozen=True)
+class TlsSetup:
+    creds_dir: Path
+
+
+def _record_to_json(rec: MigrationRecord) -> dict:
+    return as_json(rec)  # type: ignore[return-value]
+
+
+def record_from_json(d: dict) -> MigrationRecord:
+    from kvmotion.migration.model import Level
+
+    return MigrationRecord(
+        id=d["id"], vm=d["vm"], source=d["source"], destination=d["destination"],
+        options=MigrationOptions(**d["options"]), phase=Phase(d["phase"]), started_at=d["started_at"],
+        ended_at=d.get("ended_at"), error=d.get("error"),
+        checks=tuple(Check(c["name"], Level(c["level"]), c["reason"]) for c in d.get("checks", ())),
+        progress=Progress(**d.get("progress", {})),
+        summary=Summary(**d["summary"]) if d.get("summary") else None,
+        phase_times=tuple((p, t) for p, t in d.get("phase_times", ())),
+        rounds=tuple(d.get("rounds", ())),
+    )
+
+
+class MigrationService:
+    def __init__(self, manager: VmManager, listen_ip: str, limit: int = 4) -> None:
+        self.manager = manager
+        self.host = manager.config.name
+        self.listen_ip = listen_ip
+        self.limit = limit
+        self.records: dict[str, MigrationRecord] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.cancels: dict[str, asyncio.Event] = {}
+        self.incoming_active: set[str] = set()
+        self.history_dir = manager.config.state_dir / "migrations"
+
+    # ---- facts & checks --------------------------------------------------------------------------
+    def active(self) -> int:
+        return sum(1 for r in self.records.values() if not r.phase.terminal) + len(self.incoming_active)
+
+    async def facts(self) -> HostFacts:
+        mem = resources.meminfo()
+        free = min(mem.available, mem.total - HOST_RESERVE - self.manager.committed_memory())
+        return HostFacts(
+            name=self.host,
+            accel=self.manager.config.accel.accel.value,
+            memory_free=max(free, 0),
+            portgroups=frozenset(self.manager.config.portgroups),
+            datastores=await asyncio.to_thread(datastores_reached),
+            cpu_unavailable=await cpu_models(self.manager.config.accel.accel.value),
+            migrations_active=self.active(),
+            migration_limit=self.limit,
+        )
+
+    async def check(self, vm: str, dest: AsyncAgentClient, options: MigrationOptions) -> tuple[Check, ...]:
+        status = self.manager.status(vm)
+        dest_facts = facts_from_json(await dest.request("GET", "/v1/migration/facts"))  # type: ignore[arg-type]
+        migrating = any(r.vm == vm and not r.phase.terminal for r in self.records.values())
+        return run_checks(status.spec, status.state is VmState.RUNNING, await self.facts(), dest_facts, migrating, options.encrypted)
+
+    # ---- source side -----------------------------------------------------------------------------
+    async def start(self, vm: str, dest_name: str, dest_url: str, options: MigrationOptions) -> MigrationRecord:
+        from kvmotion.cluster.tls import agent_client
+
+        dest = agent_client(dest_url)
+        pol.preset(options.policy)  # an unknown policy is bad input: refuse before anything moves
+        checks = await self.check(vm, dest, options)
+        bad = errors_of(checks)
+        if bad:
+            await dest.aclose()
+            raise PrecheckFailed(f"migration of {vm} to {dest_name} refused: " + "; ".join(c.reason for c in bad))
+        mid = uuid.uuid4().hex[:12]
+        rec = MigrationRecord(
+            id=mid, vm=vm, source=self.host, destination=dest_name, options=options, phase=Phase.CHECK,
+            started_at=time.time(), checks=checks, phase_times=((Phase.CHECK.value, time.time()),),
+        )
+        self.records[mid] = rec
+        self.cancels[mid] = asyncio.Event()
+        self.tasks[mid] = asyncio.create_task(self._run(mid, dest))
+        return rec
+
+    def _update(self, mid: str, **changes) -> MigrationRecord:
+        rec = dataclasses.replace(self.records[mid], **changes)
+        self.records[mid] = rec
+        return rec
+
+    def _phase(self, mid: str, phase: Phase) -> None:
+        rec = self.records[mid]
+        self._update(mid, phase=phase, phase_times=rec.phase_times + ((phase.value, time.time()),))
+        log.info("migration %s of %s: %s", mid, rec.vm, phase.value)
+
+    def cancel(self, mid: str) -> MigrationRecord:
+        rec = self.get(mid)
+        if not rec.phase.cancellable or mid not in self.cancels:
+            raise Conflict(f"migration {mid} is in phase {rec.phase.value}: too late to cancel")
+        self.cancels[mid].set()
+        return rec
+
+    def cancel_vm(self, vm: str) -> MigrationRecord:
+        for rec in self.records.values():
+            if rec.vm == vm and not rec.phase.terminal:
+                return self.cancel(rec.id)
+        raise NotFound(f"no migration of VM {vm} is running on {self.host}")
+
+    def get(self, mid: str) -> MigrationRecord:
+        if mid in self.records:
+            return self.records[mid]
+        path = self.history_dir / f"{mid}.json"
+        if path.exists():
+            return record_from_json(json.loads(path.read_text()))
+        raise NotFound(f"no migration {mid} on {self.host}")
+
+    def history(self) -> list[MigrationRecord]:
+        out = {r.id: r for r in self.records.values()}
+        if self.history_dir.exists():
+            for p in self.history_dir.glob("*.json"):
+                try:
+                    rec = record_from_json(json.loads(p.read_text()))
+                except (OSError, ValueError, KeyError):
+                    continue
+                out.setdefault(rec.id, rec)
+        return sorted(out.values(), key=lambda r: r.started_at)
+
+    def _persist(self, rec: MigrationRecord) -> None:
+        write_atomic(self.history_dir / f"{rec.id}.json", json.dumps(_record_to_json(rec), indent=1))
+
+    async def _run(self, mid: str, dest: AsyncAgentClient) -> None:
+        rec = self.records[mid]
+        spec = self.manager.status(rec.vm).spec
+        cancel = self.cancels[mid]
+        ctx = SwitchoverContext(spec=spec, source=self.host, destination=rec.destination, migration_id=mid)
+        hooks = default_hooks(spec)
+        done_hooks: list = []
+        dest_prepared = committed = False
+        throttle = None
+        tracker = RoundTracker()
+        stop_at: float | None = None
+        final: MigrationSample | None = None
+        postcopy = False
+        self.manager.set_state(rec.vm, VmState.MIGRATING)
+        qmp = self.manager.qmp(rec.vm)
+        try:
+            # ---- prepare: the shadow VM first, before any memory moves
+            self._phase(mid, Phase.PREPARE)
+            tls = rec.options.encrypted
+            answer = await dest.request(
+                "POST", "/v1/incoming",
+                json={"spec": as_json(spec), "migration_id": mid, "source": self.host,
+                      "encrypted": tls, "postcopy": rec.options.allow_postcopy},
+                timeout=90,
+            )
+            dest_prepared = True
+            uri = answer["uri"]  # type: ignore[index]
+            self._check_cancel(cancel)
+            config = dataclasses.replace(
+                pol.preset(rec.options.policy),
+                max_downtime_ms=rec.options.max_downtime_ms,
+                allow_postcopy=rec.options.allow_postcopy,
+            )
+            decision = pol.start(config, spec.memory)
+            state = decision.state
+            caps = {"pause-before-switchover": True, "events": True, "postcopy-ram": rec.options.allow_postcopy}
+            await qmp.execute("migrate-set-capabilities",
+                              capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+            params: dict = {"max-bandwidth": rec.options.bandwidth or UNLIMITED_BANDWIDTH,
+                            "downtime-limit": state.downtime_ms}
+            if tls:
+                await self._add_tls(qmp, "client")
+                params.update({"tls-creds": TLS_ID, "tls-hostname": rec.destination})
+            else:
+                params.update({"tls-creds": ""})
+            await qmp.execute("migrate-set-parameters", **params)
+
+            async with qmp.listen("STOP", "MIGRATION") as events:
+                # ---- pre-copy under the policy
+                self._phase(mid, Phase.PRECOPY)
+                t0 = time.monotonic()
+                await qmp.execute("migrate", uri=uri)
+                while True:
+                    self._check_cancel(cancel)
+                    now = time.monotonic() - t0
+                    sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=now)  # type: ignore[arg-type]
+                    frac = throttle.fraction if throttle else 0.0
+                    tracker, closed = tracker.observe(sample, frac)
+                    self._progress(mid, sample, tracker, state, frac, now)
+                    if sample.status is MigrationStatus.PRE_SWITCHOVER:
+                        break
+                    if sample.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
+                        raise MigrationError(f"QEMU's migration stream {sample.status.value}: {sample.error or 'no detail'}")
+                    if sample.status is MigrationStatus.COMPLETED:
+                        final = sample
+                        break
+                    decision = pol.tick(config, state, pol.Observation(now, sample, tracker.latest_round))
+                    state = decision.state
+                    for action in decision.actions:
+                        if isinstance(action, pol.SetDowntimeLimit):
+                            await qmp.execute("migrate-set-parameters", **{"downtime-limit": action.ms})
+                        elif isinstance(action, pol.SetThrottle):
+                            throttle = await self._throttle(throttle, rec.vm, action.fraction)
+                        elif isinstance(action, pol.StartPostcopy):
+                            await qmp.execute("migrate-start-postcopy")
+                            postcopy = True
+                        elif isinstance(action, pol.Abort):
+                            raise MigrationError(f"convergence policy gave up: {action.reason}")
+                    await asyncio.sleep(TICK)
+
+                # ---- switchover: source vCPUs are stopped and its disks flushed
+                self._phase(mid, Phase.SWITCHOVER)
+                stop_at = self._drain_stop(events)
+                for hook in hooks:
+                    await hook.before_switchover(ctx)
+                    done_hooks.append(hook)
+                if final is None:
+                    await qmp.execute("migrate-continue", state="pre-switchover")
+                    final = await self._wait_completion(qmp, t0, events)
+                if stop_at is None:
+                    stop_at = self._drain_stop(events)
+                if final.status is not MigrationStatus.COMPLETED:
+                    raise MigrationError(f"QEMU's migration stream {final.status.value} at switchover: {final.error or 'no detail'}")
+                tracker, _ = tracker.observe(final, throttle.fraction if throttle else 0.0)
+
+            # ---- commit: the destination takes the VM and resumes it
+            self._phase(mid, Phase.COMMIT)
+            answer = await self._commit(dest, mid)
+            committed = True
+        except BaseException as exc:  # noqa: BLE001 - every failure before commit rolls back
+            await self._rollback(mid, qmp, dest, dest_prepared, done_hooks, ctx, throttle, exc)
+            return
+        finally:
+            await dest.aclose()
+        resumed_at = float(answer["resumed_at"])  # type: ignore[index]
+        await self._finish_source(mid, rec.vm, throttle)
+        for hook in done_hooks:
+            await hook.after_commit(ctx)
+        stats = tracker.summary()
+        summary = Summary(
+            total_ms=stats.total_time * 1000,
+            downtime_ms=stats.downtime * 1000 if stats.downtime is not None else None,
+            pause_ms=(resumed_at - stop_at) * 1000 if stop_at else None,
+            setup_ms=stats.setup_time * 1000,
+            rounds=stats.rounds,
+            bytes=stats.bytes_transferred,
+            zero_pages=stats.zero_pages,
+            normal_pages=stats.normal_pages,
+            mean_link_rate=stats.mean_link_rate,
+            peak_dirty_rate=stats.peak_dirty_rate,
+            throttle_max=stats.throttle_max,
+            encrypted=rec.options.encrypted,
+            converged=not postcopy,
+            postcopy=postcopy,
+        )
+        self._phase(mid, Phase.DONE)
+        rec = self._update(mid, ended_at=time.time(), summary=summary, rounds=tuple(as_json(r) for r in stats.round_log))
+        self._persist(rec)
+        del committed
+
+    @staticmethod
+    def _check_cancel(cancel: asyncio.Event) -> None:
+        if cancel.is_set():
+            raise Cancelled("cancelled by the user")
+
+    @staticmethod
+    def _drain_stop(events) -> float | None:
+        """Timestamp of the source's STOP event, if it has arrived."""
+        at = None
+        while True:
+            try:
+                ev = events._listener._queue.get_nowait()  # noqa: SLF001 - non-blocking drain of queued events
+            except asyncio.QueueEmpty:
+                return at
+            if ev["event"] == "STOP":
+                ts = ev.get("timestamp", {})
+                at = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+
+    async def _wait_completion(self, qmp, t0: float, events) -> MigrationSample:
+        while True:
+            sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=time.monotonic() - t0)  # type: ignore[arg-type]
+            if sample.status.is_terminal:
+                return sample
+            await asyncio.sleep(0.005)
+
+    def _progress(self, mid: str, sample: MigrationSample, tracker: RoundTracker, state, frac: float, now: float) -> None:
+        ram = sample.ram
+        last = tracker.latest_round
+        self._update(mid, progress=Progress(
+            round=sample.sync_count,
+            transferred=ram.transferred if ram else 0,
+            remaining=ram.remaining if ram else 0,
+            total=ram.total if ram else 0,
+            link_rate=ram.link_rate if ram else 0.0,
+            dirty_rate=ram.dirty_rate if ram else 0.0,
+            predicted_downtime_ms=(last.predicted_downtime * 1000) if last else float(sample.expected_downtime_ms or 0),
+            downtime_limit_ms=state.downtime_ms,
+            throttle=frac,
+            elapsed=now,
+        ))
+
+    async def _throttle(self, current, vm: str, fraction: float):
+        from kvmotion.host.throttle import VcpuThrottle
+
+        if current is None:
+            if fraction <= 0:
+                return None
+            cpus = await self.manager.qmp(vm).execute("query-cpus-fast")
+            current = await asyncio.to_thread(VcpuThrottle, vm, [c["thread-id"] for c in cpus])  # type: ignore[union-attr]
+        await asyncio.to_thread(current.set_throttle, fraction)
+        return current
+
+    async def _add_tls(self, qmp, endpoint: str) -> None:
+        from kvmotion.cluster.tls import migration_creds_dir
+
+        try:
+            await qmp.execute("object-del", id=TLS_ID)
+        except VmFailed:
+            pass
+        await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID, "endpoint": endpoint,
+                                            "dir": str(migration_creds_dir(self.host)), "verify-peer": True})
+
+    async def _commit(self, dest: AsyncAgentClient, mid: str) -> object:
+        deadline = time.monotonic() + COMMIT_RETRY
+        while True:
+            try:
+                return await dest.request("POST", f"/v1/incoming/{mid}/commit", timeout=30)
+            except Unreachable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _finish_source(self, mid: str, vm: str, throttle) -> None:
+        if throttle is not None:
+            await asyncio.to_thread(throttle.release)
+        try:
+            await self.manager.stop(vm, force=False, timeout=10)
+        except KvmotionError as exc:
+            log.warning("stopping the source copy of %s after commit: %s", vm, exc)
+        await self.manager.delete(vm)
+
+    async def _rollback(self, mid, qmp, dest, dest_prepared, done_hooks, ctx, throttle, exc: BaseException) -> None:
+        cancelled = isinstance(exc, (Cancelled, asyncio.CancelledError))
+        rec = self.records[mid]
+        self._phase(mid, Phase.ROLLBACK)
+        notes: list[str] = []
+        try:
+            # Leases first: the source must hold its disks again before its vCPUs run.
+            for hook in reversed(done_hooks):
+                try:
+                    await hook.on_rollback(ctx)
+                except KvmotionError as e:
+                    notes.append(f"{hook.name} rollback: {e}")
+            try:
+                status = MigrationSample.from_qmp(await qmp.execute("query-migrate")).status  # type: ignore[arg-type]
+                if not status.is_terminal and status is not MigrationStatus.NONE:
+                    await qmp.execute("migrate_cancel")
+                    for _ in range(400):
+                        status = MigrationSample.from_qmp(await qmp.execute("query-migrate")).status  # type: ignore[arg-type]
+                        if status.is_terminal:
+                            break
+                        await asyncio.sleep(0.025)
+                run = await qmp.execute("query-status")
+                if run["status"] != "running":  # type: ignore[index]
+                    await qmp.execute("cont")
+            except KvmotionError as e:
+                notes.append(f"resuming the source: {e}")
+            if throttle is not None:
+                await asyncio.to_thread(throttle.release)
+            if dest_prepared:
+                try:
+                    await dest.request("DELETE", f"/v1/incoming/{mid}", timeout=30)
+                except KvmotionError as e:
+                    notes.append(f"destination cleanup: {e}")
+        finally:
+            self.manager.set_state(rec.vm, VmState.RUNNING)
+        if isinstance(exc, KvmotionError):
+            why = str(exc)
+        elif isinstance(exc, asyncio.CancelledError):
+            why = "the agent is shutting down"
+        else:
+            log.exception("migration %s failed", mid, exc_info=exc)
+            why = f"{type(exc).__name__}: {exc}"
+        where = f"VM {rec.vm} keeps running on {self.host}"
+        error = f"{why}; {where}" + (f" ({'; '.join(notes)})" if notes else "")
+        self._phase(mid, Phase.CANCELLED if cancelled else Phase.FAILED)
+        rec = self._update(mid, ended_at=time.time(), error=error)
+        self._persist(rec)
+
+    # ---- destination side ------------------------------------------------------------------------
+    async def prepare_incoming(self, spec: VmSpec, mid: str, source: str, encrypted: bool, postcopy: bool) -> str:
+        if self.active() >= self.limit:
+            raise Conflict(f"{self.host} already runs {self.active()} migrations (limit {self.limit})")
+        await self.manager.create(spec, incoming_migration=mid)
+        self.incoming_active.add(mid)
+        try:
+            await self.manager.start(spec.name, incoming=True)
+            qmp = self.manager.qmp(spec.name)
+            caps = {"events": True, "postcopy-ram": postcopy}
+            await qmp.execute("migrate-set-capabilities",
+                              capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+            if encrypted:
+                await self._add_tls(qmp, "server")
+                await qmp.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})
+            await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
+            info = await qmp.execute("query-migrate")
+            addr = info["socket-address"][0]  # type: ignore[index]
+            return f"tcp:{addr['host']}:{addr['port']}"
+        except BaseException:
+            await self.abort_incoming(mid)
+            raise
+
+    def _incoming_vm(self, mid: str) -> str:
+        for st in self.manager.list():
+            rec = self.manager.store.get(st.name)
+            if rec.incoming_migration == mid or rec.committed_migration == mid:
+                return st.name
+        raise NotFound(f"no incoming migration {mid} on {self.host} (its shadow VM is gone)")
+
+    async def commit_incoming(self, mid: str) -> float:
+        name = self._incoming_vm(mid)
+        rec = self.manager.store.get(name)
+        qmp = self.manager.qmp(name)
+        if rec.committed_migration == mid:  # a retried commit: already done
+            return rec.resumed_at or time.time()
+        status = await qmp.execute("query-migrate")
+        if status.get("status") != "completed":  # type: ignore[union-attr]
+            raise MigrationError(f"the shadow VM {name} on {self.host} has not received the whole VM ({status.get('status')})")  # type: ignore[union-attr]
+        async with qmp.listen("RESUME") as events:
+            # The VM is ours from here on: persist that before it runs, so a crash cannot forget it.
+            self.manager.commit_incoming(name, mid)
+            await qmp.execute("cont")
+            resumed = await events.wait_for("RESUME", timeout=10)
+        self.manager.set_resumed(name, resumed.timestamp)
+        self.incoming_active.discard(mid)
+        try:
+            # More announce rounds than QEMU's automatic ones at incoming completion (which ran
+            # while the VM was still paused): switches re-learn the MAC now that it runs here.
+            await qmp.execute("announce-self", initial=20, max=200, rounds=5, step=50)
+        except VmFailed as exc:
+            log.warning("announce-self for %s: %s", name, exc)
+        return resumed.timestamp
+
+    async def abort_incoming(self, mid: str) -> None:
+        self.incoming_active.discard(mid)
+        try:
+            name = self._incoming_vm(mid)
+        except NotFound:
+            return
+        if self.manager.store.get(name).committed_migration == mid:
+            raise Conflict(f"migration {mid} is already committed on {self.host}: the VM runs here")
+        try:
+            await self.manager.stop(name, force=True)
+        except Conflict:
+            pass
+        await self.manager.delete(name)
+
+
+def as_record_json(rec: MigrationRecord) -> dict:
+    return _record_to_json(rec)
+
+
+__all__ = ["MigrationService", "Cancelled", "facts_to_json", "as_record_json", "record_from_json", "Unreachable"]
