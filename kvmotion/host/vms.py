@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from kvmotion.qemu.process import QemuProcess
 from kvmotion.qemu.qmp import Qmp
 from kvmotion.qemu.spec import DiskSpec, VmSpec
 
+log = logging.getLogger("kvmotion.agent")
+
 READY_MARK = b"KVMOTION READY"
+LEASE_RENEW_INTERVAL = 5.0  # s; datastore leases expire after 15 s by default
 # Memory the host keeps for itself and QEMU's own overhead when admitting VMs.
 HOST_RESERVE = 256 << 20
 
@@ -83,6 +87,7 @@ class VmManager:
         self.store = VmStore(config.state_dir)
         self.disk_dir = config.state_dir / "disks"
         self._vms: dict[str, _Vm] = {}
+        self._lease_task: asyncio.Task | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _paths(self, name: str) -> VmPaths:
@@ -140,6 +145,8 @@ class VmManager:
     def _ready(self, vm: _Vm) -> bool:
         if vm.proc is None:
             return False
+        if vm.record.committed_migration:
+            return True  # the guest said READY on the host it came from; its log stayed there
         try:
             with open(vm.paths.serial_log, "rb") as f:
                 f.seek(vm.serial_offset)
@@ -150,6 +157,7 @@ class VmManager:
     # ---- recovery ------------------------------------------------------------------------------
     async def recover(self) -> None:
         """Load every defined VM; re-attach to those whose QEMU still runs."""
+        self._lease_task = asyncio.create_task(self._keep_leases())
         for record in self.store.all():
             vm = _Vm(record=record, paths=self._paths(record.spec.name))
             self._vms[vm.name] = vm
@@ -214,6 +222,8 @@ class VmManager:
             await vm.qmp.close()
             vm.qmp = None
         await self._release_host_resources(vm.record.spec)
+        if not vm.record.incoming_migration:
+            await self._release_leases(vm.record.spec)
         if vm.record.incoming_migration and vm.name in self._vms:
             self._forget(vm.name)
 
@@ -410,8 +420,40 @@ class VmManager:
         self.store.remove(name)
         self._vms.pop(name, None)
 
+    async def _keep_leases(self) -> None:
+        """Renew the disk leases of running VMs; a VM whose lease is lost is stopped, never run
+        without its disk (another host may hold it now)."""
+        from kvmotion.errors import KvmotionError, LeaseError
+        from kvmotion.storage.host import renew_leases
+
+        while True:
+            await asyncio.sleep(LEASE_RENEW_INTERVAL)
+            for vm in list(self._vms.values()):
+                spec = vm.record.spec
+                if vm.state is not VmState.RUNNING or not any(d.datastore for d in spec.disks):
+                    continue
+                try:
+                    await asyncio.to_thread(renew_leases, spec, self.config.name)
+                except LeaseError as exc:
+                    log.error("VM %s lost its disk lease (%s): stopping it", vm.name, exc)
+                    await self.stop(vm.name, force=True)
+                except KvmotionError as exc:
+                    log.warning("renewing the leases of VM %s: %s", vm.name, exc)
+
+    async def _release_leases(self, spec: VmSpec) -> None:
+        from kvmotion.errors import KvmotionError
+        from kvmotion.storage.host import release_leases
+
+        if any(d.datastore for d in spec.disks):
+            try:
+                await asyncio.to_thread(release_leases, spec, self.config.name)
+            except KvmotionError:
+                pass  # not ours any more (moved at switchover, or expired): nothing to release
+
     async def shutdown(self) -> None:
         """Agent exit: leave VMs running, just drop our monitor connections."""
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         for vm in self._vms.values():
             if vm.watcher is not None:
                 vm.watcher.cancel()

@@ -1,0 +1,124 @@
+"""A lab cluster: the lab's namespaces (kvmotion.net.lab) plus what runs in them — a host agent
+per host, the datastore service, the cluster CA and inventory — all under the lab's own folder,
+so two labs never share state."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.errors import SetupError
+from kvmotion.host.client import AgentClient
+from kvmotion.net import lab as labmod
+
+AGENT_PORT = 7701
+NBD_PORT = 10809
+DATASTORE = "ds1"
+
+
+@dataclass(frozen=True)
+class LabCluster:
+    topology: labmod.LabTopology
+    folder: Path
+    encrypted: bool
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment under which the CLI, agents and tests see this lab's cluster."""
+        return dict(
+            os.environ,
+            KVMOTION_CLUSTER_DIR=str(self.folder / "cluster"),
+            KVMOTION_STATE=str(self.folder / "state"),
+            KVMOTION_RUN=str(self.folder / "run"),
+        )
+
+    def agent_url(self, host: str) -> str:
+        scheme = "https" if self.encrypted else "http"
+        return f"{scheme}://{self.topology.host(host).mgmt_ip}:{AGENT_PORT}"
+
+    @property
+    def nbd_url(self) -> str:
+        return f"nbd://{self.topology.datastore.ip}:{NBD_PORT}"
+
+
+def _kvmotion(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvmotion.cli.main", *args]
+
+
+def _wait(what: str, probe, proc, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if probe():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise SetupError(f"{what} did not come up: {tail[0] if tail else 'no output'} (log: {log})")
+        time.sleep(0.1)
+
+
+def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluster:
+    """Start the datastore and one agent per host inside the lab; register them in the lab's cluster."""
+    folder = labmod.lab_dir(topo.name)
+    cluster = LabCluster(topology=topo, folder=folder, encrypted=encrypted)
+    env = cluster.env
+    old = {k: os.environ.get(k) for k in ("KVMOTION_CLUSTER_DIR", "KVMOTION_STATE", "KVMOTION_RUN")}
+    os.environ.update({k: env[k] for k in old})
+    try:
+        if encrypted:
+            from kvmotion.cluster.ca import init_ca, issue_host_cert
+            from kvmotion.cluster.tls import host_dir
+
+            ca_dir = folder / "cluster" / "ca"
+            init_ca(ca_dir)
+            for h in topo.hosts:
+                issue_host_cert(ca_dir, h.name, [h.mgmt_ip], host_dir(h.name))
+        from kvmotion.cluster.config import ClusterConfig, save_config
+
+        save_config(ClusterConfig(encrypted=encrypted))
+        ds = topo.datastore
+        log = folder / "logs" / "datastore.log"
+        proc = labmod.spawn_in_ns(ds.ns, _kvmotion("datastore", "serve", DATASTORE, "--root", str(folder / DATASTORE),
+                                                   "--listen", f"{ds.ip}:{NBD_PORT}"), log, env)
+        from kvmotion.storage.client import DatastoreClient
+        from kvmotion.storage.registry import DatastoreRef, Registry
+
+        ref = DatastoreRef.make(DATASTORE, cluster.nbd_url)
+        Registry().add(ref, replace=True)
+        _wait("datastore ds1", lambda: DatastoreClient(ref.control_url, timeout=1).reachable(), proc, log)
+        for h in topo.hosts:
+            log = folder / "logs" / f"{h.name}.log"
+            argv = _kvmotion("host", "serve", "--name", h.name, "--listen", f"{h.mgmt_ip}:{AGENT_PORT}",
+                             "--portgroup", f"{topo.portgroup}={h.vm_bridge}")
+            if encrypted:
+                argv.append("--tls")
+            proc = labmod.spawn_in_ns(h.ns, argv, log, env)
+            client = _lab_client(cluster, h.name)
+            _wait(f"agent {h.name}", lambda: client.host() is not None, proc, log)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return cluster
+
+
+def _lab_client(cluster: LabCluster, host: str) -> AgentClient:
+    if not cluster.encrypted:
+        return AgentClient(cluster.agent_url(host), timeout=2)
+    from kvmotion.cluster.tls import cli_ssl_context
+
+    return AgentClient(cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=2)
+
+
+def load_cluster(name: str) -> LabCluster:
+    topo = labmod.load_lab(name)
+    folder = labmod.lab_dir(name)
+    encrypted = (folder / "cluster" / "ca").exists()
+    return LabCluster(topology=topo, folder=folder, encrypted=encrypted)
