@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
@@ -273,6 +273,3 @@ def _held(lease: Lease, now: float) -> str:
         f"another {lease.expires_at - now:.1f}s"
     )
 
-
-def live_leases(leases: Iterable[Lease], now: float) -> list[Lease]:
-    return [lease for lease in leases if lease.live(now)]

@@ -1,0 +1,68 @@
+"""Datastore addresses, the cluster's datastore registry, and QEMU's -blockdev options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvmotion.errors import Conflict, InvalidInput, NotFound
+from kvmotion.storage.address import Endpoint, parse_listen, parse_nbd_url
+from kvmotion.storage.attach import nbd_blockdev
+from kvmotion.storage.registry import DatastoreRef, Registry, cluster_dir
+
+
+def test_addresses() -> None:
+    assert parse_nbd_url("nbd://10.77.0.1:10809") == Endpoint("10.77.0.1", 10809)
+    assert parse_nbd_url("nbd://ds.example") == Endpoint("ds.example", 10809)
+    assert parse_listen("0.0.0.0:9000") == Endpoint("0.0.0.0", 9000)
+    assert parse_listen("[::1]:9000") == Endpoint("::1", 9000)
+    assert Endpoint("::1", 9000).nbd_url == "nbd://[::1]:9000"
+    for bad in ("http://x", "nbd://", "nbd://h:99999", "nbd://h:1/web1.img"):
+        with pytest.raises(InvalidInput):
+            parse_nbd_url(bad)
+    with pytest.raises(InvalidInput):
+        parse_listen("host:port")
+
+
+def test_registry_add_get_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    assert cluster_dir() == tmp_path / "cluster"
+    reg = Registry()
+    ref = DatastoreRef.make("ds1", "nbd://10.77.0.1:10809")
+    assert ref.control_url == "http://10.77.0.1:10810"
+    reg.add(ref)
+    reg.add(ref)  # same entry again: fine
+    assert Registry().get("ds1") == ref
+    doc = json.loads((tmp_path / "cluster" / "datastores.json").read_text())
+    assert doc["datastores"]["ds1"]["nbd_url"] == "nbd://10.77.0.1:10809"
+    other = DatastoreRef.make("ds1", "nbd://10.77.0.9", "http://10.77.0.9:8080")
+    with pytest.raises(Conflict, match="--replace"):
+        reg.add(other)
+    reg.add(other, replace=True)
+    assert reg.get("ds1").control_url == "http://10.77.0.9:8080"
+    reg.remove("ds1")
+    with pytest.raises(NotFound, match="datastore add"):
+        reg.get("ds1")
+    with pytest.raises(NotFound):
+        reg.remove("ds1")
+
+
+def test_registry_rejects_bad_names(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        DatastoreRef.make("DS 1", "nbd://h")
+
+
+def test_blockdev_for_qemu_nbd_client() -> None:
+    opts = nbd_blockdev("nbd://10.77.0.1:10809", "web1.img", "host-b", "disk0-proto")
+    assert opts["driver"] == "nbd"
+    assert opts["node-name"] == "disk0-proto"
+    assert opts["server"] == {"type": "inet", "host": "10.77.0.1", "port": "10809"}
+    assert opts["export"] == "web1.img@host-b"
+    assert opts["reconnect-delay"] > 0 and opts["open-timeout"] > 0
+    assert json.loads(json.dumps(opts)) == opts
+    with pytest.raises(InvalidInput):
+        nbd_blockdev("nbd://10.77.0.1", "web1.img", "host-b", "0bad")
+    with pytest.raises(InvalidInput):
+        nbd_blockdev("nbd://10.77.0.1", "web1.img", "host b", "disk0")
