@@ -7,9 +7,11 @@ parameters (it takes them for options of a module it does not have) instead of p
 
 from __future__ import annotations
 
+from kvmotion.errors import InvalidInput
 from kvmotion.qemu.spec import VmSpec
 
 PREFIX = "kvmotion."
+MAX_LENGTH = 2047  # x86 COMMAND_LINE_SIZE less its NUL: the kernel truncates silently beyond
 
 # Measured under TCG (see the guest image report): the serial console is slow to emulate, so the
 # kernel stays quiet; the others skip work a throwaway test guest does not need.
@@ -36,4 +38,7 @@ def kernel_cmdline(spec: VmSpec) -> str:
     for i, nic in enumerate(spec.nics):
         # init.sh finds the interface by MAC, so a different probe order cannot swap addresses.
         params.append(f"{PREFIX}nic{i}={nic.mac},{nic.ip or ''}")
-    return " ".join(params)
+    line = " ".join(params)
+    if len(line) > MAX_LENGTH:
+        raise InvalidInput(f"VM {spec.name}: {len(spec.nics)} NICs make the kernel command line too long; use fewer NICs")
+    return line

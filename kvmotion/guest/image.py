@@ -278,14 +278,20 @@ def _compile_programs() -> list[tuple[str, bytes]]:
     with tempfile.TemporaryDirectory(prefix="kvmotion-guest-") as tmp:
         for src in _sources():
             exe = Path(tmp) / src.stem
+            # Relative source name and C locale: messages read "kvm-mem.c:12:3: error: ...".
             proc = subprocess.run(
-                ["gcc", "-static", "-O2", "-s", "-Wall", "-o", str(exe), str(src)], capture_output=True, text=True
+                ["gcc", "-static", "-O2", "-s", "-Wall", "-o", str(exe), src.name],
+                cwd=src.parent,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "LC_ALL": "C"},
             )
             if proc.returncode != 0:
                 if "cannot find -lc" in proc.stderr:
                     raise SetupError("static glibc (package libc6-dev) is missing: run make setup")
-                errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()
-                raise SetupError(f"compiling {src.name} failed: {errors[0] if errors else 'gcc exit ' + str(proc.returncode)}")
+                lines = proc.stderr.splitlines()
+                errors = [line for line in lines if " error: " in line] or lines or [f"gcc exit {proc.returncode}"]
+                raise SetupError(f"compiling {src.name} failed: {errors[0]}")
             out.append((src.stem, exe.read_bytes()))
     return out
 

@@ -1,0 +1,79 @@
+"""The guest kernel command line built from a VM spec."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmotion.errors import InvalidInput
+from kvmotion.guest.cmdline import kernel_cmdline
+from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
+
+
+def _params(cmdline: str) -> dict[str, str]:
+    out = {}
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        out[key] = value
+    return out
+
+
+def test_console_and_boot_settings() -> None:
+    words = kernel_cmdline(VmSpec(name="web1", memory=512 << 20)).split()
+    assert "console=ttyS0" in words
+    assert "quiet" in words
+    assert "panic=-1" in words
+
+
+def test_default_spec_is_idle() -> None:
+    p = _params(kernel_cmdline(VmSpec(name="web1", memory=512 << 20)))
+    assert p["kvmotion.workloads"] == "idle"
+    assert p["kvmotion.hostname"] == "web1"
+    assert not any(k.startswith("kvmotion.nic") for k in p)
+
+
+def test_workloads_and_params() -> None:
+    spec = VmSpec(
+        name="db",
+        memory=512 << 20,
+        workloads=(Workload.MEMWRITER, Workload.ECHO, Workload.DISKWRITER),
+        params=WorkloadParams(mem_wss=64 << 20, mem_rate=0, echo_port=7100),
+    )
+    p = _params(kernel_cmdline(spec))
+    assert p["kvmotion.workloads"] == "mem,echo,disk"
+    assert p["kvmotion.mem_wss"] == str(64 << 20)
+    assert p["kvmotion.mem_rate"] == "0"
+    assert p["kvmotion.echo_port"] == "7100"
+
+
+def test_nics_in_pci_order_by_mac() -> None:
+    spec = VmSpec(
+        name="web1",
+        memory=512 << 20,
+        nics=(
+            NicSpec(mac="52:54:00:00:00:02", portgroup="a", ip="10.0.0.2/24"),
+            NicSpec(mac="52:54:00:00:00:01", portgroup="b"),
+        ),
+    )
+    p = _params(kernel_cmdline(spec))
+    assert p["kvmotion.nic0"] == "52:54:00:00:00:02,10.0.0.2/24"
+    assert p["kvmotion.nic1"] == "52:54:00:00:00:01,"
+
+
+def test_every_own_parameter_is_dotted() -> None:
+    # Undotted unknown parameters become init's environment, which the kernel caps at 32 entries.
+    spec = VmSpec(name="x", memory=256 << 20, nics=tuple(NicSpec(mac=f"52:54:00:00:00:{i:02x}", portgroup="p") for i in range(40)))
+    for word in kernel_cmdline(spec).split():
+        if word.startswith("kvmotion"):
+            assert word.startswith("kvmotion.")
+    assert len(kernel_cmdline(spec)) < 2048  # x86's COMMAND_LINE_SIZE
+
+
+def test_pure() -> None:
+    spec = VmSpec(name="web1", memory=512 << 20, workloads=(Workload.ECHO,))
+    assert kernel_cmdline(spec) == kernel_cmdline(spec)
+
+
+def test_too_long_is_refused() -> None:
+    nics = tuple(NicSpec(mac=f"52:54:00:00:01:{i:02x}", portgroup="p", ip=f"10.0.{i}.200/24") for i in range(64))
+    with pytest.raises(InvalidInput, match="too long"):
+        kernel_cmdline(VmSpec(name="x", memory=256 << 20, nics=nics))
