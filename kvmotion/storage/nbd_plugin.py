@@ -195,14 +195,19 @@ class _Fenced:
             _fail(errno.EPERM, f"{self.op} refused: {verdict.refusal.value}")
         h.bound = verdict.generation
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self._cm.__exit__(None, None, None)
+        if isinstance(exc, OSError) and exc.errno:
+            nbdkit.set_error(exc.errno)  # ENOSPC must reach the client as ENOSPC, not EIO
 
 
 def pread(h: _Conn, buf: bytearray, offset: int, flags: int) -> None:
     view = memoryview(buf)
     while view:
-        n = os.preadv(h.fd, [view], offset)
+        try:
+            n = os.preadv(h.fd, [view], offset)
+        except OSError as exc:
+            _fail(exc.errno or errno.EIO, f"read at offset {offset}: {exc.strerror}")
         if n <= 0:
             _fail(errno.EIO, f"short read at offset {offset}")
         view = view[n:]

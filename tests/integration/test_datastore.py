@@ -1,0 +1,415 @@
+"""The datastore service for real: nbdkit + plugin + control API, NBD clients playing hosts.
+
+Each test starts `kvmotion datastore serve` on its own ports and root, and kills its process group
+at the end. Hosts are NBD connections whose export names carry their identity (DISK@HOST); the
+lab test puts them in two network namespaces, and the QEMU tests use QEMU's own NBD client with
+the options attach.nbd_blockdev gives (a `-M none` QEMU: no guest, no CPU cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmotion.errors import InsufficientResources, LeaseError
+from kvmotion.storage.attach import nbd_blockdev
+from kvmotion.storage.client import DatastoreClient
+from kvmotion.storage.nbd_client import NbdConnection, NbdError
+
+DISK = "web1.img"
+SIZE = 16 << 20
+
+
+def _free_port_pair() -> int:
+    for _ in range(200):
+        port = random.randint(20000, 60000)
+        socks = []
+        try:
+            for p in (port, port + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port pair")
+
+
+class Service:
+    """One `kvmotion datastore serve` process group (serve + its nbdkit child)."""
+
+    def __init__(self, root: Path, ttl: float, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.root = root
+        self.ttl = ttl
+        self.host = host
+        self.port = port or _free_port_pair()
+        self.log = root.parent / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.host}:{self.port + 1}"
+
+    @property
+    def nbd_url(self) -> str:
+        return f"nbd://{self.host}:{self.port}"
+
+    def client(self) -> DatastoreClient:
+        return DatastoreClient(self.control_url)
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "kvmotion.cli.main", "datastore", "serve", "ds1", "--root", str(self.root),
+                "--listen", f"{self.host}:{self.port}", "--lease-ttl", f"{self.ttl}s"]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 20
+        with self.client() as c:
+            while not c.reachable():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"datastore did not start: {self.log.read_text()[-2000:]}")
+                time.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the whole group (a crash: no chance to flush anything)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.proc = None
+
+    def connect(self, export: str) -> NbdConnection:
+        return NbdConnection.connect(self.host, self.port, export)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    svc = Service(tmp_path / "ds1", ttl=30)
+    svc.start()
+    with svc.client() as c:
+        c.create_disk(DISK, SIZE)
+    try:
+        yield svc
+    finally:
+        svc.kill()
+
+
+def refused(fn: object, *args: object) -> bool:
+    try:
+        fn(*args)  # type: ignore[operator]
+    except NbdError as exc:
+        assert exc.errno == errno.EPERM, exc
+        return True
+    return False
+
+
+def test_holder_writes_other_host_reads_but_cannot_write(service: Service) -> None:
+    a = service.connect(f"{DISK}@host-a")
+    b = service.connect(f"{DISK}@host-b")
+    assert refused(a.write, 0, b"A" * 4096)  # nobody holds the lease yet
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+    a.write(0, b"A" * 4096)
+    a.flush()
+    assert b.read(0, 4096) == b"A" * 4096
+    assert refused(b.write, 0, b"B" * 4096)
+    assert refused(b.flush)
+    assert refused(b.write, 8192, b"B" * 512, True)  # FUA does not help either
+    assert b.read(0, 4) == b"AAAA"
+    anon = service.connect(DISK)  # no host: read only, as advertised
+    assert anon.read_only and anon.read(0, 4) == b"AAAA"
+    for conn in (a, b, anon):
+        conn.close()
+
+
+def test_switchover_early_connection_and_stale_generation(service: Service) -> None:
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+        src = service.connect(f"{DISK}@host-a")
+        src.write(0, b"1" * 4096)  # binds src to generation 1
+        dst = service.connect(f"{DISK}@host-b")  # shadow VM opens its disk early
+        assert refused(dst.write, 0, b"x" * 4096)
+        src.flush()
+        lease = c.transfer(DISK, "host-a", "host-b", "web1")
+        assert (lease.host, lease.generation) == ("host-b", 2)
+        assert refused(src.write, 0, b"y" * 4096)  # fenced the moment transfer() returned
+        assert refused(src.flush)
+        dst.write(4096, b"2" * 4096, fua=True)
+        with pytest.raises(LeaseError):
+            c.renew(DISK, "host-a")
+        # The lease comes back: the source's old connection stays refused, a new one writes.
+        back = c.transfer(DISK, "host-b", "host-a", "web1")
+        assert back.generation == 3
+        assert refused(src.write, 0, b"z" * 4096)
+        assert refused(dst.write, 0, b"z" * 4096)
+        fresh = service.connect(f"{DISK}@host-a")
+        fresh.write(8192, b"3" * 4096)
+        assert fresh.read(0, 12288) == b"1" * 4096 + b"2" * 4096 + b"3" * 4096
+        for conn in (src, dst, fresh):
+            conn.close()
+
+
+def test_unrenewed_lease_expires(tmp_path: Path) -> None:
+    svc = Service(tmp_path / "ds1", ttl=1.5)
+    svc.start()
+    try:
+        with svc.client() as c:
+            c.create_disk(DISK, SIZE)
+            c.acquire(DISK, "host-a", "web1")
+            a = svc.connect(f"{DISK}@host-a")
+            a.write(0, b"A" * 512)
+            time.sleep(0.8)
+            c.renew(DISK, "host-a")
+            time.sleep(0.8)
+            a.write(0, b"A" * 512)  # still alive thanks to the renewal
+            time.sleep(1.6)
+            assert refused(a.write, 0, b"A" * 512)
+            with pytest.raises(LeaseError, match="expired"):
+                c.renew(DISK, "host-a")
+            lease = c.acquire(DISK, "host-b", "web1")
+            assert lease.generation == 2
+            assert c.list_disks()[0].holder == "host-b"
+            a.close()
+    finally:
+        svc.kill()
+
+
+def test_restart_loses_no_acknowledged_write_and_keeps_leases(service: Service) -> None:
+    data = os.urandom(1 << 20)
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+        c.create_disk("other.img", SIZE)
+        c.acquire("other.img", "host-b", "db")
+        c.transfer("other.img", "host-b", "host-c", "db")
+    a = service.connect(f"{DISK}@host-a")
+    for off in range(0, len(data), 64 << 10):
+        a.write(off, data[off : off + (64 << 10)])  # acknowledged, neither FUA nor FLUSH
+    service.kill(signal.SIGKILL)
+    service.start()
+    with service.client() as c:
+        disks = {d.name: d for d in c.list_disks()}
+        assert disks[DISK].holder == "host-a" and disks[DISK].generation == 1
+        assert disks["other.img"].holder == "host-c" and disks["other.img"].generation == 2
+        assert c.renew(DISK, "host-a").generation == 1
+    with service.connect(f"{DISK}@host-b") as reader:
+        assert reader.read(0, len(data)) == data
+    with service.connect(f"{DISK}@host-a") as again:  # QEMU's reconnect is a new connection like this
+        again.write(0, b"after restart".ljust(512, b"\0"))
+    with service.connect(f"{DISK}@host-b") as b:
+        assert refused(b.write, 0, b"B" * 512)
+
+
+def test_nbdinfo_and_qemu_img_read_exports(service: Service, tmp_path: Path) -> None:
+    for tool in ("nbdinfo", "qemu-img"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    pattern = os.urandom(64 << 10)
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+    with service.connect(f"{DISK}@host-a") as a:
+        a.write(1 << 20, pattern)
+        a.flush()
+    url = f"{service.nbd_url}/{DISK}"
+    info = json.loads(subprocess.run(["nbdinfo", "--json", url], check=True, capture_output=True).stdout)
+    assert info["exports"][0]["export-size"] == SIZE
+    assert info["exports"][0]["is_read_only"] is True
+    listing = subprocess.run(["nbdinfo", "--list", service.nbd_url], check=True, capture_output=True, text=True).stdout
+    assert DISK in listing
+    qinfo = json.loads(subprocess.run(["qemu-img", "info", "--output=json", url], check=True, capture_output=True).stdout)
+    assert qinfo["virtual-size"] == SIZE
+    out = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out)], check=True)
+    assert out.read_bytes()[1 << 20 : (1 << 20) + len(pattern)] == pattern
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", url, str(out)], check=True, capture_output=True)
+
+
+def test_full_datastore_is_one_line_error(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    svc = Service(mnt / "ds1", ttl=30)
+    try:
+        svc.start()
+        with svc.client() as c:
+            with pytest.raises(InsufficientResources, match="full") as info:
+                c.create_disk("thick.img", 64 << 20, prealloc=True)
+            assert "\n" not in str(info.value)
+            c.create_disk("thin.img", 64 << 20)  # thin: fits until written
+            c.acquire("thin.img", "host-a", "vm")
+        with svc.connect("thin.img@host-a") as a:
+            with pytest.raises(NbdError) as err:
+                for off in range(0, 8 << 20, 1 << 20):
+                    a.write(off, b"x" * (1 << 20))
+            assert err.value.errno == errno.ENOSPC  # QEMU's default werror=enospc pauses the VM
+    finally:
+        svc.kill()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# -- QEMU's own NBD client -------------------------------------------------------------------
+
+
+class QemuNoGuest:
+    """`qemu-system-x86_64 -M none` holding block nodes; qemu-io runs through HMP."""
+
+    def __init__(self, tmp: Path, blockdevs: list[dict[str, object]]) -> None:
+        self.qmp_path = tmp / f"qmp-{os.getpid()}-{random.randint(0, 1 << 30)}.sock"
+        argv = ["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]  # fmt: skip
+        for bd in blockdevs:
+            argv += ["-blockdev", json.dumps(bd)]
+        self.log = tmp / "qemu.log"
+        self.proc = subprocess.Popen(argv, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+
+    def qmp(self, cmd: str, args: dict[str, object] | None = None) -> object:
+        from qemu.qmp import QMPClient
+
+        async def run() -> object:
+            client = QMPClient("test")
+            await client.connect(str(self.qmp_path))
+            try:
+                return await client.execute(cmd, args or {})
+            finally:
+                await client.disconnect()
+
+        return asyncio.run(run())
+
+    def io(self, node: str, command: str) -> str:
+        """Run a qemu-io command on a node; qemu-io prints its result on QEMU's stdout."""
+        before = self.log.stat().st_size
+        reply = self.qmp("human-monitor-command", {"command-line": f'qemu-io {node} "{command}"'})
+        with open(self.log, "rb") as f:
+            f.seek(before)
+            return str(reply) + f.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def _need_qemu() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+
+
+def test_qemu_nbd_client_is_fenced_until_transfer(service: Service, tmp_path: Path) -> None:
+    """The destination's QEMU opens the disk before switchover; it writes only after transfer()."""
+    _need_qemu()
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+    dst = QemuNoGuest(tmp_path, [nbd_blockdev(service.nbd_url, DISK, "host-b", "disk0-proto")])
+    try:
+        assert "Operation not permitted" in dst.io("disk0-proto", "write -P 0x42 0 4k")
+        with service.connect(f"{DISK}@host-a") as src:
+            src.write(0, b"\x41" * 4096)
+            src.flush()
+            with service.client() as c:
+                c.transfer(DISK, "host-a", "host-b", "web1")
+            assert refused(src.write, 0, b"\x41" * 4096)
+        out = dst.io("disk0-proto", "read -P 0x41 0 4k")
+        assert "read 4096/4096" in out, out
+        out = dst.io("disk0-proto", "write -P 0x42 0 4k")
+        assert "wrote 4096/4096" in out, out
+        assert "flush" not in dst.io("disk0-proto", "flush")  # no error printed
+    finally:
+        dst.stop()
+    with service.connect(DISK) as reader:
+        assert reader.read(0, 4096) == b"\x42" * 4096
+
+
+def test_qemu_reconnects_across_datastore_restart(service: Service, tmp_path: Path) -> None:
+    _need_qemu()
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+    vm = QemuNoGuest(tmp_path, [nbd_blockdev(service.nbd_url, DISK, "host-a", "disk0-proto")])
+    try:
+        assert "wrote" in vm.io("disk0-proto", "write -P 0x11 0 64k")
+        service.kill(signal.SIGKILL)
+        service.start()
+        out = vm.io("disk0-proto", "write -P 0x22 64k 64k")  # queued until QEMU has reconnected
+        assert "wrote 65536/65536" in out, out
+        assert "read 65536/65536" in vm.io("disk0-proto", "read -P 0x11 0 64k")
+    finally:
+        vm.stop()
+
+
+# -- two hosts in two network namespaces -----------------------------------------------------
+
+
+@pytest.mark.lab
+def test_hosts_in_namespaces(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    from pyroute2 import netns as pr_netns
+
+    from kvmotion.net import netns
+
+    tag = f"{os.getpid() % 10000}{random.randint(0, 99):02d}"
+    octet = random.randint(16, 250)
+    hosts = {"host-a": (f"kvdsa{tag}", f"vdsa{tag}", 0), "host-b": (f"kvdsb{tag}", f"vdsb{tag}", 4)}
+    made_ns: list[str] = []
+    made_links: list[str] = []
+    svc = Service(tmp_path / "ds1", ttl=30, host="0.0.0.0")
+    try:
+        for ns, veth, base in hosts.values():
+            netns.create_ns(ns)
+            made_ns.append(ns)
+            netns.create_veth(veth, None, "eth0", ns)
+            made_links.append(veth)
+            netns.add_address(None, veth, f"10.251.{octet}.{base + 1}/30")
+            netns.add_address(ns, "eth0", f"10.251.{octet}.{base + 2}/30")
+        svc.start()
+        with DatastoreClient(f"http://127.0.0.1:{svc.port + 1}") as c:
+            c.create_disk(DISK, SIZE)
+            c.acquire(DISK, "host-a", "web1")
+
+        def connect(host: str) -> NbdConnection:
+            ns, _, base = hosts[host]
+            sock = pr_netns.create_socket(ns, socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect((f"10.251.{octet}.{base + 1}", svc.port))
+            return NbdConnection(sock, f"{DISK}@{host}")
+
+        a, b = connect("host-a"), connect("host-b")
+        a.write(0, b"from-a".ljust(4096, b"."))
+        a.flush()
+        assert b.read(0, 6) == b"from-a"
+        assert refused(b.write, 0, b"B" * 4096)
+        with DatastoreClient(f"http://127.0.0.1:{svc.port + 1}") as c:
+            c.transfer(DISK, "host-a", "host-b", "web1")
+        b.write(0, b"from-b".ljust(4096, b"."), fua=True)
+        assert refused(a.write, 0, b"A" * 4096)
+        assert a.read(0, 6) == b"from-b"
+        a.close()
+        b.close()
+    finally:
+        svc.kill()
+        for link in made_links:
+            netns.delete_link_in(None, link)
+        for ns in made_ns:
+            netns.delete_ns(ns)
