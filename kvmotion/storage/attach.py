@@ -16,11 +16,18 @@ Reconnection (QEMU's NBD client, block/nbd.c):
 - `open-timeout`: how long QEMU retries the first connect when the node is created (shadow VM
   start); a few seconds ride out a datastore restart and still fail a VM start promptly.
 A reconnect is a new connection: it starts unbound and binds on its next allowed write.
+
+Abort after switchover: once the lease has moved on, the source's connection is fenced for good,
+so when the lease comes back (`transfer(disk, dst, src, vm)`), the source QEMU needs a fresh
+connection before it resumes: `reattach_commands` adds a new NBD node and points the format node
+at it with `blockdev-reopen` (the guest device stays attached; QEMU 10 does this while paused).
 """
 
 from __future__ import annotations
 
 import re
+
+from dataclasses import dataclass
 
 from kvmotion.errors import InvalidInput
 from kvmotion.storage.address import parse_nbd_url
@@ -64,3 +71,37 @@ def nbd_blockdev(
         "open-timeout": int(open_timeout),
         "discard": "unmap",  # guest TRIM punches holes on the datastore (thin disks stay thin)
     }
+
+
+@dataclass(frozen=True)
+class QmpCommand:
+    name: str
+    arguments: dict[str, object]
+
+
+def reattach_commands(
+    nbd_url: str,
+    disk: str,
+    host: str,
+    format_node: dict[str, object],
+    new_node_name: str,
+    *,
+    reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
+    open_timeout: int = DEFAULT_OPEN_TIMEOUT,
+) -> list[QmpCommand]:
+    """QMP commands giving a running QEMU a new NBD connection under its format node.
+
+    `format_node` is the format node's full -blockdev options (e.g. {"driver": "raw",
+    "node-name": "disk0", "file": "disk0-proto"}): blockdev-reopen resets options it is not given.
+    """
+    old = format_node.get("file")
+    if not isinstance(old, str):
+        raise InvalidInput("the format node's 'file' must name its NBD node")
+    proto = nbd_blockdev(
+        nbd_url, disk, host, new_node_name, reconnect_delay=reconnect_delay, open_timeout=open_timeout
+    )
+    return [
+        QmpCommand("blockdev-add", proto),
+        QmpCommand("blockdev-reopen", {"options": [dict(format_node, file=new_node_name)]}),
+        QmpCommand("blockdev-del", {"node-name": old}),
+    ]

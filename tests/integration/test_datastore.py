@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.errors import InsufficientResources, LeaseError
-from kvmotion.storage.attach import nbd_blockdev
+from kvmotion.storage.attach import nbd_blockdev, reattach_commands
 from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.nbd_client import NbdConnection, NbdError
 
@@ -356,6 +356,30 @@ def test_qemu_reconnects_across_datastore_restart(service: Service, tmp_path: Pa
         assert "read 65536/65536" in vm.io("disk0-proto", "read -P 0x11 0 64k")
     finally:
         vm.stop()
+
+
+def test_abort_after_switchover_reattaches_the_source(service: Service, tmp_path: Path) -> None:
+    """The lease went to the destination and came back: the source needs a new connection."""
+    _need_qemu()
+    with service.client() as c:
+        c.acquire(DISK, "host-a", "web1")
+    proto = nbd_blockdev(service.nbd_url, DISK, "host-a", "disk0-proto")
+    fmt: dict[str, object] = {"driver": "raw", "node-name": "disk0", "file": "disk0-proto"}
+    src = QemuNoGuest(tmp_path, [proto, fmt])
+    try:
+        assert "wrote" in src.io("disk0", "write -P 0x11 0 4k")
+        with service.client() as c:
+            c.transfer(DISK, "host-a", "host-b", "web1")
+            c.transfer(DISK, "host-b", "host-a", "web1")  # abort: the lease returns, generation 3
+        assert "Operation not permitted" in src.io("disk0", "write -P 0x22 0 4k")
+        for cmd in reattach_commands(service.nbd_url, DISK, "host-a", fmt, "disk0-proto-g3"):
+            src.qmp(cmd.name, cmd.arguments)
+        out = src.io("disk0", "write -P 0x22 0 4k")
+        assert "wrote 4096/4096" in out, out
+    finally:
+        src.stop()
+    with service.connect(DISK) as reader:
+        assert reader.read(0, 4096) == b"\x22" * 4096
 
 
 # -- two hosts in two network namespaces -----------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from kvmotion.errors import Conflict, InvalidInput, NotFound
 from kvmotion.storage.address import Endpoint, parse_listen, parse_nbd_url
-from kvmotion.storage.attach import nbd_blockdev
+from kvmotion.storage.attach import nbd_blockdev, reattach_commands
 from kvmotion.storage.registry import DatastoreRef, Registry, cluster_dir
 
 
@@ -66,3 +66,14 @@ def test_blockdev_for_qemu_nbd_client() -> None:
         nbd_blockdev("nbd://10.77.0.1", "web1.img", "host-b", "0bad")
     with pytest.raises(InvalidInput):
         nbd_blockdev("nbd://10.77.0.1", "web1.img", "host b", "disk0")
+
+
+def test_reattach_commands_swap_the_nbd_node_under_the_format_node() -> None:
+    fmt = {"driver": "raw", "node-name": "disk0", "file": "disk0-proto"}
+    cmds = reattach_commands("nbd://10.77.0.1:10809", "web1.img", "host-a", fmt, "disk0-proto-g3")
+    assert [c.name for c in cmds] == ["blockdev-add", "blockdev-reopen", "blockdev-del"]
+    assert cmds[0].arguments["node-name"] == "disk0-proto-g3"
+    assert cmds[0].arguments["export"] == "web1.img@host-a"
+    assert cmds[1].arguments == {"options": [{"driver": "raw", "node-name": "disk0", "file": "disk0-proto-g3"}]}
+    assert cmds[2].arguments == {"node-name": "disk0-proto"}
+    assert fmt["file"] == "disk0-proto"  # the caller's dict is not modified
