@@ -44,8 +44,6 @@ MODULES = (
     "virtio_net",
     "virtio_blk",
 )
-# Bump when the archive's layout changes without any input file changing.
-LAYOUT_VERSION = 1
 
 INITTAB = b"""\
 ::respawn:/bin/cttyhack /bin/sh -l
@@ -251,7 +249,9 @@ def _ensure_initramfs(root: Path, kernel: _Kernel) -> Path:
     modules = _modules(kernel)
     digest = hashlib.sha256()
     for part in (
-        str(LAYOUT_VERSION).encode(),
+        # The builder itself (layout, inittab, profile): changing it must rebuild too.
+        Path(__file__).read_bytes(),
+        Path(cpio.__file__).read_bytes(),
         kernel.version.encode(),
         init,
         busybox,
