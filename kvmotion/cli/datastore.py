@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvmotion.errors import Unreachable
 from kvmotion.storage.address import parse_listen
 from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.datastore import DiskInfo
@@ -53,7 +54,10 @@ def add(
     ref = DatastoreRef.make(name, nbd_url, control)
     if not force:
         with DatastoreClient(ref.control_url, timeout=5) as client:
-            served = client.info().name
+            try:
+                served = client.info().name
+            except Unreachable as exc:
+                raise Unreachable(f"{exc} (or use --force to record it anyway)") from None
         if served != name:
             typer.echo(f"note: the datastore at {ref.control_url} calls itself {served!r}", err=True)
     Registry().add(ref, replace=replace)

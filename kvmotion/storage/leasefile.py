@@ -2,11 +2,12 @@
 
 Files under `<root>/.kvmotion/`:
   leases.json       the LeaseTable document, replaced atomically (write tmp, fsync, rename, fsync dir)
-  leases.seq        an 8-byte change counter, bumped after each replace; the NBD server maps it
-                    and reloads leases.json only when it changes (no syscall per write)
+  leases.seq        16 bytes the NBD server maps: a change counter, bumped after each replace (it
+                    reloads leases.json only when it moves), and a "change pending" flag
   leases.lock       flock: writes hold it shared (check + pwrite), lease changes hold it exclusive
-  leases.turnstile  flock taken before leases.lock, so a waiting lease change is not starved by a
-                    stream of writers (Linux flock grants shared locks past a waiting exclusive)
+  leases.turnstile  flock: while a change is pending, writers pass through it first, so a waiting
+                    change is not starved by a stream of writers (Linux flock grants shared locks
+                    past a waiting exclusive one); without a pending change they skip it
 
 Holding leases.lock shared across "check, then pwrite" is what makes fencing exact: once
 `transfer()` has returned, no write authorized under the old generation is still in flight.
@@ -27,6 +28,7 @@ from kvmotion.storage.lease import Lease, leases_from_json
 
 META_DIR = ".kvmotion"
 _SEQ_BYTES = 8
+_SHARED_BYTES = 16  # seq (8, little endian) + pending flag (8)
 
 
 class LeasePaths:
@@ -41,8 +43,8 @@ class LeasePaths:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         for path in (self.lock, self.turnstile):
             path.touch(exist_ok=True)
-        if not self.seq.exists() or self.seq.stat().st_size < _SEQ_BYTES:
-            _write_atomic(self.seq, bytes(_SEQ_BYTES))
+        if not self.seq.exists() or self.seq.stat().st_size < _SHARED_BYTES:
+            _write_atomic(self.seq, bytes(_SHARED_BYTES))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -93,6 +95,13 @@ class LeaseStore:
         self.paths.ensure()
         self._mutex = threading.Lock()  # flock is per open file; this orders our own threads
 
+    def _set_pending(self, on: bool) -> None:
+        fd = os.open(self.paths.seq, os.O_RDWR)
+        try:
+            os.pwrite(fd, int(on).to_bytes(_SHARED_BYTES - _SEQ_BYTES, "little"), _SEQ_BYTES)
+        finally:
+            os.close(fd)
+
     @contextmanager
     def exclusive(self) -> Iterator[LeaseTransaction]:
         with self._mutex:
@@ -100,9 +109,11 @@ class LeaseStore:
             lock = os.open(self.paths.lock, os.O_RDONLY)
             try:
                 fcntl.flock(turn, fcntl.LOCK_EX)
+                self._set_pending(True)  # from now on new writers queue on the turnstile
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 yield LeaseTransaction(self.paths)
             finally:
+                self._set_pending(False)
                 os.close(lock)  # closing drops the flock
                 os.close(turn)
 
@@ -115,17 +126,22 @@ class LeaseStore:
 
 
 class LeaseGate:
-    """NBD server side: hold the shared lock around "check, then write" with fresh leases."""
+    """NBD server side: hold the shared lock around "check, then write" with fresh leases.
+
+        fd, leases = gate.lock()
+        try: ...check, write...
+        finally: gate.unlock(fd)
+    """
 
     def __init__(self, root: Path) -> None:
         self.paths = LeasePaths(root)
         self.paths.ensure()
         seq_fd = os.open(self.paths.seq, os.O_RDONLY)
         try:
-            self._seq_map = mmap.mmap(seq_fd, _SEQ_BYTES, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._shared = mmap.mmap(seq_fd, _SHARED_BYTES, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(seq_fd)
-        self._cache: tuple[int, dict[str, Lease]] = (-1, {})
+        self._cache: tuple[bytes, dict[str, Lease]] = (b"", {})
         # flock belongs to an open file description, so each worker thread needs its own fds;
         # keyed by thread id (not threading.local: nbdkit's C threads may get a fresh Python
         # thread state per callback, which would leak the fds).
@@ -142,7 +158,7 @@ class LeaseGate:
         return fds
 
     def _leases(self) -> dict[str, Lease]:
-        seq = int.from_bytes(self._seq_map[:_SEQ_BYTES], "little")
+        seq = self._shared[:_SEQ_BYTES]
         cached_seq, leases = self._cache
         if seq != cached_seq:
             try:
@@ -153,20 +169,28 @@ class LeaseGate:
             self._cache = (seq, leases)
         return leases
 
+    def lock(self) -> tuple[int, dict[str, Lease]]:
+        """Take the shared lock; returns the fd to unlock and the leases, frozen until then."""
+        turn, lock = self._thread_fds()
+        if self._shared[_SEQ_BYTES]:
+            fcntl.flock(turn, fcntl.LOCK_SH)  # a change is waiting: queue behind it
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            finally:
+                fcntl.flock(turn, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        return lock, self._leases()
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
     @contextmanager
     def hold(self) -> Iterator[dict[str, Lease]]:
-        """Yields the current leases; they cannot change until the block ends."""
-        turn, lock = self._thread_fds()
-        fcntl.flock(turn, fcntl.LOCK_SH)
+        """Context form of lock()/unlock()."""
+        fd, leases = self.lock()
         try:
-            fcntl.flock(lock, fcntl.LOCK_SH)
+            yield leases
         finally:
-            fcntl.flock(turn, fcntl.LOCK_UN)
-        try:
-            yield self._leases()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def peek(self) -> dict[str, Lease]:
-        """The leases as last seen, without locking (for logging only)."""
-        return self._leases()
+            self.unlock(fd)

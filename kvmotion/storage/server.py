@@ -94,9 +94,20 @@ class _StderrFilter:
     def __init__(self) -> None:
         self.block: list[str] | None = None
         self.tail: list[str] = []  # last lines, for startup errors
+        self.held: list[str] | None = []  # until nbdkit is up: a failed start is one line
 
     def feed(self, line: str) -> list[str]:
         self.tail = (self.tail + [line])[-10:]
+        if self.held is not None:
+            self.held.append(line)
+            return []
+        return self._filter(line)
+
+    def started(self) -> list[str]:
+        held, self.held = self.held or [], None
+        return [out for line in held for out in self._filter(line)]
+
+    def _filter(self, line: str) -> list[str]:
         if self.block is not None:
             if line.strip():
                 self.block.append(line)
@@ -117,13 +128,15 @@ async def _pump(stream: asyncio.StreamReader, filt: _StderrFilter) -> None:
         sys.stderr.flush()
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process, pidfile: Path, filt: _StderrFilter) -> None:
+async def _wait_ready(
+    proc: asyncio.subprocess.Process, pidfile: Path, filt: _StderrFilter, listen: Endpoint
+) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while not pidfile.exists():
         if proc.returncode is not None:
             await asyncio.sleep(0.1)  # let the pump read the last lines
             why = next((t.strip() for t in reversed(filt.tail) if "error" in t), "no message")
-            raise SetupError(f"nbdkit exited at startup ({proc.returncode}): {why}")
+            raise SetupError(f"nbdkit could not serve NBD on {listen}: {why.removeprefix('nbdkit: ')}")
         if time.monotonic() > deadline:
             raise SetupError(f"nbdkit did not start listening within {READY_TIMEOUT:.0f}s")
         await asyncio.sleep(0.05)
@@ -142,7 +155,9 @@ async def _serve(cfg: ServeConfig) -> None:
         filt = _StderrFilter()
         pump = asyncio.create_task(_pump(proc.stderr, filt))
         try:
-            await _wait_ready(proc, pidfile, filt)
+            await _wait_ready(proc, pidfile, filt, cfg.listen)
+            for line in filt.started():
+                sys.stderr.write(line)
             server = _QuietServer(
                 uvicorn.Config(create_app(ds), log_level="warning", access_log=False, lifespan="off")
             )

@@ -217,6 +217,23 @@ def test_restart_loses_no_acknowledged_write_and_keeps_leases(service: Service) 
         assert refused(b.write, 0, b"B" * 512)
 
 
+def test_sigterm_stops_the_service_and_nbdkit(tmp_path: Path) -> None:
+    svc = Service(tmp_path / "ds1", ttl=30)
+    svc.start()
+    assert svc.proc is not None
+    children = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 1  # nbdkit
+    started = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(15) == 0
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{children[0]}").exists()
+    svc.proc = None
+
+
 def test_nbdinfo_and_qemu_img_read_exports(service: Service, tmp_path: Path) -> None:
     for tool in ("nbdinfo", "qemu-img"):
         if shutil.which(tool) is None:

@@ -26,10 +26,11 @@ OTHER = [
 
 def test_filter_drops_fenced_tracebacks_only() -> None:
     filt = _StderrFilter()
-    out: list[str] = []
+    assert filt.feed("nbdkit: starting\n") == []  # held back until nbdkit is up
+    out = filt.started()
     for line in ["kvmotion-datastore: refused write ...\n", *FENCED, *OTHER, "nbdkit: debug: x\n"]:
         out += filt.feed(line)
-    assert out == ["kvmotion-datastore: refused write ...\n", *OTHER, "nbdkit: debug: x\n"]
+    assert out == ["nbdkit: starting\n", "kvmotion-datastore: refused write ...\n", *OTHER, "nbdkit: debug: x\n"]
 
 
 def test_nbdkit_command(tmp_path: Path) -> None:
