@@ -1,0 +1,351 @@
+"""Runs the demo (I/O): builds a lab cluster, boots a VM from a datastore disk, starts the client
+probe, migrates the VM around the hosts, checks each migration, writes the report and picture,
+and tears the lab down whatever happens (the caller turns Ctrl-C and SIGTERM into KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from kvmotion.cli.common import all_vms, client_for
+from kvmotion.cluster.inventory import Inventory
+from kvmotion.cluster.lab import DATASTORE, LabCluster, start_cluster
+from kvmotion.demo import report as rpt
+from kvmotion.demo.chart import MigrationMark, render_svg
+from kvmotion.demo.guestlog import GuestLog
+from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.guest.records import RecordCheck, verify_image
+from kvmotion.guest.serial import MemCorrupt, MemStatus
+from kvmotion.host.client import AgentClient
+from kvmotion.migration.engine import record_from_json
+from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase
+from kvmotion.net import lab as labmod
+from kvmotion.net import netns
+from kvmotion.net.probe import ProbeReport
+from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.storage.client import DatastoreClient
+from kvmotion.storage.registry import Registry
+from kvmotion.units import format_size
+
+HOSTS = 3
+VM = "web1"
+VM_MAC = "52:54:00:de:30:01"
+DISK = "demo1.img"
+DISK_SIZE = 256 << 20
+MAX_WSS = 64 << 20  # the memory writer's working set: a quarter of RAM, at most this
+BOOT_TIMEOUT_S = 90.0
+BASELINE_S = 1.0  # probe time before the first migration, and the least time between migrations
+PROBE_START_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    memory: int
+    dirty_rate: int  # bytes/s the guest's memory writer dirties (0: as fast as it can)
+    link_rate: int | None  # bytes/s of the lab's shaped links; None: unshaped
+    migrations: int
+    encrypted: bool
+    report: Path
+
+    @property
+    def picture(self) -> Path:
+        return self.report.with_suffix(".svg")
+
+    @property
+    def mem_wss(self) -> int:
+        return min(MAX_WSS, self.memory // 4) // 4096 * 4096
+
+
+class DemoView(Protocol):
+    """How the run shows itself (the CLI renders it with rich)."""
+
+    def step(self, text: str) -> None: ...
+
+    def follow(self, client: AgentClient, rec: MigrationRecord) -> MigrationRecord: ...
+
+    def migrated(self, index: int, rec: MigrationRecord) -> None: ...
+
+
+def route(migrations: int, hosts: int = HOSTS) -> list[tuple[str, str]]:
+    """host-a → host-b → host-c → host-a …, `migrations` hops."""
+    names = [f"host-{chr(ord('a') + i)}" for i in range(hosts)]
+    return [(names[i % hosts], names[(i + 1) % hosts]) for i in range(migrations)]
+
+
+def new_lab_name() -> str:
+    return "demo" + secrets.token_hex(3)
+
+
+@contextmanager
+def _cluster_env(cluster: LabCluster) -> Iterator[None]:
+    """This process's CLI helpers (inventory, datastore registry, TLS identity) see the lab's cluster.
+    Only the cluster folder: the run folder must stay the machine's, where labs are registered."""
+    old = os.environ.get("KVMOTION_CLUSTER_DIR")
+    os.environ["KVMOTION_CLUSTER_DIR"] = cluster.env["KVMOTION_CLUSTER_DIR"]
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KVMOTION_CLUSTER_DIR", None)
+        else:
+            os.environ["KVMOTION_CLUSTER_DIR"] = old
+
+
+@contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C would leave namespaces behind."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def check_encryption_available() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("kvmotion.cluster.ca") is None:
+        raise SetupError("this kvmotion has no cluster CA (kvmotion.cluster.ca) yet: run the demo with --plain")
+
+
+class _Probe:
+    """The client probe, running in the lab's client namespace until told to stop."""
+
+    def __init__(self, cluster: LabCluster, target: str, out: Path) -> None:
+        self.out = out
+        self.log = cluster.folder / "logs" / "probe.log"
+        argv = [sys.executable, "-m", "kvmotion.net.probe", "--target", target, "--out", str(out)]
+        self.proc = labmod.spawn_in_ns(cluster.topology.client.ns, argv, self.log, cluster.env)
+
+    def _log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_running(self) -> None:
+        deadline = time.monotonic() + PROBE_START_TIMEOUT_S
+        while "probe: running" not in self._log_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self._log_text().strip().splitlines()[-1:]
+                raise SetupError(f"the client probe did not start: {tail[0] if tail else 'no output'} (log: {self.log})")
+            time.sleep(0.05)
+
+    def stop(self) -> ProbeReport:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if not self.out.exists():
+            tail = self._log_text().strip().splitlines()[-1:]
+            raise SetupError(f"the client probe wrote no report: {tail[0] if tail else 'no output'} (log: {self.log})")
+        return ProbeReport.from_json(self.out.read_text())
+
+
+def _tagged_qemu(ns: str, vm: str) -> int:
+    """QEMU processes in `ns` that carry the VM's process tag (-name …,process=kvmotion:VM)."""
+    tag = f"process=kvmotion:{vm}".encode()
+    n = 0
+    for pid in netns.pids_in_ns(ns):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(arg.endswith(tag) for arg in cmdline.split(b"\0")):
+            n += 1
+    return n
+
+
+def _copies(topo: labmod.LabTopology) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(hosts whose agent lists the VM with a process, hosts with a tagged QEMU process) — a host
+    appears once per copy."""
+    vms, _ = all_vms()
+    running = tuple(sorted(v.host for v in vms if v.name == VM and v.pid is not None))
+    qemu = tuple(sorted(h.name for h in topo.hosts for _ in range(_tagged_qemu(h.ns, VM))))
+    return running, qemu
+
+
+def _settle(log: GuestLog, ended: float, wss: int, rate: int) -> None:
+    """Let the guest run on after a migration until its memory writer has verified every page
+    since (two more passes than it had done), or a bounded time."""
+    pass_s = wss / rate if rate else 0.5
+    before = rpt.mem_pass_after(log.lines(), ended)
+    need = None if before is None else before + 2
+
+    def settled(lines: list[rpt.ConsoleLine]) -> bool:
+        return any(
+            ln.at >= ended and isinstance(ln.event, MemStatus) and (need is None or ln.event.passes >= need)
+            for ln in lines
+        )
+
+    time.sleep(BASELINE_S)
+    log.wait_for(settled, timeout=min(15.0, max(2.0, 2 * pass_s + 1.5)))
+
+
+def _migrate(src: str, dst: str, encrypted: bool, view: DemoView) -> MigrationRecord:
+    inv = Inventory()
+    client = client_for(inv.host(src))
+    options = MigrationOptions(encrypted=encrypted)
+    body = {"vm": VM, "destination": dst, "destination_url": inv.host(dst).url, "options": options.__dict__}
+    rec = record_from_json(client.request("POST", "/v1/migrations", json=body, timeout=60))  # type: ignore[arg-type]
+    return view.follow(client, rec)
+
+
+def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
+    """The whole demo; the lab is gone when this returns or raises."""
+    if opts.encrypted:
+        check_encryption_available()
+    name = new_lab_name()
+    began = time.monotonic()
+    built = False
+    try:
+        view.step(
+            f"lab [bold]{name}[/]: {HOSTS} hosts, a datastore, a client; links "
+            f"{'unshaped' if not opts.link_rate else f'{opts.link_rate * 8 / 1e9:g} Gbit/s'}"
+        )
+        topo = labmod.lab_up(name, HOSTS, opts.link_rate)  # cleans up after itself if it fails
+        built = True
+        view.step(f"starting the datastore and {HOSTS} host agents ({'TLS' if opts.encrypted else 'plain'})")
+        cluster = start_cluster(topo, encrypted=opts.encrypted)
+        with _cluster_env(cluster):
+            return _run(cluster, opts, view, began)
+    finally:
+        if built:
+            with _uninterruptible():
+                view.step(f"tearing lab {name} down")
+                labmod.lab_down(name)
+
+
+def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -> rpt.DemoReport:
+    topo = cluster.topology
+    inv = Inventory()
+    first = topo.hosts[0].name
+    accel = client_for(inv.host(first)).host().accel
+    with DatastoreClient(Registry().get(DATASTORE).control_url) as ds:
+        ds.create_disk(DISK, DISK_SIZE)
+    ip = topo.vm_ip(0)
+    params = WorkloadParams(mem_wss=opts.mem_wss, mem_rate=opts.dirty_rate)
+    spec = VmSpec(
+        name=VM,
+        memory=opts.memory,
+        disks=(DiskSpec(source=DISK, datastore=DATASTORE),),
+        nics=(NicSpec(mac=VM_MAC, portgroup=topo.portgroup, ip=f"{ip}/{topo.vm_prefix}"),),
+        workloads=(Workload.ECHO, Workload.MEMWRITER, Workload.DISKWRITER),
+        params=params,
+    )
+    run_dir = cluster.folder / "run" / "hosts"
+    log = GuestLog({h.name: run_dir / h.name / "vms" / VM / "serial.log" for h in topo.hosts}).start()
+    probe: _Probe | None = None
+    try:
+        view.step(
+            f"VM {VM} on {first} ({accel.upper()}): {format_size(opts.memory)}, disk {DATASTORE}/{DISK}, "
+            f"echo on {ip}:{params.echo_port}, memory writer {opts.dirty_rate / 1e6:g} MB/s over "
+            f"{format_size(opts.mem_wss)}, disk writer"
+        )
+        client = client_for(inv.host(first))
+        client.create(spec)
+        client.start(VM, wait_ready=True, timeout=BOOT_TIMEOUT_S)
+        ready_at = time.time()
+
+        view.step(f"client probe from {topo.client.ip}: one TCP stream + a UDP probe every 1 ms")
+        probe = _Probe(cluster, f"{ip}:{params.echo_port}", cluster.folder / "probe.json")
+        probe.wait_running()
+        time.sleep(BASELINE_S)
+
+        driven: list[tuple[MigrationRecord, rpt.Observation | None]] = []
+        where = first
+        for i, (src, dst) in enumerate(route(opts.migrations), start=1):
+            view.step(f"migration {i}/{opts.migrations}: {src} → {dst}")
+            rec = _migrate(src, dst, cluster.encrypted, view)
+            if rec.phase is not Phase.DONE:
+                driven.append((rec, None))
+                view.migrated(i, rec)
+                break
+            where = dst
+            running, qemu = _copies(topo)
+            _settle(log, rec.ended_at or time.time(), opts.mem_wss, opts.dirty_rate)
+            port = netns.fdb_port(topo.switch_ns, topo.switch_bridge, VM_MAC)
+            obs = rpt.Observation(port, topo.host(dst).switch_vm_port, running, qemu)
+            driven.append((rec, obs))
+            view.migrated(i, rec)
+
+        view.step("stopping the client and the VM (cleanly: disks flushed), verifying the disk")
+        ended_at = time.time()
+        probe_report = probe.stop()
+        probe = None
+        client_for(inv.host(where)).stop(VM)
+        log.stop()
+        lines = log.lines()
+        disk: RecordCheck | None = None
+        acked = rpt.highest_ack(lines)
+        if acked >= 0:
+            disk = verify_image(cluster.folder / DATASTORE / DISK, acked)
+    finally:
+        log.stop()
+        if probe is not None:
+            try:
+                probe.stop()
+            except KvmotionError:
+                pass
+
+    starts = [rec.started_at for rec, _ in driven]
+    runs = [
+        rpt.MigrationRun(rec, obs, a, b)
+        for (rec, obs), (a, b) in zip(driven, rpt.windows(starts, ready_at, ended_at))
+    ]
+    results = tuple(rpt.migration_result(i, r, probe_report, lines, disk) for i, r in enumerate(runs, start=1))
+    _write_picture(opts, results, probe_report, accel, cluster.encrypted)
+    report = rpt.DemoReport(
+        lab=topo.name,
+        accel=accel,
+        encrypted=cluster.encrypted,
+        memory=opts.memory,
+        dirty_rate=opts.dirty_rate,
+        link_rate=opts.link_rate,
+        vm=VM,
+        migrations=results,
+        migrations_asked=opts.migrations,
+        probe=probe_report,
+        disk=disk,
+        console_lines=len(lines),
+        mem_errors=max((ln.event.errors for ln in lines if isinstance(ln.event, MemStatus)), default=0),
+        mem_corrupt_lines=sum(1 for ln in lines if isinstance(ln.event, MemCorrupt)),
+        duration_s=time.monotonic() - began,
+        picture=str(opts.picture),
+    )
+    opts.report.parent.mkdir(parents=True, exist_ok=True)
+    opts.report.write_text(report.to_json())
+    return report
+
+
+def _write_picture(opts: DemoOptions, results, probe: ProbeReport, accel: str, encrypted: bool) -> None:
+    t0 = probe.started_wall
+    marks = [
+        MigrationMark(
+            label=f"{m.index}  {m.source.removeprefix('host-')}→{m.destination.removeprefix('host-')}",
+            phases=tuple((p.phase, p.start - t0, p.end - t0) for p in m.phases),
+            gap_start=m.client_gap_at_s,
+            gap_ms=m.client_gap_ms,
+        )
+        for m in results
+    ]
+    link = f"{opts.link_rate * 8 / 1e9:g} Gbit/s link" if opts.link_rate else "unshaped link"
+    subtitle = (
+        f"{format_size(opts.memory)} guest writing {opts.dirty_rate / 1e6:g} MB/s, {link}, {accel.upper()}, "
+        f"{'encrypted' if encrypted else 'plain'}; a UDP probe every 1 ms"
+    )
+    svg = render_svg(probe.samples, marks, "kvmotion demo: what the client saw during live migrations", subtitle)
+    opts.picture.parent.mkdir(parents=True, exist_ok=True)
+    opts.picture.write_text(svg)
