@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from kvmotion.errors import NotFound
 from kvmotion.net import lab as labmod
 from kvmotion.units import parse_rate
 
@@ -59,5 +58,6 @@ def show(name: str = typer.Option(None, "--name", help="Show only this lab.")) -
     """Show the labs that are up, their hosts and addresses."""
     labs = [labmod.load_lab(name)] if name else labmod.list_labs()
     if not labs:
-        raise NotFound("no lab is up: start one with `kvmotion lab up`")
+        typer.echo("no lab is up (start one with `kvmotion lab up`)")
+        return
     typer.echo("\n".join(_describe(t) for t in labs))

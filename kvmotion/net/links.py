@@ -18,6 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.net.nl import off_event_loop
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 BRIDGE_AGEING_S = 300  # Linux's default; migration relies on RARP to re-teach, not on ageing
@@ -83,11 +84,13 @@ def _fail(action: str, name: str, exc: NetlinkError) -> SetupError:
     return SetupError(f"could not {action} {name}: {exc.args[-1] if exc.args else exc} (errno {exc.code})")
 
 
+@off_event_loop
 def link_exists(name: str) -> bool:
     with IPRoute() as ipr:
         return _index(ipr, name) is not None
 
 
+@off_event_loop
 def ensure_bridge(name: str) -> None:
     """Create (or re-configure) a learning bridge with STP off and forward delay 0, and bring it up."""
     check_ifname(name)
@@ -118,6 +121,7 @@ def ensure_bridge(name: str) -> None:
             raise _fail("create bridge", name, exc) from exc
 
 
+@off_event_loop
 def enslave(name: str, bridge: str) -> None:
     """Attach an existing link to a bridge as a learning port and bring it up."""
     with IPRoute() as ipr:
@@ -134,6 +138,7 @@ def enslave(name: str, bridge: str) -> None:
             raise _fail(f"attach to bridge {bridge}", name, exc) from exc
 
 
+@off_event_loop
 def delete_link(name: str) -> None:
     """Delete a link (a veth's peer goes with it); no error if it is absent."""
     with IPRoute() as ipr:
@@ -147,6 +152,7 @@ def delete_link(name: str) -> None:
                 raise _fail("delete", name, exc) from exc
 
 
+@off_event_loop
 def create_tap(name: str, bridge: str) -> None:
     """Persistent single-queue TAP (no_pi, vnet_hdr), up, enslaved to `bridge`. Idempotent."""
     check_ifname(name)
@@ -179,11 +185,13 @@ def create_tap(name: str, bridge: str) -> None:
     enslave(name, bridge)
 
 
+@off_event_loop
 def delete_tap(name: str) -> None:
     """Delete a TAP; no error if it is absent. QEMU holding it open does not stop the deletion."""
     delete_link(name)
 
 
+@off_event_loop
 def master_of(name: str) -> str | None:
     """Name of the bridge `name` is enslaved to, or None."""
     with IPRoute() as ipr:

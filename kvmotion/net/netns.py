@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound, SetupError
+from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.net.nl import off_event_loop
 
 NETNS_DIR = Path("/run/netns")
 T = TypeVar("T")
@@ -40,6 +41,7 @@ def list_ns() -> list[str]:
     return sorted(pr_netns.listnetns())
 
 
+@off_event_loop
 def create_ns(ns: str) -> None:
     """Create a named namespace with its loopback up; Conflict if it exists."""
     if not ns or "/" in ns or len(ns) > 64:
@@ -221,6 +223,7 @@ def _lookup(ipr: IPRoute, ns: str | None, ifname: str) -> int:
     return found[0]
 
 
+@off_event_loop
 def link_exists_in(ns: str | None, ifname: str) -> bool:
     if ns is not None and not ns_exists(ns):
         return False
@@ -228,6 +231,7 @@ def link_exists_in(ns: str | None, ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
+@off_event_loop
 def create_veth(name_a: str, ns_a: str | None, name_b: str, ns_b: str | None, *, up: bool = True) -> None:
     """A veth pair with end `name_a` in `ns_a` and `name_b` in `ns_b` (None: the current namespace)."""
     for name in (name_a, name_b):
@@ -250,11 +254,13 @@ def create_veth(name_a: str, ns_a: str | None, name_b: str, ns_b: str | None, *,
         set_up(ns_b, name_b)
 
 
+@off_event_loop
 def set_up(ns: str | None, ifname: str) -> None:
     with ns_iproute(ns) as ipr:
         ipr.link("set", index=_lookup(ipr, ns, ifname), state="up")
 
 
+@off_event_loop
 def delete_link_in(ns: str | None, ifname: str) -> None:
     """Delete a link in `ns` (a veth's peer goes too); no error if the link or namespace is absent."""
     if ns is not None and not ns_exists(ns):
@@ -270,6 +276,7 @@ def delete_link_in(ns: str | None, ifname: str) -> None:
                 raise SetupError(f"could not delete {ifname}: {exc}") from exc
 
 
+@off_event_loop
 def add_address(ns: str | None, ifname: str, cidr: str) -> None:
     """Put `cidr` ('10.1.0.5/24') on `ifname`; no error if it is there already."""
     addr, _, prefix = cidr.partition("/")
@@ -283,6 +290,7 @@ def add_address(ns: str | None, ifname: str, cidr: str) -> None:
                 raise SetupError(f"could not add {cidr} to {ifname}: {exc}") from exc
 
 
+@off_event_loop
 def add_route(ns: str | None, dst: str, *, gateway: str | None = None, dev: str | None = None) -> None:
     """Route `dst` ('10.2.0.0/24' or 'default') via a gateway and/or out of a device; idempotent."""
     with ns_iproute(ns) as ipr:
@@ -297,6 +305,7 @@ def add_route(ns: str | None, dst: str, *, gateway: str | None = None, dev: str 
             raise SetupError(f"could not add route to {dst}: {exc}") from exc
 
 
+@off_event_loop
 def del_route(ns: str | None, dst: str) -> None:
     """Delete the route to `dst`; no error if absent."""
     if ns is not None and not ns_exists(ns):
@@ -324,6 +333,7 @@ class TbfParams:
         return TbfParams(rate=rate_bytes_per_s, burst=max(128 * 1024, rate_bytes_per_s // 1000), latency_s=latency_s)
 
 
+@off_event_loop
 def shape(ns: str | None, ifname: str, rate_bytes_per_s: int, *, latency_s: float = 0.010) -> TbfParams:
     """Limit the egress of `ifname` in `ns` to `rate_bytes_per_s` with a tbf root qdisc (replacing
     any). Shape both ends of a veth to limit both directions."""
@@ -347,6 +357,7 @@ def shape(ns: str | None, ifname: str, rate_bytes_per_s: int, *, latency_s: floa
     return params
 
 
+@off_event_loop
 def unshape(ns: str | None, ifname: str) -> None:
     """Remove the root qdisc set by shape(); no error if there is none."""
     with ns_iproute(ns) as ipr:
@@ -356,6 +367,7 @@ def unshape(ns: str | None, ifname: str) -> None:
             pass
 
 
+@off_event_loop
 def shaping(ns: str | None, ifname: str) -> int | None:
     """The tbf rate (bytes/s) on `ifname`, or None when it is not shaped."""
     with ns_iproute(ns) as ipr:
@@ -382,6 +394,7 @@ class FdbEntry:
     static: bool  # permanent/local entries (the bridge's own ports) are not learned
 
 
+@off_event_loop
 def fdb_entries(ns: str | None, bridge: str) -> list[FdbEntry]:
     """Every entry of `bridge`'s forwarding database in `ns`."""
     with ns_iproute(ns) as ipr:
@@ -419,12 +432,14 @@ def fdb_port(ns: str | None, bridge: str, mac: str) -> str | None:
     return entry.port if entry else None
 
 
+@off_event_loop
 def link_mac(ns: str | None, ifname: str) -> str:
     """MAC address of `ifname` in `ns` (read over netlink: /sys shows the mounter's namespace)."""
     with ns_iproute(ns) as ipr:
         return str(ipr.get_links(_lookup(ipr, ns, ifname))[0].get("IFLA_ADDRESS")).lower()
 
 
+@off_event_loop
 def neighbour_mac(ns: str | None, ip: str) -> str | None:
     """The MAC that `ns`'s ARP table holds for `ip`, or None."""
     with ns_iproute(ns) as ipr:
