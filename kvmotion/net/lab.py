@@ -220,9 +220,15 @@ def _labs_lock() -> Iterator[None]:
 
 
 def _free_index() -> int:
+    """The lowest index no lab description claims and whose subnets no root-namespace address
+    overlaps (labs described under another KVMOTION_RUN, or anything else on the machine)."""
     used = {lab.index for lab in list_labs()}
+    addrs = [ipaddress.ip_interface(a).network for a in netns.ipv4_addresses()]
     for i in range(MAX_LABS):
-        if i not in used:
+        if i in used:
+            continue
+        plan = (ipaddress.ip_network(f"10.77.{2 * i}.0/24"), ipaddress.ip_network(f"10.77.{2 * i + 1}.0/24"))
+        if not any(net.overlaps(a) for net in plan for a in addrs):
             return i
     raise Conflict(f"{MAX_LABS} labs are up already: take one down with `kvmotion lab down --name NAME`")
 

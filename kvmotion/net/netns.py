@@ -13,7 +13,7 @@ import select
 import signal
 import subprocess
 import time
-from socket import AF_BRIDGE
+from socket import AF_BRIDGE, AF_INET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,3 +448,10 @@ def neighbour_mac(ns: str | None, ip: str) -> str | None:
             if lladdr:
                 return str(lladdr).lower()
     return None
+
+
+@off_event_loop
+def ipv4_addresses(ns: str | None = None) -> list[str]:
+    """Every IPv4 address of `ns` (None: the current namespace) as 'ADDR/PREFIX'."""
+    with ns_iproute(ns) as ipr:
+        return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=AF_INET)]

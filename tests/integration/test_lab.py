@@ -190,3 +190,16 @@ def test_tbf_shaping_rate(make_lab, rate):
             sink.wait()
         print(f"tbf {rate * 8 / 1e9:g} Gbit/s: measured {measured * 8 / 1e9:.3f} Gbit/s")
         assert 0.8 * rate < measured < 1.05 * rate
+
+
+def test_labs_under_other_run_dirs_get_other_subnets(make_lab, run_dir, monkeypatch):
+    first = make_lab(1)
+    monkeypatch.setenv("KVMOTION_RUN", str(run_dir.parent / "elsewhere"))  # e.g. another developer's
+    try:
+        second = lab.lab_up(_name(), 1)
+        try:
+            assert second.mgmt_subnet != first.mgmt_subnet
+        finally:
+            lab.lab_down(second.name)
+    finally:
+        monkeypatch.setenv("KVMOTION_RUN", str(run_dir))
