@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from kvmotion.cluster.inventory import cluster_dir
 from kvmotion.errors import InvalidInput
@@ -17,8 +18,12 @@ class ClusterConfig:
     version: int = 1
 
 
-def load_config() -> ClusterConfig:
-    path = cluster_dir() / "cluster.json"
+CONFIG_FILE = "cluster.json"
+
+
+def load_config(folder: Path | None = None) -> ClusterConfig:
+    """The cluster's settings (defaults when `kvmotion cluster init` was never run)."""
+    path = (folder or cluster_dir()) / CONFIG_FILE
     try:
         return ClusterConfig(**json.loads(path.read_text()))
     except FileNotFoundError:
@@ -27,5 +32,7 @@ def load_config() -> ClusterConfig:
         raise InvalidInput(f"cluster config {path} is damaged: {exc}") from exc
 
 
-def save_config(config: ClusterConfig) -> None:
-    write_atomic(cluster_dir() / "cluster.json", json.dumps(asdict(config), indent=1))
+def save_config(config: ClusterConfig, folder: Path | None = None) -> Path:
+    path = (folder or cluster_dir()) / CONFIG_FILE
+    write_atomic(path, json.dumps(asdict(config), indent=1))
+    return path

@@ -1,0 +1,281 @@
+"""The cluster CA: one self-signed ECDSA P-256 root per cluster, one certificate per host.
+
+Like vSphere's encrypted vMotion, every host gets a certificate from the cluster's own CA and
+peers accept nothing else. A host certificate is both a TLS server and a TLS client certificate
+(EKU serverAuth + clientAuth), so one file pair serves the agent's HTTPS API, the destination's
+migration listener and the source's migration connection. The host folder uses the file names
+QEMU's `tls-creds-x509` object looks for in its `dir`:
+
+    ca-cert.pem  server-cert.pem  server-key.pem  client-cert.pem  client-key.pem
+
+Key usage is marked non-critical: QEMU refuses a leaf whose *critical* key usage lacks
+keyEncipherment, which an ECDSA key cannot do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import secrets
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+
+CA_CERT = "ca-cert.pem"
+CA_KEY = "ca-key.pem"
+SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
+CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+
+CA_VALIDITY = dt.timedelta(days=3652)  # 10 years
+HOST_VALIDITY = dt.timedelta(days=1826)  # 5 years: an expired host certificate stops migrations
+# Hosts' clocks differ a little; a certificate born "in the future" would be refused for that long.
+BACKDATE = dt.timedelta(hours=1)
+
+_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class CA:
+    """A loaded cluster CA (its private key stays in `dir`, mode 0600)."""
+
+    dir: Path
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_path(self) -> Path:
+        return self.dir / CA_CERT
+
+    @property
+    def key_path(self) -> Path:
+        return self.dir / CA_KEY
+
+    @property
+    def subject(self) -> str:
+        return self.cert.subject.rfc4514_string()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the certificate, as `openssl x509 -fingerprint -sha256` prints it."""
+        return self.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+    @property
+    def expires(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+
+@dataclass(frozen=True)
+class HostCredentials:
+    """A host's folder in the tls-creds-x509 layout."""
+
+    dir: Path
+    host: str
+    ips: tuple[str, ...]
+    expires: dt.datetime
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / CA_CERT
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / SERVER_CERT
+
+    @property
+    def key(self) -> Path:
+        return self.dir / SERVER_KEY
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write with the final mode set before any byte lands (keys never exist world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def load_ca(ca_dir: Path | str) -> CA:
+    """The CA in `ca_dir` (ca-cert.pem + ca-key.pem)."""
+    d = Path(ca_dir)
+    try:
+        cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
+        key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise NotFound(f"no cluster CA in {d} ({Path(exc.filename).name} missing): run `kvmotion cluster init`") from exc
+    except PermissionError as exc:
+        raise SetupError(f"cannot read the cluster CA in {d}: {exc.strerror}; run as root") from exc
+    except ValueError as exc:
+        raise SetupError(f"the cluster CA in {d} is damaged ({exc}): restore it or run `kvmotion cluster init` in a new folder") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise SetupError(f"the cluster CA key in {d} does not match its certificate: restore the pair")
+    return CA(dir=d, cert=cert, key=key)
+
+
+def init_ca(ca_dir: Path | str, name: str = "kvmotion cluster CA") -> CA:
+    """Create the cluster CA in `ca_dir` (folder 0700, key 0600); an existing CA is kept and returned.
+
+    Keeping it matters: replacing a CA silently would invalidate every host certificate.
+    """
+    d = Path(ca_dir)
+    if (d / CA_CERT).exists() or (d / CA_KEY).exists():
+        return load_ca(d)
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    # A random suffix tells two clusters' CAs apart in error messages and `openssl x509 -text`.
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {secrets.token_hex(4)}"),
+    ])
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(d / CA_KEY, _key_pem(key), 0o600)
+    _write(d / CA_CERT, _cert_pem(cert), 0o644)
+    return CA(dir=d, cert=cert, key=key)
+
+
+def check_host_name(name: str) -> str:
+    if not _HOST_RE.match(name):
+        raise InvalidInput(f"invalid host name {name!r}: use letters, digits, '-' and dots (a DNS name)")
+    return name
+
+
+def _parse_ips(ips: list[str] | tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out = []
+    for text in ips:
+        try:
+            out.append(ipaddress.ip_address(text.strip()))
+        except ValueError:
+            raise InvalidInput(f"invalid IP address {text!r}: use e.g. 10.0.0.1 or fd00::1") from None
+    return out
+
+
+def issue_host_cert(
+    ca_dir: Path | str, host_name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str
+) -> HostCredentials:
+    """Issue `host_name`'s certificate (SAN: the name and `ips`) into `out_dir` in QEMU's layout."""
+    check_host_name(host_name)
+    addresses = _parse_ips(ips)
+    ca = load_ca(ca_dir)
+    out = Path(out_dir)
+    if out.resolve() == ca.dir.resolve():
+        raise Conflict(f"{out} holds the CA: issue host certificates into their own folder")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    expires = min(now + HOST_VALIDITY, ca.expires)
+    san: list[x509.GeneralName] = [x509.DNSName(host_name)] + [x509.IPAddress(a) for a in addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
+            x509.NameAttribute(NameOID.COMMON_NAME, host_name),
+        ]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(expires)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / CA_CERT, _cert_pem(ca.cert), 0o644)
+    for name, data, mode in (
+        (SERVER_KEY, key_pem, 0o600), (CLIENT_KEY, key_pem, 0o600),
+        (SERVER_CERT, cert_pem, 0o644), (CLIENT_CERT, cert_pem, 0o644),
+    ):
+        _write(out / name, data, mode)
+    return HostCredentials(dir=out, host=host_name, ips=tuple(str(a) for a in addresses), expires=expires)
+
+
+def _require(cert_dir: Path, *names: str) -> None:
+    missing = [n for n in names if not (cert_dir / n).exists()]
+    if missing:
+        raise NotFound(
+            f"{cert_dir} lacks {', '.join(missing)}: issue the host's certificate with `kvmotion cluster cert HOST --ip ADDRESS`"
+        )
+
+
+def server_ssl_context(cert_dir: Path | str) -> ssl.SSLContext:
+    """Mutual-TLS server side: present server-cert.pem, accept only clients signed by ca-cert.pem."""
+    d = Path(cert_dir)
+    _require(d, CA_CERT, SERVER_CERT, SERVER_KEY)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(d / SERVER_CERT), str(d / SERVER_KEY))
+    ctx.load_verify_locations(cafile=str(d / CA_CERT))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(cert_dir: Path | str) -> ssl.SSLContext:
+    """Mutual-TLS client side: present client-cert.pem, trust only ca-cert.pem, check the peer's name."""
+    d = Path(cert_dir)
+    _require(d, CA_CERT, CLIENT_CERT, CLIENT_KEY)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(d / CA_CERT))
+    ctx.load_cert_chain(str(d / CLIENT_CERT), str(d / CLIENT_KEY))
+    return ctx
+

@@ -1,0 +1,303 @@
+"""Cluster CA: certificate contents, file layout and modes, QEMU accepting it, mutual TLS, CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import queue
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from typer.testing import CliRunner
+
+from kvmotion.cluster import ca as camod
+from kvmotion.cluster.ca import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
+from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+
+QEMU = shutil.which("qemu-system-x86_64")
+LAYOUT = ["ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"]
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Path:
+    init_ca(tmp_path / "ca")
+    issue_host_cert(tmp_path / "ca", "host1", ["127.0.0.1", "10.77.0.11"], tmp_path / "hosts" / "host1")
+    return tmp_path
+
+
+def test_ca_certificate_and_key_files(tmp_path: Path) -> None:
+    ca = init_ca(tmp_path / "ca")
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == ["ca-cert.pem", "ca-key.pem"]
+    assert mode(ca.key_path) == 0o600 and mode(tmp_path / "ca") == 0o700
+    cert = ca.cert
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert life >= dt.timedelta(days=3650)
+    assert cert.not_valid_before_utc <= dt.datetime.now(dt.timezone.utc)
+    assert ca.fingerprint.count(":") == 31
+
+
+def test_init_keeps_an_existing_ca(tmp_path: Path) -> None:
+    first = init_ca(tmp_path / "ca")
+    again = init_ca(tmp_path / "ca")
+    assert again.fingerprint == first.fingerprint
+
+
+def test_two_clusters_have_different_ca_names(tmp_path: Path) -> None:
+    assert init_ca(tmp_path / "a").subject != init_ca(tmp_path / "b").subject
+
+
+def test_host_certificate_serves_both_ends(cluster: Path) -> None:
+    host = cluster / "hosts" / "host1"
+    assert sorted(p.name for p in host.iterdir()) == LAYOUT
+    for key in ("server-key.pem", "client-key.pem"):
+        assert mode(host / key) == 0o600
+    cert = x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes())
+    assert (host / "client-cert.pem").read_bytes() == (host / "server-cert.pem").read_bytes()
+    assert (host / "ca-cert.pem").read_bytes() == (cluster / "ca" / "ca-cert.pem").read_bytes()
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["host1"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.77.0.11")]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    ca = load_ca(cluster / "ca")
+    cert.verify_directly_issued_by(ca.cert)
+    assert cert.not_valid_after_utc <= ca.expires
+
+
+def test_bad_names_and_addresses_are_refused(cluster: Path) -> None:
+    with pytest.raises(InvalidInput, match="host name"):
+        issue_host_cert(cluster / "ca", "bad name", [], cluster / "x")
+    with pytest.raises(InvalidInput, match="IP address"):
+        issue_host_cert(cluster / "ca", "host2", ["10.0.0.300"], cluster / "x")
+    with pytest.raises(Conflict):
+        issue_host_cert(cluster / "ca", "host2", [], cluster / "ca")
+    with pytest.raises(NotFound, match="kvmotion cluster init"):
+        issue_host_cert(cluster / "nope", "host2", [], cluster / "x")
+
+
+def test_damaged_or_mismatched_ca_is_reported(tmp_path: Path) -> None:
+    init_ca(tmp_path / "a")
+    init_ca(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "ca-key.pem", tmp_path / "a" / "ca-key.pem")
+    with pytest.raises(SetupError, match="does not match"):
+        load_ca(tmp_path / "a")
+    (tmp_path / "b" / "ca-cert.pem").write_text("garbage")
+    with pytest.raises(SetupError, match="damaged"):
+        load_ca(tmp_path / "b")
+
+
+def test_contexts_need_the_files(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="cluster cert"):
+        server_ssl_context(tmp_path)
+    with pytest.raises(NotFound):
+        client_ssl_context(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- QEMU
+
+
+def qemu_loads(cert_dir: Path, endpoint: str) -> subprocess.CompletedProcess:
+    """Start QEMU with only the credentials object (no guest); QMP quit once it is up."""
+    return subprocess.run(
+        [QEMU, "-M", "none", "-nodefaults", "-display", "none", "-qmp", "stdio",
+         "-object", f"tls-creds-x509,id=tls0,dir={cert_dir},endpoint={endpoint},verify-peer=on"],
+        input='{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+@pytest.mark.parametrize("endpoint", ["server", "client"])
+def test_qemu_accepts_the_host_folder(cluster: Path, endpoint: str) -> None:
+    r = qemu_loads(cluster / "hosts" / "host1", endpoint)
+    assert r.returncode == 0, r.stderr
+    assert '"host-qmp-quit"' in r.stdout and r.stderr == ""
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_qemu_refuses_a_certificate_from_another_ca(cluster: Path, tmp_path: Path) -> None:
+    # The check above would be worthless if QEMU accepted anything: show that it validates.
+    other = init_ca(tmp_path / "other")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cluster / "hosts" / "host1", mixed)
+    shutil.copy(other.cert_path, mixed / "ca-cert.pem")
+    r = qemu_loads(mixed, "server")
+    assert r.returncode != 0 and "failed validation" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ mutual TLS
+
+
+class EchoServer:
+    """One-thread TLS echo server on loopback; records how each handshake ended."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.outcomes: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    data = tls.recv(100)
+                    tls.sendall(data)
+                    self.outcomes.put("ok")
+            except ssl.SSLError:
+                self.outcomes.put("refused")
+                conn.close()
+            except OSError as exc:
+                self.outcomes.put(type(exc).__name__)
+                conn.close()
+
+    def outcome(self) -> str:
+        """How the next handshake ended on the server side."""
+        return self.outcomes.get(timeout=5)
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture()
+def server(cluster: Path):
+    srv = EchoServer(server_ssl_context(cluster / "hosts" / "host1"))
+    yield srv
+    srv.close()
+
+
+def talk(ctx: ssl.SSLContext, port: int, name: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(b"ping")
+            return tls.recv(100)
+
+
+def test_mutual_tls_accepts_a_cluster_certificate(cluster: Path, server: EchoServer) -> None:
+    issue_host_cert(cluster / "ca", "host2", ["10.77.0.12"], cluster / "hosts" / "host2")
+    ctx = client_ssl_context(cluster / "hosts" / "host2")
+    assert talk(ctx, server.port) == b"ping"
+    assert talk(ctx, server.port, "host1") == b"ping"  # by name too: the SAN carries it
+    assert [server.outcome(), server.outcome()] == ["ok", "ok"]
+
+
+def test_mutual_tls_refuses_a_certificate_from_another_ca(cluster: Path, server: EchoServer, tmp_path: Path) -> None:
+    init_ca(tmp_path / "evil-ca")
+    evil = tmp_path / "evil"
+    issue_host_cert(tmp_path / "evil-ca", "host2", ["127.0.0.1"], evil)
+    # The intruder trusts our CA (it copied it) but holds a certificate from its own.
+    shutil.copy(cluster / "ca" / "ca-cert.pem", evil / "ca-cert.pem")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        talk(client_ssl_context(evil), server.port)
+    assert server.outcome() == "refused"
+
+
+def test_mutual_tls_refuses_a_client_without_certificate(cluster: Path, server: EchoServer) -> None:
+    ctx = ssl.create_default_context(cafile=str(cluster / "ca" / "ca-cert.pem"))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        talk(ctx, server.port)
+    assert server.outcome() == "refused"
+
+
+def test_plain_tcp_is_refused(server: EchoServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        try:
+            answer = raw.recv(100)
+        except ConnectionResetError:
+            answer = b""
+    assert b"ping" not in answer and b"HTTP" not in answer  # a TLS alert, a reset or nothing
+    assert server.outcome() == "refused"
+
+
+def test_client_refuses_a_server_from_another_ca_or_wrong_name(cluster: Path, tmp_path: Path) -> None:
+    init_ca(tmp_path / "evil-ca")
+    issue_host_cert(tmp_path / "evil-ca", "host1", ["127.0.0.1"], tmp_path / "evil")
+    impostor = EchoServer(server_ssl_context(tmp_path / "evil"))
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            talk(client_ssl_context(cluster / "hosts" / "host1"), impostor.port)
+    finally:
+        impostor.close()
+    genuine = EchoServer(server_ssl_context(cluster / "hosts" / "host1"))
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError, match="match"):
+            talk(client_ssl_context(cluster / "hosts" / "host1"), genuine.port, "host9")
+    finally:
+        genuine.close()
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def cli(*args: str, env: dict[str, str]):
+    from kvmotion.cli.main import app
+
+    return CliRunner().invoke(app, ["cluster", *args], env=env)
+
+
+def test_cli_init_and_cert(tmp_path: Path) -> None:
+    env = {"KVMOTION_CLUSTER_DIR": str(tmp_path / "c")}
+    r = cli("init", "--cpu-baseline", "Haswell-v4", env=env)
+    assert r.exit_code == 0, r.output
+    assert "created cluster CA" in r.output
+    assert mode(tmp_path / "c" / "ca" / "ca-key.pem") == 0o600
+    assert json.loads((tmp_path / "c" / "cluster.json").read_text()) == {"encrypted": True, "cpu_baseline": "Haswell-v4", "version": 1}
+    r = cli("cert", "host1", "--ip", "10.0.0.1", "--ip", "10.0.1.1", env=env)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "c" / "hosts" / "host1").iterdir()) == LAYOUT
+    r = cli("init", env=env)
+    assert "kept existing cluster CA" in r.output
+    r = cli("show", env=env)
+    assert r.exit_code == 0 and "host1: host1, 10.0.0.1, 10.0.1.1" in r.output
+
+
+def test_cli_plain_and_dir(tmp_path: Path) -> None:
+    r = cli("init", "--plain", "--dir", str(tmp_path / "p"), env={"KVMOTION_CLUSTER_DIR": str(tmp_path / "unused")})
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p" / "cluster.json").read_text())["encrypted"] is False
+    assert not (tmp_path / "p" / "ca").exists() and not (tmp_path / "unused").exists()
+    r = cli("cert", "host1", "--dir", str(tmp_path / "p"), env={})
+    assert r.exit_code != 0 and isinstance(r.exception, NotFound)
+
+
+def test_cli_errors_are_kvmotion_errors(tmp_path: Path) -> None:
+    env = {"KVMOTION_CLUSTER_DIR": str(tmp_path)}
+    assert isinstance(cli("init", "--cpu-baseline", "bad model!", env=env).exception, InvalidInput)
+    cli("init", env=env)
+    assert isinstance(cli("cert", "host_1", env=env).exception, InvalidInput)
+
+
+def test_cluster_config_reads_what_init_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmotion.cluster.config import ClusterConfig, load_config
+
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path))
+    assert load_config() == ClusterConfig()  # nothing written yet: defaults, encrypted
+    cli("init", "--plain", env={"KVMOTION_CLUSTER_DIR": str(tmp_path)})
+    assert load_config() == ClusterConfig(encrypted=False)
+    assert camod.CA_KEY == "ca-key.pem"
