@@ -144,6 +144,15 @@ def test_mem_writer_rejects_bad_arguments(bins: Path) -> None:
     assert isinstance(serial.parse_line(proc.stdout), serial.Failed)
 
 
+def test_mem_writer_refuses_a_working_set_larger_than_memory(bins: Path) -> None:
+    meminfo = Path("/proc/meminfo").read_text()
+    available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) << 10  # type: ignore[union-attr]
+    proc = subprocess.run([str(bins / "kvm-mem"), str(available + (1 << 30)), "0"], capture_output=True, text=True)
+    event = serial.parse_line(proc.stdout)
+    assert proc.returncode == 1
+    assert isinstance(event, serial.Failed) and event.what == "mem" and "does not fit" in event.reason
+
+
 def test_background_mode_returns_once_set_up(bins: Path, tmp_path: Path) -> None:
     console = tmp_path / "console"
     argv = [str(bins / "kvm-mem"), "-b", str(1 << 20), "1000000"]

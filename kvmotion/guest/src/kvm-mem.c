@@ -11,6 +11,7 @@
  *   KVMOTION MEM CORRUPT page=<i> expected=<seq> found=<seq read> word=<first bad word>
  *   KVMOTION MEM VERIFIED pages=<n> errors=<total>                         (after SIGUSR1)
  * -b: return once the working set is allocated, leaving the writer running in the background.
+ * A working set that does not fit in the guest's available memory is refused at start.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,7 +31,24 @@
 #define MAX_CATCHUP_NS 100000000ull
 #define TICK_NS 2000000ull
 
+/* Memory the kernel, the other programs and the shell need besides the working set. */
+#define HEADROOM (24ull << 20)
+
 static volatile sig_atomic_t verify_requested;
+
+/* MemAvailable from /proc/meminfo in bytes, 0 if unknown. */
+static unsigned long long mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f)
+        return 0;
+    char line[128];
+    unsigned long long kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1)
+            break;
+    fclose(f);
+    return kib << 10;
+}
 
 static void on_usr1(int sig) {
     (void)sig;
@@ -110,6 +128,14 @@ int main(int argc, char **argv) {
     if (*end) {
         say("KVMOTION FAILED mem rate %s is not a byte count per second", argv[argi + 1]);
         return 2;
+    }
+    unsigned long long avail = mem_available();
+    if (avail && wss + HEADROOM > avail) {
+        /* Better a clear failure now than the OOM killer ending the writer silently later. */
+        say("KVMOTION FAILED mem working set of %llu MiB does not fit: the guest has %llu MiB "
+            "available and keeps %llu MiB for itself",
+            wss >> 20, avail >> 20, (unsigned long long)HEADROOM >> 20);
+        return 1;
     }
     uint64_t npages = wss / PAGE;
     uint64_t *mem = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE,
