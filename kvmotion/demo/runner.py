@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,11 @@ class DemoOptions:
     @property
     def picture(self) -> Path:
         return self.report.with_suffix(".svg")
+
+    @property
+    def logs(self) -> Path:
+        """Where the lab's logs are kept when something failed."""
+        return self.report.with_name(self.report.stem + "-logs")
 
     @property
     def mem_wss(self) -> int:
@@ -210,6 +216,7 @@ def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
     name = new_lab_name()
     began = time.monotonic()
     built = False
+    keep_logs = True  # until the run proves clean
     try:
         view.step(
             f"lab [bold]{name}[/]: {HOSTS} hosts, a datastore, a client; links "
@@ -220,12 +227,35 @@ def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
         view.step(f"starting the datastore and {HOSTS} host agents ({'TLS' if opts.encrypted else 'plain'})")
         cluster = start_cluster(topo, encrypted=opts.encrypted)
         with _cluster_env(cluster):
-            return _run(cluster, opts, view, began)
+            result = _run(cluster, opts, view, began)
+        keep_logs = not result.all_ok
+        return result
     finally:
         if built:
             with _uninterruptible():
+                if keep_logs:
+                    kept = _keep_logs(labmod.lab_dir(name), opts.logs)
+                    if kept:
+                        view.step(f"logs of the agents, datastore, probe and guest kept in {opts.logs}")
                 view.step(f"tearing lab {name} down")
                 labmod.lab_down(name)
+
+
+def _keep_logs(folder: Path, dest: Path) -> bool:
+    """Copy what explains a failure out of the lab folder before it goes: service logs, the VM's
+    serial and QEMU logs per host, the agents' migration records."""
+    patterns = ("logs/*.log", "run/hosts/*/vms/*/*.log", "state/hosts/*/migrations/*.json")
+    copied = False
+    for pattern in patterns:
+        for src in folder.glob(pattern):
+            target = dest / src.relative_to(folder)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+                copied = True
+            except OSError:
+                continue
+    return copied
 
 
 def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -> rpt.DemoReport:
