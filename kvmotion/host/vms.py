@@ -73,6 +73,8 @@ class _Vm:
     proc: QemuProcess | None = None
     qmp: Qmp | None = None
     serial_offset: int = 0
+    # NBD node under each disk's format node; changes when a rolled-back migration reattaches.
+    proto_nodes: list[str] = field(default_factory=list)
     watcher: asyncio.Task | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -338,6 +340,7 @@ class VmManager:
             if running is not None:  # belt and braces: never a second copy
                 raise Conflict(f"VM {name} already has a QEMU process (pid {running.pid})")
             spec = vm.record.spec
+            vm.proto_nodes.clear()  # a new QEMU has the disk nodes of its command line
             self.check_memory(spec)
             if not incoming:
                 self._acquire_leases(spec)
@@ -459,6 +462,12 @@ class VmManager:
                 vm.watcher.cancel()
             if vm.qmp is not None:
                 await vm.qmp.close()
+
+    def proto_nodes(self, name: str) -> list[str]:
+        vm = self._vm(name)
+        if len(vm.proto_nodes) != len(vm.record.spec.disks):
+            vm.proto_nodes[:] = [f"disk{i}-proto" for i in range(len(vm.record.spec.disks))]
+        return vm.proto_nodes
 
     def set_state(self, name: str, state: VmState) -> None:
         self._vm(name).state = state

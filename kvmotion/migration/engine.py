@@ -41,6 +41,7 @@ log = logging.getLogger("kvmotion.migration")
 TICK = 0.1  # s between query-migrate polls: QEMU's own bandwidth window is 100 ms
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU has no "unlimited", libvirt uses a huge value too
 COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agent to commit
+INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
 TLS_ID = "kvmotion-tls"
 
 
@@ -178,17 +179,19 @@ class MigrationService:
         rec = self.records[mid]
         spec = self.manager.status(rec.vm).spec
         cancel = self.cancels[mid]
-        ctx = SwitchoverContext(spec=spec, source=self.host, destination=rec.destination, migration_id=mid)
+        qmp = self.manager.qmp(rec.vm)
+        ctx = SwitchoverContext(spec=spec, source=self.host, destination=rec.destination, migration_id=mid,
+                                source_qmp=qmp, proto_nodes=self.manager.proto_nodes(rec.vm))
         hooks = default_hooks(spec)
         done_hooks: list = []
         dest_prepared = committed = False
         throttle = None
         tracker = RoundTracker()
         stop_at: float | None = None
+        seen: dict[str, float] = {}  # QMP event timestamps: "stop"
         final: MigrationSample | None = None
         postcopy = False
         self.manager.set_state(rec.vm, VmState.MIGRATING)
-        qmp = self.manager.qmp(rec.vm)
         try:
             # ---- prepare: the shadow VM first, before any memory moves
             self._phase(mid, Phase.PREPARE)
@@ -252,11 +255,12 @@ class MigrationService:
                             postcopy = True
                         elif isinstance(action, pol.Abort):
                             raise MigrationError(f"convergence policy gave up: {action.reason}")
-                    await asyncio.sleep(TICK)
+                    # Wake at once when QEMU pauses before switchover: every ms here is guest downtime.
+                    await self._await_migration_event(events, TICK, seen)
 
                 # ---- switchover: source vCPUs are stopped and its disks flushed
                 self._phase(mid, Phase.SWITCHOVER)
-                stop_at = self._drain_stop(events)
+                stop_at = self._drain_stop(events, seen)
                 for hook in hooks:
                     await hook.before_switchover(ctx)
                     done_hooks.append(hook)
@@ -264,7 +268,7 @@ class MigrationService:
                     await qmp.execute("migrate-continue", state="pre-switchover")
                     final = await self._wait_completion(qmp, t0, events)
                 if stop_at is None:
-                    stop_at = self._drain_stop(events)
+                    stop_at = self._drain_stop(events, seen)
                 if final.status is not MigrationStatus.COMPLETED:
                     raise MigrationError(f"QEMU's migration stream {final.status.value} at switchover: {final.error or 'no detail'}")
                 tracker, _ = tracker.observe(final, throttle.fraction if throttle else 0.0)
@@ -310,17 +314,29 @@ class MigrationService:
             raise Cancelled("cancelled by the user")
 
     @staticmethod
-    def _drain_stop(events) -> float | None:
+    async def _await_migration_event(events, timeout: float, seen: dict[str, float]) -> None:
+        """Sleep up to `timeout`, waking early on a MIGRATION status change; note STOP's timestamp."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ev = await events.get(left)
+            except asyncio.TimeoutError:
+                return
+            if ev.name == "STOP":
+                seen["stop"] = ev.timestamp
+            elif ev.name == "MIGRATION" and ev.data.get("status") != "active":
+                return
+
+    @staticmethod
+    def _drain_stop(events, seen: dict[str, float]) -> float | None:
         """Timestamp of the source's STOP event, if it has arrived."""
-        at = None
         while True:
             try:
-                ev = events._listener._queue.get_nowait()  # noqa: SLF001 - non-blocking drain of queued events
+                ev = events.get_nowait()
             except asyncio.QueueEmpty:
-                return at
-            if ev["event"] == "STOP":
-                ts = ev.get("timestamp", {})
-                at = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+                return seen.get("stop")
+            if ev.name == "STOP":
+                seen["stop"] = ev.timestamp
 
     async def _wait_completion(self, qmp, t0: float, events) -> MigrationSample:
         while True:
@@ -469,10 +485,8 @@ class MigrationService:
         qmp = self.manager.qmp(name)
         if rec.committed_migration == mid:  # a retried commit: already done
             return rec.resumed_at or time.time()
-        status = await qmp.execute("query-migrate")
-        if status.get("status") != "completed":  # type: ignore[union-attr]
-            raise MigrationError(f"the shadow VM {name} on {self.host} has not received the whole VM ({status.get('status')})")  # type: ignore[union-attr]
-        async with qmp.listen("RESUME") as events:
+        async with qmp.listen("MIGRATION", "RESUME") as events:
+            await self._wait_incoming_loaded(qmp, name, events)
             # The VM is ours from here on: persist that before it runs, so a crash cannot forget it.
             self.manager.commit_incoming(name, mid)
             await qmp.execute("cont")
@@ -487,6 +501,27 @@ class MigrationService:
             log.warning("announce-self for %s: %s", name, exc)
         return resumed.timestamp
 
+    async def _wait_incoming_loaded(self, qmp, name: str, events) -> None:
+        """Wait until the shadow has loaded the whole stream. The source's QEMU says "completed"
+        once it has sent the last byte; the destination may still be loading it (status
+        "active"), so asking once races with it."""
+        deadline = time.monotonic() + INCOMING_SETTLE
+        status = (await qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
+        while status not in ("completed", "failed", "cancelled"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                ev = await events.wait_for("MIGRATION", timeout=left)
+            except asyncio.TimeoutError:
+                break
+            status = ev.data.get("status")
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"the shadow VM {name} on {self.host} could not load the migration stream (incoming {status})")
+        if status != "completed":
+            raise MigrationError(f"the shadow VM {name} on {self.host} has not received the whole VM "
+                                 f"(incoming still {status} {INCOMING_SETTLE:.0f} s after the source finished)")
+
     async def abort_incoming(self, mid: str) -> None:
         self.incoming_active.discard(mid)
         try:
@@ -499,7 +534,10 @@ class MigrationService:
             await self.manager.stop(name, force=True)
         except Conflict:
             pass
-        await self.manager.delete(name)
+        try:
+            await self.manager.delete(name)
+        except NotFound:
+            pass  # the manager forgets a shadow by itself once its QEMU has exited
 
 
 def as_record_json(rec: MigrationRecord) -> dict:

@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvmotion.qemu.qmp import Qmp
 from kvmotion.qemu.spec import VmSpec
 
 
@@ -21,6 +22,8 @@ class SwitchoverContext:
     source: str
     destination: str
     migration_id: str
+    source_qmp: Qmp  # the source QEMU's monitor (hooks run in the source agent)
+    proto_nodes: list[str]  # current NBD node under each disk's format node "disk<i>" (mutable)
 
 
 class SwitchoverHook(Protocol):
@@ -47,9 +50,22 @@ class DiskLeaseHook:
         return None
 
     async def on_rollback(self, ctx: SwitchoverContext) -> None:
+        from kvmotion.storage.attach import reattach_commands
         from kvmotion.storage.host import transfer_leases
+        from kvmotion.storage.registry import Registry
 
         await asyncio.to_thread(transfer_leases, ctx.spec, ctx.destination, ctx.source)
+        # The source's old NBD connections stay fenced (bound to the old generation): give
+        # QEMU new ones, under the lease generation the source holds again, before it resumes.
+        for i, disk in enumerate(ctx.spec.disks):
+            if disk.datastore is None:
+                continue
+            new = f"disk{i}-{ctx.migration_id[:8]}"
+            fmt = {"driver": "raw", "node-name": f"disk{i}", "file": ctx.proto_nodes[i]}
+            url = Registry().get(disk.datastore).nbd_url
+            for cmd in reattach_commands(url, disk.source, ctx.source, fmt, new):
+                await ctx.source_qmp.execute(cmd.name, **cmd.arguments)
+            ctx.proto_nodes[i] = new
 
 
 def default_hooks(spec: VmSpec) -> list[SwitchoverHook]:

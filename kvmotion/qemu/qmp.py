@@ -89,6 +89,10 @@ class EventStream:
     async def __aexit__(self, *exc) -> None:
         self._client.remove_listener(self._listener)
 
+    def get_nowait(self) -> QmpEvent:
+        """The next queued event; asyncio.QueueEmpty when there is none."""
+        return _to_event(self._listener._queue.get_nowait())  # noqa: SLF001 - the library has no public non-blocking get
+
     async def get(self, timeout: float | None = None) -> QmpEvent:
         return _to_event(await asyncio.wait_for(self._listener.get(), timeout))
 
