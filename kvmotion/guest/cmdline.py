@@ -8,7 +8,8 @@ parameters (it takes them for options of a module it does not have) instead of p
 from __future__ import annotations
 
 from kvmotion.errors import InvalidInput
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.qemu.spec import VmSpec, Workload
+from kvmotion.units import format_size
 
 PREFIX = "kvmotion."
 MAX_LENGTH = 2047  # x86 COMMAND_LINE_SIZE less its NUL: the kernel truncates silently beyond
@@ -30,8 +31,23 @@ BOOT_PARAMS: tuple[str, ...] = (
 )
 
 
+def max_working_set(memory: int) -> int:
+    """The largest memory-writer working set a guest of `memory` bytes holds without the OOM killer.
+
+    Measured: a 256 MiB guest has 191 MiB available after boot, a 512 MiB one 438 MiB (the kernel
+    and its page tables keep the rest); kvm-mem keeps another 24 MiB free for the rest of the guest.
+    """
+    return max(0, memory - (96 << 20) - memory // 50)
+
+
 def kernel_cmdline(spec: VmSpec) -> str:
     """The -append string for a VM of this spec; NICs are listed in PCI order (eth0, eth1, ...)."""
+    if Workload.MEMWRITER in spec.workloads and spec.params.mem_wss > max_working_set(spec.memory):
+        raise InvalidInput(
+            f"VM {spec.name}: a memory writer working set of {format_size(spec.params.mem_wss)} does not fit in "
+            f"{format_size(spec.memory)} of guest memory (at most {format_size(max_working_set(spec.memory))}): "
+            "lower the working set or give the VM more memory"
+        )
     params = list(BOOT_PARAMS)
     params.append(f"{PREFIX}hostname={spec.name}")
     params.append(f"{PREFIX}workloads={','.join(w.value for w in spec.workloads)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmotion.errors import InvalidInput
-from kvmotion.guest.cmdline import kernel_cmdline
+from kvmotion.guest.cmdline import kernel_cmdline, max_working_set
 from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
 
 
@@ -77,3 +77,16 @@ def test_too_long_is_refused() -> None:
     nics = tuple(NicSpec(mac=f"52:54:00:00:01:{i:02x}", portgroup="p", ip=f"10.0.{i}.200/24") for i in range(64))
     with pytest.raises(InvalidInput, match="too long"):
         kernel_cmdline(VmSpec(name="x", memory=256 << 20, nics=nics))
+
+
+def test_working_set_must_fit_in_guest_memory() -> None:
+    too_big = VmSpec(name="x", memory=256 << 20, workloads=(Workload.MEMWRITER,))  # default 256 MiB set
+    with pytest.raises(InvalidInput, match="does not fit"):
+        kernel_cmdline(too_big)
+    # Without the memory writer the working set does not matter.
+    kernel_cmdline(VmSpec(name="x", memory=256 << 20, workloads=(Workload.ECHO,)))
+    # Measured in booted guests: 191 MiB available at 256 MiB, 438 MiB at 512 MiB, less 24 MiB headroom.
+    assert max_working_set(256 << 20) <= (191 - 24) << 20
+    assert max_working_set(512 << 20) <= (438 - 24) << 20
+    assert max_working_set(512 << 20) >= 256 << 20  # the default working set fits the usual test VM
+    kernel_cmdline(VmSpec(name="x", memory=512 << 20, workloads=(Workload.MEMWRITER,)))
