@@ -41,6 +41,7 @@ log = logging.getLogger("kvmotion.migration")
 TICK = 0.1  # s between query-migrate polls: QEMU's own bandwidth window is 100 ms
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU has no "unlimited", libvirt uses a huge value too
 COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agent to commit
+SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU died (it polls every 0.2 s)
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
 TLS_ID = "kvmotion-tls"
 
@@ -239,7 +240,7 @@ class MigrationService:
                     if sample.status is MigrationStatus.PRE_SWITCHOVER:
                         break
                     if sample.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
-                        raise MigrationError(f"QEMU's migration stream {sample.status.value}: {sample.error or 'no detail'}")
+                        raise await self._stream_error(dest, rec, sample, "")
                     if sample.status is MigrationStatus.COMPLETED:
                         final = sample
                         break
@@ -270,7 +271,7 @@ class MigrationService:
                 if stop_at is None:
                     stop_at = self._drain_stop(events, seen)
                 if final.status is not MigrationStatus.COMPLETED:
-                    raise MigrationError(f"QEMU's migration stream {final.status.value} at switchover: {final.error or 'no detail'}")
+                    raise await self._stream_error(dest, rec, final, " at switchover")
                 tracker, _ = tracker.observe(final, throttle.fraction if throttle else 0.0)
 
             # ---- commit: the destination takes the VM and resumes it
@@ -307,6 +308,31 @@ class MigrationService:
         rec = self._update(mid, ended_at=time.time(), summary=summary, rounds=tuple(as_json(r) for r in stats.round_log))
         self._persist(rec)
         del committed
+
+    async def _stream_error(self, dest: AsyncAgentClient, rec: MigrationRecord, sample: MigrationSample, when: str) -> MigrationError:
+        """QEMU only says the socket broke; the destination's agent knows whether its shadow died."""
+        cause = await self._shadow_fate(dest, rec)
+        return MigrationError(f"QEMU's migration stream to {rec.destination} {sample.status.value}{when}: "
+                              f"{sample.error or 'no detail'}" + (f" ({cause})" if cause else ""))
+
+    async def _shadow_fate(self, dest: AsyncAgentClient, rec: MigrationRecord) -> str:
+        deadline = time.monotonic() + SHADOW_SETTLE
+        while True:
+            try:
+                state = (await dest.request("GET", f"/v1/vms/{rec.vm}", timeout=5))["state"]  # type: ignore[index]
+            except NotFound:
+                return f"the shadow VM on {rec.destination} is gone: its QEMU exited or its agent destroyed it"
+            except Unreachable:
+                return f"the agent on {rec.destination} does not answer"
+            except (KvmotionError, KeyError, TypeError):
+                return ""
+            # The agent notices a dead QEMU within its exit poll: give it that long before blaming the network.
+            if state != VmState.INCOMING.value or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        if state == VmState.INCOMING.value:
+            return f"the shadow VM on {rec.destination} is still waiting: the stream broke between the hosts"
+        return f"the shadow VM on {rec.destination} is {state}"
 
     @staticmethod
     def _check_cancel(cancel: asyncio.Event) -> None:

@@ -11,3 +11,17 @@ def host():
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def make_lab():
+    """make_lab(hosts=2, link_rate=None, encrypted=False) -> MigrationLab; every lab is torn down."""
+    from tests.integration.lab_fixture import lab_factory
+
+    yield from lab_factory()
+
+
+@pytest.fixture
+def lab(make_lab):
+    """A plain (unencrypted), unshaped two-host lab cluster."""
+    return make_lab()

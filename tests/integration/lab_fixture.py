@@ -1,0 +1,411 @@
+"""A lab cluster for migration tests: namespaces (kvmotion.net.lab) + agents and datastore
+(kvmotion.cluster.lab), driven through the CLI like a user would, with the probes the tests need
+(serial-log counters, QEMU processes per host, agent kill/restart, the switch's FDB).
+
+Every lab has a unique name and is torn down with lab_down (which kills agents and QEMU in its
+namespaces) even when the test fails; the agents' logs are copied to /tmp first for post-mortems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from socket import AF_BRIDGE
+
+from kvmotion.cluster.lab import AGENT_PORT, LabCluster, start_cluster
+from kvmotion.guest.serial import MemCorrupt, MemStatus, parse_line
+from kvmotion.host.store import VmStore
+from kvmotion.net import lab as labmod
+from kvmotion.net import netns
+
+
+_NUD_NOARP, _NUD_PERMANENT = 0x40, 0x80  # neighbour states of static (non-learned) FDB entries
+
+
+def unique_lab_name() -> str:
+    """'t' + 6 random lowercase letters/digits: a valid lab name that no other run picks."""
+    return "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
+
+
+def cluster_ca_available() -> bool:
+    """The encrypted variant needs the cluster CA module (kvmotion.cluster.ca)."""
+    try:
+        import kvmotion.cluster.ca  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class MemLog:
+    """The memory writer's console lines read from one serial log, from a byte offset on."""
+
+    statuses: tuple[MemStatus, ...]
+    corrupt: tuple[MemCorrupt, ...]
+    end: int  # offset to read from next time
+
+
+@dataclass(frozen=True)
+class FdbSample:
+    at: float  # time.time() of the read
+    port: str | None
+    updated_s_ago: float | None  # the bridge's own age of the entry (USER_HZ granularity)
+
+
+@dataclass
+class FdbWatcher:
+    """Polls the physical switch's FDB entry for one MAC in a thread, every few ms.
+
+    Keeps one netlink socket open in the switch's namespace: netns.fdb_entry opens a new one per
+    call (about 40 ms), a dump on an open socket takes about 3 ms."""
+
+    ns: str
+    bridge: str
+    mac: str
+    samples: list[FdbSample] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "FdbWatcher":
+        self._thread = threading.Thread(target=self._run, name="fdb-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        mac = self.mac.lower()
+        with netns.ns_iproute(self.ns) as ipr:
+            names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+            br = ipr.link_lookup(ifname=self.bridge)[0]
+            ticks = os.sysconf("SC_CLK_TCK")
+            while not self._stop.is_set():
+                port, age = None, None
+                for msg in ipr.get_neighbours(family=AF_BRIDGE):
+                    if msg.get("NDA_MASTER") != br or str(msg.get("NDA_LLADDR")).lower() != mac:
+                        continue
+                    if msg["state"] & (_NUD_PERMANENT | _NUD_NOARP):
+                        continue  # a bridge port's own address, not a learned one
+                    port = names.get(msg["ifindex"], str(msg["ifindex"]))
+                    cache = msg.get("NDA_CACHEINFO")
+                    age = cache["ndm_updated"] / ticks if cache else None
+                self.samples.append(FdbSample(time.time(), port, age))
+                time.sleep(0.002)
+
+    def first_on(self, port: str, after: float) -> FdbSample | None:
+        """The first read at or after `after` that shows the MAC on `port`."""
+        for s in self.samples:
+            if s.at >= after and s.port == port:
+                return s
+        return None
+
+
+@dataclass
+class MigrationLab:
+    """One lab cluster as the tests see it."""
+
+    cluster: LabCluster
+    agent_procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def topo(self) -> labmod.LabTopology:
+        return self.cluster.topology
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.cluster.env
+
+    # ---- the CLI --------------------------------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "kvmotion.cli.main", *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    def cli_ok(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = self.cli(*args, timeout=timeout)
+        assert r.returncode == 0, f"kvmotion {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}"
+        return r
+
+    def cli_json(self, *args: str, timeout: float = 120) -> object:
+        return json.loads(self.cli_ok(*args, "--json", timeout=timeout).stdout)
+
+    def migrate(self, vm: str, to: str, *extra: str, timeout: float = 180) -> dict:
+        """`kvmotion migrate VM --to HOST --json` (plain unless the lab is encrypted); the final record."""
+        mode = () if self.cluster.encrypted else ("--plain",)
+        r = self.cli("migrate", vm, "--to", to, *mode, *extra, "--json", timeout=timeout)
+        assert r.stdout.strip(), f"migrate printed no record ({r.returncode}): {r.stderr.strip()}"
+        rec = json.loads(r.stdout)
+        rec["_returncode"] = r.returncode
+        rec["_stderr"] = r.stderr.strip()
+        return rec
+
+    # ---- VMs ------------------------------------------------------------------------------------
+    def mac(self, k: int) -> str:
+        return f"52:54:00:{self.topo.index:02x}:{k >> 8:02x}:{k & 0xFF:02x}"
+
+    def create_vm(self, name: str, host: str = "host-a", *, k: int = 0, memory: str = "256M",
+                  workload: str = "echo", mem_wss: str = "64M", mem_rate: str = "10M",
+                  disks: tuple[str, ...] = (), start: bool = True) -> None:
+        """Define (and start) a VM with one NIC on the lab's port group at the k-th VM address."""
+        nic = f"pg={self.topo.portgroup},mac={self.mac(k)},ip={self.topo.vm_ip(k)}/{self.topo.vm_prefix}"
+        args = ["vm", "create", name, "--host", host, "--memory", memory, "--nic", nic,
+                "--workload", workload, "--mem-wss", mem_wss, "--mem-rate", mem_rate]
+        for d in disks:
+            args += ["--disk", d]
+        self.cli_ok(*args)
+        if start:
+            self.cli_ok("vm", "start", name, timeout=90)
+
+    def vm_list(self) -> list[dict]:
+        return self.cli_json("vm", "list")  # type: ignore[return-value]
+
+    def running_hosts(self, vm: str) -> list[str]:
+        """Hosts on which `kvmotion vm list` shows VM `vm` running."""
+        return sorted(v["host"] for v in self.vm_list() if v["name"] == vm and v["state"] == "running")
+
+    def listed(self, vm: str) -> list[tuple[str, str]]:
+        """(host, state) of every copy of `vm` that `kvmotion vm list` shows."""
+        return sorted((v["host"], v["state"]) for v in self.vm_list() if v["name"] == vm)
+
+    def qemu_pids(self, vm: str) -> dict[str, list[int]]:
+        """Per host: live QEMU processes whose command line carries process=kvmotion:<vm>."""
+        tag = f"process=kvmotion:{vm}".encode()
+        out: dict[str, list[int]] = {}
+        for h in self.topo.hosts:
+            pids = []
+            for pid in netns.pids_in_ns(h.ns):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if tag in cmd and b"qemu-system" in cmd and state != "Z":
+                    pids.append(pid)
+            out[h.name] = pids
+        return out
+
+    def qemu_hosts(self, vm: str) -> list[str]:
+        return sorted(h for h, pids in self.qemu_pids(vm).items() for _ in pids)
+
+    def wait_qemu_hosts(self, vm: str, expected: list[str], timeout: float = 15) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while (hosts := self.qemu_hosts(vm)) != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return hosts
+
+    def vm_record(self, host: str, vm: str):
+        """The agent's persisted record of `vm` on `host` (None if it has none)."""
+        from kvmotion.errors import NotFound
+
+        try:
+            return VmStore(self.cluster.folder / "state" / "hosts" / host).get(vm)
+        except NotFound:
+            return None
+
+    # ---- the guest's console --------------------------------------------------------------------
+    def serial_log(self, host: str, vm: str) -> Path:
+        return self.cluster.folder / "run" / "hosts" / host / "vms" / vm / "serial.log"
+
+    def mem_log(self, host: str, vm: str, offset: int = 0) -> MemLog:
+        try:
+            with open(self.serial_log(host, vm), "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return MemLog((), (), offset)
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        events = [parse_line(ln) for ln in whole.decode(errors="replace").splitlines()]
+        return MemLog(
+            statuses=tuple(e for e in events if isinstance(e, MemStatus)),
+            corrupt=tuple(e for e in events if isinstance(e, MemCorrupt)),
+            end=offset + len(whole),
+        )
+
+    def wait_mem_status(self, host: str, vm: str, offset: int, count: int = 1, timeout: float = 20) -> MemLog:
+        """Wait for `count` new MEM status lines in `host`'s serial log of `vm` after `offset`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.mem_log(host, vm, offset)
+            if len(log.statuses) >= count or time.monotonic() > deadline:
+                return log
+            time.sleep(0.1)
+
+    # ---- agents ---------------------------------------------------------------------------------
+    def agent_pids(self, host: str) -> list[int]:
+        found = []
+        for pid in netns.pids_in_ns(self.topo.host(host).ns):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in cmd and b"host" in cmd and b"kvmotion.cli.main" in cmd:
+                found.append(pid)
+        return found
+
+    def kill_agent(self, host: str) -> None:
+        """SIGKILL the host's agent (QEMU processes live on: they run in their own sessions)."""
+        pids = self.agent_pids(host)
+        assert pids, f"no agent running on {host}"
+        for pid in pids:
+            netns._signal(pid, signal.SIGKILL)  # noqa: SLF001 - tolerant of a pid already gone
+        deadline = time.monotonic() + 5
+        while any(netns._alive(p) for p in pids) and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.02)
+
+    def start_agent(self, host: str, timeout: float = 30) -> None:
+        """Start `host`'s agent again the way start_cluster does, and wait until it answers."""
+        h = self.topo.host(host)
+        argv = [sys.executable, "-m", "kvmotion.cli.main", "host", "serve", "--name", h.name,
+                "--listen", f"{h.mgmt_ip}:{AGENT_PORT}", "--portgroup", f"{self.topo.portgroup}={h.vm_bridge}"]
+        if self.cluster.encrypted:
+            argv.append("--tls")
+        proc = labmod.spawn_in_ns(h.ns, argv, self.cluster.folder / "logs" / f"{h.name}.log", self.env)
+        self.agent_procs[host] = proc
+        client = self.agent(host, timeout=2)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.host()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                assert proc.poll() is None, f"agent {host} exited with {proc.returncode}"
+                assert time.monotonic() < deadline, f"agent {host} did not answer within {timeout} s"
+                time.sleep(0.1)
+
+    def agent(self, host: str, timeout: float = 5):
+        """A client of `host`'s agent API (for fast polling; the tests act through the CLI)."""
+        from kvmotion.host.client import AgentClient
+
+        if not self.cluster.encrypted:
+            return AgentClient(self.cluster.agent_url(host), timeout=timeout)
+        from kvmotion.cluster.tls import cli_ssl_context
+
+        old = {k: os.environ.get(k) for k in ("KVMOTION_CLUSTER_DIR", "KVMOTION_STATE", "KVMOTION_RUN")}
+        os.environ.update({k: self.env[k] for k in old})  # the CA is found through the lab's folders
+        try:
+            return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def migration_of(self, source: str, vm: str) -> dict | None:
+        """The latest migration record of `vm` on its source agent (JSON), or None."""
+        recs = [r for r in self.agent(source).request("GET", "/v1/migrations") if r["vm"] == vm]  # type: ignore[union-attr]
+        return max(recs, key=lambda r: r["started_at"]) if recs else None
+
+    def wait_precopy(self, source: str, vm: str, min_bytes: int = 4 << 20, timeout: float = 30) -> dict:
+        """Wait until `vm`'s migration from `source` is in pre-copy and has sent `min_bytes`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.migration_of(source, vm)
+            if rec is not None:
+                assert rec["phase"] in ("check", "prepare", "precopy"), f"migration left pre-copy: {rec['phase']} {rec.get('error')}"
+                if rec["phase"] == "precopy" and rec["progress"]["transferred"] >= min_bytes:
+                    return rec
+            assert time.monotonic() < deadline, f"no migration of {vm} reached pre-copy within {timeout} s"
+            time.sleep(0.05)
+
+    def start_migrate(self, vm: str, to: str, *extra: str) -> subprocess.Popen:
+        """`kvmotion migrate VM --to HOST --json` in the background (to cancel it or break it)."""
+        mode = () if self.cluster.encrypted else ("--plain",)
+        return subprocess.Popen(
+            [sys.executable, "-m", "kvmotion.cli.main", "migrate", vm, "--to", to, *mode, *extra, "--json"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+
+    @staticmethod
+    def finish_migrate(proc: subprocess.Popen, timeout: float = 120) -> dict:
+        """The final record printed by a start_migrate() process, with its exit code and stderr."""
+        out, err = proc.communicate(timeout=timeout)
+        assert out.strip(), f"migrate printed no record ({proc.returncode}): {err.strip()}"
+        rec = json.loads(out)
+        rec["_returncode"] = proc.returncode
+        rec["_stderr"] = err.strip()
+        return rec
+
+    def agent_log(self, host: str) -> str:
+        p = self.cluster.folder / "logs" / f"{host}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    # ---- the switch -----------------------------------------------------------------------------
+    def switch_port_of(self, host: str) -> str:
+        return self.topo.host(host).switch_vm_port
+
+    def fdb_port(self, mac: str) -> str | None:
+        return netns.fdb_port(self.topo.switch_ns, self.topo.switch_bridge, mac)
+
+    def fdb_watch(self, mac: str) -> FdbWatcher:
+        return FdbWatcher(self.topo.switch_ns, self.topo.switch_bridge, mac)
+
+    # ---- the client -----------------------------------------------------------------------------
+    def start_probe(self, target: str, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+        """The client probe (kvmotion.net.probe) in the client namespace, until SIGTERM."""
+        argv = [sys.executable, "-m", "kvmotion.net.probe", "--target", target, "--out", str(out), *extra]
+        return labmod.spawn_in_ns(self.topo.client.ns, argv, log, self.env)
+
+
+def _keep_logs(cluster: LabCluster) -> None:
+    """Copy the lab's logs to /tmp before lab_down removes its folder (post-mortems)."""
+    logs = cluster.folder / "logs"
+    if logs.is_dir():
+        dest = Path(tempfile.gettempdir()) / f"kvmotion-lab-{cluster.topology.name}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(logs, dest, dirs_exist_ok=True)
+        for vm_dir in (cluster.folder / "run" / "hosts").glob("*/vms/*"):
+            for name in ("serial.log", "qemu.log"):
+                src = vm_dir / name
+                if src.exists():
+                    shutil.copy(src, dest / f"{vm_dir.parent.parent.name}-{vm_dir.name}-{name}")
+
+
+LabFactory = Callable[..., MigrationLab]
+
+
+def lab_factory() -> Iterator[LabFactory]:
+    """Generator behind the `make_lab` fixture: make_lab(hosts=2, link_rate=None, encrypted=False)
+    builds a lab and starts its cluster; every lab made is torn down at the end, whatever happened."""
+    made: list[str] = []
+    clusters: list[LabCluster] = []
+
+    def make(hosts: int = 2, link_rate: int | None = None, encrypted: bool = False) -> MigrationLab:
+        name = unique_lab_name()
+        topo = labmod.lab_up(name, hosts, link_rate)  # tears a half-built lab down itself
+        made.append(name)
+        cluster = start_cluster(topo, encrypted=encrypted)
+        clusters.append(cluster)
+        return MigrationLab(cluster=cluster)
+
+    try:
+        yield make
+    finally:
+        for cluster in clusters:
+            try:
+                _keep_logs(cluster)
+            except OSError:
+                pass
+        errors = []
+        for name in made:
+            try:
+                labmod.lab_down(name)
+            except Exception as exc:  # noqa: BLE001 - tear every lab down, report the first failure
+                errors.append(f"lab {name}: {exc}")
+        assert not errors, "; ".join(errors)

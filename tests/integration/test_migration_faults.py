@@ -1,0 +1,88 @@
+"""Faults during pre-copy: the destination's QEMU or agent dies. The VM must end up running on
+exactly one host (the source), the destination must be cleaned up, and the error must say what
+happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.integration.lab_fixture import MigrationLab
+
+pytestmark = [pytest.mark.qemu, pytest.mark.lab]
+
+SLOW_LINK = 20_000_000  # bytes/s: pre-copy of a guest dirtying memory flat out lasts seconds
+VM = "busy1"
+
+
+def _busy_lab(make_lab) -> tuple[MigrationLab, int]:
+    lab = make_lab(link_rate=SLOW_LINK)
+    lab.create_vm(VM, "host-a", workload="echo,mem", mem_wss="128M", mem_rate="0")
+    log = lab.wait_mem_status("host-a", VM, 0, count=1)
+    assert log.statuses, "the memory writer printed no status"
+    return lab, log.statuses[-1].seq
+
+
+def _assert_kept_on_source(lab: MigrationLab, rec: dict, seq_before: int) -> None:
+    """Failed, one running copy on host-a, nothing left on host-b, the guest still writing."""
+    assert rec["phase"] == "failed" and rec["_returncode"] != 0, rec
+    assert "keeps running on host-a" in rec["error"], rec["error"]
+    lines = [ln for ln in rec["_stderr"].splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in rec["_stderr"], rec["_stderr"]
+    assert lab.listed(VM) == [("host-a", "running")]
+    assert lab.wait_qemu_hosts(VM, ["host-a"]) == ["host-a"], lab.qemu_pids(VM)
+    assert lab.vm_record("host-b", VM) is None
+    offset = lab.mem_log("host-a", VM).end
+    after = lab.wait_mem_status("host-a", VM, offset, count=2)
+    assert len(after.statuses) >= 2 and not after.corrupt
+    assert seq_before < after.statuses[0].seq < after.statuses[-1].seq
+    assert all(s.errors == 0 for s in after.statuses)
+
+
+def test_destination_qemu_killed_during_precopy(make_lab, record_property):
+    lab, seq = _busy_lab(make_lab)
+    mig = lab.start_migrate(VM, "host-b")
+    try:
+        lab.wait_precopy("host-a", VM)
+        shadow = lab.qemu_pids(VM)["host-b"]
+        assert len(shadow) == 1, f"no shadow QEMU on host-b: {lab.qemu_pids(VM)}"
+        t_kill = time.time()
+        os.kill(shadow[0], signal.SIGKILL)
+        rec = lab.finish_migrate(mig, timeout=60)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    _assert_kept_on_source(lab, rec, seq)
+    assert "shadow VM on host-b is gone" in rec["error"], rec["error"]
+    line = (f"FIGURES kill destination QEMU in pre-copy: failed {(dict(rec['phase_times'])['failed'] - t_kill) * 1000:.0f} ms "
+            f"after the kill; error: {rec['error']}")
+    print(line)
+    record_property("figures", line)
+
+
+def test_destination_agent_killed_during_precopy_then_restarted(make_lab, record_property):
+    lab, seq = _busy_lab(make_lab)
+    mig = lab.start_migrate(VM, "host-b")
+    try:
+        lab.wait_precopy("host-a", VM)
+        lab.kill_agent("host-b")
+        # The shadow's QEMU outlives its agent and keeps receiving: the source cannot tell yet.
+        time.sleep(1.0)
+        assert lab.migration_of("host-a", VM)["phase"] == "precopy"
+        assert len(lab.qemu_pids(VM)["host-b"]) == 1
+        t_restart = time.time()
+        lab.start_agent("host-b")  # must destroy the shadow it finds uncommitted
+        rec = lab.finish_migrate(mig, timeout=60)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    _assert_kept_on_source(lab, rec, seq)
+    assert "shadow VM on host-b is gone" in rec["error"], rec["error"]
+    assert [v for v in lab.agent("host-b").vms()] == []
+    line = (f"FIGURES kill destination agent in pre-copy, restart it: failed "
+            f"{(dict(rec['phase_times'])['failed'] - t_restart) * 1000:.0f} ms after the restart began; error: {rec['error']}")
+    print(line)
+    record_property("figures", line)
