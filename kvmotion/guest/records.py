@@ -8,11 +8,12 @@ are told apart from the current one. kvm-disk.c repeats these constants; a test 
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 SIZE = 512
 MAGIC = 0x444D564B  # b"KVMD" read as a little-endian u32
@@ -86,18 +87,19 @@ def _blank(raw: bytes) -> bool:
 
 
 class _Slots:
-    """Record slots of a disk, read in chunks; slots past its end read as empty."""
+    """Record slots of a disk, read a chunk at a time (only the current chunk is kept in memory)."""
 
     def __init__(self, read_at: Callable[[int, int], bytes]) -> None:
         self._read_at = read_at
-        self._chunks: dict[int, bytes] = {}
+        self._chunk_no = -1
+        self._chunk = b""
 
     def __getitem__(self, i: int) -> bytes:
         n, k = divmod(i, _READ_RECORDS)
-        chunk = self._chunks.get(n)
-        if chunk is None:
-            chunk = self._chunks[n] = self._read_at(OFFSET + n * _READ_RECORDS * SIZE, _READ_RECORDS * SIZE)
-        return chunk[k * SIZE : (k + 1) * SIZE]
+        if n != self._chunk_no:
+            self._chunk = self._read_at(OFFSET + n * _READ_RECORDS * SIZE, _READ_RECORDS * SIZE)
+            self._chunk_no = n
+        return self._chunk[k * SIZE : (k + 1) * SIZE]  # short or empty past the disk's end
 
 
 def verify_records(read_at: Callable[[int, int], bytes], acked: int) -> RecordCheck:
@@ -108,42 +110,36 @@ def verify_records(read_at: Callable[[int, int], bytes], acked: int) -> RecordCh
     """
     slots = _Slots(read_at)
     first = decode_record(slots[0])
-    decoded = [first] + [decode_record(slots[i]) for i in range(1, acked + 1)]
-    run = first.run if first else _most_common_run(decoded)
+    run = first.run if first else _most_common_run(decode_record(slots[i]) for i in range(acked + 1))
     missing = duplicate = corrupt = 0
     highest = -1
-    contiguous = True
-    for i in range(acked + 1):
-        rec = decoded[i]
-        if rec is not None and rec.run == run and rec.seq == i:
-            if contiguous:
-                highest = i
-            continue
-        contiguous = False
-        if rec is None:
-            if _blank(slots[i]):
-                missing += 1
-            else:
-                corrupt += 1
-        elif rec.run != run:
-            missing += 1  # a stale record of another run: this run's record never landed
-        elif rec.seq < i:
-            duplicate += 1
-        else:
-            corrupt += 1  # an intact record of a later seq, in the wrong place
-    if contiguous:
-        i = acked + 1
-        while (rec := decoded[i] if i < len(decoded) else decode_record(slots[i])) is not None:
-            if rec.run != run or rec.seq != i:
-                break
+    for i in itertools.count():
+        raw = slots[i]
+        rec = decode_record(raw)
+        intact = rec is not None and rec.run == run and rec.seq == i
+        if intact and highest == i - 1:
             highest = i
-            i += 1
+        if i > acked:
+            if highest < i:
+                break  # past the acknowledged slots only the contiguous run matters
+        elif not intact:
+            if rec is None:
+                if _blank(raw):
+                    missing += 1
+                else:
+                    corrupt += 1
+            elif rec.run != run:
+                missing += 1  # a stale record of another run: this run's record never landed
+            elif rec.seq < i:
+                duplicate += 1
+            else:
+                corrupt += 1  # an intact record of a later seq, in the wrong place
     return RecordCheck(
         acked=acked, run=run, highest_contiguous=highest, missing=missing, duplicate=duplicate, corrupt=corrupt
     )
 
 
-def _most_common_run(decoded: list[Record | None]) -> int | None:
+def _most_common_run(decoded: Iterable[Record | None]) -> int | None:
     counts: dict[int, int] = {}
     for rec in decoded:
         if rec is not None:
