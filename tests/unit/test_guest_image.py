@@ -295,3 +295,9 @@ def test_missing_module_is_named(fake_cache: Path) -> None:
     ko.unlink()
     with pytest.raises(SetupError, match="no module virtio_blk"):
         image.ensure_image(fake_cache)
+
+
+@pytest.mark.skipif(not image.BUSYBOX.exists(), reason="busybox-static is not installed")
+def test_init_script_parses_under_busybox_sh() -> None:
+    proc = subprocess.run([str(image.BUSYBOX), "sh", "-n", str(image.INIT_SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
