@@ -35,10 +35,22 @@ def up(
     name: str = typer.Option("lab", "--name", help="Lab name: 1-10 lowercase letters and digits."),
     hosts: int = typer.Option(3, "--hosts", help="Number of hypervisor hosts (host-a, host-b, ...)."),
     link: str = typer.Option("none", "--link", help="Shape mgmt/vMotion uplinks: 1gbit, 10gbit, any rate, or none."),
+    agents: bool = typer.Option(True, help="Start a host agent per host and the datastore ds1."),
+    plain: bool = typer.Option(False, help="No cluster CA: agents' API and migration streams unencrypted."),
 ) -> None:
     """Build a lab (refuses if one of that name is up)."""
     topo = labmod.lab_up(name, hosts, _link_rate(link))
     typer.echo(_describe(topo))
+    if agents:
+        from kvmotion.cluster.lab import start_cluster
+
+        try:
+            cluster = start_cluster(topo, encrypted=not plain)
+        except BaseException:
+            labmod.lab_down(name)
+            raise
+        typer.echo(f"  agents up ({'mutual TLS' if cluster.encrypted else 'plain HTTP'}), datastore ds1 at {cluster.nbd_url}")
+        typer.echo(f"To use it:  export KVMOTION_CLUSTER_DIR={cluster.folder / 'cluster'}")
 
 
 @app.command()

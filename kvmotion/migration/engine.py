@@ -494,7 +494,8 @@ class MigrationService:
             info = await qmp.execute("query-migrate")
             addr = info["socket-address"][0]  # type: ignore[index]
             return f"tcp:{addr['host']}:{addr['port']}"
-        except BaseException:
+        except BaseException as exc:
+            log.warning("preparing the shadow VM %s for migration %s failed: %s", spec.name, mid, exc)
             await self.abort_incoming(mid)
             raise
 

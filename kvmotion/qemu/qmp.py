@@ -61,7 +61,7 @@ class Qmp:
         try:
             return await self._client.execute(command, arguments or None)
         except ExecuteError as exc:
-            raise VmFailed(f"QEMU refused {command} for VM {self.vm_name}: {exc.error.desc}") from exc
+            raise VmFailed(f"QEMU refused {command} for VM {self.vm_name}: {exc.error.error.desc}") from exc
         except (StateError, ConnectionError, EOFError) as exc:
             raise VmFailed(f"lost the QEMU monitor of VM {self.vm_name} during {command}") from exc
 
