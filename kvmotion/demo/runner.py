@@ -25,6 +25,7 @@ from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.guestlog import GuestLog
 from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck, verify_image
 from kvmotion.guest.serial import MemCorrupt, MemStatus
 from kvmotion.host.client import AgentClient
@@ -69,7 +70,7 @@ class DemoOptions:
 
     @property
     def mem_wss(self) -> int:
-        return min(MAX_WSS, self.memory // 4) // 4096 * 4096
+        return min(MAX_WSS, self.memory // 4, max_working_set(self.memory)) // 4096 * 4096
 
 
 class DemoView(Protocol):

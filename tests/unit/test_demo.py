@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.runner import DemoOptions, route
+from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck
 from kvmotion.guest.serial import DiskAck, MemCorrupt, MemStatus
 from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase, Summary
@@ -65,6 +66,8 @@ def test_mem_wss_is_a_quarter_of_ram_capped():
     assert opts.mem_wss == 64 << 20
     assert DemoOptions(200 << 20, 1, None, 1, False, None).mem_wss == 50 << 20  # type: ignore[arg-type]
     assert DemoOptions(4 << 30, 1, None, 1, False, None).mem_wss == 64 << 20  # type: ignore[arg-type]
+    small = DemoOptions(128 << 20, 1, None, 1, False, None)  # type: ignore[arg-type]
+    assert 0 < small.mem_wss <= max_working_set(128 << 20)
 
 
 def test_phase_spans_end_where_the_next_phase_begins():
