@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ MODULES = (
     "virtio_net",
     "virtio_blk",
 )
+
+# Older initramfs files are deleted after a rebuild once unused this long (QEMU reads -initrd at start).
+STALE_AFTER = 3600.0
 
 INITTAB = b"""\
 ::respawn:/bin/cttyhack /bin/sh -l
@@ -267,7 +271,19 @@ def _ensure_initramfs(root: Path, kernel: _Kernel) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     tmp.write_bytes(data)
     tmp.replace(target)
+    _prune(root, keep=target)
     return target
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Drops initramfs files of earlier sources, once nothing can still be about to start with them."""
+    cutoff = time.time() - STALE_AFTER
+    for old in root.glob("initramfs-*.cpio"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _compile_programs() -> list[tuple[str, bytes]]:

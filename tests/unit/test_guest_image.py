@@ -301,3 +301,14 @@ def test_missing_module_is_named(fake_cache: Path) -> None:
 def test_init_script_parses_under_busybox_sh() -> None:
     proc = subprocess.run([str(image.BUSYBOX), "sh", "-n", str(image.INIT_SCRIPT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_rebuild_prunes_stale_initramfs_only(fake_cache: Path) -> None:
+    first = image.ensure_image(fake_cache)
+    stale = fake_cache / "initramfs-0000000000000000.cpio"
+    stale.write_bytes(b"old")
+    os.utime(stale, (time.time() - 2 * image.STALE_AFTER,) * 2)
+    (image.SOURCES / "kvm-mem.c").write_text((image.SOURCES / "kvm-mem.c").read_text() + "\n/* changed */\n")
+    second = image.ensure_image(fake_cache)
+    assert second.initramfs.exists() and first.initramfs.exists()  # the recent one may still be starting
+    assert not stale.exists()
