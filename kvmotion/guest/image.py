@@ -119,21 +119,32 @@ def _ensure_kernel(kdir: Path) -> _Kernel:
     if not package or not (kdir / package / ".complete").exists():
         package = _kernel_package()
         if not (kdir / package / ".complete").exists():
-            _download_kernel(kdir, package)
+            try:
+                _download_kernel(kdir, package)
+            except SetupError:
+                # Stale package lists name a version the mirror no longer has: refresh them once.
+                _apt_update()
+                package = _kernel_package()
+                _download_kernel(kdir, package)
         tmp = kdir / f".current.{os.getpid()}"
         tmp.write_text(package + "\n")
         tmp.replace(current)
     return _find_kernel(kdir / package)
 
 
+def _apt_update() -> None:
+    _run(["apt-get", "update"], what="update the package lists")
+
+
 def _kernel_package() -> str:
     """The versioned package linux-image-cloud-amd64 points to, e.g. linux-image-6.1.0-56-cloud-amd64."""
+    if shutil.which("apt-cache") is None:
+        raise SetupError("apt-cache is not installed: the guest kernel comes from Debian's archive")
     for attempt in range(2):
         if attempt:
-            # A fresh machine has no package lists yet.
-            _run(["apt-get", "update"], what="update the package lists")
-        out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE], what="look up the guest kernel package")
-        for line in out.splitlines():
+            _apt_update()  # a fresh machine has no package lists yet
+        proc = subprocess.run(["apt-cache", "depends", KERNEL_META_PACKAGE], capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
             kind, _, name = line.strip().partition(":")
             name = name.strip()
             if kind.lstrip("|") == "Depends" and name.startswith("linux-image-"):
