@@ -45,7 +45,8 @@ class QemuModel:
 
     A round sends what the last bitmap sync found dirty; QEMU syncs again when what is left drops
     under bandwidth x downtime-limit, and completes if what the sync found is still under it.
-    dirty-pages-rate is refreshed at syncs at least 1 s apart, as in ram.c.
+    dirty-pages-rate is refreshed at syncs at least 1 s apart and counts each page once per sync,
+    as in ram.c: a guest rewriting its working set within a round measures at ~ the link rate.
     """
 
     guest: Guest
@@ -78,7 +79,6 @@ class QemuModel:
                 self.t += dt
                 continue
             dirty = self.guest.rate(self.t) * (1 - self.throttle) * dt
-            self.dirtied_since += dirty
             self.bitmap = min(self.guest.wss, self.bitmap + dirty)
             send = min(self.pending, self.link * dt)
             self.pending -= send
@@ -87,6 +87,7 @@ class QemuModel:
             threshold = self.link * self.limit_ms / 1000
             if self.pending < threshold:
                 self.sync_count += 1
+                self.dirtied_since += self.bitmap
                 self.pending += self.bitmap
                 self.bitmap = 0.0
                 if self.t - self.rate_since >= 1.0:
@@ -289,8 +290,9 @@ def test_fast_preset_finishes_a_heavy_guest_sooner_than_balanced() -> None:
     fast, balanced = run(pol.preset("fast"), guest), run(pol.preset("balanced"), guest)
     assert fast.model.status == balanced.model.status == "completed"
     assert fast.model.t < balanced.model.t
-    # Jumping straight to the needed level: the first throttle action is already >= 90 %.
-    assert fast.of(SetThrottle)[0].fraction >= 0.9
+    # Straight to the level the rates call for (QEMU's dirty rate saturates at ~ the link rate,
+    # so that is a lower bound): half the CPU at once, where balanced starts at 20 %.
+    assert fast.of(SetThrottle)[0].fraction == 0.5 and balanced.of(SetThrottle)[0].fraction == 0.2
 
 
 def test_gentle_never_throttles_above_its_cap() -> None:
@@ -364,7 +366,7 @@ def test_a_transient_spike_does_not_throttle() -> None:
     # trigger_rounds = 2: one round over the link rate is not enough.
     config = pol.preset("balanced")
     seq = [sample(1.0, 1, 900 * MIB, 0), sample(9.0, 2, 300 * MIB, 3 * GBIT_LINK)]
-    seq += [sample(9.0 + i, 2 + i, 300 * MIB, 0.2 * GBIT_LINK) for i in range(1, 4)]
+    seq += [sample(9.0 + i, 2 + i, 300 * MIB >> i, 0.2 * GBIT_LINK) for i in range(1, 4)]
     _, acts = feed(config, seq)
     assert not [a for _, a in acts if isinstance(a, SetThrottle)]
 
