@@ -41,6 +41,10 @@ log = logging.getLogger("kvmotion.migration")
 TICK = 0.1  # s between query-migrate polls: QEMU's own bandwidth window is 100 ms
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU has no "unlimited", libvirt uses a huge value too
 COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agent to commit
+STALL_TIMEOUT = 10.0  # s without a byte reaching the destination before the stream counts as stalled
+CLEANUP_TIMEOUT = 10.0  # s for the destination to destroy its shadow on rollback
+ORPHAN_TIMEOUT = 30.0  # s a shadow waits for a source agent it cannot reach (> COMMIT_RETRY: the source gave up by then)
+GUARD_INTERVAL = 1.0  # s between the destination's questions to the source about an uncommitted shadow
 SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU died (it polls every 0.2 s)
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
 TLS_ID = "kvmotion-tls"
@@ -84,6 +88,7 @@ class MigrationService:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, asyncio.Event] = {}
         self.incoming_active: set[str] = set()
+        self.incoming_aborting: set[str] = set()  # shadows being destroyed: a commit must not win the race
         self.history_dir = manager.config.state_dir / "migrations"
 
     # ---- facts & checks --------------------------------------------------------------------------
@@ -230,6 +235,7 @@ class MigrationService:
                 self._phase(mid, Phase.PRECOPY)
                 t0 = time.monotonic()
                 await qmp.execute("migrate", uri=uri)
+                moved, moved_at = 0, t0  # bytes QEMU has sent, and when that last grew
                 while True:
                     self._check_cancel(cancel)
                     now = time.monotonic() - t0
@@ -244,6 +250,13 @@ class MigrationService:
                     if sample.status is MigrationStatus.COMPLETED:
                         final = sample
                         break
+                    # A cut link or a frozen destination: QEMU waits on TCP for many minutes.
+                    if sample.ram is not None and sample.ram.transferred > moved:
+                        moved, moved_at = sample.ram.transferred, time.monotonic()
+                    elif time.monotonic() - moved_at > STALL_TIMEOUT:
+                        cause = await self._shadow_fate(dest, rec)
+                        raise MigrationError(f"no data reached {rec.destination} for {STALL_TIMEOUT:.0f} s: the migration "
+                                             f"stream stalled" + (f" ({cause})" if cause else ""))
                     decision = pol.tick(config, state, pol.Observation(now, sample, tracker.latest_round))
                     state = decision.state
                     for action in decision.actions:
@@ -319,7 +332,7 @@ class MigrationService:
         deadline = time.monotonic() + SHADOW_SETTLE
         while True:
             try:
-                state = (await dest.request("GET", f"/v1/vms/{rec.vm}", timeout=5))["state"]  # type: ignore[index]
+                state = (await dest.request("GET", f"/v1/vms/{rec.vm}", timeout=3))["state"]  # type: ignore[index]
             except NotFound:
                 return f"the shadow VM on {rec.destination} is gone: its QEMU exited or its agent destroyed it"
             except Unreachable:
@@ -331,7 +344,9 @@ class MigrationService:
                 break
             await asyncio.sleep(0.1)
         if state == VmState.INCOMING.value:
-            return f"the shadow VM on {rec.destination} is still waiting: the stream broke between the hosts"
+            return f"the shadow VM on {rec.destination} is alive but its stream broke or stalled"
+        if state in (VmState.CRASHED.value, VmState.STOPPED.value):
+            return f"the shadow VM on {rec.destination} is gone: its QEMU exited"
         return f"the shadow VM on {rec.destination} is {state}"
 
     @staticmethod
@@ -457,9 +472,10 @@ class MigrationService:
                 await asyncio.to_thread(throttle.release)
             if dest_prepared:
                 try:
-                    await dest.request("DELETE", f"/v1/incoming/{mid}", timeout=30)
+                    await dest.request("DELETE", f"/v1/incoming/{mid}", timeout=CLEANUP_TIMEOUT)
                 except KvmotionError as e:
-                    notes.append(f"destination cleanup: {e}")
+                    notes.append(f"destination cleanup: {e}; {rec.destination} destroys the shadow once it learns the "
+                                 f"migration failed")
         finally:
             self.manager.set_state(rec.vm, VmState.RUNNING)
         if isinstance(exc, KvmotionError):
@@ -493,6 +509,7 @@ class MigrationService:
             await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
             info = await qmp.execute("query-migrate")
             addr = info["socket-address"][0]  # type: ignore[index]
+            self.tasks[f"incoming-{mid}"] = asyncio.create_task(self._guard_incoming(mid, source))
             return f"tcp:{addr['host']}:{addr['port']}"
         except BaseException as exc:
             log.warning("preparing the shadow VM %s for migration %s failed: %s", spec.name, mid, exc)
@@ -514,6 +531,8 @@ class MigrationService:
             return rec.resumed_at or time.time()
         async with qmp.listen("MIGRATION", "RESUME") as events:
             await self._wait_incoming_loaded(qmp, name, events)
+            if mid in self.incoming_aborting or mid not in self.incoming_active:
+                raise MigrationError(f"the shadow VM {name} on {self.host} is being destroyed: migration {mid} was given up")
             # The VM is ours from here on: persist that before it runs, so a crash cannot forget it.
             self.manager.commit_incoming(name, mid)
             await qmp.execute("cont")
@@ -549,22 +568,69 @@ class MigrationService:
             raise MigrationError(f"the shadow VM {name} on {self.host} has not received the whole VM "
                                  f"(incoming still {status} {INCOMING_SETTLE:.0f} s after the source finished)")
 
+    async def _guard_incoming(self, mid: str, source: str) -> None:
+        """Destroy an uncommitted shadow whose source gave up without telling us (a cut link loses
+        the source's DELETE): ask the source about the migration until the shadow is committed or gone."""
+        from kvmotion.cluster.inventory import Inventory
+        from kvmotion.cluster.tls import agent_client
+
+        try:
+            client = agent_client(Inventory().host(source).url)
+        except KvmotionError as exc:
+            log.warning("incoming migration %s: cannot watch source %s: %s", mid, source, exc)
+            return
+        silent_since: float | None = None
+        try:
+            while True:
+                await asyncio.sleep(GUARD_INTERVAL)
+                if mid not in self.incoming_active:
+                    return  # committed, or destroyed already
+                try:
+                    phase = Phase((await client.request("GET", f"/v1/migrations/{mid}", timeout=5))["phase"])  # type: ignore[index]
+                except NotFound:
+                    why = f"{source} has no such migration (its agent restarted)"
+                except Unreachable:
+                    silent_since = silent_since or time.monotonic()
+                    if time.monotonic() - silent_since < ORPHAN_TIMEOUT:
+                        continue
+                    why = f"{source} has not answered for {ORPHAN_TIMEOUT:.0f} s"
+                except (KvmotionError, KeyError, TypeError, ValueError):
+                    continue
+                else:
+                    silent_since = None
+                    if phase not in (Phase.FAILED, Phase.CANCELLED):
+                        continue
+                    why = f"{source} reports it {phase.value}"
+                log.warning("incoming migration %s: %s: destroying its uncommitted shadow VM", mid, why)
+                try:
+                    await self.abort_incoming(mid)
+                except Conflict:
+                    pass  # committed meanwhile: the VM is ours
+                return
+        finally:
+            await client.aclose()
+
     async def abort_incoming(self, mid: str) -> None:
-        self.incoming_active.discard(mid)
         try:
             name = self._incoming_vm(mid)
         except NotFound:
+            self.incoming_active.discard(mid)
             return
         if self.manager.store.get(name).committed_migration == mid:
             raise Conflict(f"migration {mid} is already committed on {self.host}: the VM runs here")
+        # From here a commit of this migration is refused (no await between the check above and this).
+        self.incoming_aborting.add(mid)
+        self.incoming_active.discard(mid)
         try:
             await self.manager.stop(name, force=True)
-        except Conflict:
-            pass
+        except (Conflict, NotFound):
+            pass  # not running; or gone: the manager forgets a shadow as soon as its QEMU has exited
         try:
             await self.manager.delete(name)
         except NotFound:
             pass  # the manager forgets a shadow by itself once its QEMU has exited
+        finally:
+            self.incoming_aborting.discard(mid)
 
 
 def as_record_json(rec: MigrationRecord) -> dict:

@@ -347,6 +347,13 @@ class MigrationLab:
         return p.read_text(errors="replace") if p.exists() else ""
 
     # ---- the switch -----------------------------------------------------------------------------
+    def set_mgmt_link(self, host: str, up: bool) -> None:
+        """Cut (or restore) `host`'s mgmt/vMotion uplink at the switch: its agent API and every
+        migration stream to or from it go silent, as with a pulled cable."""
+        with netns.ns_iproute(self.topo.switch_ns) as ipr:
+            idx = ipr.link_lookup(ifname=self.topo.host(host).switch_mgmt_port)[0]
+            ipr.link("set", index=idx, state="up" if up else "down")
+
     def switch_port_of(self, host: str) -> str:
         return self.topo.host(host).switch_vm_port
 

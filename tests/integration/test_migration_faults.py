@@ -86,3 +86,57 @@ def test_destination_agent_killed_during_precopy_then_restarted(make_lab, record
             f"{(dict(rec['phase_times'])['failed'] - t_restart) * 1000:.0f} ms after the restart began; error: {rec['error']}")
     print(line)
     record_property("figures", line)
+
+
+def test_destination_qemu_frozen_during_precopy(make_lab, record_property):
+    """A stalled stream (the shadow's QEMU frozen by SIGSTOP): the source gives up after its stall
+    timeout, says so, and the destination's agent destroys the frozen shadow."""
+    lab, seq = _busy_lab(make_lab)
+    mig = lab.start_migrate(VM, "host-b")
+    try:
+        lab.wait_precopy("host-a", VM)
+        shadow = lab.qemu_pids(VM)["host-b"]
+        assert len(shadow) == 1, f"no shadow QEMU on host-b: {lab.qemu_pids(VM)}"
+        t_stop = time.time()
+        os.kill(shadow[0], signal.SIGSTOP)
+        rec = lab.finish_migrate(mig, timeout=90)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    _assert_kept_on_source(lab, rec, seq)
+    assert "no data reached host-b" in rec["error"] and "stalled" in rec["error"], rec["error"]
+    assert "destination cleanup" not in rec["error"], rec["error"]  # host-b answered and destroyed the shadow
+    line = (f"FIGURES freeze destination QEMU in pre-copy: failed {(dict(rec['phase_times'])['failed'] - t_stop):.1f} s "
+            f"after SIGSTOP; error: {rec['error']}")
+    print(line)
+    record_property("figures", line)
+
+
+def test_link_cut_during_precopy(make_lab, record_property):
+    """The destination's uplink is cut during pre-copy: the source detects the stall and keeps the
+    VM; it cannot reach the destination to clean up, so once the link is back the destination's
+    agent learns the migration failed and destroys its shadow by itself."""
+    lab, seq = _busy_lab(make_lab)
+    mig = lab.start_migrate(VM, "host-b")
+    try:
+        lab.wait_precopy("host-a", VM)
+        t_cut = time.time()
+        lab.set_mgmt_link("host-b", up=False)
+        rec = lab.finish_migrate(mig, timeout=120)
+        t_failed = dict(rec["phase_times"])["failed"]
+        assert len(lab.qemu_pids(VM)["host-b"]) == 1  # unreachable: the shadow is still there
+    finally:
+        lab.set_mgmt_link("host-b", up=True)
+        if mig.poll() is None:
+            mig.kill()
+    assert "stalled" in rec["error"] and "agent on host-b does not answer" in rec["error"], rec["error"]
+    assert "destination cleanup" in rec["error"], rec["error"]
+    t_back = time.time()
+    assert lab.wait_qemu_hosts(VM, ["host-a"], timeout=20) == ["host-a"], lab.qemu_pids(VM)
+    t_clean = time.time()
+    _assert_kept_on_source(lab, rec, seq)
+    assert "destroying its uncommitted shadow" in lab.agent_log("host-b")
+    line = (f"FIGURES cut host-b's link in pre-copy: failed {t_failed - t_cut:.1f} s after the cut; shadow destroyed "
+            f"{t_clean - t_back:.1f} s after the link came back; error: {rec['error']}")
+    print(line)
+    record_property("figures", line)
