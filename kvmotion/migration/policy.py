@@ -1,7 +1,8 @@
 """Pure pre-copy convergence policy: downtime schedule, vCPU throttling, post-copy or abort.
 
 Like Nova's migration monitor (a downtime ramp, a completion timeout) and vSphere's SDPS (slow
-the vCPUs only while the guest dirties memory faster than the link carries it). No I/O and no
+the vCPUs only while the guest dirties memory as fast as the link carries it, or while rounds
+make no progress on a pause that would not fit the budget anyway). No I/O and no
 clock: the caller feeds an `Observation` every 100-250 ms and after each new round, applies the
 returned actions, and passes the returned state back in next time.
 
