@@ -14,7 +14,6 @@ from kvmotion.cli.common import console, err_console
 from kvmotion.cli.migrate import _follow
 from kvmotion.demo.report import DemoReport, MigrationResult
 from kvmotion.demo.runner import DemoOptions, run_demo
-from kvmotion.errors import InvalidInput
 from kvmotion.host.client import AgentClient
 from kvmotion.migration.model import MigrationRecord, Phase
 from kvmotion.units import format_size, parse_rate, parse_size
@@ -109,8 +108,6 @@ def app(
     report: Path = typer.Option(Path("kvmotion-demo.json"), "--report", help="JSON report; the picture goes beside it (.svg)."),
 ) -> None:
     """The whole story: build a lab, boot a VM, probe it from a client, live-migrate it around, check, report."""
-    if migrations < 1:
-        raise InvalidInput(f"invalid --migrations {migrations}: use 1 or more")
     opts = DemoOptions(
         memory=parse_size(memory),
         dirty_rate=parse_rate(dirty_rate),
@@ -119,8 +116,6 @@ def app(
         encrypted=not plain,
         report=report.absolute(),
     )
-    if report.suffix.lower() != ".json":
-        raise InvalidInput(f"invalid --report {report}: use a FILE.json (the picture goes beside it as FILE.svg)")
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}

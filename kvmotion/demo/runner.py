@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from kvmotion.cluster.lab import DATASTORE, LabCluster, start_cluster
 from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.guestlog import GuestLog
-from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.errors import InvalidInput, KvmotionError, SetupError
 from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck, verify_image
 from kvmotion.guest.serial import MemCorrupt, MemStatus
@@ -34,7 +35,7 @@ from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
 from kvmotion.net.probe import ProbeReport
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.qemu.spec import MIN_MEMORY, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.registry import Registry
 from kvmotion.units import format_size
@@ -58,6 +59,23 @@ class DemoOptions:
     migrations: int
     encrypted: bool
     report: Path
+
+    def validate(self) -> None:
+        """Refuse bad input before building anything."""
+        if self.memory < MIN_MEMORY:
+            raise InvalidInput(f"invalid --memory {format_size(self.memory)}: the VM needs at least {MIN_MEMORY >> 20}M")
+        if self.migrations < 1:
+            raise InvalidInput(f"invalid --migrations {self.migrations}: use 1 or more")
+        if self.report.suffix.lower() != ".json":
+            raise InvalidInput(f"invalid --report {self.report}: use FILE.json (the picture goes beside it as FILE.svg)")
+        try:  # a real write: os.access says yes to root even where files cannot be created (/proc)
+            self.report.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.report.parent, prefix=".kvmotion-demo-"):
+                pass
+        except OSError as exc:
+            raise InvalidInput(
+                f"cannot write the report into {self.report.parent} ({exc.strerror}): choose another --report"
+            ) from None
 
     @property
     def picture(self) -> Path:
@@ -212,6 +230,7 @@ def _migrate(src: str, dst: str, encrypted: bool, view: DemoView) -> MigrationRe
 
 def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
     """The whole demo; the lab is gone when this returns or raises."""
+    opts.validate()
     if opts.encrypted:
         check_encryption_available()
     name = new_lab_name()
@@ -316,7 +335,10 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
         ended_at = time.time()
         probe_report = probe.stop()
         probe = None
-        client_for(inv.host(where)).stop(VM)
+        try:
+            client_for(inv.host(where)).stop(VM)
+        except KvmotionError as exc:  # the report still says what the disk holds
+            view.step(f"[yellow]could not stop {VM} cleanly on {where}[/]: {exc}")
         log.stop()
         lines = log.lines()
         disk: RecordCheck | None = None
@@ -356,9 +378,16 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
         duration_s=time.monotonic() - began,
         picture=str(opts.picture),
     )
-    opts.report.parent.mkdir(parents=True, exist_ok=True)
-    opts.report.write_text(report.to_json())
+    _write(opts.report, report.to_json())
     return report
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise SetupError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _write_picture(opts: DemoOptions, results, probe: ProbeReport, accel: str, encrypted: bool) -> None:
@@ -378,5 +407,4 @@ def _write_picture(opts: DemoOptions, results, probe: ProbeReport, accel: str, e
         f"{'encrypted' if encrypted else 'plain'}; a UDP probe every 1 ms"
     )
     svg = render_svg(probe.samples, marks, "kvmotion demo: what the client saw during live migrations", subtitle)
-    opts.picture.parent.mkdir(parents=True, exist_ok=True)
-    opts.picture.write_text(svg)
+    _write(opts.picture, svg)
