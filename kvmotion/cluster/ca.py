@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import ssl
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kvmotion.host.store import write_atomic
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
 
 CA_CERT = "ca-cert.pem"
@@ -94,22 +94,6 @@ class HostCredentials:
     @property
     def key(self) -> Path:
         return self.dir / SERVER_KEY
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomic write with the final mode set before any byte lands (keys never exist world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -178,8 +162,8 @@ def init_ca(ca_dir: Path | str, name: str = "kvmotion cluster CA") -> CA:
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(d / CA_KEY, _key_pem(key), 0o600)
-    _write(d / CA_CERT, _cert_pem(cert), 0o644)
+    write_atomic(d / CA_KEY, _key_pem(key), 0o600)
+    write_atomic(d / CA_CERT, _cert_pem(cert), 0o644)
     return CA(dir=d, cert=cert, key=key)
 
 
@@ -240,12 +224,12 @@ def issue_host_cert(
     )
     cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / CA_CERT, _cert_pem(ca.cert), 0o644)
+    write_atomic(out / CA_CERT, _cert_pem(ca.cert), 0o644)
     for name, data, mode in (
         (SERVER_KEY, key_pem, 0o600), (CLIENT_KEY, key_pem, 0o600),
         (SERVER_CERT, cert_pem, 0o644), (CLIENT_CERT, cert_pem, 0o644),
     ):
-        _write(out / name, data, mode)
+        write_atomic(out / name, data, mode)
     return HostCredentials(dir=out, host=host_name, ips=tuple(str(a) for a in addresses), expires=expires)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +64,30 @@ def _wait(what: str, probe, proc, log: Path, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+_ENV_KEYS = ("KVMOTION_CLUSTER_DIR", "KVMOTION_STATE", "KVMOTION_RUN")
+
+
+@contextmanager
+def cluster_env(cluster: LabCluster) -> Iterator[None]:
+    """Within this block, this process sees the lab's cluster (CA, inventory, registry) as its own."""
+    old = {k: os.environ.get(k) for k in _ENV_KEYS}
+    os.environ.update({k: cluster.env[k] for k in _ENV_KEYS})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluster:
     """Start the datastore and one agent per host inside the lab; register them in the lab's cluster."""
     folder = labmod.lab_dir(topo.name)
     cluster = LabCluster(topology=topo, folder=folder, encrypted=encrypted)
     env = cluster.env
-    old = {k: os.environ.get(k) for k in ("KVMOTION_CLUSTER_DIR", "KVMOTION_STATE", "KVMOTION_RUN")}
-    os.environ.update({k: env[k] for k in old})
-    try:
+    with cluster_env(cluster):
         if encrypted:
             from kvmotion.cluster.ca import init_ca, issue_host_cert
             from kvmotion.cluster.tls import host_dir
@@ -100,12 +118,6 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
             proc = labmod.spawn_in_ns(h.ns, argv, log, env)
             client = _lab_client(cluster, h.name)
             _wait(f"agent {h.name}", lambda: client.host() is not None, proc, log)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return cluster
 
 

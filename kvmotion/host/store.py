@@ -43,13 +43,15 @@ class VmRecord:
         )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write, fsync, rename: a crash leaves the old or the new file, never half of one."""
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    """Write, fsync, rename: a crash leaves the old or the new file, never half of one. The final
+    mode is set before any byte lands, so a key never exists world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

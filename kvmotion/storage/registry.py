@@ -7,21 +7,16 @@ stand-in until a cluster inventory exists; it may be folded into that later.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmotion.errors import Conflict, InvalidInput, NotFound
-from kvmotion.paths import state_dir
+from kvmotion.cluster.inventory import cluster_dir
+from kvmotion.host.store import write_atomic
 from kvmotion.qemu.spec import check_name
 from kvmotion.storage.address import parse_http_url, parse_nbd_url
 
 FILE_VERSION = 1
-
-
-def cluster_dir() -> Path:
-    env = os.environ.get("KVMOTION_CLUSTER_DIR")
-    return Path(env) if env else state_dir() / "cluster"
 
 
 @dataclass(frozen=True)
@@ -65,12 +60,7 @@ class Registry:
                 for r in sorted(refs.values(), key=lambda r: r.name)
             },
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(doc, indent=1))
 
     def all(self) -> list[DatastoreRef]:
         return sorted(self._load().values(), key=lambda r: r.name)
