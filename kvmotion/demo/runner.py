@@ -265,6 +265,7 @@ def _keep_logs(folder: Path, dest: Path) -> bool:
     """Copy what explains a failure out of the lab folder before it goes: service logs, the VM's
     serial and QEMU logs per host, the agents' migration records."""
     patterns = ("logs/*.log", "run/hosts/*/vms/*/*.log", "state/hosts/*/migrations/*.json")
+    shutil.rmtree(dest, ignore_errors=True)  # one run's logs, not a mix with an earlier run's
     copied = False
     for pattern in patterns:
         for src in folder.glob(pattern):
