@@ -17,6 +17,8 @@ from kvmotion.host import resources
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
+from kvmotion.migration.facts import datastores_reached
+from kvmotion.qemu import accel as accel_mod
 from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.agent")
@@ -75,7 +77,9 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
             memory_committed=manager.committed_memory(),
             cpus=resources.cpu_count(),
             cpu_model_name=resources.cpu_model_name(),
+            cpu_features=sorted(accel_mod.cpu_flags()),
             portgroups=dict(config.portgroups),
+            datastores=sorted(await asyncio.to_thread(datastores_reached)),
             vms=len(manager.list()),
         )
         return as_json(info)

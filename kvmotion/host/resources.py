@@ -45,7 +45,9 @@ class HostInfo:
     memory_committed: int
     cpus: int
     cpu_model_name: str
+    cpu_features: list[str]
     portgroups: dict[str, str]
+    datastores: list[str]  # datastores of the cluster registry this host reaches now
     vms: int
 
     @staticmethod

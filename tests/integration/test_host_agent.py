@@ -114,3 +114,22 @@ def test_bad_input_is_one_clear_line(host):
     _one_line_error(host.cli("vm", "list"), "no host agent answered")
     _one_line_error(host.cli("vm", "start", "ok1"), "not answering: host-a")
     _one_line_error(host.cli("host", "info", "host-a"), "not reachable")
+
+
+def test_console_is_interactive(host):
+    """The serial console through the agent's WebSocket: typed commands run in the guest."""
+    from websockets.sync.client import connect
+
+    assert host.cli("vm", "create", "con1", "--memory", "256M").returncode == 0
+    host.client().start("con1", wait_ready=True)
+    with connect(f"ws://{host.mgmt_ns}:{host.port}/v1/vms/con1/console", open_timeout=10) as ws:
+        ws.send(b"\recho con$((40+2))sole\r")
+        seen = b""
+        deadline = time.monotonic() + 15
+        while b"con42sole" not in seen:
+            assert time.monotonic() < deadline, seen[-500:]
+            try:
+                seen += ws.recv(timeout=1)
+            except TimeoutError:
+                continue
+    host.client().stop("con1", force=True)
