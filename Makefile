@@ -10,7 +10,7 @@ setup: $(STAMP)
 	@bash scripts/setup-host.sh
 	@$(PY) -m kvmotion.guest.image
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock kvmotion/__init__.py
 	@bash scripts/setup-host.sh
 	@test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
 	@$(PIP) install -q --disable-pip-version-check -c requirements.lock -e '.[test]'

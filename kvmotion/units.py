@@ -33,7 +33,7 @@ def parse_rate(text: str) -> int:
     if not m:
         raise InvalidInput(f"invalid rate {text!r}: use e.g. 100M (bytes/s) or 1gbit (bits/s)")
     value = float(m.group(1)) * _DEC_MULT[m.group(2).lower()]
-    if (m.group(3) or "").lower() == "bit":
+    if (m.group(3) or "").lower() in ("bit", "bps"):  # bps is bits per second, as on network gear
         value /= 8
     return int(value)
 
