@@ -44,6 +44,9 @@ COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agen
 STALL_TIMEOUT = 10.0  # s without a byte reaching the destination before the stream counts as stalled
 CLEANUP_TIMEOUT = 10.0  # s for the destination to destroy its shadow on rollback
 ORPHAN_TIMEOUT = 30.0  # s a shadow waits for a source agent it cannot reach (> COMMIT_RETRY: the source gave up by then)
+COMMIT_TIMEOUT = 20.0  # s one commit may take: loading the stream's end (INCOMING_SETTLE) plus resume
+RESOLVE_INTERVAL = 2.0  # s between tries to settle a commit whose outcome is unknown
+RESOLVE_FOR = 3600.0  # s the source keeps trying before leaving it to the operator
 GUARD_INTERVAL = 1.0  # s between the destination's questions to the source about an uncommitted shadow
 SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU died (it polls every 0.2 s)
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
@@ -54,9 +57,20 @@ class Cancelled(MigrationError):
     """The user cancelled the migration."""
 
 
+class CommitUnknown(MigrationError):
+    """The destination may have resumed the VM: neither the commit nor its cancellation was answered."""
+
+
 @dataclass(frozen=True)
 class TlsSetup:
     creds_dir: Path
+
+
+def _never_connected(exc: Unreachable) -> bool:
+    """True when the request cannot have reached the agent (no connection was made)."""
+    import httpx
+
+    return isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
 def _record_to_json(rec: MigrationRecord) -> dict:
@@ -424,14 +438,87 @@ class MigrationService:
                                             "dir": str(migration_creds_dir(self.host)), "verify-peer": True})
 
     async def _commit(self, dest: AsyncAgentClient, mid: str) -> object:
+        """Ask the destination to commit. When that fails, a commit may still have happened (an
+        answer lost, or a request the destination reads later): settle it by destroying the shadow
+        before anything resumes here. Raises the commit's error once the shadow is gone, or
+        CommitUnknown when the destination answers neither."""
         deadline = time.monotonic() + COMMIT_RETRY
+        delivered = False  # may a commit request have reached the destination's agent?
         while True:
             try:
-                return await dest.request("POST", f"/v1/incoming/{mid}/commit", timeout=30)
-            except Unreachable:
+                left = deadline - time.monotonic()
+                return await dest.request("POST", f"/v1/incoming/{mid}/commit", timeout=max(2.0, min(COMMIT_TIMEOUT, left)))
+            except Unreachable as exc:
+                delivered = delivered or not _never_connected(exc)
                 if time.monotonic() > deadline:
-                    raise
+                    failure: KvmotionError = exc
+                    break
                 await asyncio.sleep(0.5)
+            except KvmotionError as exc:
+                failure = exc
+                break
+        try:
+            await dest.request("DELETE", f"/v1/incoming/{mid}", timeout=CLEANUP_TIMEOUT)
+        except Conflict:
+            log.warning("migration %s: the commit's answer was lost but %s committed: the VM runs there", mid, dest.url)
+            try:
+                return await dest.request("POST", f"/v1/incoming/{mid}/commit", timeout=COMMIT_TIMEOUT)
+            except KvmotionError:
+                return {"resumed_at": time.time()}
+        except KvmotionError as exc:
+            if not delivered and isinstance(failure, Unreachable):
+                # No request ever reached it: nothing but a commit from us can resume the shadow.
+                raise MigrationError(f"could not commit on {self.records[mid].destination}: {failure}") from None
+            raise CommitUnknown(f"the commit got no answer ({failure}), nor did destroying the shadow ({exc})") from failure
+        raise MigrationError(f"could not commit on {self.records[mid].destination}: {failure}") from failure
+
+    async def _hold_paused(self, mid, dest, done_hooks, ctx, throttle, exc: CommitUnknown) -> None:
+        """The destination may run the VM: resuming here could make two copies. Keep the source
+        paused (its disks' leases stay where they are) and settle it in the background."""
+        rec = self.records[mid]
+        self.manager.set_state(rec.vm, VmState.PAUSED)
+        if throttle is not None:
+            await asyncio.to_thread(throttle.release)
+        error = (f"{exc}; VM {rec.vm} stays paused on {self.host} so that it never runs twice: it resumes here once "
+                 f"{rec.destination} confirms the shadow is destroyed, or is removed here if {rec.destination} runs it")
+        log.error("migration %s: %s", mid, error)
+        self._phase(mid, Phase.FAILED)
+        self._persist(self._update(mid, ended_at=time.time(), error=error))
+        self.tasks[f"resolve-{mid}"] = asyncio.create_task(self._resolve(mid, dest.url, list(done_hooks), ctx))
+
+    async def _resolve(self, mid: str, dest_url: str, done_hooks: list, ctx: SwitchoverContext) -> None:
+        from kvmotion.cluster.tls import agent_client
+
+        rec = self.records[mid]
+        client = agent_client(dest_url)
+        try:
+            deadline = time.monotonic() + RESOLVE_FOR
+            while time.monotonic() < deadline:
+                await asyncio.sleep(RESOLVE_INTERVAL)
+                try:
+                    await client.request("DELETE", f"/v1/incoming/{mid}", timeout=CLEANUP_TIMEOUT)
+                except Conflict:
+                    for hook in done_hooks:
+                        await hook.after_commit(ctx)
+                    await self._finish_source(mid, rec.vm, None)
+                    outcome = f"settled: {rec.destination} had committed, the VM runs there; the paused copy here is gone"
+                except KvmotionError:
+                    continue
+                else:
+                    for hook in reversed(done_hooks):
+                        await hook.on_rollback(ctx)
+                    await self.manager.qmp(rec.vm).execute("cont")
+                    self.manager.set_state(rec.vm, VmState.RUNNING)
+                    outcome = f"settled: {rec.destination} destroyed the shadow, the VM resumed on {self.host}"
+                log.warning("migration %s: %s", mid, outcome)
+                self._persist(self._update(mid, error=f"{self.records[mid].error} — {outcome}"))
+                return
+            log.error("migration %s: %s never answered: VM %s stays paused on %s for the operator", mid,
+                      rec.destination, rec.vm, self.host)
+        except KvmotionError as exc:
+            log.error("migration %s: settling the commit failed: %s", mid, exc)
+        finally:
+            await client.aclose()
 
     async def _finish_source(self, mid: str, vm: str, throttle) -> None:
         if throttle is not None:
@@ -446,6 +533,9 @@ class MigrationService:
         cancelled = isinstance(exc, (Cancelled, asyncio.CancelledError))
         rec = self.records[mid]
         self._phase(mid, Phase.ROLLBACK)
+        if isinstance(exc, CommitUnknown):
+            await self._hold_paused(mid, dest, done_hooks, ctx, throttle, exc)
+            return
         notes: list[str] = []
         try:
             # Leases first: the source must hold its disks again before its vCPUs run.
@@ -474,8 +564,8 @@ class MigrationService:
                 try:
                     await dest.request("DELETE", f"/v1/incoming/{mid}", timeout=CLEANUP_TIMEOUT)
                 except KvmotionError as e:
-                    notes.append(f"destination cleanup: {e}; {rec.destination} destroys the shadow once it learns the "
-                                 f"migration failed")
+                    notes.append(f"destination cleanup: {e}; the agent on {rec.destination} destroys the uncommitted "
+                                 f"shadow once it learns the migration failed, or when it restarts")
         finally:
             self.manager.set_state(rec.vm, VmState.RUNNING)
         if isinstance(exc, KvmotionError):

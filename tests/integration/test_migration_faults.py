@@ -140,3 +140,81 @@ def test_link_cut_during_precopy(make_lab, record_property):
             f"{t_clean - t_back:.1f} s after the link came back; error: {rec['error']}")
     print(line)
     record_property("figures", line)
+
+
+def test_destination_agent_dead_at_commit(make_lab, record_property):
+    """The destination's agent dies during pre-copy and stays dead: QEMU completes the stream, but
+    nobody commits. The source retries, gives up, resumes its own (complete) copy, and the
+    restarted destination agent destroys the shadow that was never committed."""
+    lab = make_lab(link_rate=SLOW_LINK)
+    lab.create_vm(VM, "host-a", workload="echo,mem", mem_wss="16M", mem_rate="5M")
+    seq = lab.wait_mem_status("host-a", VM, 0, count=1).statuses[-1].seq
+    mig = lab.start_migrate(VM, "host-b")
+    try:
+        lab.wait_precopy("host-a", VM, min_bytes=1 << 20)
+        lab.kill_agent("host-b")
+        t_kill = time.time()
+        rec = lab.finish_migrate(mig, timeout=90)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    phases = [p for p, _ in rec["phase_times"]]
+    assert "commit" in phases, f"the stream did not complete before the commit: {phases} {rec['error']}"
+    assert "could not commit on host-b" in rec["error"] and "not reachable" in rec["error"], rec["error"]
+    assert len(lab.qemu_pids(VM)["host-b"]) == 1  # the orphan shadow, paused, until its agent returns
+    lab.start_agent("host-b")
+    _assert_kept_on_source(lab, rec, seq)
+    line = (f"FIGURES destination agent dead at commit: failed {dict(rec['phase_times'])['failed'] - t_kill:.1f} s after "
+            f"the kill (phases {phases}); error: {rec['error']}")
+    print(line)
+    record_property("figures", line)
+
+
+def test_destination_agent_frozen_at_commit(make_lab, record_property):
+    """The destination's agent hangs (SIGSTOP) during pre-copy: the stream completes, the commit
+    gets no answer. Whatever the agent does once it wakes (it may still process the commit), the
+    VM must end up running on exactly one host, with its memory intact."""
+    lab = make_lab(link_rate=SLOW_LINK)
+    lab.create_vm(VM, "host-a", workload="echo,mem", mem_wss="16M", mem_rate="5M")
+    seq = lab.wait_mem_status("host-a", VM, 0, count=1).statuses[-1].seq
+    mig = lab.start_migrate(VM, "host-b")
+    frozen: list[int] = []
+    try:
+        lab.wait_precopy("host-a", VM, min_bytes=1 << 20)
+        frozen = lab.agent_pids("host-b")
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        t_freeze = time.time()
+        rec = lab.finish_migrate(mig, timeout=150)
+        t_failed = time.time()
+        # No answer either way: the source must not resume while host-b might resume its copy.
+        assert lab.agent("host-a").vm(VM).state.value == "paused"
+        assert rec["phase"] == "failed" and rec["_returncode"] != 0
+        assert "stays paused on host-a so that it never runs twice" in rec["error"], rec["error"]
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        if mig.poll() is None:
+            mig.kill()
+    phases = [p for p, _ in rec["phase_times"]]
+    assert "commit" in phases, f"the stream did not complete before the commit: {phases} {rec['error']}"
+    # Once the agent is back, one copy runs, on one host; the other is destroyed.
+    deadline = time.monotonic() + 40
+    while True:
+        running = [h for h, pids in lab.qemu_pids(VM).items() for _ in pids]
+        listed = lab.listed(VM)
+        if len(running) == 1 and listed == [(running[0], "running")]:
+            break
+        assert time.monotonic() < deadline, f"not exactly one copy: QEMU on {running}, listed {listed}"
+        time.sleep(0.5)
+    where = running[0]
+    t_settled = time.time()
+    settled = lab.migration_of("host-a", VM)["error"]
+    assert "settled:" in settled, settled
+    after = lab.wait_mem_status(where, VM, lab.mem_log(where, VM).end, count=2)
+    assert len(after.statuses) >= 2 and not after.corrupt and all(s.errors == 0 for s in after.statuses)
+    assert seq < after.statuses[0].seq < after.statuses[-1].seq
+    line = (f"FIGURES destination agent frozen at commit: migrate returned {t_failed - t_freeze:.1f} s after the freeze "
+            f"({rec['phase']}), one copy on {where} {t_settled - t_failed:.1f} s after the agent woke; record: {settled}")
+    print(line)
+    record_property("figures", line)
