@@ -1,0 +1,452 @@
+"""I/O of the migration benchmarks: a two-host lab, the guest, the client probe, and one migration
+per method — kvmotion through its agents, or the same QEMU driven over QMP the way libvirt
+(`virsh migrate --live`) or QEMU's bare defaults would drive it.
+
+The baselines boot QEMU with kvmotion's own command line (kvmotion.qemu.cmdline.build_argv, the
+same kernel, initramfs and kernel command line), inside the lab hosts' namespaces, TAP on the
+host's port-group bridge, and migrate over the hosts' (shaped) vMotion links — the same path
+kvmotion's stream takes. At most two guests run at once (a migration's source and destination).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.cluster.lab import LabCluster, start_cluster
+from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.guest.serial import MemStatus, Ready, parse_line
+from kvmotion.host.client import AgentClient
+from kvmotion.net import lab as labmod
+from kvmotion.net import links, netns
+from kvmotion.net.probe import ProbeReport, largest_gap, reply_times
+from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
+
+from bench.benchmodel import Cell, Method, RunResult
+
+VM = "bench1"  # one name for every method: the guests' kernel command lines are identical
+MAC = "52:54:00:be:0c:01"
+ECHO_PORT = 7000
+BOOT_TIMEOUT = 90.0
+PROBE_LEAD_S = 0.5  # probe time before the migration starts
+PROBE_TAIL_S = 1.0  # after the destination resumes: the client gap window ends here
+POLL_S = 0.1  # query-migrate interval of the baselines (kvmotion's engine ticks at 100 ms too)
+# libvirt's "unlimited": QEMU_DOMAIN_MIG_BANDWIDTH_MAX (INT64_MAX / 1 MiB, in MiB/s) sent in bytes/s
+LIBVIRT_UNLIMITED = (2**63 - 1) // (1 << 20) * (1 << 20)
+
+
+# ------------------------------------------------------------------------------------------ lab
+
+
+@dataclass(frozen=True)
+class BenchLab:
+    cluster: LabCluster
+
+    @property
+    def topo(self) -> labmod.LabTopology:
+        return self.cluster.topology
+
+    @property
+    def encrypted(self) -> bool:
+        return self.cluster.encrypted
+
+    def agent(self, host: str, timeout: float = 30.0) -> AgentClient:
+        if not self.encrypted:
+            return AgentClient(self.cluster.agent_url(host), timeout=timeout)
+        from kvmotion.cluster.tls import cli_ssl_context
+
+        return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)
+
+    def serial_log(self, host: str) -> Path:
+        return self.cluster.folder / "run" / "hosts" / host / "vms" / VM / "serial.log"
+
+
+@contextmanager
+def bench_lab(link_rate: int | None, encrypted: bool) -> Iterator[BenchLab]:
+    """Two hosts, a client, a datastore, agents; torn down whatever happens."""
+    name = "bn" + secrets.token_hex(3)
+    topo = labmod.lab_up(name, 2, link_rate)
+    old = os.environ.get("KVMOTION_CLUSTER_DIR")
+    try:
+        cluster = start_cluster(topo, encrypted=encrypted)
+        # The bench's own agent clients (TLS identity) and the baselines' QEMU TLS credentials
+        # are found through the lab's cluster folder.
+        os.environ["KVMOTION_CLUSTER_DIR"] = cluster.env["KVMOTION_CLUSTER_DIR"]
+        yield BenchLab(cluster)
+    finally:
+        if old is None:
+            os.environ.pop("KVMOTION_CLUSTER_DIR", None)
+        else:
+            os.environ["KVMOTION_CLUSTER_DIR"] = old
+        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            labmod.lab_down(name)
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+
+
+def guest_spec(cell: Cell, topo: labmod.LabTopology) -> VmSpec:
+    ip = f"{topo.vm_ip(0)}/{topo.vm_prefix}"
+    writer = cell.dirty_rate is not None
+    return VmSpec(
+        name=VM,
+        memory=cell.memory,
+        nics=(NicSpec(mac=MAC, portgroup=topo.portgroup, ip=ip),),
+        workloads=(Workload.ECHO, Workload.MEMWRITER) if writer else (Workload.ECHO,),
+        params=WorkloadParams(mem_wss=cell.wss, mem_rate=cell.dirty_rate or 0, echo_port=ECHO_PORT),
+    )
+
+
+# ---------------------------------------------------------------------------------- the guest's log
+
+
+def _events(path: Path):
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [e for e in (parse_line(ln) for ln in text.splitlines()) if e is not None]
+
+
+def wait_guest(path: Path, cell: Cell, alive=lambda: True) -> None:
+    """Until the guest printed READY and (with a writer) finished a first pass over its working set,
+    so the memory being migrated holds what the cell says."""
+    rate = cell.dirty_rate or 500e6
+    deadline = time.monotonic() + BOOT_TIMEOUT + (cell.wss / rate if cell.dirty_rate is not None else 0)
+    while True:
+        evs = _events(path)
+        ready = any(isinstance(e, Ready) for e in evs)
+        passes = max((e.passes for e in evs if isinstance(e, MemStatus)), default=-1)
+        if ready and (cell.dirty_rate is None or passes >= 1):
+            return
+        if not alive():
+            raise SetupError(f"the guest's QEMU exited before it was ready (log {path})")
+        if time.monotonic() > deadline:
+            raise SetupError(f"the guest was not ready in time (ready={ready}, writer passes={passes}; log {path})")
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------------ the probe
+
+
+class ClientProbe:
+    """kvmotion.net.probe in the lab's client namespace against the guest's echo service."""
+
+    def __init__(self, lab: BenchLab, folder: Path, tag: str) -> None:
+        self.out = folder / f"probe-{tag}.json"
+        self.log = folder / f"probe-{tag}.log"
+        self.out.unlink(missing_ok=True)
+        target = f"{lab.topo.vm_ip(0)}:{ECHO_PORT}"
+        argv = [sys.executable, "-m", "kvmotion.net.probe", "--target", target, "--out", str(self.out)]
+        # the probe may come up before the guest's echo accepts: retry a few times
+        for _ in range(10):
+            self.log.write_text("")
+            self.proc = labmod.spawn_in_ns(lab.topo.client.ns, argv, self.log, lab.cluster.env)
+            deadline = time.monotonic() + 15
+            while "probe: running" not in self.log.read_text(errors="replace"):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+            self.kill()
+            time.sleep(0.5)
+        raise SetupError(f"the client probe did not start: {self.log.read_text(errors='replace').strip()[-200:]}")
+
+    def stop(self) -> ProbeReport:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return ProbeReport.from_json(self.out.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def client_gap_ms(report: ProbeReport, start_wall: float, end_wall: float) -> float:
+    """Largest reply gap in [start, end] (wall clock), clipped to the probe's run."""
+    lo = max(0.0, start_wall - report.started_wall)
+    hi = min(end_wall - report.started_wall, report.samples[-1].t_send if report.samples else 0.0)
+    return largest_gap(report.samples, lo, hi).duration * 1000
+
+
+def resume_to_reply_ms(report: ProbeReport, resumed_wall: float | None) -> float | None:
+    """From the destination's resume to the first echo reply the client got after it."""
+    if resumed_wall is None:
+        return None
+    rel = resumed_wall - report.started_wall
+    later = [t for t in reply_times(report.samples) if t >= rel]
+    return (later[0] - rel) * 1000 if later else None
+
+
+# --------------------------------------------------------------------------------- kvmotion runs
+
+
+@dataclass(frozen=True)
+class KvmotionRun:
+    result: RunResult
+    record: dict  # the source agent's migration record (JSON)
+    probe: ProbeReport
+
+
+def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: str = "host-a",
+                 dst: str = "host-b", policy: str = "balanced", boot: bool = True) -> KvmotionRun:
+    """Boot (unless `boot` is False: the VM runs on `src` already), probe, migrate src -> dst through
+    the agents' API with the default policy. The VM is left on whichever host runs it."""
+    from kvmotion.host.store import VmStore
+    from kvmotion.migration.model import MigrationOptions
+
+    spec = guest_spec(cell, lab.topo)
+    a, b = lab.agent(src), lab.agent(dst)
+    if boot:
+        a.create(spec)
+        a.start(VM, wait_ready=True, timeout=BOOT_TIMEOUT)
+        wait_guest(lab.serial_log(src), cell)
+    probe = ClientProbe(lab, folder, f"kvmotion-{cell.key.replace('/', '_')}")
+    try:
+        time.sleep(PROBE_LEAD_S)
+        options = MigrationOptions(encrypted=lab.encrypted, policy=policy)
+        body = {"vm": VM, "destination": dst, "destination_url": lab.cluster.agent_url(dst), "options": options.__dict__}
+        rec = a.request("POST", "/v1/migrations", json=body, timeout=60)
+        mid = rec["id"]  # type: ignore[index]
+        deadline = time.monotonic() + timeout + 60  # the policy's own completion timeout acts first
+        cancelled = False
+        while rec["phase"] not in ("done", "failed", "cancelled"):  # type: ignore[index]
+            time.sleep(0.25)
+            rec = a.request("GET", f"/v1/migrations/{mid}")
+            if time.monotonic() > deadline and not cancelled:
+                a.request("POST", f"/v1/migrations/{mid}/cancel")
+                cancelled = True
+        phases = dict((p, t) for p, t in rec["phase_times"])  # type: ignore[index]
+        done = rec["phase"] == "done"  # type: ignore[index]
+        resumed = None
+        if done:
+            resumed = VmStore(lab.cluster.folder / "state" / "hosts" / dst).get(VM).resumed_at
+        end = resumed or rec["ended_at"] or time.time()  # type: ignore[index]
+        time.sleep(max(0.0, end + PROBE_TAIL_S - time.time()))
+        report = probe.stop()
+    finally:
+        probe.kill()
+    s = rec.get("summary") or {}  # type: ignore[union-attr]
+    result = RunResult(
+        method=Method.KVMOTION.value,
+        cell=cell.key,
+        converged=done and bool(s.get("converged")),
+        total_ms=s.get("total_ms") if done else None,
+        downtime_ms=s.get("downtime_ms") if done else None,
+        client_gap_ms=client_gap_ms(report, phases.get("precopy", rec["started_at"]), end + PROBE_TAIL_S),  # type: ignore[index]
+        end_to_end_ms=(end - rec["started_at"]) * 1000,  # type: ignore[index]
+        bytes=int(s.get("bytes") or rec["progress"]["transferred"]),  # type: ignore[index]
+        zero_pages=int(s.get("zero_pages") or 0),
+        normal_pages=int(s.get("normal_pages") or 0),
+        rounds=int(s.get("rounds") or rec["progress"]["round"]),  # type: ignore[index]
+        memory=cell.memory,
+        link_rate=cell.link_rate,
+        encrypted=lab.encrypted,
+        throttle_max=float(s.get("throttle_max") or 0.0),
+        pause_ms=s.get("pause_ms"),
+        error=rec.get("error"),  # type: ignore[union-attr]
+        probe_sent=report.udp.sent,
+        probe_received=report.udp.received,
+        setup_ms=s.get("setup_ms"),
+        resume_to_reply_ms=resume_to_reply_ms(report, resumed),
+        phases_ms=tuple((p, round((t - rec["started_at"]) * 1000, 1)) for p, t in rec["phase_times"]),  # type: ignore[index]
+    )
+    return KvmotionRun(result, rec, report)  # type: ignore[arg-type]
+
+
+def remove_vm(lab: BenchLab) -> None:
+    """Stop and delete the benchmark VM wherever an agent runs it."""
+    for h in lab.topo.hosts:
+        client = lab.agent(h.name)
+        try:
+            names = [v.name for v in client.vms()]
+            if VM in names:
+                try:
+                    client.stop(VM, force=True)
+                except KvmotionError:
+                    pass
+                client.delete(VM)
+        finally:
+            client.close()
+
+
+# --------------------------------------------------------------------------------- QMP baselines
+
+
+class BareQemu:
+    """One QEMU with kvmotion's command line, started by the bench inside a lab host's namespace."""
+
+    def __init__(self, lab: BenchLab, host: str, spec: VmSpec, folder: Path, incoming: bool) -> None:
+        from kvmotion.guest.cmdline import kernel_cmdline
+        from kvmotion.guest.image import ensure_image
+        from kvmotion.qemu import accel as accel_mod
+        from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+
+        self.host = lab.topo.host(host)
+        self.tap = links.tap_name(spec.name, 0)
+        netns.run_in_ns(self.host.ns, links.create_tap, self.tap, self.host.vm_bridge)
+        image = ensure_image()
+        ctx = HostContext(
+            accel=accel_mod.choose().accel, kernel=image.kernel, initramfs=image.initramfs,
+            kernel_cmdline=kernel_cmdline(spec), taps=(self.tap,), disk_nodes=(), incoming=incoming, paused=incoming,
+        )
+        self.paths = VmPaths(folder / f"qemu-{host}")
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.qmp, self.paths.serial, self.paths.serial_log, self.paths.pidfile):
+            stale.unlink(missing_ok=True)
+        argv = build_argv(spec, self.paths, ctx)
+        with open(self.paths.qemu_log, "ab") as log:
+            self.proc = netns.popen_in_ns(self.host.ns, argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.spec = spec
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def connect(self):
+        from kvmotion.qemu.qmp import Qmp
+
+        self.qmp = Qmp(f"{self.spec.name}@{self.host.name}")
+        await self.qmp.connect(self.paths.qmp, alive=self.alive)
+        return self.qmp
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        try:
+            netns.run_in_ns(self.host.ns, links.delete_tap, self.tap)
+        except KvmotionError:
+            pass
+
+
+async def _tls(qmp, endpoint: str, host: str) -> None:
+    from kvmotion.cluster.tls import migration_creds_dir
+
+    await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": "bench-tls", "endpoint": endpoint,
+                                        "dir": str(migration_creds_dir(host)), "verify-peer": True})
+
+
+async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, folder: Path,
+                    src_host: str, dst_host: str) -> RunResult:
+    spec = guest_spec(cell, lab.topo)
+    src = BareQemu(lab, src_host, spec, folder, incoming=False)
+    dst: BareQemu | None = None
+    probe: ClientProbe | None = None
+    try:
+        sq = await src.connect()
+        await asyncio.to_thread(wait_guest, src.paths.serial_log, cell, src.alive)
+        probe = ClientProbe(lab, folder, f"{method.value}-{cell.key.replace('/', '_')}")
+        await asyncio.sleep(PROBE_LEAD_S)
+        # ---- what libvirt does: the destination QEMU, paused, waiting for the stream
+        t_launch = time.time()
+        dst = BareQemu(lab, dst_host, spec, folder, incoming=True)
+        dq = await dst.connect()
+        for q in (sq, dq):  # events only report; they change nothing in the migration
+            await q.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+        if lab.encrypted:
+            await _tls(dq, "server", dst_host)
+            await dq.execute("migrate-set-parameters", **{"tls-creds": "bench-tls"})
+            await _tls(sq, "client", src_host)
+            await sq.execute("migrate-set-parameters", **{"tls-creds": "bench-tls", "tls-hostname": dst_host})
+        ip = lab.topo.host(dst_host).mgmt_ip
+        await dq.execute("migrate-incoming", uri=f"tcp:{ip}:0")
+        port = (await dq.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]
+        if method is Method.LIBVIRT:
+            await sq.execute("migrate-set-parameters", **{"max-bandwidth": LIBVIRT_UNLIMITED})
+        # QEMU's own defaults otherwise: downtime-limit 300 ms, max-bandwidth 128 MiB/s, no auto-converge
+        params = await sq.execute("query-migrate-parameters")
+        stop_ts = resume_ts = None
+        converged = False
+        async with sq.listen("MIGRATION", "STOP") as sev, dq.listen("RESUME") as dev:
+            t_mig = time.time()
+            await sq.execute("migrate", uri=f"tcp:{ip}:{port}")
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    ev = await sev.get(POLL_S)
+                    if ev.name == "STOP":
+                        stop_ts = ev.timestamp
+                        continue
+                    status = ev.data.get("status")
+                except asyncio.TimeoutError:
+                    status = (await sq.execute("query-migrate"))["status"]  # type: ignore[index]
+                if status == "completed":
+                    # libvirt resumes the destination once the source reports completion
+                    await dq.execute("cont")
+                    converged = True
+                    break
+                if status in ("failed", "cancelled"):
+                    break
+                if time.monotonic() > deadline:
+                    await sq.execute("migrate_cancel")
+                    while (await sq.execute("query-migrate"))["status"] not in ("cancelled", "failed", "completed"):  # type: ignore[index]
+                        await asyncio.sleep(0.02)
+                    break
+            info = await sq.execute("query-migrate")
+            if converged:
+                resume_ts = (await dev.wait_for("RESUME", timeout=10)).timestamp
+                if stop_ts is None:
+                    while True:
+                        ev = await sev.get(1.0)
+                        if ev.name == "STOP":
+                            stop_ts = ev.timestamp
+                            break
+        end = resume_ts or time.time()
+        await asyncio.sleep(max(0.0, end + PROBE_TAIL_S - time.time()))
+        report = await asyncio.to_thread(probe.stop)
+        ram = info.get("ram", {})  # type: ignore[union-attr]
+        completed = info["status"] == "completed"  # type: ignore[index]
+        return RunResult(
+            method=method.value,
+            cell=cell.key,
+            converged=converged and completed,
+            total_ms=float(info["total-time"]) if completed else None,  # type: ignore[index]
+            downtime_ms=float(info["downtime"]) if completed else None,  # type: ignore[index]
+            client_gap_ms=client_gap_ms(report, t_mig, end + PROBE_TAIL_S),
+            end_to_end_ms=(end - t_launch) * 1000,
+            bytes=int(ram.get("transferred", 0)),
+            zero_pages=int(ram.get("duplicate", 0)),
+            normal_pages=int(ram.get("normal", 0)),
+            rounds=int(ram.get("dirty-sync-count", 0)),
+            memory=cell.memory,
+            link_rate=cell.link_rate,
+            encrypted=lab.encrypted,
+            pause_ms=(resume_ts - stop_ts) * 1000 if (resume_ts and stop_ts) else None,
+            error=None if completed else (f"not converged within {timeout:.0f} s: cancelled "
+                                          f"(downtime-limit {params['downtime-limit']} ms, "  # type: ignore[index]
+                                          f"max-bandwidth {params['max-bandwidth']} B/s)"),  # type: ignore[index]
+            probe_sent=report.udp.sent,
+            probe_received=report.udp.received,
+            setup_ms=float(info.get("setup-time", 0)) if completed else None,  # type: ignore[union-attr]
+            resume_to_reply_ms=resume_to_reply_ms(report, resume_ts),
+        )
+    finally:
+        if probe is not None:
+            probe.kill()
+        for q in (src, dst):
+            if q is not None:
+                if getattr(q, "qmp", None) is not None:
+                    await q.qmp.close()
+                q.close()
+
+
+def run_baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, folder: Path,
+                 src: str = "host-a", dst: str = "host-b") -> RunResult:
+    return asyncio.run(_baseline(lab, cell, method, timeout, folder, src, dst))
