@@ -12,7 +12,7 @@ from rich.table import Table
 from kvmotion.cluster.inventory import HostEntry, Inventory
 from kvmotion.errors import NotFound, Unreachable
 from kvmotion.host.client import AgentClient
-from kvmotion.host.vms import VmStatus
+from kvmotion.host.vms import VmState, VmStatus
 from kvmotion.jsonio import as_json
 from kvmotion.units import format_duration, format_size
 
@@ -73,7 +73,8 @@ def locate_vm(name: str) -> tuple[HostEntry, AgentClient, VmStatus]:
         if down:
             raise Unreachable(f"VM {name} is on none of the reachable hosts; not answering: {', '.join(down)}")
         raise NotFound(f"no VM named {name} in the cluster")
-    found.sort(key=lambda f: f[2].pid is None)  # a running copy wins over a stopped definition
+    # A running copy wins over a stopped definition, and the VM wins over a migration's shadow.
+    found.sort(key=lambda f: (f[2].pid is None, f[2].state is VmState.INCOMING))
     return found[0]
 
 

@@ -182,7 +182,26 @@ class VmManager:
                 vm.proc = None
                 vm.state = VmState.CRASHED
                 continue
+            await self._cancel_orphan_migration(vm)
             vm.state = await self._qemu_state(vm)
+
+    async def _cancel_orphan_migration(self, vm: _Vm) -> None:
+        """An outgoing migration whose driving agent died: cancel it so QEMU resumes the source
+        (the destination's guard destroys the uncommitted shadow when it finds the source forgot it)."""
+        assert vm.qmp is not None
+        status = (await vm.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
+        if status not in ("setup", "active", "pre-switchover", "device", "wait-unplug"):
+            return
+        log.warning("VM %s had a migration in %s when this agent restarted: cancelling it", vm.name, status)
+        await vm.qmp.execute("migrate_cancel")
+        for _ in range(200):
+            status = (await vm.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
+            if status in ("cancelled", "failed", "completed"):
+                break
+            await asyncio.sleep(0.025)
+        # Only a migration that did not complete may resume here: a completed one may run elsewhere.
+        if status in ("cancelled", "failed") and (await vm.qmp.execute("query-status"))["status"] != "running":  # type: ignore[index]
+            await vm.qmp.execute("cont")
 
     def _last_ready_offset(self, vm: _Vm) -> int:
         """Offset of the last boot's READY line in the (appended) serial log, so `ready` stays true."""

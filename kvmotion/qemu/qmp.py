@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError, StateError
 
 from kvmotion.errors import VmFailed
@@ -62,7 +62,7 @@ class Qmp:
             return await self._client.execute(command, arguments or None)
         except ExecuteError as exc:
             raise VmFailed(f"QEMU refused {command} for VM {self.vm_name}: {exc.error.error.desc}") from exc
-        except (StateError, ConnectionError, EOFError) as exc:
+        except (StateError, ExecInterruptedError, ConnectionError, EOFError) as exc:
             raise VmFailed(f"lost the QEMU monitor of VM {self.vm_name} during {command}") from exc
 
     def listen(self, *names: str) -> "EventStream":
