@@ -218,3 +218,31 @@ def test_destination_agent_frozen_at_commit(make_lab, record_property):
             f"({rec['phase']}), one copy on {where} {t_settled - t_failed:.1f} s after the agent woke; record: {settled}")
     print(line)
     record_property("figures", line)
+
+
+def test_source_agent_killed_during_precopy_then_restarted(make_lab, record_property):
+    """The driving agent dies mid pre-copy: its QEMU keeps the VM; the restarted agent cancels the
+    orphaned migration and the destination's guard destroys the shadow the source forgot."""
+    lab, seq = _busy_lab(make_lab)
+    mig = lab.start_migrate(VM, "host-b")
+    try:
+        lab.wait_precopy("host-a", VM)
+        lab.kill_agent("host-a")
+        t_restart = time.time()
+        lab.start_agent("host-a")
+        deadline = time.monotonic() + 60
+        while lab.qemu_hosts(VM) != ["host-a"] or lab.vm_record("host-b", VM) is not None:
+            assert time.monotonic() < deadline, (lab.qemu_pids(VM), lab.vm_record("host-b", VM))
+            time.sleep(0.2)
+        settled = time.time() - t_restart
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    assert lab.listed(VM) == [("host-a", "running")]
+    offset = lab.mem_log("host-a", VM).end
+    after = lab.wait_mem_status("host-a", VM, offset, count=2)
+    assert seq < after.statuses[0].seq < after.statuses[-1].seq and not after.corrupt
+    assert all(s.errors == 0 for s in after.statuses)
+    line = f"FIGURES kill source agent in pre-copy, restart it: one copy on host-a, shadow gone {settled:.1f} s after the restart"
+    print(line)
+    record_property("figures", line)
