@@ -27,7 +27,7 @@ def create(
     name: str,
     memory: str = typer.Option("512M", help="Guest RAM, e.g. 512M, 1G."),
     vcpus: int = typer.Option(1, help="Virtual CPUs."),
-    cpu_model: str = typer.Option("qemu64", help="QEMU CPU model (the cluster baseline keeps VMs movable)."),
+    cpu_model: Optional[str] = typer.Option(None, help="QEMU CPU model (default: the cluster's baseline, else qemu64)."),
     disk: List[str] = typer.Option([], "--disk", help="PATH[:SIZE] (local) or DATASTORE/DISK; repeat."),
     nic: List[str] = typer.Option([], "--nic", help="pg=PORTGROUP,mac=MAC[,ip=ADDR/PREFIX]; repeat."),
     workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
@@ -37,6 +37,11 @@ def create(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Define a VM on a host (it does not start)."""
+    if cpu_model is None:
+        from kvmotion.cluster.config import load_config
+
+        # Like EVC: one baseline model for the cluster lets any VM move to any host.
+        cpu_model = load_config().cpu_baseline or "qemu64"
     spec = VmSpec(
         name=name,
         memory=parse_size(memory),
