@@ -28,6 +28,7 @@ log = logging.getLogger("kvmotion.agent")
 
 READY_MARK = b"KVMOTION READY"
 LEASE_RENEW_INTERVAL = 5.0  # s; datastore leases expire after 15 s by default
+LEASE_RETRY_INTERVAL = 1.0  # s; after a failed renewal: an unreachable datastore may be back any moment
 # Memory the host keeps for itself and QEMU's own overhead when admitting VMs.
 HOST_RESERVE = 256 << 20
 
@@ -75,6 +76,7 @@ class _Vm:
     serial_offset: int = 0
     # NBD node under each disk's format node; changes when a rolled-back migration reattaches.
     proto_nodes: list[str] = field(default_factory=list)
+    io_error_since: float | None = None  # QEMU paused it on a disk error (werror=stop); the agent resumes it
     watcher: asyncio.Task | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -443,24 +445,70 @@ class VmManager:
         self._vms.pop(name, None)
 
     async def _keep_leases(self) -> None:
-        """Renew the disk leases of running VMs; a VM whose lease is lost is stopped, never run
-        without its disk (another host may hold it now)."""
+        """Renew the disk leases of the VMs that hold them; a VM whose lease is lost is stopped,
+        never run without its disk (another host may hold it now). A source VM keeps renewing
+        during its migration (pre-copy can outlast the lease), until switchover moves the lease.
+        After a renewal, a VM that QEMU paused on a disk error is resumed (see _resume_after_io_error)."""
         from kvmotion.errors import KvmotionError, LeaseError
         from kvmotion.storage.host import renew_leases
 
+        failing: set[str] = set()  # VMs whose last renewal failed: retried sooner, logged once
         while True:
-            await asyncio.sleep(LEASE_RENEW_INTERVAL)
+            await asyncio.sleep(LEASE_RETRY_INTERVAL if failing else LEASE_RENEW_INTERVAL)
             for vm in list(self._vms.values()):
                 spec = vm.record.spec
-                if vm.state is not VmState.RUNNING or not any(d.datastore for d in spec.disks):
+                if vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.MIGRATING) or not any(
+                    d.datastore for d in spec.disks
+                ):
+                    failing.discard(vm.name)
                     continue
                 try:
                     await asyncio.to_thread(renew_leases, spec, self.config.name)
                 except LeaseError as exc:
+                    failing.discard(vm.name)
+                    if vm.state is VmState.MIGRATING:
+                        continue  # moved to the destination at switchover; a rollback brings it back
                     log.error("VM %s lost its disk lease (%s): stopping it", vm.name, exc)
-                    await self.stop(vm.name, force=True)
+                    try:
+                        await self.stop(vm.name, force=True)
+                    except KvmotionError as stop_exc:
+                        log.warning("stopping VM %s: %s", vm.name, stop_exc)
+                    continue
                 except KvmotionError as exc:
-                    log.warning("renewing the leases of VM %s: %s", vm.name, exc)
+                    if vm.name not in failing:
+                        log.warning("renewing the leases of VM %s: %s (retrying every %.0f s)", vm.name, exc,
+                                    LEASE_RETRY_INTERVAL)
+                    failing.add(vm.name)
+                    continue
+                if vm.name in failing:
+                    log.warning("renewed the leases of VM %s again", vm.name)
+                    failing.discard(vm.name)
+                if vm.state is VmState.RUNNING:
+                    await self._resume_after_io_error(vm)
+
+    async def _resume_after_io_error(self, vm: _Vm) -> None:
+        """`cont` a VM that QEMU paused on a disk error while this host holds its leases.
+
+        werror/rerror=stop pause the VM when its datastore stays away longer than NBD's
+        reconnect-delay (storage/attach.py); QEMU keeps the failed requests and retries them on
+        `cont`. Nothing else resumes it: once the lease renews the datastore is back, so try. If
+        QEMU's NBD client has not reconnected yet (it retries every 16 s by then), the retry
+        fails and the VM pauses again until a later round."""
+        from kvmotion.errors import KvmotionError
+
+        if vm.qmp is None:
+            return
+        try:
+            status = await vm.qmp.execute("query-status")
+            if not isinstance(status, dict) or status.get("status") != "io-error":
+                vm.io_error_since = None
+                return
+            if vm.io_error_since is None:
+                vm.io_error_since = time.monotonic()
+                log.warning("VM %s was paused by a disk I/O error; its leases renew: resuming it", vm.name)
+            await vm.qmp.execute("cont")
+        except KvmotionError as exc:
+            log.warning("resuming VM %s after a disk I/O error: %s", vm.name, exc)
 
     async def _release_leases(self, spec: VmSpec) -> None:
         from kvmotion.errors import KvmotionError

@@ -193,6 +193,19 @@ class Datastore:
 
         self._mutate(drop)
 
+    def heartbeat(self) -> None:
+        """The service is up: `datastore serve` calls this every second (server.HEARTBEAT)."""
+        self._store.heartbeat(self._clock())
+
+    def resume_after_outage(self) -> list[Lease]:
+        """At service start: give back the time the service was down to every lease that was
+        live when it went down (its holder could not renew meanwhile). Call before serving NBD,
+        so a holder's queued writes are not refused as expired. Returns the leases extended."""
+        down_at = self._store.last_alive()
+        if down_at is None:
+            return []
+        return self._mutate(lambda t: t.resume_after_outage(down_at))
+
     def leases(self) -> list[Lease]:
         return self._table(self._store.snapshot()).leases()
 

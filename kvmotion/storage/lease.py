@@ -229,6 +229,18 @@ class LeaseTable:
         elif current.live(now):
             raise LeaseError(f"cannot release {disk} for {host}: {_held(current, now)}")
 
+    def resume_after_outage(self, down_at: float) -> list[Lease]:
+        """The datastore service was down from `down_at` until now, so no holder could renew:
+        every lease that was live at `down_at` gets a full TTL from now (returned). Nobody else
+        could take a lease meanwhile, so this keeps the single writer; a holder that is gone
+        for good just blocks its disk one TTL longer."""
+        now = self._clock()
+        resumed = []
+        for lease in list(self._leases.values()):
+            if lease.expires_at > down_at and lease.expires_at < now + self.ttl:
+                resumed.append(self._put(replace(lease, expires_at=now + self.ttl)))
+        return resumed
+
     def expire(self) -> list[Lease]:
         """Drop expired leases (writes were already refused by time); returns them."""
         now = self._clock()

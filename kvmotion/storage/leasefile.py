@@ -8,6 +8,8 @@ Files under `<root>/.kvmotion/`:
   leases.turnstile  flock: while a change is pending, writers pass through it first, so a waiting
                     change is not starved by a stream of writers (Linux flock grants shared locks
                     past a waiting exclusive one); without a pending change they skip it
+  service.alive     touched every second by the running service: its mtime says when the service
+                    was last up, so a restarted one knows how long leases could not be renewed
 
 Holding leases.lock shared across "check, then pwrite" is what makes fencing exact: once
 `transfer()` has returned, no write authorized under the old generation is still in flight.
@@ -38,6 +40,7 @@ class LeasePaths:
         self.seq = self.dir / "leases.seq"
         self.lock = self.dir / "leases.lock"
         self.turnstile = self.dir / "leases.turnstile"
+        self.alive = self.dir / "service.alive"
 
     def ensure(self) -> None:
         self.dir.mkdir(mode=0o700, exist_ok=True)
@@ -116,6 +119,22 @@ class LeaseStore:
                 self._set_pending(False)
                 os.close(lock)  # closing drops the flock
                 os.close(turn)
+
+    def heartbeat(self, now: float) -> None:
+        """Record that the service is up at `now` (the mtime of service.alive; no fsync: a
+        second's precision is all a restart needs)."""
+        try:
+            os.utime(self.paths.alive, (now, now))
+        except FileNotFoundError:
+            self.paths.alive.touch()
+            os.utime(self.paths.alive, (now, now))
+
+    def last_alive(self) -> float | None:
+        """When the service was last known up (None: it never ran on this root)."""
+        try:
+            return self.paths.alive.stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def snapshot(self) -> str:
         """The current document, without locking (it is always replaced whole)."""

@@ -32,6 +32,7 @@ from kvmotion.storage.datastore import Datastore
 from kvmotion.units import format_duration
 
 READY_TIMEOUT = 15.0
+HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
 _TRACEBACK_START = re.compile(r"^nbdkit: .*error: .*Traceback \(most recent call last\):")
 
 
@@ -142,9 +143,26 @@ async def _wait_ready(
         await asyncio.sleep(0.05)
 
 
+async def _heartbeat(ds: Datastore) -> None:
+    while True:
+        ds.heartbeat()
+        await asyncio.sleep(HEARTBEAT)
+
+
 async def _serve(cfg: ServeConfig) -> None:
     ds = Datastore(cfg.name, cfg.root, cfg.lease_ttl)
     control_sock = _bind(cfg.control)
+    # Before nbdkit takes writes: holders could not renew while the service was down, and the
+    # writes their QEMU queued meanwhile (reconnect-delay) must not be refused as expired.
+    resumed = ds.resume_after_outage()
+    ds.heartbeat()
+    if resumed:
+        print(
+            f"datastore {cfg.name}: the service was down; {len(resumed)} lease(s) live then get a "
+            f"new TTL: " + ", ".join(f"{lease.disk} ({lease.host})" for lease in resumed),
+            file=sys.stderr,
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:
         pidfile = Path(tmp) / "nbdkit.pid"
         proc = await asyncio.create_subprocess_exec(
@@ -173,12 +191,14 @@ async def _serve(cfg: ServeConfig) -> None:
                 flush=True,
             )
             serving = asyncio.create_task(server.serve(sockets=[control_sock]))
+            beating = asyncio.create_task(_heartbeat(ds))
             nbdkit_exit = asyncio.create_task(proc.wait())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({serving, nbdkit_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
             await serving
             stopping.cancel()
+            beating.cancel()
             if nbdkit_exit.done():
                 raise SetupError(f"nbdkit exited unexpectedly ({proc.returncode}); datastore stopped")
         finally:

@@ -150,3 +150,89 @@ def test_disk_writer_ten_migrations(lab, record_property):
             f"{[round(r[1]) for r in rows]} generations {[r[2] for r in rows]}; {summary}")
     print(line)
     record_property("figures", line)
+
+
+def _datastore_processes(lab: MigrationLab) -> list[tuple[int, list[str], dict[str, str]]]:
+    """(pid, argv, environment) of every process in the lab's datastore namespace."""
+    out = []
+    for pid in netns.pids_in_ns(lab.topo.datastore.ns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        out.append((pid, [a.decode() for a in argv], dict(e.decode().partition("=")[::2] for e in env)))
+    return out
+
+
+@dataclass(frozen=True)
+class ServiceCommand:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def kill_datastore(lab: MigrationLab) -> ServiceCommand:
+    """SIGKILL the datastore service and its nbdkit; returns how it was started (by
+    kvmotion.cluster.lab.start_cluster), read from /proc, to start it again the same way."""
+    procs = _datastore_processes(lab)
+    serve = [p for p in procs if "datastore" in p[1] and "serve" in p[1]]
+    assert len(serve) == 1, f"expected one `datastore serve` in {lab.topo.datastore.ns}: {procs}"
+    for pid, _, _ in procs:
+        netns._signal(pid, signal.SIGKILL)  # noqa: SLF001 - tolerant of a pid already gone
+    deadline = time.monotonic() + 5
+    while any(netns._alive(p[0]) for p in procs):  # noqa: SLF001
+        assert time.monotonic() < deadline, "the datastore's processes did not die"
+        time.sleep(0.02)
+    return ServiceCommand(serve[0][1], serve[0][2])
+
+
+def start_datastore(lab: MigrationLab, cmd: ServiceCommand) -> None:
+    proc = labmod.spawn_in_ns(lab.topo.datastore.ns, cmd.argv, lab.cluster.folder / "logs" / "datastore.log", cmd.env)
+    with datastore(lab) as ds:
+        deadline = time.monotonic() + 30
+        while not ds.reachable():
+            assert proc.poll() is None, f"the restarted datastore exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "the restarted datastore did not answer within 30 s"
+            time.sleep(0.05)
+
+
+# 0: restarted at once (the service is back in about 0.6 s); 12 s: past QEMU's NBD reconnect
+# attempts at 1, 3 and 7 s, and long enough for the lease to expire unless the restarted service
+# gives it back; 40 s: longer than NBD's reconnect-delay (35 s), so QEMU fails the queued writes
+# and werror=stop pauses the VM until its agent resumes it.
+@pytest.mark.parametrize("outage", [0.0, 12.0, 40.0])
+def test_datastore_restart_during_writes(lab, outage, record_property):
+    """The datastore service is killed while the guest writes and started again after `outage`
+    seconds: the writer goes on, on the same host under the same lease generation, and the disk
+    holds every acknowledged record."""
+    vm, disk = "dsk2", "dsk2.img"
+    disk_vm(lab, vm, disk)
+    before = wait_ack_above(lab, "host-a", vm, 0, 16)
+    assert before.last > 16, "the disk writer acknowledged nothing"
+    _, gen = lease_of(lab, disk)
+    cmd = kill_datastore(lab)
+    t_kill = time.monotonic()
+    at_kill = disk_log(lab, "host-a", vm)
+    time.sleep(outage)
+    start_datastore(lab, cmd)
+    t_up = time.monotonic()
+    during = disk_log(lab, "host-a", vm, at_kill.end)
+    # The writer may have had one batch in flight past the kill, not more.
+    assert during.last <= at_kill.last + 8, f"acks while the datastore was down: {during.acks}"
+    after = wait_ack_above(lab, "host-a", vm, at_kill.end, max(at_kill.last, during.last), timeout=45)
+    t_ack = time.monotonic()
+    assert after.last > max(at_kill.last, during.last), (
+        f"no ack {t_ack - t_up:.0f} s after the datastore came back; agent: {lab.agent_log('host-a')[-600:]}"
+    )
+    assert not after.errors, f"the guest saw disk errors: {after.errors[:3]}"
+    more = wait_ack_above(lab, "host-a", vm, after.end, after.last)
+    assert more.last > after.last, "the writer stopped again"
+    assert lab.listed(vm) == [("host-a", "running")]
+    lease, gen_after = lease_of(lab, disk)
+    assert lease is not None and (lease.host, lease.generation, gen_after) == ("host-a", gen, gen), lease
+    resumed = "paused by a disk I/O error" in lab.agent_log("host-a")
+    acked, summary = stop_and_verify(lab, vm, disk)
+    line = (f"FIGURES datastore restart after {outage:.0f} s: service answered {t_up - t_kill:.1f} s after the kill, "
+            f"guest acks again {t_ack - t_kill:.1f} s after it (agent resumed an I/O-error pause: {resumed}); {summary}")
+    print(line)
+    record_property("figures", line)

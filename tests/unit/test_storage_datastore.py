@@ -145,3 +145,20 @@ def test_waiting_transfer_is_not_starved_by_new_writers(ds: Datastore, tmp_path:
         stop.set()
         for t in threads:
             t.join(5)
+
+
+def test_restart_gives_leases_back_the_time_the_service_was_down(
+    ds: Datastore, tmp_path: Path, clock: FakeClock
+) -> None:
+    assert ds.resume_after_outage() == []  # never ran here: nothing to give back
+    ds.acquire("web1.img", "host-a", "web1")
+    ds.heartbeat()  # last sign of life at 5000; the lease runs until 5010
+    clock.t += 30  # the service was down for 30 s
+    again = Datastore("ds1", tmp_path, TTL, clock)
+    assert again.disk("web1.img").lease is None
+    resumed = again.resume_after_outage()
+    assert [(lease.host, lease.generation, lease.expires_at) for lease in resumed] == [("host-a", 1, clock.t + TTL)]
+    assert again.renew("web1.img", "host-a").generation == 1
+    gate = LeaseGate(tmp_path)
+    with gate.hold() as leases:
+        assert check_write(leases.get("web1.img"), "host-a", 1, clock.t).allowed

@@ -218,3 +218,32 @@ def test_export_names() -> None:
     for bad in ("", "@host", "web1.img@", "a/b", "web1.img@host@x", ".hidden"):
         with pytest.raises(InvalidInput):
             ExportName.parse(bad)
+
+
+def test_resume_after_outage_restores_leases_live_when_the_service_went_down(
+    table: LeaseTable, clock: FakeClock
+) -> None:
+    table.acquire("gone.img", "host-c", "vm0")  # expires at 1010, before the outage
+    clock.advance(8)
+    table.acquire("a.img", "host-a", "vm1")  # expires at 1018
+    table.acquire("b.img", "host-b", "vm2")
+    down_at = clock.t + 4  # the service dies at 1012 ...
+    clock.advance(20)  # ... and is back at 1028: a.img and b.img expired meanwhile
+    assert table.holder("a.img") is None
+    resumed = table.resume_after_outage(down_at)
+    assert sorted(lease.disk for lease in resumed) == ["a.img", "b.img"]
+    lease = table.holder("a.img")
+    assert lease is not None and (lease.host, lease.generation, lease.expires_at) == ("host-a", 1, clock.t + TTL)
+    assert table.renew("a.img", "host-a").generation == 1  # same generation: connections stay bound
+    assert table.holder("gone.img") is None  # already expired when the service went down
+    assert table.acquire("gone.img", "host-d", "vm3").generation == 2
+
+
+def test_resume_after_outage_never_shortens_a_lease(table: LeaseTable, clock: FakeClock) -> None:
+    table.acquire("a.img", "host-a", "vm1")
+    clock.advance(1)
+    assert table.resume_after_outage(clock.t - 0.5) == [table.holder("a.img")]
+    assert table.holder("a.img").expires_at == clock.t + TTL  # type: ignore[union-attr]
+    before = table.holder("a.img")
+    assert table.resume_after_outage(clock.t) == []  # already a full TTL left
+    assert table.holder("a.img") == before
