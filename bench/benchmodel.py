@@ -95,6 +95,9 @@ class RunResult:
     setup_ms: float | None = None  # QEMU's setup-time (part of total_ms)
     resume_to_reply_ms: float | None = None  # destination resumed -> the client's first echo reply
     phases_ms: tuple[tuple[str, float], ...] = ()  # kvmotion: phase -> ms after the request
+    peak_dirty_rate: float = 0.0  # bytes/s, largest dirty rate QEMU measured during the migration
+    writer_rate: float | None = None  # bytes/s the guest's memory writer achieved just before it
+    rounds_log: tuple[dict, ...] = ()  # per-round statistics (kvmotion.migration.stats.RoundStats JSON)
 
     @property
     def nonzero_bytes(self) -> int:

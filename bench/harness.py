@@ -26,6 +26,7 @@ from kvmotion.cluster.lab import LabCluster, start_cluster
 from kvmotion.errors import KvmotionError, SetupError
 from kvmotion.guest.serial import MemStatus, Ready, parse_line
 from kvmotion.host.client import AgentClient
+from kvmotion.migration.stats import MigrationSample, RoundTracker
 from kvmotion.net import lab as labmod
 from kvmotion.net import links, netns
 from kvmotion.net.probe import ProbeReport, largest_gap, reply_times
@@ -110,21 +111,31 @@ def guest_spec(cell: Cell, topo: labmod.LabTopology) -> VmSpec:
 # ---------------------------------------------------------------------------------- the guest's log
 
 
-def _events(path: Path):
+def _events(path: Path, offset: int = 0):
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
     except FileNotFoundError:
         return []
     return [e for e in (parse_line(ln) for ln in text.splitlines()) if e is not None]
 
 
-def wait_guest(path: Path, cell: Cell, alive=lambda: True) -> None:
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def wait_guest(path: Path, cell: Cell, alive=lambda: True, offset: int = 0) -> None:
     """Until the guest printed READY and (with a writer) finished a first pass over its working set,
-    so the memory being migrated holds what the cell says."""
+    so the memory being migrated holds what the cell says. `offset`: where this boot's lines start
+    (an agent appends every boot of a VM to the same serial log)."""
     rate = cell.dirty_rate or 500e6
     deadline = time.monotonic() + BOOT_TIMEOUT + (cell.wss / rate if cell.dirty_rate is not None else 0)
     while True:
-        evs = _events(path)
+        evs = _events(path, offset)
         ready = any(isinstance(e, Ready) for e in evs)
         passes = max((e.passes for e in evs if isinstance(e, MemStatus)), default=-1)
         if ready and (cell.dirty_rate is None or passes >= 1):
@@ -134,6 +145,14 @@ def wait_guest(path: Path, cell: Cell, alive=lambda: True) -> None:
         if time.monotonic() > deadline:
             raise SetupError(f"the guest was not ready in time (ready={ready}, writer passes={passes}; log {path})")
         time.sleep(0.1)
+
+
+def writer_rate(path: Path, offset: int = 0) -> float | None:
+    """Bytes/s the memory writer wrote between its last two status lines (printed once a second)."""
+    st = [e for e in _events(path, offset) if isinstance(e, MemStatus)]
+    if len(st) < 2:
+        return None
+    return (st[-1].seq - st[-2].seq) * 4096.0
 
 
 # ------------------------------------------------------------------------------------ the probe
@@ -214,10 +233,12 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
     spec = guest_spec(cell, lab.topo)
     a, b = lab.agent(src), lab.agent(dst)
     if boot:
+        offset = log_size(lab.serial_log(src))
         a.create(spec)
         a.start(VM, wait_ready=True, timeout=BOOT_TIMEOUT)
-        wait_guest(lab.serial_log(src), cell)
+        wait_guest(lab.serial_log(src), cell, offset=offset)
     probe = ClientProbe(lab, folder, f"kvmotion-{cell.key.replace('/', '_')}")
+    wrate = writer_rate(lab.serial_log(src), offset if boot else 0) if cell.dirty_rate is not None else None
     try:
         time.sleep(PROBE_LEAD_S)
         options = MigrationOptions(encrypted=lab.encrypted, policy=policy)
@@ -227,7 +248,7 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
         deadline = time.monotonic() + timeout + 60  # the policy's own completion timeout acts first
         cancelled = False
         while rec["phase"] not in ("done", "failed", "cancelled"):  # type: ignore[index]
-            time.sleep(0.25)
+            time.sleep(0.5)  # the baselines' monitor costs no CPU beyond QEMU's own: keep ours light too
             rec = a.request("GET", f"/v1/migrations/{mid}")
             if time.monotonic() > deadline and not cancelled:
                 a.request("POST", f"/v1/migrations/{mid}/cancel")
@@ -266,6 +287,9 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
         setup_ms=s.get("setup_ms"),
         resume_to_reply_ms=resume_to_reply_ms(report, resumed),
         phases_ms=tuple((p, round((t - rec["started_at"]) * 1000, 1)) for p, t in rec["phase_times"]),  # type: ignore[index]
+        peak_dirty_rate=float(s.get("peak_dirty_rate") or 0.0),
+        writer_rate=wrate,
+        rounds_log=tuple(rec.get("rounds", ())),  # type: ignore[union-attr]
     )
     return KvmotionRun(result, rec, report)  # type: ignore[arg-type]
 
@@ -353,6 +377,8 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
         sq = await src.connect()
         await asyncio.to_thread(wait_guest, src.paths.serial_log, cell, src.alive)
         probe = ClientProbe(lab, folder, f"{method.value}-{cell.key.replace('/', '_')}")
+        wrate = writer_rate(src.paths.serial_log) if cell.dirty_rate is not None else None
+        peak_dirty = 0.0
         await asyncio.sleep(PROBE_LEAD_S)
         # ---- what libvirt does: the destination QEMU, paused, waiting for the stream
         t_launch = time.time()
@@ -374,10 +400,12 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
         params = await sq.execute("query-migrate-parameters")
         stop_ts = resume_ts = None
         converged = False
+        tracker = RoundTracker()
         async with sq.listen("MIGRATION", "STOP") as sev, dq.listen("RESUME") as dev:
             t_mig = time.time()
+            t0 = time.monotonic()
             await sq.execute("migrate", uri=f"tcp:{ip}:{port}")
-            deadline = time.monotonic() + timeout
+            deadline = t0 + timeout
             while True:
                 try:
                     ev = await sev.get(POLL_S)
@@ -386,7 +414,12 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                         continue
                     status = ev.data.get("status")
                 except asyncio.TimeoutError:
-                    status = (await sq.execute("query-migrate"))["status"]  # type: ignore[index]
+                    # the same 100 ms samples kvmotion's engine takes, folded into rounds the same way
+                    sample = MigrationSample.from_qmp(await sq.execute("query-migrate"), at=time.monotonic() - t0)  # type: ignore[arg-type]
+                    tracker, _ = tracker.observe(sample)
+                    status = sample.status.value
+                    if sample.ram is not None:
+                        peak_dirty = max(peak_dirty, sample.ram.dirty_rate)
                 if status == "completed":
                     # libvirt resumes the destination once the source reports completion
                     await dq.execute("cont")
@@ -400,14 +433,19 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                         await asyncio.sleep(0.02)
                     break
             info = await sq.execute("query-migrate")
+            tracker, _ = tracker.observe(MigrationSample.from_qmp(info, at=time.monotonic() - t0))  # type: ignore[arg-type]
             if converged:
                 resume_ts = (await dev.wait_for("RESUME", timeout=10)).timestamp
-                if stop_ts is None:
-                    while True:
-                        ev = await sev.get(1.0)
-                        if ev.name == "STOP":
-                            stop_ts = ev.timestamp
-                            break
+                # libvirt's Confirm phase then kills the source QEMU (SIGTERM, later SIGKILL): its
+                # exit competes for the CPU with the resumed guest, as kvmotion's teardown does.
+                src.proc.terminate()
+                while stop_ts is None:  # the STOP event came before we listened for it
+                    try:
+                        ev = sev.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if ev.name == "STOP":
+                        stop_ts = ev.timestamp
         end = resume_ts or time.time()
         await asyncio.sleep(max(0.0, end + PROBE_TAIL_S - time.time()))
         report = await asyncio.to_thread(probe.stop)
@@ -436,6 +474,9 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
             probe_received=report.udp.received,
             setup_ms=float(info.get("setup-time", 0)) if completed else None,  # type: ignore[union-attr]
             resume_to_reply_ms=resume_to_reply_ms(report, resume_ts),
+            peak_dirty_rate=peak_dirty,
+            writer_rate=wrate,
+            rounds_log=tuple(r.to_json() for r in tracker.rounds),
         )
     finally:
         if probe is not None:
