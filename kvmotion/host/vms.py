@@ -457,7 +457,9 @@ class VmManager:
             await asyncio.sleep(LEASE_RETRY_INTERVAL if failing else LEASE_RENEW_INTERVAL)
             for vm in list(self._vms.values()):
                 spec = vm.record.spec
-                if vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.MIGRATING) or not any(
+                # Not PAUSED: a source held paused after a commit with no answer has handed its
+                # lease over, and must neither renew nor be stopped until the engine settles it.
+                if vm.state not in (VmState.RUNNING, VmState.MIGRATING) or not any(
                     d.datastore for d in spec.disks
                 ):
                     failing.discard(vm.name)

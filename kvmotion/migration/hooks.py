@@ -51,10 +51,10 @@ class DiskLeaseHook:
 
     async def on_rollback(self, ctx: SwitchoverContext) -> None:
         from kvmotion.storage.attach import reattach_commands
-        from kvmotion.storage.host import transfer_leases
+        from kvmotion.storage.host import take_back_leases
         from kvmotion.storage.registry import Registry
 
-        await asyncio.to_thread(transfer_leases, ctx.spec, ctx.destination, ctx.source)
+        await asyncio.to_thread(take_back_leases, ctx.spec, ctx.destination, ctx.source)
         # The source's old NBD connections stay fenced (bound to the old generation): give
         # QEMU new ones, under the lease generation the source holds again, before it resumes.
         for i, disk in enumerate(ctx.spec.disks):

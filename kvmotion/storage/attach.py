@@ -28,6 +28,9 @@ Abort after switchover: once the lease has moved on, the source's connection is 
 so when the lease comes back (`transfer(disk, dst, src, vm)`), the source QEMU needs a fresh
 connection before it resumes: `reattach_commands` adds a new NBD node and points the format node
 at it with `blockdev-reopen` (the guest device stays attached; QEMU 10 does this while paused).
+blockdev-reopen first flushes the node, through the old connection (QEMU's NBD client sends
+every flush, written or not): the datastore allows that flush because the host holds the lease
+again (lease.check_flush), while that connection's writes stay refused.
 """
 
 from __future__ import annotations

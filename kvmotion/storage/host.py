@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvmotion.errors import NotFound
+from kvmotion.errors import LeaseError, NotFound
 from kvmotion.qemu.spec import DiskSpec, VmSpec
 from kvmotion.storage.attach import nbd_blockdev
 from kvmotion.storage.client import DatastoreClient
@@ -52,6 +52,25 @@ def transfer_leases(spec: VmSpec, from_host: str, to_host: str) -> None:
     for disk in _datastore_disks(spec):
         with _client(disk.datastore) as client:  # type: ignore[arg-type]
             client.transfer(disk.source, from_host, to_host, spec.name)
+
+
+def take_back_leases(spec: VmSpec, from_host: str, to_host: str) -> None:
+    """Rollback step: the leases handed to `from_host` (the destination) at switchover return to
+    `to_host` (the source) under a new generation. A rollback can come later than the lease TTL
+    (a commit retried against a dead agent): a lease that expired meanwhile, unrenewed because the
+    shadow never ran, is acquired afresh. A lease some other host holds raises LeaseError: the
+    source must not resume then."""
+    for disk in _datastore_disks(spec):
+        with _client(disk.datastore) as client:  # type: ignore[arg-type]
+            try:
+                client.transfer(disk.source, from_host, to_host, spec.name)
+            except LeaseError:
+                held = client.disk(disk.source).lease
+                if held is None:
+                    client.acquire(disk.source, to_host, spec.name)
+                elif held.host != to_host:
+                    raise
+                # else: it never left the source (a handoff that failed before this disk)
 
 
 def reachable_datastores() -> list[str]:

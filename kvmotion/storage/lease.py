@@ -140,6 +140,19 @@ def check_write(lease: Lease | None, host: str | None, bound: int | None, now: f
     return WriteCheck(None, lease.generation)
 
 
+def check_flush(lease: Lease | None, host: str | None, bound: int | None, now: float) -> WriteCheck:
+    """May a connection flush now? As check_write, with one exception: a connection bound to an
+    older generation may flush while its host holds the live lease again. A flush changes no
+    data, and what that connection wrote under its generation was made durable when the lease
+    moved on (transfer fdatasyncs the disk). QEMU flushes a node before it reopens it, which is
+    how a source gets its new connection after a rolled-back handoff (attach.reattach_commands).
+    A flush never binds a connection: the returned generation is `bound`, unchanged."""
+    verdict = check_write(lease, host, bound, now)
+    if verdict.allowed or verdict.refusal is WriteRefusal.STALE:
+        return WriteCheck(None, bound)
+    return verdict
+
+
 def leases_from_json(text: str) -> dict[str, Lease]:
     """The leases recorded in a state document (expired ones included), by disk."""
     if not text.strip():

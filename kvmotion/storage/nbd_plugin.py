@@ -9,7 +9,8 @@ checkout this file sits in.
 Export names: `DISK` opens read only (anyone may read); `DISK@HOST` opens writable, but every
 write, zero, trim and flush is checked against the lease, under the lease lock (see leasefile),
 and refused with EPERM unless HOST holds a live lease whose generation is the one this
-connection's first allowed write was bound to. The host name is the client's claim, not
+connection's first allowed write was bound to (a flush only needs HOST to hold the live lease:
+lease.check_flush). The host name is the client's claim, not
 authenticated: fencing stops confused and stale writers, not malicious ones (that would take TLS
 client certificates mapped to host names).
 
@@ -24,6 +25,7 @@ import errno
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded interpreter
@@ -32,7 +34,7 @@ _PROJECT = str(Path(__file__).resolve().parents[2])
 if _PROJECT not in sys.path:
     sys.path.insert(0, _PROJECT)
 
-from kvmotion.storage.lease import ExportName, WriteRefusal, check_write  # noqa: E402
+from kvmotion.storage.lease import ExportName, WriteCheck, WriteRefusal, check_flush, check_write  # noqa: E402
 from kvmotion.storage.leasefile import META_DIR, LeaseGate  # noqa: E402
 
 API_VERSION = 2
@@ -164,7 +166,7 @@ def is_rotational(h: _Conn) -> bool:
     return False
 
 
-def _fence(h: _Conn, op: str) -> int:
+def _fence(h: _Conn, op: str, check: Callable[..., WriteCheck] = check_write) -> int:
     """Take the lease lock and check that `h` may write now; returns the fd to unlock.
 
     A plain function pair, not a context manager: this runs on every write and each layer of
@@ -173,7 +175,7 @@ def _fence(h: _Conn, op: str) -> int:
     assert _gate is not None
     fd, leases = _gate.lock()
     lease = leases.get(h.export.disk)
-    verdict = check_write(lease, h.export.host, h.bound, time.time())
+    verdict = check(lease, h.export.host, h.bound, time.time())
     if verdict.refusal is None:
         h.bound = verdict.generation
         return fd
@@ -230,7 +232,7 @@ def pwrite(h: _Conn, buf: bytes, offset: int, flags: int) -> None:
 
 
 def flush(h: _Conn, flags: int) -> None:
-    lock = _fence(h, "flush")
+    lock = _fence(h, "flush", check_flush)
     try:
         os.fdatasync(h.fd)
     except OSError as exc:

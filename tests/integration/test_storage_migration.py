@@ -9,7 +9,7 @@ lines (pytest -s) and recorded as junit properties.
 
 from __future__ import annotations
 
-import os
+import asyncio
 import signal
 import time
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from kvmotion.storage.lease import Lease
 from kvmotion.storage.registry import Registry
 from tests.integration.lab_fixture import MigrationLab
 
-pytestmark = [pytest.mark.qemu, pytest.mark.lab]
+pytestmark = [pytest.mark.qemu]
 
 DISK_SIZE = "256M"
 
@@ -50,8 +50,12 @@ class DiskLog:
 
 
 def disk_log(lab: MigrationLab, host: str, vm: str, offset: int = 0) -> DiskLog:
+    return read_disk_log(lab.serial_log(host, vm), offset)
+
+
+def read_disk_log(path: Path, offset: int = 0) -> DiskLog:
     try:
-        with open(lab.serial_log(host, vm), "rb") as f:
+        with open(path, "rb") as f:
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
@@ -109,6 +113,7 @@ def stop_and_verify(lab: MigrationLab, vm: str, disk: str) -> tuple[int, str]:
     return acked, check.summary()
 
 
+@pytest.mark.lab
 def test_disk_writer_ten_migrations(lab, record_property):
     """a->b->a ... ten times: the lease follows the VM with a new generation each time, the
     writer keeps acknowledging on each destination, and the disk holds every acknowledged record."""
@@ -200,6 +205,7 @@ def start_datastore(lab: MigrationLab, cmd: ServiceCommand) -> None:
 # attempts at 1, 3 and 7 s, and long enough for the lease to expire unless the restarted service
 # gives it back; 40 s: longer than NBD's reconnect-delay (35 s), so QEMU fails the queued writes
 # and werror=stop pauses the VM until its agent resumes it.
+@pytest.mark.lab
 @pytest.mark.parametrize("outage", [0.0, 12.0, 40.0])
 def test_datastore_restart_during_writes(lab, outage, record_property):
     """The datastore service is killed while the guest writes and started again after `outage`
@@ -234,5 +240,128 @@ def test_datastore_restart_during_writes(lab, outage, record_property):
     acked, summary = stop_and_verify(lab, vm, disk)
     line = (f"FIGURES datastore restart after {outage:.0f} s: service answered {t_up - t_kill:.1f} s after the kill, "
             f"guest acks again {t_ack - t_kill:.1f} s after it (agent resumed an I/O-error pause: {resumed}); {summary}")
+    print(line)
+    record_property("figures", line)
+
+
+SLOW_LINK = 20_000_000  # bytes/s: pre-copy lasts seconds, time enough to kill an agent in it
+
+
+@pytest.mark.lab
+def test_rollback_after_lease_handoff_keeps_writing_on_source(make_lab, record_property):
+    """The destination's agent dies during pre-copy: QEMU completes the stream and the lease moves
+    to host-b at switchover, but nobody commits. The source takes the lease back, gives its QEMU a
+    fresh NBD connection (the old one is fenced for good) and resumes: the writer acknowledges new
+    records on host-a, and the disk holds every acknowledged record."""
+    lab = make_lab(link_rate=SLOW_LINK)
+    vm, disk = "dsk3", "dsk3.img"
+    lab.cli_ok("disk", "create", f"{DATASTORE}/{disk}", DISK_SIZE)
+    lab.create_vm(vm, "host-a", workload="echo,mem,disk", mem_wss="16M", mem_rate="5M",
+                  disks=(f"{DATASTORE}/{disk}",))
+    first = wait_ack_above(lab, "host-a", vm, 0, 16)
+    assert first.last > 16, "the disk writer acknowledged nothing"
+    _, gen = lease_of(lab, disk)
+    mig = lab.start_migrate(vm, "host-b")
+    try:
+        lab.wait_precopy("host-a", vm, min_bytes=1 << 20)
+        lab.kill_agent("host-b")
+        rec = lab.finish_migrate(mig, timeout=120)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+    t_failed = time.monotonic()
+    phases = [p for p, _ in rec["phase_times"]]
+    assert "switchover" in phases and "commit" in phases, f"the lease never moved: {phases} {rec['error']}"
+    assert rec["phase"] == "failed" and "keeps running on host-a" in rec["error"], rec["error"]
+    assert "disk-leases" not in rec["error"], f"the lease hook's rollback failed: {rec['error']}"
+    lease, gen_after = lease_of(lab, disk)
+    assert lease is not None and lease.host == "host-a", f"the lease did not come back: {lease}"
+    assert gen_after >= gen + 2, f"generation {gen} -> {gen_after}: the lease never went to host-b and back"
+    at_fail = disk_log(lab, "host-a", vm)
+    after = wait_ack_above(lab, "host-a", vm, 0, at_fail.last)
+    assert after.last > at_fail.last, f"no new ack on host-a after the rollback; agent: {lab.agent_log('host-a')[-800:]}"
+    t_ack = time.monotonic()
+    assert not after.errors, f"the guest saw disk errors: {after.errors[:3]}"
+    # Long enough for a lease renewal round: the source still holds its lease and keeps writing.
+    time.sleep(6)
+    more = disk_log(lab, "host-a", vm, at_fail.end)
+    assert more.last > after.last, "the writer stopped after the rollback"
+    lab.start_agent("host-b")  # destroys the uncommitted shadow it finds
+    assert lab.wait_qemu_hosts(vm, ["host-a"]) == ["host-a"], lab.qemu_pids(vm)
+    assert lab.listed(vm) == [("host-a", "running")]
+    acked, summary = stop_and_verify(lab, vm, disk)
+    line = (f"FIGURES rollback after the lease moved: generation {gen} -> {gen_after}, first ack on host-a "
+            f"{t_ack - t_failed:.1f} s after migrate returned; error: {rec['error']}; {summary}")
+    print(line)
+    record_property("figures", line)
+
+
+def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_property):
+    """DiskLeaseHook against a real guest, without a lab: the source pauses as at pre-switchover,
+    the hook hands the lease to host-b, then rolls back while the lease is still live there (a
+    transfer back, generation 3): the old NBD connection is fenced for good, so the hook puts a
+    new one under the guest's disk, and once resumed the writer acknowledges new records."""
+    from kvmotion.host.vms import HostConfig, VmManager
+    from kvmotion.migration.hooks import DiskLeaseHook, SwitchoverContext
+    from kvmotion.qemu import accel
+    from kvmotion.qemu.spec import DiskSpec, VmSpec, Workload
+    from kvmotion.storage.registry import DatastoreRef
+    from tests.integration.test_datastore import Service
+
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    svc = Service(tmp_path / "ds1", ttl=15)
+    svc.start()
+    try:
+        Registry().add(DatastoreRef.make("ds1", svc.nbd_url))
+        with svc.client() as c:
+            c.create_disk("hook.img", 64 << 20)
+        spec = VmSpec(name="hook1", memory=256 << 20, disks=(DiskSpec(source="hook.img", datastore="ds1"),),
+                      workloads=(Workload.DISKWRITER,))
+
+        async def run() -> tuple[int, int, list[str]]:
+            mgr = VmManager(HostConfig(name="host-a", state_dir=tmp_path / "state", run_dir=tmp_path / "run",
+                                       portgroups={}, accel=accel.choose()))
+            await mgr.recover()
+            try:
+                await mgr.create(spec)
+                await mgr.start(spec.name, wait_ready=True, timeout=60)
+                serial = tmp_path / "run" / "vms" / spec.name / "serial.log"
+                deadline = time.monotonic() + 20
+                while read_disk_log(serial).last < 16:
+                    assert time.monotonic() < deadline, "the disk writer acknowledged nothing"
+                    await asyncio.sleep(0.05)
+                qmp = mgr.qmp(spec.name)
+                ctx = SwitchoverContext(spec=spec, source="host-a", destination="host-b", migration_id="0123456789ab",
+                                        source_qmp=qmp, proto_nodes=mgr.proto_nodes(spec.name))
+                hook = DiskLeaseHook()
+                await qmp.execute("stop")  # as at pre-switchover: vCPUs stopped, disks flushed
+                await hook.before_switchover(ctx)
+                with svc.client() as c:
+                    assert c.disk("hook.img").holder == "host-b"
+                await hook.on_rollback(ctx)
+                await qmp.execute("cont")
+                at_resume = read_disk_log(serial)
+                deadline = time.monotonic() + 20
+                while read_disk_log(serial, at_resume.end).last <= at_resume.last + 16:
+                    assert time.monotonic() < deadline, f"no new acks after the rollback: {read_disk_log(serial, at_resume.end)}"
+                    await asyncio.sleep(0.05)
+                nodes = [n["node-name"] for n in await qmp.execute("query-named-block-nodes")]  # type: ignore[union-attr]
+                status = (await qmp.execute("query-status"))["status"]  # type: ignore[index]
+                assert status == "running", status
+                await mgr.stop(spec.name)  # clean: QEMU flushes, then quits
+                return at_resume.last, read_disk_log(serial).last, nodes
+            finally:
+                await mgr.shutdown()
+
+        at_resume, acked, nodes = asyncio.run(run())
+        assert "disk0-01234567" in nodes and "disk0-proto" not in nodes, nodes
+        with svc.client() as c:
+            info = c.disk("hook.img")
+        assert info.lease is None and info.generation == 3, info  # a -> b -> a, then released at stop
+        check = verify_image(svc.root / "hook.img", acked)
+        assert check.ok and (check.missing, check.duplicate, check.corrupt) == (0, 0, 0), check.summary()
+    finally:
+        svc.kill()
+    line = f"FIGURES hook rollback (lease live at host-b): acks {at_resume} at resume -> {acked} at stop; {check.summary()}"
     print(line)
     record_property("figures", line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmotion.errors import InvalidInput, LeaseError
-from kvmotion.storage.lease import ExportName, Lease, LeaseTable, WriteRefusal, check_write
+from kvmotion.storage.lease import ExportName, Lease, LeaseTable, WriteRefusal, check_flush, check_write
 
 TTL = 10.0
 
@@ -209,6 +209,23 @@ def test_connection_opened_before_handoff_writes_only_after_it() -> None:
     assert check_write(table.holder("web1.img"), "host-a", src_bound, clock()).refusal is WriteRefusal.STALE
     assert check_write(table.holder("web1.img"), "host-a", None, clock()).generation == 3
     assert check_write(table.holder("web1.img"), "host-b", dst.generation, clock()).refusal is WriteRefusal.NOT_HOLDER
+
+
+def test_flush_needs_the_lease_but_not_the_connections_generation() -> None:
+    """A connection bound to generation 3 may flush once its host holds the lease again (under 4,
+    after a rolled-back handoff): QEMU flushes the old node when it reopens onto a new connection.
+    Writes stay refused, and a flush binds nothing."""
+    assert check_write(LEASE, "host-a", 3, NOW).refusal is WriteRefusal.STALE
+    assert check_flush(LEASE, "host-a", 3, NOW).allowed and check_flush(LEASE, "host-a", 3, NOW).generation == 3
+    assert check_flush(LEASE, "host-a", None, NOW).generation is None
+    assert check_flush(LEASE, "host-a", 4, NOW).allowed
+    for lease, host, refusal in [
+        (LEASE, None, WriteRefusal.READ_ONLY),
+        (None, "host-a", WriteRefusal.NO_LEASE),
+        (LEASE, "host-b", WriteRefusal.NOT_HOLDER),
+        (Lease("web1.img", "host-a", "web1", 4, NOW), "host-a", WriteRefusal.EXPIRED),
+    ]:
+        assert check_flush(lease, host, 3, NOW).refusal is refusal
 
 
 def test_export_names() -> None:
