@@ -52,6 +52,15 @@ GUARD_INTERVAL = 1.0  # s between the destination's questions to the source abou
 SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU died (it polls every 0.2 s)
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
 TLS_ID = "kvmotion-tls"
+# Pages go over this many parallel connections (QEMU multifd; zero pages are then found in those
+# threads too). Measured on the lab (TCG, 2 cores, 512 MiB idle guest): unshaped veth 124-138 ms
+# against 186-359 ms on one connection; 1 Gbit/s unchanged (615-629 against 620-643 ms). Both
+# sides must use the same count. QEMU 10.0 refuses multifd together with postcopy-ram.
+MULTIFD_CHANNELS = 2
+
+
+def _multifd(postcopy: bool) -> dict[str, bool]:
+    return {"multifd": not postcopy}
 
 
 class Cancelled(MigrationError):
@@ -238,11 +247,12 @@ class MigrationService:
             # otherwise the round trip through this loop (event, query, migrate-continue) only
             # lengthens the guest's pause and the migration (measured in bench/README.md).
             pause = bool(hooks)
-            caps = {"pause-before-switchover": pause, "events": True, "postcopy-ram": rec.options.allow_postcopy}
+            caps = {"pause-before-switchover": pause, "events": True, "postcopy-ram": rec.options.allow_postcopy,
+                    **_multifd(rec.options.allow_postcopy)}
             await qmp.execute("migrate-set-capabilities",
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             params: dict = {"max-bandwidth": rec.options.bandwidth or UNLIMITED_BANDWIDTH,
-                            "downtime-limit": state.downtime_ms}
+                            "downtime-limit": state.downtime_ms, "multifd-channels": MULTIFD_CHANNELS}
             if tls:
                 await self._add_tls(qmp, "client")
                 params.update({"tls-creds": TLS_ID, "tls-hostname": rec.destination})
@@ -599,9 +609,10 @@ class MigrationService:
         try:
             await self.manager.start(spec.name, incoming=True)
             qmp = self.manager.qmp(spec.name)
-            caps = {"events": True, "postcopy-ram": postcopy}
+            caps = {"events": True, "postcopy-ram": postcopy, **_multifd(postcopy)}
             await qmp.execute("migrate-set-capabilities",
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+            await qmp.execute("migrate-set-parameters", **{"multifd-channels": MULTIFD_CHANNELS})
             if encrypted:
                 await self._add_tls(qmp, "server")
                 await qmp.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})
