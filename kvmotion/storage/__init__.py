@@ -12,14 +12,17 @@ Design. `kvmotion datastore serve` runs nbdkit (Debian's 1.32) with our Python p
   every connection. `nbdkit file` (C) cannot consult leases, and filters would have to be C too.
 - Identity: the export name `DISK@HOST` (QEMU sends it; `DISK` alone is a read-only export). A
   connection binds to the lease generation of its first allowed write and is refused once the
-  lease carries another generation, even if the lease returns to the same host; a new
-  connection (QEMU's reconnect, or attach.reattach_commands after an aborted switchover) starts
-  unbound. Host names are claims, not authenticated (TLS client certificates would be the fix).
+  lease carries another generation, even if the lease returns to the same host (it may still
+  flush while its host holds the lease: lease.check_flush); a new connection (QEMU's reconnect,
+  or attach.reattach_commands after an aborted switchover) starts unbound. Host names are
+  claims, not authenticated (TLS client certificates would be the fix).
 - Lease state: leases.json under the root, replaced atomically by the control API under an
   exclusive flock; the plugin holds that lock shared from the check to the end of the pwrite and
   reloads the file when a mapped counter moves (leasefile.py). So fencing is in force when
   transfer() returns, no write authorized under the old generation is still in flight, and
-  state survives restarts. Expiry is by the datastore's wall clock, with no writer needed.
+  state survives restarts. Expiry is by the datastore's wall clock, with no writer needed; a
+  restarted service first gives every lease that was live when it went down (its heartbeat file
+  says when) a new TTL, since no holder could renew meanwhile.
 
 Cost of the Python data path (`python -m kvmotion.storage.bench --scale 0.5 --repeat 2`: QEMU's
 NBD client via `qemu-img bench`, 1 GiB file in page cache, loopback, best of 2, on this project's

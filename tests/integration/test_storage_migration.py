@@ -1,5 +1,6 @@
-"""Datastore disks with a real guest: the disk writer (kvm-disk) through ten migrations, across a
-restart of the datastore service, and through a migration rolled back after the lease had moved.
+"""Datastore disks with a real guest: the disk writer (kvm-disk) through ten migrations, across
+restarts of the datastore service, and through migrations rolled back after the lease had moved
+(in a lab whose destination agent dies, and by calling the switchover hook on a guest directly).
 
 The guest prints `KVMOTION DISK ack=N` once records 0..N are fsynced; afterwards the image is read
 in the datastore's folder (outside any VM) and every acknowledged record must be there, in order,
@@ -351,6 +352,8 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
                 await mgr.stop(spec.name)  # clean: QEMU flushes, then quits
                 return at_resume.last, read_disk_log(serial).last, nodes
             finally:
+                if mgr.status(spec.name).pid is not None:  # a failed test: the agent's shutdown leaves VMs running
+                    await mgr.stop(spec.name, force=True)
                 await mgr.shutdown()
 
         at_resume, acked, nodes = asyncio.run(run())
