@@ -27,9 +27,9 @@ Why these defaults (see shared/README.md):
   r/(1-r) x the pause it saves; QEMU's 300 ms (libvirt) ships the last ~36 MB paused instead.
   Throttling such a guest from the end of the first pass pays that back. Measured on the lab
   (TCG, 1 Gbit/s, 512 MiB guest writing 256 MiB at 100 MB/s, bench/README.md): at 60 % the
-  client's largest gap while throttled was 20-25 ms; at 80 % total time was 4-12 % under
-  libvirt-style QEMU's but gaps of 40-134 ms appeared while throttled (TCG vCPUs, 2 cores), over
-  issue 3's 50 ms bar. Hence the 60 % cap.
+  client's largest gap while throttled was 8-25 ms and the migration 4 % shorter than with
+  libvirt-style QEMU; at 80 % it was 3-12 % shorter, but gaps of up to 134 ms appeared while
+  throttled (TCG vCPUs, 2 cores), over issue 3's 50 ms bar. Hence the 60 % cap.
 """
 
 from __future__ import annotations
