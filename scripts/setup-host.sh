@@ -25,8 +25,11 @@ fi
 
 if [ -n "$missing" ] || [ "$qemu_ok" = 0 ]; then
     if [ ! -f "$BACKPORTS" ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        mirror=$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-                 | grep -v security | head -1)
+        # The mirror bookworm itself comes from: only URIs:/deb lines (comments may name snapshot
+        # archives); a missing sources file must not stop the script (pipefail).
+        mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+                 | grep -E '^[[:space:]]*(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?' \
+                 | grep -v security | head -1 || true)
         cat > "$BACKPORTS" <<SRC
 Types: deb
 URIs: ${mirror:-http://deb.debian.org/debian}
