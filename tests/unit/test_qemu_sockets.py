@@ -1,0 +1,75 @@
+"""kvmotion.qemu.sockets against a real child process's real TCP sockets."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvmotion.qemu import sockets
+
+CHILD = """
+import socket, sys, time
+a = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+b = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+print("connected", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture()
+def child_with_two_connections():
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    ports = [s.getsockname()[1] for s in listeners]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, ports)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "connected"
+        accepted = [s.accept()[0] for s in listeners]
+        yield proc.pid, ports
+        for s in accepted:
+            s.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        for s in listeners:
+            s.close()
+
+
+def test_finds_the_child_s_connections_by_peer(child_with_two_connections):
+    pid, ports = child_with_two_connections
+    peers = {s.peer for s in sockets.tcp_sockets(pid)}
+    assert peers == {("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])}
+
+
+def test_limit_unsent_sets_the_option_on_the_child_s_own_socket(child_with_two_connections):
+    pid, ports = child_with_two_connections
+    assert sockets.limit_unsent(pid, "127.0.0.1", ports[0], 131072) == 1
+    by_port = {s.peer[1]: s for s in sockets.tcp_sockets(pid)}
+    lowat = socket.IPPROTO_TCP, sockets.TCP_NOTSENT_LOWAT
+    assert sockets.sockopt(pid, by_port[ports[0]].fd, *lowat) == 131072
+    assert sockets.sockopt(pid, by_port[ports[1]].fd, *lowat) != 131072  # the other peer untouched
+    # every connection to the host when no port is given
+    assert sockets.limit_unsent(pid, "127.0.0.1", None, 65536) == 2
+    assert sockets.sockopt(pid, by_port[ports[1]].fd, *lowat) == 65536
+
+
+def test_no_matching_peer_tunes_nothing(child_with_two_connections):
+    pid, _ = child_with_two_connections
+    assert sockets.limit_unsent(pid, "127.0.0.2", None, 65536) == 0
+
+
+def test_a_gone_process_raises_oserror():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    time.sleep(0.05)
+    with pytest.raises(OSError):
+        sockets.sockopt(proc.pid, 0, socket.IPPROTO_TCP, sockets.TCP_NOTSENT_LOWAT)
+
+
+def test_addresses_parse_as_the_kernel_prints_them():
+    assert sockets._addr("0100007F:1F90") == ("127.0.0.1", 8080)
+    # IPv4-mapped IPv6 (::ffff:10.77.0.2), as a dual-stack socket shows in tcp6
+    assert sockets._addr("0000000000000000FFFF000002004D0A:0050") == ("10.77.0.2", 80)
