@@ -11,6 +11,7 @@ kvmotion's stream takes. At most two guests run at once (a migration's source an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import signal
@@ -34,7 +35,8 @@ from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
 
 from bench.benchmodel import Cell, Method, RunResult
 
-VM = "bench1"  # one name for every method: the guests' kernel command lines are identical
+VM = "bench1"  # the agents' VM
+BASELINE_VM = "bench2"  # the baselines' QEMUs: same length, so the kernel command lines differ in one digit
 MAC = "52:54:00:be:0c:01"
 ECHO_PORT = 7000
 BOOT_TIMEOUT = 90.0
@@ -369,7 +371,9 @@ async def _tls(qmp, endpoint: str, host: str) -> None:
 
 async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, folder: Path,
                     src_host: str, dst_host: str) -> RunResult:
-    spec = guest_spec(cell, lab.topo)
+    # Its own name (so its own TAP and process tag): a QEMU of the agents' VM that is still going
+    # away, or a reused pid, can then never be taken for it, nor it for the agents' VM.
+    spec = dataclasses.replace(guest_spec(cell, lab.topo), name=BASELINE_VM)
     src = BareQemu(lab, src_host, spec, folder, incoming=False)
     dst: BareQemu | None = None
     probe: ClientProbe | None = None
