@@ -62,9 +62,11 @@ MULTIFD_CHANNELS = 2
 # what the source's buffers hold when its vCPUs stop crosses the link before the destination can
 # resume. Measured (TCG, idle 1 GiB guest, 1 Gbit/s, bench/README.md): pause 51-83 ms with the
 # kernel's default buffers, 12-30 ms at 128 KiB; set from the start it also slowed the whole
-# migration ~10 %, so it is set only for the last MiBs.
+# migration ~10 %, so it is set only for the last MiBs, and only where the link is the bottleneck
+# (a backlog in the sockets): on an unshaped link it only added wakeups to the final copy.
 UNSENT_LIMIT = 128 << 10
-NEAR_SWITCHOVER = 32 << 20  # bytes QEMU still has to send when the limit goes on
+NEAR_SWITCHOVER = 16 << 20  # bytes QEMU still has to send when the limit may go on (> one TICK at 1 Gbit/s)
+BACKLOG_WORTH_LIMITING = 1 << 20  # bytes queued in the migration sockets
 
 
 def _multifd(postcopy: bool) -> dict[str, bool]:
@@ -292,8 +294,7 @@ class MigrationService:
                         final = sample
                         break
                     if not unsent_limited and sample.ram is not None and 0 < sample.ram.remaining <= NEAR_SWITCHOVER:
-                        unsent_limited = True
-                        await self._limit_unsent(rec.vm, uri)
+                        unsent_limited = await self._limit_unsent(rec.vm, uri)
                     # A cut link or a frozen destination: QEMU waits on TCP for many minutes.
                     if sample.ram is not None and sample.ram.transferred > moved:
                         moved, moved_at = sample.ram.transferred, time.monotonic()
@@ -458,18 +459,21 @@ class MigrationService:
         await asyncio.to_thread(current.set_throttle, fraction)
         return current
 
-    async def _limit_unsent(self, vm: str, uri: str) -> None:
-        """Bound the source QEMU's unsent migration data (module docstring of qemu.sockets).
-        Only a shorter pause is at stake: a failure is logged, not fatal."""
+    async def _limit_unsent(self, vm: str, uri: str) -> bool:
+        """Bound the source QEMU's unsent migration data (module docstring of qemu.sockets) if the
+        sockets hold a backlog. True once done, or once it cannot be done (only a shorter pause is
+        at stake: a failure is logged, not fatal); False to look again at the next tick."""
         pid = self.manager.status(vm).pid
         host, _, port = uri.removeprefix("tcp:").rpartition(":")
         try:
             if pid is None:
                 raise OSError("no QEMU process")
-            n = await asyncio.to_thread(limit_unsent, pid, host.strip("[]"), int(port), UNSENT_LIMIT)
-            log.debug("migration of %s: unsent data limited on %d sockets", vm, n)
+            n = await asyncio.to_thread(limit_unsent, pid, host.strip("[]"), int(port), UNSENT_LIMIT, BACKLOG_WORTH_LIMITING)
         except (OSError, ValueError) as exc:
             log.warning("migration of %s: could not limit the migration sockets' unsent data: %s", vm, exc)
+            return True
+        log.debug("migration of %s: unsent data limited on %d sockets", vm, n)
+        return n > 0
 
     async def _add_tls(self, qmp, endpoint: str) -> None:
         from kvmotion.cluster.tls import migration_creds_dir

@@ -89,13 +89,15 @@ def sockopt(pid: int, fd: int, level: int, option: int, value: int | None = None
         return sock.getsockopt(level, option)
 
 
-def limit_unsent(pid: int, peer_host: str, peer_port: int | None, limit: int) -> int:
+def limit_unsent(pid: int, peer_host: str, peer_port: int | None, limit: int, min_backlog: int = 0) -> int:
     """Set TCP_NOTSENT_LOWAT on every socket of `pid` connected to peer_host (and peer_port, if
-    given). Returns how many sockets were tuned; raises OSError when one could not be."""
+    given), unless together they hold less than `min_backlog` bytes not yet acknowledged (the
+    link keeps up: nothing to gain). Returns how many sockets were tuned; raises OSError when one
+    could not be."""
     want = str(ipaddress.ip_address(peer_host))
-    tuned = 0
-    for s in tcp_sockets(pid):
-        if s.peer[0] == want and (peer_port is None or s.peer[1] == peer_port):
-            sockopt(pid, s.fd, socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
-            tuned += 1
-    return tuned
+    matching = [s for s in tcp_sockets(pid) if s.peer[0] == want and (peer_port is None or s.peer[1] == peer_port)]
+    if sum(s.unsent for s in matching) < min_backlog:
+        return 0
+    for s in matching:
+        sockopt(pid, s.fd, socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
+    return len(matching)

@@ -73,3 +73,12 @@ def test_addresses_parse_as_the_kernel_prints_them():
     assert sockets._addr("0100007F:1F90") == ("127.0.0.1", 8080)
     # IPv4-mapped IPv6 (::ffff:10.77.0.2), as a dual-stack socket shows in tcp6
     assert sockets._addr("0000000000000000FFFF000002004D0A:0050") == ("10.77.0.2", 80)
+
+
+def test_an_idle_connection_is_left_alone_when_a_backlog_is_required(child_with_two_connections):
+    pid, ports = child_with_two_connections
+    # nothing queued on these connections: below any positive backlog threshold
+    assert sockets.limit_unsent(pid, "127.0.0.1", ports[0], 131072, min_backlog=1) == 0
+    by_port = {s.peer[1]: s for s in sockets.tcp_sockets(pid)}
+    assert by_port[ports[0]].unsent == 0
+    assert sockets.sockopt(pid, by_port[ports[0]].fd, socket.IPPROTO_TCP, sockets.TCP_NOTSENT_LOWAT) != 131072
