@@ -98,6 +98,9 @@ class RunResult:
     peak_dirty_rate: float = 0.0  # bytes/s, largest dirty rate QEMU measured during the migration
     writer_rate: float | None = None  # bytes/s the guest's memory writer achieved just before it
     rounds_log: tuple[dict, ...] = ()  # per-round statistics (kvmotion.migration.stats.RoundStats JSON)
+    # `migrate` -> the destination runs the VM: what the user waits for. QEMU's total-time stops
+    # when the source has written its last byte, which may still sit in its socket buffers.
+    to_resume_ms: float | None = None
 
     @property
     def nonzero_bytes(self) -> int:
@@ -141,6 +144,7 @@ class MethodCell:
     client_gap_ms: float | None
     bytes: float | None
     end_to_end_ms: float | None
+    to_resume_ms: float | None
 
     @staticmethod
     def of(method: str, runs: Sequence[RunResult]) -> "MethodCell":
@@ -155,6 +159,7 @@ class MethodCell:
             client_gap_ms=median_or_none([r.client_gap_ms for r in done]),
             bytes=median_or_none([float(r.bytes) for r in runs]),
             end_to_end_ms=median_or_none([r.end_to_end_ms for r in done]),
+            to_resume_ms=median_or_none([r.to_resume_ms for r in done]),
         )
 
 
@@ -165,7 +170,7 @@ class CellVerdict:
     cell: str
     kvmotion_converged: bool
     gap_ratio_libvirt: float | None  # kvmotion client gap / libvirt's (both converged)
-    total_ratio_libvirt: float | None
+    total_ratio_libvirt: float | None  # time to resume on the destination, kvmotion / libvirt
     gap_ratio_qemu: float | None
     total_ratio_qemu: float | None
     lower_bound_ms: float | None
@@ -199,18 +204,18 @@ def verdict(cell: Cell, runs: Sequence[RunResult]) -> CellVerdict:
         limit = HALF_GAP_FACTOR if (half and base.method == Method.LIBVIRT.value) else 1.0
         if kv.client_gap_ms is not None and base.client_gap_ms is not None:
             gap_ok &= kv.client_gap_ms <= limit * base.client_gap_ms
-        if kv.total_ms is not None and base.total_ms is not None:
-            total_ok &= kv.total_ms <= base.total_ms
+        if kv.to_resume_ms is not None and base.to_resume_ms is not None:
+            total_ok &= kv.to_resume_ms <= base.to_resume_ms
     bound = median_or_none([r.lower_bound_ms for r in kv_runs])
-    to_bound = ratio(kv.total_ms, bound)
+    to_bound = ratio(kv.to_resume_ms, bound)
     bound_applies = half and cell.link_rate is not None
     return CellVerdict(
         cell=cell.key,
         kvmotion_converged=converged,
         gap_ratio_libvirt=ratio(kv.client_gap_ms, lv.client_gap_ms),
-        total_ratio_libvirt=ratio(kv.total_ms, lv.total_ms),
+        total_ratio_libvirt=ratio(kv.to_resume_ms, lv.to_resume_ms),
         gap_ratio_qemu=ratio(kv.client_gap_ms, qd.client_gap_ms),
-        total_ratio_qemu=ratio(kv.total_ms, qd.total_ms),
+        total_ratio_qemu=ratio(kv.to_resume_ms, qd.to_resume_ms),
         lower_bound_ms=bound,
         total_to_bound=to_bound,
         gap_ok=gap_ok,
@@ -237,8 +242,8 @@ def _mib(x: float | None) -> str:
 def markdown_table(cells: Sequence[Cell], runs: Sequence[RunResult]) -> str:
     """One row per cell × method, then the ratios and bars per cell."""
     head = (
-        "| cell (mem/dirty/link) | method | converged | total ms | QEMU downtime ms | client gap ms "
-        "| MiB sent | lower bound ms |\n|---|---|---|---|---|---|---|---|\n"
+        "| cell (mem/dirty/link) | method | converged | QEMU total ms | to resume ms | QEMU downtime ms "
+        "| client gap ms | MiB sent | lower bound ms |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for cell in cells:
@@ -250,13 +255,13 @@ def markdown_table(cells: Sequence[Cell], runs: Sequence[RunResult]) -> str:
             bound = median_or_none([r.lower_bound_ms for r in rs])
             conv = f"{mc.converged}/{mc.runs}"
             rows.append(
-                f"| {cell.key} | {m.value} | {conv} | {_ms(mc.total_ms)} | {_ms(mc.downtime_ms)} | "
+                f"| {cell.key} | {m.value} | {conv} | {_ms(mc.total_ms)} | {_ms(mc.to_resume_ms)} | {_ms(mc.downtime_ms)} | "
                 f"{_ms(mc.client_gap_ms)} | {_mib(mc.bytes)} | {_ms(bound)} |"
             )
     table = head + "\n".join(rows)
     vhead = (
-        "\n\n| cell | kvmotion/libvirt gap | kvmotion/libvirt total | kvmotion/qemu gap | kvmotion/qemu total "
-        "| total/lower bound | bars |\n|---|---|---|---|---|---|---|\n"
+        "\n\n| cell | kvmotion/libvirt gap | kvmotion/libvirt to resume | kvmotion/qemu gap | kvmotion/qemu to resume "
+        "| to resume/lower bound | bars |\n|---|---|---|---|---|---|---|\n"
     )
     vrows = []
     for cell in cells:

@@ -78,7 +78,8 @@ def run_cell(lab: harness.BenchLab, cell: Cell, methods: list[Method], runs: int
             out.append(r)
             log(
                 f"  {cell.key:22} {m.value:12} {'converged' if r.converged else 'NOT converged':13} "
-                f"total {r.total_ms or float('nan'):7.0f} ms  downtime {r.downtime_ms or float('nan'):5.0f} ms  "
+                f"total {r.total_ms or float('nan'):7.0f} ms  to resume {r.to_resume_ms or float('nan'):7.0f} ms  "
+                f"downtime {r.downtime_ms or float('nan'):5.0f} ms  "
                 f"client gap {r.client_gap_ms:6.1f} ms  {r.bytes / 2**20:7.0f} MiB  rounds {r.rounds:3d}  "
                 f"throttle {r.throttle_max * 100:3.0f}%  ({time.monotonic() - t0:.0f} s)"
             )

@@ -292,6 +292,8 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
         peak_dirty_rate=float(s.get("peak_dirty_rate") or 0.0),
         writer_rate=wrate,
         rounds_log=tuple(rec.get("rounds", ())),  # type: ignore[union-attr]
+        # the precopy phase begins just before the engine's `migrate`
+        to_resume_ms=(resumed - phases["precopy"]) * 1000 if (resumed and "precopy" in phases) else None,
     )
     return KvmotionRun(result, rec, report)  # type: ignore[arg-type]
 
@@ -481,6 +483,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
             peak_dirty_rate=peak_dirty,
             writer_rate=wrate,
             rounds_log=tuple(r.to_json() for r in tracker.rounds),
+            to_resume_ms=(resume_ts - t_mig) * 1000 if resume_ts else None,
         )
     finally:
         if probe is not None:

@@ -20,7 +20,7 @@ def _run(method: Method, cell: Cell, *, total: float | None, gap: float, converg
         method=method.value, cell=cell.key, converged=converged, total_ms=total if converged else None,
         downtime_ms=10.0 if converged else None, client_gap_ms=gap, end_to_end_ms=(total or 60000) + 200,
         bytes=100 << 20, zero_pages=zero_pages, normal_pages=0, rounds=3, memory=cell.memory,
-        link_rate=cell.link_rate, encrypted=False,
+        link_rate=cell.link_rate, encrypted=False, to_resume_ms=(total + 5) if (converged and total) else None,
     )
 
 
