@@ -324,6 +324,19 @@ class MigrationLab:
             assert time.monotonic() < deadline, f"no migration of {vm} reached pre-copy within {timeout} s"
             time.sleep(0.05)
 
+    def wait_phase(self, source: str, vm: str, phase: str, timeout: float = 30) -> dict:
+        """Wait until `vm`'s migration from `source` is in `phase`; fails early if it ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.migration_of(source, vm)
+            if rec is not None:
+                if rec["phase"] == phase:
+                    return rec
+                assert rec["phase"] not in ("done", "failed", "cancelled"), (
+                    f"migration of {vm} ended ({rec['phase']}) before {phase}: {rec.get('error')}")
+            assert time.monotonic() < deadline, f"the migration of {vm} did not reach {phase} within {timeout} s: {rec}"
+            time.sleep(0.02)
+
     def start_migrate(self, vm: str, to: str, *extra: str) -> subprocess.Popen:
         """`kvmotion migrate VM --to HOST --json` in the background (to cancel it or break it)."""
         mode = () if self.cluster.encrypted else ("--plain",)
