@@ -379,6 +379,8 @@ class VmManager:
                     await self._connect(vm)
                 except VmFailed as exc:
                     detail = vm.proc.last_log_line() if vm.proc else ""
+                    if vm.proc is not None and vm.proc.alive():
+                        await asyncio.to_thread(vm.proc.kill_and_wait)  # never leave a QEMU we gave up on
                     vm.proc = None
                     vm.state = VmState.STOPPED
                     raise VmFailed(f"VM {name} failed to start: {detail or exc}") from exc

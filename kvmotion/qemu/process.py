@@ -73,12 +73,15 @@ class QemuProcess:
         return QemuProcess(pid=pid, paths=paths, tag=tag, started_at=started)
 
     def alive(self) -> bool:
-        # Reap if it is our child, so a dead child does not linger as a zombie that looks alive.
         try:
-            os.waitpid(self.pid, os.WNOHANG)
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            pass
-        return _is_ours(self.pid, self.tag)
+            # Not our child (re-attached after an agent restart, or reaped already): its cmdline tells.
+            return _is_ours(self.pid, self.tag)
+        # Our child: waitpid is the truth (and reaps it, so no zombie lingers). Its cmdline is no
+        # witness here: /proc/<pid>/cmdline reads empty for a moment while it execs, which once made
+        # a starting QEMU look dead, and the agent then left it running unsupervised.
+        return pid == 0
 
     def last_log_line(self) -> str:
         try:
