@@ -35,7 +35,7 @@ from kvmotion.migration.facts import cpu_models, datastores_reached, facts_from_
 from kvmotion.migration.hooks import SwitchoverContext, default_hooks
 from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
-from kvmotion.qemu.sockets import limit_unsent
+from kvmotion.qemu.sockets import limit_unsent, shutdown_to
 from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.migration")
@@ -71,6 +71,22 @@ BACKLOG_WORTH_LIMITING = 1 << 20  # bytes queued in the migration sockets
 
 def _multifd(postcopy: bool) -> dict[str, bool]:
     return {"multifd": not postcopy}
+
+
+class _StallWatch:
+    """A cut link or a frozen destination leaves QEMU waiting on TCP for many minutes: notice when
+    the bytes it has sent stop growing for STALL_TIMEOUT."""
+
+    def __init__(self) -> None:
+        self.moved = -1
+        self.since = time.monotonic()
+
+    def stalled(self, sample: MigrationSample) -> bool:
+        moved = sample.ram.transferred if sample.ram is not None else 0
+        if moved > self.moved:
+            self.moved, self.since = moved, time.monotonic()
+            return False
+        return time.monotonic() - self.since > STALL_TIMEOUT
 
 
 class Cancelled(MigrationError):
@@ -237,12 +253,15 @@ class MigrationService:
             # ---- prepare: the shadow VM first, before any memory moves
             self._phase(mid, Phase.PREPARE)
             tls = rec.options.encrypted
-            answer = await dest.request(
-                "POST", "/v1/incoming",
-                json={"spec": as_json(spec), "migration_id": mid, "source": self.host,
-                      "encrypted": tls, "postcopy": rec.options.allow_postcopy},
-                timeout=90,
-            )
+            try:
+                answer = await dest.request(
+                    "POST", "/v1/incoming",
+                    json={"spec": as_json(spec), "migration_id": mid, "source": self.host,
+                          "encrypted": tls, "postcopy": rec.options.allow_postcopy},
+                    timeout=90,
+                )
+            except KvmotionError as exc:  # the destination's own words, said about its shadow
+                raise MigrationError(f"preparing the shadow VM on {rec.destination} failed: {exc}") from exc
             dest_prepared = True
             uri = answer["uri"]  # type: ignore[index]
             self._check_cancel(cancel)
@@ -275,7 +294,7 @@ class MigrationService:
                 self._phase(mid, Phase.PRECOPY)
                 t0 = time.monotonic()
                 await qmp.execute("migrate", uri=uri)
-                moved, moved_at = 0, t0  # bytes QEMU has sent, and when that last grew
+                stall = _StallWatch()
                 unsent_limited = False
                 while True:
                     self._check_cancel(cancel)
@@ -295,13 +314,8 @@ class MigrationService:
                         break
                     if not unsent_limited and sample.ram is not None and 0 < sample.ram.remaining <= NEAR_SWITCHOVER:
                         unsent_limited = await self._limit_unsent(rec.vm, uri)
-                    # A cut link or a frozen destination: QEMU waits on TCP for many minutes.
-                    if sample.ram is not None and sample.ram.transferred > moved:
-                        moved, moved_at = sample.ram.transferred, time.monotonic()
-                    elif time.monotonic() - moved_at > STALL_TIMEOUT:
-                        cause = await self._shadow_fate(dest, rec)
-                        raise MigrationError(f"no data reached {rec.destination} for {STALL_TIMEOUT:.0f} s: the migration "
-                                             f"stream stalled" + (f" ({cause})" if cause else ""))
+                    if stall.stalled(sample):
+                        raise await self._stalled(dest, rec, "")
                     decision = pol.tick(config, state, pol.Observation(now, sample, tracker.latest_round))
                     state = decision.state
                     for action in decision.actions:
@@ -326,7 +340,7 @@ class MigrationService:
                 if final is None:
                     if pause:
                         await qmp.execute("migrate-continue", state="pre-switchover")
-                    final = await self._wait_completion(qmp, t0, events)
+                    final = await self._wait_completion(qmp, t0, dest, rec, uri)
                 if stop_at is None:
                     stop_at = self._drain_stop(events, seen)
                 if final.status is not MigrationStatus.COMPLETED:
@@ -425,12 +439,29 @@ class MigrationService:
             if ev.name == "STOP":
                 seen["stop"] = ev.timestamp
 
-    async def _wait_completion(self, qmp, t0: float, events) -> MigrationSample:
+    async def _wait_completion(self, qmp, t0: float, dest: AsyncAgentClient, rec: MigrationRecord, uri: str) -> MigrationSample:
+        stall = _StallWatch()  # from now: the hooks' time before migrate-continue is not the stream's
         while True:
-            sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=time.monotonic() - t0)  # type: ignore[arg-type]
-            if sample.status.is_terminal:
+            try:
+                # QEMU writes the stream's end holding its big lock: on a dead link the monitor
+                # hangs with it, so the monitor's silence is a stall too.
+                reply = await asyncio.wait_for(qmp.execute("query-migrate"), STALL_TIMEOUT)
+            except asyncio.TimeoutError:
+                reply = None
+            sample = MigrationSample.from_qmp(reply, at=time.monotonic() - t0) if reply is not None else None  # type: ignore[arg-type]
+            if sample is not None and sample.status.is_terminal:
                 return sample
+            if sample is None or stall.stalled(sample):
+                # Break the stream as QEMU's yank would, so its writes fail now and the rollback's
+                # migrate_cancel and cont get through, instead of after TCP's many-minute timeout.
+                await self._on_stream_sockets(rec.vm, uri, shutdown_to)
+                raise await self._stalled(dest, rec, " at switchover")
             await asyncio.sleep(0.005)
+
+    async def _stalled(self, dest: AsyncAgentClient, rec: MigrationRecord, when: str) -> MigrationError:
+        cause = await self._shadow_fate(dest, rec)
+        return MigrationError(f"no data reached {rec.destination} for {STALL_TIMEOUT:.0f} s{when}: the migration "
+                              f"stream stalled" + (f" ({cause})" if cause else ""))
 
     def _progress(self, mid: str, sample: MigrationSample, tracker: RoundTracker, state, frac: float, now: float) -> None:
         ram = sample.ram
@@ -459,21 +490,25 @@ class MigrationService:
         await asyncio.to_thread(current.set_throttle, fraction)
         return current
 
-    async def _limit_unsent(self, vm: str, uri: str) -> bool:
-        """Bound the source QEMU's unsent migration data (module docstring of qemu.sockets) if the
-        sockets hold a backlog. True once done, or once it cannot be done (only a shorter pause is
-        at stake: a failure is logged, not fatal); False to look again at the next tick."""
+    async def _on_stream_sockets(self, vm: str, uri: str, action, *args) -> int | None:
+        """Run a kvmotion.qemu.sockets action on the source QEMU's migration sockets; None (logged)
+        when it could not be done."""
         pid = self.manager.status(vm).pid
         host, _, port = uri.removeprefix("tcp:").rpartition(":")
         try:
             if pid is None:
                 raise OSError("no QEMU process")
-            n = await asyncio.to_thread(limit_unsent, pid, host.strip("[]"), int(port), UNSENT_LIMIT, BACKLOG_WORTH_LIMITING)
+            return await asyncio.to_thread(action, pid, host.strip("[]"), int(port), *args)
         except (OSError, ValueError) as exc:
-            log.warning("migration of %s: could not limit the migration sockets' unsent data: %s", vm, exc)
-            return True
-        log.debug("migration of %s: unsent data limited on %d sockets", vm, n)
-        return n > 0
+            log.warning("migration of %s: %s on the migration sockets failed: %s", vm, action.__name__, exc)
+            return None
+
+    async def _limit_unsent(self, vm: str, uri: str) -> bool:
+        """Bound the source QEMU's unsent migration data (module docstring of qemu.sockets) if the
+        sockets hold a backlog. True once done, or once it cannot be done (only a shorter pause is
+        at stake: a failure is not fatal); False to look again at the next tick."""
+        n = await self._on_stream_sockets(vm, uri, limit_unsent, UNSENT_LIMIT, BACKLOG_WORTH_LIMITING)
+        return n is None or n > 0
 
     async def _add_tls(self, qmp, endpoint: str) -> None:
         from kvmotion.cluster.tls import migration_creds_dir

@@ -78,15 +78,34 @@ def _dup_from(pidfd: int, fd: int) -> int:
 
 def sockopt(pid: int, fd: int, level: int, option: int, value: int | None = None) -> int:
     """Read, or set and read back, an integer socket option of another process's socket."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        dup = _dup_from(pidfd, fd)
-    finally:
-        os.close(pidfd)
-    with socket.socket(fileno=dup) as sock:  # closing our duplicate leaves the process's fd open
+    with _dup(pid, fd) as sock:  # closing our duplicate leaves the process's fd open
         if value is not None:
             sock.setsockopt(level, option, value)
         return sock.getsockopt(level, option)
+
+
+def _peers(pid: int, peer_host: str, peer_port: int | None) -> list[TcpSocket]:
+    want = str(ipaddress.ip_address(peer_host))
+    return [s for s in tcp_sockets(pid) if s.peer[0] == want and (peer_port is None or s.peer[1] == peer_port)]
+
+
+def _dup(pid: int, fd: int) -> socket.socket:
+    pidfd = os.pidfd_open(pid)
+    try:
+        return socket.socket(fileno=_dup_from(pidfd, fd))
+    finally:
+        os.close(pidfd)
+
+
+def shutdown_to(pid: int, peer_host: str, peer_port: int | None) -> int:
+    """Shut down every socket of `pid` connected to the peer, as QEMU's `yank` would: a write
+    blocked on a dead link fails at once instead of after TCP's many-minute timeout. Returns how
+    many sockets were shut down."""
+    matching = _peers(pid, peer_host, peer_port)
+    for s in matching:
+        with _dup(pid, s.fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    return len(matching)
 
 
 def limit_unsent(pid: int, peer_host: str, peer_port: int | None, limit: int, min_backlog: int = 0) -> int:
@@ -94,8 +113,7 @@ def limit_unsent(pid: int, peer_host: str, peer_port: int | None, limit: int, mi
     given), unless together they hold less than `min_backlog` bytes not yet acknowledged (the
     link keeps up: nothing to gain). Returns how many sockets were tuned; raises OSError when one
     could not be."""
-    want = str(ipaddress.ip_address(peer_host))
-    matching = [s for s in tcp_sockets(pid) if s.peer[0] == want and (peer_port is None or s.peer[1] == peer_port)]
+    matching = _peers(pid, peer_host, peer_port)
     if sum(s.unsent for s in matching) < min_backlog:
         return 0
     for s in matching:

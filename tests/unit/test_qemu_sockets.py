@@ -28,7 +28,7 @@ def child_with_two_connections():
     try:
         assert proc.stdout.readline().strip() == "connected"
         accepted = [s.accept()[0] for s in listeners]
-        yield proc.pid, ports
+        yield proc.pid, ports, accepted
         for s in accepted:
             s.close()
     finally:
@@ -39,13 +39,13 @@ def child_with_two_connections():
 
 
 def test_finds_the_child_s_connections_by_peer(child_with_two_connections):
-    pid, ports = child_with_two_connections
+    pid, ports, _ = child_with_two_connections
     peers = {s.peer for s in sockets.tcp_sockets(pid)}
     assert peers == {("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])}
 
 
 def test_limit_unsent_sets_the_option_on_the_child_s_own_socket(child_with_two_connections):
-    pid, ports = child_with_two_connections
+    pid, ports, _ = child_with_two_connections
     assert sockets.limit_unsent(pid, "127.0.0.1", ports[0], 131072) == 1
     by_port = {s.peer[1]: s for s in sockets.tcp_sockets(pid)}
     lowat = socket.IPPROTO_TCP, sockets.TCP_NOTSENT_LOWAT
@@ -57,7 +57,7 @@ def test_limit_unsent_sets_the_option_on_the_child_s_own_socket(child_with_two_c
 
 
 def test_no_matching_peer_tunes_nothing(child_with_two_connections):
-    pid, _ = child_with_two_connections
+    pid, _, _ = child_with_two_connections
     assert sockets.limit_unsent(pid, "127.0.0.2", None, 65536) == 0
 
 
@@ -76,9 +76,20 @@ def test_addresses_parse_as_the_kernel_prints_them():
 
 
 def test_an_idle_connection_is_left_alone_when_a_backlog_is_required(child_with_two_connections):
-    pid, ports = child_with_two_connections
+    pid, ports, _ = child_with_two_connections
     # nothing queued on these connections: below any positive backlog threshold
     assert sockets.limit_unsent(pid, "127.0.0.1", ports[0], 131072, min_backlog=1) == 0
     by_port = {s.peer[1]: s for s in sockets.tcp_sockets(pid)}
     assert by_port[ports[0]].unsent == 0
     assert sockets.sockopt(pid, by_port[ports[0]].fd, socket.IPPROTO_TCP, sockets.TCP_NOTSENT_LOWAT) != 131072
+
+
+def test_shutdown_to_ends_the_child_s_connection_to_that_peer_only(child_with_two_connections):
+    pid, ports, accepted = child_with_two_connections
+    assert sockets.shutdown_to(pid, "127.0.0.1", ports[0]) == 1
+    # the child's socket is shut down: our end reads EOF; the other connection is untouched
+    accepted[0].settimeout(5)
+    assert accepted[0].recv(1) == b""
+    accepted[1].setblocking(False)
+    with pytest.raises(BlockingIOError):
+        accepted[1].recv(1)
