@@ -171,7 +171,11 @@ class MigrationService:
 
         dest = agent_client(dest_url)
         pol.preset(options.policy)  # an unknown policy is bad input: refuse before anything moves
-        checks = await self.check(vm, dest, options)
+        try:
+            checks = await self.check(vm, dest, options)
+        except KvmotionError as exc:
+            await dest.aclose()
+            raise type(exc)(f"migration of {vm} to {dest_name} refused: {exc}") from exc
         bad = errors_of(checks)
         if bad:
             await dest.aclose()

@@ -22,6 +22,7 @@ import pytest
 from kvmotion.cluster.lab import DATASTORE
 from kvmotion.net import netns
 from tests.integration.lab_fixture import MigrationLab
+from tests.integration.test_migration_checks import _one_line_error
 from tests.integration.test_migration_faults import SLOW_LINK, VM, _assert_kept_on_source, _busy_lab
 from tests.integration.test_storage_migration import DISK_SIZE, _datastore_processes, disk_log, lease_of, wait_ack_above
 
@@ -74,6 +75,24 @@ def _catch_shadow_qemu(lab: MigrationLab, host: str, vm: str, timeout: float = 3
 def _figures(record_property, line: str) -> None:
     print(line)
     record_property("figures", line)
+
+
+# ---- check --------------------------------------------------------------------------------------
+def test_destination_agent_dead_at_check(make_lab, record_property):
+    """The destination's agent is gone before the checks: the migration is refused in one line
+    naming the unreachable agent, and nothing starts anywhere."""
+    lab = make_lab()
+    lab.create_vm(VM, "host-a")
+    lab.kill_agent("host-b")
+    t0 = time.time()
+    line = _one_line_error(lab.cli("migrate", VM, "--to", "host-b", "--plain", timeout=60),
+                           f"migration of {VM} to host-b refused", "not reachable")
+    took = time.time() - t0
+    assert lab.listed(VM) == [("host-a", "running")]
+    assert lab.qemu_hosts(VM) == ["host-a"]
+    lab.start_agent("host-b")
+    assert lab.vm_record("host-b", VM) is None and lab.agent("host-b").vms() == []
+    _figures(record_property, f"FIGURES destination agent dead at check: refused in {took:.1f} s; error: {line}")
 
 
 # ---- prepare ------------------------------------------------------------------------------------
