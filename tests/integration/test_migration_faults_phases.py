@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,23 @@ def _catch_shadow_qemu(lab: MigrationLab, host: str, vm: str, timeout: float = 3
     raise AssertionError(f"{host}'s agent started no QEMU for {vm} within {timeout} s")
 
 
+@contextmanager
+def _held_in_prepare(lab: MigrationLab) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """Start migrating VM to host-b and freeze its shadow's QEMU before its monitor is up, so the
+    migration sits in prepare. Yields the CLI process and the frozen pid (a test that kills or
+    thaws it pops it); on exit whatever is left is thawed and the CLI stopped."""
+    mig = lab.start_migrate(VM, "host-b")
+    shadow: list[int] = []
+    try:
+        shadow.append(_catch_shadow_qemu(lab, "host-b", VM))
+        yield mig, shadow
+    finally:
+        for pid in shadow:
+            netns._signal(pid, signal.SIGCONT)  # noqa: SLF001 - a failed test must not leave it frozen
+        if mig.poll() is None:
+            mig.kill()
+
+
 def _figures(record_property, line: str) -> None:
     print(line)
     record_property("figures", line)
@@ -101,20 +119,12 @@ def test_destination_agent_killed_in_prepare_then_restarted(make_lab, record_pro
     prepare and keeps its VM; the orphan shadow QEMU lives on until the agent restarts and
     destroys the shadow it finds uncommitted."""
     lab, seq = _busy_lab(make_lab)
-    mig = lab.start_migrate(VM, "host-b")
-    shadow: list[int] = []
-    try:
-        shadow.append(_catch_shadow_qemu(lab, "host-b", VM))
+    with _held_in_prepare(lab) as (mig, shadow):
         assert lab.migration_of("host-a", VM)["phase"] == "prepare"  # the agent waits for QEMU's monitor
         t_kill = time.time()
         lab.kill_agent("host-b")
         os.kill(shadow.pop(), signal.SIGCONT)  # an orphan from here on, as after a real crash
         rec = lab.finish_migrate(mig, timeout=60)
-    finally:
-        for pid in shadow:
-            netns._signal(pid, signal.SIGCONT)  # noqa: SLF001 - a failed test must not leave it frozen
-        if mig.poll() is None:
-            mig.kill()
     assert "precopy" not in dict(rec["phase_times"]), rec["phase_times"]
     assert "preparing the shadow VM on host-b failed" in rec["error"] and "not reachable" in rec["error"], rec["error"]
     assert len(lab.qemu_pids(VM)["host-b"]) == 1 and lab.vm_record("host-b", VM) is not None  # the orphan
@@ -133,20 +143,12 @@ def test_destination_qemu_killed_in_prepare(make_lab, record_property):
     """The shadow's QEMU dies while the destination's agent is still starting it: the agent
     gives the shadow up and tells the source, which fails in prepare and keeps its VM."""
     lab, seq = _busy_lab(make_lab)
-    mig = lab.start_migrate(VM, "host-b")
-    shadow: list[int] = []
-    try:
-        shadow.append(_catch_shadow_qemu(lab, "host-b", VM))
+    with _held_in_prepare(lab) as (mig, shadow):
         time.sleep(0.5)
         assert lab.migration_of("host-a", VM)["phase"] == "prepare"  # the agent waits for QEMU's monitor
         t_kill = time.time()
-        os.kill(shadow[0], signal.SIGKILL)
+        os.kill(shadow.pop(), signal.SIGKILL)
         rec = lab.finish_migrate(mig, timeout=60)
-    finally:
-        for pid in shadow:
-            netns._signal(pid, signal.SIGKILL)  # noqa: SLF001 - a failed test must not leave it frozen
-        if mig.poll() is None:
-            mig.kill()
     assert "precopy" not in dict(rec["phase_times"]), rec["phase_times"]
     # the destination agent's own words, prefixed with where they come from
     assert "preparing the shadow VM on host-b failed" in rec["error"] and "exited before its monitor came up" in rec["error"], rec["error"]
