@@ -60,10 +60,10 @@ TLS_ID = "kvmotion-tls"
 MULTIFD_CHANNELS = 2
 # Unsent bytes each migration socket may hold once the switchover is near (TCP_NOTSENT_LOWAT):
 # what the source's buffers hold when its vCPUs stop crosses the link before the destination can
-# resume. Measured (TCG, idle 1 GiB guest, 1 Gbit/s, bench/README.md): pause 51-83 ms with the
-# kernel's default buffers, 12-30 ms at 128 KiB; set from the start it also slowed the whole
-# migration ~10 %, so it is set only for the last MiBs, and only where the link is the bottleneck
-# (a backlog in the sockets): on an unshaped link it only added wakeups to the final copy.
+# resume. Measured (TCG, idle 1 GiB guest, 1 Gbit/s, bench/README.md): pause 51-86 ms with the
+# kernel's default buffers, 12-30 ms with 128 KiB from the start, which also slowed the whole
+# migration ~10 %; so it is set only for the last MiBs (12-61 ms), and only where the link is the
+# bottleneck (a backlog in the sockets): on an unshaped link it only added wakeups to the final copy.
 UNSENT_LIMIT = 128 << 10
 NEAR_SWITCHOVER = 16 << 20  # bytes QEMU still has to send when the limit may go on (> one TICK at 1 Gbit/s)
 BACKLOG_WORTH_LIMITING = 1 << 20  # bytes queued in the migration sockets
