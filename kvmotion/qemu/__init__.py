@@ -1,1 +1,1 @@
-"""VM spec to QEMU process: command line, accelerator choice, supervision, QMP."""
+"""VM spec to QEMU process: command line, accelerator choice, supervision, QMP, socket tuning."""
