@@ -339,8 +339,10 @@ class MigrationService:
                 stop_at = self._drain_stop(events, seen)
                 self._phase(mid, Phase.SWITCHOVER, at=stop_at)
                 for hook in hooks:
-                    await hook.before_switchover(ctx)
+                    # Rolled back even if it fails: a hand-over that timed out may still happen
+                    # (a stalled datastore acting on the request late); taking back is idempotent.
                     done_hooks.append(hook)
+                    await hook.before_switchover(ctx)
                 if final is None:
                     if pause:
                         await qmp.execute("migrate-continue", state="pre-switchover")
