@@ -206,9 +206,11 @@ def _thaw(frozen: list[int]) -> None:
     frozen.clear()
 
 
-def _assert_disk_back_on_source(lab: MigrationLab, rec: dict, gen: int) -> tuple[int, float]:
-    """The lease went to host-b and came back (a new generation each way), and the guest's disk
-    writes go on on host-a without errors. Returns (generation now, s from failure to a new ack)."""
+def _assert_disk_back_on_source(lab: MigrationLab, rec: dict, seq: int, gen: int) -> tuple[int, float]:
+    """Kept on the source (_assert_kept_on_source), and the lease went to host-b and came back (a
+    new generation each way), and the guest's disk writes go on on host-a without errors.
+    Returns (generation now, s from failure to a new ack)."""
+    _assert_kept_on_source(lab, rec, seq)
     phases = [p for p, _ in rec["phase_times"]]
     assert "switchover" in phases and "commit" not in phases, phases
     assert "disk-leases" not in rec["error"], f"the lease hook's rollback failed: {rec['error']}"
@@ -238,9 +240,8 @@ def test_destination_qemu_killed_in_switchover(make_lab, record_property):
         held = time.time() - t_switch
         _thaw(frozen)
         rec = lab.finish_migrate(mig, timeout=60)
-    _assert_kept_on_source(lab, rec, seq)
     assert "at switchover" in rec["error"] and "shadow VM on host-b is gone" in rec["error"], rec["error"]
-    gen_after, first_ack = _assert_disk_back_on_source(lab, rec, gen)
+    gen_after, first_ack = _assert_disk_back_on_source(lab, rec, seq, gen)
     _figures(record_property, f"FIGURES kill destination QEMU in switchover (held {held:.1f} s): failed "
              f"{dict(rec['phase_times'])['failed'] - t_kill:.1f} s after the kill; lease generation {gen} -> {gen_after}; "
              f"new disk ack on host-a {first_ack:.1f} s after the failure; error: {rec['error']}")
@@ -279,9 +280,8 @@ def test_link_cut_in_switchover(make_lab, record_property):
     t_back = time.time()
     assert lab.wait_qemu_hosts(VM, ["host-a"], timeout=20) == ["host-a"], lab.qemu_pids(VM)
     t_clean = time.time()
-    _assert_kept_on_source(lab, rec, seq)
     assert "host-b" in rec["error"] and "destination cleanup" in rec["error"], rec["error"]
-    gen_after, first_ack = _assert_disk_back_on_source(lab, rec, gen)
+    gen_after, first_ack = _assert_disk_back_on_source(lab, rec, seq, gen)
     _figures(record_property, f"FIGURES cut host-b's link in switchover: failed {t_failed - t_cut:.1f} s after the cut; "
              f"shadow destroyed {t_clean - t_back:.1f} s after the link came back; lease generation {gen} -> {gen_after}; "
              f"new disk ack on host-a {first_ack:.1f} s after the failure; error: {rec['error']}")
