@@ -35,7 +35,7 @@ from kvmotion.migration.facts import cpu_models, datastores_reached, facts_from_
 from kvmotion.migration.hooks import SwitchoverContext, default_hooks
 from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
-from kvmotion.qemu.sockets import limit_unsent, shutdown_to
+from kvmotion.qemu.sockets import limit_receive_buffer, limit_unsent, shutdown_to
 from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.migration")
@@ -55,9 +55,19 @@ INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stre
 TLS_ID = "kvmotion-tls"
 # Pages go over this many parallel connections (QEMU multifd; zero pages are then found in those
 # threads too). Measured on the lab (TCG, 2 cores, 512 MiB idle guest): unshaped veth 124-138 ms
-# against 186-359 ms on one connection; 1 Gbit/s unchanged (615-629 against 620-643 ms). Both
-# sides must use the same count. QEMU 10.0 refuses multifd together with postcopy-ram.
-MULTIFD_CHANNELS = 2
+# against 186-359 ms on one connection; 1 Gbit/s unchanged (615-629 against 620-643 ms). Three
+# rather than two once the destination's receive buffers are small (RECEIVE_BUFFER): 1 GiB idle
+# over unshaped veth, migrate -> running 268-276 ms against 286-303 ms with two. Both sides must
+# use the same count. QEMU 10.0 refuses multifd together with postcopy-ram.
+MULTIFD_CHANNELS = 3
+# Receive buffer of the shadow's migration sockets (SO_RCVBUF on its listening socket, which the
+# accepted connections inherit; the kernel doubles it). Autotuned, each grows to megabytes, and
+# what they hold when the source stops is loaded by the destination after the source has
+# finished: 23-85 ms of pause on an unshaped link (QEMU trace: the destination's multifd threads
+# reached the final sync 66-80 ms after the source's). Measured (TCG, idle 1 GiB, unshaped veth):
+# pause 40-55 ms autotuned, 6-19 ms with 256 KiB; half a MiB in flight per connection is still
+# several times a LAN's bandwidth-delay product (1 Gbit/s x 0.2 ms = 25 KB).
+RECEIVE_BUFFER = 256 << 10
 # Unsent bytes each migration socket may hold once the switchover is near (TCP_NOTSENT_LOWAT):
 # what the source's buffers hold when its vCPUs stop crosses the link before the destination can
 # resume. Measured (TCG, idle 1 GiB guest, 1 Gbit/s, bench/README.md): pause 51-86 ms with the
@@ -496,18 +506,22 @@ class MigrationService:
         await asyncio.to_thread(current.set_throttle, fraction)
         return current
 
-    async def _on_stream_sockets(self, vm: str, uri: str, action, *args) -> int | None:
-        """Run a kvmotion.qemu.sockets action on the source QEMU's migration sockets; None (logged)
-        when it could not be done."""
+    async def _on_qemu_sockets(self, vm: str, action, *args):
+        """Run a kvmotion.qemu.sockets action on the VM's QEMU; None (logged) when it could not be
+        done: only the pause's length is at stake, never the migration."""
         pid = self.manager.status(vm).pid
-        host, _, port = uri.removeprefix("tcp:").rpartition(":")
         try:
             if pid is None:
                 raise OSError("no QEMU process")
-            return await asyncio.to_thread(action, pid, host.strip("[]"), int(port), *args)
+            return await asyncio.to_thread(action, pid, *args)
         except (OSError, ValueError) as exc:
-            log.warning("migration of %s: %s on the migration sockets failed: %s", vm, action.__name__, exc)
+            log.warning("VM %s: %s on its QEMU's migration sockets failed: %s", vm, action.__name__, exc)
             return None
+
+    async def _on_stream_sockets(self, vm: str, uri: str, action, *args) -> int | None:
+        """A kvmotion.qemu.sockets action on the source QEMU's sockets to the migration's URI."""
+        host, _, port = uri.removeprefix("tcp:").rpartition(":")
+        return await self._on_qemu_sockets(vm, action, host.strip("[]"), int(port), *args)
 
     async def _limit_unsent(self, vm: str, uri: str) -> bool:
         """Bound the source QEMU's unsent migration data (module docstring of qemu.sockets) if the
@@ -689,6 +703,7 @@ class MigrationService:
             await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
             info = await qmp.execute("query-migrate")
             addr = info["socket-address"][0]  # type: ignore[index]
+            await self._on_qemu_sockets(spec.name, limit_receive_buffer, int(addr["port"]), RECEIVE_BUFFER)
             self.tasks[f"incoming-{mid}"] = asyncio.create_task(self._guard_incoming(mid, source))
             return f"tcp:{addr['host']}:{addr['port']}"
         except BaseException as exc:

@@ -3,13 +3,16 @@
 QEMU has no knob for its migration sockets' buffering, and a full send buffer is guest downtime:
 whatever sits unsent in the source's socket buffers when the vCPUs stop must cross the link before
 the destination can resume (measured ~45 ms on a 1 Gbit/s link with three migration channels).
-TCP_NOTSENT_LOWAT bounds that backlog per socket. Socket options belong to the socket, not to the
-descriptor, so a duplicate taken with pidfd_getfd changes QEMU's own socket.
+TCP_NOTSENT_LOWAT bounds that backlog per socket. On the destination, what sits in the receive
+buffers is loaded after the source has finished: a small SO_RCVBUF bounds that. Socket options
+belong to the socket, not to the descriptor, so a duplicate taken with pidfd_getfd changes QEMU's
+own socket.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -18,6 +21,8 @@ from pathlib import Path
 
 SYS_PIDFD_GETFD = 438  # same number on every architecture (the generic syscall table)
 TCP_NOTSENT_LOWAT = 25  # linux/tcp.h; Python's socket module does not name it
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max, for CAP_NET_ADMIN
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp (include/net/tcp_states.h)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -29,6 +34,8 @@ class TcpSocket:
     fd: int
     peer: tuple[str, int]
     unsent: int  # tx_queue: bytes not yet acknowledged by the peer
+    local: tuple[str, int] = ("", 0)
+    listening: bool = False
 
 
 def _addr(hexaddr: str) -> tuple[str, int]:
@@ -44,7 +51,7 @@ def _addr(hexaddr: str) -> tuple[str, int]:
 
 def tcp_sockets(pid: int) -> list[TcpSocket]:
     """The process's TCP sockets (in its own network namespace's view)."""
-    by_inode: dict[int, tuple[tuple[str, int], int]] = {}
+    by_inode: dict[int, TcpSocket] = {}
     for table in ("tcp", "tcp6"):
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
@@ -52,7 +59,8 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
             continue
         for line in lines:
             f = line.split()
-            by_inode[int(f[9])] = (_addr(f[2]), int(f[4].split(":")[0], 16))
+            by_inode[int(f[9])] = TcpSocket(fd=-1, peer=_addr(f[2]), unsent=int(f[4].split(":")[0], 16),
+                                            local=_addr(f[1]), listening=f[3] == TCP_LISTEN)
     found = []
     fd_dir = Path(f"/proc/{pid}/fd")
     for entry in fd_dir.iterdir():
@@ -63,8 +71,7 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
         if target.startswith("socket:["):
             inode = int(target[8:-1])
             if inode in by_inode:
-                peer, unsent = by_inode[inode]
-                found.append(TcpSocket(fd=int(entry.name), peer=peer, unsent=unsent))
+                found.append(dataclasses.replace(by_inode[inode], fd=int(entry.name)))
     return found
 
 
@@ -119,3 +126,18 @@ def limit_unsent(pid: int, peer_host: str, peer_port: int | None, limit: int, mi
     for s in matching:
         sockopt(pid, s.fd, socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)
     return len(matching)
+
+
+def limit_receive_buffer(pid: int, port: int, size: int) -> int:
+    """Set SO_RCVBUF on the sockets of `pid` listening on `port`: the connections it then accepts
+    inherit the size (and lose receive-buffer autotuning, which would grow it to megabytes).
+    Returns the size the kernel reports (it doubles the request); raises OSError if none listens."""
+    listening = [s for s in tcp_sockets(pid) if s.listening and s.local[1] == port]
+    if not listening:
+        raise OSError(f"process {pid} has no socket listening on port {port}")
+    got = 0
+    for s in listening:
+        with _dup(pid, s.fd) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return got

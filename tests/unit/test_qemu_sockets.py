@@ -93,3 +93,32 @@ def test_shutdown_to_ends_the_child_s_connection_to_that_peer_only(child_with_tw
     accepted[1].setblocking(False)
     with pytest.raises(BlockingIOError):
         accepted[1].recv(1)
+
+
+LISTENER = """
+import socket, time
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+conn, _ = s.accept()
+print("accepted", flush=True)
+time.sleep(60)
+"""
+
+
+def test_receive_buffer_set_on_a_listener_is_inherited_by_what_it_accepts():
+    proc = subprocess.Popen([sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        default = socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        got = sockets.limit_receive_buffer(proc.pid, port, 40 << 10)
+        assert got == 2 * (40 << 10)  # the kernel doubles the request (bookkeeping overhead)
+        with socket.create_connection(("127.0.0.1", port)):
+            assert proc.stdout.readline().strip() == "accepted"
+            [conn] = [s for s in sockets.tcp_sockets(proc.pid) if not s.listening]
+            assert conn.local[1] == port
+            assert sockets.sockopt(proc.pid, conn.fd, socket.SOL_SOCKET, socket.SO_RCVBUF) == got != default
+        with pytest.raises(OSError, match="no socket listening on port"):
+            sockets.limit_receive_buffer(proc.pid, port + 1 if port < 65535 else port - 1, 40 << 10)
+    finally:
+        proc.kill()
+        proc.wait()
