@@ -101,6 +101,7 @@ class RunResult:
     # `migrate` -> the destination runs the VM: what the user waits for. QEMU's total-time stops
     # when the source has written its last byte, which may still sit in its socket buffers.
     to_resume_ms: float | None = None
+    compression: str = "none"  # kvmotion's choice for the stream (QEMU's multifd-compression)
 
     @property
     def nonzero_bytes(self) -> int:

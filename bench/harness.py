@@ -294,6 +294,7 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
         rounds_log=tuple(rec.get("rounds", ())),  # type: ignore[union-attr]
         # the precopy phase begins just before the engine's `migrate`
         to_resume_ms=(resumed - phases["precopy"]) * 1000 if (resumed and "precopy" in phases) else None,
+        compression=s.get("compression") or "none",
     )
     return KvmotionRun(result, rec, report)  # type: ignore[arg-type]
 

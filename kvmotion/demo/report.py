@@ -103,6 +103,7 @@ class MigrationResult:
     bytes: int | None
     converged: bool
     checks: Checks
+    compression: str | None  # of the migration stream (none, zstd): kvmotion picks it by the link
     phases: tuple[PhaseSpan, ...]
 
     def to_json(self, t0_wall: float) -> dict[str, object]:
@@ -121,6 +122,7 @@ class MigrationResult:
             "rounds": self.rounds,
             "bytes": self.bytes,
             "converged": self.converged,
+            "compression": self.compression,
             "checks": self.checks.to_json(),
             "phases": [
                 {"phase": p.phase, "start_s": _r(p.start - t0_wall, 3), "end_s": _r(p.end - t0_wall, 3)} for p in self.phases
@@ -319,6 +321,7 @@ def migration_result(
         bytes=s.bytes if s else None,
         converged=bool(s and s.converged),
         checks=checks,
+        compression=s.compression if s else None,
         phases=phase_spans(rec),
     )
 

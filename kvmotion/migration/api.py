@@ -9,6 +9,7 @@ from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
 from kvmotion.migration.engine import MigrationService, as_record_json, facts_to_json
 from kvmotion.migration.model import MigrationOptions
+from kvmotion.migration.policy import Compression
 from kvmotion.qemu.spec import VmSpec
 
 
@@ -64,7 +65,13 @@ def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, lim
     @router.post("/incoming", status_code=201)
     async def incoming(body: dict = Body(...)) -> dict:
         spec = VmSpec.from_json(body["spec"])
-        uri = await svc.prepare_incoming(spec, body["migration_id"], body["source"], bool(body["encrypted"]), bool(body.get("postcopy")))
+        try:
+            compression = Compression(body.get("compression", Compression.NONE.value))
+        except ValueError:
+            raise InvalidInput(f"unknown stream compression {body.get('compression')!r}: use one of "
+                               f"{', '.join(c.value for c in Compression)}") from None
+        uri = await svc.prepare_incoming(spec, body["migration_id"], body["source"], bool(body["encrypted"]),
+                                         bool(body.get("postcopy")), compression)
         return {"uri": uri}
 
     @router.post("/incoming/{mid}/commit")

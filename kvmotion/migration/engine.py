@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kvmotion.errors import Conflict, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable, VmFailed
 from kvmotion.host import resources
@@ -35,6 +36,7 @@ from kvmotion.migration.facts import cpu_models, datastores_reached, facts_from_
 from kvmotion.migration.hooks import SwitchoverContext, default_hooks
 from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
+from kvmotion.net.netns import egress_link
 from kvmotion.qemu.sockets import limit_receive_buffer, limit_unsent, shutdown_to
 from kvmotion.qemu.spec import VmSpec
 
@@ -64,10 +66,12 @@ MULTIFD_CHANNELS = 3
 # accepted connections inherit; the kernel doubles it). Autotuned, each grows to megabytes, and
 # what they hold when the source stops is loaded by the destination after the source has
 # finished: 23-85 ms of pause on an unshaped link (QEMU trace: the destination's multifd threads
-# reached the final sync 66-80 ms after the source's). Measured (TCG, idle 1 GiB, unshaped veth):
-# pause 40-55 ms autotuned, 6-19 ms with 256 KiB; half a MiB in flight per connection is still
-# several times a LAN's bandwidth-delay product (1 Gbit/s x 0.2 ms = 25 KB).
-RECEIVE_BUFFER = 256 << 10
+# reached the final sync 66-80 ms after the source's). Measured (TCG, unshaped veth): idle 1 GiB,
+# pause 40-55 ms autotuned, 6-19 ms with 256 KiB, 14-61 ms with 1 MiB; but with 256 KiB a guest
+# writing 100 MB/s lost so much throughput that the policy throttled it (migrate -> running
+# 1155-1455 ms against 938-1055 autotuned; 931-1004 ms with 1 MiB). Two MiB in flight per
+# connection is still far above a LAN's bandwidth-delay product (10 Gbit/s x 0.2 ms = 250 KB).
+RECEIVE_BUFFER = 1 << 20
 # Unsent bytes each migration socket may hold once the switchover is near (TCP_NOTSENT_LOWAT):
 # what the source's buffers hold when its vCPUs stop crosses the link before the destination can
 # resume. Measured (TCG, idle 1 GiB guest, 1 Gbit/s, bench/README.md): pause 51-86 ms with the
@@ -77,6 +81,11 @@ RECEIVE_BUFFER = 256 << 10
 UNSENT_LIMIT = 128 << 10
 NEAR_SWITCHOVER = 16 << 20  # bytes QEMU still has to send when the limit may go on (> one TICK at 1 Gbit/s)
 BACKLOG_WORTH_LIMITING = 1 << 20  # bytes queued in the migration sockets
+# Compressed pages are made faster than a slow link carries them: the source's socket buffers fill
+# from the first packet and everything in them waits out the switchover (idle 512 MiB guest over
+# 1 Gbit/s, zstd: pause 79-114 ms with the limit set at the first tick, 28-37 ms set at once). So
+# with compression the limit goes on as soon as QEMU has opened its connections.
+SOCKETS_OPEN_WAIT = 0.1  # s after `migrate` to find them
 
 
 def _multifd(postcopy: bool) -> dict[str, bool]:
@@ -267,11 +276,13 @@ class MigrationService:
             # ---- prepare: the shadow VM first, before any memory moves
             self._phase(mid, Phase.PREPARE)
             tls = rec.options.encrypted
+            compression = pol.stream_compression(await self._egress_rate(dest), rec.options.allow_postcopy)
             try:
                 answer = await dest.request(
                     "POST", "/v1/incoming",
                     json={"spec": as_json(spec), "migration_id": mid, "source": self.host,
-                          "encrypted": tls, "postcopy": rec.options.allow_postcopy},
+                          "encrypted": tls, "postcopy": rec.options.allow_postcopy,
+                          "compression": compression.value},
                     timeout=90,
                 )
             except KvmotionError as exc:  # the destination's own words, said about its shadow
@@ -295,7 +306,8 @@ class MigrationService:
             await qmp.execute("migrate-set-capabilities",
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             params: dict = {"max-bandwidth": rec.options.bandwidth or UNLIMITED_BANDWIDTH,
-                            "downtime-limit": state.downtime_ms, "multifd-channels": MULTIFD_CHANNELS}
+                            "downtime-limit": state.downtime_ms, "multifd-channels": MULTIFD_CHANNELS,
+                            "multifd-compression": compression.value}
             if tls:
                 await self._add_tls(qmp, "client")
                 params.update({"tls-creds": TLS_ID, "tls-hostname": rec.destination})
@@ -309,7 +321,7 @@ class MigrationService:
                 t0 = time.monotonic()
                 await qmp.execute("migrate", uri=uri)
                 stall = _StallWatch()
-                unsent_limited = False
+                unsent_limited = compression is not pol.Compression.NONE and await self._limit_unsent_at_once(rec.vm, uri)
                 while True:
                     self._check_cancel(cancel)
                     now = time.monotonic() - t0
@@ -392,6 +404,7 @@ class MigrationService:
             encrypted=rec.options.encrypted,
             converged=not postcopy,
             postcopy=postcopy,
+            compression=compression.value,
         )
         self._phase(mid, Phase.DONE)
         rec = self._update(mid, ended_at=time.time(), summary=summary, rounds=tuple(as_json(r) for r in stats.round_log))
@@ -522,6 +535,28 @@ class MigrationService:
         """A kvmotion.qemu.sockets action on the source QEMU's sockets to the migration's URI."""
         host, _, port = uri.removeprefix("tcp:").rpartition(":")
         return await self._on_qemu_sockets(vm, action, host.strip("[]"), int(port), *args)
+
+    async def _limit_unsent_at_once(self, vm: str, uri: str) -> bool:
+        """The unsent-data limit on every migration connection as soon as QEMU has opened them
+        (SOCKETS_OPEN_WAIT). True once done (or impossible); False leaves it to the usual check."""
+        deadline = time.monotonic() + SOCKETS_OPEN_WAIT
+        while True:
+            n = await self._on_stream_sockets(vm, uri, limit_unsent, UNSENT_LIMIT)
+            if n is None or n >= MULTIFD_CHANNELS + 1:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.002)
+
+    async def _egress_rate(self, dest: AsyncAgentClient) -> int | None:
+        """Bytes/s this host sends towards the destination agent's address (NIC speed, tbf
+        shaping); None when it cannot tell (then nothing is compressed)."""
+        host = urlsplit(dest.url).hostname or ""
+        try:
+            return (await asyncio.to_thread(egress_link, host)).rate
+        except (KvmotionError, OSError) as exc:
+            log.warning("the link towards %s: %s", host, exc)
+            return None
 
     async def _limit_unsent(self, vm: str, uri: str) -> bool:
         """Bound the source QEMU's unsent migration data (module docstring of qemu.sockets) if the
@@ -685,7 +720,8 @@ class MigrationService:
         self._persist(rec)
 
     # ---- destination side ------------------------------------------------------------------------
-    async def prepare_incoming(self, spec: VmSpec, mid: str, source: str, encrypted: bool, postcopy: bool) -> str:
+    async def prepare_incoming(self, spec: VmSpec, mid: str, source: str, encrypted: bool, postcopy: bool,
+                               compression: pol.Compression = pol.Compression.NONE) -> str:
         if self.active() >= self.limit:
             raise Conflict(f"{self.host} already runs {self.active()} migrations (limit {self.limit})")
         await self.manager.create(spec, incoming_migration=mid)
@@ -696,7 +732,8 @@ class MigrationService:
             caps = {"events": True, "postcopy-ram": postcopy, **_multifd(postcopy)}
             await qmp.execute("migrate-set-capabilities",
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
-            await qmp.execute("migrate-set-parameters", **{"multifd-channels": MULTIFD_CHANNELS})
+            await qmp.execute("migrate-set-parameters", **{"multifd-channels": MULTIFD_CHANNELS,
+                                                            "multifd-compression": compression.value})
             if encrypted:
                 await self._add_tls(qmp, "server")
                 await qmp.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})

@@ -92,6 +92,7 @@ class Summary:
     encrypted: bool
     converged: bool
     postcopy: bool
+    compression: str = "none"  # QEMU's multifd-compression (migration.policy.stream_compression)
 
 
 @dataclass(frozen=True)

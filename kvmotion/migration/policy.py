@@ -530,3 +530,31 @@ def _hopeless_reason(state: PolicyState, rnd: RoundStats, now: float) -> str:
         f"{_ms(rnd.predicted_downtime)} pause after {state.stuck} rounds without progress "
         f"(round {rnd.round}, {now:.1f} s, {throttle})"
     )
+
+
+# ------------------------------------------------------------------------------ stream compression
+
+
+class Compression(str, Enum):
+    """QEMU's multifd-compression, as both ends must set it alike."""
+
+    NONE = "none"
+    ZSTD = "zstd"
+
+
+# Compress the pages (zstd, QEMU's level 1) when the link carries less than this (bytes/s):
+# 2.5 Gbit/s. Measured on the lab (TCG, 2 cores shared by both hosts, bench/README.md): idle
+# 1 GiB guest over 1 Gbit/s, migrate -> running 361-380 ms compressed against 787-828 ms (86 MiB
+# became 19 MiB); over unshaped veth (~2 GB/s) 343-429 ms compressed against 270-336 ms: there
+# the compressing threads, not the link, are the bottleneck. A faster link carries raw pages
+# sooner than the threads compress them.
+COMPRESS_BELOW = 2_500_000_000 // 8
+
+
+def stream_compression(link_rate: int | None, postcopy: bool) -> Compression:
+    """What the migration stream should be compressed with, given the source's egress rate towards
+    the destination (bytes/s; None when unknown). QEMU compresses only multifd streams, and
+    multifd does not go with post-copy."""
+    if postcopy or link_rate is None or link_rate >= COMPRESS_BELOW:
+        return Compression.NONE
+    return Compression.ZSTD

@@ -455,3 +455,44 @@ def ipv4_addresses(ns: str | None = None) -> list[str]:
     """Every IPv4 address of `ns` (None: the current namespace) as 'ADDR/PREFIX'."""
     with ns_iproute(ns) as ipr:
         return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=AF_INET)]
+
+
+@dataclass(frozen=True)
+class EgressLink:
+    """The interface this namespace reaches an address through, and how fast it sends."""
+
+    ifname: str
+    nic_rate: int | None  # bytes/s the NIC reports (ethtool); None when it reports none
+    shaped_rate: int | None  # bytes/s of a tbf root qdisc on it; None when not shaped
+
+    @property
+    def rate(self) -> int | None:
+        known = [r for r in (self.nic_rate, self.shaped_rate) if r]
+        return min(known) if known else None
+
+
+def _nic_rate(ifname: str) -> int | None:
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        with Ethtool() as et:
+            speed = et.get_link_mode(ifname).speed  # Mbit/s; None or -1 when unknown
+    except Exception:  # noqa: BLE001 - pyroute2 raises its own for "no ethtool here" (lo, tun)
+        return None
+    return speed * 1_000_000 // 8 if speed and speed > 0 else None
+
+
+@off_event_loop
+def egress_link(dst: str) -> EgressLink:
+    """The link the current namespace routes `dst` over (NIC speed and tbf shaping)."""
+    with IPRoute() as ipr:
+        try:
+            route = ipr.route("get", dst=dst)[0]
+        except (NetlinkError, IndexError) as exc:
+            raise NotFound(f"no route to {dst}: {exc}") from exc
+        idx = route.get("RTA_OIF")
+        links = ipr.get_links(idx) if idx else []
+        if not links:
+            raise NotFound(f"no interface carries the route to {dst}")
+        ifname = links[0].get("IFLA_IFNAME")
+    return EgressLink(ifname=ifname, nic_rate=_nic_rate(ifname), shaped_rate=shaping(None, ifname))

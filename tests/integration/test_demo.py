@@ -45,10 +45,11 @@ def _cleanup(name: str | None) -> None:
         labmod.lab_down(name)
 
 
-def test_demo_two_migrations(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("link", "compression"), [("none", "none"), ("1gbit", "zstd")])
+def test_demo_two_migrations(tmp_path: Path, link: str, compression: str) -> None:
     report = tmp_path / "r.json"
     proc = subprocess.run(
-        _demo_argv("--memory", "256M", "--migrations", "2", "--report", str(report)),
+        _demo_argv("--memory", "256M", "--migrations", "2", "--link", link, "--report", str(report)),
         capture_output=True, text=True, timeout=300,
     )
     m = LAB_RE.search(proc.stdout)
@@ -67,6 +68,8 @@ def test_demo_two_migrations(tmp_path: Path) -> None:
             for key in FIGURES:
                 assert isinstance(mig[key], (int, float)) and mig[key] >= 0, (key, mig[key])
             assert isinstance(mig["converged"], bool)
+            # over a 1 Gbit/s link the pages go compressed; every check above still has to hold
+            assert mig["compression"] == compression
             assert [p["phase"] for p in mig["phases"]] == ["prepare", "precopy", "switchover", "commit"]
         assert doc["all_ok"] is True, json.dumps(doc["migrations"], indent=1) + proc.stdout[-3000:]
         assert proc.returncode == 0, proc.stderr[-2000:]

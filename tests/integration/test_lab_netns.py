@@ -108,3 +108,21 @@ def test_shape_and_unshape(three_ns):
     netns.unshape(a, "v0")
     netns.unshape(a, "v0")
     assert netns.shaping(a, "v0") is None
+
+
+def test_egress_link_takes_the_slower_of_nic_and_shaping(three_ns):
+    a, b = three_ns[1], three_ns[2]
+    netns.create_veth("up0", a, "up1", b)
+    netns.add_address(a, "up0", "10.254.78.1/24")
+    netns.add_address(b, "up1", "10.254.78.2/24")
+    link = netns.run_in_ns(a, netns.egress_link, "10.254.78.2")
+    # a veth reports 10 Gbit/s to ethtool; nothing shapes it yet
+    assert link == netns.EgressLink(ifname="up0", nic_rate=1_250_000_000, shaped_rate=None)
+    assert link.rate == 1_250_000_000
+    netns.shape(a, "up0", 125_000_000)
+    link = netns.run_in_ns(a, netns.egress_link, "10.254.78.2")
+    assert link.shaped_rate == 125_000_000 and link.rate == 125_000_000
+    # an address of the namespace itself goes over lo, which has no speed: unknown
+    assert netns.run_in_ns(a, netns.egress_link, "10.254.78.1").rate is None
+    with pytest.raises(NotFound, match="no route to 192.0.2.1"):
+        netns.run_in_ns(a, netns.egress_link, "192.0.2.1")

@@ -499,3 +499,15 @@ def test_invalid_configs_are_refused(make) -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(InvalidInput, match="balanced, fast, gentle"):
         pol.preset("turbo")
+
+
+def test_stream_compression_only_where_the_link_is_slower_than_the_compressors():
+    from kvmotion.migration.policy import COMPRESS_BELOW, Compression, stream_compression
+
+    assert stream_compression(125_000_000, postcopy=False) is Compression.ZSTD  # 1 Gbit/s
+    assert stream_compression(COMPRESS_BELOW - 1, postcopy=False) is Compression.ZSTD
+    assert stream_compression(COMPRESS_BELOW, postcopy=False) is Compression.NONE
+    assert stream_compression(1_250_000_000, postcopy=False) is Compression.NONE  # 10 Gbit/s
+    assert stream_compression(None, postcopy=False) is Compression.NONE  # unknown link
+    # post-copy runs without multifd, the only stream QEMU compresses
+    assert stream_compression(125_000_000, postcopy=True) is Compression.NONE
