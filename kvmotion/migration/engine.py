@@ -72,6 +72,11 @@ MULTIFD_CHANNELS = 3
 # 1155-1455 ms against 938-1055 autotuned; 931-1004 ms with 1 MiB). Two MiB in flight per
 # connection is still far above a LAN's bandwidth-delay product (10 Gbit/s x 0.2 ms = 250 KB).
 RECEIVE_BUFFER = 1 << 20
+# Compressed, each byte in those buffers is ~4 bytes of pages still to decompress, and the
+# destination's threads, not the link, fall behind: idle 1 GiB over 1 Gbit/s, zstd, pause 12-222 ms
+# with 1 MiB, 29-54 ms with 256 KiB, 6-23 ms with 64 KiB (migrate -> running 358-458 ms, against
+# 282-389 with 256 KiB: the price of a window that small, still half of the uncompressed time).
+RECEIVE_BUFFER_COMPRESSED = 64 << 10
 # Unsent bytes each migration socket may hold once the switchover is near (TCP_NOTSENT_LOWAT):
 # what the source's buffers hold when its vCPUs stop crosses the link before the destination can
 # resume. Measured (TCG, idle 1 GiB guest, 1 Gbit/s, bench/README.md): pause 51-86 ms with the
@@ -740,7 +745,8 @@ class MigrationService:
             await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
             info = await qmp.execute("query-migrate")
             addr = info["socket-address"][0]  # type: ignore[index]
-            await self._on_qemu_sockets(spec.name, limit_receive_buffer, int(addr["port"]), RECEIVE_BUFFER)
+            size = RECEIVE_BUFFER if compression is pol.Compression.NONE else RECEIVE_BUFFER_COMPRESSED
+            await self._on_qemu_sockets(spec.name, limit_receive_buffer, int(addr["port"]), size)
             self.tasks[f"incoming-{mid}"] = asyncio.create_task(self._guard_incoming(mid, source))
             return f"tcp:{addr['host']}:{addr['port']}"
         except BaseException as exc:
