@@ -188,10 +188,11 @@ class RoundStats:
     started_at: float  # s, caller's clock (or QEMU total-time)
     wall_time: float  # s
     bytes_sent: int
-    link_rate: float  # bytes/s measured over the round
+    link_rate: float  # bytes/s measured over the round (wire bytes)
     dirty_rate: float  # bytes/s = dirty-pages-rate x page size
     remaining: int  # bytes pending after the sync
     throttle: float  # fraction of vCPU time taken away while the round ran (0..1)
+    page_rate: float = 0.0  # bytes/s of pages moved over the round: above link_rate when compressed
 
     @property
     def syncs(self) -> int:
@@ -224,6 +225,7 @@ class RoundStats:
         wall = max(0.0, end.time - start.time)
         sent = max(0, end.ram.transferred - start.ram.transferred)
         rate = sent / wall if wall >= _MIN_ROUND_WALL and sent > 0 else end.ram.link_rate
+        pages = max(0, end.ram.normal - start.ram.normal) * end.ram.page_size
         return RoundStats(
             round=end.ram.dirty_sync_count - 1,
             first_round=start.ram.dirty_sync_count,
@@ -231,6 +233,7 @@ class RoundStats:
             wall_time=wall,
             bytes_sent=sent,
             link_rate=rate,
+            page_rate=rate * max(1.0, pages / sent) if sent > 0 else rate,
             dirty_rate=end.ram.dirty_rate,
             remaining=end.ram.remaining,
             throttle=max(throttle, end.cpu_throttle_percentage / 100),
@@ -252,6 +255,7 @@ class RoundStats:
                 dirty_rate=float(data["dirty_rate"]),  # type: ignore[arg-type]
                 remaining=int(data["remaining"]),  # type: ignore[arg-type]
                 throttle=float(data["throttle"]),  # type: ignore[arg-type]
+                page_rate=float(data.get("page_rate", 0.0)),  # type: ignore[arg-type]
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed round statistics: {exc}") from exc

@@ -212,3 +212,20 @@ def test_summary_of_a_failed_migration_keeps_the_error() -> None:
     assert RamStats() == RamStats.from_qmp({})
     with pytest.raises(InvalidInput):
         RoundTracker().summary()
+
+
+def test_a_compressed_round_knows_the_pages_it_moved() -> None:
+    def sample(t: float, sync: int, transferred: int, normal_pages: int) -> MigrationSample:
+        data = {"status": "active", "total-time": int(t * 1000),
+                "ram": {"transferred": transferred, "remaining": 40 * MIB, "total": 512 * MIB, "normal": normal_pages,
+                        "dirty-pages-rate": 50_000, "mbps": 1000.0, "dirty-sync-count": sync, "page-size": 4096}}
+        return MigrationSample.from_qmp(data, at=t)
+
+    # 100 MB crossed the wire in 1 s carrying 100_000 pages (409.6 MB): compressed 4.1x
+    r = RoundStats.between(sample(1.0, 1, 0, 0), sample(2.0, 2, 100_000_000, 100_000))
+    assert r.bytes_sent == 100_000_000 and r.link_rate == pytest.approx(100e6)
+    assert r.page_rate == pytest.approx(409.6e6)
+    assert RoundStats.from_json(r.to_json()) == r
+    # uncompressed, page headers make the wire carry a little more than the pages: the wire's rate
+    r = RoundStats.between(sample(1.0, 1, 0, 0), sample(2.0, 2, 410_000_000, 100_000))
+    assert r.page_rate == r.link_rate == pytest.approx(410e6)
