@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kvmotion.errors import InvalidInput, KvmotionError, NotFound, SetupError
 
+VCPU_SHARES = 8192  # cgroup v1 cpu.shares of a throttled VM's vCPU group (default 1024)
 MIN_QUOTA_US = 1000  # kernel minimum for cfs_quota_us / cpu.max quota
 MIN_PERIOD_US = 1000
 MAX_PERIOD_US = 1_000_000
@@ -265,6 +266,9 @@ class VcpuThrottle:
         base = self._current(self.thread_ids[0])
         group = base / name
         self._mkdir(group)
+        # Capped by the quota, but first in line while under it: beside a migration's busy threads
+        # (compressing, on a small host) the vCPUs otherwise wait their turn on top of the quota.
+        self._write(group / "cpu.shares", str(VCPU_SHARES), f"setting the CPU shares of {group}")
         for i, tid in enumerate(self.thread_ids):
             child = group / f"vcpu{i}"
             self._mkdir(child)
