@@ -312,7 +312,9 @@ class MigrationService:
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             params: dict = {"max-bandwidth": rec.options.bandwidth or UNLIMITED_BANDWIDTH,
                             "downtime-limit": state.downtime_ms, "multifd-channels": MULTIFD_CHANNELS,
-                            "multifd-compression": compression.value}
+                            "multifd-compression": compression.value,
+                            # QEMU's own estimate (0) unless set below: a rolled-back attempt may have set it
+                            "avail-switchover-bandwidth": 0}
             if tls:
                 await self._add_tls(qmp, "client")
                 params.update({"tls-creds": TLS_ID, "tls-hostname": rec.destination})
