@@ -97,6 +97,11 @@ def _multifd(postcopy: bool) -> dict[str, bool]:
     return {"multifd": not postcopy}
 
 
+def _multifd_params(compression: pol.Compression) -> dict[str, object]:
+    """The multifd parameters both ends must set alike."""
+    return {"multifd-channels": MULTIFD_CHANNELS, "multifd-compression": compression.value}
+
+
 class _StallWatch:
     """A cut link or a frozen destination leaves QEMU waiting on TCP for many minutes: notice when
     the bytes it has sent stop growing for STALL_TIMEOUT."""
@@ -311,8 +316,7 @@ class MigrationService:
             await qmp.execute("migrate-set-capabilities",
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             params: dict = {"max-bandwidth": rec.options.bandwidth or UNLIMITED_BANDWIDTH,
-                            "downtime-limit": state.downtime_ms, "multifd-channels": MULTIFD_CHANNELS,
-                            "multifd-compression": compression.value,
+                            "downtime-limit": state.downtime_ms, **_multifd_params(compression),
                             # QEMU's own estimate (0) unless set below: a rolled-back attempt may have set it
                             "avail-switchover-bandwidth": 0}
             if tls:
@@ -746,8 +750,7 @@ class MigrationService:
             caps = {"events": True, "postcopy-ram": postcopy, **_multifd(postcopy)}
             await qmp.execute("migrate-set-capabilities",
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
-            await qmp.execute("migrate-set-parameters", **{"multifd-channels": MULTIFD_CHANNELS,
-                                                            "multifd-compression": compression.value})
+            await qmp.execute("migrate-set-parameters", **_multifd_params(compression))
             if encrypted:
                 await self._add_tls(qmp, "server")
                 await qmp.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})
