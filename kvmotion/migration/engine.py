@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ from kvmotion.migration.hooks import SwitchoverContext, default_hooks
 from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
 from kvmotion.net.netns import egress_link
-from kvmotion.qemu.sockets import limit_receive_buffer, limit_unsent, shutdown_to
+from kvmotion.qemu.sockets import connected_to, limit_receive_buffer, limit_unsent, shutdown_to
 from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.migration")
@@ -47,6 +48,7 @@ UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU has no "unlimited", libvirt uses 
 COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agent to commit
 STALL_TIMEOUT = 10.0  # s without a byte reaching the destination before the stream counts as stalled
 CLEANUP_TIMEOUT = 10.0  # s for the destination to destroy its shadow on rollback
+ROLLBACK_STEP_TIMEOUT = 15.0  # s one QMP command on the source may take during a rollback
 ORPHAN_TIMEOUT = 30.0  # s a shadow waits for a source agent it cannot reach (> COMMIT_RETRY: the source gave up by then)
 COMMIT_TIMEOUT = 20.0  # s one commit may take: loading the stream's end (INCOMING_SETTLE) plus resume
 RESOLVE_INTERVAL = 2.0  # s between tries to settle a commit whose outcome is unknown
@@ -385,6 +387,7 @@ class MigrationService:
                     await hook.before_switchover(ctx)
                 if final is None:
                     if pause:
+                        await self._check_stream_whole(dest, rec, uri)
                         await qmp.execute("migrate-continue", state="pre-switchover")
                     final = await self._wait_completion(qmp, t0, dest, rec, uri)
                 if stop_at is None:
@@ -434,6 +437,18 @@ class MigrationService:
         cause = await self._shadow_fate(dest, rec)
         return MigrationError(f"QEMU's migration stream to {rec.destination} {sample.status.value}{when}: "
                               f"{sample.error or 'no detail'}" + (f" ({cause})" if cause else ""))
+
+    async def _check_stream_whole(self, dest: AsyncAgentClient, rec: MigrationRecord, uri: str) -> None:
+        """Raise if a connection of the paused stream was closed by the other end. QEMU 10.0 may
+        find a dead multifd connection only while it saves the device state and then wedge there
+        holding its big lock (migration thread stuck in multifd_send_sync_main, monitor silent):
+        the source could then neither resume nor be cancelled. Cancelled before the continue, it can."""
+        want = 1 if rec.options.allow_postcopy else MULTIFD_CHANNELS + 1
+        alive = await self._on_stream_sockets(rec.vm, uri, connected_to)
+        if alive is not None and alive < want:
+            cause = await self._shadow_fate(dest, rec)
+            raise MigrationError(f"the migration stream to {rec.destination} broke at switchover: {want - alive} of "
+                                 f"its {want} connections closed by the other end" + (f" ({cause})" if cause else ""))
 
     async def _shadow_fate(self, dest: AsyncAgentClient, rec: MigrationRecord) -> str:
         deadline = time.monotonic() + SHADOW_SETTLE
@@ -693,25 +708,32 @@ class MigrationService:
             await self._hold_paused(mid, dest, done_hooks, ctx, throttle, exc)
             return
         notes: list[str] = []
+        resumed = False
+        # Every step is bounded: a source QEMU wedged holding its big lock must not hang the
+        # agent; the record then says the VM could not be resumed, instead of never ending.
+        ask = functools.partial(qmp.execute_within, ROLLBACK_STEP_TIMEOUT)
         try:
             # Leases first: the source must hold its disks again before its vCPUs run.
             for hook in reversed(done_hooks):
                 try:
-                    await hook.on_rollback(ctx)
+                    await asyncio.wait_for(hook.on_rollback(ctx), ROLLBACK_STEP_TIMEOUT * 2)
                 except KvmotionError as e:
                     notes.append(f"{hook.name} rollback: {e}")
+                except asyncio.TimeoutError:
+                    notes.append(f"{hook.name} rollback: not done within {ROLLBACK_STEP_TIMEOUT * 2:.0f} s")
             try:
-                status = MigrationSample.from_qmp(await qmp.execute("query-migrate")).status  # type: ignore[arg-type]
+                status = MigrationSample.from_qmp(await ask("query-migrate")).status  # type: ignore[arg-type]
                 if not status.is_terminal and status is not MigrationStatus.NONE:
-                    await qmp.execute("migrate_cancel")
+                    await ask("migrate_cancel")
                     for _ in range(400):
-                        status = MigrationSample.from_qmp(await qmp.execute("query-migrate")).status  # type: ignore[arg-type]
+                        status = MigrationSample.from_qmp(await ask("query-migrate")).status  # type: ignore[arg-type]
                         if status.is_terminal:
                             break
                         await asyncio.sleep(0.025)
-                run = await qmp.execute("query-status")
+                run = await ask("query-status")
                 if run["status"] != "running":  # type: ignore[index]
-                    await qmp.execute("cont")
+                    await ask("cont")
+                resumed = True
             except KvmotionError as e:
                 notes.append(f"resuming the source: {e}")
             if throttle is not None:
@@ -723,7 +745,7 @@ class MigrationService:
                     notes.append(f"destination cleanup: {e}; the agent on {rec.destination} destroys the uncommitted "
                                  f"shadow once it learns the migration failed, or when it restarts")
         finally:
-            self.manager.set_state(rec.vm, VmState.RUNNING)
+            self.manager.set_state(rec.vm, VmState.RUNNING if resumed else VmState.PAUSED)
         if isinstance(exc, KvmotionError):
             why = str(exc)
         elif isinstance(exc, asyncio.CancelledError):
@@ -731,7 +753,7 @@ class MigrationService:
         else:
             log.exception("migration %s failed", mid, exc_info=exc)
             why = f"{type(exc).__name__}: {exc}"
-        where = f"VM {rec.vm} keeps running on {self.host}"
+        where = f"VM {rec.vm} keeps running on {self.host}" if resumed else f"VM {rec.vm} could not be resumed on {self.host}"
         error = f"{why}; {where}" + (f" ({'; '.join(notes)})" if notes else "")
         self._phase(mid, Phase.CANCELLED if cancelled else Phase.FAILED)
         rec = self._update(mid, ended_at=time.time(), error=error)

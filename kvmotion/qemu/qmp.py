@@ -65,6 +65,14 @@ class Qmp:
         except (StateError, ExecInterruptedError, ConnectionError, EOFError) as exc:
             raise VmFailed(f"lost the QEMU monitor of VM {self.vm_name} during {command}") from exc
 
+    async def execute_within(self, seconds: float, command: str, **arguments) -> object:
+        """execute(), giving up after `seconds`: a QEMU stuck holding its big lock never answers."""
+        try:
+            return await asyncio.wait_for(self.execute(command, **arguments), seconds)
+        except asyncio.TimeoutError:
+            raise VmFailed(f"QEMU of VM {self.vm_name} did not answer {command} within {seconds:g} s: "
+                           f"it is stuck (its process is left as it is for a post-mortem)") from None
+
     def listen(self, *names: str) -> "EventStream":
         return EventStream(self._client, names)
 

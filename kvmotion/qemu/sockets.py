@@ -22,7 +22,7 @@ from pathlib import Path
 SYS_PIDFD_GETFD = 438  # same number on every architecture (the generic syscall table)
 TCP_NOTSENT_LOWAT = 25  # linux/tcp.h; Python's socket module does not name it
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max, for CAP_NET_ADMIN
-TCP_LISTEN = "0A"  # the state column of /proc/net/tcp (include/net/tcp_states.h)
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # the state column of /proc/net/tcp (include/net/tcp_states.h)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -35,7 +35,11 @@ class TcpSocket:
     peer: tuple[str, int]
     unsent: int  # tx_queue: bytes not yet acknowledged by the peer
     local: tuple[str, int] = ("", 0)
-    listening: bool = False
+    state: str = TCP_ESTABLISHED
+
+    @property
+    def listening(self) -> bool:
+        return self.state == TCP_LISTEN
 
 
 def _addr(hexaddr: str) -> tuple[str, int]:
@@ -60,7 +64,7 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
         for line in lines:
             f = line.split()
             by_inode[int(f[9])] = TcpSocket(fd=-1, peer=_addr(f[2]), unsent=int(f[4].split(":")[0], 16),
-                                            local=_addr(f[1]), listening=f[3] == TCP_LISTEN)
+                                            local=_addr(f[1]), state=f[3])
     found = []
     fd_dir = Path(f"/proc/{pid}/fd")
     for entry in fd_dir.iterdir():
@@ -102,6 +106,12 @@ def _dup(pid: int, fd: int) -> socket.socket:
         return socket.socket(fileno=_dup_from(pidfd, fd))
     finally:
         os.close(pidfd)
+
+
+def connected_to(pid: int, peer_host: str, peer_port: int | None) -> int:
+    """How many of `pid`'s sockets to the peer are still established. A peer that died leaves
+    them half-closed (its FIN) or gone from the table (its RST), though QEMU holds the fd."""
+    return sum(s.state == TCP_ESTABLISHED for s in _peers(pid, peer_host, peer_port))
 
 
 def shutdown_to(pid: int, peer_host: str, peer_port: int | None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -93,6 +94,26 @@ def test_shutdown_to_ends_the_child_s_connection_to_that_peer_only(child_with_tw
     accepted[1].setblocking(False)
     with pytest.raises(BlockingIOError):
         accepted[1].recv(1)
+
+
+def _settled_count(pid: int, port: int, want: int) -> int:
+    deadline = time.monotonic() + 5  # loopback delivers FIN/RST at once; allow a loaded machine
+    while (n := sockets.connected_to(pid, "127.0.0.1", port)) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n
+
+
+def test_connected_to_counts_what_a_dead_peer_left_half_closed_or_reset(child_with_two_connections):
+    pid, ports, accepted = child_with_two_connections
+    assert sockets.connected_to(pid, "127.0.0.1", None) == 2
+    accepted[0].close()  # an orderly close (FIN): the child's end is left half-closed
+    assert _settled_count(pid, ports[0], 0) == 0
+    assert sockets.connected_to(pid, "127.0.0.1", ports[1]) == 1
+    # a reset (as when the peer dies with unread data): the child's socket leaves the table
+    accepted[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    accepted[1].close()
+    assert _settled_count(pid, ports[1], 0) == 0
+    assert sockets.connected_to(pid, "127.0.0.1", None) == 0
 
 
 LISTENER = """
