@@ -38,7 +38,7 @@ from kvmotion.migration.hooks import SwitchoverContext, default_hooks
 from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
 from kvmotion.net.netns import egress_link
-from kvmotion.qemu.sockets import connected_to, limit_receive_buffer, limit_unsent, shutdown_to
+from kvmotion.qemu.sockets import established, limit_receive_buffer, limit_unsent, shutdown_to, stream_fds
 from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.migration")
@@ -97,6 +97,11 @@ SOCKETS_OPEN_WAIT = 0.1  # s after `migrate` to find them
 
 def _multifd(postcopy: bool) -> dict[str, bool]:
     return {"multifd": not postcopy}
+
+
+def _stream_connections(postcopy: bool) -> int:
+    """TCP connections QEMU opens for one migration stream (the main one, then multifd's)."""
+    return 1 if postcopy else MULTIFD_CHANNELS + 1
 
 
 def _multifd_params(compression: pol.Compression) -> dict[str, object]:
@@ -334,6 +339,7 @@ class MigrationService:
                 t0 = time.monotonic()
                 await qmp.execute("migrate", uri=uri)
                 stall = _StallWatch()
+                stream: list[int] = []  # the source QEMU's stream sockets, checked at switchover
                 unsent_limited = compression is not pol.Compression.NONE and await self._limit_unsent_at_once(rec.vm, uri)
                 while True:
                     self._check_cancel(cancel)
@@ -358,6 +364,8 @@ class MigrationService:
                     if sample.status is MigrationStatus.COMPLETED:
                         final = sample
                         break
+                    if pause and len(stream) < _stream_connections(rec.options.allow_postcopy):
+                        stream = await self._on_stream_sockets(rec.vm, uri, stream_fds) or []
                     if not unsent_limited and sample.ram is not None and 0 < sample.ram.remaining <= NEAR_SWITCHOVER:
                         unsent_limited = await self._limit_unsent(rec.vm, uri)
                     if stall.stalled(sample):
@@ -387,7 +395,7 @@ class MigrationService:
                     await hook.before_switchover(ctx)
                 if final is None:
                     if pause:
-                        await self._check_stream_whole(dest, rec, uri)
+                        await self._check_stream_whole(dest, rec, stream)
                         await qmp.execute("migrate-continue", state="pre-switchover")
                     final = await self._wait_completion(qmp, t0, dest, rec, uri)
                 if stop_at is None:
@@ -438,17 +446,18 @@ class MigrationService:
         return MigrationError(f"QEMU's migration stream to {rec.destination} {sample.status.value}{when}: "
                               f"{sample.error or 'no detail'}" + (f" ({cause})" if cause else ""))
 
-    async def _check_stream_whole(self, dest: AsyncAgentClient, rec: MigrationRecord, uri: str) -> None:
+    async def _check_stream_whole(self, dest: AsyncAgentClient, rec: MigrationRecord, stream: list[int]) -> None:
         """Raise if a connection of the paused stream was closed by the other end. QEMU 10.0 may
         find a dead multifd connection only while it saves the device state and then wedge there
         holding its big lock (migration thread stuck in multifd_send_sync_main, monitor silent):
         the source could then neither resume nor be cancelled. Cancelled before the continue, it can."""
-        want = 1 if rec.options.allow_postcopy else MULTIFD_CHANNELS + 1
-        alive = await self._on_stream_sockets(rec.vm, uri, connected_to)
-        if alive is not None and alive < want:
+        if not stream:
+            return  # not found during pre-copy: QEMU's own error handling is all there is
+        alive = await self._on_qemu_sockets(rec.vm, established, stream)
+        if alive is not None and alive < len(stream):
             cause = await self._shadow_fate(dest, rec)
-            raise MigrationError(f"the migration stream to {rec.destination} broke at switchover: {want - alive} of "
-                                 f"its {want} connections closed by the other end" + (f" ({cause})" if cause else ""))
+            raise MigrationError(f"the migration stream to {rec.destination} broke at switchover: {len(stream) - alive} "
+                                 f"of its {len(stream)} connections closed by the other end" + (f" ({cause})" if cause else ""))
 
     async def _shadow_fate(self, dest: AsyncAgentClient, rec: MigrationRecord) -> str:
         deadline = time.monotonic() + SHADOW_SETTLE
@@ -575,7 +584,7 @@ class MigrationService:
         deadline = time.monotonic() + SOCKETS_OPEN_WAIT
         while True:
             n = await self._on_stream_sockets(vm, uri, limit_unsent, UNSENT_LIMIT)
-            if n is None or n >= MULTIFD_CHANNELS + 1:
+            if n is None or n >= _stream_connections(False):
                 return True
             if time.monotonic() > deadline:
                 return False

@@ -189,7 +189,7 @@ class RoundStats:
     wall_time: float  # s
     bytes_sent: int
     link_rate: float  # bytes/s measured over the round (wire bytes)
-    dirty_rate: float  # bytes/s = dirty-pages-rate x page size
+    dirty_rate: float  # bytes/s = dirty-pages-rate x page size (estimated while QEMU has none)
     remaining: int  # bytes pending after the sync
     throttle: float  # fraction of vCPU time taken away while the round ran (0..1)
     page_rate: float = 0.0  # bytes/s of pages moved over the round: above link_rate when compressed
@@ -226,6 +226,12 @@ class RoundStats:
         sent = max(0, end.ram.transferred - start.ram.transferred)
         rate = sent / wall if wall >= _MIN_ROUND_WALL and sent > 0 else end.ram.link_rate
         pages = max(0, end.ram.normal - start.ram.normal) * end.ram.page_size
+        dirty = end.ram.dirty_rate
+        if dirty <= 0 and wall >= _MIN_ROUND_WALL:
+            # QEMU measures its dirty rate over >= 1 s periods: a first pass shorter than that
+            # reports 0, which would hide a fast writer until a second round was spent. What the
+            # sync found pending was dirtied during the round: its rate is a lower bound.
+            dirty = end.ram.remaining / wall
         return RoundStats(
             round=end.ram.dirty_sync_count - 1,
             first_round=start.ram.dirty_sync_count,
@@ -234,7 +240,7 @@ class RoundStats:
             bytes_sent=sent,
             link_rate=rate,
             page_rate=rate * max(1.0, pages / sent) if sent > 0 else rate,
-            dirty_rate=end.ram.dirty_rate,
+            dirty_rate=dirty,
             remaining=end.ram.remaining,
             throttle=max(throttle, end.cpu_throttle_percentage / 100),
         )

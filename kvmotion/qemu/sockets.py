@@ -23,6 +23,7 @@ SYS_PIDFD_GETFD = 438  # same number on every architecture (the generic syscall 
 TCP_NOTSENT_LOWAT = 25  # linux/tcp.h; Python's socket module does not name it
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max, for CAP_NET_ADMIN
 TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # the state column of /proc/net/tcp (include/net/tcp_states.h)
+TCP_STATE_ESTABLISHED = 1  # the same state as tcp_info's first byte
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -108,10 +109,28 @@ def _dup(pid: int, fd: int) -> socket.socket:
         os.close(pidfd)
 
 
-def connected_to(pid: int, peer_host: str, peer_port: int | None) -> int:
-    """How many of `pid`'s sockets to the peer are still established. A peer that died leaves
-    them half-closed (its FIN) or gone from the table (its RST), though QEMU holds the fd."""
-    return sum(s.state == TCP_ESTABLISHED for s in _peers(pid, peer_host, peer_port))
+def stream_fds(pid: int, peer_host: str, peer_port: int | None) -> list[int]:
+    """`pid`'s descriptors of its established sockets to the peer (reads the whole TCP table:
+    milliseconds on a big host, so look them up ahead of the moment they are needed)."""
+    return [s.fd for s in _peers(pid, peer_host, peer_port) if s.state == TCP_ESTABLISHED]
+
+
+def established(pid: int, fds: list[int]) -> int:
+    """How many of `pid`'s descriptors `fds` are TCP sockets still established (microseconds: one
+    getsockopt per socket). A peer that died leaves them half-closed (its FIN) or closed (its RST),
+    though the process still holds them."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        alive = 0
+        for fd in fds:
+            try:
+                with socket.socket(fileno=_dup_from(pidfd, fd)) as sock:
+                    alive += sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_STATE_ESTABLISHED
+            except OSError:
+                pass  # closed meanwhile, or not a socket any more
+        return alive
+    finally:
+        os.close(pidfd)
 
 
 def shutdown_to(pid: int, peer_host: str, peer_port: int | None) -> int:

@@ -96,24 +96,30 @@ def test_shutdown_to_ends_the_child_s_connection_to_that_peer_only(child_with_tw
         accepted[1].recv(1)
 
 
-def _settled_count(pid: int, port: int, want: int) -> int:
+def _settled_count(pid: int, fds: list[int], want: int) -> int:
     deadline = time.monotonic() + 5  # loopback delivers FIN/RST at once; allow a loaded machine
-    while (n := sockets.connected_to(pid, "127.0.0.1", port)) != want and time.monotonic() < deadline:
+    while (n := sockets.established(pid, fds)) != want and time.monotonic() < deadline:
         time.sleep(0.01)
     return n
 
 
-def test_connected_to_counts_what_a_dead_peer_left_half_closed_or_reset(child_with_two_connections):
+def test_established_counts_what_a_dead_peer_left_half_closed_or_reset(child_with_two_connections):
     pid, ports, accepted = child_with_two_connections
-    assert sockets.connected_to(pid, "127.0.0.1", None) == 2
+    fds = sockets.stream_fds(pid, "127.0.0.1", None)
+    first = sockets.stream_fds(pid, "127.0.0.1", ports[0])
+    second = sockets.stream_fds(pid, "127.0.0.1", ports[1])
+    assert len(first) == len(second) == 1 and sorted(first + second) == sorted(fds)
+    assert sockets.established(pid, fds) == 2
     accepted[0].close()  # an orderly close (FIN): the child's end is left half-closed
-    assert _settled_count(pid, ports[0], 0) == 0
-    assert sockets.connected_to(pid, "127.0.0.1", ports[1]) == 1
-    # a reset (as when the peer dies with unread data): the child's socket leaves the table
+    assert _settled_count(pid, first, 0) == 0
+    assert sockets.established(pid, second) == 1
+    # a reset (as when the peer dies with unread data): the child's socket is closed under it
     accepted[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     accepted[1].close()
-    assert _settled_count(pid, ports[1], 0) == 0
-    assert sockets.connected_to(pid, "127.0.0.1", None) == 0
+    assert _settled_count(pid, second, 0) == 0
+    assert sockets.stream_fds(pid, "127.0.0.1", None) == []
+    # a descriptor that is not a socket (or no longer open) never counts
+    assert sockets.established(pid, [0, 999]) == 0
 
 
 LISTENER = """

@@ -131,6 +131,20 @@ def test_round_between_two_samples() -> None:
     assert r.dirty_to_link == pytest.approx(30_000 * 4096 / 120e6)
 
 
+def test_a_pass_shorter_than_qemu_s_dirty_rate_window_estimates_it_from_what_the_sync_found() -> None:
+    # QEMU reports dirty-pages-rate 0 until it has measured over 1 s; a 0.7 s first pass left
+    # 230 MiB pending: the guest dirtied at least that much during it
+    r = RoundStats.between(active(0.1, 1, 0, 512 * MIB), active(0.8, 2, 250_000_000, 230 * MIB))
+    assert r.dirty_rate == pytest.approx(230 * MIB / 0.7)
+    assert r.dirty_to_link == pytest.approx(230 * MIB / 250_000_000)
+    # an idle guest's pass: the few pages it re-dirtied give a rate far below the link's
+    idle = RoundStats.between(active(0.1, 1, 0, 512 * MIB), active(0.8, 2, 250_000_000, 2 * MIB))
+    assert idle.dirty_to_link < 0.01
+    # once QEMU has measured, its figure is used as it is
+    measured = RoundStats.between(active(0.1, 1, 0, 512 * MIB), active(1.3, 2, 250_000_000, 230 * MIB, dirty_pages=100))
+    assert measured.dirty_rate == 100 * 4096
+
+
 def test_short_round_falls_back_to_qemu_rate() -> None:
     start = active(5.0, 3, 1000, 5 * MIB)
     end = active(5.05, 5, 2000, 4 * MIB, mbps=800.0)
