@@ -35,6 +35,7 @@ from pathlib import Path
 from kvmotion.errors import InvalidInput, KvmotionError, NotFound, SetupError
 
 VCPU_SHARES = 8192  # cgroup v1 cpu.shares of a throttled VM's vCPU group (default 1024)
+VCPU_WEIGHT = VCPU_SHARES * 100 // 1024  # the same priority as cgroup v2 cpu.weight (default 100)
 MIN_QUOTA_US = 1000  # kernel minimum for cfs_quota_us / cpu.max quota
 MIN_PERIOD_US = 1000
 MAX_PERIOD_US = 1_000_000
@@ -291,6 +292,10 @@ class VcpuThrottle:
             self._mkdir(child)
             self._write(child / "cgroup.type", "threaded", f"making {child} threaded")
         self._write(group / "cgroup.subtree_control", "+cpu", f"enabling the cpu controller in {group}")
+        for i, _ in enumerate(self.thread_ids):
+            # As v1's cpu.shares: each vCPU first in line, against QEMU's other threads in `group`.
+            child = group / f"vcpu{i}"
+            self._write(child / "cpu.weight", str(VCPU_WEIGHT), f"setting the CPU weight of {child}")
         for i, tid in enumerate(self.thread_ids):
             self._write(group / f"vcpu{i}" / "cgroup.threads", str(tid), f"moving vCPU thread {tid} into {group}")
         return group

@@ -128,9 +128,11 @@ class V2Model(CgroupFs):
             if populated and d != self.mount and files["cgroup.type"] == "domain":
                 raise self._err(errno.EBUSY)  # no internal processes in a plain domain
             files[name] = " ".join(sorted(set(files[name].split()) | {ctrl}))
-        elif name == "cpu.max":
+        elif name in ("cpu.max", "cpu.weight"):
             if "cpu" not in self.dirs[d.parent]["cgroup.subtree_control"].split():
                 raise FileNotFoundError(errno.ENOENT, "no cpu controller", str(path))
+            if name == "cpu.weight" and not 1 <= int(value) <= 10000:
+                raise self._err(errno.ERANGE)
             files[name] = value
         else:
             files[name] = value
@@ -173,6 +175,8 @@ def test_v2_threaded_subtree_and_back() -> None:
     assert t.group == group
     assert model.where == {500: group, 501: group / "vcpu0", 502: group / "vcpu1", 503: group}
     assert "cpu" in model.dirs[mount / "system.slice"]["cgroup.subtree_control"].split()
+    # first in line under the quota, as v1's cpu.shares 8192 (default 1024) gives
+    assert model.dirs[group / "vcpu0"]["cpu.weight"] == model.dirs[group / "vcpu1"]["cpu.weight"] == "800"
     t.set_throttle(0.95)
     assert model.dirs[group / "vcpu0"]["cpu.max"] == model.dirs[group / "vcpu1"]["cpu.max"] == "1000 20000"
     t.set_throttle(0.0)
