@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import string
@@ -23,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from socket import AF_BRIDGE
+
+from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
 from kvmotion.cluster.lab import AGENT_PORT, LabCluster, start_cluster
 from kvmotion.guest.serial import MemCorrupt, MemStatus, parse_line
@@ -66,21 +69,25 @@ class FdbSample:
 
 @dataclass
 class FdbWatcher:
-    """Polls the physical switch's FDB entry for one MAC in a thread, every few ms.
+    """Records where the physical switch's FDB puts one MAC, from the bridge's own netlink
+    notifications (RTM_NEWNEIGH when it learns or moves an entry), in a thread.
 
-    Keeps one netlink socket open in the switch's namespace: netns.fdb_entry opens a new one per
-    call (about 40 ms), a dump on an open socket takes about 3 ms."""
+    Event-driven, so each sample is stamped when the kernel tells, and the watcher costs no CPU
+    while the migration it watches runs (polling a dump every few ms took most of a core on this
+    2-core machine, from the very QEMUs being measured). The first sample is a dump."""
 
     ns: str
     bridge: str
     mac: str
     samples: list[FdbSample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _ready: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> "FdbWatcher":
         self._thread = threading.Thread(target=self._run, name="fdb-watch", daemon=True)
         self._thread.start()
+        assert self._ready.wait(10), "the FDB watcher did not start"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -88,24 +95,38 @@ class FdbWatcher:
         if self._thread is not None:
             self._thread.join(5)
 
-    def _run(self) -> None:
+    def _record(self, msgs, br: int, names: dict, ticks: int, dump: bool) -> None:
         mac = self.mac.lower()
+        port, age, seen = None, None, False
+        for msg in msgs:
+            if msg.get("event") not in (None, "RTM_NEWNEIGH", "RTM_DELNEIGH") or msg.get("family") != AF_BRIDGE:
+                continue
+            if msg.get("NDA_MASTER") != br or str(msg.get("NDA_LLADDR")).lower() != mac:
+                continue
+            if msg["state"] & (_NUD_PERMANENT | _NUD_NOARP):
+                continue  # a bridge port's own address, not a learned one
+            seen = True
+            if msg.get("event") == "RTM_DELNEIGH":
+                port, age = None, None
+                continue
+            port = names.get(msg["ifindex"], str(msg["ifindex"]))
+            cache = msg.get("NDA_CACHEINFO")
+            age = cache["ndm_updated"] / ticks if cache else None
+        if dump or seen:
+            self.samples.append(FdbSample(time.time(), port, age))
+
+    def _run(self) -> None:
         with netns.ns_iproute(self.ns) as ipr:
             names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
             br = ipr.link_lookup(ifname=self.bridge)[0]
             ticks = os.sysconf("SC_CLK_TCK")
-            while not self._stop.is_set():
-                port, age = None, None
-                for msg in ipr.get_neighbours(family=AF_BRIDGE):
-                    if msg.get("NDA_MASTER") != br or str(msg.get("NDA_LLADDR")).lower() != mac:
-                        continue
-                    if msg["state"] & (_NUD_PERMANENT | _NUD_NOARP):
-                        continue  # a bridge port's own address, not a learned one
-                    port = names.get(msg["ifindex"], str(msg["ifindex"]))
-                    cache = msg.get("NDA_CACHEINFO")
-                    age = cache["ndm_updated"] / ticks if cache else None
-                self.samples.append(FdbSample(time.time(), port, age))
-                time.sleep(0.002)
+            with netns.ns_iproute(self.ns) as events:
+                events.bind(groups=RTMGRP_NEIGH)  # subscribed before the dump: no move falls between
+                self._record(ipr.get_neighbours(family=AF_BRIDGE), br, names, ticks, dump=True)
+                self._ready.set()
+                while not self._stop.is_set():
+                    if select.select([events.fileno()], [], [], 0.05)[0]:
+                        self._record(events.get(), br, names, ticks, dump=False)
 
     def first_on(self, port: str, after: float) -> FdbSample | None:
         """The first read at or after `after` that shows the MAC on `port`."""
