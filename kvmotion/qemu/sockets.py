@@ -101,10 +101,19 @@ def _peers(pid: int, peer_host: str, peer_port: int | None) -> list[TcpSocket]:
     return [s for s in tcp_sockets(pid) if s.peer[0] == want and (peer_port is None or s.peer[1] == peer_port)]
 
 
+def _socket_from(pidfd: int, fd: int) -> socket.socket:
+    dup = _dup_from(pidfd, fd)
+    try:
+        return socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)  # not a socket (any more): the duplicate is ours to close
+        raise
+
+
 def _dup(pid: int, fd: int) -> socket.socket:
     pidfd = os.pidfd_open(pid)
     try:
-        return socket.socket(fileno=_dup_from(pidfd, fd))
+        return _socket_from(pidfd, fd)
     finally:
         os.close(pidfd)
 
@@ -124,7 +133,7 @@ def established(pid: int, fds: list[int]) -> int:
         alive = 0
         for fd in fds:
             try:
-                with socket.socket(fileno=_dup_from(pidfd, fd)) as sock:
+                with _socket_from(pidfd, fd) as sock:
                     alive += sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_STATE_ESTABLISHED
             except OSError:
                 pass  # closed meanwhile, or not a socket any more

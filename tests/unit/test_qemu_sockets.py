@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -118,8 +119,10 @@ def test_established_counts_what_a_dead_peer_left_half_closed_or_reset(child_wit
     accepted[1].close()
     assert _settled_count(pid, second, 0) == 0
     assert sockets.stream_fds(pid, "127.0.0.1", None) == []
-    # a descriptor that is not a socket (or no longer open) never counts
+    # a descriptor that is not a socket (or no longer open) never counts, and its duplicate is closed
+    ours = len(os.listdir("/proc/self/fd"))
     assert sockets.established(pid, [0, 999]) == 0
+    assert len(os.listdir("/proc/self/fd")) == ours
 
 
 LISTENER = """
