@@ -292,12 +292,11 @@ class VcpuThrottle:
             self._mkdir(child)
             self._write(child / "cgroup.type", "threaded", f"making {child} threaded")
         self._write(group / "cgroup.subtree_control", "+cpu", f"enabling the cpu controller in {group}")
-        for i, _ in enumerate(self.thread_ids):
-            # As v1's cpu.shares: each vCPU first in line, against QEMU's other threads in `group`.
-            child = group / f"vcpu{i}"
-            self._write(child / "cpu.weight", str(VCPU_WEIGHT), f"setting the CPU weight of {child}")
         for i, tid in enumerate(self.thread_ids):
-            self._write(group / f"vcpu{i}" / "cgroup.threads", str(tid), f"moving vCPU thread {tid} into {group}")
+            child = group / f"vcpu{i}"
+            # As v1's cpu.shares: each vCPU first in line, against QEMU's other threads in `group`.
+            self._write(child / "cpu.weight", str(VCPU_WEIGHT), f"setting the CPU weight of {child}")
+            self._write(child / "cgroup.threads", str(tid), f"moving vCPU thread {tid} into {group}")
         return group
 
     # ------------------------------------------------------------------ control
