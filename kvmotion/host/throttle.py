@@ -309,7 +309,10 @@ class VcpuThrottle:
         """Take `fraction` of CPU time from every vCPU (0 = none; capped at 0.99)."""
         if self.released:
             raise InvalidInput(f"the vCPU throttle of VM {self.vm_name} was released")
-        bw = bandwidth_for(fraction)
+        self._apply(bandwidth_for(fraction))
+        self.fraction = min(fraction, MAX_FRACTION)
+
+    def _apply(self, bw: Bandwidth) -> None:
         for i in range(len(self.thread_ids)):
             child = self.group / f"vcpu{i}"
             what = f"setting the CPU bandwidth of {child}"
@@ -320,13 +323,19 @@ class VcpuThrottle:
             else:
                 quota = str(bw.quota_us) if bw.quota_us else "max"
                 self._write(child / "cpu.max", f"{quota} {bw.period_us}", what)
-        self.fraction = min(fraction, MAX_FRACTION)
 
     def release(self) -> None:
         """Lift the throttle, move the threads back, remove the cgroups. Idempotent; best effort on a dead VM."""
         if self.released:
             return
         problems: list[str] = []
+        if self.fraction > 0:
+            # Unthrottle in place first: a thread moved out of a throttled group waited up to ~1 s
+            # before it ran again (seen on Linux 6.18, whose throttling parks tasks per task).
+            try:
+                self._apply(bandwidth_for(0.0))
+            except KvmotionError:
+                pass  # a group gone or refused shows again, and is reported, when it is emptied below
         for group in reversed(self._created):
             self._evacuate(group, problems)
         if self.hierarchy.version is CgroupVersion.V2 and self.pid_origin is not None:

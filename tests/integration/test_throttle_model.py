@@ -188,6 +188,20 @@ def test_v2_threaded_subtree_and_back() -> None:
     t.release()
 
 
+def test_release_lifts_the_quota_before_moving_threads() -> None:
+    # A thread moved out of a throttled group can wait ~1 s before it runs again (Linux 6.18).
+    mount = Path("/model/cgroup")
+    model = V2Model(mount, {600: 600, 601: 600, 602: 600}, "/vms")
+    t = VcpuThrottle("app", [601, 602], hierarchy=CpuHierarchy(CgroupVersion.V2, mount), fs=model)
+    t.set_throttle(0.95)
+    start = len(model.log)
+    t.release()
+    after = model.log[start:]
+    moves = [i for i, (path, _) in enumerate(after) if path.endswith(("cgroup.threads", "cgroup.procs"))]
+    lifts = [i for i, (path, value) in enumerate(after) if path.endswith("cpu.max") and value.startswith("max ")]
+    assert len(lifts) == 2 and moves and max(lifts) < min(moves), after
+
+
 def test_v2_failure_midway_undoes_everything() -> None:
     mount = Path("/model/cgroup")
     model = V2Model(mount, {700: 700, 701: 700}, "/vms")
