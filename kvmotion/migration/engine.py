@@ -306,6 +306,8 @@ class MigrationService:
                 raise MigrationError(f"preparing the shadow VM on {rec.destination} failed: {exc}") from exc
             dest_prepared = True
             uri = answer["uri"]  # type: ignore[index]
+            for hook in hooks:
+                await hook.before_precopy(ctx)
             self._check_cancel(cancel)
             config = dataclasses.replace(
                 pol.preset(rec.options.policy),

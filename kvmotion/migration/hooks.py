@@ -29,6 +29,8 @@ class SwitchoverContext:
 class SwitchoverHook(Protocol):
     name: str
 
+    async def before_precopy(self, ctx: SwitchoverContext) -> None: ...
+
     async def before_switchover(self, ctx: SwitchoverContext) -> None: ...
 
     async def after_commit(self, ctx: SwitchoverContext) -> None: ...
@@ -41,10 +43,19 @@ class DiskLeaseHook:
 
     name = "disk-leases"
 
+    def __init__(self) -> None:
+        self.generations: dict[str, int] = {}  # what the source holds; the hand-over is conditional on it
+
+    async def before_precopy(self, ctx: SwitchoverContext) -> None:
+        from kvmotion.storage.host import lease_generations
+
+        # Read now, not in the pause: the generation cannot change while the source holds the lease.
+        self.generations = await asyncio.to_thread(lease_generations, ctx.spec, ctx.source)
+
     async def before_switchover(self, ctx: SwitchoverContext) -> None:
         from kvmotion.storage.host import transfer_leases
 
-        await asyncio.to_thread(transfer_leases, ctx.spec, ctx.source, ctx.destination)
+        await asyncio.to_thread(transfer_leases, ctx.spec, ctx.source, ctx.destination, self.generations)
 
     async def after_commit(self, ctx: SwitchoverContext) -> None:
         return None

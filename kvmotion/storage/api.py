@@ -54,6 +54,7 @@ class Transfer(BaseModel):
     from_host: str
     to_host: str
     vm: str
+    generation: int | None = None  # only if the lease is still this generation
 
 
 def create_app(ds: Datastore) -> FastAPI:
@@ -102,7 +103,7 @@ def create_app(ds: Datastore) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/transfer")
     def transfer(disk: str, body: Transfer) -> dict[str, object]:
-        return ds.transfer(disk, body.from_host, body.to_host, body.vm).to_dict()
+        return ds.transfer(disk, body.from_host, body.to_host, body.vm, body.generation).to_dict()
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/release")
     def release(disk: str, body: HostOnly) -> dict[str, object]:

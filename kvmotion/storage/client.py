@@ -112,9 +112,10 @@ class DatastoreClient:
     def renew(self, disk: str, host: str) -> Lease:
         return self._lease(disk, "renew", {"host": host})
 
-    def transfer(self, disk: str, from_host: str, to_host: str, vm: str) -> Lease:
-        """Move the write lease at switchover; when it returns, `from_host` can no longer write."""
-        return self._lease(disk, "transfer", {"from_host": from_host, "to_host": to_host, "vm": vm})
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None) -> Lease:
+        """Move the write lease at switchover; when it returns, `from_host` can no longer write.
+        With `generation`, only if the lease is still that generation (see LeaseTable.transfer)."""
+        return self._lease(disk, "transfer", {"from_host": from_host, "to_host": to_host, "vm": vm, "generation": generation})
 
     def release(self, disk: str, host: str) -> None:
         self._call("POST", f"/disks/{check_disk_name(disk)}/release", {"host": host})

@@ -172,11 +172,11 @@ class Datastore:
         self._require(disk)
         return self._mutate(lambda t: t.renew(disk, host))
 
-    def transfer(self, disk: str, from_host: str, to_host: str, vm: str) -> Lease:
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None) -> Lease:
         path = self._require(disk)
 
         def move(table: LeaseTable) -> Lease:
-            lease = table.transfer(disk, from_host, to_host, vm)  # refusals raise before syncing
+            lease = table.transfer(disk, from_host, to_host, vm, generation)  # refusals raise before syncing
             _fdatasync(path)
             return lease
 

@@ -215,11 +215,15 @@ class LeaseTable:
             )
         return self._put(replace(current, expires_at=now + self.ttl))
 
-    def transfer(self, disk: str, from_host: str, to_host: str, vm: str) -> Lease:
-        """Hand the lease from `from_host` to `to_host` under a new generation (switchover)."""
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None) -> Lease:
+        """Hand the lease from `from_host` to `to_host` under a new generation (switchover).
+        `generation`: only if the lease is still that generation. A request delayed past its
+        sender's timeout then cannot move a lease that was handed on, or re-issued, meanwhile.
+        `to_host == from_host` re-issues the lease under a new generation (given `generation`):
+        how a rollback fences its own late switchover request."""
         check_host_name(to_host)
-        if from_host == to_host:
-            raise InvalidInput(f"cannot transfer {disk} from {from_host} to itself")
+        if from_host == to_host and generation is None:
+            raise InvalidInput(f"cannot transfer {disk} from {from_host} to itself without its generation")
         now = self._clock()
         current = self._leases.get(disk)
         if current is None or not current.live(now):
@@ -229,6 +233,9 @@ class LeaseTable:
             )
         if current.host != from_host:
             raise LeaseError(f"cannot transfer {disk} from {from_host}: {_held(current, now)}")
+        if generation is not None and current.generation != generation:
+            raise LeaseError(f"cannot transfer {disk} from {from_host}: its lease is generation {current.generation} "
+                             f"now, not {generation} (handed on or re-issued since this request was made)")
         return self._put(Lease(disk, to_host, vm, self.generation(disk) + 1, now + self.ttl))
 
     def release(self, disk: str, host: str) -> None:

@@ -342,6 +342,8 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
                 ctx = SwitchoverContext(spec=spec, source="host-a", destination="host-b", migration_id="0123456789ab",
                                         source_qmp=qmp, proto_nodes=mgr.proto_nodes(spec.name))
                 hook = DiskLeaseHook()
+                await hook.before_precopy(ctx)
+                assert hook.generations == {"hook.img": 1}
                 await qmp.execute("stop")  # as at pre-switchover: vCPUs stopped, disks flushed
                 await hook.before_switchover(ctx)
                 with svc.client() as c:

@@ -30,7 +30,9 @@ def test_disks_and_leases_roundtrip(client: DatastoreClient) -> None:
     lease = client.acquire("web1.img", "host-a", "web1")
     assert (lease.host, lease.vm, lease.generation) == ("host-a", "web1", 1)
     assert client.renew("web1.img", "host-a").generation == 1
-    moved = client.transfer("web1.img", "host-a", "host-b", "web1")
+    with pytest.raises(LeaseError, match="generation 1 now, not 7"):
+        client.transfer("web1.img", "host-a", "host-b", "web1", generation=7)
+    moved = client.transfer("web1.img", "host-a", "host-b", "web1", generation=1)
     assert (moved.host, moved.generation) == ("host-b", 2)
     [disk] = client.list_disks()
     assert (disk.name, disk.holder, disk.generation) == ("web1.img", "host-b", 2)

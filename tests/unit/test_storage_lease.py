@@ -112,10 +112,14 @@ def test_transfer_refused_unless_from_host_holds_live_lease(table: LeaseTable, c
     assert holder is None or holder.host == "host-c"
 
 
-def test_transfer_to_itself_is_invalid(table: LeaseTable) -> None:
+def test_transfer_to_itself_needs_the_generation_and_reissues(table: LeaseTable) -> None:
     table.acquire("web1.img", "host-a", "web1")
     with pytest.raises(InvalidInput):
         table.transfer("web1.img", "host-a", "host-a", "web1")
+    reissued = table.transfer("web1.img", "host-a", "host-a", "web1", generation=1)  # with its generation: a re-issue
+    assert (reissued.host, reissued.generation) == ("host-a", 2)
+    with pytest.raises(LeaseError, match="generation 2 now, not 1"):
+        table.transfer("web1.img", "host-a", "host-b", "web1", generation=1)
 
 
 def test_release_and_generations_never_repeat(table: LeaseTable) -> None:
