@@ -49,7 +49,8 @@ class DiskLeaseHook:
     async def before_precopy(self, ctx: SwitchoverContext) -> None:
         from kvmotion.storage.host import lease_generations
 
-        # Read now, not in the pause: the generation cannot change while the source holds the lease.
+        # Read now, not in the pause. It changes only if the source loses its lease meanwhile,
+        # and the hand-over is then refused, as it should be.
         self.generations = await asyncio.to_thread(lease_generations, ctx.spec, ctx.source)
 
     async def before_switchover(self, ctx: SwitchoverContext) -> None:
