@@ -3,7 +3,8 @@ per method — kvmotion through its agents, or the same QEMU driven over QMP the
 (`virsh migrate --live`) or QEMU's bare defaults would drive it.
 
 The baselines boot QEMU with kvmotion's own command line (kvmotion.qemu.cmdline.build_argv, the
-same kernel, initramfs and kernel command line), inside the lab hosts' namespaces, TAP on the
+same kernel, initramfs and kernel command line; their NIC with QEMU's default guest announce, as
+libvirt runs it), inside the lab hosts' namespaces, TAP on the
 host's port-group bridge, and migrate over the hosts' (shaped) vMotion links — the same path
 kvmotion's stream takes. At most two guests run at once (a migration's source and destination).
 """
@@ -98,13 +99,15 @@ def bench_lab(link_rate: int | None, encrypted: bool) -> Iterator[BenchLab]:
                 signal.signal(s, h)
 
 
-def guest_spec(cell: Cell, topo: labmod.LabTopology) -> VmSpec:
+def guest_spec(cell: Cell, topo: labmod.LabTopology, guest_announce: bool = False) -> VmSpec:
+    """The benchmark's guest. guest_announce=True is QEMU's (and so libvirt's) default NIC; kvmotion
+    announces from the host only (NicSpec)."""
     ip = f"{topo.vm_ip(0)}/{topo.vm_prefix}"
     writer = cell.dirty_rate is not None
     return VmSpec(
         name=VM,
         memory=cell.memory,
-        nics=(NicSpec(mac=MAC, portgroup=topo.portgroup, ip=ip),),
+        nics=(NicSpec(mac=MAC, portgroup=topo.portgroup, ip=ip, guest_announce=guest_announce),),
         workloads=(Workload.ECHO, Workload.MEMWRITER) if writer else (Workload.ECHO,),
         params=WorkloadParams(mem_wss=cell.wss, mem_rate=cell.dirty_rate or 0, echo_port=ECHO_PORT),
     )
@@ -376,7 +379,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                     src_host: str, dst_host: str) -> RunResult:
     # Its own name (so its own TAP and process tag): a QEMU of the agents' VM that is still going
     # away, or a reused pid, can then never be taken for it, nor it for the agents' VM.
-    spec = dataclasses.replace(guest_spec(cell, lab.topo), name=BASELINE_VM)
+    spec = dataclasses.replace(guest_spec(cell, lab.topo, guest_announce=True), name=BASELINE_VM)
     src = BareQemu(lab, src_host, spec, folder, incoming=False)
     dst: BareQemu | None = None
     probe: ClientProbe | None = None

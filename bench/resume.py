@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a client's gap goes after a VM resumes: the same pause with and without a migration.
 
-    flock /tmp/kvmotion-qemu.lock .venv/bin/python bench/resume.py [--runs 3] [--memory 512M] [--pause-ms 40]
+    flock /tmp/kvmotion-qemu.lock .venv/bin/python bench/resume.py [--runs 3] [--blocks 2] [--memory 512M] [--pause-ms 40]
 
 One guest (kvmotion's command line, workload echo) in a two-host lab, the client's 1 ms UDP probe
 running. Alternately: (warm) `stop`, wait --pause-ms, `cont` on the same QEMU; (migrated) a
@@ -10,6 +10,8 @@ QEMU stop -> resume and resume -> the client's first echo reply. A TCG destinati
 empty translation cache, so the guest's first packets after resume run through freshly
 translated code; the warm case shows what the same resume costs without that, and the prelearn
 case (the switch told the MAC's new port before the resume) separates network re-learning from it.
+Each block runs the guest twice: with virtio-net's guest announce (QEMU's default: the resumed
+guest sends its own gratuitous ARPs first) and without (kvmotion's default: QEMU's RARP only).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from bench.benchmodel import Cell  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-async def _run(lab: harness.BenchLab, cell: Cell, runs: int, pause: float, folder: Path) -> dict:
-    spec = harness.guest_spec(cell, lab.topo)
+async def _run(lab: harness.BenchLab, cell: Cell, runs: int, pause: float, folder: Path,
+               guest_announce: bool) -> dict[str, list[tuple[float, float]]]:
+    spec = harness.guest_spec(cell, lab.topo, guest_announce=guest_announce)
     hosts = ["host-a", "host-b"]
     cur = harness.BareQemu(lab, hosts[0], spec, folder / "0", incoming=False)
     rows: dict[str, list[tuple[float, float]]] = {"warm": [], "migrated": [], "migrated+prelearn": []}
@@ -103,6 +106,7 @@ async def _run(lab: harness.BenchLab, cell: Cell, runs: int, pause: float, folde
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=2, help="rounds of (guest announce on, off), --runs each")
     ap.add_argument("--memory", default="512M")
     ap.add_argument("--pause-ms", type=float, default=40.0)
     ap.add_argument("--link", default="1gbit")
@@ -114,7 +118,14 @@ def main() -> int:
     link = parse_link(args.link)
     cell = Cell(memory=parse_size(args.memory), dirty_rate=None, wss=0, link_rate=link)
     with tempfile.TemporaryDirectory(prefix="kvbench") as tmp, harness.bench_lab(link, False) as lab:
-        rows = asyncio.run(_run(lab, cell, args.runs, args.pause_ms / 1000, Path(tmp)))
+        rows: dict[str, list[tuple[float, float]]] = {}
+        for block in range(args.blocks):
+            for announce in (True, False):
+                folder = Path(tmp) / f"{block}-{'on' if announce else 'off'}"
+                folder.mkdir()
+                got = asyncio.run(_run(lab, cell, args.runs, args.pause_ms / 1000, folder, announce))
+                for case, v in got.items():
+                    rows.setdefault(f"{case}, guest announce {'on' if announce else 'off'}", []).extend(v)
     accel = accel_mod.choose().accel.value
     out = {"benchmark": "resume to first client reply", "accel": accel, "memory": args.memory, "link": args.link,
            "command": " ".join(["bench/resume.py", *sys.argv[1:]]),
@@ -123,7 +134,7 @@ def main() -> int:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"resume -> first client reply ({accel.upper()}, {args.memory} idle guest, echo)")
     for case, v in rows.items():
-        print(f"  {case:9}: stop->resume {[round(a, 1) for a, _ in v]} ms; resume->first reply "
+        print(f"  {case}: stop->resume {[round(a, 1) for a, _ in v]} ms; resume->first reply "
               f"{[round(b, 1) for _, b in v]} ms (median {statistics.median(b for _, b in v):.1f})")
     print(f"written to {args.out}")
     return 0

@@ -8,7 +8,7 @@ import typer
 
 from kvmotion.cli.common import all_vms, console, err_console, host_client, locate_vm, print_json, vm_table
 from kvmotion.errors import InvalidInput
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.qemu.spec import NIC_SYNTAX, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.units import parse_rate, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
@@ -29,7 +29,7 @@ def create(
     vcpus: int = typer.Option(1, help="Virtual CPUs."),
     cpu_model: Optional[str] = typer.Option(None, help="QEMU CPU model (default: the cluster's baseline, else qemu64)."),
     disk: List[str] = typer.Option([], "--disk", help="PATH[:SIZE] (local) or DATASTORE/DISK; repeat."),
-    nic: List[str] = typer.Option([], "--nic", help="pg=PORTGROUP,mac=MAC[,ip=ADDR/PREFIX]; repeat."),
+    nic: List[str] = typer.Option([], "--nic", help=f"{NIC_SYNTAX}; repeat."),
     workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
     mem_wss: str = typer.Option("256M", help="Memory writer's working set."),
     mem_rate: str = typer.Option("100M", help="Memory writer's dirty rate in bytes/s (0 = flat out)."),

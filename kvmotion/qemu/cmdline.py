@@ -100,7 +100,8 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         argv += ["-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i},serial=kvm{i},werror=stop,rerror=stop"]
     for i, (nic, tap) in enumerate(zip(spec.nics, ctx.taps)):
         argv += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no"]
-        argv += ["-device", f"virtio-net-pci,netdev=net{i},id=vnet{i},mac={nic.mac}"]
+        announce = "on" if nic.guest_announce else "off"
+        argv += ["-device", f"virtio-net-pci,netdev=net{i},id=vnet{i},mac={nic.mac},guest_announce={announce}"]
     if ctx.incoming:
         argv += ["-incoming", "defer"]
     if ctx.paused:

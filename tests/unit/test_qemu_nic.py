@@ -1,0 +1,68 @@
+"""A NIC's spec, its JSON across versions, and the virtio-net device it becomes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmotion.errors import InvalidInput
+from kvmotion.qemu.accel import Accel
+from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+from kvmotion.qemu.spec import NicSpec, VmSpec
+
+MAC = "52:54:00:12:34:56"
+
+
+def _nic_devices(spec: VmSpec) -> list[str]:
+    ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet",
+                      taps=tuple(f"tap{i}" for i in range(len(spec.nics))), disk_nodes=())
+    argv = build_argv(spec, VmPaths(Path("/run/x")), ctx)
+    return [argv[i + 1] for i, word in enumerate(argv) if word == "-device" and argv[i + 1].startswith("virtio-net")]
+
+
+def test_parse_defaults_to_host_announce_only() -> None:
+    assert NicSpec.parse(f"pg=vm-net,mac={MAC}").guest_announce is False
+    assert NicSpec.parse(f"pg=vm-net,mac={MAC},guest-announce=on").guest_announce is True
+    assert NicSpec.parse(f"pg=vm-net,mac={MAC},guest-announce=off").guest_announce is False
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"pg=vm-net,mac={MAC},guest-announce=yes", "use on or off"),
+    (f"pg=vm-net,mac={MAC},announce=on", "guest-announce=on|off"),
+])
+def test_parse_refuses_bad_announce(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        NicSpec.parse(text)
+
+
+def test_device_carries_the_choice() -> None:
+    spec = VmSpec(name="web1", memory=256 << 20, nics=(
+        NicSpec(mac=MAC, portgroup="a"),
+        NicSpec(mac="52:54:00:12:34:57", portgroup="a", guest_announce=True),
+    ))
+    assert _nic_devices(spec) == [
+        f"virtio-net-pci,netdev=net0,id=vnet0,mac={MAC},guest_announce=off",
+        "virtio-net-pci,netdev=net1,id=vnet1,mac=52:54:00:12:34:57,guest_announce=on",
+    ]
+
+
+def test_json_round_trip_keeps_the_choice() -> None:
+    for announce in (False, True):
+        spec = VmSpec(name="web1", memory=256 << 20, nics=(NicSpec(mac=MAC, portgroup="a", guest_announce=announce),))
+        assert VmSpec.from_json(spec.to_json()) == spec
+
+
+def test_spec_written_before_the_field_keeps_qemus_default() -> None:
+    # A VM started before guest_announce existed negotiated the feature with its guest: its
+    # destination must offer it too, or the migration stream cannot load.
+    old = {"name": "web1", "memory": 256 << 20, "nics": [{"mac": MAC, "portgroup": "a", "ip": None}]}
+    spec = VmSpec.from_json(old)
+    assert spec.nics[0].guest_announce is True
+    assert _nic_devices(spec) == [f"virtio-net-pci,netdev=net0,id=vnet0,mac={MAC},guest_announce=on"]
+
+
+def test_malformed_announce_in_json_is_refused() -> None:
+    bad = {"name": "web1", "memory": 256 << 20, "nics": [{"mac": MAC, "portgroup": "a", "guest_announce": "false"}]}
+    with pytest.raises(InvalidInput, match="malformed VM spec: guest_announce must be true or false"):
+        VmSpec.from_json(bad)
