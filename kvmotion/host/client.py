@@ -7,6 +7,7 @@ import ssl
 import httpx
 
 from kvmotion import errors
+from kvmotion.httpclient import default_ssl_context
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import VmStatus, status_from_json
 from kvmotion.jsonio import as_json
@@ -43,7 +44,7 @@ class AgentClient:
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, verify=ssl_context or True, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, verify=ssl_context or default_ssl_context(), timeout=timeout)
 
     def request(self, method: str, path: str, *, json: object = None, params: dict | None = None, timeout: float | None = None) -> object:
         try:
@@ -86,7 +87,7 @@ class AsyncAgentClient:
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context or True, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context or default_ssl_context(), timeout=timeout)
 
     async def request(self, method: str, path: str, *, json: object = None, params: dict | None = None, timeout: float | None = None) -> object:
         try:

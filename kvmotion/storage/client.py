@@ -8,6 +8,7 @@ import httpx
 
 from kvmotion import errors
 from kvmotion.errors import KvmotionError, Unreachable
+from kvmotion.httpclient import default_ssl_context
 from kvmotion.storage.address import API_PREFIX
 from kvmotion.storage.datastore import DiskInfo
 from kvmotion.storage.lease import Lease, check_disk_name
@@ -39,7 +40,8 @@ class DatastoreClient:
         self.control_url = control_url.rstrip("/")
         # A lease change waits for in-flight writes and an fdatasync: allow for it when reading.
         self._http = http or httpx.Client(
-            base_url=self.control_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0))
+            base_url=self.control_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+            verify=default_ssl_context(),
         )
 
     def close(self) -> None:
