@@ -189,21 +189,55 @@ class VmManager:
 
     async def _cancel_orphan_migration(self, vm: _Vm) -> None:
         """An outgoing migration whose driving agent died: cancel it so QEMU resumes the source
-        (the destination's guard destroys the uncommitted shadow when it finds the source forgot it)."""
+        (the destination's guard destroys the uncommitted shadow when it finds the source forgot it).
+        From pre-switchover on, the agent may have handed the disk leases over, or its request may
+        still land: they are taken back first (as the engine's rollback does) and QEMU gets new NBD
+        connections, or the resumed guest's writes would be fenced."""
         assert vm.qmp is not None
         status = (await vm.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
         if status not in ("setup", "active", "pre-switchover", "device", "wait-unplug"):
             return
         log.warning("VM %s had a migration in %s when this agent restarted: cancelling it", vm.name, status)
+        # Paused before switchover the stream's end has not been sent: no other host can run the
+        # VM, so the leases come back before QEMU resumes it (it does so itself on cancel).
+        if status == "pre-switchover" and not await self._reclaim_leases(vm):
+            return
         await vm.qmp.execute("migrate_cancel")
         for _ in range(200):
-            status = (await vm.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
-            if status in ("cancelled", "failed", "completed"):
+            final = (await vm.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
+            if final in ("cancelled", "failed", "completed"):
                 break
             await asyncio.sleep(0.025)
         # Only a migration that did not complete may resume here: a completed one may run elsewhere.
-        if status in ("cancelled", "failed") and (await vm.qmp.execute("query-status"))["status"] != "running":  # type: ignore[index]
-            await vm.qmp.execute("cont")
+        if final not in ("cancelled", "failed"):
+            return
+        if status in ("device", "wait-unplug") and not await self._reclaim_leases(vm):
+            return
+        if (await vm.qmp.execute("query-status"))["status"] != "running":  # type: ignore[index]
+            await vm.qmp.execute("cont")  # also past a fenced write QEMU paused on (werror=stop)
+
+    async def _reclaim_leases(self, vm: _Vm) -> bool:
+        """Take the VM's disk leases back from wherever an interrupted hand-over left them, under a
+        new generation, and give QEMU new NBD connections. False (logged) if that failed: the VM
+        must then not run."""
+        spec = vm.record.spec
+        if not any(d.datastore for d in spec.disks):
+            return True
+        from kvmotion.errors import KvmotionError
+        from kvmotion.storage.host import current_proto_nodes, reattach_disks, take_back_leases
+
+        assert vm.qmp is not None
+        nodes = self.proto_nodes(vm.name)
+        try:
+            found = await vm.qmp.execute("query-named-block-nodes", flat=True)
+            nodes[:] = current_proto_nodes(spec, self.config.name, found, nodes)  # type: ignore[arg-type]
+            await asyncio.to_thread(take_back_leases, spec, None, self.config.name)
+            await reattach_disks(spec, self.config.name, vm.qmp, nodes, f"r{time.time_ns() % 10**8:08d}")
+        except KvmotionError as exc:
+            log.error("VM %s stays paused: its disk leases could not be taken back after its migration "
+                      "was interrupted: %s", vm.name, exc)
+            return False
+        return True
 
     def _last_ready_offset(self, vm: _Vm) -> int:
         """Offset of the last boot's READY line in the (appended) serial log, so `ready` stays true."""

@@ -9,7 +9,9 @@ Commit protocol (never two running copies, never none):
   own, then resumes it and announces its MACs. Only after that answer is the source's copy destroyed.
 - Any failure before the commit answer rolls back: leases return to the source first, then the
   source resumes, and the shadow is destroyed. A destination agent that restarts destroys every
-  uncommitted shadow it finds, so a half-done migration never leaves a second copy behind.
+  uncommitted shadow it finds, so a half-done migration never leaves a second copy behind; a
+  source agent that restarts cancels the migration it was driving, and from pre-switchover on takes
+  the disk leases back first (host/vms.py), so the source resumes with its disks.
 """
 
 from __future__ import annotations

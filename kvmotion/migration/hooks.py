@@ -62,22 +62,12 @@ class DiskLeaseHook:
         return None
 
     async def on_rollback(self, ctx: SwitchoverContext) -> None:
-        from kvmotion.storage.attach import reattach_commands
-        from kvmotion.storage.host import take_back_leases
-        from kvmotion.storage.registry import Registry
+        from kvmotion.storage.host import reattach_disks, take_back_leases
 
         await asyncio.to_thread(take_back_leases, ctx.spec, ctx.destination, ctx.source)
         # The source's old NBD connections stay fenced (bound to the old generation): give
         # QEMU new ones, under the lease generation the source holds again, before it resumes.
-        for i, disk in enumerate(ctx.spec.disks):
-            if disk.datastore is None:
-                continue
-            new = f"disk{i}-{ctx.migration_id[:8]}"
-            fmt = {"driver": "raw", "node-name": f"disk{i}", "file": ctx.proto_nodes[i]}
-            url = Registry().get(disk.datastore).nbd_url
-            for cmd in reattach_commands(url, disk.source, ctx.source, fmt, new):
-                await ctx.source_qmp.execute(cmd.name, **cmd.arguments)
-            ctx.proto_nodes[i] = new
+        await reattach_disks(ctx.spec, ctx.source, ctx.source_qmp, ctx.proto_nodes, ctx.migration_id[:8])
 
 
 def default_hooks(spec: VmSpec) -> list[SwitchoverHook]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from kvmotion.errors import LeaseError, NotFound
 from kvmotion.qemu.spec import DiskSpec, VmSpec
-from kvmotion.storage.attach import nbd_blockdev
+from kvmotion.storage.attach import export_name, nbd_blockdev, reattach_commands
 from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.registry import Registry
 
@@ -70,22 +71,26 @@ def transfer_leases(spec: VmSpec, from_host: str, to_host: str, generations: Map
             client.transfer(disk.source, from_host, to_host, spec.name, (generations or {}).get(disk.source))
 
 
-def take_back_leases(spec: VmSpec, from_host: str, to_host: str) -> None:
+def take_back_leases(spec: VmSpec, from_host: str | None, to_host: str) -> None:
     """Rollback step: the leases handed to `from_host` (the destination) at switchover return to
     `to_host` (the source) under a new generation. A rollback can come later than the lease TTL
     (a commit retried against a dead agent): a lease that expired meanwhile, unrenewed because the
     shadow never ran, is acquired afresh. A lease that never left the source is re-issued to it
     under a new generation: the switchover's request, if it is still on its way, names the old
     one and is refused. (The source's NBD connections are fenced either way; the rollback gives
-    its QEMU new ones.) A lease some other host holds raises LeaseError: the
-    source must not resume then."""
+    its QEMU new ones.) A lease some other host holds raises LeaseError: the source must not
+    resume then. `from_host` None takes it from whichever host holds it: for an agent restarted
+    in the middle of a migration it cancelled (it does not know where its hand-over went, and a
+    destination that never got the whole VM cannot run it)."""
     for disk in _datastore_disks(spec):
         with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            try:
-                client.transfer(disk.source, from_host, to_host, spec.name)
-                continue
-            except LeaseError as exc:
-                refused = exc
+            refused: LeaseError | None = None
+            if from_host is not None:
+                try:
+                    client.transfer(disk.source, from_host, to_host, spec.name)
+                    continue
+                except LeaseError as exc:
+                    refused = exc
             held = client.disk(disk.source).lease
             if held is None:
                 client.acquire(disk.source, to_host, spec.name)
@@ -93,10 +98,49 @@ def take_back_leases(spec: VmSpec, from_host: str, to_host: str) -> None:
                 try:
                     client.transfer(disk.source, to_host, to_host, spec.name, held.generation)
                 except LeaseError:
-                    # The late switchover request landed in between: the lease is at from_host now.
-                    client.transfer(disk.source, from_host, to_host, spec.name)
+                    # The late switchover request landed in between: the lease is at its destination now.
+                    moved = client.disk(disk.source).lease
+                    client.transfer(disk.source, from_host or (moved.host if moved else ""), to_host, spec.name)
+            elif from_host is None:
+                client.transfer(disk.source, held.host, to_host, spec.name, held.generation)
             else:
+                assert refused is not None
                 raise refused
+
+
+class QmpExecutor(Protocol):
+    async def execute(self, cmd: str, **arguments: object) -> object: ...
+
+
+async def reattach_disks(spec: VmSpec, host: str, qmp: QmpExecutor, proto_nodes: list[str], tag: str) -> None:
+    """Give a QEMU on `host` a new NBD connection for each datastore disk, under the format node
+    "disk<i>", once its lease came back under a new generation (its old connections stay fenced).
+    `proto_nodes` (each disk's current NBD node) is updated; `tag` makes the new names unique."""
+    for i, disk in enumerate(spec.disks):
+        if disk.datastore is None:
+            continue
+        new = f"disk{i}-{tag}"
+        fmt = {"driver": "raw", "node-name": f"disk{i}", "file": proto_nodes[i]}
+        url = Registry().get(disk.datastore).nbd_url
+        for cmd in reattach_commands(url, disk.source, host, fmt, new):
+            await qmp.execute(cmd.name, **cmd.arguments)
+        proto_nodes[i] = new
+
+
+def current_proto_nodes(spec: VmSpec, host: str, block_nodes: list[dict], proto_nodes: list[str]) -> list[str]:
+    """Each datastore disk's NBD node in a running QEMU (`query-named-block-nodes`, flat), found
+    by its export: after a rolled-back migration it is not the command line's any more, and an
+    agent that restarted cannot remember it. Other disks keep their entry of `proto_nodes`."""
+    out = list(proto_nodes)
+    for i, disk in enumerate(spec.disks):
+        if disk.datastore is None:
+            continue
+        export = export_name(disk.source, host)
+        found = [str(n["node-name"]) for n in block_nodes
+                 if n.get("drv") == "nbd" and str(n.get("file", "")).endswith(export)]
+        if len(found) == 1:
+            out[i] = found[0]
+    return out
 
 
 def reachable_datastores() -> list[str]:

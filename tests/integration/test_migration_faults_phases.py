@@ -285,3 +285,47 @@ def test_link_cut_in_switchover(make_lab, record_property):
     _figures(record_property, f"FIGURES cut host-b's link in switchover: failed {t_failed - t_cut:.1f} s after the cut; "
              f"shadow destroyed {t_clean - t_back:.1f} s after the link came back; lease generation {gen} -> {gen_after}; "
              f"new disk ack on host-a {first_ack:.1f} s after the failure; error: {rec['error']}")
+
+
+def test_source_agent_killed_in_switchover_then_restarted(make_lab, record_property):
+    """The driving agent dies while it hands the disk lease over (the datastore frozen), and its
+    request is served after it died: the lease is host-b's, the source QEMU paused before
+    switchover. The restarted agent cancels the migration, takes the lease back (the shadow never
+    got the whole VM), gives QEMU new NBD connections and resumes it: the guest goes on writing
+    memory and disk on host-a without an error, and host-b's guard destroys the shadow."""
+    lab, seq, _, gen = _disk_lab(make_lab)
+    with _held_in_switchover(lab) as (_mig, frozen, _t_switch):
+        lab.kill_agent("host-a")
+        _thaw(frozen)
+        deadline = time.monotonic() + 10
+        while (lease := lease_of(lab, DISK)[0]) is None or lease.host != "host-b":
+            # The service may also drop the request of a client gone: then the lease never left.
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        handed_over = lease is not None and lease.host == "host-b"
+        at_restart = disk_log(lab, "host-a", VM)
+        t_restart = time.time()
+        lab.start_agent("host-a")
+        assert lab.wait_qemu_hosts(VM, ["host-a"], timeout=60) == ["host-a"], lab.qemu_pids(VM)
+        deadline = time.monotonic() + 30
+        while lab.vm_record("host-b", VM) is not None:
+            assert time.monotonic() < deadline, "host-b kept the shadow's record"
+            time.sleep(0.2)
+        settled = time.time() - t_restart
+    assert lab.listed(VM) == [("host-a", "running")]
+    lease, gen_after = lease_of(lab, DISK)
+    assert lease is not None and lease.host == "host-a" and lease.generation == gen_after, \
+        f"{lease} (handed over: {handed_over}); host-a's agent: {lab.agent_log('host-a')[-1500:]}"
+    assert gen_after == gen + (2 if handed_over else 1), (handed_over, gen, gen_after)
+    after = wait_ack_above(lab, "host-a", VM, at_restart.end, at_restart.last)
+    assert after.last > at_restart.last, f"no new disk ack on host-a: {lab.agent_log('host-a')[-800:]}"
+    assert not after.errors, f"the guest saw disk errors: {after.errors[:3]}"
+    offset = lab.mem_log("host-a", VM).end
+    mem = lab.wait_mem_status("host-a", VM, offset, count=2)
+    assert len(mem.statuses) >= 2 and not mem.corrupt and all(s.errors == 0 for s in mem.statuses)
+    assert seq < mem.statuses[0].seq < mem.statuses[-1].seq
+    assert "cancelling it" in lab.agent_log("host-a")
+    _figures(record_property, f"FIGURES kill source agent in switchover (hand-over {'served' if handed_over else 'dropped'} "
+             f"after its death), restart it: lease generation {gen} -> {gen_after} on host-a, one copy on host-a, "
+             f"shadow gone {settled:.1f} s after the restart")

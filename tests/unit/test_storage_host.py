@@ -58,48 +58,58 @@ def ds(tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> Dat
     return d
 
 
+# The rollback knows the destination; an agent restarted mid-migration does not (None).
+FROM_HOSTS = pytest.mark.parametrize("from_host", ["host-b", None])
+
 SPEC = VmSpec(name="web1", memory=256 << 20, disks=(DiskSpec(source="web1.img", datastore="ds1"),))
 
 
-def test_lease_still_live_at_the_destination_is_transferred_back(ds: Datastore) -> None:
+@FROM_HOSTS
+def test_lease_still_live_at_the_destination_is_transferred_back(ds: Datastore, from_host: str | None) -> None:
     ds.acquire("web1.img", "host-a", "web1")
     storage_host.transfer_leases(SPEC, "host-a", "host-b")
-    storage_host.take_back_leases(SPEC, "host-b", "host-a")
+    storage_host.take_back_leases(SPEC, from_host, "host-a")
     lease = ds.disk("web1.img").lease
     assert lease is not None and (lease.host, lease.generation) == ("host-a", 3)
 
 
-def test_lease_that_expired_at_the_destination_is_acquired_afresh(ds: Datastore, clock: FakeClock) -> None:
+@FROM_HOSTS
+def test_lease_that_expired_at_the_destination_is_acquired_afresh(ds: Datastore, clock: FakeClock,
+                                                                  from_host: str | None) -> None:
     """A rollback after a commit retried for longer than the TTL: nobody renewed the lease."""
     ds.acquire("web1.img", "host-a", "web1")
     storage_host.transfer_leases(SPEC, "host-a", "host-b")
     clock.t += TTL + 5
-    storage_host.take_back_leases(SPEC, "host-b", "host-a")
+    storage_host.take_back_leases(SPEC, from_host, "host-a")
     lease = ds.disk("web1.img").lease
     assert lease is not None and (lease.host, lease.generation) == ("host-a", 3)
 
 
-def test_lease_that_never_left_the_source_is_reissued_to_it(ds: Datastore) -> None:
+@FROM_HOSTS
+def test_lease_that_never_left_the_source_is_reissued_to_it(ds: Datastore, from_host: str | None) -> None:
     ds.acquire("web1.img", "host-a", "web1")
-    storage_host.take_back_leases(SPEC, "host-b", "host-a")
+    storage_host.take_back_leases(SPEC, from_host, "host-a")
     lease = ds.disk("web1.img").lease
     assert lease is not None and (lease.host, lease.generation) == ("host-a", 2)
 
 
-def test_a_switchover_request_arriving_after_the_take_back_moves_nothing(ds: Datastore) -> None:
+@FROM_HOSTS
+def test_a_switchover_request_arriving_after_the_take_back_moves_nothing(ds: Datastore, from_host: str | None) -> None:
     """A datastore stalled past the source's timeout: the rollback takes the lease back first,
     then the stalled switchover request is served."""
     ds.acquire("web1.img", "host-a", "web1")
     held = storage_host.lease_generations(SPEC, "host-a")
     assert held == {"web1.img": 1}
-    storage_host.take_back_leases(SPEC, "host-b", "host-a")  # the hand-over timed out: roll back
+    storage_host.take_back_leases(SPEC, from_host, "host-a")  # the hand-over timed out: roll back
     with pytest.raises(LeaseError, match="generation 2 now, not 1"):
         storage_host.transfer_leases(SPEC, "host-a", "host-b", held)  # ... and then it arrives
     lease = ds.disk("web1.img").lease
     assert lease is not None and (lease.host, lease.generation) == ("host-a", 2)
 
 
-def test_a_switchover_request_landing_during_the_take_back_is_undone(ds: Datastore, monkeypatch) -> None:
+@FROM_HOSTS
+def test_a_switchover_request_landing_during_the_take_back_is_undone(ds: Datastore, monkeypatch,
+                                                                    from_host: str | None) -> None:
     """The late request is served between the take-back's first refusal and its re-issue."""
     ds.acquire("web1.img", "host-a", "web1")
     held = storage_host.lease_generations(SPEC, "host-a")
@@ -113,7 +123,7 @@ def test_a_switchover_request_landing_during_the_take_back_is_undone(ds: Datasto
         return info
 
     monkeypatch.setattr(Datastore, "disk", disk_then_late_transfer)
-    storage_host.take_back_leases(SPEC, "host-b", "host-a")
+    storage_host.take_back_leases(SPEC, from_host, "host-a")
     monkeypatch.setattr(Datastore, "disk", real)
     assert [(x.host, x.generation) for x in late] == [("host-b", 2)]
     lease = ds.disk("web1.img").lease
@@ -128,3 +138,34 @@ def test_lease_another_host_took_is_not_taken_back(ds: Datastore, clock: FakeClo
     with pytest.raises(LeaseError):
         storage_host.take_back_leases(SPEC, "host-b", "host-a")
     assert ds.disk("web1.img").holder == "host-c"
+
+
+def test_a_restarted_source_takes_the_lease_from_whichever_host_holds_it(ds: Datastore, clock: FakeClock) -> None:
+    """Its migration was cancelled before the stream ended: no other host has the VM's current
+    state, so whoever holds the lease now (here one that acquired it after it expired) is fenced."""
+    ds.acquire("web1.img", "host-a", "web1")
+    storage_host.transfer_leases(SPEC, "host-a", "host-b")
+    clock.t += TTL + 5
+    ds.acquire("web1.img", "host-c", "web1")
+    storage_host.take_back_leases(SPEC, None, "host-a")
+    lease = ds.disk("web1.img").lease
+    assert lease is not None and (lease.host, lease.generation) == ("host-a", 4)
+
+
+def test_current_proto_nodes_are_found_by_export() -> None:
+    """After a rolled-back migration the NBD node is not the command line's; a restarted agent
+    finds it among QEMU's nodes by its export (DISK@HOST)."""
+    spec = VmSpec(name="web1", memory=256 << 20,
+                  disks=(DiskSpec(source="boot.img"), DiskSpec(source="web1.img", datastore="ds1")))
+    nodes = [
+        {"node-name": "disk0", "drv": "raw", "file": "/var/lib/kvmotion/disks/boot.img"},
+        {"node-name": "disk0-proto", "drv": "file", "file": "/var/lib/kvmotion/disks/boot.img"},
+        {"node-name": "disk1", "drv": "raw", "file": "nbd://10.77.0.2:10809/web1.img@host-a"},
+        {"node-name": "disk1-3f2a9c01", "drv": "nbd", "file": "nbd://10.77.0.2:10809/web1.img@host-a"},
+        {"node-name": "other", "drv": "nbd", "file": "nbd://10.77.0.2:10809/web1.img@host-b"},
+    ]
+    before = ["disk0-proto", "disk1-proto"]
+    assert storage_host.current_proto_nodes(spec, "host-a", nodes, before) == ["disk0-proto", "disk1-3f2a9c01"]
+    assert before == ["disk0-proto", "disk1-proto"]  # a new list
+    # Not found (or ambiguous): the name it had stays.
+    assert storage_host.current_proto_nodes(spec, "host-c", nodes, before) == before
