@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -92,6 +93,8 @@ class VmManager:
         self.disk_dir = config.state_dir / "disks"
         self._vms: dict[str, _Vm] = {}
         self._lease_task: asyncio.Task | None = None
+        # Run at the end of recover(): the migration service settles what this agent was driving.
+        self.after_recover: list[Callable[[], Awaitable[None]]] = []
 
     # ---- helpers -------------------------------------------------------------------------------
     def _paths(self, name: str) -> VmPaths:
@@ -184,8 +187,28 @@ class VmManager:
                 vm.proc = None
                 vm.state = VmState.CRASHED
                 continue
+            await self._find_proto_nodes(vm)
             await self._cancel_orphan_migration(vm)
             vm.state = await self._qemu_state(vm)
+        for settle in self.after_recover:
+            await settle()
+
+    async def _find_proto_nodes(self, vm: _Vm) -> None:
+        """A rolled-back migration gave a datastore disk a new NBD node; a restarted agent asks
+        QEMU which one it is now, so a later rollback replaces the right one."""
+        spec = vm.record.spec
+        if not any(d.datastore for d in spec.disks):
+            return
+        from kvmotion.storage.host import current_proto_nodes
+
+        assert vm.qmp is not None
+        nodes = self.proto_nodes(vm.name)
+        try:
+            found = await vm.qmp.execute("query-named-block-nodes", flat=True)
+        except VmFailed as exc:
+            log.warning("VM %s: cannot list its block nodes (%s): assuming the command line's", vm.name, exc)
+            return
+        nodes[:] = current_proto_nodes(spec, self.config.name, found, nodes)  # type: ignore[arg-type]
 
     async def _cancel_orphan_migration(self, vm: _Vm) -> None:
         """An outgoing migration whose driving agent died: cancel it so QEMU resumes the source
@@ -224,15 +247,12 @@ class VmManager:
         if not any(d.datastore for d in spec.disks):
             return True
         from kvmotion.errors import KvmotionError
-        from kvmotion.storage.host import current_proto_nodes, reattach_disks, take_back_leases
+        from kvmotion.storage.host import reattach_disks, take_back_leases
 
         assert vm.qmp is not None
-        nodes = self.proto_nodes(vm.name)
         try:
-            found = await vm.qmp.execute("query-named-block-nodes", flat=True)
-            nodes[:] = current_proto_nodes(spec, self.config.name, found, nodes)  # type: ignore[arg-type]
             await asyncio.to_thread(take_back_leases, spec, None, self.config.name)
-            await reattach_disks(spec, self.config.name, vm.qmp, nodes, f"r{time.time_ns() % 10**8:08d}")
+            await reattach_disks(spec, self.config.name, vm.qmp, self.proto_nodes(vm.name), f"r{time.time_ns() % 10**8:08d}")
         except KvmotionError as exc:
             log.error("VM %s stays paused: its disk leases could not be taken back after its migration "
                       "was interrupted: %s", vm.name, exc)

@@ -22,6 +22,7 @@ def _options(data: dict) -> MigrationOptions:
 
 def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, limit: int) -> APIRouter:
     svc = MigrationService(manager, listen_ip, limit)
+    manager.after_recover.append(svc.recover)
     router = APIRouter(prefix="/v1")
 
     @router.get("/migration/facts")

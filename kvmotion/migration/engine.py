@@ -271,6 +271,52 @@ class MigrationService:
                 out.setdefault(rec.id, rec)
         return sorted(out.values(), key=lambda r: r.started_at)
 
+    async def recover(self) -> None:
+        """After this agent restarted (VmManager.recover has run): settle the outgoing migrations it
+        was driving, whose records are on disk from the prepare phase on. A VM whose QEMU completed
+        the stream but was never destroyed may run on the destination, or nowhere: it stays paused
+        and the destination is asked, as after a commit with no answer (_resolve). A migration that
+        had not completed was cancelled by VmManager.recover: its record says so, and so tells the
+        destination's guard to destroy its shadow."""
+        from kvmotion.cluster.inventory import Inventory
+
+        latest: dict[str, MigrationRecord] = {}
+        for rec in self.history():  # oldest first
+            if rec.source == self.host:
+                latest[rec.vm] = rec
+        for vm, rec in latest.items():
+            try:
+                state = self.manager.status(vm).state
+            except NotFound:
+                state = None
+            if state is VmState.MIGRATING and rec.phase is not Phase.DONE:
+                try:
+                    dest_url = Inventory().host(rec.destination).url
+                except KvmotionError as exc:
+                    log.error("migration %s: VM %s stays paused on %s for the operator: %s", rec.id, vm, self.host, exc)
+                    continue
+                self.manager.set_state(vm, VmState.PAUSED)
+                self.records[rec.id] = rec
+                spec = self.manager.status(vm).spec
+                ctx = SwitchoverContext(spec=spec, source=self.host, destination=rec.destination, migration_id=rec.id,
+                                        source_qmp=self.manager.qmp(vm), proto_nodes=self.manager.proto_nodes(vm))
+                if not rec.phase.terminal:
+                    self._phase(rec.id, Phase.FAILED)
+                    self._persist(self._update(rec.id, ended_at=time.time(), error=(
+                        f"the agent on {self.host} restarted after the stream had completed; VM {vm} stays paused "
+                        f"on {self.host} until {rec.destination} says whether it runs the VM")))
+                log.warning("migration %s: VM %s completed its stream but was not destroyed: asking %s", rec.id, vm,
+                            rec.destination)
+                self.tasks[f"resolve-{rec.id}"] = asyncio.create_task(
+                    self._resolve(rec.id, dest_url, default_hooks(spec), ctx))
+            elif not rec.phase.terminal:
+                where = (f"VM {vm} keeps running on {self.host}" if state is VmState.RUNNING
+                         else f"VM {vm} is {state.value if state else 'gone'} on {self.host}")
+                self._persist(dataclasses.replace(
+                    rec, phase=Phase.FAILED, ended_at=time.time(),
+                    phase_times=rec.phase_times + ((Phase.FAILED.value, time.time()),),
+                    error=f"the agent on {self.host} restarted during the migration, which it cancelled; {where}"))
+
     def _persist(self, rec: MigrationRecord) -> None:
         write_atomic(self.history_dir / f"{rec.id}.json", json.dumps(_record_to_json(rec), indent=1))
 
@@ -307,6 +353,8 @@ class MigrationService:
             except KvmotionError as exc:  # the destination's own words, said about its shadow
                 raise MigrationError(f"preparing the shadow VM on {rec.destination} failed: {exc}") from exc
             dest_prepared = True
+            # On disk from here on: an agent restarted later must know what it was driving (recover).
+            self._persist(self.records[mid])
             uri = answer["uri"]  # type: ignore[index]
             for hook in hooks:
                 await hook.before_precopy(ctx)

@@ -170,20 +170,51 @@ def test_destination_agent_dead_at_commit(make_lab, record_property):
     record_property("figures", line)
 
 
+def _gentle_lab(make_lab) -> tuple[MigrationLab, int]:
+    """A slow-link lab whose VM writes memory gently: pre-copy completes in seconds."""
+    lab = make_lab(link_rate=SLOW_LINK)
+    lab.create_vm(VM, "host-a", workload="echo,mem", mem_wss="16M", mem_rate="5M")
+    return lab, lab.wait_mem_status("host-a", VM, 0, count=1).statuses[-1].seq
+
+
+def _freeze_destination_in_precopy(lab: MigrationLab) -> list[int]:
+    """SIGSTOP host-b's agent once pre-copy is under way (QEMU's stream goes on without it)."""
+    lab.wait_precopy("host-a", VM, min_bytes=1 << 20)
+    frozen = lab.agent_pids("host-b")
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    return frozen
+
+
+def _settles_on_one_host(lab: MigrationLab, seq_before: int, timeout: float) -> tuple[str, str]:
+    """Wait until exactly one copy runs; its memory must be intact and still written. Returns
+    (its host, the source's record's error, which says how it was settled)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [h for h, pids in lab.qemu_pids(VM).items() for _ in pids]
+        listed = lab.listed(VM)
+        if len(running) == 1 and listed == [(running[0], "running")]:
+            break
+        assert time.monotonic() < deadline, f"not exactly one copy: QEMU on {running}, listed {listed}"
+        time.sleep(0.5)
+    where = running[0]
+    settled = lab.migration_of("host-a", VM)["error"]
+    assert "settled:" in settled, settled
+    after = lab.wait_mem_status(where, VM, lab.mem_log(where, VM).end, count=2)
+    assert len(after.statuses) >= 2 and not after.corrupt and all(s.errors == 0 for s in after.statuses)
+    assert seq_before < after.statuses[0].seq < after.statuses[-1].seq
+    return where, settled
+
+
 def test_destination_agent_frozen_at_commit(make_lab, record_property):
     """The destination's agent hangs (SIGSTOP) during pre-copy: the stream completes, the commit
     gets no answer. Whatever the agent does once it wakes (it may still process the commit), the
     VM must end up running on exactly one host, with its memory intact."""
-    lab = make_lab(link_rate=SLOW_LINK)
-    lab.create_vm(VM, "host-a", workload="echo,mem", mem_wss="16M", mem_rate="5M")
-    seq = lab.wait_mem_status("host-a", VM, 0, count=1).statuses[-1].seq
+    lab, seq = _gentle_lab(make_lab)
     mig = lab.start_migrate(VM, "host-b")
     frozen: list[int] = []
     try:
-        lab.wait_precopy("host-a", VM, min_bytes=1 << 20)
-        frozen = lab.agent_pids("host-b")
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        frozen = _freeze_destination_in_precopy(lab)
         t_freeze = time.time()
         rec = lab.finish_migrate(mig, timeout=150)
         t_failed = time.time()
@@ -199,21 +230,8 @@ def test_destination_agent_frozen_at_commit(make_lab, record_property):
     phases = [p for p, _ in rec["phase_times"]]
     assert "commit" in phases, f"the stream did not complete before the commit: {phases} {rec['error']}"
     # Once the agent is back, one copy runs, on one host; the other is destroyed.
-    deadline = time.monotonic() + 40
-    while True:
-        running = [h for h, pids in lab.qemu_pids(VM).items() for _ in pids]
-        listed = lab.listed(VM)
-        if len(running) == 1 and listed == [(running[0], "running")]:
-            break
-        assert time.monotonic() < deadline, f"not exactly one copy: QEMU on {running}, listed {listed}"
-        time.sleep(0.5)
-    where = running[0]
+    where, settled = _settles_on_one_host(lab, seq, timeout=40)
     t_settled = time.time()
-    settled = lab.migration_of("host-a", VM)["error"]
-    assert "settled:" in settled, settled
-    after = lab.wait_mem_status(where, VM, lab.mem_log(where, VM).end, count=2)
-    assert len(after.statuses) >= 2 and not after.corrupt and all(s.errors == 0 for s in after.statuses)
-    assert seq < after.statuses[0].seq < after.statuses[-1].seq
     line = (f"FIGURES destination agent frozen at commit: migrate returned {t_failed - t_freeze:.1f} s after the freeze "
             f"({rec['phase']}), one copy on {where} {t_settled - t_failed:.1f} s after the agent woke; record: {settled}")
     print(line)
@@ -244,5 +262,35 @@ def test_source_agent_killed_during_precopy_then_restarted(make_lab, record_prop
     assert seq < after.statuses[0].seq < after.statuses[-1].seq and not after.corrupt
     assert all(s.errors == 0 for s in after.statuses)
     line = f"FIGURES kill source agent in pre-copy, restart it: one copy on host-a, shadow gone {settled:.1f} s after the restart"
+    print(line)
+    record_property("figures", line)
+
+
+def test_source_agent_killed_at_commit_then_restarted(make_lab, record_property):
+    """The driving agent dies after the stream completed, its commit request waiting on a frozen
+    destination agent: the VM is paused on host-a, its whole state on host-b, committed or not.
+    The restarted agent keeps it paused and asks host-b (its record says what it was driving);
+    once host-b's agent wakes, exactly one copy runs, with its memory intact."""
+    lab, seq = _gentle_lab(make_lab)
+    mig = lab.start_migrate(VM, "host-b")
+    frozen: list[int] = []
+    try:
+        frozen = _freeze_destination_in_precopy(lab)
+        lab.wait_phase("host-a", VM, "commit", timeout=60)
+        lab.kill_agent("host-a")
+        t_restart = time.time()
+        lab.start_agent("host-a")
+        # Without host-b's answer the VM must not run on host-a: it may run on host-b.
+        assert lab.agent("host-a").vm(VM).state.value == "paused"
+        rec = lab.migration_of("host-a", VM)
+        assert rec is not None and rec["phase"] == "failed" and "restarted after the stream had completed" in rec["error"], rec
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        if mig.poll() is None:
+            mig.kill()
+    where, settled = _settles_on_one_host(lab, seq, timeout=60)
+    line = (f"FIGURES kill source agent at commit, restart it: one copy on {where} {time.time() - t_restart:.1f} s "
+            f"after the restart; record: {settled}")
     print(line)
     record_property("figures", line)
