@@ -285,11 +285,15 @@ class MigrationService:
             if rec.source == self.host:
                 latest[rec.vm] = rec
         for vm, rec in latest.items():
+            state: VmState | None = None
             try:
                 state = self.manager.status(vm).state
+                stream = (await self.manager.qmp(vm).execute("query-migrate")).get("status")  # type: ignore[union-attr]
             except NotFound:
-                state = None
-            if state is VmState.MIGRATING and rec.phase is not Phase.DONE:
+                state, stream = None, None
+            except KvmotionError:  # no QEMU, or a QEMU that does not answer: nothing to settle with it
+                stream = None
+            if stream == "completed" and state is VmState.MIGRATING and rec.phase is not Phase.DONE:
                 try:
                     dest_url = Inventory().host(rec.destination).url
                 except KvmotionError as exc:
