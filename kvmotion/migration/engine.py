@@ -316,10 +316,10 @@ class MigrationService:
             elif not rec.phase.terminal:
                 where = (f"VM {vm} keeps running on {self.host}" if state is VmState.RUNNING
                          else f"VM {vm} is {state.value if state else 'gone'} on {self.host}")
-                self._persist(dataclasses.replace(
-                    rec, phase=Phase.FAILED, ended_at=time.time(),
-                    phase_times=rec.phase_times + ((Phase.FAILED.value, time.time()),),
-                    error=f"the agent on {self.host} restarted during the migration, which it cancelled; {where}"))
+                self.records[rec.id] = rec
+                self._phase(rec.id, Phase.FAILED)
+                self._persist(self._update(rec.id, ended_at=time.time(), error=(
+                    f"the agent on {self.host} restarted during the migration and gave it up; {where}")))
 
     def _persist(self, rec: MigrationRecord) -> None:
         write_atomic(self.history_dir / f"{rec.id}.json", json.dumps(_record_to_json(rec), indent=1))
