@@ -197,7 +197,7 @@ class VmManager:
         """A rolled-back migration gave a datastore disk a new NBD node; a restarted agent asks
         QEMU which one it is now, so a later rollback replaces the right one."""
         spec = vm.record.spec
-        if not any(d.datastore for d in spec.disks):
+        if not spec.on_datastore:
             return
         from kvmotion.storage.host import current_proto_nodes
 
@@ -244,7 +244,7 @@ class VmManager:
         new generation, and give QEMU new NBD connections. False (logged) if that failed: the VM
         must then not run."""
         spec = vm.record.spec
-        if not any(d.datastore for d in spec.disks):
+        if not spec.on_datastore:
             return True
         from kvmotion.errors import KvmotionError
         from kvmotion.storage.host import reattach_disks, take_back_leases
@@ -449,7 +449,7 @@ class VmManager:
         return self.status(name)
 
     def _acquire_leases(self, spec: VmSpec) -> None:
-        if any(d.datastore for d in spec.disks):
+        if spec.on_datastore:
             from kvmotion.storage.host import acquire_leases
 
             acquire_leases(spec, host=self.config.name)
@@ -515,9 +515,7 @@ class VmManager:
                 spec = vm.record.spec
                 # Not PAUSED: a source held paused after a commit with no answer has handed its
                 # lease over, and must neither renew nor be stopped until the engine settles it.
-                if vm.state not in (VmState.RUNNING, VmState.MIGRATING) or not any(
-                    d.datastore for d in spec.disks
-                ):
+                if vm.state not in (VmState.RUNNING, VmState.MIGRATING) or not spec.on_datastore:
                     failing.discard(vm.name)
                     continue
                 try:
@@ -572,7 +570,7 @@ class VmManager:
         from kvmotion.errors import KvmotionError
         from kvmotion.storage.host import release_leases
 
-        if any(d.datastore for d in spec.disks):
+        if spec.on_datastore:
             try:
                 await asyncio.to_thread(release_leases, spec, self.config.name)
             except KvmotionError:

@@ -72,6 +72,6 @@ class DiskLeaseHook:
 
 def default_hooks(spec: VmSpec) -> list[SwitchoverHook]:
     hooks: list[SwitchoverHook] = []
-    if any(d.datastore for d in spec.disks):
+    if spec.on_datastore:
         hooks.append(DiskLeaseHook())
     return hooks

@@ -146,6 +146,11 @@ class VmSpec:
         if self.version != SPEC_VERSION:
             raise InvalidInput(f"VM spec version {self.version} is not supported (this kvmotion reads {SPEC_VERSION})")
 
+    @property
+    def on_datastore(self) -> bool:
+        """Has a disk on a datastore: its write lease is held, renewed and handed over."""
+        return any(d.datastore for d in self.disks)
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
