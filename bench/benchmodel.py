@@ -22,6 +22,9 @@ class Method(str, Enum):
     QEMU = "qemu-default"  # QEMU's bare defaults: 128 MiB/s, 300 ms
 
 
+SPARSE_STRIDE = 64  # "sparse" writer: after a page's first write, one word in 64 is rewritten
+
+
 @dataclass(frozen=True)
 class Cell:
     """One guest on one link: memory × dirty rate × link."""
@@ -30,6 +33,7 @@ class Cell:
     dirty_rate: int | None  # bytes/s the memory writer aims at; None = idle (no writer); 0 = flat out
     wss: int  # memory writer working set, bytes (unused when idle)
     link_rate: int | None  # bytes/s of the shaped vMotion links; None = unshaped
+    stride: int = 1  # memory writer's stride (WorkloadParams.mem_stride): > 1 dirties pages for less CPU
 
     @property
     def memory_label(self) -> str:
@@ -39,7 +43,10 @@ class Cell:
     def dirty_label(self) -> str:
         if self.dirty_rate is None:
             return "idle"
-        return "max" if self.dirty_rate == 0 else f"{self.dirty_rate / 1e6:g}M/s"
+        rate = "max" if self.dirty_rate == 0 else f"{self.dirty_rate / 1e6:g}M/s"
+        if self.stride == 1:
+            return rate
+        return "sparse" if self.dirty_rate == 0 else f"{rate} sparse"
 
     @property
     def link_label(self) -> str:
@@ -50,16 +57,19 @@ class Cell:
         return f"{self.memory_label}/{self.dirty_label}/{self.link_label}"
 
 
-def parse_dirty(text: str) -> int | None:
-    """'idle' -> None, 'max' -> 0 (flat out), '100M' -> 100e6 bytes/s."""
+def parse_dirty(text: str) -> tuple[int | None, int]:
+    """The writer as (dirty rate, stride): 'idle' -> (None, 1); 'max' -> (0, 1), flat out;
+    'sparse' -> (0, SPARSE_STRIDE), flat out, a page dirtied for 1/64 of the CPU; '100M' -> (100e6, 1)."""
     from kvmotion.units import parse_rate
 
     t = text.strip().lower()
     if t == "idle":
-        return None
+        return None, 1
     if t in ("max", "0"):
-        return 0
-    return parse_rate(t)
+        return 0, 1
+    if t == "sparse":
+        return 0, SPARSE_STRIDE
+    return parse_rate(t), 1
 
 
 def parse_link(text: str) -> int | None:

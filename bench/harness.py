@@ -28,7 +28,8 @@ from kvmotion.cluster.lab import LabCluster, start_cluster
 from kvmotion.errors import KvmotionError, SetupError
 from kvmotion.guest.serial import MemStatus, Ready, parse_line
 from kvmotion.host.client import AgentClient
-from kvmotion.migration.stats import MigrationSample, RoundTracker
+from kvmotion.interrupts import terminate_as_interrupt
+from kvmotion.migration.stats import MigrationSample, RamStats, RoundTracker
 from kvmotion.net import lab as labmod
 from kvmotion.net import links, netns
 from kvmotion.net.probe import ProbeReport, largest_gap, reply_times
@@ -76,27 +77,28 @@ class BenchLab:
 
 @contextmanager
 def bench_lab(link_rate: int | None, encrypted: bool) -> Iterator[BenchLab]:
-    """Two hosts, a client, a datastore, agents; torn down whatever happens."""
-    name = "bn" + secrets.token_hex(3)
-    topo = labmod.lab_up(name, 2, link_rate)
-    old = os.environ.get("KVMOTION_CLUSTER_DIR")
-    try:
-        cluster = start_cluster(topo, encrypted=encrypted)
-        # The bench's own agent clients (TLS identity) and the baselines' QEMU TLS credentials
-        # are found through the lab's cluster folder.
-        os.environ["KVMOTION_CLUSTER_DIR"] = cluster.env["KVMOTION_CLUSTER_DIR"]
-        yield BenchLab(cluster)
-    finally:
-        if old is None:
-            os.environ.pop("KVMOTION_CLUSTER_DIR", None)
-        else:
-            os.environ["KVMOTION_CLUSTER_DIR"] = old
-        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Two hosts, a client, a datastore, agents; torn down whatever happens (SIGTERM too)."""
+    with terminate_as_interrupt():
+        name = "bn" + secrets.token_hex(3)
+        topo = labmod.lab_up(name, 2, link_rate)
+        old = os.environ.get("KVMOTION_CLUSTER_DIR")
         try:
-            labmod.lab_down(name)
+            cluster = start_cluster(topo, encrypted=encrypted)
+            # The bench's own agent clients (TLS identity) and the baselines' QEMU TLS credentials
+            # are found through the lab's cluster folder.
+            os.environ["KVMOTION_CLUSTER_DIR"] = cluster.env["KVMOTION_CLUSTER_DIR"]
+            yield BenchLab(cluster)
         finally:
-            for s, h in saved.items():
-                signal.signal(s, h)
+            if old is None:
+                os.environ.pop("KVMOTION_CLUSTER_DIR", None)
+            else:
+                os.environ["KVMOTION_CLUSTER_DIR"] = old
+            saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                labmod.lab_down(name)
+            finally:
+                for s, h in saved.items():
+                    signal.signal(s, h)
 
 
 def guest_spec(cell: Cell, topo: labmod.LabTopology, guest_announce: bool = False) -> VmSpec:
@@ -109,7 +111,8 @@ def guest_spec(cell: Cell, topo: labmod.LabTopology, guest_announce: bool = Fals
         memory=cell.memory,
         nics=(NicSpec(mac=MAC, portgroup=topo.portgroup, ip=ip, guest_announce=guest_announce),),
         workloads=(Workload.ECHO, Workload.MEMWRITER) if writer else (Workload.ECHO,),
-        params=WorkloadParams(mem_wss=cell.wss, mem_rate=cell.dirty_rate or 0, echo_port=ECHO_PORT),
+        params=WorkloadParams(mem_wss=cell.wss, mem_rate=cell.dirty_rate or 0, mem_stride=cell.stride,
+                              echo_port=ECHO_PORT),
     )
 
 
@@ -411,6 +414,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
         stop_ts = resume_ts = None
         converged = False
         tracker = RoundTracker()
+        last_ram = RamStats()  # a cancelled migration's query-migrate has no ram member: keep the last
         async with sq.listen("MIGRATION", "STOP") as sev, dq.listen("RESUME") as dev:
             t_mig = time.time()
             t0 = time.monotonic()
@@ -430,6 +434,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                     status = sample.status.value
                     if sample.ram is not None:
                         peak_dirty = max(peak_dirty, sample.ram.dirty_rate)
+                        last_ram = sample.ram
                 if status == "completed":
                     # libvirt resumes the destination once the source reports completion
                     await dq.execute("cont")
@@ -443,7 +448,9 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                         await asyncio.sleep(0.02)
                     break
             info = await sq.execute("query-migrate")
-            tracker, _ = tracker.observe(MigrationSample.from_qmp(info, at=time.monotonic() - t0))  # type: ignore[arg-type]
+            final = MigrationSample.from_qmp(info, at=time.monotonic() - t0)  # type: ignore[arg-type]
+            tracker, _ = tracker.observe(final)
+            last_ram = final.ram or last_ram
             if converged:
                 resume_ts = (await dev.wait_for("RESUME", timeout=10)).timestamp
                 # libvirt's Confirm phase then kills the source QEMU (SIGTERM, later SIGKILL): its
@@ -459,7 +466,6 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
         end = resume_ts or time.time()
         await asyncio.sleep(max(0.0, end + PROBE_TAIL_S - time.time()))
         report = await asyncio.to_thread(probe.stop)
-        ram = info.get("ram", {})  # type: ignore[union-attr]
         completed = info["status"] == "completed"  # type: ignore[index]
         return RunResult(
             method=method.value,
@@ -469,10 +475,10 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
             downtime_ms=float(info["downtime"]) if completed else None,  # type: ignore[index]
             client_gap_ms=client_gap_ms(report, t_mig, end + PROBE_TAIL_S),
             end_to_end_ms=(end - t_launch) * 1000,
-            bytes=int(ram.get("transferred", 0)),
-            zero_pages=int(ram.get("duplicate", 0)),
-            normal_pages=int(ram.get("normal", 0)),
-            rounds=int(ram.get("dirty-sync-count", 0)),
+            bytes=last_ram.transferred,
+            zero_pages=last_ram.duplicate,
+            normal_pages=last_ram.normal,
+            rounds=last_ram.dirty_sync_count,
             memory=cell.memory,
             link_rate=cell.link_rate,
             encrypted=lab.encrypted,

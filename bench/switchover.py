@@ -2,7 +2,7 @@
 """Where a kvmotion migration's pause goes, run by run (a diagnostic, not a comparison).
 
     flock /tmp/kvmotion-qemu.lock .venv/bin/python bench/switchover.py [--memory 1G] [--link 1gbit|none]
-        [--dirty idle|100M|max] [--runs 3] [--encrypted]
+        [--dirty idle|100M|max|sparse] [--runs 3] [--encrypted]
 
 One guest in a two-host lab, migrated host-a -> host-b through the agents with the default policy,
 booted afresh each run, the client's 1 ms UDP probe running. Per run: the client's largest gap,
@@ -45,15 +45,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory", default="1G")
     ap.add_argument("--link", default="1gbit", help="1gbit, 10gbit, a rate, or none (unshaped)")
-    ap.add_argument("--dirty", default="idle", help="idle, a rate such as 100M (bytes/s), or max")
+    ap.add_argument("--dirty", default="idle", help="idle, a rate such as 100M (bytes/s), max or sparse (flat out)")
     ap.add_argument("--wss", default="256M", help="memory writer's working set")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--encrypted", action="store_true", help="TLS (default: plain)")
     ap.add_argument("--out", type=Path, default=RESULTS / "switchover.json")
     args = ap.parse_args()
     try:
-        cell = Cell(memory=parse_size(args.memory), dirty_rate=parse_dirty(args.dirty), wss=parse_size(args.wss),
-                    link_rate=parse_link(args.link))
+        rate, stride = parse_dirty(args.dirty)
+        cell = Cell(memory=parse_size(args.memory), dirty_rate=rate, wss=parse_size(args.wss),
+                    link_rate=parse_link(args.link), stride=stride)
     except KvmotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,8 +3,6 @@ a checked report (table, JSON, picture); the lab is torn down at the end, also o
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import typer
@@ -15,6 +13,7 @@ from kvmotion.cli.migrate import _follow
 from kvmotion.demo.report import DemoReport, MigrationResult
 from kvmotion.demo.runner import DemoOptions, run_demo
 from kvmotion.host.client import AgentClient
+from kvmotion.interrupts import terminate_as_interrupt
 from kvmotion.migration.model import MigrationRecord, Phase
 from kvmotion.units import format_size, parse_rate, parse_size
 
@@ -88,16 +87,6 @@ def _print_report(rep: DemoReport, report_path: Path) -> None:
         console.print(f"[bold red]checks failed[/]: {'; '.join(bad)}")
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # Forked helpers (pyroute2's namespace children, run_in_ns) inherit this handler and run on
-    # our copied stack: raising there would run the caller's code twice. They just die instead.
-    if os.getpid() != _MAIN_PID:
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
-
 
 def app(
     memory: str = typer.Option("512M", "--memory", help="Guest RAM, e.g. 256M, 1G."),
@@ -116,17 +105,12 @@ def app(
         encrypted=not plain,
         report=report.absolute(),
     )
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        rep = run_demo(opts, _RichView())
+        with terminate_as_interrupt():
+            rep = run_demo(opts, _RichView())
     except KeyboardInterrupt:
         err_console.print("kvmotion: demo interrupted; the lab was torn down")
         raise typer.Exit(130) from None
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     _print_report(rep, opts.report)
     if not rep.all_ok:
         raise typer.Exit(1)

@@ -33,6 +33,8 @@ def create(
     workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
     mem_wss: str = typer.Option("256M", help="Memory writer's working set."),
     mem_rate: str = typer.Option("100M", help="Memory writer's dirty rate in bytes/s (0 = flat out)."),
+    mem_stride: int = typer.Option(1, help="Memory writer rewrites every Nth word of a page (power of two): "
+                                   "more dirty pages per CPU second."),
     host: Optional[str] = typer.Option(None, help="Host to define it on (default: the only host)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -50,7 +52,7 @@ def create(
         disks=tuple(DiskSpec.parse(d) for d in disk),
         nics=tuple(NicSpec.parse(n) for n in nic),
         workloads=_workloads(workload),
-        params=WorkloadParams(mem_wss=parse_size(mem_wss), mem_rate=parse_rate(mem_rate)),
+        params=WorkloadParams(mem_wss=parse_size(mem_wss), mem_rate=parse_rate(mem_rate), mem_stride=mem_stride),
     )
     _, client = host_client(host)
     status = client.create(spec)

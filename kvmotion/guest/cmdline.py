@@ -53,6 +53,7 @@ def kernel_cmdline(spec: VmSpec) -> str:
     params.append(f"{PREFIX}workloads={','.join(w.value for w in spec.workloads)}")
     params.append(f"{PREFIX}mem_wss={spec.params.mem_wss}")
     params.append(f"{PREFIX}mem_rate={spec.params.mem_rate}")
+    params.append(f"{PREFIX}mem_stride={spec.params.mem_stride}")
     params.append(f"{PREFIX}echo_port={spec.params.echo_port}")
     for i, nic in enumerate(spec.nics):
         # init.sh finds the interface by MAC, so a different probe order cannot swap addresses.

@@ -27,6 +27,7 @@ done </etc/kvmotion-modules
 workloads=idle
 mem_wss=268435456
 mem_rate=100000000
+mem_stride=1
 echo_port=7000
 nics=""
 for arg in $(cat /proc/cmdline); do
@@ -35,6 +36,7 @@ for arg in $(cat /proc/cmdline); do
 	kvmotion.workloads=*) workloads="${arg#*=}" ;;
 	kvmotion.mem_wss=*) mem_wss="${arg#*=}" ;;
 	kvmotion.mem_rate=*) mem_rate="${arg#*=}" ;;
+	kvmotion.mem_stride=*) mem_stride="${arg#*=}" ;;
 	kvmotion.echo_port=*) echo_port="${arg#*=}" ;;
 	kvmotion.nic[0-9]*=*) nics="$nics ${arg#*=}" ;;
 	esac
@@ -65,7 +67,7 @@ done
 for w in $(echo "$workloads" | tr ',' ' '); do
 	case "$w" in
 	idle) ;;
-	mem) kvm-mem -b "$mem_wss" "$mem_rate" || failed="$failed mem" ;;
+	mem) kvm-mem -b -s "$mem_stride" "$mem_wss" "$mem_rate" || failed="$failed mem" ;;
 	echo) kvm-echo -b "$echo_port" || failed="$failed echo" ;;
 	disk) kvm-disk -b /dev/vda || failed="$failed disk" ;;
 	*) fail "$w" "unknown workload" ;;

@@ -16,6 +16,7 @@ from kvmotion.units import parse_size
 
 SPEC_VERSION = 1
 MIN_MEMORY = 128 << 20
+MAX_MEM_STRIDE = 512  # words in a 4 KiB page
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 NIC_SYNTAX = "pg=PORTGROUP,mac=MAC[,ip=ADDR/PREFIX][,guest-announce=on|off]"
@@ -120,7 +121,16 @@ class WorkloadParams:
 
     mem_wss: int = 256 << 20  # memory writer working set, bytes
     mem_rate: int = 100 * 10**6  # memory writer dirty rate, bytes/s (0 = as fast as it can)
+    # After a page's first write the writer rewrites only every mem_stride-th word of it: the same
+    # dirty pages for less guest CPU, so a TCG guest too can dirty faster than a link carries.
+    mem_stride: int = 1
     echo_port: int = 7000  # TCP and UDP
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.mem_stride <= MAX_MEM_STRIDE or self.mem_stride & (self.mem_stride - 1):
+            raise InvalidInput(
+                f"invalid memory writer stride {self.mem_stride}: use a power of two from 1 to {MAX_MEM_STRIDE}"
+            )
 
 
 @dataclass(frozen=True)

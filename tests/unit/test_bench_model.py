@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.benchmodel import GBIT, PAGE, Cell, Method, RunResult, markdown_table, parse_dirty, verdict  # noqa: E402
+from bench.benchmodel import GBIT, PAGE, SPARSE_STRIDE, Cell, Method, RunResult, markdown_table, parse_dirty, verdict  # noqa: E402
 
 GIB = 1 << 30
 
@@ -25,10 +25,13 @@ def _run(method: Method, cell: Cell, *, total: float | None, gap: float, converg
 
 
 def test_cell_labels_and_dirty_parsing():
-    assert parse_dirty("idle") is None and parse_dirty("max") == 0 and parse_dirty("100M") == 100_000_000
+    assert parse_dirty("idle") == (None, 1) and parse_dirty("max") == (0, 1)
+    assert parse_dirty("100M") == (100_000_000, 1) and parse_dirty("sparse") == (0, SPARSE_STRIDE)
     assert Cell(GIB, None, 0, GBIT).key == "1G/idle/1gbit"
     assert Cell(512 << 20, 100_000_000, 256 << 20, None).key == "512M/100M/s/unshaped"
     assert Cell(512 << 20, 0, 256 << 20, GBIT).dirty_label == "max"
+    assert Cell(512 << 20, 0, 256 << 20, GBIT, SPARSE_STRIDE).key == "512M/sparse/1gbit"
+    assert Cell(512 << 20, 100_000_000, 256 << 20, GBIT, SPARSE_STRIDE).dirty_label == "100M/s sparse"
 
 
 def test_lower_bound_is_nonzero_pages_over_link_rate():

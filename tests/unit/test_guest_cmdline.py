@@ -36,12 +36,13 @@ def test_workloads_and_params() -> None:
         name="db",
         memory=512 << 20,
         workloads=(Workload.MEMWRITER, Workload.ECHO, Workload.DISKWRITER),
-        params=WorkloadParams(mem_wss=64 << 20, mem_rate=0, echo_port=7100),
+        params=WorkloadParams(mem_wss=64 << 20, mem_rate=0, mem_stride=64, echo_port=7100),
     )
     p = _params(kernel_cmdline(spec))
     assert p["kvmotion.workloads"] == "mem,echo,disk"
     assert p["kvmotion.mem_wss"] == str(64 << 20)
     assert p["kvmotion.mem_rate"] == "0"
+    assert p["kvmotion.mem_stride"] == "64"
     assert p["kvmotion.echo_port"] == "7100"
 
 
@@ -90,3 +91,20 @@ def test_working_set_must_fit_in_guest_memory() -> None:
     assert max_working_set(512 << 20) <= (438 - 24) << 20
     assert max_working_set(512 << 20) >= 256 << 20  # the default working set fits the usual test VM
     kernel_cmdline(VmSpec(name="x", memory=512 << 20, workloads=(Workload.MEMWRITER,)))
+
+
+@pytest.mark.parametrize("stride", [0, 3, 1024, -8])
+def test_memory_writer_stride_is_a_power_of_two_within_a_page(stride: int) -> None:
+    with pytest.raises(InvalidInput, match="stride"):
+        WorkloadParams(mem_stride=stride)
+
+
+def test_a_spec_written_before_the_stride_existed_rewrites_whole_pages() -> None:
+    spec = VmSpec(name="x", memory=512 << 20, params=WorkloadParams(mem_stride=8))
+    assert VmSpec.from_json(spec.to_json()) == spec
+    old = spec.to_json()
+    del old["params"]["mem_stride"]
+    assert VmSpec.from_json(old).params.mem_stride == 1
+    old["params"]["mem_stride"] = 5
+    with pytest.raises(InvalidInput, match="stride"):
+        VmSpec.from_json(old)

@@ -138,10 +138,44 @@ def test_mem_writer_detects_corruption(bins: Path, run) -> None:  # type: ignore
     assert isinstance(status, serial.MemStatus) and status.errors == 2
 
 
+def test_mem_writer_stride_dirties_more_pages_and_still_checks_every_word(bins: Path, run) -> None:  # type: ignore[no-untyped-def]
+    def pages_per_second(*stride: str) -> int:
+        prog = run(str(bins / "kvm-mem"), *stride, str(4 << 20), "0")
+        first = prog.read_until(lambda e: isinstance(e, serial.MemStatus))
+        second = prog.read_until(lambda e: isinstance(e, serial.MemStatus))
+        assert isinstance(first, serial.MemStatus) and isinstance(second, serial.MemStatus) and second.errors == 0
+        prog.proc.kill()
+        return second.seq - first.seq
+
+    # One word in 64 rewritten: natively about 30x the pages of whole-page writes.
+    assert pages_per_second("-s", "64") > 3 * pages_per_second()
+
+    wss = 64 * 4096 + 3 * 4096  # 67 pages, an odd size to find in /proc/PID/maps
+    prog = run(str(bins / "kvm-mem"), "-s", "8", str(wss), str(64 * 4096))  # 64 pages a second
+    assert prog.read_until(lambda e: isinstance(e, serial.MemStatus) and e.passes >= 2)
+    base = _region(prog.proc.pid, wss)
+    with open(f"/proc/{prog.proc.pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(base + 10 * 4096 + 3 * 8)  # a word the stride leaves alone: only a full check sees it
+        mem.write(b"\xff" * 8)
+        mem.seek(base + 11 * 4096 + 16 * 8)  # a rewritten word
+        mem.write(b"\xff" * 8)
+    prog.proc.send_signal(signal.SIGUSR1)
+    found = set()
+    while True:
+        event = prog.read_until(lambda e: isinstance(e, (serial.MemCorrupt, serial.MemVerified)))
+        if isinstance(event, serial.MemVerified):
+            break
+        assert isinstance(event, serial.MemCorrupt)
+        found.add((event.page, event.word))
+    assert found == {(10, 3), (11, 16)}
+    assert event == serial.MemVerified(pages=67, errors=2)
+
+
 def test_mem_writer_rejects_bad_arguments(bins: Path) -> None:
-    proc = subprocess.run([str(bins / "kvm-mem"), "12", "0"], capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert isinstance(serial.parse_line(proc.stdout), serial.Failed)
+    for argv in (["12", "0"], ["-s", "3", "1048576", "0"], ["-s", "1024", "1048576", "0"], ["-s", "0", "1048576", "0"]):
+        proc = subprocess.run([str(bins / "kvm-mem"), *argv], capture_output=True, text=True)
+        assert proc.returncode != 0, argv
+        assert isinstance(serial.parse_line(proc.stdout), serial.Failed), argv
 
 
 def test_mem_writer_refuses_a_working_set_larger_than_memory(bins: Path) -> None:

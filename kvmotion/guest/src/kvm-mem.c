@@ -1,16 +1,20 @@
 /* kvm-mem: the guest's memory writer.
  *
- * Usage: kvm-mem [-b] WSS_BYTES RATE_BYTES_PER_S
+ * Usage: kvm-mem [-b] [-s STRIDE] WSS_BYTES RATE_BYTES_PER_S
  *
- * Rewrites a working set of WSS bytes page by page, cyclically, at RATE bytes/s (0 = as fast as
- * it can). Every page holds its index, the write sequence number that last wrote it and a body
- * derived from both, and a table remembers the sequence each page must hold. Each page is verified
- * just before it is rewritten, so every page is checked once per pass; SIGUSR1 verifies them all
- * at once. A page never written must still read as zeroes. Console lines:
+ * Rewrites a working set of WSS bytes page by page, cyclically, at RATE bytes of pages per second
+ * (0 = as fast as it can). Every page holds its index, the write sequence number that last wrote
+ * it and a body derived from both, and a table remembers the sequence each page must hold. Each
+ * page is verified just before it is rewritten, so every page is checked once per pass; SIGUSR1
+ * verifies every word of them all at once. A page never written must still read as zeroes.
+ * Console lines:
  *   KVMOTION MEM seq=<pages written> pass=<full passes> errors=<corrupt pages>   (once a second)
  *   KVMOTION MEM CORRUPT page=<i> expected=<seq> found=<seq read> word=<first bad word>
  *   KVMOTION MEM VERIFIED pages=<n> errors=<total>                         (after SIGUSR1)
  * -b: return once the working set is allocated, leaving the writer running in the background.
+ * -s: after a page's first write, rewrite (and check) only every STRIDE-th word of it (a power of
+ *     two, default 1 = all): a page dirtied for 1/STRIDE of the CPU, so a guest can dirty memory
+ *     faster than a link carries it even under TCG; the untouched words keep incompressible filler.
  * A working set that does not fit in the guest's available memory is refused at start.
  */
 #define _GNU_SOURCE
@@ -89,36 +93,82 @@ static inline uint64_t expected_word(uint64_t index, uint64_t seq, unsigned k) {
     return (seq * 0x9E3779B97F4A7C15ull) ^ (index * 0xC2B2AE3D27D4EB4Full) ^ k;
 }
 
-static void fill_page(uint64_t *page, uint64_t index, uint64_t seq) {
-    for (unsigned k = 0; k < WORDS; k++)
+/* Words between two rewritten ones: 1 rewrites whole pages; more dirties a page for less CPU. */
+static unsigned stride = 1;
+
+/* Word k of page `index` where a write leaves it alone: fixed, but no more compressible than the rest. */
+static inline uint64_t filler_word(uint64_t index, unsigned k) {
+    return (index * 0xC2B2AE3D27D4EB4Full) ^ ((uint64_t)k * 0x9E3779B97F4A7C15ull) ^ 0xA5A5A5A5A5A5A5A5ull;
+}
+
+static inline int rewritten(unsigned k) {
+    return k == 1 || (k & (stride - 1)) == 0;
+}
+
+/* What word k of a page last written by write `seq` holds: every word is set on the page's first
+ * write (or a repair), and later writes rewrite words 0, 1 and every stride-th one. */
+static inline uint64_t page_word(uint64_t index, uint64_t seq, unsigned k) {
+    return seq == 0 || rewritten(k) ? expected_word(index, seq, k) : filler_word(index, k);
+}
+
+/* `whole`: set every word (first write, repair); else only the rewritten ones, the cheap way. */
+static void fill_page(uint64_t *page, uint64_t index, uint64_t seq, int whole) {
+    if (whole && stride > 1) {
+        for (unsigned k = 0; k < WORDS; k++)
+            page[k] = page_word(index, seq, k);
+        return;
+    }
+    /* Whole pages at stride 1 take this tight loop: the writer's speed is what the tests measure. */
+    unsigned step = whole ? 1 : stride;
+    page[1] = seq;
+    for (unsigned k = 0; k < WORDS; k += step)
         page[k] = expected_word(index, seq, k);
 }
 
-/* Returns 1 if the page is intact, else reports it and returns 0. */
-static int check_page(const uint64_t *page, uint64_t index, uint64_t seq) {
-    for (unsigned k = 0; k < WORDS; k++) {
-        if (page[k] != expected_word(index, seq, k)) {
-            say("KVMOTION MEM CORRUPT page=%llu expected=%llu found=%llu word=%u",
-                (unsigned long long)index, (unsigned long long)seq,
-                (unsigned long long)page[1], k);
-            return 0;
-        }
+/* Returns 1 if the page is intact, else reports it and returns 0. `step` 1 reads every word;
+ * `stride` reads only the rewritten ones, as cheaply as they were written. */
+static int check_page(const uint64_t *page, uint64_t index, uint64_t seq, unsigned step) {
+    unsigned bad = WORDS;
+    if (stride == 1) {
+        for (unsigned k = 0; bad == WORDS && k < WORDS; k++)
+            if (page[k] != expected_word(index, seq, k))
+                bad = k;
+    } else {
+        if (page[1] != seq)
+            bad = 1;
+        for (unsigned k = 0; bad == WORDS && k < WORDS; k += step)
+            if (page[k] != page_word(index, seq, k))
+                bad = k;
     }
-    return 1;
+    if (bad == WORDS)
+        return 1;
+    say("KVMOTION MEM CORRUPT page=%llu expected=%llu found=%llu word=%u",
+        (unsigned long long)index, (unsigned long long)seq, (unsigned long long)page[1], bad);
+    return 0;
 }
 
 int main(int argc, char **argv) {
     int background = 0;
     int argi = 1;
-    if (argi < argc && strcmp(argv[argi], "-b") == 0) {
-        background = 1;
-        argi++;
+    char *end;
+    for (; argi < argc && argv[argi][0] == '-'; argi++) {
+        if (strcmp(argv[argi], "-b") == 0) {
+            background = 1;
+        } else if (strcmp(argv[argi], "-s") == 0 && argi + 1 < argc) {
+            unsigned long s = strtoul(argv[++argi], &end, 10);
+            if (*end || s == 0 || s > WORDS || (s & (s - 1))) {
+                say("KVMOTION FAILED mem stride %s is not a power of two from 1 to %u", argv[argi], WORDS);
+                return 2;
+            }
+            stride = (unsigned)s;
+        } else {
+            break;
+        }
     }
     if (argc - argi != 2) {
-        fprintf(stderr, "usage: kvm-mem [-b] WSS_BYTES RATE_BYTES_PER_S\n");
+        fprintf(stderr, "usage: kvm-mem [-b] [-s STRIDE] WSS_BYTES RATE_BYTES_PER_S\n");
         return 2;
     }
-    char *end;
     unsigned long long wss = strtoull(argv[argi], &end, 10);
     if (*end || wss < PAGE) {
         say("KVMOTION FAILED mem working set %s is not a byte count >= %u", argv[argi], PAGE);
@@ -189,11 +239,11 @@ int main(int argc, char **argv) {
             uint64_t bad = 0;
             for (uint64_t i = 0; i < npages; i++) {
                 uint64_t *page = mem + i * WORDS;
-                if (!check_page(page, i, expected[i])) {
+                if (!check_page(page, i, expected[i], 1)) {
                     bad++;
                     /* Repair it so one corruption is counted once. */
                     expected[i] = ++seq;
-                    fill_page(page, i, seq);
+                    fill_page(page, i, seq, 1);
                 }
             }
             errors += bad;
@@ -209,10 +259,12 @@ int main(int argc, char **argv) {
         }
         for (unsigned b = 0; b < burst; b++) {
             uint64_t *page = mem + cursor * WORDS;
-            if (!check_page(page, cursor, expected[cursor]))
-                errors++;
+            int ok = check_page(page, cursor, expected[cursor], stride);
+            errors += !ok;
+            /* A first write sets the whole page, and so does a repair (so it is counted once). */
+            int whole = stride == 1 || expected[cursor] == 0 || !ok;
             expected[cursor] = ++seq;
-            fill_page(page, cursor, seq);
+            fill_page(page, cursor, seq, whole);
             if (++cursor == npages) {
                 cursor = 0;
                 pass++;
