@@ -153,13 +153,18 @@ def main() -> int:
 
     log(f"compare: {len(cells)} cells x {len(methods)} methods x {args.runs} run(s), {accel.upper()}, "
         f"{'TLS' if args.encrypted else 'plain'}")
-    with tempfile.TemporaryDirectory(prefix="kvbench") as tmp:
-        for link in links:
-            with harness.bench_lab(link, args.encrypted) as lab:
-                log(f"lab {lab.topo.name}: link {'unshaped' if link is None else f'{link * 8 / 1e9:g} Gbit/s'}")
-                for cell in (c for c in cells if c.link_rate == link):
-                    results += run_cell(lab, cell, methods, args.runs, args.timeout, Path(tmp), log)
-                    write()
+    try:
+        with tempfile.TemporaryDirectory(prefix="kvbench") as tmp:
+            for link in links:
+                with harness.bench_lab(link, args.encrypted) as lab:
+                    log(f"lab {lab.topo.name}: link {'unshaped' if link is None else f'{link * 8 / 1e9:g} Gbit/s'}")
+                    for cell in (c for c in cells if c.link_rate == link):
+                        results += run_cell(lab, cell, methods, args.runs, args.timeout, Path(tmp), log)
+                        write()
+    except KeyboardInterrupt:
+        write()
+        print(f"compare: interrupted, the lab torn down; the finished cells are in {args.out}", file=sys.stderr)
+        return 130
     write()
     print()
     print(args.out.with_suffix(".md").read_text())
