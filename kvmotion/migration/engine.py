@@ -58,6 +58,7 @@ RESOLVE_FOR = 3600.0  # s the source keeps trying before leaving it to the opera
 GUARD_INTERVAL = 1.0  # s between the destination's questions to the source about an uncommitted shadow
 SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU died (it polls every 0.2 s)
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
+COMPLETION_POLL = 0.05  # s between the switchover's queries (stall watch); completion itself comes as an event
 TLS_ID = "kvmotion-tls"
 # Pages go over this many parallel connections (QEMU multifd; zero pages are then found in those
 # threads too). Measured on the lab (TCG, 2 cores, 512 MiB idle guest): unshaped veth 124-138 ms
@@ -453,12 +454,11 @@ class MigrationService:
                     if pause:
                         await self._check_stream_whole(dest, rec, stream)
                         await qmp.execute("migrate-continue", state="pre-switchover")
-                    final = await self._wait_completion(qmp, t0, dest, rec, uri)
+                    final = await self._wait_completion(qmp, events, seen, t0, dest, rec, uri)
                 if stop_at is None:
                     stop_at = self._drain_stop(events, seen)
                 if final.status is not MigrationStatus.COMPLETED:
                     raise await self._stream_error(dest, rec, final, " at switchover")
-                tracker, _ = tracker.observe(final, throttle.fraction if throttle else 0.0)
 
             # ---- commit: the destination takes the VM and resumes it
             self._phase(mid, Phase.COMMIT)
@@ -470,6 +470,8 @@ class MigrationService:
         finally:
             await dest.aclose()
         resumed_at = float(answer["resumed_at"])  # type: ignore[index]
+        if final is not None:  # not yet observed: the stream's last figures, read now that the VM runs
+            tracker, _ = tracker.observe(await self._final_statistics(qmp, final), throttle.fraction if throttle else 0.0)
         await self._finish_source(mid, rec.vm, throttle)
         for hook in done_hooks:
             await hook.after_commit(ctx)
@@ -495,6 +497,18 @@ class MigrationService:
         rec = self._update(mid, ended_at=time.time(), summary=summary, rounds=tuple(as_json(r) for r in stats.round_log))
         self._persist(rec)
         del committed
+
+    @staticmethod
+    async def _final_statistics(qmp, final: MigrationSample) -> MigrationSample:
+        """The completed stream's figures (downtime, bytes), read after the commit when the completion
+        came as an event; the source QEMU keeps them until it is destroyed."""
+        if final.ram is not None:
+            return final
+        try:
+            return MigrationSample.from_qmp(await qmp.execute_within(ROLLBACK_STEP_TIMEOUT, "query-migrate"), at=final.at)  # type: ignore[arg-type]
+        except KvmotionError as exc:
+            log.warning("reading the completed migration's statistics: %s", exc)
+            return final
 
     async def _stream_error(self, dest: AsyncAgentClient, rec: MigrationRecord, sample: MigrationSample, when: str) -> MigrationError:
         """QEMU only says the socket broke; the destination's agent knows whether its shadow died."""
@@ -542,18 +556,19 @@ class MigrationService:
             raise Cancelled("cancelled by the user")
 
     @staticmethod
-    async def _await_migration_event(events, timeout: float, seen: dict[str, float]) -> None:
-        """Sleep up to `timeout`, waking early on a MIGRATION status change; note STOP's timestamp."""
+    async def _await_migration_event(events, timeout: float, seen: dict[str, float]) -> str | None:
+        """Sleep up to `timeout`, waking early on a MIGRATION status change (returned); note STOP's timestamp."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
                 ev = await events.get(left)
             except asyncio.TimeoutError:
-                return
+                return None
             if ev.name == "STOP":
                 seen["stop"] = ev.timestamp
             elif ev.name == "MIGRATION" and ev.data.get("status") != "active":
-                return
+                return str(ev.data.get("status"))
+        return None
 
     @staticmethod
     def _drain_stop(events, seen: dict[str, float]) -> float | None:
@@ -566,7 +581,11 @@ class MigrationService:
             if ev.name == "STOP":
                 seen["stop"] = ev.timestamp
 
-    async def _wait_completion(self, qmp, t0: float, dest: AsyncAgentClient, rec: MigrationRecord, uri: str) -> MigrationSample:
+    async def _wait_completion(self, qmp, events, seen: dict[str, float], t0: float, dest: AsyncAgentClient,
+                               rec: MigrationRecord, uri: str) -> MigrationSample:
+        """The source QEMU's last sample of the stream. A completion is returned as soon as QEMU's
+        event says so, as a sample with the status only (no query first): from here to the commit
+        is the guest's pause. The caller reads the statistics once the VM runs again."""
         stall = _StallWatch()  # from now: the hooks' time before migrate-continue is not the stream's
         while True:
             try:
@@ -583,7 +602,10 @@ class MigrationService:
                 # migrate_cancel and cont get through, instead of after TCP's many-minute timeout.
                 await self._on_stream_sockets(rec.vm, uri, shutdown_to)
                 raise await self._stalled(dest, rec, " at switchover")
-            await asyncio.sleep(0.005)
+            # QEMU sets "completed" after it lets go of its big lock, which the query above may have
+            # waited for: wait for the event then, not for a poll (the next query covers "failed").
+            if await self._await_migration_event(events, COMPLETION_POLL, seen) == MigrationStatus.COMPLETED.value:
+                return MigrationSample(status=MigrationStatus.COMPLETED, at=time.monotonic() - t0)
 
     async def _stalled(self, dest: AsyncAgentClient, rec: MigrationRecord, when: str) -> MigrationError:
         cause = await self._shadow_fate(dest, rec)
