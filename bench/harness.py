@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import secrets
 import signal
 import subprocess
@@ -24,11 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.cluster.lab import LabCluster, start_cluster
+from kvmotion.cluster.lab import CLUSTER_DIR_ONLY, LabCluster, cluster_env, start_cluster
 from kvmotion.errors import KvmotionError, SetupError
 from kvmotion.guest.serial import MemStatus, Ready, parse_line
 from kvmotion.host.client import AgentClient
-from kvmotion.interrupts import terminate_as_interrupt
+from kvmotion.interrupts import terminate_as_interrupt, uninterruptible
 from kvmotion.migration.stats import MigrationSample, RamStats, RoundTracker
 from kvmotion.net import lab as labmod
 from kvmotion.net import links, netns
@@ -81,24 +80,15 @@ def bench_lab(link_rate: int | None, encrypted: bool) -> Iterator[BenchLab]:
     with terminate_as_interrupt():
         name = "bn" + secrets.token_hex(3)
         topo = labmod.lab_up(name, 2, link_rate)
-        old = os.environ.get("KVMOTION_CLUSTER_DIR")
         try:
             cluster = start_cluster(topo, encrypted=encrypted)
             # The bench's own agent clients (TLS identity) and the baselines' QEMU TLS credentials
             # are found through the lab's cluster folder.
-            os.environ["KVMOTION_CLUSTER_DIR"] = cluster.env["KVMOTION_CLUSTER_DIR"]
-            yield BenchLab(cluster)
+            with cluster_env(cluster, CLUSTER_DIR_ONLY):
+                yield BenchLab(cluster)
         finally:
-            if old is None:
-                os.environ.pop("KVMOTION_CLUSTER_DIR", None)
-            else:
-                os.environ["KVMOTION_CLUSTER_DIR"] = old
-            saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
+            with uninterruptible():
                 labmod.lab_down(name)
-            finally:
-                for s, h in saved.items():
-                    signal.signal(s, h)
 
 
 def guest_spec(cell: Cell, topo: labmod.LabTopology, guest_announce: bool = False) -> VmSpec:
@@ -239,7 +229,7 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
     from kvmotion.migration.model import MigrationOptions
 
     spec = guest_spec(cell, lab.topo)
-    a, b = lab.agent(src), lab.agent(dst)
+    a = lab.agent(src)
     if boot:
         offset = log_size(lab.serial_log(src))
         a.create(spec)

@@ -1,4 +1,5 @@
-"""SIGTERM handled like Ctrl-C, so the `with` blocks that own labs and processes tear them down."""
+"""SIGTERM handled like Ctrl-C, so the `with` blocks that own labs and processes tear them down;
+and teardowns that no second Ctrl-C cuts short."""
 
 from __future__ import annotations
 
@@ -25,4 +26,15 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are ignored: a teardown cut short leaves namespaces behind."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
             signal.signal(s, h)

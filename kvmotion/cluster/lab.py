@@ -65,13 +65,16 @@ def _wait(what: str, probe, proc, log: Path, timeout: float = 30.0) -> None:
 
 
 _ENV_KEYS = ("KVMOTION_CLUSTER_DIR", "KVMOTION_STATE", "KVMOTION_RUN")
+# The cluster folder alone: the process's CLI helpers (inventory, datastore registry, TLS identity)
+# see the lab's cluster, while the run folder stays the machine's, where labs are registered.
+CLUSTER_DIR_ONLY = ("KVMOTION_CLUSTER_DIR",)
 
 
 @contextmanager
-def cluster_env(cluster: LabCluster) -> Iterator[None]:
+def cluster_env(cluster: LabCluster, keys: tuple[str, ...] = _ENV_KEYS) -> Iterator[None]:
     """Within this block, this process sees the lab's cluster (CA, inventory, registry) as its own."""
-    old = {k: os.environ.get(k) for k in _ENV_KEYS}
-    os.environ.update({k: cluster.env[k] for k in _ENV_KEYS})
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: cluster.env[k] for k in keys})
     try:
         yield
     finally:

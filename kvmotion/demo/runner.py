@@ -5,7 +5,6 @@ and tears the lab down whatever happens (the caller turns Ctrl-C and SIGTERM int
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import signal
@@ -13,15 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from kvmotion.cli.common import all_vms, client_for
 from kvmotion.cluster.inventory import Inventory
-from kvmotion.cluster.lab import DATASTORE, LabCluster, start_cluster
+from kvmotion.cluster.lab import CLUSTER_DIR_ONLY, DATASTORE, LabCluster, cluster_env, start_cluster
 from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.guestlog import GuestLog
@@ -30,6 +27,7 @@ from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck, verify_image
 from kvmotion.guest.serial import MemCorrupt, MemStatus
 from kvmotion.host.client import AgentClient
+from kvmotion.interrupts import uninterruptible
 from kvmotion.migration.engine import record_from_json
 from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase
 from kvmotion.net import lab as labmod
@@ -109,32 +107,6 @@ def route(migrations: int, hosts: int = HOSTS) -> list[tuple[str, str]]:
 
 def new_lab_name() -> str:
     return "demo" + secrets.token_hex(3)
-
-
-@contextmanager
-def _cluster_env(cluster: LabCluster) -> Iterator[None]:
-    """This process's CLI helpers (inventory, datastore registry, TLS identity) see the lab's cluster.
-    Only the cluster folder: the run folder must stay the machine's, where labs are registered."""
-    old = os.environ.get("KVMOTION_CLUSTER_DIR")
-    os.environ["KVMOTION_CLUSTER_DIR"] = cluster.env["KVMOTION_CLUSTER_DIR"]
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("KVMOTION_CLUSTER_DIR", None)
-        else:
-            os.environ["KVMOTION_CLUSTER_DIR"] = old
-
-
-@contextmanager
-def _uninterruptible() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C would leave namespaces behind."""
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 def check_encryption_available() -> None:
@@ -246,13 +218,13 @@ def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
         built = True
         view.step(f"starting the datastore and {HOSTS} host agents ({'TLS' if opts.encrypted else 'plain'})")
         cluster = start_cluster(topo, encrypted=opts.encrypted)
-        with _cluster_env(cluster):
+        with cluster_env(cluster, CLUSTER_DIR_ONLY):
             result = _run(cluster, opts, view, began)
         keep_logs = not result.all_ok
         return result
     finally:
         if built:
-            with _uninterruptible():
+            with uninterruptible():
                 if keep_logs:
                     kept = _keep_logs(labmod.lab_dir(name), opts.logs)
                     if kept:
