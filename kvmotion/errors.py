@@ -68,3 +68,15 @@ class LeaseError(KvmotionError):
     """A disk write lease could not be acquired, renewed or transferred."""
 
     exit_code = 10
+
+
+class Unauthorized(KvmotionError):
+    """The caller presented no credentials the cluster accepts (no certificate, another CA's, expired)."""
+
+    exit_code = 11
+
+
+class Forbidden(KvmotionError):
+    """The caller is known but its identity or role may not do this."""
+
+    exit_code = 12

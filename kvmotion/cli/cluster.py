@@ -1,4 +1,4 @@
-"""`kvmotion cluster init|cert|show`: the cluster CA (encrypted migration, mutual-TLS agent API) and settings."""
+"""`kvmotion cluster init|cert|user|show`: the cluster CA, the certificates of hosts, datastores and users, settings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from rich.console import Console
 
 from kvmotion.errors import InvalidInput
 
-app = typer.Typer(no_args_is_help=True, help="The cluster: its CA, host certificates and settings.")
+app = typer.Typer(no_args_is_help=True, help="The cluster: its CA, certificates of hosts, datastores and users, settings.")
+users = typer.Typer(no_args_is_help=True, help="Users: each gets a certificate carrying a role (viewer, operator, admin).")
+app.add_typer(users, name="user")
 console = Console()
 
 _CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -29,8 +31,11 @@ def init(
     plain: bool = typer.Option(False, "--plain", help="No encryption: migrations and agent API in clear (trusted network only)."),
     cpu_baseline: Optional[str] = typer.Option(None, "--cpu-baseline", help="CPU model every VM gets unless it names one (like EVC)."),
 ) -> None:
-    """Create the cluster CA and settings. Re-running keeps an existing CA and rewrites the settings."""
-    from kvmotion.cluster.ca import CA_CERT, init_ca
+    """Create the cluster CA, its first user (admin) and the settings. Re-running keeps an existing
+    CA and users and rewrites the settings."""
+    from kvmotion.api.identity import Role
+    from kvmotion.cluster.ca import CA_CERT, CLIENT_CERT, init_ca, issue_user_cert
+    from kvmotion.cluster.tls import DEFAULT_USER
     from kvmotion.cluster.config import ClusterConfig, save_config
 
     if cpu_baseline is not None and not _CPU_MODEL_RE.match(cpu_baseline):
@@ -42,33 +47,89 @@ def init(
         verb = "kept existing" if existed else "created"
         console.print(f"{verb} cluster CA {ca.subject} in {ca.dir}")
         console.print(f"  SHA-256 {ca.fingerprint}, valid until {ca.expires:%Y-%m-%d}")
+        admin = d / "users" / DEFAULT_USER
+        if not (admin / CLIENT_CERT).exists():
+            issue_user_cert(d / "ca", DEFAULT_USER, Role.ADMIN, admin)
+            console.print(f"created user {DEFAULT_USER} (role admin): its certificate is in {admin}")
     path = save_config(ClusterConfig(encrypted=not plain, cpu_baseline=cpu_baseline), d)
     mode = "PLAIN (unencrypted, trusted network only)" if plain else "encrypted (mutual TLS)"
     console.print(f"cluster settings in {path}: migrations {mode}" + (f", CPU baseline {cpu_baseline}" if cpu_baseline else ""))
     if not plain:
-        console.print("next: `kvmotion cluster cert HOST --ip ADDRESS` for each host")
+        console.print("next: `kvmotion cluster cert HOST --ip ADDRESS` for each host and datastore, "
+                      "`kvmotion cluster user add NAME --role ROLE` for each user")
 
 
 @app.command()
 def cert(
-    host: str = typer.Argument(..., help="Host name (the agent's name; also the TLS name peers check)."),
-    ip: Optional[list[str]] = typer.Option(None, "--ip", help="An address peers reach the host at (repeatable)."),
+    name: str = typer.Argument(..., help="Host (or datastore) name: the agent's name, also the TLS name peers check."),
+    ip: Optional[list[str]] = typer.Option(None, "--ip", help="An address peers reach it at (repeatable)."),
+    datastore: bool = typer.Option(False, "--datastore", help="A datastore's certificate instead of a host's."),
     folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
 ) -> None:
-    """Issue HOST's certificate (server and client) into the cluster folder's hosts/HOST."""
-    from kvmotion.cluster.ca import issue_host_cert
+    """Issue a host's certificates (its agent's, and its QEMUs' in qemu/) into hosts/NAME, or a
+    datastore's into datastores/NAME."""
+    from kvmotion.cluster.ca import issue_datastore_cert, issue_host_cert
 
     d = _folder(folder)
-    creds = issue_host_cert(d / "ca", host, ip or [], d / "hosts" / host)
-    names = ", ".join((host,) + creds.ips)
-    console.print(f"issued {host}'s certificate for {names} in {creds.dir}, valid until {creds.expires:%Y-%m-%d}")
+    if datastore:
+        issued = issue_datastore_cert(d / "ca", name, ip or [], d / "datastores" / name)
+        out, ips, expires = issued.dir, issued.ips, issued.expires
+    else:
+        creds = issue_host_cert(d / "ca", name, ip or [], d / "hosts" / name)
+        out, ips, expires = creds.dir, creds.ips, creds.expires
+    names = ", ".join((name,) + ips)
+    kind = "datastore" if datastore else "host"
+    console.print(f"issued {kind} {name}'s certificate for {names} in {out}, valid until {expires:%Y-%m-%d}")
+
+
+@users.command("add")
+def user_add(
+    name: str = typer.Argument(..., help="User name (lowercase letters, digits, '.', '_', '-')."),
+    role: str = typer.Option(..., "--role", help="viewer (reads), operator (VMs, migrations, disks) or admin (everything)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the certificate (default: the cluster folder's users/NAME)."),
+    replace: bool = typer.Option(False, "--replace", help="Issue a new certificate for an existing user (e.g. a new role)."),
+    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+) -> None:
+    """Issue a user's certificate (ca-cert.pem, client-cert.pem, client-key.pem): the CLI uses it
+    with KVMOTION_USER=NAME (from the cluster folder) or KVMOTION_CREDENTIALS=FOLDER."""
+    from kvmotion.api.identity import check_user_name, parse_role
+    from kvmotion.cluster.ca import CLIENT_CERT, issue_user_cert
+    from kvmotion.errors import Conflict
+
+    d = _folder(folder)
+    check_user_name(name)
+    the_role = parse_role(role)
+    target = out or d / "users" / name
+    if (target / CLIENT_CERT).exists() and not replace:
+        raise Conflict(f"user {name} already has a certificate in {target}: use --replace to issue a new one")
+    issued = issue_user_cert(d / "ca", name, the_role, target)
+    console.print(f"issued user {name}'s certificate (role {the_role.value}) in {issued.dir}, valid until {issued.expires:%Y-%m-%d}")
+
+
+@users.command("list")
+def user_list(
+    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+) -> None:
+    """The users whose certificates are in the cluster folder, with their roles."""
+    from cryptography import x509
+
+    from kvmotion.api.identity import identity_of
+    from kvmotion.cluster.ca import CLIENT_CERT
+
+    d = _folder(folder)
+    for user_dir in sorted((d / "users").glob("*")):
+        path = user_dir / CLIENT_CERT
+        if path.exists():
+            c = x509.load_pem_x509_certificate(path.read_bytes())
+            who = identity_of(c)
+            console.print(f"{who.name}: {who.role.value if who.role else '-'}; valid until {c.not_valid_after_utc:%Y-%m-%d}")
 
 
 @app.command()
 def show(
     folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
 ) -> None:
-    """The cluster's settings, CA and host certificates."""
+    """The cluster's settings, CA, and host and datastore certificates (users: `cluster user list`)."""
     from cryptography import x509
 
     from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, load_ca
@@ -83,11 +144,12 @@ def show(
         return
     ca = load_ca(d / "ca")
     console.print(f"CA {ca.subject}, SHA-256 {ca.fingerprint}, valid until {ca.expires:%Y-%m-%d}")
-    for host_dir in sorted((d / "hosts").glob("*")):
-        path = host_dir / SERVER_CERT
-        if not path.exists():
-            continue
-        c = x509.load_pem_x509_certificate(path.read_bytes())
-        san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n.value) for n in san]
-        console.print(f"  {host_dir.name}: {', '.join(names)}; valid until {c.not_valid_after_utc:%Y-%m-%d}")
+    for kind in ("hosts", "datastores"):
+        for cert_dir in sorted((d / kind).glob("*")):
+            path = cert_dir / SERVER_CERT
+            if not path.exists():
+                continue
+            c = x509.load_pem_x509_certificate(path.read_bytes())
+            san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [str(n.value) for n in san]
+            console.print(f"  {kind[:-1]} {cert_dir.name}: {', '.join(names)}; valid until {c.not_valid_after_utc:%Y-%m-%d}")

@@ -24,19 +24,25 @@ def serve(
     state_dir: Optional[Path] = typer.Option(None, help="VM definitions (default /var/lib/kvmotion/hosts/NAME)."),
     run_dir: Optional[Path] = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
     accel: Optional[str] = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
-    tls: bool = typer.Option(False, help="Serve the API over mutual TLS with the cluster CA's certificate for NAME."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the port owns the host (trusted networks and benchmarks only)."),
+    max_body: str = typer.Option("1M", "--max-body", help="Largest request body."),
+    max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", help="Open connections from one address."),
+    migration_limit: int = typer.Option(4, "--migration-limit", help="Migrations in and out of this host at once."),
 ) -> None:
-    """Run the host agent in the foreground (its VMs keep running if it stops)."""
+    """Run the host agent in the foreground (its VMs keep running if it stops).
+
+    The API is served over mutual TLS with the host's certificate from the cluster CA
+    (`kvmotion cluster cert NAME --ip ADDRESS`); callers are identified by their certificates.
+    """
+    from kvmotion.api.serving import Limits
     from kvmotion.host.agent import serve as run
     from kvmotion.qemu.spec import check_name
+    from kvmotion.units import parse_size
 
     check_name(name, "host")
-    files = None
-    if tls:
-        from kvmotion.cluster.tls import host_tls_files
-
-        files = host_tls_files(name)
-    run(name, listen, portgroup, state_dir, run_dir, accel, tls_files=files)
+    limits = Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client)
+    run(name, listen, portgroup, state_dir, run_dir, accel, insecure=insecure, migration_limit=migration_limit,
+        limits=limits)
 
 
 @app.command("list")

@@ -1,10 +1,11 @@
-"""The cluster CA: one self-signed ECDSA P-256 root per cluster, one certificate per host.
+"""The cluster CA: one self-signed ECDSA P-256 root per cluster, one certificate per identity.
 
 Like vSphere's encrypted vMotion, every host gets a certificate from the cluster's own CA and
-peers accept nothing else. A host certificate is both a TLS server and a TLS client certificate
-(EKU serverAuth + clientAuth), so one file pair serves the agent's HTTPS API, the destination's
-migration listener and the source's migration connection. The host folder uses the file names
-QEMU's `tls-creds-x509` object looks for in its `dir`:
+peers accept nothing else. The subject names the identity (kvmotion.api.identity): a host's
+certificate serves its agent's HTTPS API and its calls to peers and datastores; its QEMUs get
+their own (qemu:HOST, in the host folder's qemu/), readable after QEMU drops root, good only
+for NBD and migration streams; users get client-only certificates carrying their role.
+Folders use the file names QEMU's `tls-creds-x509` object looks for in its `dir`:
 
     ca-cert.pem  server-cert.pem  server-key.pem  client-cert.pem  client-key.pem
 
@@ -15,9 +16,9 @@ keyEncipherment, which an ECDSA key cannot do.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import ipaddress
 import os
-import re
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvmotion.host.store import write_atomic
+from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.host.store import write_atomic
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -38,10 +40,12 @@ CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
 
 CA_VALIDITY = dt.timedelta(days=3652)  # 10 years
 HOST_VALIDITY = dt.timedelta(days=1826)  # 5 years: an expired host certificate stops migrations
+USER_VALIDITY = dt.timedelta(days=365)
+QEMU_DIR = "qemu"  # a host folder's subfolder with its QEMUs' identity
+QEMU_GROUP = "kvmotion-qemu"
 # Hosts' clocks differ a little; a certificate born "in the future" would be refused for that long.
 BACKDATE = dt.timedelta(hours=1)
 
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,7 @@ def init_ca(ca_dir: Path | str, name: str = "kvmotion cluster CA") -> CA:
 
 
 def check_host_name(name: str) -> str:
-    if not _HOST_RE.match(name):
-        raise InvalidInput(f"invalid host name {name!r}: use letters, digits, '-' and dots (a DNS name)")
-    return name
+    return check_identity_name(Kind.HOST, name)
 
 
 def _parse_ips(ips: list[str] | tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -183,26 +185,42 @@ def _parse_ips(ips: list[str] | tuple[str, ...]) -> list[ipaddress.IPv4Address |
     return out
 
 
-def issue_host_cert(
-    ca_dir: Path | str, host_name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str
-) -> HostCredentials:
-    """Issue `host_name`'s certificate (SAN: the name and `ips`) into `out_dir` in QEMU's layout."""
-    check_host_name(host_name)
+@dataclass(frozen=True)
+class Issued:
+    """A certificate written into a folder in QEMU's tls-creds-x509 layout."""
+
+    dir: Path
+    identity: Identity
+    ips: tuple[str, ...]
+    expires: dt.datetime
+
+
+def _key_group() -> int | None:
+    """The group QEMU runs under (scripts/setup-host.sh creates it): it reads the qemu identity's key."""
+    try:
+        return grp.getgrnam(QEMU_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def issue_cert(
+    ca_dir: Path | str, who: Identity, ips: list[str] | tuple[str, ...], out_dir: Path | str, *,
+    server: bool, validity: dt.timedelta = HOST_VALIDITY, key_gid: int | None = None,
+) -> Issued:
+    """Issue `who`'s certificate into `out_dir`: client-cert/key always, server-cert/key too when
+    `server` (SAN: the name and `ips`). With `key_gid` the keys are 0640 for that group."""
     addresses = _parse_ips(ips)
     ca = load_ca(ca_dir)
     out = Path(out_dir)
     if out.resolve() == ca.dir.resolve():
-        raise Conflict(f"{out} holds the CA: issue host certificates into their own folder")
+        raise Conflict(f"{out} holds the CA: issue certificates into their own folder")
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    expires = min(now + HOST_VALIDITY, ca.expires)
-    san: list[x509.GeneralName] = [x509.DNSName(host_name)] + [x509.IPAddress(a) for a in addresses]
-    cert = (
+    expires = min(now + validity, ca.expires)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
-            x509.NameAttribute(NameOID.COMMON_NAME, host_name),
-        ]))
+        .subject_name(who.subject())
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -216,21 +234,49 @@ def issue_host_cert(
             ),
             critical=False,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
     )
+    if server:
+        san: list[x509.GeneralName] = [x509.DNSName(who.name)] + [x509.IPAddress(a) for a in addresses]
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca.key, hashes.SHA256())
     cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / CA_CERT, _cert_pem(ca.cert), 0o644)
-    for name, data, mode in (
-        (SERVER_KEY, key_pem, 0o600), (CLIENT_KEY, key_pem, 0o600),
-        (SERVER_CERT, cert_pem, 0o644), (CLIENT_CERT, cert_pem, 0o644),
-    ):
+    key_mode = 0o640 if key_gid is not None else 0o600
+    files = [(CA_CERT, _cert_pem(ca.cert), 0o644), (CLIENT_KEY, key_pem, key_mode), (CLIENT_CERT, cert_pem, 0o644)]
+    if server:
+        files += [(SERVER_KEY, key_pem, key_mode), (SERVER_CERT, cert_pem, 0o644)]
+    for name, data, mode in files:
         write_atomic(out / name, data, mode)
-    return HostCredentials(dir=out, host=host_name, ips=tuple(str(a) for a in addresses), expires=expires)
+        if key_gid is not None and mode == 0o640:
+            os.chown(out / name, -1, key_gid)
+    if key_gid is not None:
+        os.chown(out, -1, key_gid)
+        os.chmod(out, 0o750)
+    return Issued(dir=out, identity=who, ips=tuple(str(a) for a in addresses), expires=expires)
+
+
+def issue_host_cert(
+    ca_dir: Path | str, host_name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str
+) -> HostCredentials:
+    """Issue host `host_name`'s certificate into `out_dir`, and its QEMUs' into `out_dir`/qemu
+    (the key QEMU reads after dropping root: group kvmotion-qemu when that group exists)."""
+    check_host_name(host_name)
+    issued = issue_cert(ca_dir, Identity(Kind.HOST, host_name), ips, out_dir, server=True)
+    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=_key_group())
+    return HostCredentials(dir=issued.dir, host=host_name, ips=issued.ips, expires=issued.expires)
+
+
+def issue_datastore_cert(ca_dir: Path | str, name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str) -> Issued:
+    return issue_cert(ca_dir, Identity(Kind.DATASTORE, check_identity_name(Kind.DATASTORE, name)), ips, out_dir, server=True)
+
+
+def issue_user_cert(ca_dir: Path | str, name: str, role: Role, out_dir: Path | str) -> Issued:
+    """A user's client certificate (its role inside), for the CLI: ca-cert.pem, client-cert.pem, client-key.pem."""
+    return issue_cert(ca_dir, Identity(Kind.USER, check_user_name(name), role), (), out_dir, server=False,
+                      validity=USER_VALIDITY)
 
 
 def _require(cert_dir: Path, *names: str) -> None:

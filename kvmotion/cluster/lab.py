@@ -92,13 +92,7 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
     env = cluster.env
     with cluster_env(cluster):
         if encrypted:
-            from kvmotion.cluster.ca import init_ca, issue_host_cert
-            from kvmotion.cluster.tls import host_dir
-
-            ca_dir = folder / "cluster" / "ca"
-            init_ca(ca_dir)
-            for h in topo.hosts:
-                issue_host_cert(ca_dir, h.name, [h.mgmt_ip], host_dir(h.name))
+            issue_lab_certificates(topo, folder / "cluster")
         from kvmotion.cluster.config import ClusterConfig, save_config
 
         save_config(ClusterConfig(encrypted=encrypted))
@@ -114,14 +108,32 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
         _wait("datastore ds1", lambda: DatastoreClient(ref.control_url, timeout=1).reachable(), proc, log)
         for h in topo.hosts:
             log = folder / "logs" / f"{h.name}.log"
-            argv = _kvmotion("host", "serve", "--name", h.name, "--listen", f"{h.mgmt_ip}:{AGENT_PORT}",
-                             "--portgroup", f"{topo.portgroup}={h.vm_bridge}")
-            if encrypted:
-                argv.append("--tls")
-            proc = labmod.spawn_in_ns(h.ns, argv, log, env)
+            proc = labmod.spawn_in_ns(h.ns, agent_argv(cluster, h.name), log, env)
             client = _lab_client(cluster, h.name)
             _wait(f"agent {h.name}", lambda: client.host() is not None, proc, log)
     return cluster
+
+
+def agent_argv(cluster: LabCluster, host: str) -> list[str]:
+    """How the lab runs `host`'s agent (also used to restart one)."""
+    h = cluster.topology.host(host)
+    argv = _kvmotion("host", "serve", "--name", h.name, "--listen", f"{h.mgmt_ip}:{AGENT_PORT}",
+                     "--portgroup", f"{cluster.topology.portgroup}={h.vm_bridge}")
+    return argv if cluster.encrypted else [*argv, "--insecure"]
+
+
+def issue_lab_certificates(topo: labmod.LabTopology, cluster_folder: Path) -> None:
+    """The lab's CA, a certificate per host (and its QEMUs), the datastore's, and user admin's."""
+    from kvmotion.api.identity import Role
+    from kvmotion.cluster.ca import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
+    from kvmotion.cluster.tls import DEFAULT_USER
+
+    ca_dir = cluster_folder / "ca"
+    init_ca(ca_dir)
+    for h in topo.hosts:
+        issue_host_cert(ca_dir, h.name, [h.mgmt_ip], cluster_folder / "hosts" / h.name)
+    issue_datastore_cert(ca_dir, DATASTORE, [topo.datastore.ip], cluster_folder / "datastores" / DATASTORE)
+    issue_user_cert(ca_dir, DEFAULT_USER, Role.ADMIN, cluster_folder / "users" / DEFAULT_USER)
 
 
 def _lab_client(cluster: LabCluster, host: str) -> AgentClient:

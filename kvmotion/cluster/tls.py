@@ -1,55 +1,104 @@
 """Where the cluster's TLS material lives and how agents and the CLI use it.
 
-Layout under the cluster folder (see kvmotion.cluster.inventory.cluster_dir):
-    ca/ca-cert.pem, ca/ca-key.pem           the cluster CA (`kvmotion cluster init`)
-    hosts/<host>/                           QEMU tls-creds-x509 layout: ca-cert.pem,
-                                            server-cert.pem, server-key.pem, client-cert.pem, client-key.pem
-One certificate per host serves both ends: the agent's HTTPS API, the migration stream as server
-(destination) and as client (source), and agent-to-agent calls.
+Layout under the cluster folder (see kvmotion.cluster.inventory.cluster_dir), each identity's
+folder in QEMU's tls-creds-x509 layout (ca-cert.pem, {server,client}-{cert,key}.pem):
+    ca/ca-cert.pem, ca/ca-key.pem   the cluster CA (`kvmotion cluster init`)
+    hosts/<host>/                   host:<host>, the agent (API, calls to peers and datastores)
+    hosts/<host>/qemu/              qemu:<host>, its QEMUs (NBD and migration streams)
+    datastores/<name>/              datastore:<name>
+    users/<user>/                   user:<user> with a role, client only (the CLI)
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import ssl
 from pathlib import Path
 
+from kvmotion.cluster.ca import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
 from kvmotion.cluster.inventory import cluster_dir
 from kvmotion.errors import SetupError
 from kvmotion.host.client import AsyncAgentClient
+
+DEFAULT_USER = "admin"  # `kvmotion cluster init` creates it, like vCenter's administrator
 
 
 def host_dir(host: str) -> Path:
     return cluster_dir() / "hosts" / host
 
 
-def migration_creds_dir(host: str) -> Path:
-    d = host_dir(host)
-    if not (d / "server-cert.pem").exists():
-        raise SetupError(
-            f"host {host} has no cluster certificate in {d}: run `kvmotion cluster init` and "
-            f"`kvmotion cluster cert {host} --ip ADDRESS`, or migrate with --plain on a trusted network"
-        )
+def datastore_dir(name: str) -> Path:
+    return cluster_dir() / "datastores" / name
+
+
+def user_dir(user: str) -> Path:
+    return cluster_dir() / "users" / user
+
+
+def _need(d: Path, *names: str, hint: str) -> Path:
+    missing = [n for n in names if not (d / n).exists()]
+    if missing:
+        raise SetupError(f"{d} lacks {', '.join(missing)}: {hint}")
     return d
+
+
+def migration_creds_dir(host: str) -> Path:
+    """The host's own folder (agent identity)."""
+    return _need(host_dir(host), CA_CERT, SERVER_CERT, SERVER_KEY,
+                 hint=f"issue the host's certificate with `kvmotion cluster cert {host} --ip ADDRESS`, "
+                      "or run the agent with --insecure on a trusted network")
+
+
+def qemu_creds_dir(host: str) -> Path:
+    """The folder the host's QEMUs read their certificate from (tls-creds-x509 dir)."""
+    return _need(host_dir(host) / QEMU_DIR, CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY,
+                 hint=f"re-issue the host's certificate with `kvmotion cluster cert {host} --ip ADDRESS`")
 
 
 def host_tls_files(host: str) -> tuple[Path, Path, Path]:
     """(certificate, key, CA) for serving the agent's API over mutual TLS."""
     d = migration_creds_dir(host)
-    return d / "server-cert.pem", d / "server-key.pem", d / "ca-cert.pem"
+    return d / SERVER_CERT, d / SERVER_KEY, d / CA_CERT
 
 
-def _client_context(cert_dir: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert_dir / "ca-cert.pem"))
-    ctx.load_cert_chain(str(cert_dir / "client-cert.pem"), str(cert_dir / "client-key.pem"))
+@functools.lru_cache(maxsize=16)
+def _client_context(cert_dir: Path, mtime: float) -> ssl.SSLContext:
+    """One context per credentials folder (building one costs milliseconds of CPU: never inside a
+    switchover pause); `mtime` makes a re-issued certificate take effect."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert_dir / CA_CERT))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_dir / CLIENT_CERT), str(cert_dir / CLIENT_KEY))
     return ctx
 
 
+def client_context(cert_dir: Path) -> ssl.SSLContext:
+    d = _need(cert_dir, CA_CERT, CLIENT_CERT, CLIENT_KEY, hint="not a kvmotion credentials folder")
+    return _client_context(d, (d / CLIENT_CERT).stat().st_mtime)
+
+
+def user_creds_dir() -> Path:
+    """The CLI's credentials: $KVMOTION_CREDENTIALS (a folder), else the cluster folder's
+    users/$KVMOTION_USER (default admin). Never a host's key."""
+    explicit = os.environ.get("KVMOTION_CREDENTIALS")
+    if explicit:
+        d = Path(explicit)
+    else:
+        user = os.environ.get("KVMOTION_USER") or DEFAULT_USER
+        d = user_dir(user)
+    return _need(d, CA_CERT, CLIENT_CERT, CLIENT_KEY,
+                 hint="issue a user's certificate with `kvmotion cluster user add NAME --role ROLE` and set "
+                      "KVMOTION_USER=NAME (or KVMOTION_CREDENTIALS=FOLDER)")
+
+
 def cli_ssl_context() -> ssl.SSLContext:
-    """The CLI authenticates with the certificate of the host it runs on, or the cluster's `cli` identity."""
-    for d in sorted((cluster_dir() / "hosts").glob("*")):
-        if (d / "client-cert.pem").exists():
-            return _client_context(d)
-    raise SetupError(f"no client certificate under {cluster_dir() / 'hosts'}: run `kvmotion cluster cert cli`")
+    """The CLI authenticates as a user (see user_creds_dir)."""
+    return client_context(user_creds_dir())
+
+
+def host_ssl_context(host: str) -> ssl.SSLContext:
+    """An agent's client side: host:<host> towards peers and datastores."""
+    return client_context(migration_creds_dir(host))
 
 
 _own_host: str | None = None
@@ -67,4 +116,4 @@ def agent_client(url: str) -> AsyncAgentClient:
         return AsyncAgentClient(url)
     if _own_host is None:
         return AsyncAgentClient(url, ssl_context=cli_ssl_context())
-    return AsyncAgentClient(url, ssl_context=_client_context(migration_creds_dir(_own_host)))
+    return AsyncAgentClient(url, ssl_context=host_ssl_context(_own_host))

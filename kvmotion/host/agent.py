@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
+import sys
 from pathlib import Path
 
-import uvicorn
-
 from kvmotion import paths
+from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.cluster.inventory import HostEntry, Inventory
 from kvmotion.errors import InvalidInput, Unreachable
 from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
 from kvmotion.qemu import accel as accel_mod
+from kvmotion.storage.address import is_wildcard
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -58,12 +58,19 @@ def serve(
     state_dir: Path | None = None,
     run_dir: Path | None = None,
     accel: str | None = None,
-    tls: ssl.SSLContext | None = None,
-    tls_files: tuple[Path, Path, Path] | None = None,
+    insecure: bool = False,
     register: bool = True,
     migration_limit: int = 4,
+    limits: Limits | None = None,
 ) -> None:
+    """Serve the agent's API: mutual TLS with the host's certificate from the cluster CA, or plain
+    HTTP with `insecure` (a warning on every start)."""
     host, port = parse_listen(listen)
+    if is_wildcard(host) and register:
+        raise InvalidInput(f"cannot register {listen} in the inventory: peers need an address, not {host}; "
+                           "listen on the host's own address")
+    if not 1 <= migration_limit <= 64:
+        raise InvalidInput(f"invalid migration limit {migration_limit}: use 1 to 64")
     choice = accel_mod.choose(accel)
     accel_mod.say_once(choice)
     config = HostConfig(
@@ -73,20 +80,19 @@ def serve(
         portgroups=parse_portgroups(portgroups or ["vm-net"]),
         accel=choice,
     )
-    from kvmotion.cluster.tls import set_own_host
+    from kvmotion.cluster.tls import host_tls_files, set_own_host
     from kvmotion.host.routers import routers  # migration & storage endpoints plug in here
 
     set_own_host(name)
-
+    security = Security(tls_files=None if insecure else host_tls_files(name), audit_log=config.state_dir / "audit.log",
+                        limits=limits or Limits())
+    if insecure:
+        print(insecure_warning(f"host agent {name} on {listen}"), file=sys.stderr, flush=True)
     app = create_app(config, extra_routers=routers(host, migration_limit))
+    server = make_server(app, security, f"agent {name}", lifespan="on")
     sock = bind(host, port)
-    scheme = "https" if tls_files else "http"
+    scheme = "http" if insecure else "https"
     if register:
         shown = f"[{host}]" if ":" in host else host
         Inventory().add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
-    kwargs = {}
-    if tls_files:
-        cert, key, ca = tls_files
-        kwargs = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **kwargs))
     asyncio.run(server.serve(sockets=[sock]))

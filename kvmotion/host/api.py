@@ -1,7 +1,9 @@
 """The host agent's HTTP JSON API (FastAPI; OpenAPI document at /openapi.json, docs at /docs).
 
-Errors are JSON `{"error": {"kind": <KvmotionError subclass>, "message": <one line>}}` so the
-client can re-raise the same error class the agent raised.
+Served by kvmotion.api.serving (mutual TLS, identities, limits, audit log). Each route says who
+may call it: viewers and peer hosts read, operators change VMs. Errors are JSON
+`{"error": {"kind": <KvmotionError subclass>, "message": <one line>}}` so the client can re-raise
+the same error class the agent raised.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from fastapi import Body, FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse
+from fastapi import Body, Depends, FastAPI, WebSocket, WebSocketDisconnect
 
 from kvmotion import __version__, errors
+from kvmotion.api.identity import OPERATE, VIEW, authorize
+from kvmotion.api.serving import allow, caller
 from kvmotion.host import resources
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
@@ -22,23 +25,6 @@ from kvmotion.qemu import accel as accel_mod
 from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.agent")
-
-STATUS_OF = {
-    errors.InvalidInput: 400,
-    errors.NotFound: 404,
-    errors.Conflict: 409,
-    errors.InsufficientResources: 409,
-    errors.PrecheckFailed: 409,
-    errors.LeaseError: 409,
-    errors.Unreachable: 502,
-}
-
-
-def http_status(exc: errors.KvmotionError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return 500
 
 
 def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
@@ -51,20 +37,12 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         await manager.shutdown()
 
     app = FastAPI(title="kvmotion host agent", version=__version__, lifespan=lifespan)
+    view = [Depends(allow(VIEW, "read this host's state"))]
+    operate = [Depends(allow(OPERATE, "change VMs"))]
     app.state.manager = manager
     app.state.config = config
 
-    @app.exception_handler(errors.KvmotionError)
-    async def _kvmotion_error(request: Request, exc: errors.KvmotionError):
-        return JSONResponse(status_code=http_status(exc), content={"error": {"kind": type(exc).__name__, "message": str(exc)}})
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception):
-        log.exception("internal error serving %s %s", request.method, request.url.path)
-        message = f"internal error in agent {config.name}: {type(exc).__name__}: {exc}"
-        return JSONResponse(status_code=500, content={"error": {"kind": "KvmotionError", "message": message}})
-
-    @app.get("/v1/host")
+    @app.get("/v1/host", dependencies=view)
     async def host_info() -> dict:
         mem = resources.meminfo()
         info = HostInfo(
@@ -84,32 +62,37 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         )
         return as_json(info)
 
-    @app.get("/v1/vms")
+    @app.get("/v1/vms", dependencies=view)
     async def list_vms() -> list:
         return [as_json(s) for s in manager.list()]
 
-    @app.post("/v1/vms", status_code=201)
+    @app.post("/v1/vms", status_code=201, dependencies=operate)
     async def create_vm(spec: dict = Body(...)) -> dict:
         return as_json(await manager.create(VmSpec.from_json(spec)))
 
-    @app.get("/v1/vms/{name}")
+    @app.get("/v1/vms/{name}", dependencies=view)
     async def get_vm(name: str) -> dict:
         return as_json(manager.status(name))
 
-    @app.post("/v1/vms/{name}/start")
+    @app.post("/v1/vms/{name}/start", dependencies=operate)
     async def start_vm(name: str, wait_ready: bool = False, timeout: float = 60.0) -> dict:
         return as_json(await manager.start(name, wait_ready=wait_ready, timeout=timeout))
 
-    @app.post("/v1/vms/{name}/stop")
+    @app.post("/v1/vms/{name}/stop", dependencies=operate)
     async def stop_vm(name: str, force: bool = False) -> dict:
         return as_json(await manager.stop(name, force=force))
 
-    @app.delete("/v1/vms/{name}", status_code=204)
+    @app.delete("/v1/vms/{name}", status_code=204, dependencies=operate)
     async def delete_vm(name: str) -> None:
         await manager.delete(name)
 
     @app.websocket("/v1/vms/{name}/console")
     async def console(ws: WebSocket, name: str) -> None:
+        try:
+            authorize(caller(ws), OPERATE, "use VM consoles")
+        except errors.KvmotionError as exc:
+            await ws.close(code=1008, reason=str(exc)[:120])  # before accept: the client sees HTTP 403
+            return
         await ws.accept()
         try:
             status = manager.status(name)

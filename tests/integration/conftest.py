@@ -15,7 +15,7 @@ def host():
 
 @pytest.fixture
 def make_lab():
-    """make_lab(hosts=2, link_rate=None, encrypted=False) -> MigrationLab; every lab is torn down."""
+    """make_lab(hosts=2, link_rate=None, encrypted=True) -> MigrationLab; every lab is torn down."""
     from tests.integration.lab_fixture import lab_factory
 
     yield from lab_factory()
@@ -23,5 +23,5 @@ def make_lab():
 
 @pytest.fixture
 def lab(make_lab):
-    """A plain (unencrypted), unshaped two-host lab cluster."""
+    """A secure (mutual TLS everywhere), unshaped two-host lab cluster."""
     return make_lab()

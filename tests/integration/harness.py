@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmotion.api.identity import Role
+from kvmotion.cluster.ca import init_ca, issue_host_cert, issue_user_cert
+from kvmotion.cluster.tls import client_context
 from kvmotion.host.client import AgentClient
 from kvmotion.net import links, netns
 
@@ -48,6 +51,10 @@ class AgentHarness:
             KVMOTION_RUN=str(self.dir / "run"),
             KVMOTION_CLUSTER_DIR=str(self.dir / "cluster"),
         )
+        cluster = self.dir / "cluster"  # the agent serves mutual TLS; the test calls it as user admin
+        init_ca(cluster / "ca")
+        issue_host_cert(cluster / "ca", self.name, [self.mgmt_ns], cluster / "hosts" / self.name)
+        issue_user_cert(cluster / "ca", "admin", Role.ADMIN, cluster / "users" / "admin")
         netns.create_ns(self.ns)
         netns.set_up(self.ns, "lo")
         netns.create_veth(self.root_if, None, self.ns_if, self.ns)
@@ -58,7 +65,7 @@ class AgentHarness:
 
     @property
     def url(self) -> str:
-        return f"http://{self.mgmt_ns}:{self.port}"
+        return f"https://{self.mgmt_ns}:{self.port}"
 
     def start_agent(self) -> None:
         log = open(self.dir / "agent.log", "ab")
@@ -72,7 +79,7 @@ class AgentHarness:
         deadline = time.monotonic() + 30
         while True:
             try:
-                AgentClient(self.url, timeout=2).host()
+                AgentClient(self.url, ssl_context=self.tls(), timeout=2).host()
                 return
             except Exception:
                 if self.agent.poll() is not None or time.monotonic() > deadline:
@@ -84,8 +91,11 @@ class AgentHarness:
             self.agent.send_signal(signal.SIGKILL)
             self.agent.wait()
 
+    def tls(self):
+        return client_context(self.dir / "cluster" / "users" / "admin")
+
     def client(self) -> AgentClient:
-        return AgentClient(self.url)
+        return AgentClient(self.url, ssl_context=self.tls())
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -27,7 +27,7 @@ from socket import AF_BRIDGE
 
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
-from kvmotion.cluster.lab import AGENT_PORT, LabCluster, start_cluster
+from kvmotion.cluster.lab import LabCluster, agent_argv, cluster_env, start_cluster
 from kvmotion.guest.serial import MemCorrupt, MemStatus, parse_line
 from kvmotion.host.store import VmStore
 from kvmotion.net import lab as labmod
@@ -292,11 +292,8 @@ class MigrationLab:
     def start_agent(self, host: str, timeout: float = 30) -> None:
         """Start `host`'s agent again the way start_cluster does, and wait until it answers."""
         h = self.topo.host(host)
-        argv = [sys.executable, "-m", "kvmotion.cli.main", "host", "serve", "--name", h.name,
-                "--listen", f"{h.mgmt_ip}:{AGENT_PORT}", "--portgroup", f"{self.topo.portgroup}={h.vm_bridge}"]
-        if self.cluster.encrypted:
-            argv.append("--tls")
-        proc = labmod.spawn_in_ns(h.ns, argv, self.cluster.folder / "logs" / f"{h.name}.log", self.env)
+        proc = labmod.spawn_in_ns(h.ns, agent_argv(self.cluster, host), self.cluster.folder / "logs" / f"{h.name}.log",
+                                  self.env)
         self.agent_procs[host] = proc
         client = self.agent(host, timeout=2)
         deadline = time.monotonic() + timeout
@@ -317,16 +314,8 @@ class MigrationLab:
             return AgentClient(self.cluster.agent_url(host), timeout=timeout)
         from kvmotion.cluster.tls import cli_ssl_context
 
-        old = {k: os.environ.get(k) for k in ("KVMOTION_CLUSTER_DIR", "KVMOTION_STATE", "KVMOTION_RUN")}
-        os.environ.update({k: self.env[k] for k in old})  # the CA is found through the lab's folders
-        try:
+        with cluster_env(self.cluster):  # the lab's admin user, found through the lab's folders
             return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def migration_of(self, source: str, vm: str) -> dict | None:
         """The latest migration record of `vm` on its source agent (JSON), or None."""
@@ -422,12 +411,12 @@ LabFactory = Callable[..., MigrationLab]
 
 
 def lab_factory() -> Iterator[LabFactory]:
-    """Generator behind the `make_lab` fixture: make_lab(hosts=2, link_rate=None, encrypted=False)
+    """Generator behind the `make_lab` fixture: make_lab(hosts=2, link_rate=None, encrypted=True)
     builds a lab and starts its cluster; every lab made is torn down at the end, whatever happened."""
     made: list[str] = []
     clusters: list[LabCluster] = []
 
-    def make(hosts: int = 2, link_rate: int | None = None, encrypted: bool = False) -> MigrationLab:
+    def make(hosts: int = 2, link_rate: int | None = None, encrypted: bool = True) -> MigrationLab:
         name = unique_lab_name()
         topo = labmod.lab_up(name, hosts, link_rate)  # tears a half-built lab down itself
         made.append(name)

@@ -122,7 +122,7 @@ def test_console_is_interactive(host):
 
     assert host.cli("vm", "create", "con1", "--memory", "256M").returncode == 0
     host.client().start("con1", wait_ready=True)
-    with connect(f"ws://{host.mgmt_ns}:{host.port}/v1/vms/con1/console", open_timeout=10) as ws:
+    with connect(f"wss://{host.mgmt_ns}:{host.port}/v1/vms/con1/console", ssl=host.tls(), open_timeout=10) as ws:
         ws.send(b"\recho con$((40+2))sole\r")
         seen = b""
         deadline = time.monotonic() + 15

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
+from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.cluster import ca as camod
 from kvmotion.cluster.ca import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
@@ -63,7 +64,12 @@ def test_two_clusters_have_different_ca_names(tmp_path: Path) -> None:
 
 def test_host_certificate_serves_both_ends(cluster: Path) -> None:
     host = cluster / "hosts" / "host1"
-    assert sorted(p.name for p in host.iterdir()) == LAYOUT
+    assert sorted(p.name for p in host.iterdir()) == sorted(LAYOUT + ["qemu"])
+    assert sorted(p.name for p in (host / "qemu").iterdir()) == LAYOUT
+    assert identity_of(x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes())) == Identity(Kind.HOST, "host1")
+    qemu = x509.load_pem_x509_certificate((host / "qemu" / "server-cert.pem").read_bytes())
+    assert identity_of(qemu) == Identity(Kind.QEMU, "host1")
+    assert qemu.public_key() != x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes()).public_key()
     for key in ("server-key.pem", "client-key.pem"):
         assert mode(host / key) == 0o600
     cert = x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes())
@@ -270,11 +276,35 @@ def test_cli_init_and_cert(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c" / "cluster.json").read_text()) == {"encrypted": True, "cpu_baseline": "Haswell-v4", "version": 1}
     r = cli("cert", "host1", "--ip", "10.0.0.1", "--ip", "10.0.1.1", env=env)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "c" / "hosts" / "host1").iterdir()) == LAYOUT
+    assert sorted(p.name for p in (tmp_path / "c" / "hosts" / "host1").iterdir()) == sorted(LAYOUT + ["qemu"])
     r = cli("init", env=env)
     assert "kept existing cluster CA" in r.output
+    r = cli("cert", "ds1", "--datastore", "--ip", "10.0.0.9", env=env)
+    assert r.exit_code == 0, r.output
     r = cli("show", env=env)
-    assert r.exit_code == 0 and "host1: host1, 10.0.0.1, 10.0.1.1" in r.output
+    assert r.exit_code == 0 and "host host1: host1, 10.0.0.1, 10.0.1.1" in r.output
+    assert "datastore ds1: ds1, 10.0.0.9" in r.output
+
+
+def test_cli_users(tmp_path: Path) -> None:
+    env = {"KVMOTION_CLUSTER_DIR": str(tmp_path / "c")}
+    r = cli("init", env=env)
+    assert "created user admin (role admin)" in r.output
+    admin = tmp_path / "c" / "users" / "admin"
+    assert sorted(p.name for p in admin.iterdir()) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
+    assert mode(admin / "client-key.pem") == 0o600
+    assert cli("user", "add", "alice", "--role", "operator", env=env).exit_code == 0
+    r = cli("user", "add", "alice", "--role", "viewer", env=env)
+    assert isinstance(r.exception, Conflict)
+    assert cli("user", "add", "alice", "--role", "viewer", "--replace", env=env).exit_code == 0
+    assert isinstance(cli("user", "add", "bob", "--role", "root", env=env).exception, InvalidInput)
+    assert isinstance(cli("user", "add", "Bob!", "--role", "viewer", env=env).exception, InvalidInput)
+    r = cli("user", "list", env=env)
+    assert "admin: admin;" in r.output and "alice: viewer;" in r.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "users" / "alice" / "client-cert.pem").read_bytes())
+    assert identity_of(cert) == Identity(Kind.USER, "alice", Role.VIEWER)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH}  # a user's certificate cannot serve
 
 
 def test_cli_plain_and_dir(tmp_path: Path) -> None:

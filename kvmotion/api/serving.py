@@ -1,0 +1,376 @@
+"""What every kvmotion HTTP listener shares: mutual TLS with the cluster CA, the caller's identity
+from its certificate, per-route authorization, request limits, an audit log and one error shape.
+
+The agent API and the datastore's control API (and the center's, later) are served by
+`make_server`. uvicorn verifies the client certificate against the cluster CA during the TLS
+handshake (no certificate, or another CA's: no connection); its protocol classes are extended here
+to hand the certificate to the application through the ASGI TLS extension
+(scope["extensions"]["tls"]["client_cert_chain"]), where `caller` turns it into an Identity.
+
+Errors on the wire: {"error": {"kind": <KvmotionError subclass>, "message": <one line>}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from kvmotion import errors
+from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
+
+log = logging.getLogger("kvmotion.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATUS_OF: dict[type[errors.KvmotionError], int] = {
+    errors.InvalidInput: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.InsufficientResources: 409,
+    errors.PrecheckFailed: 409,
+    errors.LeaseError: 409,
+    errors.Unreachable: 502,
+}
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def http_status(exc: errors.KvmotionError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 500
+
+
+def error_body(kind: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"kind": kind, "message": message}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener limits (`host serve` / `datastore serve` flags)."""
+
+    max_body: int = 1 << 20  # bytes of a request body
+    max_connections_per_client: int = 32  # open connections from one client address
+    max_connections: int = 512  # open connections in all
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_body <= 1 << 30:
+            raise errors.InvalidInput(f"invalid request body limit {self.max_body}: use 1K to 1G")
+        if not 1 <= self.max_connections_per_client <= self.max_connections <= 65536:
+            raise errors.InvalidInput(
+                f"invalid connection limits ({self.max_connections_per_client} per client, {self.max_connections} "
+                "in all): use 1 <= per client <= in all <= 65536"
+            )
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a listener authenticates: `tls_files` (cert, key, CA) for mutual TLS, or None with
+    `insecure` (plain HTTP, every caller acts as an admin)."""
+
+    tls_files: tuple[Path, Path, Path] | None
+    audit_log: Path | None
+    limits: Limits = field(default_factory=Limits)
+    # Successful calls the audit log leaves out (path suffixes), e.g. lease renewals every few seconds.
+    quiet: tuple[str, ...] = ()
+
+    @property
+    def insecure(self) -> bool:
+        return self.tls_files is None
+
+    def __post_init__(self) -> None:
+        if self.tls_files is not None:
+            for path in self.tls_files:
+                if not path.exists():
+                    raise errors.SetupError(f"TLS file {path} is missing: issue the certificate, or serve with --insecure")
+
+
+def insecure_warning(what: str) -> str:
+    return (f"WARNING: {what} serves plain HTTP with --insecure: no encryption, no authentication, every "
+            "caller may do everything (trusted networks and benchmarks only)")
+
+
+# ---- who is calling -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _identity_of_pem(pem: str) -> Identity:
+    return identity_of_der(ssl.PEM_cert_to_DER_cert(pem))
+
+
+def identity_from_scope(scope: Scope, security: Security) -> Identity:
+    if security.insecure:
+        return INSECURE
+    chain = (scope.get("extensions") or {}).get("tls", {}).get("client_cert_chain") or []
+    if not chain:
+        raise errors.Unauthorized("no client certificate: use a certificate of the cluster CA")
+    return _identity_of_pem(chain[0])
+
+
+def caller(conn: HTTPConnection) -> Identity:
+    """The identity of the caller of this request or websocket."""
+    return identity_from_scope(conn.scope, conn.app.state.security)
+
+
+def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
+    """A FastAPI dependency: the caller, if `rule` allows it to `what`; 403 otherwise."""
+
+    def dependency(conn: HTTPConnection) -> Identity:
+        who = caller(conn)
+        conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
+        return authorize(who, rule, what)
+
+    return dependency
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+def validation_message(exc: RequestValidationError) -> str:
+    """One line naming the first field that is wrong (pydantic's loc without the 'body' prefix)."""
+    problems = exc.errors()
+    if not problems:
+        return "invalid request"
+    first = problems[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ".".join(loc) or "body"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"invalid request: {where}: {str(first.get('msg', 'invalid')).splitlines()[0]}{more}"
+
+
+def install_error_handlers(app: FastAPI, service: str) -> None:
+    @app.exception_handler(errors.KvmotionError)
+    async def _kvmotion_error(request: Request, exc: errors.KvmotionError) -> JSONResponse:
+        return JSONResponse(status_code=http_status(exc), content=error_body(type(exc).__name__, str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content=error_body("InvalidInput", validation_message(exc)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error serving %s %s", request.method, request.url.path)
+        message = f"internal error in {service}: {type(exc).__name__}"
+        return JSONResponse(status_code=500, content=error_body("KvmotionError", message))
+
+
+# ---- request limits and audit log (ASGI middleware) -----------------------------------------------
+class AuditLog:
+    """JSON lines: when, who, what, result. Appended with O_APPEND, one write per line."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def write(self, **entry: object) -> None:
+        os.write(self._fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _json_response(status: int, kind: str, message: str) -> tuple[Message, Message]:
+    body = json.dumps(error_body(kind, message)).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    return start, {"type": "http.response.body", "body": body}
+
+
+class Guard:
+    """Refuses bodies over the limit (413) before the application sees them, and writes every
+    mutating call (and every websocket session) to the audit log with its result."""
+
+    def __init__(self, app: Asgi, security: Security) -> None:
+        self.app = app
+        self.security = security
+        self.audit = AuditLog(security.audit_log) if security.audit_log else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        started = time.time()
+        status = {"code": 0}
+
+        async def send_tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "websocket.accept":
+                status["code"] = 101
+            elif message["type"] == "websocket.close" and not status["code"]:
+                status["code"] = 403
+            await send(message)
+
+        try:
+            if scope["type"] == "http":
+                receive = await self._buffered(scope, receive, send_tracked)
+                if receive is None:
+                    return
+            await self.app(scope, receive, send_tracked)
+        finally:
+            self._audit(scope, started, status["code"])
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Read the whole body (JSON requests are small) up to the limit, then replay it."""
+        limit = self.security.limits.max_body
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            for message in _json_response(413, "InvalidInput", f"request body over the limit of {limit} bytes"):
+                await send(message)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                for reply in _json_response(413, "InvalidInput", f"request body over the limit of {limit} bytes"):
+                    await send(reply)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    def _audit(self, scope: Scope, started: float, status: int) -> None:
+        if self.audit is None:
+            return
+        method = scope.get("method", "WEBSOCKET")
+        if scope["type"] == "http" and method not in MUTATING:
+            return
+        path = scope.get("path", "")
+        if 200 <= status < 300 and any(path.endswith(q) for q in self.security.quiet):
+            return
+        who = (scope.get("state") or {}).get("kvmotion_caller")
+        if who is None:
+            try:
+                who = str(identity_from_scope(scope, self.security))
+            except errors.KvmotionError:
+                who = "unauthenticated"
+        client = scope.get("client")
+        self.audit.write(at=round(started, 3), who=who, method=method, path=path, status=status,
+                         ms=round((time.time() - started) * 1000, 1), client=client[0] if client else None)
+
+
+# ---- uvicorn: certificate into the scope, connections per client ----------------------------------
+class _Connections:
+    """Open connections per client address, shared by a server's protocol instances."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.by_transport: dict[int, str] = {}
+        self.per_client: dict[str, int] = {}
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+        if (self.per_client.get(client, 0) >= self.limits.max_connections_per_client
+                or len(self.by_transport) >= self.limits.max_connections):
+            log.warning("refused a connection from %s: connection limit (%d per client, %d in all)", client,
+                        self.limits.max_connections_per_client, self.limits.max_connections)
+            return False
+        self.by_transport[id(transport)] = client
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        return True
+
+    def release(self, transport: asyncio.BaseTransport) -> None:
+        client = self.by_transport.pop(id(transport), None)
+        if client is not None:
+            left = self.per_client[client] - 1
+            if left:
+                self.per_client[client] = left
+            else:
+                del self.per_client[client]
+
+
+def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
+    """`app` for one connection: every scope gets the ASGI TLS extension with the client's certificate."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if der is None:
+        return app
+    tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)], "tls_version": ssl_object.version(),
+           "cipher_suite": (ssl_object.cipher() or (None,))[0]}
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("extensions", {})["tls"] = tls
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def _protocols(connections: _Connections) -> tuple[type, type]:
+    class Http(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if not connections.admit(transport):
+                transport.abort()
+                return
+            super().connection_made(transport)
+            self.app = _with_certificate(self.app, transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            connections.release(self.transport)
+            super().connection_lost(exc)
+
+    class Ws(WebSocketsSansIOProtocol):
+        # Made by Http on an upgrade, on the same (already admitted) transport.
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.app = _with_certificate(self.app, transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            connections.release(self.transport)
+            super().connection_lost(exc)
+
+    return Http, Ws
+
+
+def secure(app: FastAPI, security: Security, service: str) -> Asgi:
+    """`app` with the error shape, caller identities and the guard (limits, audit)."""
+    app.state.security = security
+    install_error_handlers(app, service)
+    return Guard(app, security)
+
+
+def make_server(app: FastAPI, security: Security, service: str, **config: Any) -> uvicorn.Server:
+    """A uvicorn server for `app` under `security` (serve it with server.serve(sockets=[...]))."""
+    http, ws = _protocols(_Connections(security.limits))
+    tls: dict[str, Any] = {}
+    if security.tls_files is not None:
+        cert, key, ca = security.tls_files
+        tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    config.setdefault("log_level", "warning")
+    return uvicorn.Server(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))
