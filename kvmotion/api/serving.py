@@ -88,20 +88,19 @@ class Limits:
 
 @dataclass(frozen=True)
 class Security:
-    """How a listener authenticates: `tls_files` (cert, key, CA) for mutual TLS, or None with
-    `insecure` (plain HTTP, every caller acts as an admin)."""
+    """How a listener authenticates: mutual TLS with `tls_files` (cert, key, CA), callers known by
+    their certificates; or `insecure` (plain HTTP, every caller acts as an admin)."""
 
     tls_files: tuple[Path, Path, Path] | None
     audit_log: Path | None
     limits: Limits = field(default_factory=Limits)
     # Successful calls the audit log leaves out (path suffixes), e.g. lease renewals every few seconds.
     quiet: tuple[str, ...] = ()
-
-    @property
-    def insecure(self) -> bool:
-        return self.tls_files is None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
+        if self.insecure and self.tls_files is not None:
+            raise errors.InvalidInput("a listener is either insecure or served with TLS files, not both")
         if self.tls_files is not None:
             for path in self.tls_files:
                 if not path.exists():
@@ -367,6 +366,8 @@ def secure(app: FastAPI, security: Security, service: str) -> Asgi:
 
 def make_server(app: FastAPI, security: Security, service: str, **config: Any) -> uvicorn.Server:
     """A uvicorn server for `app` under `security` (serve it with server.serve(sockets=[...]))."""
+    if not security.insecure and security.tls_files is None:
+        raise errors.SetupError(f"{service} has no TLS certificate to serve with: issue one, or serve with --insecure")
     http, ws = _protocols(_Connections(security.limits))
     tls: dict[str, Any] = {}
     if security.tls_files is not None:
