@@ -209,15 +209,22 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.time()
-        status = {"code": 0}
+        audited = False
+
+        def audit(status: int) -> None:
+            nonlocal audited
+            if not audited:
+                audited = True
+                self._audit(scope, started, status)
 
         async def send_tracked(message: Message) -> None:
+            # Written before the response leaves: a client that has its answer finds the entry.
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                audit(message["status"])
             elif message["type"] == "websocket.accept":
-                status["code"] = 101
-            elif message["type"] == "websocket.close" and not status["code"]:
-                status["code"] = 403
+                audit(101)
+            elif message["type"] == "websocket.close":
+                audit(403)
             await send(message)
 
         try:
@@ -227,7 +234,7 @@ class Guard:
                     return
             await self.app(scope, receive, send_tracked)
         finally:
-            self._audit(scope, started, status["code"])
+            audit(0)  # the client went away before any answer
 
     async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (JSON requests are small) up to the limit, then replay it."""
