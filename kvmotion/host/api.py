@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from fastapi import Body, FastAPI, Request, WebSocket, WebSocketDisconnect
+from typing import Annotated
+
+from fastapi import FastAPI, Path, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from kvmotion import __version__, errors
@@ -19,12 +22,13 @@ from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
 from kvmotion.migration.facts import datastores_reached
 from kvmotion.qemu import accel as accel_mod
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.qemu.spec import NAME_PATTERN, VmSpec
+from kvmotion.validation import describe_request_errors
 
 log = logging.getLogger("kvmotion.agent")
 
 STATUS_OF = {
-    errors.InvalidInput: 400,
+    errors.InvalidInput: 422,  # as FastAPI answers a request its models refuse
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.InsufficientResources: 409,
@@ -39,6 +43,21 @@ def http_status(exc: errors.KvmotionError) -> int:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
     return 500
+
+
+# A VM's name in a path: the VM spec's rule (anything else names no VM).
+VmName = Annotated[str, Path(pattern=NAME_PATTERN)]
+
+
+def error_body(kind: str, message: str) -> dict:
+    return {"error": {"kind": kind, "message": message}}
+
+
+def request_error_message(request: Request, exc: RequestValidationError) -> str:
+    """One line naming the refused field; the body is called what its model calls itself."""
+    route = request.scope.get("route")
+    model = getattr(getattr(getattr(route, "body_field", None), "field_info", None), "annotation", None)
+    return describe_request_errors(exc.errors(), getattr(model, "_what", "request body"))
 
 
 def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
@@ -56,13 +75,17 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
 
     @app.exception_handler(errors.KvmotionError)
     async def _kvmotion_error(request: Request, exc: errors.KvmotionError):
-        return JSONResponse(status_code=http_status(exc), content={"error": {"kind": type(exc).__name__, "message": str(exc)}})
+        return JSONResponse(status_code=http_status(exc), content=error_body(type(exc).__name__, str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content=error_body("InvalidInput", request_error_message(request, exc)))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
         log.exception("internal error serving %s %s", request.method, request.url.path)
         message = f"internal error in agent {config.name}: {type(exc).__name__}: {exc}"
-        return JSONResponse(status_code=500, content={"error": {"kind": "KvmotionError", "message": message}})
+        return JSONResponse(status_code=500, content=error_body("KvmotionError", message))
 
     @app.get("/v1/host")
     async def host_info() -> dict:
@@ -89,23 +112,27 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         return [as_json(s) for s in manager.list()]
 
     @app.post("/v1/vms", status_code=201)
-    async def create_vm(spec: dict = Body(...)) -> dict:
-        return as_json(await manager.create(VmSpec.from_json(spec)))
+    async def create_vm(spec: VmSpec) -> dict:
+        return as_json(await manager.create(spec))
 
     @app.get("/v1/vms/{name}")
-    async def get_vm(name: str) -> dict:
+    async def get_vm(name: VmName) -> dict:
         return as_json(manager.status(name))
 
     @app.post("/v1/vms/{name}/start")
-    async def start_vm(name: str, wait_ready: bool = False, timeout: float = 60.0) -> dict:
+    async def start_vm(
+        name: VmName,
+        wait_ready: bool = False,
+        timeout: Annotated[float, Query(ge=1, le=600, description="seconds to wait for the guest's ready line")] = 60.0,
+    ) -> dict:
         return as_json(await manager.start(name, wait_ready=wait_ready, timeout=timeout))
 
     @app.post("/v1/vms/{name}/stop")
-    async def stop_vm(name: str, force: bool = False) -> dict:
+    async def stop_vm(name: VmName, force: bool = False) -> dict:
         return as_json(await manager.stop(name, force=force))
 
     @app.delete("/v1/vms/{name}", status_code=204)
-    async def delete_vm(name: str) -> None:
+    async def delete_vm(name: VmName) -> None:
         await manager.delete(name)
 
     @app.websocket("/v1/vms/{name}/console")
