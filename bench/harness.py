@@ -12,7 +12,6 @@ kvmotion's stream takes. At most two guests run at once (a migration's source an
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import signal
 import subprocess
@@ -372,7 +371,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                     src_host: str, dst_host: str) -> RunResult:
     # Its own name (so its own TAP and process tag): a QEMU of the agents' VM that is still going
     # away, or a reused pid, can then never be taken for it, nor it for the agents' VM.
-    spec = dataclasses.replace(guest_spec(cell, lab.topo, guest_announce=True), name=BASELINE_VM)
+    spec = guest_spec(cell, lab.topo, guest_announce=True).replace(name=BASELINE_VM)
     src = BareQemu(lab, src_host, spec, folder, incoming=False)
     dst: BareQemu | None = None
     probe: ClientProbe | None = None

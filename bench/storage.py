@@ -170,7 +170,8 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
     from kvmotion.host.vms import HostConfig, VmManager
 
     size = parse_size(args.size)
-    local = tmp / "local.img"
+    local = tmp / "state" / "disks" / "local.img"  # a local disk is a file in the host's disk folder
+    local.parent.mkdir(parents=True)
     with open(local, "wb") as f:
         f.truncate(size)
     from kvmotion.storage.client import DatastoreClient
@@ -183,7 +184,7 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
                                accel=accel_mod.choose()))
     runs: dict[str, dict[str, list[FioResult]]] = {m.value: {t: [] for t in TARGETS} for m, _ in CASES}
     spec = VmSpec(name="stbench", memory=parse_size(args.memory), workloads=(Workload.IDLE,),
-                  disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=str(local))))
+                  disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=local.name)))
     try:
         Registry().add(DatastoreRef.make("ds1", f"nbd://127.0.0.1:{ds.port}"))
         with DatastoreClient(f"http://127.0.0.1:{ds.port + 1}") as client:

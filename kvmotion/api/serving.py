@@ -34,6 +34,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from kvmotion import errors
 from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
+from kvmotion.validation import describe_request_errors
 
 log = logging.getLogger("kvmotion.api")
 
@@ -44,7 +45,7 @@ Send = Callable[[Message], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATUS_OF: dict[type[errors.KvmotionError], int] = {
-    errors.InvalidInput: 400,
+    errors.InvalidInput: 422,  # as FastAPI answers a request its models refuse
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
@@ -144,16 +145,11 @@ def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
 
 
 # ---- errors ---------------------------------------------------------------------------------------
-def validation_message(exc: RequestValidationError) -> str:
-    """One line naming the first field that is wrong (pydantic's loc without the 'body' prefix)."""
-    problems = exc.errors()
-    if not problems:
-        return "invalid request"
-    first = problems[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    where = ".".join(loc) or "body"
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"invalid request: {where}: {str(first.get('msg', 'invalid')).splitlines()[0]}{more}"
+def request_error_message(request: Request, exc: RequestValidationError) -> str:
+    """One line naming the refused field; the body is called what its model calls itself."""
+    route = request.scope.get("route")
+    model = getattr(getattr(getattr(route, "body_field", None), "field_info", None), "annotation", None)
+    return describe_request_errors(exc.errors(), getattr(model, "_what", "request body"))
 
 
 def install_error_handlers(app: FastAPI, service: str) -> None:
@@ -163,7 +159,7 @@ def install_error_handlers(app: FastAPI, service: str) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content=error_body("InvalidInput", validation_message(exc)))
+        return JSONResponse(status_code=422, content=error_body("InvalidInput", request_error_message(request, exc)))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -7,13 +7,16 @@ read them too. Runtime facts (pid) are not stored here: the QEMU pid file is the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import Conflict, NotFound
+from kvmotion.errors import Conflict, InvalidInput, NotFound
 from kvmotion.qemu.spec import VmSpec
+
+log = logging.getLogger("kvmotion.agent")
 
 
 @dataclass(frozen=True)
@@ -97,4 +100,8 @@ class VmStore:
                 out.append(VmRecord.from_json(json.loads(p.read_text())))
             except (OSError, ValueError, KeyError):
                 continue  # a foreign or damaged file is not a VM; leave it for the operator
+            except InvalidInput as exc:
+                # A spec this version refuses (e.g. a local disk outside the disk folder): not run,
+                # left for the operator to fix or delete.
+                log.warning("ignoring VM definition %s: %s", p, exc)
         return out

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -107,8 +109,25 @@ class VmManager:
             raise NotFound(f"no VM named {name} on host {self.config.name}") from None
 
     def local_disk_path(self, disk: DiskSpec) -> Path:
-        p = Path(disk.source)
-        return p if p.is_absolute() else self.disk_dir / p
+        """A local disk's file: always directly inside this host's disk folder."""
+        name = disk.source
+        if disk.datastore is not None or name in (".", "..") or Path(name).name != name:
+            raise InvalidInput(f"local disk {name!r} is not a file name in {self.disk_dir}")
+        return self.disk_dir / name
+
+    def _local_disk_exists(self, spec: VmSpec, disk: DiskSpec) -> bool:
+        """Whether the disk's file exists; refused (InvalidInput) unless it is a regular file of
+        its own: not a symlink, device, FIFO or folder that QEMU would follow or open."""
+        path = self.local_disk_path(disk)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise InvalidInput(f"disk {disk.source} of VM {spec.name} is {kind} in {self.disk_dir}: "
+                               "a local disk must be a plain file there")
+        return True
 
     def status(self, name: str) -> VmStatus:
         vm = self._vm(name)
@@ -320,34 +339,62 @@ class VmManager:
                     f"port group {nic.portgroup} does not exist on host {self.config.name} "
                     f"(it has: {', '.join(sorted(self.config.portgroups)) or 'none'})"
                 )
-        macs = [n.mac for n in spec.nics]
-        if len(set(macs)) != len(macs):
-            raise InvalidInput(f"VM {spec.name} has the same MAC on two NICs")
-        for disk in spec.disks:
-            self._prepare_disk(spec, disk)
-        record = VmRecord(spec=spec, created_at=time.time(), incoming_migration=incoming_migration)
-        self.store.add(record)
+        self.check_cpu_model(spec)
+        # Every disk is checked before any is created, and a failure removes the ones this call made.
+        missing = [disk for disk in spec.disks if not self._check_disk(spec, disk)]
+        created: list[Path] = []
+        try:
+            for disk in missing:
+                created.append(self._create_disk(disk))
+            record = VmRecord(spec=spec, created_at=time.time(), incoming_migration=incoming_migration)
+            self.store.add(record)
+        except BaseException:
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
         self._vms[spec.name] = _Vm(record=record, paths=self._paths(spec.name))
         return self.status(spec.name)
 
-    def _prepare_disk(self, spec: VmSpec, disk: DiskSpec) -> None:
+    def check_cpu_model(self, spec: VmSpec) -> None:
+        """The VM's CPU model is one this host's QEMU lists, 'host' under KVM, or the cluster's baseline."""
+        from kvmotion.cluster.config import load_config
+        from kvmotion.qemu.cpus import check_runnable_cpu, listed_models
+
+        model = spec.cpu_model
+        listed = frozenset() if model == "host" else listed_models()
+        baseline = None if model == "host" or model in listed else load_config().cpu_baseline
+        check_runnable_cpu(model, self.config.accel.accel, listed, baseline, self.config.name)
+
+    def _check_disk(self, spec: VmSpec, disk: DiskSpec) -> bool:
+        """Whether the disk exists; raises if it is unusable, or missing with no size to create it."""
         if disk.datastore is not None:
             from kvmotion.storage.host import check_disk  # datastore disks are checked by the storage layer
 
             check_disk(disk)
-            return
-        path = self.local_disk_path(disk)
-        if path.exists():
-            return
+            return True
+        if self._local_disk_exists(spec, disk):
+            return True
         if not disk.size:
-            raise NotFound(f"disk {path} of VM {spec.name} does not exist (give a size, e.g. {disk.source}:2G, to create it)")
+            raise NotFound(f"disk {disk.source} of VM {spec.name} does not exist in {self.disk_dir} "
+                           f"(give a size, e.g. {disk.source}:2G, to create it)")
+        return False
+
+    def _create_disk(self, disk: DiskSpec) -> Path:
+        path = self.local_disk_path(disk)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(path, "xb") as f:
-                f.truncate(disk.size)
+            # O_EXCL|O_NOFOLLOW: never through a symlink, never over a file that appeared meanwhile.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise InsufficientResources(f"cannot create disk {path}: {exc.strerror}") from exc
+        try:
+            os.ftruncate(fd, disk.size)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise InsufficientResources(f"cannot create disk {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        return path
 
     def _disk_nodes(self, spec: VmSpec) -> tuple[dict, ...]:
         nodes = []
@@ -357,10 +404,9 @@ class VmManager:
 
                 nodes.append(blockdev_for(disk, host=self.config.name, node_name=f"disk{i}-proto"))
             else:
-                path = self.local_disk_path(disk)
-                if not path.exists():
-                    raise NotFound(f"disk {path} of VM {spec.name} is missing")
-                nodes.append(local_file_node(path))
+                if not self._local_disk_exists(spec, disk):
+                    raise NotFound(f"disk {disk.source} of VM {spec.name} is missing from {self.disk_dir}")
+                nodes.append(local_file_node(self.local_disk_path(disk)))
         return tuple(nodes)
 
     async def _setup_host_resources(self, spec: VmSpec) -> tuple[str, ...]:

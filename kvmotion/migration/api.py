@@ -65,7 +65,7 @@ def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, lim
 
     @router.post("/incoming", status_code=201)
     async def incoming(body: dict = Body(...)) -> dict:
-        spec = VmSpec.from_json(body["spec"])
+        spec = VmSpec.from_json(body.get("spec"))  # validated like POST /v1/vms (older peers' specs too)
         try:
             compression = Compression(body.get("compression", Compression.NONE.value))
         except ValueError:

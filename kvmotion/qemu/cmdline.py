@@ -64,12 +64,28 @@ def process_tag(spec: VmSpec) -> str:
     return f"kvmotion:{spec.name}"
 
 
+def _plain(value: str) -> str:
+    """A value spliced into one of QEMU's KEY=VALUE,... strings: it must not be able to add a key.
+
+    The spec's and host's values are validated before they get here; this is a second line."""
+    if not value or "," in value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} cannot go into a QEMU option string")
+    return value
+
+
+def _json(options: dict) -> str:
+    """-device / -netdev in QEMU's JSON syntax: every value stays one property's value."""
+    return json.dumps(options, sort_keys=True)
+
+
 def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qemu-system-x86_64") -> list[str]:
     if len(ctx.taps) != len(spec.nics):
         raise ValueError("one TAP per NIC")
     if len(ctx.disk_nodes) != len(spec.disks):
         raise ValueError("one disk node per disk")
     cpu = "host" if ctx.accel is Accel.KVM and spec.cpu_model == "host" else spec.cpu_model
+    for value in (spec.name, cpu, str(paths.serial), str(paths.serial_log), str(paths.qmp)):
+        _plain(value)
     argv = [
         binary,
         "-name", f"{spec.name},process={process_tag(spec)}",
@@ -97,11 +113,12 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         argv += ["-blockdev", json.dumps(proto, sort_keys=True), "-blockdev", json.dumps(fmt, sort_keys=True)]
         # werror/rerror=stop: an I/O error (a fenced write, a datastore restart) pauses the VM
         # instead of failing the guest's I/O; `cont` retries the request once the cause is gone.
-        argv += ["-device", f"virtio-blk-pci,drive=disk{i},id=vblk{i},serial=kvm{i},werror=stop,rerror=stop"]
+        argv += ["-device", _json({"driver": "virtio-blk-pci", "drive": f"disk{i}", "id": f"vblk{i}", "serial": f"kvm{i}",
+                                   "werror": "stop", "rerror": "stop"})]
     for i, (nic, tap) in enumerate(zip(spec.nics, ctx.taps)):
-        argv += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no"]
-        announce = "on" if nic.guest_announce else "off"
-        argv += ["-device", f"virtio-net-pci,netdev=net{i},id=vnet{i},mac={nic.mac},guest_announce={announce}"]
+        argv += ["-netdev", _json({"type": "tap", "id": f"net{i}", "ifname": tap, "script": "no", "downscript": "no"})]
+        argv += ["-device", _json({"driver": "virtio-net-pci", "netdev": f"net{i}", "id": f"vnet{i}", "mac": nic.mac,
+                                   "guest_announce": nic.guest_announce})]
     if ctx.incoming:
         argv += ["-incoming", "defer"]
     if ctx.paused:
