@@ -51,7 +51,7 @@ class Role(str, Enum):
 
 
 def check_user_name(name: str) -> str:
-    if not _USER_RE.match(name):
+    if not _USER_RE.fullmatch(name):
         raise InvalidInput(f"invalid user name {name!r}: 1-32 lowercase letters, digits, '.', '_' or '-', starting with a letter")
     return name
 
@@ -59,7 +59,7 @@ def check_user_name(name: str) -> str:
 def check_identity_name(kind: Kind, name: str) -> str:
     if kind is Kind.USER:
         return check_user_name(name)
-    if not _DNS_RE.match(name):
+    if not _DNS_RE.fullmatch(name):
         raise InvalidInput(f"invalid {kind.value} name {name!r}: use letters, digits, '-' and dots (a DNS name)")
     return name
 
