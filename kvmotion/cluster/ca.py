@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.host.store import write_atomic
+from kvmotion.qemu import confine
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
 
 CA_CERT = "ca-cert.pem"
@@ -225,11 +226,14 @@ def issue_host_cert(
     cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / CA_CERT, _cert_pem(ca.cert), 0o644)
-    for name, data, mode in (
-        (SERVER_KEY, key_pem, 0o600), (CLIENT_KEY, key_pem, 0o600),
-        (SERVER_CERT, cert_pem, 0o644), (CLIENT_CERT, cert_pem, 0o644),
+    # The migration stream's TLS is QEMU's, which reads the keys as its unprivileged user's group.
+    qemu_gid = confine.qemu_gid()
+    key_mode = 0o600 if qemu_gid is None else 0o640
+    for name, data, mode, gid in (
+        (SERVER_KEY, key_pem, key_mode, qemu_gid), (CLIENT_KEY, key_pem, key_mode, qemu_gid),
+        (SERVER_CERT, cert_pem, 0o644, None), (CLIENT_CERT, cert_pem, 0o644, None),
     ):
-        write_atomic(out / name, data, mode)
+        write_atomic(out / name, data, mode, gid)
     return HostCredentials(dir=out, host=host_name, ips=tuple(str(a) for a in addresses), expires=expires)
 
 

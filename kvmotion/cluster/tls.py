@@ -32,6 +32,12 @@ def migration_creds_dir(host: str) -> Path:
     return d
 
 
+def qemu_creds_dir(host: str) -> Path:
+    """The tls-creds-x509 folder QEMU reads for the migration stream, as its unprivileged user.
+    For now the host's own folder, whose keys issue_host_cert makes readable to group kvmotion-qemu."""
+    return migration_creds_dir(host)
+
+
 def host_tls_files(host: str) -> tuple[Path, Path, Path]:
     """(certificate, key, CA) for serving the agent's API over mutual TLS."""
     d = migration_creds_dir(host)

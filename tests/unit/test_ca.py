@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from kvmotion.cluster import ca as camod
 from kvmotion.cluster.ca import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.qemu import confine
 
 QEMU = shutil.which("qemu-system-x86_64")
 LAYOUT = ["ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"]
@@ -64,8 +65,9 @@ def test_two_clusters_have_different_ca_names(tmp_path: Path) -> None:
 def test_host_certificate_serves_both_ends(cluster: Path) -> None:
     host = cluster / "hosts" / "host1"
     assert sorted(p.name for p in host.iterdir()) == LAYOUT
+    key_mode = 0o600 if confine.qemu_gid() is None else 0o640  # QEMU's group reads it (below)
     for key in ("server-key.pem", "client-key.pem"):
-        assert mode(host / key) == 0o600
+        assert mode(host / key) == key_mode
     cert = x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes())
     assert (host / "client-cert.pem").read_bytes() == (host / "server-cert.pem").read_bytes()
     assert (host / "ca-cert.pem").read_bytes() == (cluster / "ca" / "ca-cert.pem").read_bytes()
@@ -78,6 +80,20 @@ def test_host_certificate_serves_both_ends(cluster: Path) -> None:
     ca = load_ca(cluster / "ca")
     cert.verify_directly_issued_by(ca.cert)
     assert cert.not_valid_after_utc <= ca.expires
+
+
+@pytest.mark.parametrize("gid", [None, 4242])
+def test_keys_are_readable_by_qemus_group_only_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             gid: int | None) -> None:
+    # QEMU, unprivileged, loads the migration stream's tls-creds-x509 from the host folder.
+    monkeypatch.setattr(confine, "qemu_gid", lambda: gid)
+    init_ca(tmp_path / "ca")
+    host = issue_host_cert(tmp_path / "ca", "host1", [], tmp_path / "host1").dir
+    for key in ("server-key.pem", "client-key.pem"):
+        st = (host / key).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == ((0o600, 0) if gid is None else (0o640, gid))
+    for public in ("ca-cert.pem", "server-cert.pem", "client-cert.pem"):
+        assert mode(host / public) == 0o644
 
 
 def test_bad_names_and_addresses_are_refused(cluster: Path) -> None:
