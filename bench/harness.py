@@ -12,6 +12,8 @@ kvmotion's stream takes. At most two guests run at once (a migration's source an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import secrets
 import signal
 import subprocess
@@ -321,23 +323,33 @@ class BareQemu:
         from kvmotion.guest.image import ensure_image
         from kvmotion.qemu import accel as accel_mod
         from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+        from kvmotion.qemu.process import close_own_fds, open_fds
 
         self.host = lab.topo.host(host)
         self.tap = links.tap_name(spec.name, 0)
         netns.run_in_ns(self.host.ns, links.create_tap, self.tap, self.host.vm_bridge)
         image = ensure_image()
-        ctx = HostContext(
-            accel=accel_mod.choose().accel, kernel=image.kernel, initramfs=image.initramfs,
-            kernel_cmdline=kernel_cmdline(spec), taps=(self.tap,), disk_nodes=(), incoming=incoming, paused=incoming,
-        )
         self.paths = VmPaths(folder / f"qemu-{host}")
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.serial, self.paths.serial_log, self.paths.pidfile):
-            stale.unlink(missing_ok=True)
-        argv = build_argv(spec, self.paths, ctx)
-        with open(self.paths.qemu_log, "ab") as log:
-            self.proc = netns.popen_in_ns(self.host.ns, argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.paths.serial_log.unlink(missing_ok=True)
+        # The TAP and the run files by descriptor, as the agent passes them (kvmotion.qemu.process.open_fds).
+        tap_fd = netns.call_in_ns_thread(self.host.ns, links.open_tap, self.tap)
+        try:
+            fds = open_fds(self.paths, (tap_fd,))
+            try:
+                ctx = HostContext(
+                    accel=accel_mod.choose().accel, kernel=image.kernel, initramfs=image.initramfs,
+                    kernel_cmdline=kernel_cmdline(spec), fds=fds, disk_nodes=(), incoming=incoming, paused=incoming,
+                )
+                argv = build_argv(spec, self.paths, ctx)
+                with open(self.paths.qemu_log, "ab") as log:
+                    self.proc = netns.popen_in_ns(self.host.ns, argv, stdin=subprocess.DEVNULL, stdout=log,
+                                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                                  pass_fds=fds.passed())
+            finally:
+                close_own_fds(fds)
+        finally:
+            os.close(tap_fd)
         self.spec = spec
 
     def alive(self) -> bool:

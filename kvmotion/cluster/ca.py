@@ -16,7 +16,6 @@ keyEncipherment, which an ECDSA key cannot do.
 from __future__ import annotations
 
 import datetime as dt
-import grp
 import ipaddress
 import os
 import secrets
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name
+from kvmotion.qemu import confine
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.host.store import write_atomic
 
@@ -42,7 +42,6 @@ CA_VALIDITY = dt.timedelta(days=3652)  # 10 years
 HOST_VALIDITY = dt.timedelta(days=1826)  # 5 years: an expired host certificate stops migrations
 USER_VALIDITY = dt.timedelta(days=365)
 QEMU_DIR = "qemu"  # a host folder's subfolder with its QEMUs' identity
-QEMU_GROUP = "kvmotion-qemu"
 # Hosts' clocks differ a little; a certificate born "in the future" would be refused for that long.
 BACKDATE = dt.timedelta(hours=1)
 
@@ -195,14 +194,6 @@ class Issued:
     expires: dt.datetime
 
 
-def _key_group() -> int | None:
-    """The group QEMU runs under (scripts/setup-host.sh creates it): it reads the qemu identity's key."""
-    try:
-        return grp.getgrnam(QEMU_GROUP).gr_gid
-    except KeyError:
-        return None
-
-
 def issue_cert(
     ca_dir: Path | str, who: Identity, ips: list[str] | tuple[str, ...], out_dir: Path | str, *,
     server: bool, validity: dt.timedelta = HOST_VALIDITY, key_gid: int | None = None,
@@ -245,16 +236,12 @@ def issue_cert(
     cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
     out.mkdir(parents=True, exist_ok=True)
     key_mode = 0o640 if key_gid is not None else 0o600
-    files = [(CA_CERT, _cert_pem(ca.cert), 0o644), (CLIENT_KEY, key_pem, key_mode), (CLIENT_CERT, cert_pem, 0o644)]
+    files = [(CA_CERT, _cert_pem(ca.cert), 0o644, None), (CLIENT_KEY, key_pem, key_mode, key_gid),
+             (CLIENT_CERT, cert_pem, 0o644, None)]
     if server:
-        files += [(SERVER_KEY, key_pem, key_mode), (SERVER_CERT, cert_pem, 0o644)]
-    for name, data, mode in files:
-        write_atomic(out / name, data, mode)
-        if key_gid is not None and mode == 0o640:
-            os.chown(out / name, -1, key_gid)
-    if key_gid is not None:
-        os.chown(out, -1, key_gid)
-        os.chmod(out, 0o750)
+        files += [(SERVER_KEY, key_pem, key_mode, key_gid), (SERVER_CERT, cert_pem, 0o644, None)]
+    for name, data, mode, gid in files:
+        write_atomic(out / name, data, mode, gid)
     return Issued(dir=out, identity=who, ips=tuple(str(a) for a in addresses), expires=expires)
 
 
@@ -265,7 +252,7 @@ def issue_host_cert(
     (the key QEMU reads after dropping root: group kvmotion-qemu when that group exists)."""
     check_host_name(host_name)
     issued = issue_cert(ca_dir, Identity(Kind.HOST, host_name), ips, out_dir, server=True)
-    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=_key_group())
+    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=confine.qemu_gid())
     return HostCredentials(dir=issued.dir, host=host_name, ips=issued.ips, expires=issued.expires)
 
 

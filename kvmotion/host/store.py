@@ -46,12 +46,14 @@ class VmRecord:
         )
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644, gid: int | None = None) -> None:
     """Write, fsync, rename: a crash leaves the old or the new file, never half of one. The final
-    mode is set before any byte lands, so a key never exists world-readable."""
+    mode (and group, when given) is set before any byte lands, so a key never exists world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -21,9 +21,10 @@ from pathlib import Path
 from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
 from kvmotion.host import resources
 from kvmotion.host.store import VmRecord, VmStore
+from kvmotion.qemu import confine
 from kvmotion.qemu.accel import AccelChoice
-from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv, local_file_node, process_tag
-from kvmotion.qemu.process import QemuProcess
+from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node, process_tag
+from kvmotion.qemu.process import QemuProcess, close_own_fds, open_fds
 from kvmotion.qemu.qmp import Qmp
 from kvmotion.qemu.spec import DiskSpec, VmSpec
 
@@ -67,6 +68,7 @@ class HostConfig:
     run_dir: Path
     portgroups: dict[str, str]  # port group -> bridge on this host
     accel: AccelChoice
+    confinement: confine.Confinement | None = None  # None: decided from this host (confine.choose)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class _Vm:
 class VmManager:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
+        self.confinement = config.confinement or confine.choose(config.accel.accel)
+        confine.say_once(self.confinement)
         self.store = VmStore(config.state_dir)
         self.disk_dir = config.state_dir / "disks"
         self._vms: dict[str, _Vm] = {}
@@ -383,8 +387,9 @@ class VmManager:
         path = self.local_disk_path(disk)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # O_EXCL|O_NOFOLLOW: never through a symlink, never over a file that appeared meanwhile.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            # O_EXCL|O_NOFOLLOW: never through a symlink, never over a file that appeared meanwhile;
+            # 0600: QEMU gets it open from the agent, the QEMUs of other VMs (one user) must not read it.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InsufficientResources(f"cannot create disk {path}: {exc.strerror}") from exc
         try:
@@ -406,21 +411,40 @@ class VmManager:
             else:
                 if not self._local_disk_exists(spec, disk):
                     raise NotFound(f"disk {disk.source} of VM {spec.name} is missing from {self.disk_dir}")
-                nodes.append(local_file_node(self.local_disk_path(disk)))
+                nodes.append(local_file_node(i))
         return tuple(nodes)
 
-    async def _setup_host_resources(self, spec: VmSpec) -> tuple[str, ...]:
+    def _local_disks(self, spec: VmSpec) -> tuple[Path | None, ...]:
+        """Each disk's local file (QEMU gets it open), None for a datastore disk."""
+        found: list[Path | None] = []
+        for disk in spec.disks:
+            if disk.datastore is not None:
+                found.append(None)
+            elif not self._local_disk_exists(spec, disk):
+                raise NotFound(f"disk {disk.source} of VM {spec.name} is missing from {self.disk_dir}")
+            else:
+                found.append(self.local_disk_path(disk))
+        return tuple(found)
+
+    async def _setup_host_resources(self, spec: VmSpec) -> tuple[int, ...]:
+        """Each NIC's TAP, created on its port group's bridge and opened here, in the agent's
+        namespace: descriptors for QEMU, the caller's to close."""
         from kvmotion.net import links
 
-        def setup() -> tuple[str, ...]:
-            taps = []
-            for i, nic in enumerate(spec.nics):
-                bridge = self.config.portgroups[nic.portgroup]
-                links.ensure_bridge(bridge)
-                tap = links.tap_name(spec.name, i)
-                links.create_tap(tap, bridge)
-                taps.append(tap)
-            return tuple(taps)
+        def setup() -> tuple[int, ...]:
+            fds: list[int] = []
+            try:
+                for i, nic in enumerate(spec.nics):
+                    bridge = self.config.portgroups[nic.portgroup]
+                    links.ensure_bridge(bridge)
+                    tap = links.tap_name(spec.name, i)
+                    links.create_tap(tap, bridge)
+                    fds.append(links.open_tap(tap))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return tuple(fds)
 
         # pyroute2's synchronous API runs its own event loop: keep it off the agent's.
         return await asyncio.to_thread(setup) if spec.nics else ()
@@ -435,17 +459,20 @@ class VmManager:
         if spec.nics:
             await asyncio.to_thread(release)
 
-    def _argv(self, spec: VmSpec, taps: tuple[str, ...], incoming: bool) -> list[str]:
+    def _argv(self, spec: VmSpec, fds: QemuFds, incoming: bool) -> list[str]:
         from kvmotion.guest.cmdline import kernel_cmdline
         from kvmotion.guest.image import ensure_image
 
         image = ensure_image()
+        if self.confinement.user is not None:  # the only files QEMU opens by path
+            for path in (image.kernel, image.initramfs):
+                confine.check_readable(path, self.confinement.user)
         ctx = HostContext(
             accel=self.config.accel.accel,
             kernel=image.kernel,
             initramfs=image.initramfs,
             kernel_cmdline=kernel_cmdline(spec),
-            taps=taps,
+            fds=fds,
             disk_nodes=self._disk_nodes(spec),
             incoming=incoming,
             paused=incoming,
@@ -467,14 +494,21 @@ class VmManager:
                 self._acquire_leases(spec)
             taps = await self._setup_host_resources(spec)
             try:
-                argv = self._argv(spec, taps, incoming)
+                # Root's only: QEMU gets its sockets and files as descriptors (open_fds).
                 vm.paths.root.mkdir(parents=True, exist_ok=True)
+                os.chmod(vm.paths.root, 0o700)
                 try:
                     vm.serial_offset = vm.paths.serial_log.stat().st_size
                 except OSError:
                     vm.serial_offset = 0
-                vm.state = VmState.STARTING
-                vm.proc = QemuProcess.start(argv, vm.paths, process_tag(spec))
+                fds = open_fds(vm.paths, taps, self._local_disks(spec))
+                try:
+                    argv = self._argv(spec, fds, incoming)
+                    vm.state = VmState.STARTING
+                    vm.proc = QemuProcess.start(argv, vm.paths, process_tag(spec), pass_fds=fds.passed(),
+                                                user=self.confinement.user)
+                finally:
+                    close_own_fds(fds)  # QEMU has its own copies
                 try:
                     await self._connect(vm)
                 except VmFailed as exc:
@@ -489,6 +523,9 @@ class VmManager:
                     await self._release_host_resources(spec)
                     vm.state = VmState.STOPPED
                 raise
+            finally:
+                for fd in taps:
+                    os.close(fd)
             vm.state = VmState.INCOMING if incoming else VmState.RUNNING
         if wait_ready:
             await self.wait_ready(name, timeout)

@@ -686,14 +686,22 @@ class MigrationService:
         return n is None or n > 0
 
     async def _add_tls(self, qmp, endpoint: str) -> None:
-        from kvmotion.cluster.tls import migration_creds_dir
+        from kvmotion.cluster.tls import qemu_creds_dir
+        from kvmotion.qemu import confine
 
+        creds = qemu_creds_dir(self.host)
+        user = self.manager.confinement.user
+        if user is not None:  # QEMU's own "Error while reading file" would not say why
+            fix = (f"issue {self.host}'s certificate again (kvmotion cluster cert) now that the user exists, "
+                   f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
+            for name in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem"):
+                confine.check_readable(creds / name, user, fix)
         try:
             await qmp.execute("object-del", id=TLS_ID)
         except VmFailed:
             pass
         await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID, "endpoint": endpoint,
-                                            "dir": str(migration_creds_dir(self.host)), "verify-peer": True})
+                                            "dir": str(creds), "verify-peer": True})
 
     async def _commit(self, dest: AsyncAgentClient, mid: str) -> object:
         """Ask the destination to commit. When that fails, a commit may still have happened (an

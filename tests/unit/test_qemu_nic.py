@@ -9,15 +9,16 @@ import pytest
 
 from kvmotion.errors import InvalidInput
 from kvmotion.qemu.accel import Accel
-from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
 from kvmotion.qemu.spec import NicSpec, VmSpec
 
 MAC = "52:54:00:12:34:56"
 
 
 def _nic_devices(spec: VmSpec) -> list[dict]:
+    fds = QemuFds(qmp=3, serial=4, serial_log=5, taps=tuple(range(10, 10 + len(spec.nics))))
     ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet",
-                      taps=tuple(f"tap{i}" for i in range(len(spec.nics))), disk_nodes=())
+                      fds=fds, disk_nodes=())
     argv = build_argv(spec, VmPaths(Path("/run/x")), ctx)
     devices = [json.loads(argv[i + 1]) for i, word in enumerate(argv) if word == "-device"]
     return [d for d in devices if d["driver"] == "virtio-net-pci"]
