@@ -240,8 +240,8 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
     wrate = writer_rate(lab.serial_log(src), offset if boot else 0) if cell.dirty_rate is not None else None
     try:
         time.sleep(PROBE_LEAD_S)
-        options = MigrationOptions(encrypted=lab.encrypted, policy=policy)
-        body = {"vm": VM, "destination": dst, "destination_url": lab.cluster.agent_url(dst), "options": options.__dict__}
+        # Encrypted or not is the lab cluster's policy; the agent finds `dst` in the lab's inventory.
+        body = {"vm": VM, "destination": dst, "options": dataclasses.asdict(MigrationOptions(policy=policy))}
         rec = a.request("POST", "/v1/migrations", json=body, timeout=60)
         mid = rec["id"]  # type: ignore[index]
         deadline = time.monotonic() + timeout + 60  # the policy's own completion timeout acts first

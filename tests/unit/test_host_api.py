@@ -159,12 +159,12 @@ def test_bad_parameters_are_422_with_one_line(agent: Agent, path: str, says: str
 
 def test_incoming_migration_spec_goes_through_the_same_model(agent: Agent) -> None:
     before = agent.files()
-    body = {"spec": _spec(nics=[{"mac": f"{MAC},romfile=/etc/shadow", "portgroup": "vm-net"}]),
-            "migration_id": "m1", "source": "host-b", "encrypted": False}
+    body = {"version": 1, "spec": _spec(nics=[{"mac": f"{MAC},romfile=/etc/shadow", "portgroup": "vm-net"}]),
+            "migration_id": "0123456789ab", "source": "host-b"}
     message = _refused(agent, agent.request("POST", "/v1/incoming", json=body), before)
-    assert message.startswith("invalid VM spec: nics.0.mac: invalid MAC")
+    assert message.startswith("invalid request body: spec.nics.0.mac: invalid MAC"), message
     message = _refused(agent, agent.request("POST", "/v1/incoming", json={"migration_id": "m1"}), before)
-    assert message.startswith("invalid VM spec: ")
+    assert message.startswith("invalid request body: "), message
 
 
 def test_openapi_describes_the_spec(agent: Agent) -> None:

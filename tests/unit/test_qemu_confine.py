@@ -250,7 +250,7 @@ def test_migration_tls_checks_qemu_can_read_its_key(open_dir: Path, monkeypatch:
     # QEMU's own error for an unreadable key is "Error while reading file": the engine says why first.
     from kvmotion.cluster.ca import init_ca, issue_host_cert
     from kvmotion.host.vms import HostConfig, VmManager
-    from kvmotion.migration.engine import MigrationService
+    from kvmotion.migration.engine import add_stream_tls
     from kvmotion.qemu.accel import AccelChoice
 
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(open_dir / "cluster"))
@@ -264,8 +264,8 @@ def test_migration_tls_checks_qemu_can_read_its_key(open_dir: Path, monkeypatch:
     qmp = _RecordingQmp()
     if qemu_group is None:
         with pytest.raises(SetupError, match="cannot read .*server-key.pem: issue h1's certificate again"):
-            asyncio.run(MigrationService(mgr, "127.0.0.1")._add_tls(qmp, "server"))
+            asyncio.run(add_stream_tls(qmp, "h1", "server", "h2", mgr.confinement.user))
         assert qmp.commands == []
     else:
-        asyncio.run(MigrationService(mgr, "127.0.0.1")._add_tls(qmp, "server"))
-        assert qmp.commands[-1][1]["dir"] == str(open_dir / "cluster" / "hosts" / "h1" / "qemu")
+        asyncio.run(add_stream_tls(qmp, "h1", "server", "h2", mgr.confinement.user))
+        assert qmp.commands[-2][1]["dir"] == str(open_dir / "cluster" / "hosts" / "h1" / "qemu")
