@@ -106,7 +106,7 @@ def test_vm_runs_unprivileged_and_sandboxed(qemu_user, host):
     assert not any(GROUP_PREFIX in Path(f"/proc/{pid}/task/{t}/cgroup").read_text() for t in tids)
 
     # The serial console through the agent.
-    with connect(f"ws://{host.mgmt_ns}:{host.port}/v1/vms/conf1/console", open_timeout=10) as ws:
+    with connect(f"wss://{host.mgmt_ns}:{host.port}/v1/vms/conf1/console", ssl=host.tls(), open_timeout=10) as ws:
         ws.send(b"\recho con$((40+2))fined\r")
         seen = b""
         deadline = time.monotonic() + 15
