@@ -16,6 +16,7 @@ must resolve inside `roots`, and no process may start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,11 +34,14 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from hypothesis.internal.conjecture import providers as hypothesis_providers
+from hypothesis.internal.floats import float_to_int
 from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 from schemathesis.python import asgi as schemathesis_asgi
 
 from kvmotion import errors
+from kvmotion.api.serving import MUTATING
 
 
 def _subclasses(cls: type) -> Iterable[type]:
@@ -230,6 +234,25 @@ SETTINGS = settings(derandomize=True, database=None, deadline=None, print_blob=F
                                            HealthCheck.data_too_large, HealthCheck.large_base_example))
 
 
+@contextlib.contextmanager
+def _same_requests_in_any_process() -> Iterable[None]:
+    """Hypothesis mixes into its data constants it finds in the local modules loaded so far, so the
+    requests would depend on which tests ran before in the process: leave those out (the run then
+    generates the same requests alone or in the whole suite). Its own constants stay. Private
+    hypothesis names: pinned version, checked by its use here."""
+    empty = hypothesis_providers.Constants(
+        integers=hypothesis_providers.SortedSet(), floats=hypothesis_providers.SortedSet(key=float_to_int),
+        bytes=hypothesis_providers.SortedSet(), strings=hypothesis_providers.SortedSet())
+    mined = hypothesis_providers._get_local_constants
+    hypothesis_providers._get_local_constants = lambda: empty
+    hypothesis_providers.CONSTANTS_CACHE.cache.clear()
+    try:
+        yield
+    finally:
+        hypothesis_providers._get_local_constants = mined
+        hypothesis_providers.CONSTANTS_CACHE.cache.clear()
+
+
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
 class FuzzReport:
@@ -306,8 +329,31 @@ def _merged(body: dict, fields: Mapping[str, object]) -> dict:
     return out
 
 
-def _label(operation: Any) -> str:
+def label_of(operation: Any) -> str:
+    """An operation as `caller`, `bodies` and the report name it: "POST /v1/vms/{name}/start"."""
     return f"{operation.method.upper()} {operation.path}"
+
+
+def routed(response: Any) -> bool:
+    """Whether a request reached a route (a path no route matches, or a body over the limit, is
+    answered before any caller check)."""
+    if response.status_code == 413:
+        return False
+    return not (response.status_code in (404, 405) and "see /openapi.json" in response.content.decode(errors="replace"))
+
+
+def changes_refused(allowed: frozenset[str] = frozenset()) -> Callable[[Any, Any], str | None]:
+    """An `expect` for a caller who may read but not change: every call that changes something is
+    refused (403), but on the `allowed` operations (answered as they decide); no read is refused."""
+
+    def expect(case: Any, response: Any) -> str | None:
+        if not routed(response) or label_of(case.operation) in allowed:
+            return None
+        if case.method.upper() in MUTATING:
+            return None if response.status_code == 403 else "a change not refused"
+        return "a read refused" if response.status_code in (401, 403) else None
+
+    return expect
 
 
 def fuzz(
@@ -349,7 +395,7 @@ def fuzz(
             for value in known.get(param.name, ()):
                 options.append(operation.as_strategy(generation_mode=mode, path_parameters={param.name: value}))
         cases = st.one_of(options[0], st.one_of(options[1:])) if len(options) > 1 else options[0]
-        fields = bodies.get(_label(operation))
+        fields = bodies.get(label_of(operation))
         if not fields:
             return cases
 
@@ -362,7 +408,7 @@ def fuzz(
         return st.tuples(cases, st.booleans()).map(with_fields)
 
     def check(case: Any, client: Any) -> None:
-        label = _label(case.operation)
+        label = label_of(case.operation)
         presenting.pem = caller(label)
         report.requests += 1
         report.per_operation[label] += 1
@@ -398,7 +444,7 @@ def fuzz(
     sys.dont_write_bytecode = True  # imports made while recording must not write __pycache__ files
     _recording = recording
     try:
-        with schemathesis_asgi.get_client(presenting) as client:  # starts the app's lifespan, once
+        with _same_requests_in_any_process(), schemathesis_asgi.get_client(presenting) as client:  # starts the lifespan
             try:
                 for operation in operations:
                     for mode in modes:
@@ -413,7 +459,7 @@ def fuzz(
                             pass  # nothing to break: an operation without parameters or body has no wrong request
                         except Exception as exc:  # hypothesis' smallest failing example(s) for this operation
                             notes = "\n".join(getattr(exc, "__notes__", ()))
-                            report.failures.append(f"{_label(operation)} [{mode.value}]: {exc}\n{notes}".strip())
+                            report.failures.append(f"{label_of(operation)} [{mode.value}]: {exc}\n{notes}".strip())
             finally:
                 schemathesis_asgi.shutdown_lifespans()  # the app's shutdown is part of what is recorded
     finally:

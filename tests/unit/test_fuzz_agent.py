@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.serving import MUTATING, Security, secure
+from kvmotion.api.serving import Security, secure
 from kvmotion.errors import VmFailed
 from kvmotion.guest import image
 from kvmotion.host.api import create_app
@@ -35,7 +35,7 @@ from kvmotion.qemu.accel import Accel, AccelChoice
 from kvmotion.qemu.process import QemuProcess
 from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec
 from tests.certs import TestCA
-from tests.fuzz import FuzzReport, fuzz
+from tests.fuzz import FuzzReport, changes_refused, fuzz, label_of
 
 ADMIN = Identity(Kind.USER, "ada", Role.ADMIN)
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
@@ -103,36 +103,12 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Agent:
     return Agent(tmp_path)
 
 
-def _routed(response) -> bool:  # type: ignore[no-untyped-def]
-    """Whether the request reached a route (a path no route matches is answered before any check)."""
-    if response.status_code == 413:
-        return False
-    return not (response.status_code in (404, 405) and "see /openapi.json" in response.content.decode(errors="replace"))
-
-
-def _label(case) -> str:  # type: ignore[no-untyped-def]
-    return f"{case.operation.method.upper()} {case.operation.path}"
-
-
-def _refused_changes(allowed: frozenset[str]):  # type: ignore[no-untyped-def]
-    """An `expect`: every change but those of the `allowed` routes is refused (403), every read is let through."""
-
-    def expect(case, response) -> str | None:  # type: ignore[no-untyped-def]
-        if not _routed(response) or _label(case) in allowed:
-            return None  # an allowed route refuses what the migration's own source may not do
-        if case.method.upper() in MUTATING:
-            return None if response.status_code == 403 else "a change not refused"
-        return "a read refused" if response.status_code in (401, 403) else None
-
-    return expect
-
-
 def test_admin_fuzz(agent: Agent) -> None:
     admin, peer = agent.pem(ADMIN), agent.pem(PEER)
 
     def expect(case, response) -> str | None:  # type: ignore[no-untyped-def]
         # Refused only where the body or the migration names another host than the caller.
-        if response.status_code in (401, 403) and _label(case) not in HOST_ROUTES:
+        if response.status_code in (401, 403) and label_of(case.operation) not in HOST_ROUTES:
             return "an admin refused"
         return None
 
@@ -153,7 +129,7 @@ def test_admin_fuzz(agent: Agent) -> None:
 
 @pytest.mark.parametrize("who, allowed", [(VIEWER, frozenset()), (PEER, HOST_ROUTES)], ids=["viewer", "peer"])
 def test_changes_refused_fuzz(agent: Agent, who: Identity, allowed: frozenset[str]) -> None:
-    report = agent.fuzz(15, caller=lambda label: agent.pem(who), expect=_refused_changes(allowed),
+    report = agent.fuzz(15, caller=lambda label: agent.pem(who), expect=changes_refused(allowed),
                         bodies={"POST /v1/incoming": INCOMING})
     print(report.summary(), report.table(), sep="\n")
     report.assert_clean(min_requests=300)

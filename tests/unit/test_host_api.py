@@ -225,3 +225,14 @@ def test_a_vm_name_in_a_migration_path_is_checked(agent: Agent) -> None:
     before = agent.files()
     message = _refused(agent, agent.request("POST", "/v1/vms/a%0Ab/migration/cancel"), before)
     assert message.startswith("invalid path parameter: name: "), message
+
+
+@pytest.mark.parametrize("extra, says", [
+    # Found by the fuzz test: an unknown key was named as given, a "\r" splitting the message.
+    ({"\r": 1}, "invalid VM spec: '\\r': is not a known field"),
+    ({"a.b c": 1}, "invalid VM spec: 'a.b c': is not a known field"),
+    ({"params": {"x\ny": 1}}, "invalid VM spec: params.'x\\ny': is not a known field"),
+])
+def test_an_unknown_field_is_named_on_one_line(agent: Agent, extra: dict, says: str) -> None:
+    before = agent.files()
+    assert _refused(agent, agent.request("POST", "/v1/vms", json=_spec(**extra)), before) == says
