@@ -6,6 +6,7 @@ further errors are counted, not listed, so the message stays one line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,8 +23,12 @@ _MESSAGES = {
 }
 
 
+_PLAIN_PART = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _path(loc: Sequence[Any]) -> str:
-    return ".".join(str(part) for part in loc)
+    """'nics.0.mac'; a part the caller named (an unknown key may be any text) is quoted as repr quotes it."""
+    return ".".join(text if _PLAIN_PART.fullmatch(text := str(part)) else repr(text) for part in loc)
 
 
 def _shown(value: object) -> str:

@@ -28,6 +28,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -142,7 +144,34 @@ def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
         conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
         return who if who is INSECURE else authorize(who, rule, what)
 
+    dependency.checks_caller = True  # type: ignore[attr-defined]  # AuthorizedRoute runs it first
     return dependency
+
+
+class AuthorizedRoute(APIRoute):
+    """A route that runs its `allow` checks (its own and its dependencies') before FastAPI reads the
+    request body: a caller it refuses gets 403 whatever it sent, and no body is parsed for it.
+    (FastAPI reads the body before solving dependencies.) Use it as the route class of every
+    router of a secured app: `APIRouter(route_class=AuthorizedRoute)`, `app.router.route_class`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Any]]:
+        handler = super().get_route_handler()
+        checks = []
+        pending = list(self.dependant.dependencies)
+        while pending:
+            dep = pending.pop()
+            if getattr(dep.call, "checks_caller", False):
+                checks.append(dep.call)
+            pending.extend(dep.dependencies)
+        if not checks:
+            return handler
+
+        async def checked(request: Request) -> Any:
+            for check in checks:
+                check(request)
+            return await handler(request)
+
+        return checked
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -153,6 +182,20 @@ def request_error_message(request: Request, exc: RequestValidationError) -> str:
     return describe_request_errors(exc.errors(), getattr(model, "_what", "request body"))
 
 
+# The kind of error an HTTP status raised by the framework itself (no route, a body it cannot read) stands for.
+KIND_OF_STATUS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict"}
+
+
+def http_error_message(request: Request, exc: HTTPException) -> str:
+    """One line for an HTTP error the framework raised before any route ran."""
+    where = repr(request.scope.get("path", ""))[:80]  # repr: a decoded path may hold newlines
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"no API route {request.method} {where}: see /openapi.json"
+    if exc.status_code == 405:
+        return f"method {request.method} is not allowed on {where}: see /openapi.json"
+    return f"{request.method} {where}: " + " ".join(str(exc.detail).split())
+
+
 def install_error_handlers(app: FastAPI, service: str) -> None:
     @app.exception_handler(errors.KvmotionError)
     async def _kvmotion_error(request: Request, exc: errors.KvmotionError) -> JSONResponse:
@@ -161,6 +204,12 @@ def install_error_handlers(app: FastAPI, service: str) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content=error_body("InvalidInput", request_error_message(request, exc)))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = KIND_OF_STATUS.get(exc.status_code, "InvalidInput" if exc.status_code < 500 else "KvmotionError")
+        return JSONResponse(status_code=exc.status_code, content=error_body(kind, http_error_message(request, exc)),
+                            headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

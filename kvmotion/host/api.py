@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Path, Query, WebSocket, WebSocketDisconnec
 
 from kvmotion import __version__, errors
 from kvmotion.api.identity import OPERATE, VIEW, authorize
-from kvmotion.api.serving import allow, caller
+from kvmotion.api.serving import AuthorizedRoute, allow, caller
 from kvmotion.host import resources
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
@@ -43,6 +43,7 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         await manager.shutdown()
 
     app = FastAPI(title="kvmotion host agent", version=__version__, lifespan=lifespan)
+    app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
     view = [Depends(allow(VIEW, "read this host's state"))]
     operate = [Depends(allow(OPERATE, "change VMs"))]
     app.state.manager = manager

@@ -13,10 +13,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import HTTPConnection
 
 from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity
-from kvmotion.api.serving import allow
+from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.errors import Forbidden, InvalidInput
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
@@ -29,6 +28,7 @@ _DEFAULTS = MigrationOptions()
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # VM and host names as the routes accept them
 MID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # migration ids (12 hex digits from MigrationService.start)
 MigrationId = Annotated[str, Path(pattern=MID_PATTERN, description="Migration id")]
+VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM on this host")]
 
 
 class OptionsBody(BaseModel):
@@ -82,10 +82,7 @@ class CommitAnswer(BaseModel):
 def _peer_host(what: str):
     """A dependency: the calling host's name, if the caller is a host (403 otherwise). None on an
     --insecure listener, which knows no identities: there every caller may do everything."""
-    check = allow(HOSTS, what)
-
-    def dependency(conn: HTTPConnection) -> str | None:
-        who: Identity = check(conn)
+    def dependency(who: Identity = Depends(allow(HOSTS, what))) -> str | None:
         return None if who is INSECURE else who.name
 
     return dependency
@@ -98,7 +95,7 @@ def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, lim
 
 
 def routes(svc: MigrationService) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=AuthorizedRoute)  # callers checked before their bodies are read
     view = [Depends(allow(VIEW, "read migrations"))]
     operate = [Depends(allow(OPERATE, "migrate VMs"))]
 
@@ -128,7 +125,7 @@ def routes(svc: MigrationService) -> APIRouter:
         return as_record_json(svc.cancel(mid))
 
     @router.post("/vms/{name}/migration/cancel", dependencies=operate)
-    async def cancel_vm(name: str) -> dict:
+    async def cancel_vm(name: VmName) -> dict:
         return as_record_json(svc.cancel_vm(name))
 
     @router.post("/incoming", status_code=201)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 
 import pytest
 
@@ -16,6 +17,7 @@ from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.serving import Security, secure
 from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
+from kvmotion.migration.api import migration_router
 from kvmotion.qemu.accel import Accel, AccelChoice
 from tests.certs import TestCA, as_caller
 
@@ -27,12 +29,13 @@ PEER = Identity(Kind.HOST, "host-b")
 
 @pytest.fixture
 def agent(tmp_path, monkeypatch):
-    """The agent's app with authentication on (no TLS in-process: tests/certs.as_caller presents
+    """The agent's app (both routers) with authentication on (no TLS in-process: tests/certs.as_caller presents
     the certificate), auditing to tmp_path/audit.log."""
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
     config = HostConfig(name="host-a", state_dir=tmp_path / "state", run_dir=tmp_path / "run",
                         portgroups={"vm-net": "br0"}, accel=AccelChoice(Accel.TCG, "test"))
-    return secure(create_app(config), Security(tls_files=None, audit_log=tmp_path / "audit.log"), "agent host-a"), config
+    router = partial(migration_router, listen_ip="127.0.0.1", limit=4)
+    return secure(create_app(config, extra_routers=(router,)), Security(tls_files=None, audit_log=tmp_path / "audit.log"), "agent host-a"), config
 
 
 @pytest.fixture
@@ -90,3 +93,22 @@ def test_audit_log_names_who_did_what(agent, ca, tmp_path):
         ("user:otto (operator)", "POST", "/v1/vms", 201),
         ("user:vera (viewer)", "DELETE", "/v1/vms/web1", 403),
     ]
+
+
+def test_a_refused_caller_gets_403_whatever_its_body(agent, ca):
+    """Found by the fuzz test: FastAPI reads a JSON body before it solves the dependencies that
+    check the caller, so a viewer's unparsable body was answered 422; the check comes first now."""
+    app, config = agent
+    broken = {"content": b'{"name": "web1",', "headers": {"content-type": "application/json"}}
+    for who, path in ((VIEWER, "/v1/vms"), (PEER, "/v1/vms"), (VIEWER, "/v1/migrations"),
+                      (OPERATOR, "/v1/incoming")):
+        r = _client(app, ca, who).post(path, **broken)
+        assert r.status_code == 403 and r.json()["error"]["kind"] == "Forbidden", (who, path, r.text)
+    r = _client(app, ca, None).post("/v1/vms", **broken)
+    assert r.status_code == 401 and r.json()["error"]["kind"] == "Unauthorized"
+    # Who may call the route still learns what is wrong with its body.
+    r = _client(app, ca, OPERATOR).post("/v1/vms", **broken)
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("invalid VM spec: not valid JSON")
+    r = _client(app, ca, PEER).post("/v1/incoming", **broken)
+    assert r.status_code == 422 and r.json()["error"]["kind"] == "InvalidInput"
+    assert not list(config.state_dir.rglob("*.json"))

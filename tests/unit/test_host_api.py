@@ -201,3 +201,38 @@ def test_this_hosts_qemu_lists_its_models() -> None:
     models = cpus.listed_models()
     assert {"qemu64", "max"} <= models and "aes" not in models  # models, not CPUID flags
     assert cpus.listed_models() is models  # cached
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, kind, says", [
+    # Found by the fuzz test: answered by the framework as {"detail": ...}, not the shared error shape.
+    ("POST", "/v1/vms", {"content": b"\x80", "headers": {"content-type": "application/json"}}, 400, "InvalidInput",
+     "POST '/v1/vms': There was an error parsing the body"),
+    ("GET", "/v1/nothing/here", {}, 404, "NotFound", "no API route GET '/v1/nothing/here': see /openapi.json"),
+    ("GET", "/v1/vms/a%0Ab/more", {}, 404, "NotFound", "no API route GET '/v1/vms/a\\nb/more': see /openapi.json"),
+    ("PUT", "/v1/vms", {}, 405, "InvalidInput", "method PUT is not allowed on '/v1/vms': see /openapi.json"),
+])
+def test_framework_errors_have_the_error_shape(agent: Agent, method: str, path: str, kwargs: dict, status: int,
+                                               kind: str, says: str) -> None:
+    before = agent.files()
+    r = agent.request(method, path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json() == {"error": {"kind": kind, "message": says}}
+    assert agent.files() == before
+
+
+def test_a_vm_name_in_a_migration_path_is_checked(agent: Agent) -> None:
+    """Found by the fuzz test: the name was echoed as given, a newline splitting the message."""
+    before = agent.files()
+    message = _refused(agent, agent.request("POST", "/v1/vms/a%0Ab/migration/cancel"), before)
+    assert message.startswith("invalid path parameter: name: "), message
+
+
+@pytest.mark.parametrize("extra, says", [
+    # Found by the fuzz test: an unknown key was named as given, a "\r" splitting the message.
+    ({"\r": 1}, "invalid VM spec: '\\r': is not a known field"),
+    ({"a.b c": 1}, "invalid VM spec: 'a.b c': is not a known field"),
+    ({"params": {"x\ny": 1}}, "invalid VM spec: params.'x\\ny': is not a known field"),
+])
+def test_an_unknown_field_is_named_on_one_line(agent: Agent, extra: dict, says: str) -> None:
+    before = agent.files()
+    assert _refused(agent, agent.request("POST", "/v1/vms", json=_spec(**extra)), before) == says
