@@ -8,6 +8,7 @@ Every certificate the cluster CA issues names one identity in its subject:
 - qemu:NAME       the QEMU processes of host NAME: NBD and migration streams only, never an API
 - datastore:NAME  a datastore service (its NBD and control listeners)
 - user:NAME       a person or script, with a role: viewer < operator < admin
+- center:NAME     the control plane (`kvmotion center`): serves its API, calls agents
 
 The kinds keep a compromised QEMU (which must read its key) from acting as its host's agent.
 Pure: no I/O beyond parsing a certificate.
@@ -36,6 +37,7 @@ class Kind(str, Enum):
     QEMU = "qemu"
     DATASTORE = "datastore"
     USER = "user"
+    CENTER = "center"
 
 
 class Role(str, Enum):

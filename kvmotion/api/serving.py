@@ -100,6 +100,9 @@ class Security:
     # Successful calls the audit log leaves out (path suffixes), e.g. lease renewals every few seconds.
     quiet: tuple[str, ...] = ()
     insecure: bool = False
+    # TLS clients may come without a certificate (the center: join and login issue the first one);
+    # one of another CA still gets no connection. Routes refuse callers without one (401).
+    optional_client_cert: bool = False
 
     def __post_init__(self) -> None:
         if self.insecure and self.tls_files is not None:
@@ -425,6 +428,7 @@ def make_server(app: FastAPI, security: Security, service: str, **config: Any) -
     tls: dict[str, Any] = {}
     if security.tls_files is not None:
         cert, key, ca = security.tls_files
-        tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca),
+                   ssl_cert_reqs=ssl.CERT_OPTIONAL if security.optional_client_cert else ssl.CERT_REQUIRED)
     config.setdefault("log_level", "warning")
     return uvicorn.Server(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))

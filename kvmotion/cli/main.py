@@ -1,4 +1,4 @@
-"""kvmotion's command line: one typer app, a sub-app per noun (vm, host, migrate, lab, datastore, disk, cluster)."""
+"""kvmotion's command line: one typer app, a sub-app per noun (vm, host, migrate, center, ...) and `login`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvmotion.errors import KvmotionError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Live migration of running QEMU/KVM VMs.")
 
 # Each sub-app lives in kvmotion/cli/<module>.py and exposes `app`.
-_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "demo")
+_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "center", "login", "demo")
 for _mod in _SUBAPPS:
     try:
         _sub = importlib.import_module(f"kvmotion.cli.{_mod}")
