@@ -26,7 +26,17 @@ from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from kvmotion import errors
 from kvmotion.api.identity import Role
@@ -61,7 +71,16 @@ def _ip(text: str) -> str:
         raise ValueError(f"invalid IP address {text[:60]!r}: use e.g. 10.0.0.1 or fd00::1") from None
 
 
-IpAddress = Annotated[str, Field(max_length=45), AfterValidator(_ip)]
+def _reachable_ip(text: str) -> str:
+    """An address peers can dial: not a wildcard, multicast or link-scoped one (%zone)."""
+    address = _ip(text)
+    parsed = ipaddress.ip_address(address)
+    if parsed.is_unspecified or parsed.is_multicast or "%" in address:
+        raise ValueError(f"{address} is no address peers can reach: give the host's own address, e.g. 10.0.0.1")
+    return address
+
+
+HostAddress = Annotated[str, Field(max_length=45), AfterValidator(_reachable_ip)]
 
 
 def _url_checker(schemes: tuple[str, ...], what: str) -> Any:
@@ -169,7 +188,7 @@ class JoinRequest(Wire):
     _what: ClassVar[str] = "join request"
     token: Annotated[str, Field(min_length=1, max_length=200)]
     name: Name
-    address: IpAddress  # where peers and the center reach the host's agent
+    address: HostAddress  # where peers and the center reach the host's agent
     agent_port: Port = AGENT_PORT
     host_csr: Pem  # the agent's key: host:NAME
     qemu_csr: Pem  # its QEMUs' own key: qemu:NAME

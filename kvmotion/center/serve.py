@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
-import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from kvmotion import paths
 from kvmotion.api.center import ClusterSettings
 from kvmotion.api.identity import Identity, Kind
 from kvmotion.api.serving import Security, insecure_warning, make_server
-from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.app import HEARTBEAT_SUFFIX, create_app
+from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
 from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
@@ -64,12 +63,11 @@ def parse_listen(text: str) -> Listen:
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"invalid listen address {text!r}: use ADDRESS:PORT, e.g. 10.0.0.5:7700")
-    try:
-        if ipaddress.ip_address(host).is_unspecified:
-            raise InvalidInput(f"cannot listen on {host}: hosts and users need the address they reach the center at "
-                               "(its certificate names it); listen on the machine's own address")
-    except ValueError:
+    if not _is_ip(host):
         Identity(Kind.HOST, host)  # a DNS name, or InvalidInput
+    elif ipaddress.ip_address(host).is_unspecified:
+        raise InvalidInput(f"cannot listen on {host}: hosts and users need the address they reach the center at "
+                           "(its certificate names it); listen on the machine's own address")
     return Listen(host, int(port))
 
 
@@ -84,6 +82,14 @@ def bind(listen: Listen) -> socket.socket:
         raise Unreachable(f"cannot listen on {listen.shown}: {exc.strerror}") from exc
     sock.listen(256)
     return sock
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _names(cert_path: Path) -> set[str]:
@@ -105,18 +111,15 @@ class Prepared:
 def prepare(data: Path, listen: Listen, insecure: bool, *, password_cost: int | None = None) -> Prepared:
     """The data folder ready to serve from: CA, the center's certificate for `listen`, the store;
     on the first start also user admin and a join token (in `lines`, printed once)."""
-    data.mkdir(parents=True, exist_ok=True)
-    os.chmod(data, 0o700)
+    if not data.exists():
+        data.mkdir(parents=True, mode=0o700)  # an existing folder keeps its mode; what is secret inside is 0600/0700
     existed = (data / "ca" / CA_CERT).exists()
     ca = init_ca(data / "ca")
     tls = data / "tls"
     lines: list[str] = []
     if not (tls / SERVER_CERT).exists() or listen.host not in _names(tls / SERVER_CERT):
-        try:
-            ips, dns = (listen.host,), ()
-            ipaddress.ip_address(listen.host)
-        except ValueError:
-            ips, dns = (), (listen.host,)
+        ips: tuple[str, ...] = (listen.host,) if _is_ip(listen.host) else ()
+        dns: tuple[str, ...] = () if ips else (listen.host,)
         issue_cert(data / "ca", Identity(Kind.CENTER, CENTER_NAME), ips, tls, server=True, dns=dns)
         if existed:
             lines.append(f"issued the center's certificate for {listen.host}")

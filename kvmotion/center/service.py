@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmotion.api.center import (
+    PROTOCOL_VERSION,
     CaInfo,
     ClusterSettings,
     DatastoreSpec,
@@ -24,7 +25,6 @@ from kvmotion.api.center import (
     JoinRequest,
     LoginAnswer,
     LoginRequest,
-    PROTOCOL_VERSION,
     TokenCreate,
     TokenCreated,
     TokenView,

@@ -71,7 +71,13 @@ def app(
                                             "`kvmotion center serve`): required unless you confirm it at a prompt."),
 ) -> None:
     """Log in to the center: get a certificate with your role, and keep it in the CLI's config."""
-    from kvmotion.api.center import CenterClient, Credentials, LoginRequest, pinned_ca, trusting
+    from kvmotion.api.center import (
+        CenterClient,
+        Credentials,
+        LoginRequest,
+        pinned_ca,
+        trusting,
+    )
     from kvmotion.api.identity import check_user_name
     from kvmotion.cluster.ca import new_key_and_csr
 

@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 
-from kvmotion.api.center import ClusterSettings, EventKind, HostLoad, Heartbeat, PROTOCOL_VERSION, VmReport
+from kvmotion.api.center import (
+    PROTOCOL_VERSION,
+    ClusterSettings,
+    EventKind,
+)
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.api.serving import Security, secure
 from kvmotion.center.app import create_app
@@ -81,8 +86,6 @@ def state(cluster: Cluster) -> tuple:
 
 
 def test_join_with_a_good_token(cluster: Cluster) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     body, host_key, qemu_key = join_body(cluster.token)
     r = cluster.client(None).post("/v1/join", json=body)
     assert r.status_code == 201, r.text
@@ -152,8 +155,10 @@ def test_join_needs_two_keys_and_good_csrs(cluster: Cluster) -> None:
     assert same.status_code == 422 and "QEMU needs a key of its own" in same.json()["error"]["message"]
     bad = cluster.client(None).post("/v1/join", json={**body, "host_csr": "not a csr"})
     assert bad.json()["error"]["message"] == "invalid host CSR: not a PEM certificate signing request"
-    wildcard = cluster.client(None).post("/v1/join", json={**body, "address": "10.0.0.300"})
-    assert wildcard.status_code == 422 and "address: invalid IP address" in wildcard.json()["error"]["message"]
+    for address, says in (("10.0.0.300", "address: invalid IP address"), ("0.0.0.0", "0.0.0.0 is no address peers can reach"),
+                          ("fe80::1%eth0", "is no address peers can reach"), ("::", ":: is no address peers can reach")):
+        r = cluster.client(None).post("/v1/join", json={**body, "address": address})
+        assert r.status_code == 422 and says in r.json()["error"]["message"], r.text
     assert state(cluster) == before
 
 
@@ -168,6 +173,7 @@ def test_login_gives_the_stored_role(cluster: Cluster) -> None:
     cert = x509.load_pem_x509_certificate(r.json()["cert"].encode())
     cert.verify_directly_issued_by(cluster.center.ca.cert)
     assert identity_of(cert) == Identity(Kind.USER, "otto", Role.OPERATOR)
+    assert cert.public_key() == serialization.load_pem_private_key(key, None).public_key()
     assert r.json()["expires"] == cert.not_valid_after_utc.timestamp()
     # The admin printed at the first start logs in too.
     admin = cluster.client(None).post("/v1/login", json={"user": "admin", "password": cluster.admin_password, "csr": csr})

@@ -15,7 +15,14 @@ from kvmotion.api.center import ca_sha256
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.center import auth
 from kvmotion.center.store import TokenRow
-from kvmotion.cluster.ca import cert_pem, init_ca, load_csr, new_key_and_csr, sha256_hex, sign_csr
+from kvmotion.cluster.ca import (
+    cert_pem,
+    init_ca,
+    load_csr,
+    new_key_and_csr,
+    sha256_hex,
+    sign_csr,
+)
 from kvmotion.errors import InvalidInput, Unauthorized
 
 CA_HASH = "ab" * 32

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.api.center import EventKind, HostLoad, HostState, ObservedState, ReportedState, VmReport
+from kvmotion.api.center import (
+    EventKind,
+    HostLoad,
+    HostState,
+    ObservedState,
+    ReportedState,
+    VmReport,
+)
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.liveness import Seen, after_heartbeat, silent
 from kvmotion.center.store import HostRow, SqliteStore, TokenRow

@@ -25,7 +25,13 @@ from kvmotion.api.center import (
 )
 from kvmotion.api.identity import Role
 from kvmotion.center import store as store_mod
-from kvmotion.center.store import SCHEMA_VERSION, HostRow, SqliteStore, TokenRow, UserRow
+from kvmotion.center.store import (
+    SCHEMA_VERSION,
+    HostRow,
+    SqliteStore,
+    TokenRow,
+    UserRow,
+)
 from kvmotion.errors import Conflict, NotFound, SetupError, Unauthorized
 
 LOAD = HostLoad(cpus=4, memory_total=8 << 30, memory_available=6 << 30)
@@ -179,7 +185,7 @@ def test_concurrent_writers(tmp_path: Path) -> None:
             for i in range(per_thread):
                 store.add_datastore(DatastoreView(name=f"ds-{n}-{i}", nbd_url="nbd://10.0.0.9", control_url="http://10.0.0.9:1",
                                                   added=float(i)), f"writer {n}")
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(first if n % 2 else second, n)) for n in range(8)]
