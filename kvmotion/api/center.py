@@ -351,6 +351,31 @@ class EventPage(Wire):
     next: int  # pass as `since` to get what came after
 
 
+# ---- join tokens ---------------------------------------------------------------------------------------------
+_TOKEN_RE = re.compile(r"^kvm1\.([0-9a-f]{64})\.([0-9a-f]{12})\.([0-9a-f]{32})$")
+
+
+@dataclass(frozen=True)
+class TokenParts:
+    """A join token, "kvm1.<CA sha256 hex>.<id>.<secret>": the joining host pins the center's CA with
+    the first part (pinned_ca) before it sends the token; the center finds it by id, checks the secret."""
+
+    ca_sha256: str
+    id: str
+    secret: str
+
+    def __str__(self) -> str:
+        return f"kvm1.{self.ca_sha256}.{self.id}.{self.secret}"
+
+
+def parse_token(text: str) -> TokenParts:
+    m = _TOKEN_RE.fullmatch(text.strip())
+    if m is None:
+        raise errors.InvalidInput("malformed join token: expected kvm1.<CA sha256>.<id>.<secret> "
+                                  "(as `kvmotion center token create` prints it)")
+    return TokenParts(*m.groups())
+
+
 # ---- TLS for clients ----------------------------------------------------------------------------------------
 def ca_sha256(pem: str) -> str:
     """SHA-256 of a certificate's DER, lowercase hex: what a join token and --ca-sha256 pin."""

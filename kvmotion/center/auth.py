@@ -18,34 +18,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import re
 import secrets
-from dataclasses import dataclass
 
+from kvmotion.api.center import TokenParts
 from kvmotion.center.store import TokenRow
 from kvmotion.errors import InvalidInput, Unauthorized
 
-TOKEN_VERSION = "kvm1"
-_TOKEN_RE = re.compile(r"^kvm1\.([0-9a-f]{64})\.([0-9a-f]{12})\.([0-9a-f]{32})$")
 DEFAULT_TTL = 86400.0
-
-
-@dataclass(frozen=True)
-class TokenParts:
-    ca_sha256: str
-    id: str
-    secret: str
-
-    def __str__(self) -> str:
-        return f"{TOKEN_VERSION}.{self.ca_sha256}.{self.id}.{self.secret}"
-
-
-def parse_token(text: str) -> TokenParts:
-    m = _TOKEN_RE.fullmatch(text.strip())
-    if m is None:
-        raise InvalidInput("malformed join token: expected kvm1.<CA sha256>.<id>.<secret> "
-                           "(as `kvmotion center token create` prints it)")
-    return TokenParts(*m.groups())
 
 
 def secret_hash(secret: str) -> str:

@@ -31,6 +31,7 @@ from kvmotion.api.center import (
     UserAdd,
     UserAdded,
     UserView,
+    parse_token,
 )
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.center import auth
@@ -100,7 +101,7 @@ class Center:
         """A host's certificates (host:NAME and qemu:NAME) for the keys of its CSRs, if its token
         may join now; the host is recorded in the same transaction that spends the token. A refused
         join changes nothing and returns nothing."""
-        parts = auth.parse_token(request.token)
+        parts = parse_token(request.token)
         host_csr = load_csr(request.host_csr, "host CSR")
         qemu_csr = load_csr(request.qemu_csr, "QEMU CSR")
         if host_csr.public_key() == qemu_csr.public_key():

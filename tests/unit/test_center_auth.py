@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvmotion.api.center import ca_sha256
+from kvmotion.api.center import TokenParts, ca_sha256, parse_token
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.center import auth
 from kvmotion.center.store import TokenRow
@@ -40,7 +40,7 @@ def test_token_format_and_storage() -> None:
     assert (prefix, ca, token_id) == ("kvm1", CA_HASH, row.id)
     assert len(token_id) == 12 and len(secret) == 32
     assert secret not in repr(row) and row.secret_hash == auth.secret_hash(secret)  # only the hash is kept
-    assert auth.parse_token(f"  {text}\n") == parts
+    assert parse_token(f"  {text}\n") == parts
     assert row.expires == NOW + 3600 and row.uses_left == 1
     assert _made()[0].secret != parts.secret
 
@@ -56,15 +56,15 @@ def test_a_good_token_is_accepted() -> None:
                                   "kvm1." + "ab" * 32 + ".0123456789ab." + "0" * 31 + ".x"])
 def test_malformed_tokens(text: str) -> None:
     with pytest.raises(InvalidInput, match=r"^malformed join token: expected kvm1\.<CA sha256>\.<id>\.<secret>"):
-        auth.parse_token(text)
+        parse_token(text)
 
 
 def test_refusals_are_one_line_and_never_quote_the_secret() -> None:
     parts, row = _made()
     cases = {
-        "another cluster": (auth.TokenParts("cd" * 32, parts.id, parts.secret), row, NOW),
+        "another cluster": (TokenParts("cd" * 32, parts.id, parts.secret), row, NOW),
         "unknown join token": (parts, None, NOW),
-        "is forged": (auth.TokenParts(CA_HASH, parts.id, "0" * 32), row, NOW),
+        "is forged": (TokenParts(CA_HASH, parts.id, "0" * 32), row, NOW),
         "expired at 2027-01-15 09:00:00 UTC": (parts, row, NOW + 3600),
         "is used up": (parts, TokenRow(**{**row.__dict__, "uses_left": 0}), NOW),
     }
@@ -75,7 +75,7 @@ def test_refusals_are_one_line_and_never_quote_the_secret() -> None:
         assert says in message and "\n" not in message and parts.secret not in message, message
     # A forger learns nothing about the token's expiry or uses: the secret is checked first.
     with pytest.raises(Unauthorized, match="forged"):
-        auth.check_token(auth.TokenParts(CA_HASH, parts.id, "0" * 32), CA_HASH, TokenRow(**{**row.__dict__, "uses_left": 0}),
+        auth.check_token(TokenParts(CA_HASH, parts.id, "0" * 32), CA_HASH, TokenRow(**{**row.__dict__, "uses_left": 0}),
                          NOW + 7200)
 
 

@@ -6,16 +6,18 @@ In process, secured as `center serve` serves it, callers presenting certificates
 own CA. The admin calls every route but the heartbeat, which host-a (joined before the run) sends
 for itself. Half of the generated bodies carry what gets past the first refusals: a join token
 that may join any number of hosts, an address and two good CSRs, the admin's password and a CSR, the
-protocol version of a heartbeat. Passwords are hashed at a low scrypt cost to keep the run short.
+protocol version of a heartbeat, a datastore's URLs. Passwords are hashed at a low scrypt cost to keep the run short.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from kvmotion.api.center import PROTOCOL_VERSION, ClusterSettings, JoinRequest
+from kvmotion.api.center import PROTOCOL_VERSION, ClusterSettings, DatastoreSpec, JoinRequest
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.serving import Security, secure
 from kvmotion.center.app import create_app
@@ -33,6 +35,20 @@ PUBLIC = frozenset({"POST /v1/join", "POST /v1/login"})
 ADMIN_READS = frozenset({"GET /v1/users", "GET /v1/tokens"})
 ADMIN_EXAMPLES = 110  # per operation and generation mode
 MIN_ADMIN_REQUESTS = 2000
+DATASTORE = {"nbd_url": "nbds://127.0.0.1:10809", "control_url": "https://127.0.0.1:10810"}
+
+
+# SQLite writes its files from C, out of sight of the harness's audit hook: every database the run
+# opens is recorded here instead (the store opens one connection per worker thread as it needs them).
+_databases: list[str] | None = None
+
+
+def _on_audit(event: str, args: tuple) -> None:
+    if event == "sqlite3.connect" and _databases is not None:
+        _databases.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_on_audit)
 
 
 class WithDefault:
@@ -60,6 +76,7 @@ class CenterUnderTest:
         self.ca = TestCA(self.data)
         self.join_fields = {"token": self.token, "host_csr": new_key_and_csr()[1], "qemu_csr": new_key_and_csr()[1]}
         center.join(JoinRequest(name="host-a", address="127.0.0.1", **self.join_fields))
+        center.add_datastore(DatastoreSpec(name="ds1", **DATASTORE), ADMIN)
         self.token_id = center.tokens()[0].id
         self.app = secure(create_app(center), Security(tls_files=None, audit_log=self.data / "audit.log",
                                                        quiet=("/heartbeat",), optional_client_cert=True), "center")
@@ -69,10 +86,10 @@ class CenterUnderTest:
 
     def fuzz(self, examples: int, caller, expect=None) -> FuzzReport:  # type: ignore[no-untyped-def]
         return fuzz(WithDefault(self.app, self.pem(ADMIN)), roots=[self.data], examples=examples, caller=caller,
-                    expect=expect, known={"name": ["host-a"], "token_id": [self.token_id]},
+                    expect=expect, known={"name": ["host-a", "ds1"], "token_id": [self.token_id]},
                     bodies={"POST /v1/join": {**self.join_fields, "address": "127.0.0.2"},
                             "POST /v1/login": {"user": "admin", "password": self.password, "csr": new_key_and_csr()[1]},
-                            HEARTBEAT: {"version": PROTOCOL_VERSION}})
+                            "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION}})
 
 
 @pytest.fixture
@@ -83,6 +100,7 @@ def center(tmp_path: Path):
 
 
 def test_admin_fuzz(center: CenterUnderTest) -> None:
+    global _databases
     admin, host = center.pem(ADMIN), center.pem(HOST)
 
     def expect(case, response) -> str | None:  # type: ignore[no-untyped-def]
@@ -92,12 +110,19 @@ def test_admin_fuzz(center: CenterUnderTest) -> None:
             return None  # host-a sending another host's heartbeat: refused, as it must be
         return "the admin (or host-a for its own heartbeat) refused"
 
-    report = center.fuzz(ADMIN_EXAMPLES, caller=lambda label: host if label == HEARTBEAT else admin, expect=expect)
+    _databases = []
+    try:
+        report = center.fuzz(ADMIN_EXAMPLES, caller=lambda label: host if label == HEARTBEAT else admin, expect=expect)
+        opened = set(_databases)
+    finally:
+        _databases = None
+    assert opened == {os.path.realpath(center.data / "center.db")}
     print(report.summary(), report.table(), sep="\n")
     report.assert_clean(min_requests=MIN_ADMIN_REQUESTS)
     assert len(report.per_operation) == 17  # every operation of the document was called
     ok = {op for (op, status), n in report.by_operation_status.items() if 200 <= status < 300}
-    assert {"POST /v1/join", "POST /v1/login", HEARTBEAT, "POST /v1/users", "POST /v1/tokens"} <= ok  # past the refusals
+    assert {"POST /v1/join", "POST /v1/login", HEARTBEAT, "POST /v1/users", "POST /v1/tokens", "POST /v1/datastores",
+            "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
 
 
 def test_viewer_changes_refused_fuzz(center: CenterUnderTest) -> None:
