@@ -97,12 +97,12 @@ class Security:
     tls_files: tuple[Path, Path, Path] | None
     audit_log: Path | None
     limits: Limits = field(default_factory=Limits)
-    # Successful calls the audit log leaves out (path suffixes), e.g. lease renewals every few seconds.
-    quiet: tuple[str, ...] = ()
-    insecure: bool = False
     # TLS clients may come without a certificate (the center: join and login issue the first one);
     # one of another CA still gets no connection. Routes refuse callers without one (401).
     optional_client_cert: bool = False
+    # Successful calls the audit log leaves out (path suffixes), e.g. lease renewals every few seconds.
+    quiet: tuple[str, ...] = ()
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.insecure and self.tls_files is not None:
