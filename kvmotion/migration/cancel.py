@@ -128,6 +128,6 @@ async def cancel_migration(ask: Ask, pid: int | None, wait: float) -> MigrationS
             except (OSError, ValueError) as exc:
                 log.warning("QEMU %s: breaking off its stalled migration stream failed: %s", pid, exc)
             else:
-                log.info("QEMU %s: the cancelled migration stream made no progress for %.0f s: shut down %d of its "
-                         "sockets, channel 0's first", pid, CANCEL_STALL, n)
+                log.warning("QEMU %s: the cancelled migration stream made no progress for %.0f s: shut down %d of "
+                            "its sockets, channel 0's first", pid, CANCEL_STALL, n)
         await asyncio.sleep(CANCEL_POLL)
