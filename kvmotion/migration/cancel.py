@@ -84,12 +84,21 @@ class CancelWatch:
         return now - self.since >= CANCEL_STALL
 
 
-def break_stalled_stream(pid: int) -> int:
+@dataclass(frozen=True)
+class Broken:
+    shut: int  # sockets shut down
+    first: bool  # channel 0's first, and waited for its sender
+
+    def __str__(self) -> str:
+        return f"shut down {self.shut} of its sockets" + (", channel 0's first" if self.first else " at once")
+
+
+def break_stalled_stream(pid: int) -> Broken:
     """Shut down the stalled stream's sockets of the source QEMU `pid` in the order of
-    break_plan. Returns how many sockets were shut down (blocking: run it in a thread)."""
+    break_plan (blocking: run it in a thread)."""
     plan = break_plan(blocked_writes(pid), tcp_sockets(pid))
     if plan is None:
-        return 0
+        return Broken(shut=0, first=False)
     done = 0
     if plan.first is not None and shutdown_socket(pid, plan.first.fd, plan.first.inode):
         done += 1
@@ -103,7 +112,7 @@ def break_stalled_stream(pid: int) -> int:
     for s in tcp_sockets(pid):
         if s.peer in plan.peers and (plan.first is None or s.fd != plan.first.fd):
             done += shutdown_socket(pid, s.fd, s.inode)
-    return done
+    return Broken(shut=done, first=plan.first is not None)
 
 
 Ask = Callable[..., Awaitable[object]]
@@ -124,10 +133,10 @@ async def cancel_migration(ask: Ask, pid: int | None, wait: float) -> MigrationS
         if not broken and watch.held(sample, time.monotonic()):
             broken = True
             try:
-                n = await asyncio.to_thread(break_stalled_stream, pid)  # type: ignore[arg-type]
+                done = await asyncio.to_thread(break_stalled_stream, pid)  # type: ignore[arg-type]
             except (OSError, ValueError) as exc:
                 log.warning("QEMU %s: breaking off its stalled migration stream failed: %s", pid, exc)
             else:
-                log.warning("QEMU %s: the cancelled migration stream made no progress for %.0f s: shut down %d of "
-                            "its sockets, channel 0's first", pid, CANCEL_STALL, n)
+                log.warning("QEMU %s: the cancelled migration stream made no progress for %.0f s: %s", pid,
+                            CANCEL_STALL, done)
         await asyncio.sleep(CANCEL_POLL)

@@ -98,7 +98,7 @@ class FakeQemu:
 def test_the_rest_is_shut_down_only_once_channel_0_s_sender_left_its_write(monkeypatch):
     fake = FakeQemu([_w("mig/src/send_1", 22), _w("mig/src/send_0", 21)])
     fake.install(monkeypatch)
-    assert cancel.break_stalled_stream(1234) == 4
+    assert cancel.break_stalled_stream(1234) == cancel.Broken(shut=4, first=True)
     assert fake.calls == [("shutdown", 21, 1021), ("look", 21), ("look", 21),
                           ("shutdown", 20, 1020), ("shutdown", 22, 1022), ("shutdown", 23, 1023)]
 
@@ -106,7 +106,7 @@ def test_the_rest_is_shut_down_only_once_channel_0_s_sender_left_its_write(monke
 def test_a_stream_no_migration_thread_waits_on_is_left_alone(monkeypatch):
     fake = FakeQemu([_w("qemu-system-x86", 30)])
     fake.install(monkeypatch)
-    assert cancel.break_stalled_stream(1234) == 0
+    assert cancel.break_stalled_stream(1234) == cancel.Broken(shut=0, first=False)
     assert fake.calls == []
 
 
@@ -127,7 +127,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(cancel, "CANCEL_STALL", 0.05)
     monkeypatch.setattr(cancel, "CANCEL_POLL", 0.005)
     broken: list[int] = []
-    monkeypatch.setattr(cancel, "break_stalled_stream", lambda pid: broken.append(pid) or 4)
+    monkeypatch.setattr(cancel, "break_stalled_stream", lambda pid: broken.append(pid) or cancel.Broken(4, True))
     return broken
 
 
@@ -149,3 +149,11 @@ def test_without_a_process_nothing_is_broken(fast):
     monitor = FakeMonitor([{"status": "cancelling", "ram": {"transferred": 7}}])
     assert asyncio.run(cancel.cancel_migration(monitor.ask, None, 0.2)).value == "cancelling"
     assert fast == []
+
+
+def test_without_channel_0_the_sockets_go_at_once(monkeypatch):
+    fake = FakeQemu([_w("mig/src/send_2", 23)])
+    fake.install(monkeypatch)
+    assert cancel.break_stalled_stream(1234) == cancel.Broken(shut=4, first=False)
+    assert [c for c in fake.calls if c[0] == "look"] == []
+    assert str(cancel.Broken(shut=4, first=False)) == "shut down 4 of its sockets at once"
