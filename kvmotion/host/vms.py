@@ -21,6 +21,7 @@ from pathlib import Path
 from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
 from kvmotion.host import resources
 from kvmotion.host.store import VmRecord, VmStore
+from kvmotion.migration.cancel import cancel_migration
 from kvmotion.qemu import confine
 from kvmotion.qemu.accel import AccelChoice
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node, process_tag
@@ -33,6 +34,7 @@ log = logging.getLogger("kvmotion.agent")
 READY_MARK = b"KVMOTION READY"
 LEASE_RENEW_INTERVAL = 5.0  # s; datastore leases expire after 15 s by default
 LEASE_RETRY_INTERVAL = 1.0  # s; after a failed renewal: an unreachable datastore may be back any moment
+ORPHAN_CANCEL_WAIT = 5.0  # s a restarted agent waits for QEMU to end the migration it cancels
 # Memory the host keeps for itself and QEMU's own overhead when admitting VMs.
 HOST_RESERVE = 256 << 20
 
@@ -248,12 +250,8 @@ class VmManager:
         # VM, so the leases come back before QEMU resumes it (it does so itself on cancel).
         if status == "pre-switchover" and not await self._reclaim_leases(vm):
             return
-        await vm.qmp.execute("migrate_cancel")
-        for _ in range(200):
-            final = (await vm.qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
-            if final in ("cancelled", "failed", "completed"):
-                break
-            await asyncio.sleep(0.025)
+        # A stalled stream is broken off in the order QEMU 10.0 survives (migration/cancel.py).
+        final = (await cancel_migration(vm.qmp.execute, vm.proc.pid if vm.proc else None, ORPHAN_CANCEL_WAIT)).value
         # Only a migration that did not complete may resume here: a completed one may run elsewhere.
         if final not in ("cancelled", "failed"):
             return

@@ -35,6 +35,7 @@ from kvmotion.host.store import write_atomic
 from kvmotion.host.vms import HOST_RESERVE, VmManager, VmState
 from kvmotion.jsonio import as_json
 from kvmotion.migration import policy as pol
+from kvmotion.migration.cancel import cancel_migration
 from kvmotion.migration.checks import HostFacts, errors_of, run_checks
 from kvmotion.migration.facts import cpu_models, datastores_reached, facts_from_json, facts_to_json
 from kvmotion.migration.hooks import SwitchoverContext, default_hooks
@@ -53,6 +54,7 @@ COMMIT_RETRY = 20.0  # s the source keeps asking an unreachable destination agen
 STALL_TIMEOUT = 10.0  # s without a byte reaching the destination before the stream counts as stalled
 CLEANUP_TIMEOUT = 10.0  # s for the destination to destroy its shadow on rollback
 ROLLBACK_STEP_TIMEOUT = 15.0  # s one QMP command on the source may take during a rollback
+CANCEL_WAIT = 10.0  # s the source's QEMU may take to end a cancelled stream before it resumes anyway
 ORPHAN_TIMEOUT = 30.0  # s a shadow waits for a source agent it cannot reach (> COMMIT_RETRY: the source gave up by then)
 COMMIT_TIMEOUT = 20.0  # s one commit may take: loading the stream's end (INCOMING_SETTLE) plus resume
 RESOLVE_INTERVAL = 2.0  # s between tries to settle a commit whose outcome is unknown
@@ -936,12 +938,8 @@ class MigrationService:
             try:
                 status = MigrationSample.from_qmp(await ask("query-migrate")).status  # type: ignore[arg-type]
                 if not status.is_terminal and status is not MigrationStatus.NONE:
-                    await ask("migrate_cancel")
-                    for _ in range(400):
-                        status = MigrationSample.from_qmp(await ask("query-migrate")).status  # type: ignore[arg-type]
-                        if status.is_terminal:
-                            break
-                        await asyncio.sleep(0.025)
+                    # A stalled stream is broken off in the order QEMU 10.0 survives (migration/cancel.py).
+                    await cancel_migration(ask, self.manager.status(rec.vm).pid, CANCEL_WAIT)
                 run = await ask("query-status")
                 if run["status"] != "running":  # type: ignore[index]
                     await ask("cont")

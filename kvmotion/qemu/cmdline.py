@@ -116,7 +116,8 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         _plain(value)
     argv = [
         binary,
-        "-name", f"{spec.name},process={process_tag(spec)}",
+        # Named threads (mig/src/send_0, ...): a stalled migration is cancelled by them (migration/cancel.py).
+        "-name", f"{spec.name},debug-threads=on,process={process_tag(spec)}",
         "-machine", f"{MACHINE},accel={ctx.accel.value}",
         "-cpu", cpu,
         "-m", f"{spec.memory >> 20}M",

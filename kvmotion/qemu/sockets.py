@@ -6,7 +6,8 @@ the destination can resume (measured ~45 ms on a 1 Gbit/s link with three migrat
 TCP_NOTSENT_LOWAT bounds that backlog per socket. On the destination, what sits in the receive
 buffers is loaded after the source has finished: a small SO_RCVBUF bounds that. Socket options
 belong to the socket, not to the descriptor, so a duplicate taken with pidfd_getfd changes QEMU's
-own socket.
+own socket. The same duplicates shut a stalled stream's sockets down, and /proc tells which of
+QEMU's threads is blocked writing to which socket (kvmotion/migration/cancel.py needs the order).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ctypes
 import dataclasses
 import ipaddress
 import os
+import platform
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ TCP_NOTSENT_LOWAT = 25  # linux/tcp.h; Python's socket module does not name it
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past net.core.rmem_max, for CAP_NET_ADMIN
 TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # the state column of /proc/net/tcp (include/net/tcp_states.h)
 TCP_STATE_ESTABLISHED = 1  # the same state as tcp_info's first byte
+# write(2), writev(2), sendto(2), sendmsg(2): the numbers /proc/PID/task/TID/syscall shows, per architecture
+WRITE_SYSCALLS = {"x86_64": frozenset({1, 20, 44, 46}), "aarch64": frozenset({64, 66, 206, 211})}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -37,6 +41,7 @@ class TcpSocket:
     unsent: int  # tx_queue: bytes not yet acknowledged by the peer
     local: tuple[str, int] = ("", 0)
     state: str = TCP_ESTABLISHED
+    inode: int = 0
 
     @property
     def listening(self) -> bool:
@@ -65,7 +70,7 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
         for line in lines:
             f = line.split()
             by_inode[int(f[9])] = TcpSocket(fd=-1, peer=_addr(f[2]), unsent=int(f[4].split(":")[0], 16),
-                                            local=_addr(f[1]), state=f[3])
+                                            local=_addr(f[1]), state=f[3], inode=int(f[9]))
     found = []
     fd_dir = Path(f"/proc/{pid}/fd")
     for entry in fd_dir.iterdir():
@@ -179,3 +184,71 @@ def limit_receive_buffer(pid: int, port: int, size: int) -> int:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
             got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     return got
+
+
+@dataclass(frozen=True)
+class BlockedWrite:
+    """A thread of a process, blocked in a write to one of the process's sockets."""
+
+    thread: str  # the thread's name (QEMU names its threads with -name debug-threads=on)
+    tid: int
+    fd: int
+    inode: int  # the socket's: a descriptor closed and reused meanwhile is never touched
+
+
+def _write_in_progress(pid: int, tid: int) -> int | None:
+    """The descriptor thread `tid` of `pid` is inside a write call on, or None (running, waiting
+    on something else, gone, or an architecture whose numbers we do not know)."""
+    calls = WRITE_SYSCALLS.get(platform.machine())
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    except OSError:
+        return None
+    if calls is None or len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) not in calls:
+        return None
+    return int(fields[1], 16)
+
+
+def blocked_writes(pid: int) -> list[BlockedWrite]:
+    """The threads of `pid` inside a write to one of its sockets (from /proc: QEMU's monitor is
+    not needed, so this works while its big lock is held)."""
+    found = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:
+        tid = int(task.name)
+        fd = _write_in_progress(pid, tid)
+        if fd is None:
+            continue
+        try:
+            name = (task / "comm").read_text().strip()
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # the thread or the descriptor is gone meanwhile
+        if target.startswith("socket:["):
+            found.append(BlockedWrite(thread=name, tid=tid, fd=fd, inode=int(target[8:-1])))
+    return found
+
+
+def still_writing(pid: int, w: BlockedWrite) -> bool:
+    """Whether the thread of `w` is still inside a write on that descriptor."""
+    return _write_in_progress(pid, w.tid) == w.fd
+
+
+def shutdown_socket(pid: int, fd: int, inode: int) -> bool:
+    """Shut down `pid`'s socket `fd` if that descriptor still is socket `inode` (checked on our
+    duplicate, which keeps it from being reused under us). False when it is not."""
+    try:
+        sock = _dup(pid, fd)
+    except OSError:
+        return False  # closed meanwhile
+    with sock:
+        if os.fstat(sock.fileno()).st_ino != inode:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False  # not connected any more: nothing left to shut down
+    return True

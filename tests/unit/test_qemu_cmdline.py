@@ -58,7 +58,7 @@ def test_devices_mean_what_the_option_strings_meant() -> None:
     argv = _argv(SPEC, Path("/run/kv/web1"))
     built = [(w, json.loads(argv[i + 1])) for i, w in enumerate(argv) if w in ("-device", "-netdev")]
     assert built == [(opt, _options(opt, text)) for opt, text in OLD_DEVICES]
-    assert argv[argv.index("-name") + 1] == "web1,process=kvmotion:web1"
+    assert argv[argv.index("-name") + 1] == "web1,debug-threads=on,process=kvmotion:web1"
     assert argv[argv.index("-cpu") + 1] == "qemu64"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -152,3 +153,58 @@ def test_receive_buffer_set_on_a_listener_is_inherited_by_what_it_accepts():
     finally:
         proc.kill()
         proc.wait()
+
+
+WRITER = """
+import ctypes, socket, sys, threading, time
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def write():
+    ctypes.CDLL(None).prctl(15, b"mig/src/send_0")  # PR_SET_NAME: this thread's name, as QEMU's
+    try:
+        while True:
+            conn.sendall(b"x" * 65536)
+    except OSError as exc:
+        print("failed", exc.errno, flush=True)
+threading.Thread(target=write).start()
+print(conn.fileno(), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture()
+def child_blocked_in_a_write():
+    """A child whose thread 'mig/src/send_0' writes to a peer that reads nothing: it blocks."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(listener.getsockname()[1])], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        fd = int(proc.stdout.readline())
+        peer, _ = listener.accept()
+        deadline = time.monotonic() + 10
+        while not (found := sockets.blocked_writes(proc.pid)):
+            assert time.monotonic() < deadline, "the child's writer never blocked"
+            time.sleep(0.02)
+        yield proc, fd, found
+        peer.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def test_a_thread_blocked_in_a_write_is_found_by_name_descriptor_and_socket(child_blocked_in_a_write):
+    proc, fd, found = child_blocked_in_a_write
+    [w] = found
+    assert (w.thread, w.fd) == ("mig/src/send_0", fd)
+    assert os.readlink(f"/proc/{proc.pid}/fd/{fd}") == f"socket:[{w.inode}]"
+    assert sockets.still_writing(proc.pid, w)
+
+
+def test_shutdown_socket_fails_the_blocked_write_and_checks_the_socket_first(child_blocked_in_a_write):
+    proc, fd, [w] = child_blocked_in_a_write
+    assert not sockets.shutdown_socket(proc.pid, fd, w.inode + 1)  # another socket now: left alone
+    assert sockets.still_writing(proc.pid, w)
+    assert sockets.shutdown_socket(proc.pid, fd, w.inode)
+    assert proc.stdout.readline().split() == ["failed", str(errno.EPIPE)]
+    assert not sockets.still_writing(proc.pid, w)
+    assert not sockets.shutdown_socket(proc.pid, 999, w.inode)  # no such descriptor
