@@ -334,7 +334,7 @@ class VmManager:
         if disk.datastore is not None:
             from kvmotion.storage.host import check_disk  # datastore disks are checked by the storage layer
 
-            check_disk(disk)
+            check_disk(disk, self.config.name)
             return
         path = self.local_disk_path(disk)
         if path.exists():
@@ -403,8 +403,16 @@ class VmManager:
             disk_nodes=self._disk_nodes(spec),
             incoming=incoming,
             paused=incoming,
+            objects=self._qemu_objects(spec),
         )
         return build_argv(spec, self._paths(spec.name), ctx)
+
+    def _qemu_objects(self, spec: VmSpec) -> tuple[dict, ...]:
+        if not spec.on_datastore:
+            return ()
+        from kvmotion.storage.host import qemu_objects
+
+        return qemu_objects(spec, self.config.name)
 
     async def start(self, name: str, *, wait_ready: bool = False, timeout: float = 60.0, incoming: bool = False) -> VmStatus:
         vm = self._vm(name)

@@ -57,6 +57,7 @@ class HostContext:
     disk_nodes: tuple[dict, ...]  # QEMU -blockdev protocol-node options, one per disk, in disk order
     incoming: bool = False  # shadow VM: wait for a migration stream (set later via migrate-incoming)
     paused: bool = False  # -S: do not run until told (a shadow resumes only at commit)
+    objects: tuple[dict, ...] = ()  # QEMU -object options (JSON), e.g. TLS credentials the disk nodes name
 
 
 def process_tag(spec: VmSpec) -> str:
@@ -91,6 +92,8 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         "-no-reboot",
         "-msg", "timestamp=on",
     ]
+    for obj in ctx.objects:
+        argv += ["-object", json.dumps(obj, sort_keys=True)]
     for i, node in enumerate(ctx.disk_nodes):
         proto = dict(node, **{"node-name": f"disk{i}-proto"})
         fmt = {"driver": "raw", "node-name": f"disk{i}", "file": f"disk{i}-proto"}

@@ -1,9 +1,16 @@
-"""`kvmotion datastore serve`: nbdkit (data, NBD) plus the control API (HTTP) in one service.
+"""`kvmotion datastore serve`: nbdkit (data, NBD) plus the control API (HTTPS) in one service.
 
 nbdkit runs as a child (--exit-with-parent) with kvmotion/storage/nbd_plugin.py; the control
 API runs in this process under uvicorn. They share nothing but the files under the root, so the
 service can be restarted at will: disks and lease state are on disk, and QEMU's NBD client
 reconnects by itself (see attach.py).
+
+Secure (the default): nbdkit listens only on a Unix socket in a private (0700) folder; the NBD
+port belongs to this process's TLS front end (nbd_front.py), which takes the client's identity
+from its certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST (nbd_gate.py). The
+control API requires a client certificate of the cluster CA, and every mutating call goes to the
+audit log (<root>/.kvmotion/audit.log). With --insecure nbdkit serves plain NBD on the port and
+the API is plain HTTP, with a warning on every start.
 """
 
 from __future__ import annotations
@@ -24,15 +31,20 @@ from pathlib import Path
 
 import uvicorn
 
+from kvmotion.api.serving import AuditLog, Limits, Security, insecure_warning, make_server
 from kvmotion.errors import SetupError
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.address import Endpoint
-from kvmotion.storage.api import create_app
+from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
+from kvmotion.storage.leasefile import META_DIR
 from kvmotion.units import format_duration
 
 READY_TIMEOUT = 15.0
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
+KEEP_ALIVE = 30.0  # s an idle API connection stays open (hosts renew every 5 s: theirs stay warm)
+STOP_GRACE = 3  # s for API calls in flight at a stop (a TLS connection's close waits for its peer)
+AUDIT_LOG = "audit.log"  # under <root>/.kvmotion
 _TRACEBACK_START = re.compile(r"^nbdkit: .*error: .*Traceback \(most recent call last\):")
 
 
@@ -41,21 +53,36 @@ class ServeConfig:
     name: str
     root: Path
     listen: Endpoint  # NBD
-    control: Endpoint  # HTTP control API
+    control: Endpoint  # HTTP(S) control API
     lease_ttl: float
     nbdkit_threads: int = 16
+    # The datastore's certificate folder (server-cert.pem, server-key.pem, ca-cert.pem); None: --insecure.
+    cert_dir: Path | None = None
+    limits: Limits = Limits()
+
+    @property
+    def insecure(self) -> bool:
+        return self.cert_dir is None
+
+    @property
+    def tls_files(self) -> tuple[Path, Path, Path] | None:
+        from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
+
+        d = self.cert_dir
+        return None if d is None else (d / SERVER_CERT, d / SERVER_KEY, d / CA_CERT)
 
 
-def nbdkit_command(cfg: ServeConfig, pidfile: Path) -> list[str]:
+def nbdkit_command(cfg: ServeConfig, pidfile: Path, unix: Path | None = None) -> list[str]:
+    """nbdkit on the NBD port (--insecure), or only on the Unix socket `unix` behind the TLS front end."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise SetupError("nbdkit not found: apt-get install nbdkit nbdkit-plugin-python")
+    where = ["--unix", str(unix)] if unix is not None else ["--ipaddr", cfg.listen.host, "--port", str(cfg.listen.port)]
     return [
         nbdkit,
         "--foreground",
         "--exit-with-parent",
-        "--ipaddr", cfg.listen.host,
-        "--port", str(cfg.listen.port),
+        *where,
         "--pidfile", str(pidfile),
         "--threads", str(cfg.nbdkit_threads),
         "python", str(nbd_plugin_path()),
@@ -151,7 +178,14 @@ async def _heartbeat(ds: Datastore) -> None:
 
 async def _serve(cfg: ServeConfig) -> None:
     ds = Datastore(cfg.name, cfg.root, cfg.lease_ttl)
+    tls_files = cfg.tls_files
+    security = Security(tls_files=tls_files, audit_log=cfg.root / META_DIR / AUDIT_LOG, limits=cfg.limits,
+                        quiet=(RENEW_SUFFIX,))  # checks the certificate files before anything starts
     control_sock = _bind(cfg.control)
+    if cfg.insecure:
+        print(insecure_warning(f"datastore {cfg.name} (control {cfg.control})"), file=sys.stderr, flush=True)
+        print(f"WARNING: datastore {cfg.name} serves NBD in plain text with --insecure: whoever reaches "
+              f"{cfg.listen} reads every disk and writes as any host that holds a lease", file=sys.stderr, flush=True)
     # Before nbdkit takes writes: holders could not renew while the service was down, and the
     # writes their QEMU queued meanwhile (reconnect-delay) must not be refused as expired.
     resumed = ds.resume_after_outage()
@@ -163,10 +197,17 @@ async def _serve(cfg: ServeConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:
+    front = None
+    with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:  # mode 0700: nbdkit's socket is ours alone
         pidfile = Path(tmp) / "nbdkit.pid"
+        unix = None if cfg.insecure else Path(tmp) / "nbdkit.sock"
+        if tls_files is not None and unix is not None:  # binds the NBD port now: a busy port fails the start
+            from kvmotion.storage.nbd_front import NbdFront, server_context
+
+            front = NbdFront(cfg.listen, server_context(*tls_files), unix,
+                             AuditLog(security.audit_log) if security.audit_log else None)
         proc = await asyncio.create_subprocess_exec(
-            *nbdkit_command(cfg, pidfile), stdin=asyncio.subprocess.DEVNULL,
+            *nbdkit_command(cfg, pidfile, unix), stdin=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stderr is not None
@@ -176,16 +217,18 @@ async def _serve(cfg: ServeConfig) -> None:
             await _wait_ready(proc, pidfile, filt, cfg.listen)
             for line in filt.started():
                 sys.stderr.write(line)
-            server = _QuietServer(
-                uvicorn.Config(create_app(ds), log_level="warning", access_log=False, lifespan="off")
-            )
+            if front is not None:
+                front.start()
+            server = make_server(create_app(ds), security, f"datastore {cfg.name}", lifespan="off",
+                                 access_log=False, timeout_keep_alive=int(KEEP_ALIVE), server_class=_QuietServer)
             loop = asyncio.get_running_loop()
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            nbd, api = ("nbd", "http") if cfg.insecure else ("nbds", "https")
             print(
-                f"datastore {cfg.name}: NBD {cfg.listen.nbd_url} (nbdkit pid {proc.pid}), "
-                f"control {cfg.control.http_url}, root {cfg.root}, "
+                f"datastore {cfg.name}: NBD {cfg.listen.url(nbd)} (nbdkit pid {proc.pid}"
+                f"{'' if cfg.insecure else ', TLS front end'}), control {cfg.control.url(api)}, root {cfg.root}, "
                 f"lease TTL {format_duration(cfg.lease_ttl)}",
                 file=sys.stderr,
                 flush=True,
@@ -196,12 +239,16 @@ async def _serve(cfg: ServeConfig) -> None:
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({serving, nbdkit_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
+            if not (await asyncio.wait({serving}, timeout=STOP_GRACE))[0]:
+                server.force_exit = True  # idle TLS clients that never answer the close
             await serving
             stopping.cancel()
             beating.cancel()
             if nbdkit_exit.done():
                 raise SetupError(f"nbdkit exited unexpectedly ({proc.returncode}); datastore stopped")
         finally:
+            if front is not None:
+                await asyncio.to_thread(front.close)
             if proc.returncode is None:
                 proc.terminate()
                 try:

@@ -43,3 +43,16 @@ def test_nbdkit_command(tmp_path: Path) -> None:
     assert "--exit-with-parent" in argv
     assert argv[-3:] == ["python", str(nbd_plugin_path()), f"root={tmp_path}"]
     assert nbd_plugin_path().is_file()
+
+
+def test_nbdkit_behind_the_tls_front_end_listens_on_a_unix_socket_only(tmp_path: Path) -> None:
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit not installed")
+    cfg = ServeConfig("ds1", tmp_path, Endpoint("10.77.0.1", 10809), Endpoint("10.77.0.1", 10810), 15.0,
+                      cert_dir=tmp_path / "certs")
+    assert not cfg.insecure and cfg.tls_files == (tmp_path / "certs" / "server-cert.pem",
+                                                  tmp_path / "certs" / "server-key.pem", tmp_path / "certs" / "ca-cert.pem")
+    argv = nbdkit_command(cfg, tmp_path / "pid", tmp_path / "nbdkit.sock")
+    assert argv[argv.index("--unix") + 1] == str(tmp_path / "nbdkit.sock")
+    assert "--port" not in argv and "--ipaddr" not in argv
+    assert ServeConfig("ds1", tmp_path, Endpoint("h", 1), Endpoint("h", 2), 15.0).insecure
