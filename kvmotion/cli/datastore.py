@@ -41,7 +41,7 @@ def serve(
     """Serve a datastore: nbdkit for the disks (NBD over TLS) and the control API (HTTPS), until stopped."""
     from kvmotion.api.serving import Limits
     from kvmotion.cluster.tls import datastore_dir
-    from kvmotion.errors import InvalidInput
+    from kvmotion.errors import InvalidInput, SetupError
     from kvmotion.qemu.spec import check_name
     from kvmotion.storage.server import ServeConfig, run
     from kvmotion.units import parse_size
@@ -50,13 +50,20 @@ def serve(
     if insecure and cert_dir is not None:
         raise InvalidInput("--cert-dir and --insecure exclude each other: certificates are for TLS")
     nbd = parse_listen(listen)
+    certs = None if insecure else (cert_dir or datastore_dir(name)).resolve()
+    missing = [f.name for f in (certs / "server-cert.pem", certs / "server-key.pem", certs / "ca-cert.pem")
+               if not f.exists()] if certs is not None else []
+    if missing:
+        raise SetupError(f"{certs} lacks {', '.join(missing)}: issue the datastore's certificate with "
+                         f"`kvmotion cluster cert {name} --datastore --ip ADDRESS` (or serve with --insecure on a "
+                         "trusted network)")
     cfg = ServeConfig(
         name=name,
         root=root.resolve(),
         listen=nbd,
         control=parse_listen(control) if control else nbd.next_port(),
         lease_ttl=parse_duration(lease_ttl),
-        cert_dir=None if insecure else (cert_dir or datastore_dir(name)).resolve(),
+        cert_dir=certs,
         limits=Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client),
     )
     run(cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.cluster.lab import DATASTORE
+from kvmotion.cluster.tls import client_context
 from kvmotion.guest.records import verify_image
 from kvmotion.guest.serial import DiskAck, DiskError, parse_line
 from kvmotion.net import lab as labmod
@@ -86,8 +87,12 @@ def highest_ack(lab: MigrationLab, vm: str) -> int:
 
 
 def datastore(lab: MigrationLab) -> DatastoreClient:
-    ref = Registry(lab.cluster.folder / "cluster" / "datastores.json").get(DATASTORE)
-    return DatastoreClient(ref.control_url, timeout=5)
+    """The lab's datastore, as its user admin (over TLS in an encrypted lab)."""
+    cluster = lab.cluster.folder / "cluster"
+    ref = Registry(cluster / "datastores.json").get(DATASTORE)
+    if not ref.tls:
+        return DatastoreClient(ref.control_url, timeout=5)
+    return DatastoreClient(ref.control_url, timeout=5, ssl_context=client_context(cluster / "users" / "admin"))
 
 
 def lease_of(lab: MigrationLab, disk: str) -> tuple[Lease | None, int]:
@@ -309,6 +314,7 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     the hook hands the lease to host-b, then rolls back while the lease is still live there (a
     transfer back, generation 3): the old NBD connection is fenced for good, so the hook puts a
     new one under the guest's disk, and once resumed the writer acknowledges new records."""
+    from kvmotion.api.identity import Identity, Kind
     from kvmotion.host.vms import HostConfig, VmManager
     from kvmotion.migration.hooks import DiskLeaseHook, SwitchoverContext
     from kvmotion.qemu import accel
@@ -317,7 +323,8 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     from tests.integration.test_datastore import Service
 
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
-    svc = Service(tmp_path / "ds1", ttl=15)
+    svc = Service(tmp_path / "ds1", ttl=15)  # its cluster folder is tmp_path/cluster, as the VmManager's
+    svc.creds(Identity(Kind.HOST, "host-a"))  # host-a's certificate, and its QEMUs'
     svc.start()
     try:
         Registry().add(DatastoreRef.make("ds1", svc.nbd_url))
