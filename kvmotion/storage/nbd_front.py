@@ -128,6 +128,7 @@ class NbdFront:
         self.context = context
         self.backend = backend
         self.audit = audit
+        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._open: set[_Session] = set()
         self._lock = threading.Lock()
@@ -156,7 +157,8 @@ class NbdFront:
         with self._lock:
             for session in list(self._open):
                 session.interrupt()
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)
 
     def _accept(self) -> None:
         while True:
@@ -165,7 +167,7 @@ class NbdFront:
             except OSError:
                 return  # closed
             if not self._slots.acquire(blocking=False):
-                _say(f"NBD from {peer[0]}: refused, {MAX_CONNECTIONS} connections open")
+                _say(f"NBD from {peer[0]}: refused, {self.max_connections} connections open")
                 conn.close()
                 continue
             session = _Session(self, conn, str(peer[0]))
