@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
 import signal
 import subprocess
@@ -239,8 +240,8 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
     wrate = writer_rate(lab.serial_log(src), offset if boot else 0) if cell.dirty_rate is not None else None
     try:
         time.sleep(PROBE_LEAD_S)
-        options = MigrationOptions(encrypted=lab.encrypted, policy=policy)
-        body = {"vm": VM, "destination": dst, "destination_url": lab.cluster.agent_url(dst), "options": options.__dict__}
+        # Encrypted or not is the lab cluster's policy; the agent finds `dst` in the lab's inventory.
+        body = {"vm": VM, "destination": dst, "options": dataclasses.asdict(MigrationOptions(policy=policy))}
         rec = a.request("POST", "/v1/migrations", json=body, timeout=60)
         mid = rec["id"]  # type: ignore[index]
         deadline = time.monotonic() + timeout + 60  # the policy's own completion timeout acts first
@@ -322,23 +323,33 @@ class BareQemu:
         from kvmotion.guest.image import ensure_image
         from kvmotion.qemu import accel as accel_mod
         from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+        from kvmotion.qemu.process import close_own_fds, open_fds
 
         self.host = lab.topo.host(host)
         self.tap = links.tap_name(spec.name, 0)
         netns.run_in_ns(self.host.ns, links.create_tap, self.tap, self.host.vm_bridge)
         image = ensure_image()
-        ctx = HostContext(
-            accel=accel_mod.choose().accel, kernel=image.kernel, initramfs=image.initramfs,
-            kernel_cmdline=kernel_cmdline(spec), taps=(self.tap,), disk_nodes=(), incoming=incoming, paused=incoming,
-        )
         self.paths = VmPaths(folder / f"qemu-{host}")
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.serial, self.paths.serial_log, self.paths.pidfile):
-            stale.unlink(missing_ok=True)
-        argv = build_argv(spec, self.paths, ctx)
-        with open(self.paths.qemu_log, "ab") as log:
-            self.proc = netns.popen_in_ns(self.host.ns, argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.paths.serial_log.unlink(missing_ok=True)
+        # The TAP and the run files by descriptor, as the agent passes them (kvmotion.qemu.process.open_fds).
+        tap_fd = netns.call_in_ns_thread(self.host.ns, links.open_tap, self.tap)
+        try:
+            fds = open_fds(self.paths, (tap_fd,))
+            try:
+                ctx = HostContext(
+                    accel=accel_mod.choose().accel, kernel=image.kernel, initramfs=image.initramfs,
+                    kernel_cmdline=kernel_cmdline(spec), fds=fds, disk_nodes=(), incoming=incoming, paused=incoming,
+                )
+                argv = build_argv(spec, self.paths, ctx)
+                with open(self.paths.qemu_log, "ab") as log:
+                    self.proc = netns.popen_in_ns(self.host.ns, argv, stdin=subprocess.DEVNULL, stdout=log,
+                                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                                  pass_fds=fds.passed())
+            finally:
+                close_own_fds(fds)
+        finally:
+            os.close(tap_fd)
         self.spec = spec
 
     def alive(self) -> bool:
@@ -372,7 +383,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                     src_host: str, dst_host: str) -> RunResult:
     # Its own name (so its own TAP and process tag): a QEMU of the agents' VM that is still going
     # away, or a reused pid, can then never be taken for it, nor it for the agents' VM.
-    spec = dataclasses.replace(guest_spec(cell, lab.topo, guest_announce=True), name=BASELINE_VM)
+    spec = guest_spec(cell, lab.topo, guest_announce=True).replace(name=BASELINE_VM)
     src = BareQemu(lab, src_host, spec, folder, incoming=False)
     dst: BareQemu | None = None
     probe: ClientProbe | None = None

@@ -192,7 +192,8 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
     from kvmotion.host.vms import HostConfig, VmManager
 
     size = parse_size(args.size)
-    local = tmp / "local.img"
+    local = tmp / "state" / "disks" / "local.img"  # a local disk is a file in the host's disk folder
+    local.parent.mkdir(parents=True)
     with open(local, "wb") as f:
         f.truncate(size)
     from kvmotion.storage.client import client_for
@@ -207,7 +208,7 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
                                accel=accel_mod.choose()))
     runs: dict[str, dict[str, list[FioResult]]] = {m.value: {t: [] for t in TARGETS} for m, _ in CASES}
     spec = VmSpec(name="stbench", memory=parse_size(args.memory), workloads=(Workload.IDLE,),
-                  disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=str(local))))
+                  disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=local.name)))
     try:
         Registry().add(ds.ref)
         with client_for(ds.ref) as client:  # as user admin

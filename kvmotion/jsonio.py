@@ -1,4 +1,4 @@
-"""Dataclasses <-> JSON-ready values, one place for enums, paths and tuples."""
+"""Dataclasses and pydantic models <-> JSON-ready values, one place for enums, paths and tuples."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import dataclasses
 from enum import Enum
 from pathlib import Path
 
+from pydantic import BaseModel
+
 
 def as_json(obj: object) -> object:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: as_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Enum):

@@ -44,3 +44,6 @@ SRC
     apt-get install -y -q -t bookworm-backports $BP_PKGS
     apt-get install -y -q $PKGS
 fi
+
+# The unprivileged user QEMU runs as.
+bash "$(dirname "$0")/qemu-user.sh"

@@ -8,6 +8,7 @@ Every certificate the cluster CA issues names one identity in its subject:
 - qemu:NAME       the QEMU processes of host NAME: NBD and migration streams only, never an API
 - datastore:NAME  a datastore service (its NBD and control listeners)
 - user:NAME       a person or script, with a role: viewer < operator < admin
+- center:NAME     the control plane (`kvmotion center`): serves its API, calls agents
 
 The kinds keep a compromised QEMU (which must read its key) from acting as its host's agent.
 Pure: no I/O beyond parsing a certificate.
@@ -36,6 +37,7 @@ class Kind(str, Enum):
     QEMU = "qemu"
     DATASTORE = "datastore"
     USER = "user"
+    CENTER = "center"
 
 
 class Role(str, Enum):
@@ -51,7 +53,7 @@ class Role(str, Enum):
 
 
 def check_user_name(name: str) -> str:
-    if not _USER_RE.match(name):
+    if not _USER_RE.fullmatch(name):
         raise InvalidInput(f"invalid user name {name!r}: 1-32 lowercase letters, digits, '.', '_' or '-', starting with a letter")
     return name
 
@@ -59,7 +61,7 @@ def check_user_name(name: str) -> str:
 def check_identity_name(kind: Kind, name: str) -> str:
     if kind is Kind.USER:
         return check_user_name(name)
-    if not _DNS_RE.match(name):
+    if not _DNS_RE.fullmatch(name):
         raise InvalidInput(f"invalid {kind.value} name {name!r}: use letters, digits, '-' and dots (a DNS name)")
     return name
 
@@ -102,9 +104,11 @@ class Identity:
         return x509.Name(attrs)
 
     def tls_dn(self) -> str:
-        """The subject as QEMU's TLS layer (GnuTLS, RFC 4514 order) prints a peer's name: what its
-        tls-authz objects match."""
-        return self.subject().rfc4514_string()
+        """The subject as QEMU's TLS layer prints a peer's name, what its tls-authz objects match:
+        GnuTLS's gnutls_x509_crt_get_dn keeps the certificate's attribute order (QEMU 10.0.2 says
+        "O=kvmotion,OU=qemu,CN=host-a"), unlike RFC 4514's reversed one. Names are DNS names:
+        nothing to escape."""
+        return ",".join(rdn.rfc4514_string() for rdn in self.subject().rdns)
 
 
 # What every caller is when a listener runs with --insecure: no certificates, no checks.

@@ -28,12 +28,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from kvmotion import errors
 from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
+from kvmotion.validation import describe_request_errors
 
 log = logging.getLogger("kvmotion.api")
 
@@ -44,7 +47,7 @@ Send = Callable[[Message], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATUS_OF: dict[type[errors.KvmotionError], int] = {
-    errors.InvalidInput: 400,
+    errors.InvalidInput: 422,  # as FastAPI answers a request its models refuse
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
@@ -88,20 +91,22 @@ class Limits:
 
 @dataclass(frozen=True)
 class Security:
-    """How a listener authenticates: `tls_files` (cert, key, CA) for mutual TLS, or None with
-    `insecure` (plain HTTP, every caller acts as an admin)."""
+    """How a listener authenticates: mutual TLS with `tls_files` (cert, key, CA), callers known by
+    their certificates; or `insecure` (plain HTTP, every caller acts as an admin)."""
 
     tls_files: tuple[Path, Path, Path] | None
     audit_log: Path | None
     limits: Limits = field(default_factory=Limits)
+    # TLS clients may come without a certificate (the center: join and login issue the first one);
+    # one of another CA still gets no connection. Routes refuse callers without one (401).
+    optional_client_cert: bool = False
     # Successful calls the audit log leaves out (path suffixes), e.g. lease renewals every few seconds.
     quiet: tuple[str, ...] = ()
-
-    @property
-    def insecure(self) -> bool:
-        return self.tls_files is None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
+        if self.insecure and self.tls_files is not None:
+            raise errors.InvalidInput("a listener is either insecure or served with TLS files, not both")
         if self.tls_files is not None:
             for path in self.tls_files:
                 if not path.exists():
@@ -134,27 +139,64 @@ def caller(conn: HTTPConnection) -> Identity:
 
 
 def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
-    """A FastAPI dependency: the caller, if `rule` allows it to `what`; 403 otherwise."""
+    """A FastAPI dependency: the caller, if `rule` allows it to `what`; 403 otherwise. On an
+    --insecure listener every caller is INSECURE and may do everything."""
 
     def dependency(conn: HTTPConnection) -> Identity:
         who = caller(conn)
         conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
-        return authorize(who, rule, what)
+        return who if who is INSECURE else authorize(who, rule, what)
 
+    dependency.checks_caller = True  # type: ignore[attr-defined]  # AuthorizedRoute runs it first
     return dependency
 
 
+class AuthorizedRoute(APIRoute):
+    """A route that runs its `allow` checks (its own and its dependencies') before FastAPI reads the
+    request body: a caller it refuses gets 403 whatever it sent, and no body is parsed for it.
+    (FastAPI reads the body before solving dependencies.) Use it as the route class of every
+    router of a secured app: `APIRouter(route_class=AuthorizedRoute)`, `app.router.route_class`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Any]]:
+        handler = super().get_route_handler()
+        checks = []
+        pending = list(self.dependant.dependencies)
+        while pending:
+            dep = pending.pop()
+            if getattr(dep.call, "checks_caller", False):
+                checks.append(dep.call)
+            pending.extend(dep.dependencies)
+        if not checks:
+            return handler
+
+        async def checked(request: Request) -> Any:
+            for check in checks:
+                check(request)
+            return await handler(request)
+
+        return checked
+
+
 # ---- errors ---------------------------------------------------------------------------------------
-def validation_message(exc: RequestValidationError) -> str:
-    """One line naming the first field that is wrong (pydantic's loc without the 'body' prefix)."""
-    problems = exc.errors()
-    if not problems:
-        return "invalid request"
-    first = problems[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    where = ".".join(loc) or "body"
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"invalid request: {where}: {str(first.get('msg', 'invalid')).splitlines()[0]}{more}"
+def request_error_message(request: Request, exc: RequestValidationError) -> str:
+    """One line naming the refused field; the body is called what its model calls itself."""
+    route = request.scope.get("route")
+    model = getattr(getattr(getattr(route, "body_field", None), "field_info", None), "annotation", None)
+    return describe_request_errors(exc.errors(), getattr(model, "_what", "request body"))
+
+
+# The kind of error an HTTP status raised by the framework itself (no route, a body it cannot read) stands for.
+KIND_OF_STATUS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict"}
+
+
+def http_error_message(request: Request, exc: HTTPException) -> str:
+    """One line for an HTTP error the framework raised before any route ran."""
+    where = repr(request.scope.get("path", ""))[:80]  # repr: a decoded path may hold newlines
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"no API route {request.method} {where}: see /openapi.json"
+    if exc.status_code == 405:
+        return f"method {request.method} is not allowed on {where}: see /openapi.json"
+    return f"{request.method} {where}: " + " ".join(str(exc.detail).split())
 
 
 def install_error_handlers(app: FastAPI, service: str) -> None:
@@ -164,7 +206,13 @@ def install_error_handlers(app: FastAPI, service: str) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content=error_body("InvalidInput", validation_message(exc)))
+        return JSONResponse(status_code=422, content=error_body("InvalidInput", request_error_message(request, exc)))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = KIND_OF_STATUS.get(exc.status_code, "InvalidInput" if exc.status_code < 500 else "KvmotionError")
+        return JSONResponse(status_code=exc.status_code, content=error_body(kind, http_error_message(request, exc)),
+                            headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -210,15 +258,22 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.time()
-        status = {"code": 0}
+        audited = False
+
+        def audit(status: int) -> None:
+            nonlocal audited
+            if not audited:
+                audited = True
+                self._audit(scope, started, status)
 
         async def send_tracked(message: Message) -> None:
+            # Written before the response leaves: a client that has its answer finds the entry.
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                audit(message["status"])
             elif message["type"] == "websocket.accept":
-                status["code"] = 101
-            elif message["type"] == "websocket.close" and not status["code"]:
-                status["code"] = 403
+                audit(101)
+            elif message["type"] == "websocket.close":
+                audit(403)
             await send(message)
 
         try:
@@ -228,7 +283,7 @@ class Guard:
                     return
             await self.app(scope, receive, send_tracked)
         finally:
-            self._audit(scope, started, status["code"])
+            audit(0)  # the client went away before any answer
 
     async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (JSON requests are small) up to the limit, then replay it."""
@@ -369,10 +424,13 @@ def make_server(app: FastAPI, security: Security, service: str, server_class: ty
                 **config: Any) -> uvicorn.Server:
     """A uvicorn server for `app` under `security` (serve it with server.serve(sockets=[...]));
     `server_class` e.g. to leave signal handling to the caller."""
+    if not security.insecure and security.tls_files is None:
+        raise errors.SetupError(f"{service} has no TLS certificate to serve with: issue one, or serve with --insecure")
     http, ws = _protocols(_Connections(security.limits))
     tls: dict[str, Any] = {}
     if security.tls_files is not None:
         cert, key, ca = security.tls_files
-        tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca),
+                   ssl_cert_reqs=ssl.CERT_OPTIONAL if security.optional_client_cert else ssl.CERT_REQUIRED)
     config.setdefault("log_level", "warning")
     return server_class(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))

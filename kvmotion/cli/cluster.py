@@ -38,7 +38,7 @@ def init(
     from kvmotion.cluster.tls import DEFAULT_USER
     from kvmotion.cluster.config import ClusterConfig, save_config
 
-    if cpu_baseline is not None and not _CPU_MODEL_RE.match(cpu_baseline):
+    if cpu_baseline is not None and not _CPU_MODEL_RE.fullmatch(cpu_baseline):
         raise InvalidInput(f"invalid CPU model {cpu_baseline!r}: use a QEMU model name such as Haswell-v4 or qemu64")
     d = _folder(folder)
     if not plain:

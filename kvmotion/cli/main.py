@@ -1,4 +1,4 @@
-"""kvmotion's command line: one typer app, a sub-app per noun (vm, host, migrate, lab, datastore, disk, cluster)."""
+"""kvmotion's command line: one typer app, a sub-app per noun (vm, host, migrate, center, ...) and `login`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvmotion.errors import KvmotionError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Live migration of running QEMU/KVM VMs.")
 
 # Each sub-app lives in kvmotion/cli/<module>.py and exposes `app`.
-_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "demo")
+_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "center", "login", "demo")
 for _mod in _SUBAPPS:
     try:
         _sub = importlib.import_module(f"kvmotion.cli.{_mod}")
@@ -27,11 +27,23 @@ for _mod in _SUBAPPS:
 
 
 def main() -> None:
+    # Not click's standalone mode: a wrong flag or value is one line too, like every other error.
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
     except KvmotionError as exc:
         print(f"kvmotion: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # a wrong flag, value or command (typer's click: usage errors)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if getattr(ctx, "command_path", None) else ""
+        print(f"kvmotion: error: {exc.format_message()}{where}", file=sys.stderr)
+        sys.exit(2 if exc.exit_code == 1 else exc.exit_code)
+    except typer.Abort:
+        print("kvmotion: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -95,13 +96,13 @@ def app(
     bandwidth: Optional[str] = typer.Option(None, help="Cap the stream, e.g. 1gbit or 100M (bytes/s)."),
     policy: str = typer.Option("balanced", help="Convergence policy: balanced, fast, gentle."),
     allow_postcopy: bool = typer.Option(False, help="Let the policy switch to post-copy if pre-copy cannot converge."),
-    plain: bool = typer.Option(False, help="Do not encrypt the stream (trusted networks only)."),
     check: bool = typer.Option(False, "--check", help="Only run the prerequisite checks."),
     cancel: bool = typer.Option(False, "--cancel", help="Cancel the running migration of VM."),
     no_wait: bool = typer.Option(False, help="Start and return at once with the migration id."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Live-migrate a running VM to another host."""
+    """Live-migrate a running VM to another host. The stream is encrypted unless the cluster was set
+    up plain (`kvmotion cluster init --plain`): that is the cluster's policy, not a per-migration choice."""
     if vm == "history":
         _history(json_out)
         return
@@ -112,17 +113,14 @@ def app(
         return
     if not to:
         raise InvalidInput("say where to: --to HOST")
-    from kvmotion.cluster.config import load_config
-
     options = MigrationOptions(
         max_downtime_ms=round(parse_duration(max_downtime, default_unit="ms") * 1000),
         bandwidth=parse_rate(bandwidth) if bandwidth else 0,
         policy=policy,
         allow_postcopy=allow_postcopy,
-        encrypted=load_config().encrypted and not plain,
     )
-    dest = Inventory().host(to)
-    body = {"vm": vm, "destination": to, "destination_url": dest.url, "options": options.__dict__}
+    # The source's agent finds the destination in the cluster inventory.
+    body = {"vm": vm, "destination": to, "options": dataclasses.asdict(options)}
     if check:
         from kvmotion.migration.model import Check
 

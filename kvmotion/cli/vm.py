@@ -28,7 +28,7 @@ def create(
     memory: str = typer.Option("512M", help="Guest RAM, e.g. 512M, 1G."),
     vcpus: int = typer.Option(1, help="Virtual CPUs."),
     cpu_model: Optional[str] = typer.Option(None, help="QEMU CPU model (default: the cluster's baseline, else qemu64)."),
-    disk: List[str] = typer.Option([], "--disk", help="PATH[:SIZE] (local) or DATASTORE/DISK; repeat."),
+    disk: List[str] = typer.Option([], "--disk", help="FILE[:SIZE] (a file in the host's disk folder) or DATASTORE/DISK; repeat."),
     nic: List[str] = typer.Option([], "--nic", help=f"{NIC_SYNTAX}; repeat."),
     workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
     mem_wss: str = typer.Option("256M", help="Memory writer's working set."),
@@ -38,7 +38,7 @@ def create(
     host: Optional[str] = typer.Option(None, help="Host to define it on (default: the only host)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Define a VM on a host (it does not start)."""
+    """Define a VM on a host (it does not start). The spec is checked here, and again by the agent."""
     if cpu_model is None:
         from kvmotion.cluster.config import load_config
 

@@ -16,7 +16,6 @@ keyEncipherment, which an ECDSA key cannot do.
 from __future__ import annotations
 
 import datetime as dt
-import grp
 import ipaddress
 import os
 import secrets
@@ -25,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name
+from kvmotion.qemu import confine
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.host.store import write_atomic
 
@@ -42,7 +43,6 @@ CA_VALIDITY = dt.timedelta(days=3652)  # 10 years
 HOST_VALIDITY = dt.timedelta(days=1826)  # 5 years: an expired host certificate stops migrations
 USER_VALIDITY = dt.timedelta(days=365)
 QEMU_DIR = "qemu"  # a host folder's subfolder with its QEMUs' identity
-QEMU_GROUP = "kvmotion-qemu"
 # Hosts' clocks differ a little; a certificate born "in the future" would be refused for that long.
 BACKDATE = dt.timedelta(hours=1)
 
@@ -195,37 +195,22 @@ class Issued:
     expires: dt.datetime
 
 
-def _key_group() -> int | None:
-    """The group QEMU runs under (scripts/setup-host.sh creates it): it reads the qemu identity's key."""
-    try:
-        return grp.getgrnam(QEMU_GROUP).gr_gid
-    except KeyError:
-        return None
-
-
-def issue_cert(
-    ca_dir: Path | str, who: Identity, ips: list[str] | tuple[str, ...], out_dir: Path | str, *,
-    server: bool, validity: dt.timedelta = HOST_VALIDITY, key_gid: int | None = None,
-) -> Issued:
-    """Issue `who`'s certificate into `out_dir`: client-cert/key always, server-cert/key too when
-    `server` (SAN: the name and `ips`). With `key_gid` the keys are 0640 for that group."""
-    addresses = _parse_ips(ips)
-    ca = load_ca(ca_dir)
-    out = Path(out_dir)
-    if out.resolve() == ca.dir.resolve():
-        raise Conflict(f"{out} holds the CA: issue certificates into their own folder")
-    key = ec.generate_private_key(ec.SECP256R1())
+def _leaf(
+    ca: CA, who: Identity, public_key: ec.EllipticCurvePublicKey, addresses: list, dns: tuple[str, ...], *,
+    server: bool, validity: dt.timedelta,
+) -> x509.Certificate:
+    """`who`'s certificate for `public_key`, signed by `ca`: client use always, server use (SAN: the
+    name, `dns` and `addresses`) when `server`."""
     now = _now()
-    expires = min(now + validity, ca.expires)
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
     builder = (
         x509.CertificateBuilder()
         .subject_name(who.subject())
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
-        .not_valid_after(expires)
+        .not_valid_after(min(now + validity, ca.expires))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -235,27 +220,105 @@ def issue_cert(
             critical=False,
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     if server:
-        san: list[x509.GeneralName] = [x509.DNSName(who.name)] + [x509.IPAddress(a) for a in addresses]
+        names = dict.fromkeys((who.name, *dns))
+        san: list[x509.GeneralName] = [x509.DNSName(n) for n in names] + [x509.IPAddress(a) for a in addresses]
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    cert = builder.sign(ca.key, hashes.SHA256())
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def _check_dns(names: tuple[str, ...]) -> tuple[str, ...]:
+    for name in names:
+        check_identity_name(Kind.HOST, name)  # the DNS-name rule
+    return names
+
+
+def issue_cert(
+    ca_dir: Path | str, who: Identity, ips: list[str] | tuple[str, ...], out_dir: Path | str, *,
+    server: bool, validity: dt.timedelta = HOST_VALIDITY, key_gid: int | None = None, dns: tuple[str, ...] = (),
+) -> Issued:
+    """Issue `who`'s certificate into `out_dir`: client-cert/key always, server-cert/key too when
+    `server` (SAN: the name, `dns` and `ips`). With `key_gid` the keys are 0640 for that group."""
+    addresses = _parse_ips(ips)
+    ca = load_ca(ca_dir)
+    out = Path(out_dir)
+    if out.resolve() == ca.dir.resolve():
+        raise Conflict(f"{out} holds the CA: issue certificates into their own folder")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf(ca, who, key.public_key(), addresses, _check_dns(dns), server=server, validity=validity)
     cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
     out.mkdir(parents=True, exist_ok=True)
     key_mode = 0o640 if key_gid is not None else 0o600
-    files = [(CA_CERT, _cert_pem(ca.cert), 0o644), (CLIENT_KEY, key_pem, key_mode), (CLIENT_CERT, cert_pem, 0o644)]
+    files = [(CA_CERT, _cert_pem(ca.cert), 0o644, None), (CLIENT_KEY, key_pem, key_mode, key_gid),
+             (CLIENT_CERT, cert_pem, 0o644, None)]
     if server:
-        files += [(SERVER_KEY, key_pem, key_mode), (SERVER_CERT, cert_pem, 0o644)]
-    for name, data, mode in files:
-        write_atomic(out / name, data, mode)
-        if key_gid is not None and mode == 0o640:
-            os.chown(out / name, -1, key_gid)
-    if key_gid is not None:
-        os.chown(out, -1, key_gid)
-        os.chmod(out, 0o750)
-    return Issued(dir=out, identity=who, ips=tuple(str(a) for a in addresses), expires=expires)
+        files += [(SERVER_KEY, key_pem, key_mode, key_gid), (SERVER_CERT, cert_pem, 0o644, None)]
+    for name, data, mode, gid in files:
+        write_atomic(out / name, data, mode, gid)
+    return Issued(dir=out, identity=who, ips=tuple(str(a) for a in addresses), expires=cert.not_valid_after_utc)
+
+
+# Keys a CSR may carry: what QEMU's GnuTLS, OpenSSL and our own issue_cert all handle.
+CSR_CURVES = (ec.SECP256R1, ec.SECP384R1)
+MAX_CSR_PEM = 4096  # characters: an EC CSR is well under 1 KiB
+
+
+def load_csr(pem: str | bytes, what: str = "certificate signing request") -> x509.CertificateSigningRequest:
+    """A CSR whose signature proves its key's owner made it, with an accepted key; InvalidInput otherwise."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if len(data) > MAX_CSR_PEM:
+        raise InvalidInput(f"invalid {what}: longer than {MAX_CSR_PEM} characters")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError:
+        raise InvalidInput(f"invalid {what}: not a PEM certificate signing request") from None
+    try:
+        key = csr.public_key()
+        signed = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidInput(f"invalid {what}: its key or signature algorithm is not supported") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, CSR_CURVES):
+        raise InvalidInput(f"invalid {what}: the key must be ECDSA P-256 or P-384")
+    if not signed:
+        raise InvalidInput(f"invalid {what}: its signature does not verify")
+    return csr
+
+
+def sign_csr(
+    ca: CA | Path | str, csr: x509.CertificateSigningRequest | str | bytes, who: Identity,
+    ips: list[str] | tuple[str, ...] = (), *, server: bool, validity: dt.timedelta = HOST_VALIDITY,
+) -> x509.Certificate:
+    """`who`'s certificate for the key of `csr` (PEM, checked by load_csr): the CA decides the subject
+    and the names (SAN: `who`'s name and `ips` when `server`); what the CSR asks for beyond its key
+    is ignored. The private key never leaves the requester."""
+    loaded = ca if isinstance(ca, CA) else load_ca(ca)
+    if not isinstance(csr, x509.CertificateSigningRequest):
+        csr = load_csr(csr)
+    key = csr.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # load_csr refused any other key
+    return _leaf(loaded, who, key, _parse_ips(ips), (), server=server, validity=validity)
+
+
+def new_key_and_csr(label: str = "kvmotion") -> tuple[bytes, str]:
+    """A fresh P-256 key (PEM, PKCS#8) and a CSR for it: what a joining host or a user sends to be
+    signed. The CSR's subject is a label only; the CA names the identity."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)]))
+           .sign(key, hashes.SHA256()))
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return _cert_pem(cert).decode()
+
+
+def sha256_hex(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate (DER), lowercase hex without separators: what a join token pins."""
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def issue_host_cert(
@@ -265,7 +328,7 @@ def issue_host_cert(
     (the key QEMU reads after dropping root: group kvmotion-qemu when that group exists)."""
     check_host_name(host_name)
     issued = issue_cert(ca_dir, Identity(Kind.HOST, host_name), ips, out_dir, server=True)
-    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=_key_group())
+    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=confine.qemu_gid())
     return HostCredentials(dir=issued.dir, host=host_name, ips=issued.ips, expires=issued.expires)
 
 

@@ -5,6 +5,7 @@ and tears the lab down whatever happens (the caller turns Ctrl-C and SIGTERM int
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import signal
@@ -191,11 +192,9 @@ def _settle(log: GuestLog, ended: float, wss: int, rate: int) -> None:
     log.wait_for(settled, timeout=min(15.0, max(2.0, 2 * pass_s + 1.5)))
 
 
-def _migrate(src: str, dst: str, encrypted: bool, view: DemoView) -> MigrationRecord:
-    inv = Inventory()
-    client = client_for(inv.host(src))
-    options = MigrationOptions(encrypted=encrypted)
-    body = {"vm": VM, "destination": dst, "destination_url": inv.host(dst).url, "options": options.__dict__}
+def _migrate(src: str, dst: str, view: DemoView) -> MigrationRecord:
+    client = client_for(Inventory().host(src))
+    body = {"vm": VM, "destination": dst, "options": dataclasses.asdict(MigrationOptions())}
     rec = record_from_json(client.request("POST", "/v1/migrations", json=body, timeout=60))  # type: ignore[arg-type]
     return view.follow(client, rec)
 
@@ -291,7 +290,7 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
         where = first
         for i, (src, dst) in enumerate(route(opts.migrations), start=1):
             view.step(f"migration {i}/{opts.migrations}: {src} → {dst}")
-            rec = _migrate(src, dst, cluster.encrypted, view)
+            rec = _migrate(src, dst, view)
             if rec.phase is not Phase.DONE:
                 driven.append((rec, None))
                 view.migrated(i, rec)

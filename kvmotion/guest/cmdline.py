@@ -40,6 +40,15 @@ def max_working_set(memory: int) -> int:
     return max(0, memory - (96 << 20) - memory // 50)
 
 
+def _param(key: str, value: object) -> str:
+    """kvmotion.KEY=VALUE; a value that could end the word (whitespace, quotes, control
+    characters) would add parameters of its own, so it is refused (the spec is validated already)."""
+    text = str(value)
+    if any(c.isspace() or c == '"' or not c.isprintable() for c in text):
+        raise InvalidInput(f"kernel parameter {PREFIX}{key}: {text!r} holds whitespace, quotes or control characters")
+    return f"{PREFIX}{key}={text}"
+
+
 def kernel_cmdline(spec: VmSpec) -> str:
     """The -append string for a VM of this spec; NICs are listed in PCI order (eth0, eth1, ...)."""
     if Workload.MEMWRITER in spec.workloads and spec.params.mem_wss > max_working_set(spec.memory):
@@ -49,15 +58,15 @@ def kernel_cmdline(spec: VmSpec) -> str:
             "lower the working set or give the VM more memory"
         )
     params = list(BOOT_PARAMS)
-    params.append(f"{PREFIX}hostname={spec.name}")
-    params.append(f"{PREFIX}workloads={','.join(w.value for w in spec.workloads)}")
-    params.append(f"{PREFIX}mem_wss={spec.params.mem_wss}")
-    params.append(f"{PREFIX}mem_rate={spec.params.mem_rate}")
-    params.append(f"{PREFIX}mem_stride={spec.params.mem_stride}")
-    params.append(f"{PREFIX}echo_port={spec.params.echo_port}")
+    params.append(_param("hostname", spec.name))
+    params.append(_param("workloads", ",".join(w.value for w in spec.workloads)))
+    params.append(_param("mem_wss", spec.params.mem_wss))
+    params.append(_param("mem_rate", spec.params.mem_rate))
+    params.append(_param("mem_stride", spec.params.mem_stride))
+    params.append(_param("echo_port", spec.params.echo_port))
     for i, nic in enumerate(spec.nics):
         # init.sh finds the interface by MAC, so a different probe order cannot swap addresses.
-        params.append(f"{PREFIX}nic{i}={nic.mac},{nic.ip or ''}")
+        params.append(_param(f"nic{i}", f"{nic.mac},{nic.ip or ''}"))
     line = " ".join(params)
     if len(line) > MAX_LENGTH:
         raise InvalidInput(f"VM {spec.name}: {len(spec.nics)} NICs make the kernel command line too long; use fewer NICs")

@@ -163,6 +163,7 @@ def _download_kernel(kdir: Path, package: str) -> None:
         debs[0].unlink()  # the unpacked tree is all we use
         _find_kernel(tmp)  # refuse a package without a kernel and modules
         (tmp / ".complete").touch()
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700: QEMU reads the kernel as its unprivileged user
         dest = kdir / package
         if dest.exists():
             shutil.rmtree(dest)  # an interrupted earlier attempt
@@ -197,6 +198,7 @@ def _bootable_kernel(kernel: _Kernel) -> Path:
         return kernel.vmlinuz
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)  # QEMU reads it as its unprivileged user, whatever the umask
     tmp.replace(target)
     return target
 
@@ -281,6 +283,7 @@ def _ensure_initramfs(root: Path, kernel: _Kernel) -> Path:
     data = cpio.archive(_entries(init, busybox, modules, programs))
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)  # QEMU reads it as its unprivileged user, whatever the umask
     tmp.replace(target)
     _prune(root, keep=target)
     return target

@@ -85,7 +85,7 @@ def serve(
 
     set_own_host(name)
     security = Security(tls_files=None if insecure else host_tls_files(name), audit_log=config.state_dir / "audit.log",
-                        limits=limits or Limits())
+                        limits=limits or Limits(), insecure=insecure)
     if insecure:
         print(insecure_warning(f"host agent {name} on {listen}"), file=sys.stderr, flush=True)
     app = create_app(config, extra_routers=routers(host, migration_limit))

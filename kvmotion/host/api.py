@@ -11,20 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from fastapi import Body, Depends, FastAPI, WebSocket, WebSocketDisconnect
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Path, Query, WebSocket, WebSocketDisconnect
 
 from kvmotion import __version__, errors
 from kvmotion.api.identity import OPERATE, VIEW, authorize
-from kvmotion.api.serving import allow, caller
+from kvmotion.api.serving import AuthorizedRoute, allow, caller
 from kvmotion.host import resources
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
 from kvmotion.migration.facts import datastores_reached
 from kvmotion.qemu import accel as accel_mod
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.qemu.spec import NAME_PATTERN, VmSpec
 
 log = logging.getLogger("kvmotion.agent")
+
+
+# A VM's name in a path: the VM spec's rule (anything else names no VM).
+VmName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
@@ -37,6 +43,7 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         await manager.shutdown()
 
     app = FastAPI(title="kvmotion host agent", version=__version__, lifespan=lifespan)
+    app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
     view = [Depends(allow(VIEW, "read this host's state"))]
     operate = [Depends(allow(OPERATE, "change VMs"))]
     app.state.manager = manager
@@ -50,6 +57,8 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
             version=__version__,
             accel=config.accel.accel.value,
             accel_reason=config.accel.reason,
+            qemu_user=manager.confinement.runs_as,
+            qemu_user_reason=manager.confinement.reason,
             memory_total=mem.total,
             memory_available=mem.available,
             memory_committed=manager.committed_memory(),
@@ -67,23 +76,27 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         return [as_json(s) for s in manager.list()]
 
     @app.post("/v1/vms", status_code=201, dependencies=operate)
-    async def create_vm(spec: dict = Body(...)) -> dict:
-        return as_json(await manager.create(VmSpec.from_json(spec)))
+    async def create_vm(spec: VmSpec) -> dict:
+        return as_json(await manager.create(spec))
 
     @app.get("/v1/vms/{name}", dependencies=view)
-    async def get_vm(name: str) -> dict:
+    async def get_vm(name: VmName) -> dict:
         return as_json(manager.status(name))
 
     @app.post("/v1/vms/{name}/start", dependencies=operate)
-    async def start_vm(name: str, wait_ready: bool = False, timeout: float = 60.0) -> dict:
+    async def start_vm(
+        name: VmName,
+        wait_ready: bool = False,
+        timeout: Annotated[float, Query(ge=1, le=600, description="seconds to wait for the guest's ready line")] = 60.0,
+    ) -> dict:
         return as_json(await manager.start(name, wait_ready=wait_ready, timeout=timeout))
 
     @app.post("/v1/vms/{name}/stop", dependencies=operate)
-    async def stop_vm(name: str, force: bool = False) -> dict:
+    async def stop_vm(name: VmName, force: bool = False) -> dict:
         return as_json(await manager.stop(name, force=force))
 
     @app.delete("/v1/vms/{name}", status_code=204, dependencies=operate)
-    async def delete_vm(name: str) -> None:
+    async def delete_vm(name: VmName) -> None:
         await manager.delete(name)
 
     @app.websocket("/v1/vms/{name}/console")

@@ -40,6 +40,8 @@ class HostInfo:
     version: str
     accel: str
     accel_reason: str
+    qemu_user: str  # who the VMs' QEMU processes run as (kvmotion.qemu.confine)
+    qemu_user_reason: str
     memory_total: int
     memory_available: int
     memory_committed: int

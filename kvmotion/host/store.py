@@ -7,13 +7,16 @@ read them too. Runtime facts (pid) are not stored here: the QEMU pid file is the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import Conflict, NotFound
+from kvmotion.errors import Conflict, InvalidInput, NotFound
 from kvmotion.qemu.spec import VmSpec
+
+log = logging.getLogger("kvmotion.agent")
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,14 @@ class VmRecord:
         )
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644, gid: int | None = None) -> None:
     """Write, fsync, rename: a crash leaves the old or the new file, never half of one. The final
-    mode is set before any byte lands, so a key never exists world-readable."""
+    mode (and group, when given) is set before any byte lands, so a key never exists world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -97,4 +102,8 @@ class VmStore:
                 out.append(VmRecord.from_json(json.loads(p.read_text())))
             except (OSError, ValueError, KeyError):
                 continue  # a foreign or damaged file is not a VM; leave it for the operator
+            except InvalidInput as exc:
+                # A spec this version refuses (e.g. a local disk outside the disk folder): not run,
+                # left for the operator to fix or delete.
+                log.warning("ignoring VM definition %s: %s", p, exc)
         return out

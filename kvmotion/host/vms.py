@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,9 +21,10 @@ from pathlib import Path
 from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
 from kvmotion.host import resources
 from kvmotion.host.store import VmRecord, VmStore
+from kvmotion.qemu import confine
 from kvmotion.qemu.accel import AccelChoice
-from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv, local_file_node, process_tag
-from kvmotion.qemu.process import QemuProcess
+from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node, process_tag
+from kvmotion.qemu.process import QemuProcess, close_own_fds, open_fds
 from kvmotion.qemu.qmp import Qmp
 from kvmotion.qemu.spec import DiskSpec, VmSpec
 
@@ -65,6 +68,7 @@ class HostConfig:
     run_dir: Path
     portgroups: dict[str, str]  # port group -> bridge on this host
     accel: AccelChoice
+    confinement: confine.Confinement | None = None  # None: decided from this host (confine.choose)
 
 
 @dataclass
@@ -89,6 +93,8 @@ class _Vm:
 class VmManager:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
+        self.confinement = config.confinement or confine.choose(config.accel.accel)
+        confine.say_once(self.confinement)
         self.store = VmStore(config.state_dir)
         self.disk_dir = config.state_dir / "disks"
         self._vms: dict[str, _Vm] = {}
@@ -107,8 +113,25 @@ class VmManager:
             raise NotFound(f"no VM named {name} on host {self.config.name}") from None
 
     def local_disk_path(self, disk: DiskSpec) -> Path:
-        p = Path(disk.source)
-        return p if p.is_absolute() else self.disk_dir / p
+        """A local disk's file: always directly inside this host's disk folder."""
+        name = disk.source
+        if disk.datastore is not None or name in (".", "..") or Path(name).name != name:
+            raise InvalidInput(f"local disk {name!r} is not a file name in {self.disk_dir}")
+        return self.disk_dir / name
+
+    def _local_disk_exists(self, spec: VmSpec, disk: DiskSpec) -> bool:
+        """Whether the disk's file exists; refused (InvalidInput) unless it is a regular file of
+        its own: not a symlink, device, FIFO or folder that QEMU would follow or open."""
+        path = self.local_disk_path(disk)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise InvalidInput(f"disk {disk.source} of VM {spec.name} is {kind} in {self.disk_dir}: "
+                               "a local disk must be a plain file there")
+        return True
 
     def status(self, name: str) -> VmStatus:
         vm = self._vm(name)
@@ -320,34 +343,63 @@ class VmManager:
                     f"port group {nic.portgroup} does not exist on host {self.config.name} "
                     f"(it has: {', '.join(sorted(self.config.portgroups)) or 'none'})"
                 )
-        macs = [n.mac for n in spec.nics]
-        if len(set(macs)) != len(macs):
-            raise InvalidInput(f"VM {spec.name} has the same MAC on two NICs")
-        for disk in spec.disks:
-            self._prepare_disk(spec, disk)
-        record = VmRecord(spec=spec, created_at=time.time(), incoming_migration=incoming_migration)
-        self.store.add(record)
+        self.check_cpu_model(spec)
+        # Every disk is checked before any is created, and a failure removes the ones this call made.
+        missing = [disk for disk in spec.disks if not self._check_disk(spec, disk)]
+        created: list[Path] = []
+        try:
+            for disk in missing:
+                created.append(self._create_disk(disk))
+            record = VmRecord(spec=spec, created_at=time.time(), incoming_migration=incoming_migration)
+            self.store.add(record)
+        except BaseException:
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
         self._vms[spec.name] = _Vm(record=record, paths=self._paths(spec.name))
         return self.status(spec.name)
 
-    def _prepare_disk(self, spec: VmSpec, disk: DiskSpec) -> None:
+    def check_cpu_model(self, spec: VmSpec) -> None:
+        """The VM's CPU model is one this host's QEMU lists, 'host' under KVM, or the cluster's baseline."""
+        from kvmotion.cluster.config import load_config
+        from kvmotion.qemu.cpus import check_runnable_cpu, listed_models
+
+        model = spec.cpu_model
+        listed = frozenset() if model == "host" else listed_models()
+        baseline = None if model == "host" or model in listed else load_config().cpu_baseline
+        check_runnable_cpu(model, self.config.accel.accel, listed, baseline, self.config.name)
+
+    def _check_disk(self, spec: VmSpec, disk: DiskSpec) -> bool:
+        """Whether the disk exists; raises if it is unusable, or missing with no size to create it."""
         if disk.datastore is not None:
             from kvmotion.storage.host import check_disk  # datastore disks are checked by the storage layer
 
             check_disk(disk, self.config.name)
-            return
-        path = self.local_disk_path(disk)
-        if path.exists():
-            return
+            return True
+        if self._local_disk_exists(spec, disk):
+            return True
         if not disk.size:
-            raise NotFound(f"disk {path} of VM {spec.name} does not exist (give a size, e.g. {disk.source}:2G, to create it)")
+            raise NotFound(f"disk {disk.source} of VM {spec.name} does not exist in {self.disk_dir} "
+                           f"(give a size, e.g. {disk.source}:2G, to create it)")
+        return False
+
+    def _create_disk(self, disk: DiskSpec) -> Path:
+        path = self.local_disk_path(disk)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(path, "xb") as f:
-                f.truncate(disk.size)
+            # O_EXCL|O_NOFOLLOW: never through a symlink, never over a file that appeared meanwhile;
+            # 0600: QEMU gets it open from the agent, the QEMUs of other VMs (one user) must not read it.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise InsufficientResources(f"cannot create disk {path}: {exc.strerror}") from exc
+        try:
+            os.ftruncate(fd, disk.size)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise InsufficientResources(f"cannot create disk {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        return path
 
     def _disk_nodes(self, spec: VmSpec) -> tuple[dict, ...]:
         nodes = []
@@ -357,24 +409,42 @@ class VmManager:
 
                 nodes.append(blockdev_for(disk, host=self.config.name, node_name=f"disk{i}-proto"))
             else:
-                path = self.local_disk_path(disk)
-                if not path.exists():
-                    raise NotFound(f"disk {path} of VM {spec.name} is missing")
-                nodes.append(local_file_node(path))
+                if not self._local_disk_exists(spec, disk):
+                    raise NotFound(f"disk {disk.source} of VM {spec.name} is missing from {self.disk_dir}")
+                nodes.append(local_file_node(i))
         return tuple(nodes)
 
-    async def _setup_host_resources(self, spec: VmSpec) -> tuple[str, ...]:
+    def _local_disks(self, spec: VmSpec) -> tuple[Path | None, ...]:
+        """Each disk's local file (QEMU gets it open), None for a datastore disk."""
+        found: list[Path | None] = []
+        for disk in spec.disks:
+            if disk.datastore is not None:
+                found.append(None)
+            elif not self._local_disk_exists(spec, disk):
+                raise NotFound(f"disk {disk.source} of VM {spec.name} is missing from {self.disk_dir}")
+            else:
+                found.append(self.local_disk_path(disk))
+        return tuple(found)
+
+    async def _setup_host_resources(self, spec: VmSpec) -> tuple[int, ...]:
+        """Each NIC's TAP, created on its port group's bridge and opened here, in the agent's
+        namespace: descriptors for QEMU, the caller's to close."""
         from kvmotion.net import links
 
-        def setup() -> tuple[str, ...]:
-            taps = []
-            for i, nic in enumerate(spec.nics):
-                bridge = self.config.portgroups[nic.portgroup]
-                links.ensure_bridge(bridge)
-                tap = links.tap_name(spec.name, i)
-                links.create_tap(tap, bridge)
-                taps.append(tap)
-            return tuple(taps)
+        def setup() -> tuple[int, ...]:
+            fds: list[int] = []
+            try:
+                for i, nic in enumerate(spec.nics):
+                    bridge = self.config.portgroups[nic.portgroup]
+                    links.ensure_bridge(bridge)
+                    tap = links.tap_name(spec.name, i)
+                    links.create_tap(tap, bridge)
+                    fds.append(links.open_tap(tap))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return tuple(fds)
 
         # pyroute2's synchronous API runs its own event loop: keep it off the agent's.
         return await asyncio.to_thread(setup) if spec.nics else ()
@@ -389,17 +459,20 @@ class VmManager:
         if spec.nics:
             await asyncio.to_thread(release)
 
-    def _argv(self, spec: VmSpec, taps: tuple[str, ...], incoming: bool) -> list[str]:
+    def _argv(self, spec: VmSpec, fds: QemuFds, incoming: bool) -> list[str]:
         from kvmotion.guest.cmdline import kernel_cmdline
         from kvmotion.guest.image import ensure_image
 
         image = ensure_image()
+        if self.confinement.user is not None:  # the only files QEMU opens by path
+            for path in (image.kernel, image.initramfs):
+                confine.check_readable(path, self.confinement.user)
         ctx = HostContext(
             accel=self.config.accel.accel,
             kernel=image.kernel,
             initramfs=image.initramfs,
             kernel_cmdline=kernel_cmdline(spec),
-            taps=taps,
+            fds=fds,
             disk_nodes=self._disk_nodes(spec),
             incoming=incoming,
             paused=incoming,
@@ -408,11 +481,19 @@ class VmManager:
         return build_argv(spec, self._paths(spec.name), ctx)
 
     def _qemu_objects(self, spec: VmSpec) -> tuple[dict, ...]:
+        """-objects for datastore disks (NBD TLS credentials); an unprivileged QEMU must read their files."""
         if not spec.on_datastore:
             return ()
         from kvmotion.storage.host import qemu_objects
 
-        return qemu_objects(spec, self.config.name)
+        objects = qemu_objects(spec, self.config.name)
+        if self.confinement.user is not None:
+            fix = (f"issue {self.config.name}'s certificate again (kvmotion cluster cert) now that the user exists, "
+                   f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
+            for obj in objects:
+                for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+                    confine.check_readable(Path(str(obj["dir"])) / name, self.confinement.user, fix)
+        return objects
 
     async def start(self, name: str, *, wait_ready: bool = False, timeout: float = 60.0, incoming: bool = False) -> VmStatus:
         vm = self._vm(name)
@@ -429,14 +510,21 @@ class VmManager:
                 self._acquire_leases(spec)
             taps = await self._setup_host_resources(spec)
             try:
-                argv = self._argv(spec, taps, incoming)
+                # Root's only: QEMU gets its sockets and files as descriptors (open_fds).
                 vm.paths.root.mkdir(parents=True, exist_ok=True)
+                os.chmod(vm.paths.root, 0o700)
                 try:
                     vm.serial_offset = vm.paths.serial_log.stat().st_size
                 except OSError:
                     vm.serial_offset = 0
-                vm.state = VmState.STARTING
-                vm.proc = QemuProcess.start(argv, vm.paths, process_tag(spec))
+                fds = open_fds(vm.paths, taps, self._local_disks(spec))
+                try:
+                    argv = self._argv(spec, fds, incoming)
+                    vm.state = VmState.STARTING
+                    vm.proc = QemuProcess.start(argv, vm.paths, process_tag(spec), pass_fds=fds.passed(),
+                                                user=self.confinement.user)
+                finally:
+                    close_own_fds(fds)  # QEMU has its own copies
                 try:
                     await self._connect(vm)
                 except VmFailed as exc:
@@ -451,6 +539,9 @@ class VmManager:
                     await self._release_host_resources(spec)
                     vm.state = VmState.STOPPED
                 raise
+            finally:
+                for fd in taps:
+                    os.close(fd)
             vm.state = VmState.INCOMING if incoming else VmState.RUNNING
         if wait_ready:
             await self.wait_ready(name, timeout)

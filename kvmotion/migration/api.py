@@ -1,86 +1,154 @@
-"""Migration endpoints of a host agent: source side (start, progress, cancel, history) and destination side (incoming)."""
+"""Migration endpoints of a host agent: source side (check, start, progress, cancel, history) and
+destination side (incoming, commit, abort).
+
+Who may call what: users with the viewer role and peer hosts read (a destination's guard asks the
+source about a migration); operators check, start and cancel; only hosts call the host-to-host
+routes, and only for their own migrations: /v1/incoming from the host it names as the source,
+commit and abort from the host that prepared that incoming migration.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body
+from typing import Annotated
 
-from kvmotion.errors import InvalidInput
+from fastapi import APIRouter, Depends, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity
+from kvmotion.api.serving import AuthorizedRoute, allow
+from kvmotion.errors import Forbidden, InvalidInput
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.jsonio import as_json
-from kvmotion.migration.engine import MigrationService, as_record_json, facts_to_json
+from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService, as_record_json, facts_to_json
 from kvmotion.migration.model import MigrationOptions
-from kvmotion.migration.policy import Compression
+from kvmotion.migration.policy import PRESETS, Compression, preset
 from kvmotion.qemu.spec import VmSpec
 
+_DEFAULTS = MigrationOptions()
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # VM and host names as the routes accept them
+MID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # migration ids (12 hex digits from MigrationService.start)
+MigrationId = Annotated[str, Path(pattern=MID_PATTERN, description="Migration id")]
+VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM on this host")]
 
-def _options(data: dict) -> MigrationOptions:
-    try:
-        return MigrationOptions(**data)
-    except TypeError as exc:
-        raise InvalidInput(f"malformed migration options: {exc}") from exc
+
+class OptionsBody(BaseModel):
+    """What a user may ask of a migration. Not encryption: that is the cluster's policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_downtime_ms: int = Field(_DEFAULTS.max_downtime_ms, ge=1, le=60_000, description="Downtime budget (ms)")
+    bandwidth: int = Field(_DEFAULTS.bandwidth, ge=0, description="Cap on the stream in bytes/s; 0: the link's speed")
+    policy: str = Field(_DEFAULTS.policy, description=f"Convergence policy: {', '.join(PRESETS)}")
+    allow_postcopy: bool = Field(_DEFAULTS.allow_postcopy, description="Switch to post-copy if pre-copy cannot converge")
+
+    def options(self) -> MigrationOptions:
+        """The options (InvalidInput: an unknown policy)."""
+        preset(self.policy)
+        return MigrationOptions(max_downtime_ms=self.max_downtime_ms, bandwidth=self.bandwidth, policy=self.policy,
+                                allow_postcopy=self.allow_postcopy)
+
+
+class MigrationRequest(BaseModel):
+    """Migrate (or check migrating) a VM of this host to another host of the cluster inventory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str = Field(pattern=NAME_PATTERN, description="VM on this host")
+    destination: str = Field(pattern=NAME_PATTERN, description="Destination host, as named in the cluster inventory")
+    options: OptionsBody = Field(default_factory=OptionsBody)
+
+
+class IncomingRequest(BaseModel):
+    """Source agent -> destination agent: prepare a shadow VM for migration `migration_id`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(description=f"Migration protocol version (this agent speaks {PROTOCOL_VERSION})")
+    migration_id: str = Field(pattern=MID_PATTERN)
+    source: str = Field(pattern=NAME_PATTERN, description="The source host: must be the caller")
+    spec: VmSpec
+    postcopy: bool = False
+    compression: Compression = Compression.NONE
+
+
+class IncomingAnswer(BaseModel):
+    uri: str = Field(description="Where the source's QEMU sends the stream")
+
+
+class CommitAnswer(BaseModel):
+    resumed_at: float = Field(description="When the VM resumed here (QMP RESUME event, wall clock)")
+
+
+def _peer_host(what: str):
+    """A dependency: the calling host's name, if the caller is a host (403 otherwise). None on an
+    --insecure listener, which knows no identities: there every caller may do everything."""
+    def dependency(who: Identity = Depends(allow(HOSTS, what))) -> str | None:
+        return None if who is INSECURE else who.name
+
+    return dependency
 
 
 def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, limit: int) -> APIRouter:
     svc = MigrationService(manager, listen_ip, limit)
     manager.after_recover.append(svc.recover)
-    router = APIRouter(prefix="/v1")
+    return routes(svc)
 
-    @router.get("/migration/facts")
+
+def routes(svc: MigrationService) -> APIRouter:
+    router = APIRouter(prefix="/v1", route_class=AuthorizedRoute)  # callers checked before their bodies are read
+    view = [Depends(allow(VIEW, "read migrations"))]
+    operate = [Depends(allow(OPERATE, "migrate VMs"))]
+
+    @router.get("/migration/facts", dependencies=view)
     async def facts() -> dict:
         return facts_to_json(await svc.facts())
 
-    @router.post("/migrations/check")
-    async def check(body: dict = Body(...)) -> list:
-        from kvmotion.cluster.tls import agent_client
+    @router.post("/migrations/check", dependencies=operate)
+    async def check(body: MigrationRequest) -> list:
+        body.options.options()  # refuse bad options here too, as the migration itself would
+        return [as_json(c) for c in await svc.check(body.vm, body.destination)]
 
-        dest = agent_client(body["destination_url"])
-        try:
-            return [as_json(c) for c in await svc.check(body["vm"], dest, _options(body.get("options", {})))]
-        finally:
-            await dest.aclose()
+    @router.post("/migrations", status_code=201, dependencies=operate)
+    async def start(body: MigrationRequest) -> dict:
+        return as_record_json(await svc.start(body.vm, body.destination, body.options.options()))
 
-    @router.post("/migrations", status_code=201)
-    async def start(body: dict = Body(...)) -> dict:
-        try:
-            vm, dest, url = body["vm"], body["destination"], body["destination_url"]
-        except KeyError as exc:
-            raise InvalidInput(f"migration request lacks {exc}") from None
-        return as_record_json(await svc.start(vm, dest, url, _options(body.get("options", {}))))
-
-    @router.get("/migrations")
+    @router.get("/migrations", dependencies=view)
     async def history() -> list:
         return [as_record_json(r) for r in svc.history()]
 
-    @router.get("/migrations/{mid}")
-    async def get(mid: str) -> dict:
+    @router.get("/migrations/{mid}", dependencies=view)
+    async def get(mid: MigrationId) -> dict:
         return as_record_json(svc.get(mid))
 
-    @router.post("/migrations/{mid}/cancel")
-    async def cancel(mid: str) -> dict:
+    @router.post("/migrations/{mid}/cancel", dependencies=operate)
+    async def cancel(mid: MigrationId) -> dict:
         return as_record_json(svc.cancel(mid))
 
-    @router.post("/vms/{name}/migration/cancel")
-    async def cancel_vm(name: str) -> dict:
+    @router.post("/vms/{name}/migration/cancel", dependencies=operate)
+    async def cancel_vm(name: VmName) -> dict:
         return as_record_json(svc.cancel_vm(name))
 
     @router.post("/incoming", status_code=201)
-    async def incoming(body: dict = Body(...)) -> dict:
-        spec = VmSpec.from_json(body["spec"])
-        try:
-            compression = Compression(body.get("compression", Compression.NONE.value))
-        except ValueError:
-            raise InvalidInput(f"unknown stream compression {body.get('compression')!r}: use one of "
-                               f"{', '.join(c.value for c in Compression)}") from None
-        uri = await svc.prepare_incoming(spec, body["migration_id"], body["source"], bool(body["encrypted"]),
-                                         bool(body.get("postcopy")), compression)
-        return {"uri": uri}
+    async def incoming(body: IncomingRequest,
+                       host: str | None = Depends(_peer_host("send this host migrations"))) -> IncomingAnswer:
+        if host is not None and body.source != host:
+            raise Forbidden(f"host {host} may not start a migration from {body.source}: a host sends only its own VMs")
+        if body.version != PROTOCOL_VERSION:
+            raise InvalidInput(f"migration protocol version {body.version} is unknown to {svc.host}, which speaks "
+                               f"version {PROTOCOL_VERSION}: run the same kvmotion on both hosts")
+        uri = await svc.prepare_incoming(body.spec, body.migration_id, body.source, body.postcopy,
+                                         body.compression)
+        return IncomingAnswer(uri=uri)
 
     @router.post("/incoming/{mid}/commit")
-    async def commit(mid: str) -> dict:
-        return {"resumed_at": await svc.commit_incoming(mid)}
+    async def commit(mid: MigrationId,
+                     host: str | None = Depends(_peer_host("commit migrations to this host"))) -> CommitAnswer:
+        svc.authorize_incoming(mid, host, "commit")
+        return CommitAnswer(resumed_at=await svc.commit_incoming(mid))
 
     @router.delete("/incoming/{mid}", status_code=204)
-    async def abort(mid: str) -> None:
+    async def abort(mid: MigrationId, host: str | None = Depends(_peer_host("abort migrations to this host"))) -> None:
+        svc.authorize_incoming(mid, host, "abort")
         await svc.abort_incoming(mid)
 
     return router

@@ -20,6 +20,7 @@ class HostFacts:
     cpu_unavailable: dict[str, tuple[str, ...]]  # CPU model -> features missing here ({} entry: usable)
     migrations_active: int
     migration_limit: int
+    encrypted: bool = True  # the cluster policy this host's agent follows (its cluster.json)
 
 
 def run_checks(
@@ -28,7 +29,6 @@ def run_checks(
     source: HostFacts,
     dest: HostFacts,
     vm_migrating: bool,
-    encrypted: bool,
 ) -> tuple[Check, ...]:
     out: list[Check] = []
 
@@ -64,8 +64,14 @@ def run_checks(
         add(f"concurrency-{facts.name}", facts.migrations_active < facts.migration_limit,
             f"{facts.name}: {facts.migrations_active} of {facts.migration_limit} migrations running",
             f"{facts.name} already runs {facts.migrations_active} migrations (limit {facts.migration_limit})")
-    add("encryption", encrypted, "the migration stream is encrypted (TLS, cluster CA)",
-        "the migration stream is NOT encrypted (cluster opted out): use only on a trusted network", Level.WARNING)
+    # Encryption is the cluster's policy; both ends read it from their own copy of the settings.
+    if source.encrypted != dest.encrypted:
+        mode = {True: "encrypted", False: "plain"}
+        add("encryption", False, "", f"{source.name}'s cluster settings say {mode[source.encrypted]} migrations, "
+            f"{dest.name}'s say {mode[dest.encrypted]}: give both hosts the same cluster.json")
+    else:
+        add("encryption", source.encrypted, "the migration stream is encrypted (TLS, cluster CA)",
+            "the migration stream is NOT encrypted (cluster opted out): use only on a trusted network", Level.WARNING)
     return tuple(out)
 
 

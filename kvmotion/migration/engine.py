@@ -23,11 +23,12 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kvmotion.errors import Conflict, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable, VmFailed
+from kvmotion.api.identity import Identity, Kind
+from kvmotion.errors import (Conflict, Forbidden, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable,
+                             VmFailed)
 from kvmotion.host import resources
 from kvmotion.host.client import AsyncAgentClient
 from kvmotion.host.store import write_atomic
@@ -40,6 +41,7 @@ from kvmotion.migration.hooks import SwitchoverContext, default_hooks
 from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
 from kvmotion.net.netns import egress_link
+from kvmotion.qemu import confine
 from kvmotion.qemu.sockets import established, limit_receive_buffer, limit_unsent, shutdown_to, stream_fds
 from kvmotion.qemu.spec import VmSpec
 
@@ -60,6 +62,9 @@ SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU d
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
 COMPLETION_POLL = 0.05  # s between the switchover's queries (stall watch); completion itself comes as an event
 TLS_ID = "kvmotion-tls"
+AUTHZ_ID = "kvmotion-authz"  # the destination QEMU's tls-authz: only the source host's QEMU identity
+# Of the source -> destination requests (/v1/incoming): a destination refuses versions it does not speak.
+PROTOCOL_VERSION = 1
 # Pages go over this many parallel connections (QEMU multifd; zero pages are then found in those
 # threads too). Measured on the lab (TCG, 2 cores, 512 MiB idle guest): unshaped veth 124-138 ms
 # against 186-359 ms on one connection; 1 Gbit/s unchanged (615-629 against 620-643 ms). Three
@@ -136,9 +141,78 @@ class CommitUnknown(MigrationError):
     """The destination may have resumed the VM: neither the commit nor its cancellation was answered."""
 
 
-@dataclass(frozen=True)
-class TlsSetup:
-    creds_dir: Path
+async def add_stream_tls(qmp, host: str, endpoint: str, peer: str | None = None,
+                         user: confine.QemuUser | None = None) -> dict[str, str]:
+    """Give a QEMU of `host` its TLS credentials for a migration stream (the folder of its qemu:HOST
+    identity, never the agent's key) and return the migration parameters that use them. A server
+    (the destination) also gets a tls-authz that admits only `peer`'s QEMUs: the cluster CA signs
+    every host's certificates, so the CA check alone would admit any host, or a host's agent
+    identity. A client (the source) checks that the server's certificate names `peer` (the
+    destination host; its QEMU certificate's SAN holds the host name and addresses). With `user`
+    (QEMU runs unprivileged) the files are checked first: QEMU's own "Error while reading file"
+    would not say why."""
+    from kvmotion.cluster.tls import qemu_creds_dir
+
+    creds = qemu_creds_dir(host)
+    if user is not None:
+        fix = (f"issue {host}'s certificate again (kvmotion cluster cert) now that the user exists, "
+               f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
+        for name in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem"):
+            confine.check_readable(creds / name, user, fix)
+    for qom_id in (TLS_ID, AUTHZ_ID):
+        try:
+            await qmp.execute("object-del", id=qom_id)
+        except VmFailed:
+            pass  # none yet (this QEMU's first migration)
+    await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID, "endpoint": endpoint,
+                                        "dir": str(creds), "verify-peer": True})
+    if endpoint == "client":
+        return {"tls-creds": TLS_ID, "tls-hostname": peer or "", "tls-authz": ""}
+    if peer is None:
+        raise ValueError("a migration stream's server admits one peer: name it")
+    await qmp.execute("object-add", **{"qom-type": "authz-simple", "id": AUTHZ_ID,
+                                        "identity": Identity(Kind.QEMU, peer).tls_dn()})
+    return {"tls-creds": TLS_ID, "tls-authz": AUTHZ_ID}
+
+
+class IncomingSources:
+    """Which host started each migration this host receives: only that host may commit or abort it.
+    One small file per migration, so that a restarted agent still answers the source's retried
+    commit of a VM it had committed (the shadows it had not committed are gone by then)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._known: dict[str, str] = {}
+
+    def _path(self, mid: str) -> Path:
+        return self.folder / f"{mid}.json"
+
+    def get(self, mid: str) -> str | None:
+        if mid not in self._known:
+            try:
+                self._known[mid] = str(json.loads(self._path(mid).read_text())["source"])
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("incoming migration %s: unreadable source record: %s", mid, exc)
+                return None
+        return self._known[mid]
+
+    def remember(self, mid: str, source: str) -> None:
+        if self.get(mid) is not None:
+            raise Conflict(f"migration {mid} is already known here (from {self._known[mid]}): use a new migration id")
+        write_atomic(self._path(mid), json.dumps({"source": source}), 0o600)
+        self._known[mid] = source
+
+    def forget(self, mid: str) -> None:
+        self._known.pop(mid, None)
+        self._path(mid).unlink(missing_ok=True)
+
+    def keep_only(self, mids: set[str]) -> None:
+        """Forget every migration not in `mids` (after a restart: the ones whose VM is still here)."""
+        for path in self.folder.glob("*.json") if self.folder.exists() else ():
+            if path.stem not in mids:
+                self.forget(path.stem)
 
 
 def _never_connected(exc: Unreachable) -> bool:
@@ -157,14 +231,31 @@ def record_from_json(d: dict) -> MigrationRecord:
 
     return MigrationRecord(
         id=d["id"], vm=d["vm"], source=d["source"], destination=d["destination"],
-        options=MigrationOptions(**d["options"]), phase=Phase(d["phase"]), started_at=d["started_at"],
+        options=MigrationOptions.from_json(d["options"]), phase=Phase(d["phase"]), started_at=d["started_at"],
         ended_at=d.get("ended_at"), error=d.get("error"),
         checks=tuple(Check(c["name"], Level(c["level"]), c["reason"]) for c in d.get("checks", ())),
         progress=Progress(**d.get("progress", {})),
         summary=Summary(**d["summary"]) if d.get("summary") else None,
         phase_times=tuple((p, t) for p, t in d.get("phase_times", ())),
         rounds=tuple(d.get("rounds", ())),
+        # Older records kept it among the options (then the caller's choice).
+        encrypted=bool(d.get("encrypted", d["options"].get("encrypted", True))),
     )
+
+
+def encryption_policy() -> bool:
+    """Whether migration streams are encrypted: the cluster's setting, never a caller's wish."""
+    from kvmotion.cluster.config import load_config
+
+    return load_config().encrypted
+
+
+def destination_client(host: str) -> AsyncAgentClient:
+    """A client of `host`'s agent at the address the cluster inventory gives (NotFound: no such host)."""
+    from kvmotion.cluster.inventory import Inventory
+    from kvmotion.cluster.tls import agent_client
+
+    return agent_client(Inventory().host(host).url)
 
 
 class MigrationService:
@@ -177,6 +268,10 @@ class MigrationService:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, asyncio.Event] = {}
         self.incoming_active: set[str] = set()
+        self.incoming_sources = IncomingSources(manager.config.state_dir / "incoming")
+        # VM -> its outgoing migration's id (None while the checks run): one migration per VM. Taken
+        # and tested without an await in between, released when the migration ends however it ends.
+        self.migrating: dict[str, str | None] = {}
         self.incoming_aborting: set[str] = set()  # shadows being destroyed: a commit must not win the race
         self.history_dir = manager.config.state_dir / "migrations"
 
@@ -196,38 +291,75 @@ class MigrationService:
             cpu_unavailable=await cpu_models(self.manager.config.accel.accel.value),
             migrations_active=self.active(),
             migration_limit=self.limit,
+            encrypted=encryption_policy(),
         )
 
-    async def check(self, vm: str, dest: AsyncAgentClient, options: MigrationOptions) -> tuple[Check, ...]:
+    async def check(self, vm: str, dest_name: str) -> tuple[Check, ...]:
+        """The prerequisite checks of migrating `vm` to host `dest_name` (named in the inventory)."""
+        self.manager.status(vm)  # an unknown VM: NotFound before anything else
+        dest = destination_client(dest_name)
+        try:
+            return await self._checks(vm, dest, vm in self.migrating)
+        finally:
+            await dest.aclose()
+
+    async def _checks(self, vm: str, dest: AsyncAgentClient, migrating: bool) -> tuple[Check, ...]:
         status = self.manager.status(vm)
         dest_facts = facts_from_json(await dest.request("GET", "/v1/migration/facts"))  # type: ignore[arg-type]
-        migrating = any(r.vm == vm and not r.phase.terminal for r in self.records.values())
-        return run_checks(status.spec, status.state is VmState.RUNNING, await self.facts(), dest_facts, migrating, options.encrypted)
+        return run_checks(status.spec, status.state is VmState.RUNNING, await self.facts(), dest_facts, migrating)
+
+    def _reserve(self, vm: str) -> None:
+        """Take `vm` for one migration, or refuse: synchronous, so no other start runs in between."""
+        if vm in self.migrating:
+            mid = self.migrating[vm]
+            raise Conflict(f"VM {vm} is already being migrated from {self.host}" + (f" (migration {mid})" if mid else "")
+                           + f": wait for it to end or cancel it (`kvmotion migrate --cancel {vm}`)")
+        self.migrating[vm] = None
+
+    def _release(self, vm: str, mid: str | None) -> None:
+        if vm in self.migrating and self.migrating[vm] == mid:
+            del self.migrating[vm]
 
     # ---- source side -----------------------------------------------------------------------------
-    async def start(self, vm: str, dest_name: str, dest_url: str, options: MigrationOptions) -> MigrationRecord:
-        from kvmotion.cluster.tls import agent_client
-
-        dest = agent_client(dest_url)
+    async def start(self, vm: str, dest_name: str, options: MigrationOptions) -> MigrationRecord:
+        """Check, then start migrating `vm` to host `dest_name`, whose agent's address comes from the
+        cluster inventory. A second start for the same VM is refused until this one has ended."""
         pol.preset(options.policy)  # an unknown policy is bad input: refuse before anything moves
+        self.manager.status(vm)  # an unknown VM: NotFound
+        self._reserve(vm)
+        dest: AsyncAgentClient | None = None
         try:
-            checks = await self.check(vm, dest, options)
-        except KvmotionError as exc:
-            await dest.aclose()
-            raise type(exc)(f"migration of {vm} to {dest_name} refused: {exc}") from exc
-        bad = errors_of(checks)
-        if bad:
-            await dest.aclose()
-            raise PrecheckFailed(f"migration of {vm} to {dest_name} refused: " + "; ".join(c.reason for c in bad))
-        mid = uuid.uuid4().hex[:12]
-        rec = MigrationRecord(
-            id=mid, vm=vm, source=self.host, destination=dest_name, options=options, phase=Phase.CHECK,
-            started_at=time.time(), checks=checks, phase_times=((Phase.CHECK.value, time.time()),),
-        )
+            dest = destination_client(dest_name)
+            try:
+                checks = await self._checks(vm, dest, False)
+            except KvmotionError as exc:
+                raise type(exc)(f"migration of {vm} to {dest_name} refused: {exc}") from exc
+            bad = errors_of(checks)
+            if bad:
+                raise PrecheckFailed(f"migration of {vm} to {dest_name} refused: " + "; ".join(c.reason for c in bad))
+            mid = uuid.uuid4().hex[:12]
+            rec = MigrationRecord(
+                id=mid, vm=vm, source=self.host, destination=dest_name, options=options, phase=Phase.CHECK,
+                started_at=time.time(), checks=checks, phase_times=((Phase.CHECK.value, time.time()),),
+                encrypted=encryption_policy(),
+            )
+        except BaseException:  # refused, unreachable, or the request itself cancelled: nothing started
+            self._release(vm, None)
+            if dest is not None:
+                await dest.aclose()
+            raise
+        self.migrating[vm] = mid
         self.records[mid] = rec
         self.cancels[mid] = asyncio.Event()
-        self.tasks[mid] = asyncio.create_task(self._run(mid, dest))
+        self.tasks[mid] = asyncio.create_task(self._drive(mid, dest))
         return rec
+
+    async def _drive(self, mid: str, dest: AsyncAgentClient) -> None:
+        """The migration, then the VM is free for the next one (whatever the outcome)."""
+        try:
+            await self._run(mid, dest)
+        finally:
+            self._release(self.records[mid].vm, mid)
 
     def _update(self, mid: str, **changes) -> MigrationRecord:
         rec = dataclasses.replace(self.records[mid], **changes)
@@ -281,6 +413,10 @@ class MigrationService:
         destination's guard to destroy its shadow."""
         from kvmotion.cluster.inventory import Inventory
 
+        # Incoming migrations: the uncommitted shadows are gone (VmManager.recover); keep the
+        # sources of the VMs committed here, which may still be asked for a retried commit.
+        self.incoming_sources.keep_only({m for r in self.manager.store.all()
+                                         for m in (r.incoming_migration, r.committed_migration) if m})
         latest: dict[str, MigrationRecord] = {}
         for rec in self.history():  # oldest first
             if rec.source == self.host:
@@ -345,14 +481,13 @@ class MigrationService:
         try:
             # ---- prepare: the shadow VM first, before any memory moves
             self._phase(mid, Phase.PREPARE)
-            tls = rec.options.encrypted
+            tls = rec.encrypted
             compression = pol.stream_compression(await self._egress_rate(dest), rec.options.allow_postcopy)
             try:
                 answer = await dest.request(
                     "POST", "/v1/incoming",
-                    json={"spec": as_json(spec), "migration_id": mid, "source": self.host,
-                          "encrypted": tls, "postcopy": rec.options.allow_postcopy,
-                          "compression": compression.value},
+                    json={"version": PROTOCOL_VERSION, "spec": as_json(spec), "migration_id": mid, "source": self.host,
+                          "postcopy": rec.options.allow_postcopy, "compression": compression.value},
                     timeout=90,
                 )
             except KvmotionError as exc:  # the destination's own words, said about its shadow
@@ -384,8 +519,8 @@ class MigrationService:
                             # QEMU's own estimate (0) unless set below: a rolled-back attempt may have set it
                             "avail-switchover-bandwidth": 0}
             if tls:
-                await self._add_tls(qmp, "client")
-                params.update({"tls-creds": TLS_ID, "tls-hostname": rec.destination})
+                params.update(await add_stream_tls(qmp, self.host, "client", rec.destination,
+                                                   self.manager.confinement.user))
             else:
                 params.update({"tls-creds": ""})
             await qmp.execute("migrate-set-parameters", **params)
@@ -488,7 +623,7 @@ class MigrationService:
             mean_link_rate=stats.mean_link_rate,
             peak_dirty_rate=stats.peak_dirty_rate,
             throttle_max=stats.throttle_max,
-            encrypted=rec.options.encrypted,
+            encrypted=rec.encrypted,
             converged=not postcopy,
             postcopy=postcopy,
             compression=compression.value,
@@ -685,16 +820,6 @@ class MigrationService:
         n = await self._on_stream_sockets(vm, uri, limit_unsent, UNSENT_LIMIT, BACKLOG_WORTH_LIMITING)
         return n is None or n > 0
 
-    async def _add_tls(self, qmp, endpoint: str) -> None:
-        from kvmotion.cluster.tls import migration_creds_dir
-
-        try:
-            await qmp.execute("object-del", id=TLS_ID)
-        except VmFailed:
-            pass
-        await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": TLS_ID, "endpoint": endpoint,
-                                            "dir": str(migration_creds_dir(self.host)), "verify-peer": True})
-
     async def _commit(self, dest: AsyncAgentClient, mid: str) -> object:
         """Ask the destination to commit. When that fails, a commit may still have happened (an
         answer lost, or a request the destination reads later): settle it by destroying the shadow
@@ -847,11 +972,20 @@ class MigrationService:
         self._persist(rec)
 
     # ---- destination side ------------------------------------------------------------------------
-    async def prepare_incoming(self, spec: VmSpec, mid: str, source: str, encrypted: bool, postcopy: bool,
+    async def prepare_incoming(self, spec: VmSpec, mid: str, source: str, postcopy: bool,
                                compression: pol.Compression = pol.Compression.NONE) -> str:
+        """The paused shadow VM for migration `mid` from host `source` (the caller: the API checked
+        that), listening for the stream. Only `source` may commit or abort it, and with the
+        cluster's encryption policy only `source`'s QEMUs may send the stream."""
         if self.active() >= self.limit:
             raise Conflict(f"{self.host} already runs {self.active()} migrations (limit {self.limit})")
-        await self.manager.create(spec, incoming_migration=mid)
+        encrypted = encryption_policy()
+        self.incoming_sources.remember(mid, source)
+        try:
+            await self.manager.create(spec, incoming_migration=mid)
+        except BaseException:
+            self.incoming_sources.forget(mid)
+            raise
         self.incoming_active.add(mid)
         try:
             await self.manager.start(spec.name, incoming=True)
@@ -861,8 +995,8 @@ class MigrationService:
                               capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             await qmp.execute("migrate-set-parameters", **_multifd_params(compression))
             if encrypted:
-                await self._add_tls(qmp, "server")
-                await qmp.execute("migrate-set-parameters", **{"tls-creds": TLS_ID})
+                await qmp.execute("migrate-set-parameters", **await add_stream_tls(
+                    qmp, self.host, "server", source, self.manager.confinement.user))
             await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
             info = await qmp.execute("query-migrate")
             addr = info["socket-address"][0]  # type: ignore[index]
@@ -874,6 +1008,22 @@ class MigrationService:
             log.warning("preparing the shadow VM %s for migration %s failed: %s", spec.name, mid, exc)
             await self.abort_incoming(mid)
             raise
+
+    def authorize_incoming(self, mid: str, host: str | None, what: str) -> None:
+        """Only the host that prepared incoming migration `mid` may `what` it. `host` is the calling
+        host; None on an --insecure listener, which knows no identities and checks nobody."""
+        if host is None:
+            return
+        source = self.incoming_sources.get(mid)
+        if source == host:
+            return
+        if source is None:
+            try:
+                self._incoming_vm(mid)
+            except NotFound:
+                return  # nothing here for it: answered as for any unknown migration
+            raise Forbidden(f"host {host} may not {what} migration {mid}: {self.host} does not know which host started it")
+        raise Forbidden(f"host {host} may not {what} migration {mid}: only its source, {source}, may")
 
     def _incoming_vm(self, mid: str) -> str:
         for st in self.manager.list():
@@ -974,6 +1124,7 @@ class MigrationService:
             name = self._incoming_vm(mid)
         except NotFound:
             self.incoming_active.discard(mid)
+            self.incoming_sources.forget(mid)
             return
         if self.manager.store.get(name).committed_migration == mid:
             raise Conflict(f"migration {mid} is already committed on {self.host}: the VM runs here")
@@ -990,6 +1141,7 @@ class MigrationService:
             pass  # the manager forgets a shadow by itself once its QEMU has exited
         finally:
             self.incoming_aborting.discard(mid)
+        self.incoming_sources.forget(mid)
 
 
 def as_record_json(rec: MigrationRecord) -> dict:

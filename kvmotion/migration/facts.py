@@ -50,7 +50,7 @@ def facts_to_json(f: HostFacts) -> dict:
     return {
         "name": f.name, "accel": f.accel, "memory_free": f.memory_free, "portgroups": sorted(f.portgroups),
         "datastores": sorted(f.datastores), "cpu_unavailable": {k: list(v) for k, v in f.cpu_unavailable.items()},
-        "migrations_active": f.migrations_active, "migration_limit": f.migration_limit,
+        "migrations_active": f.migrations_active, "migration_limit": f.migration_limit, "encrypted": f.encrypted,
     }
 
 
@@ -59,4 +59,5 @@ def facts_from_json(d: dict) -> HostFacts:
         name=d["name"], accel=d["accel"], memory_free=int(d["memory_free"]), portgroups=frozenset(d["portgroups"]),
         datastores=frozenset(d["datastores"]), cpu_unavailable={k: tuple(v) for k, v in d["cpu_unavailable"].items()},
         migrations_active=int(d["migrations_active"]), migration_limit=int(d["migration_limit"]),
+        encrypted=bool(d.get("encrypted", True)),
     )

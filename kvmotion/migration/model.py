@@ -45,17 +45,25 @@ class Check:
 
 @dataclass(frozen=True)
 class MigrationOptions:
+    """What the user may ask of one migration. Encryption is not among them: it is the cluster's
+    policy (kvmotion.cluster.config), read by both agents."""
+
     max_downtime_ms: int = 500
     bandwidth: int = 0  # bytes/s cap on the stream; 0 = as fast as the link goes
     policy: str = "balanced"
     allow_postcopy: bool = False
-    encrypted: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_downtime_ms <= 60_000:
             raise InvalidInput(f"invalid maximum downtime {self.max_downtime_ms} ms: use 1 ms to 60 s")
         if self.bandwidth < 0:
             raise InvalidInput("invalid bandwidth: must be positive")
+
+    @staticmethod
+    def from_json(d: dict) -> "MigrationOptions":
+        """Stored options; records written before encryption became the cluster's policy carry an
+        `encrypted` option, which is dropped here (the record's own `encrypted` says what happened)."""
+        return MigrationOptions(**{k: v for k, v in d.items() if k != "encrypted"})
 
 
 @dataclass(frozen=True)
@@ -111,3 +119,4 @@ class MigrationRecord:
     summary: Summary | None = None
     phase_times: tuple[tuple[str, float], ...] = ()  # (phase, wall time entered)
     rounds: tuple[dict, ...] = ()  # per-round statistics (RoundStats JSON)
+    encrypted: bool = True  # the stream went over TLS: the cluster's policy when the migration started

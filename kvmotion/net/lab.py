@@ -41,7 +41,7 @@ _NAME_RE = re.compile(r"^[a-z0-9]{1,10}$")  # no '-': keeps "kvl-NAME-" an unamb
 
 
 def check_lab_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidInput(f"invalid lab name {name!r}: use 1-10 lowercase letters and digits")
     return name
 

@@ -1,17 +1,19 @@
 """Bridges and TAP devices in the CURRENT network namespace (where the host agent runs), via netlink.
 
-A VM's NIC is a persistent TAP enslaved to its port group's bridge; QEMU attaches to it by name
-(`-netdev tap,ifname=X,script=no,downscript=no`). QEMU's tap_open asks for IFF_TAP|IFF_NO_PI
-(+IFF_VNET_HDR, +IFF_MULTI_QUEUE only when queues > 1); the kernel refuses the attach only if
-IFF_MULTI_QUEUE differs from the persistent device's, and re-sets IFF_VNET_HDR per attach. So we
-create single-queue TAPs with vnet_hdr on (what QEMU asks for by default).
+A VM's NIC is a persistent TAP enslaved to its port group's bridge. The agent attaches to it
+(open_tap: /dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, what QEMU's own tap_open
+asks for) and hands QEMU the descriptor (`-netdev` fd=N), so QEMU needs neither CAP_NET_ADMIN nor
+this namespace. The kernel refuses the attach only if IFF_MULTI_QUEUE differs from the persistent
+device's, and re-sets IFF_VNET_HDR per attach. So we create single-queue TAPs with vnet_hdr on.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import struct
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -21,6 +23,9 @@ from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net.nl import off_event_loop
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name
+TUNSETIFF = 0x400454CA  # linux/if_tun.h: _IOW('T', 202, int)
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux: name[16], flags, padding
 BRIDGE_AGEING_S = 300  # Linux's default; migration relies on RARP to re-teach, not on ageing
 
 
@@ -183,6 +188,24 @@ def create_tap(name: str, bridge: str) -> None:
                 raise SetupError(f"could not create TAP {name}: {exc.strerror} (is /dev/net/tun there?)") from exc
         make_l2_only(name)
     enslave(name, bridge)
+
+
+def open_tap(name: str) -> int:
+    """A descriptor attached to TAP `name` (create_tap made it; single-queue, vnet_hdr), close-on-exec,
+    for QEMU to inherit. Opened in the caller's network namespace, which must hold the device
+    (TUNSETIFF would otherwise create a new, unattached TAP of that name there)."""
+    check_ifname(name)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SetupError(f"could not open /dev/net/tun for TAP {name}: {exc.strerror}") from exc
+    ifreq = struct.pack(f"16sH{IFREQ_SIZE - 18}x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+    except OSError as exc:
+        os.close(fd)
+        raise SetupError(f"could not attach to TAP {name}: {exc.strerror}") from exc
+    return fd
 
 
 @off_event_loop

@@ -12,6 +12,7 @@ import pickle
 import select
 import signal
 import subprocess
+import threading
 import time
 from socket import AF_BRIDGE, AF_INET
 from collections.abc import Callable, Sequence
@@ -185,6 +186,29 @@ def run_in_ns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) 
     if not chunks:
         raise SetupError(f"call into namespace {ns} died without an answer")
     ok, value = pickle.loads(b"".join(chunks))
+    if ok:
+        return value
+    raise value
+
+
+def call_in_ns_thread(ns: str, fn: Callable[..., T], *args: Any) -> T:
+    """Call fn(*args) in a thread that entered `ns` (setns moves only the calling thread): what it
+    opens (a TAP through /dev/net/tun, a socket) is this process's descriptor, bound to `ns`."""
+    if not ns_exists(ns):
+        raise NotFound(f"network namespace {ns} does not exist")
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            pr_netns.setns(str(ns_path(ns)), flags=0)
+            outcome.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - carried to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"in-{ns}")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
     if ok:
         return value
     raise value

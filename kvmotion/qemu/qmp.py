@@ -37,13 +37,15 @@ class Qmp:
         self._client = QMPClient(vm_name)
 
     async def connect(self, socket_path: Path, timeout: float = 15.0, alive=lambda: True) -> None:
-        """Connect, retrying while QEMU creates its socket; stop early if the process died."""
+        """Connect, retrying while QEMU creates its socket; stop early if the process died. The agent
+        may have bound the socket for QEMU (connect succeeds at once): the greeting is awaited with
+        the same deadline."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await self._client.connect(str(socket_path))
+                await asyncio.wait_for(self._client.connect(str(socket_path)), max(deadline - time.monotonic(), 0.05))
                 return
-            except (ConnectError, OSError) as exc:
+            except (ConnectError, OSError, asyncio.TimeoutError) as exc:
                 if not alive():
                     raise VmFailed(f"QEMU for VM {self.vm_name} exited before its monitor came up") from exc
                 if time.monotonic() > deadline:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import HTTPConnection
 
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
-from kvmotion.api.serving import allow
+from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.errors import InvalidInput
 from kvmotion.storage.address import API_PREFIX, INSECURE_HOST_HEADER
 from kvmotion.storage.datastore import Datastore, DiskInfo
@@ -91,6 +91,9 @@ class InfoOut(_Body):
     now: float
 
 
+_hosts_only = allow(HOSTS, "change disk leases")
+
+
 def lease_caller(conn: HTTPConnection) -> Identity:
     """The host a lease call acts for: the one its certificate names (or, with --insecure, the
     Kvmotion-Host header's claim)."""
@@ -101,11 +104,15 @@ def lease_caller(conn: HTTPConnection) -> Identity:
         who = Identity(Kind.HOST, name)
         conn.scope.setdefault("state", {})["kvmotion_caller"] = f"{who} (claimed, --insecure)"
         return who
-    return allow(HOSTS, "change disk leases")(conn)
+    return _hosts_only(conn)
+
+
+lease_caller.checks_caller = True  # type: ignore[attr-defined]  # AuthorizedRoute runs it before the body is read
 
 
 def create_app(ds: Datastore) -> FastAPI:
     app = FastAPI(title=f"kvmotion datastore {ds.name}", docs_url=None, redoc_url=None)
+    app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
     view = allow(VIEW, "read the datastore")
 
     @app.get(f"{API_PREFIX}/info", dependencies=[Depends(view)])

@@ -81,7 +81,7 @@ def nbd_blockdev(
     'web1.img@host-b'
     """
     ep = parse_nbd_url(nbd_url)
-    if not _NODE_RE.match(node_name):
+    if not _NODE_RE.fullmatch(node_name):
         raise InvalidInput(
             f"invalid block node name {node_name!r}: a letter, then up to 30 letters, digits, "
             "'.', '_' or '-'"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, LeaseError, NotFound
+from kvmotion.qemu.spec import MAX_DISK_SIZE
 from kvmotion.storage.lease import Clock, Lease, LeaseTable, check_disk_name, check_host_name
 from kvmotion.storage.leasefile import META_DIR, LeaseStore
 from kvmotion.units import format_size
@@ -61,8 +62,10 @@ class DiskInfo:
 
 
 def check_disk_size(size: int) -> int:
-    if size <= 0 or size % SECTOR:
-        raise InvalidInput(f"invalid disk size {size}: use a positive multiple of 512 bytes (e.g. 4G)")
+    """A disk's size: sectors, at most what a VM's disk may be (beyond, the file system cannot even be asked)."""
+    if size <= 0 or size % SECTOR or size > MAX_DISK_SIZE:
+        raise InvalidInput(f"invalid disk size {size}: use a positive multiple of 512 bytes up to "
+                           f"{format_size(MAX_DISK_SIZE)} (e.g. 4G)")
     return size
 
 
@@ -103,10 +106,12 @@ class Datastore:
             if prealloc:
                 os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
-        except OSError as exc:
+        except BaseException as exc:  # whatever fails, no half-made disk stays behind
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise self._os_error(exc, disk, size) from None
+            if isinstance(exc, OSError):
+                raise self._os_error(exc, disk, size) from None
+            raise
         os.close(fd)
         _fsync_dir(self.root)
         return self.disk(disk)

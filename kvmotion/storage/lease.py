@@ -35,7 +35,7 @@ Clock = Callable[[], float]
 
 
 def check_disk_name(name: str) -> str:
-    if not _DISK_RE.match(name):
+    if not _DISK_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid disk name {name!r}: use 1-100 letters, digits, '.', '_' and '-', "
             "starting with a letter or digit (e.g. web1.img)"
@@ -44,7 +44,7 @@ def check_disk_name(name: str) -> str:
 
 
 def check_host_name(name: str) -> str:
-    if not _HOST_RE.match(name):
+    if not _HOST_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid host name {name!r}: use 1-63 letters, digits, '.', '_' and '-', "
             "starting with a letter or digit"

@@ -180,7 +180,7 @@ async def _serve(cfg: ServeConfig) -> None:
     ds = Datastore(cfg.name, cfg.root, cfg.lease_ttl)
     tls_files = cfg.tls_files
     security = Security(tls_files=tls_files, audit_log=cfg.root / META_DIR / AUDIT_LOG, limits=cfg.limits,
-                        quiet=(RENEW_SUFFIX,))  # checks the certificate files before anything starts
+                        quiet=(RENEW_SUFFIX,), insecure=cfg.insecure)  # checks the certificate files first
     control_sock = _bind(cfg.control)
     if cfg.insecure:
         print(insecure_warning(f"datastore {cfg.name} (control {cfg.control})"), file=sys.stderr, flush=True)

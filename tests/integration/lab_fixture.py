@@ -167,9 +167,8 @@ class MigrationLab:
         return json.loads(self.cli_ok(*args, "--json", timeout=timeout).stdout)
 
     def migrate(self, vm: str, to: str, *extra: str, timeout: float = 180) -> dict:
-        """`kvmotion migrate VM --to HOST --json` (plain unless the lab is encrypted); the final record."""
-        mode = () if self.cluster.encrypted else ("--plain",)
-        r = self.cli("migrate", vm, "--to", to, *mode, *extra, "--json", timeout=timeout)
+        """`kvmotion migrate VM --to HOST --json` (encrypted as the lab's cluster says); the final record."""
+        r = self.cli("migrate", vm, "--to", to, *extra, "--json", timeout=timeout)
         assert r.stdout.strip(), f"migrate printed no record ({r.returncode}): {r.stderr.strip()}"
         rec = json.loads(r.stdout)
         rec["_returncode"] = r.returncode
@@ -349,9 +348,8 @@ class MigrationLab:
 
     def start_migrate(self, vm: str, to: str, *extra: str) -> subprocess.Popen:
         """`kvmotion migrate VM --to HOST --json` in the background (to cancel it or break it)."""
-        mode = () if self.cluster.encrypted else ("--plain",)
         return subprocess.Popen(
-            [sys.executable, "-m", "kvmotion.cli.main", "migrate", vm, "--to", to, *mode, *extra, "--json"],
+            [sys.executable, "-m", "kvmotion.cli.main", "migrate", vm, "--to", to, *extra, "--json"],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
         )
 

@@ -1,5 +1,6 @@
 """Live migration in a lab: a memory-writing guest back and forth, a client's TCP stream and UDP
-probes across migrations, the physical switch re-learning the VM's MAC, and an encrypted run.
+probes across migrations, the physical switch re-learning the VM's MAC, and round trips encrypted
+and plain as the cluster's policy says.
 
 Figures (pause, downtime, gaps, FDB delay) are printed as `FIGURES ...` lines (pytest -s) and
 recorded as properties for the junit report.
@@ -213,25 +214,31 @@ def test_switch_relearns_mac_soon_after_resume(lab, tmp_path, record_property):
 
 
 @pytest.mark.skipif(not cluster_ca_available(), reason="kvmotion.cluster.ca (the cluster CA) is not there yet")
-def test_encrypted_round_trip(make_lab, tmp_path, record_property):
-    """With the cluster CA, the stream is TLS: a guest goes a->b->a with its TCP client intact."""
-    lab = make_lab(encrypted=True)
+@pytest.mark.parametrize("encrypted", [True, False], ids=["tls", "plain"])
+def test_round_trip_tls_or_plain(make_lab, tmp_path, record_property, encrypted):
+    """A guest goes a->b->a with its TCP client intact; the stream is TLS (each QEMU with its own
+    qemu:HOST identity, the destination admitting only the source's) exactly when the cluster's
+    policy says encrypted: a lab set up plain migrates plain."""
+    lab = make_lab(encrypted=encrypted)
     vm = "tls1"
     lab.create_vm(vm, "host-a", memory="256M", workload="echo,mem", mem_wss="64M", mem_rate="20M")
+    checks = {c["name"]: c["level"] for c in lab.cli_json("migrate", vm, "--to", "host-b", "--check")}
+    assert checks["encryption"] == ("pass" if encrypted else "warning"), checks
     probe = ProbeRun(lab, 0, tmp_path)
     recs = []
     try:
         for dest in ("host-b", "host-a"):
             rec = lab.migrate(vm, dest)
             _assert_done(rec)
-            assert rec["options"]["encrypted"] and rec["summary"]["encrypted"]
+            assert rec["encrypted"] is encrypted and rec["summary"]["encrypted"] is encrypted
+            assert "encrypted" not in rec["options"]  # the cluster's policy, not a caller's option
             recs.append(rec)
         report = probe.stop()
     finally:
         probe.kill()
     _assert_only_on(lab, vm, "host-a")
     assert report.tcp is not None and report.tcp.clean, report.summary_line()
-    line = (f"FIGURES tls x2: total_ms {[round(r['summary']['total_ms']) for r in recs]} pause_ms "
-            f"{[round(r['summary']['pause_ms'], 1) for r in recs]}; {report.summary_line()}")
+    line = (f"FIGURES {'tls' if encrypted else 'plain'} x2: total_ms {[round(r['summary']['total_ms']) for r in recs]} "
+            f"pause_ms {[round(r['summary']['pause_ms'], 1) for r in recs]}; {report.summary_line()}")
     print(line)
     record_property("figures", line)

@@ -103,7 +103,7 @@ def test_destination_agent_dead_at_check(make_lab, record_property):
     lab.create_vm(VM, "host-a")
     lab.kill_agent("host-b")
     t0 = time.time()
-    line = _one_line_error(lab.cli("migrate", VM, "--to", "host-b", "--plain", timeout=60),
+    line = _one_line_error(lab.cli("migrate", VM, "--to", "host-b", timeout=60),
                            f"migration of {VM} to host-b refused", "not reachable")
     took = time.time() - t0
     assert lab.listed(VM) == [("host-a", "running")]

@@ -23,6 +23,7 @@ from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.cluster import ca as camod
 from kvmotion.cluster.ca import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
 from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.qemu import confine
 
 QEMU = shutil.which("qemu-system-x86_64")
 LAYOUT = ["ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"]
@@ -70,8 +71,11 @@ def test_host_certificate_serves_both_ends(cluster: Path) -> None:
     qemu = x509.load_pem_x509_certificate((host / "qemu" / "server-cert.pem").read_bytes())
     assert identity_of(qemu) == Identity(Kind.QEMU, "host1")
     assert qemu.public_key() != x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes()).public_key()
+    key_mode = 0o600 if confine.qemu_gid() is None else 0o640  # QEMU's group reads its own key only
     for key in ("server-key.pem", "client-key.pem"):
-        assert mode(host / key) == 0o600
+        assert mode(host / "qemu" / key) == key_mode
+    for key in ("server-key.pem", "client-key.pem"):
+        assert mode(host / key) == 0o600  # the agent's key: root only
     cert = x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes())
     assert (host / "client-cert.pem").read_bytes() == (host / "server-cert.pem").read_bytes()
     assert (host / "ca-cert.pem").read_bytes() == (cluster / "ca" / "ca-cert.pem").read_bytes()
@@ -84,6 +88,21 @@ def test_host_certificate_serves_both_ends(cluster: Path) -> None:
     ca = load_ca(cluster / "ca")
     cert.verify_directly_issued_by(ca.cert)
     assert cert.not_valid_after_utc <= ca.expires
+
+
+@pytest.mark.parametrize("gid", [None, 4242])
+def test_keys_are_readable_by_qemus_group_only_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             gid: int | None) -> None:
+    # QEMU, unprivileged, loads its tls-creds-x509 from the host folder's qemu/; the agent's own key stays root's.
+    monkeypatch.setattr(confine, "qemu_gid", lambda: gid)
+    init_ca(tmp_path / "ca")
+    host = issue_host_cert(tmp_path / "ca", "host1", [], tmp_path / "host1").dir
+    for key in ("server-key.pem", "client-key.pem"):
+        st = (host / "qemu" / key).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == ((0o600, 0) if gid is None else (0o640, gid))
+        assert mode(host / key) == 0o600 and (host / key).stat().st_gid == 0
+    for public in ("ca-cert.pem", "server-cert.pem", "client-cert.pem"):
+        assert mode(host / public) == 0o644 and mode(host / "qemu" / public) == 0o644
 
 
 def test_bad_names_and_addresses_are_refused(cluster: Path) -> None:

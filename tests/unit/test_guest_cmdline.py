@@ -6,7 +6,7 @@ import pytest
 
 from kvmotion.errors import InvalidInput
 from kvmotion.guest.cmdline import kernel_cmdline, max_working_set
-from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.qemu.spec import MAX_NICS, NicSpec, VmSpec, Workload, WorkloadParams
 
 
 def _params(cmdline: str) -> dict[str, str]:
@@ -62,7 +62,8 @@ def test_nics_in_pci_order_by_mac() -> None:
 
 def test_every_own_parameter_is_dotted() -> None:
     # Undotted unknown parameters become init's environment, which the kernel caps at 32 entries.
-    spec = VmSpec(name="x", memory=256 << 20, nics=tuple(NicSpec(mac=f"52:54:00:00:00:{i:02x}", portgroup="p") for i in range(40)))
+    spec = VmSpec(name="x", memory=256 << 20,
+                  nics=tuple(NicSpec(mac=f"52:54:00:00:00:{i:02x}", portgroup="p") for i in range(MAX_NICS)))
     for word in kernel_cmdline(spec).split():
         if word.startswith("kvmotion"):
             assert word.startswith("kvmotion.")
@@ -74,10 +75,13 @@ def test_pure() -> None:
     assert kernel_cmdline(spec) == kernel_cmdline(spec)
 
 
-def test_too_long_is_refused() -> None:
-    nics = tuple(NicSpec(mac=f"52:54:00:00:01:{i:02x}", portgroup="p", ip=f"10.0.{i}.200/24") for i in range(64))
-    with pytest.raises(InvalidInput, match="too long"):
-        kernel_cmdline(VmSpec(name="x", memory=256 << 20, nics=nics))
+def test_most_nics_fit_and_more_are_refused_by_the_spec() -> None:
+    nics = tuple(NicSpec(mac=f"52:54:00:00:01:{i:02x}", portgroup="p", ip=f"100.100.{i}.200/24") for i in range(64))
+    longest = VmSpec(name="x" * 31, memory=256 << 20, nics=nics[:MAX_NICS],
+                     workloads=tuple(Workload), params=WorkloadParams(mem_wss=0, mem_rate=10**12, mem_stride=512))
+    assert len(kernel_cmdline(longest)) < 2048
+    with pytest.raises(InvalidInput, match=f"invalid VM spec: nics: .*at most {MAX_NICS}"):
+        VmSpec(name="x", memory=256 << 20, nics=nics)
 
 
 def test_working_set_must_fit_in_guest_memory() -> None:

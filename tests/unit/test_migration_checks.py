@@ -25,7 +25,7 @@ def levels(checks) -> dict[str, Level]:
 
 
 def test_all_pass_on_a_good_destination():
-    checks = run_checks(SPEC, True, facts("host-a"), facts("host-b"), False, True)
+    checks = run_checks(SPEC, True, facts("host-a"), facts("host-b"), False)
     assert errors_of(checks) == []
     assert set(levels(checks).values()) == {Level.PASS}
 
@@ -34,8 +34,8 @@ def test_every_violation_is_reported_with_its_reason():
     spec = VmSpec(name="web1", memory=4 * GIB, cpu_model="Skylake-Server",
                   disks=(DiskSpec.parse("local.img:1G"), DiskSpec.parse("ds2/x.img")),
                   nics=(NicSpec.parse("pg=storage-net,mac=52:54:00:12:34:57"),))
-    dest = facts("host-b", memory_free=2 * GIB, migrations_active=4, accel="kvm")
-    checks = run_checks(spec, True, facts("host-a"), dest, True, False)
+    dest = facts("host-b", memory_free=2 * GIB, migrations_active=4, accel="kvm", encrypted=False)
+    checks = run_checks(spec, True, facts("host-a", encrypted=False), dest, True)
     bad = {c.name: c.reason for c in errors_of(checks)}
     assert set(bad) == {"single-migration", "memory", "cpu-model", "accelerator", "port-groups",
                         "shared-storage", "datastores", "concurrency-host-b"}
@@ -49,6 +49,17 @@ def test_every_violation_is_reported_with_its_reason():
 
 def test_unknown_cpu_model_and_same_host_and_stopped_vm():
     spec = VmSpec(name="web1", memory=GIB, cpu_model="NoSuchCPU")
-    checks = run_checks(spec, False, facts("host-a"), facts("host-a"), False, True)
+    checks = run_checks(spec, False, facts("host-a"), facts("host-a"), False)
     bad = {c.name for c in errors_of(checks)}
     assert {"different-host", "vm-running", "cpu-model"} <= bad
+
+
+def test_encryption_is_the_clusters_policy_on_both_hosts():
+    """Both plain: a warning. Settings that differ between the hosts: an error naming both."""
+    plain = run_checks(SPEC, True, facts("host-a", encrypted=False), facts("host-b", encrypted=False), False)
+    assert levels(plain)["encryption"] is Level.WARNING and errors_of(plain) == []
+    for src, dst in ((True, False), (False, True)):
+        checks = run_checks(SPEC, True, facts("host-a", encrypted=src), facts("host-b", encrypted=dst), False)
+        bad = {c.name: c.reason for c in errors_of(checks)}
+        assert set(bad) == {"encryption"}, bad
+        assert "host-a's cluster settings say" in bad["encryption"] and "host-b's say" in bad["encryption"]

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from kvmotion.errors import InvalidInput
 from kvmotion.qemu.accel import Accel
-from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
 from kvmotion.qemu.spec import NicSpec, VmSpec
 
 MAC = "52:54:00:12:34:56"
 
 
-def _nic_devices(spec: VmSpec) -> list[str]:
+def _nic_devices(spec: VmSpec) -> list[dict]:
+    fds = QemuFds(qmp=3, serial=4, serial_log=5, taps=tuple(range(10, 10 + len(spec.nics))))
     ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet",
-                      taps=tuple(f"tap{i}" for i in range(len(spec.nics))), disk_nodes=())
+                      fds=fds, disk_nodes=())
     argv = build_argv(spec, VmPaths(Path("/run/x")), ctx)
-    return [argv[i + 1] for i, word in enumerate(argv) if word == "-device" and argv[i + 1].startswith("virtio-net")]
+    devices = [json.loads(argv[i + 1]) for i, word in enumerate(argv) if word == "-device"]
+    return [d for d in devices if d["driver"] == "virtio-net-pci"]
+
+
+def _device(i: int, mac: str, announce: bool) -> dict:
+    return {"driver": "virtio-net-pci", "netdev": f"net{i}", "id": f"vnet{i}", "mac": mac, "guest_announce": announce}
 
 
 def test_parse_defaults_to_host_announce_only() -> None:
@@ -41,10 +48,7 @@ def test_device_carries_the_choice() -> None:
         NicSpec(mac=MAC, portgroup="a"),
         NicSpec(mac="52:54:00:12:34:57", portgroup="a", guest_announce=True),
     ))
-    assert _nic_devices(spec) == [
-        f"virtio-net-pci,netdev=net0,id=vnet0,mac={MAC},guest_announce=off",
-        "virtio-net-pci,netdev=net1,id=vnet1,mac=52:54:00:12:34:57,guest_announce=on",
-    ]
+    assert _nic_devices(spec) == [_device(0, MAC, False), _device(1, "52:54:00:12:34:57", True)]
 
 
 def test_json_round_trip_keeps_the_choice() -> None:
@@ -59,10 +63,10 @@ def test_spec_written_before_the_field_keeps_qemus_default() -> None:
     old = {"name": "web1", "memory": 256 << 20, "nics": [{"mac": MAC, "portgroup": "a", "ip": None}]}
     spec = VmSpec.from_json(old)
     assert spec.nics[0].guest_announce is True
-    assert _nic_devices(spec) == [f"virtio-net-pci,netdev=net0,id=vnet0,mac={MAC},guest_announce=on"]
+    assert _nic_devices(spec) == [_device(0, MAC, True)]
 
 
 def test_malformed_announce_in_json_is_refused() -> None:
     bad = {"name": "web1", "memory": 256 << 20, "nics": [{"mac": MAC, "portgroup": "a", "guest_announce": "false"}]}
-    with pytest.raises(InvalidInput, match="malformed VM spec: guest_announce must be true or false"):
+    with pytest.raises(InvalidInput, match=r"^invalid VM spec: nics\.0\.guest_announce: Input should be a valid boolean"):
         VmSpec.from_json(bad)

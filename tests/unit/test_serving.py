@@ -108,7 +108,8 @@ def test_identities_and_roles(ca, served, tmp_path):
 
     r = operator.post("/change", json={"size": "many"})
     assert r.status_code == 422
-    assert r.json()["error"] == {"kind": "InvalidInput", "message": "invalid request: size: Input should be a valid integer, unable to parse string as an integer"}
+    assert r.json()["error"] == {"kind": "InvalidInput", "message": "invalid request body: size: Input should be a valid "
+                                 "integer, unable to parse string as an integer (got 'many')"}
 
     lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert [(e["who"], e["method"], e["path"], e["status"]) for e in lines] == [

@@ -55,6 +55,14 @@ def test_create_refusals(ds: Datastore) -> None:
         ds.create_disk("../x.img", 1 << 20)
 
 
+@pytest.mark.parametrize("size", [(64 << 40) + 512, 12412839832130139868626944])
+def test_a_size_beyond_any_vm_disk_is_refused_and_leaves_nothing(ds: Datastore, tmp_path: Path, size: int) -> None:
+    """Found by the fuzz test: os.ftruncate raised OverflowError (a 500) and left the new file behind."""
+    with pytest.raises(InvalidInput, match=r"^invalid disk size \d+: use a positive multiple of 512 bytes up to 64\.0 TiB"):
+        ds.create_disk("big.img", size)
+    assert not (tmp_path / "big.img").exists()
+
+
 def test_prealloc_allocates(ds: Datastore) -> None:
     assert ds.create_disk("thick.img", 1 << 20, prealloc=True).allocated >= 1 << 20
 

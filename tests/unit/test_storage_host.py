@@ -193,7 +193,7 @@ def test_vms_on_a_tls_datastore_get_their_hosts_qemu_credentials(tmp_path: Path,
     """The tls-creds-x509 object is on the command line, ahead of the disk nodes that name it."""
     from kvmotion.cluster.ca import init_ca, issue_host_cert
     from kvmotion.qemu.accel import Accel
-    from kvmotion.qemu.cmdline import HostContext, VmPaths, build_argv
+    from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
     from kvmotion.storage.attach import NBD_TLS_ID
     from kvmotion.storage.registry import DatastoreRef, Registry
 
@@ -208,8 +208,8 @@ def test_vms_on_a_tls_datastore_get_their_hosts_qemu_credentials(tmp_path: Path,
     assert obj["id"] == NBD_TLS_ID and obj["dir"] == str(cluster / "hosts" / "host-a" / "qemu")
     node = storage_host.blockdev_for(SPEC.disks[0], "host-a", "disk0-proto")
     assert node["tls-creds"] == NBD_TLS_ID and node["export"] == "web1.img@host-a"
-    ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet", taps=(),
-                      disk_nodes=(node,), objects=(obj,))
+    ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet",
+                      fds=QemuFds(qmp=3, serial=4, serial_log=5, disks=(None,)), disk_nodes=(node,), objects=(obj,))
     argv = build_argv(SPEC, VmPaths(tmp_path / "run"), ctx)
     assert argv.index("-object") < argv.index("-blockdev")
     assert json.loads(argv[argv.index("-object") + 1])["qom-type"] == "tls-creds-x509"

@@ -1,0 +1,747 @@
+"""The center's wire: typed request and answer models of its HTTP API, and its clients (sync and async).
+
+Every body on the wire is one of these frozen models (no dicts): the center's routes take and return
+them, the CLI and the agents send and read them, the OpenAPI document describes them.
+
+TLS, as a client sees the center:
+- before it holds a certificate (a host joining, a user logging in) it must still know it talks to
+  the right center before it sends a secret: it fetches the CA certificate (GET /v1/ca, public),
+  checks its SHA-256 against the pin it was given (a join token carries it, `kvmotion login` takes
+  --ca-sha256), and only then connects trusting that CA alone (`pinned_ca`, `trusting`);
+- afterwards it presents its certificate from `Credentials` (the login config: center URL, CA,
+  certificate and key in one 0600 file, like a kubeconfig).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from kvmotion import errors
+from kvmotion.api.identity import Role
+from kvmotion.validation import invalid_input
+
+PROTOCOL_VERSION = 1  # of agent <-> center messages (heartbeats); the center refuses others
+DEFAULT_PORT = 7700
+AGENT_PORT = 7701
+
+# Host, VM and datastore names: the VM spec's rule (kvmotion.qemu.spec.NAME_PATTERN; both move to core).
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,30}$"
+USER_PATTERN = r"^[a-z][a-z0-9._-]{0,31}$"  # kvmotion.api.identity's user names
+TOKEN_ID_PATTERN = r"^[0-9a-f]{12}$"
+MIGRATION_ID_PATTERN = r"^[0-9a-f]{12}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MAX_PEM = 4096  # characters of a certificate or CSR on the wire (EC: under 1 KiB)
+MAX_VMS = 4096  # VMs one heartbeat reports
+MAX_MIGRATIONS = 256
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+UserName = Annotated[str, Field(pattern=USER_PATTERN)]
+TokenId = Annotated[str, Field(pattern=TOKEN_ID_PATTERN)]
+Pem = Annotated[str, Field(min_length=1, max_length=MAX_PEM)]
+Count = Annotated[StrictInt, Field(ge=0, le=1 << 62)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"invalid IP address {text[:60]!r}: use e.g. 10.0.0.1 or fd00::1") from None
+
+
+def _reachable_ip(text: str) -> str:
+    """An address peers can dial: not a wildcard, multicast or link-scoped one (%zone)."""
+    address = _ip(text)
+    parsed = ipaddress.ip_address(address)
+    if parsed.is_unspecified or parsed.is_multicast or "%" in address:
+        raise ValueError(f"{address} is no address peers can reach: give the host's own address, e.g. 10.0.0.1")
+    return address
+
+
+HostAddress = Annotated[str, Field(max_length=45), AfterValidator(_reachable_ip)]
+
+
+def _url_checker(schemes: tuple[str, ...], what: str) -> Any:
+    def check(url: str) -> str:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in schemes or not parts.hostname or port == -1 or port == 0 \
+                or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"invalid {what} {url[:80]!r}: use {' or '.join(s + '://HOST[:PORT]' for s in schemes)}")
+        return url
+
+    return AfterValidator(check)
+
+
+NbdUrl = Annotated[str, Field(max_length=300), _url_checker(("nbds", "nbd"), "NBD URL")]
+ControlUrl = Annotated[str, Field(max_length=300), _url_checker(("https", "http"), "control URL")]
+
+
+class Wire(BaseModel):
+    """Frozen, no unknown fields; built in code, a wrong value raises InvalidInput naming the field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    _what: ClassVar[str] = "request body"  # what a refusal calls the body (kvmotion.api.serving)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise invalid_input(exc, self._what) from None
+
+    # Tells pydantic this __init__ validates as BaseModel's does: nested models keep their field paths.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+# ---- states and kinds ---------------------------------------------------------------------------------
+class HostState(str, Enum):
+    CONNECTED = "connected"
+    NOT_RESPONDING = "not_responding"  # silent for longer than the settings allow, or not heard since joining
+    MAINTENANCE = "maintenance"
+
+
+class ReportedState(str, Enum):
+    """A VM's state as its agent reports it (the agent's own VmState)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INCOMING = "incoming"  # a migration's shadow: not the VM's home
+    MIGRATING = "migrating"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+
+
+class ObservedState(str, Enum):
+    """A VM's state as the center last learnt it."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    MIGRATING = "migrating"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+    UNKNOWN = "unknown"  # its host is not responding (or was removed): the VM is not lost, only unseen
+    ABSENT = "absent"  # its last host stopped reporting it and no other host reports it
+
+
+class MigrationRole(str, Enum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+class EventKind(str, Enum):
+    CENTER_INITIALIZED = "center_initialized"
+    HOST_JOINED = "host_joined"
+    HOST_REMOVED = "host_removed"
+    HOST_CONNECTED = "host_connected"
+    HOST_NOT_RESPONDING = "host_not_responding"
+    DATASTORE_ADDED = "datastore_added"
+    DATASTORE_REMOVED = "datastore_removed"
+    USER_ADDED = "user_added"
+    USER_LOGGED_IN = "user_logged_in"
+    TOKEN_CREATED = "token_created"
+    TOKEN_DELETED = "token_deleted"
+
+
+# ---- cluster, CA, join, login --------------------------------------------------------------------------
+class ClusterSettings(Wire):
+    encrypted: StrictBool = True  # migration streams and APIs over TLS (false: a --insecure cluster)
+    cpu_baseline: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    heartbeat_interval: Annotated[float, Field(ge=0.1, le=60)] = 2.0  # seconds between an agent's heartbeats
+    not_responding_after: Annotated[float, Field(ge=1, le=3600)] = 10.0  # seconds of silence
+
+
+class CaInfo(Wire):
+    ca_cert: Pem
+    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+
+class JoinRequest(Wire):
+    _what: ClassVar[str] = "join request"
+    token: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Name
+    address: HostAddress  # where peers and the center reach the host's agent
+    agent_port: Port = AGENT_PORT
+    host_csr: Pem  # the agent's key: host:NAME
+    qemu_csr: Pem  # its QEMUs' own key: qemu:NAME
+
+
+class LoginRequest(Wire):
+    _what: ClassVar[str] = "login request"
+    user: UserName
+    password: Annotated[str, Field(min_length=1, max_length=1024)]
+    csr: Pem
+
+
+class LoginAnswer(Wire):
+    user: UserName
+    role: Role
+    ca_cert: Pem
+    cert: Pem
+    expires: float
+
+
+# ---- hosts and heartbeats ---------------------------------------------------------------------------------
+class VmReport(Wire):
+    name: Name
+    state: ReportedState
+
+
+class VmLoad(Wire):
+    """One VM's figures: cumulative vCPU run and run-queue wait (ready) time, its memory."""
+
+    name: Name
+    cpu_run_ns: Count = 0
+    cpu_ready_ns: Count = 0
+    memory: Count = 0
+
+
+class HostLoad(Wire):
+    cpus: Annotated[StrictInt, Field(ge=1, le=65536)]
+    memory_total: Count
+    memory_available: Count
+    vms: Annotated[tuple[VmLoad, ...], Field(max_length=MAX_VMS)] = ()
+
+
+class ActiveMigration(Wire):
+    id: Annotated[str, Field(pattern=MIGRATION_ID_PATTERN)]
+    vm: Name
+    role: MigrationRole
+    peer: Name
+    phase: Annotated[str, Field(pattern=r"^[a-z][a-z_]{0,31}$")]
+
+
+class Heartbeat(Wire):
+    """What an agent reports every few seconds: what it observes, not what it wants."""
+
+    _what: ClassVar[str] = "heartbeat"
+    version: StrictInt
+    vms: Annotated[tuple[VmReport, ...], Field(max_length=MAX_VMS)] = ()
+    load: HostLoad
+    migrations: Annotated[tuple[ActiveMigration, ...], Field(max_length=MAX_MIGRATIONS)] = ()
+
+    @field_validator("vms")
+    @classmethod
+    def _one_report_per_vm(cls, vms: tuple[VmReport, ...]) -> tuple[VmReport, ...]:
+        seen: set[str] = set()
+        for vm in vms:
+            if vm.name in seen:
+                raise ValueError(f"VM {vm.name} is reported twice")
+            seen.add(vm.name)
+        return vms
+
+
+class HeartbeatAnswer(Wire):
+    state: HostState
+    interval: float  # seconds until the next heartbeat is due
+    now: float  # the center's clock, for the agent to see skew
+
+
+class HostView(Wire):
+    name: Name
+    address: str
+    agent_url: str
+    state: HostState
+    joined: float
+    last_heartbeat: float | None
+    load: HostLoad | None
+    migrations: tuple[ActiveMigration, ...] = ()
+    vms: int = 0  # VMs last observed there
+
+
+class JoinAnswer(Wire):
+    host: HostView
+    ca_cert: Pem
+    host_cert: Pem
+    qemu_cert: Pem
+    settings: ClusterSettings
+
+
+# ---- datastores, users, tokens, events -----------------------------------------------------------------
+class DatastoreSpec(Wire):
+    _what: ClassVar[str] = "datastore"
+    name: Name
+    nbd_url: NbdUrl
+    control_url: ControlUrl
+
+
+class DatastoreView(Wire):
+    name: Name
+    nbd_url: str
+    control_url: str
+    added: float
+
+
+class UserAdd(Wire):
+    _what: ClassVar[str] = "user"
+    name: UserName
+    role: Role
+    password: Annotated[str, Field(min_length=12, max_length=1024)] | None = None  # none: the center makes one
+
+
+class UserView(Wire):
+    name: str
+    role: Role
+    created: float
+
+
+class UserAdded(Wire):
+    user: UserView
+    password: str | None  # the one the center made, shown this once (None if the caller gave one)
+
+
+class TokenCreate(Wire):
+    _what: ClassVar[str] = "token request"
+    ttl: Annotated[float, Field(ge=60, le=30 * 86400)] = 86400.0  # seconds
+    uses: Annotated[StrictInt, Field(ge=1, le=100000)] | None = None  # None: any number within the TTL
+
+
+class TokenView(Wire):
+    id: str
+    expires: float
+    uses_left: int | None
+    created: float
+    created_by: str
+
+
+class TokenCreated(Wire):
+    token: str  # kvm1.<CA sha256>.<id>.<secret>: shown once, stored hashed
+    info: TokenView
+
+
+class Event(Wire):
+    id: int
+    at: float
+    kind: EventKind
+    object: str
+    message: str
+    who: str
+
+
+class EventPage(Wire):
+    events: tuple[Event, ...]
+    next: int  # pass as `since` to get what came after
+
+
+# ---- join tokens ---------------------------------------------------------------------------------------------
+_TOKEN_RE = re.compile(r"^kvm1\.([0-9a-f]{64})\.([0-9a-f]{12})\.([0-9a-f]{32})$")
+
+
+@dataclass(frozen=True)
+class TokenParts:
+    """A join token, "kvm1.<CA sha256 hex>.<id>.<secret>": the joining host pins the center's CA with
+    the first part (pinned_ca) before it sends the token; the center finds it by id, checks the secret."""
+
+    ca_sha256: str
+    id: str
+    secret: str
+
+    def __str__(self) -> str:
+        return f"kvm1.{self.ca_sha256}.{self.id}.{self.secret}"
+
+
+def parse_token(text: str) -> TokenParts:
+    m = _TOKEN_RE.fullmatch(text.strip())
+    if m is None:
+        raise errors.InvalidInput("malformed join token: expected kvm1.<CA sha256>.<id>.<secret> "
+                                  "(as `kvmotion center token create` prints it)")
+    return TokenParts(*m.groups())
+
+
+# ---- TLS for clients ----------------------------------------------------------------------------------------
+def ca_sha256(pem: str) -> str:
+    """SHA-256 of a certificate's DER, lowercase hex: what a join token and --ca-sha256 pin."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem.strip() + "\n")
+    except ValueError:
+        raise errors.InvalidInput("not a PEM certificate") from None
+    return hashlib.sha256(der).hexdigest()
+
+
+def _context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def trusting(ca_pem: str, cert_pem: str | None = None, key_pem: str | None = None) -> ssl.SSLContext:
+    """A client context that trusts only `ca_pem` (and checks the center's name), presenting the
+    certificate and key when given. They are loaded from memory (a memfd), never written to disk."""
+    ctx = _context()
+    try:
+        ctx.load_verify_locations(cadata=ca_pem)
+    except ssl.SSLError as exc:
+        raise errors.InvalidInput(f"unusable CA certificate: {exc.reason or exc}") from None
+    if cert_pem is not None and key_pem is not None:
+        fd = os.memfd_create("kvmotion-credentials", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "w") as f:
+                f.write(cert_pem.strip() + "\n" + key_pem.strip() + "\n")
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        except ssl.SSLError as exc:
+            raise errors.InvalidInput(f"unusable certificate or key: {exc.reason or exc}") from None
+        finally:
+            os.close(fd)
+    return ctx
+
+
+def _unverified() -> ssl.SSLContext:
+    """Only for GET /v1/ca, whose answer is checked against a pin before anything is trusted."""
+    ctx = _context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def pinned_ca(url: str, sha256: str | None, timeout: float = 15.0) -> CaInfo:
+    """The center's CA certificate, fetched from `url` and checked against `sha256` (None: the
+    caller decides from the answer's sha256, e.g. by asking its user)."""
+    verify: ssl.SSLContext | bool = _unverified() if url.startswith("https:") else False
+    with _http(url, verify, timeout) as http:
+        info = _decode(CaInfo, _send(http, url, "GET", "/v1/ca"))
+    actual = ca_sha256(info.ca_cert)
+    if actual != info.sha256:
+        raise errors.Unauthorized(f"the center at {url} sent a CA whose SHA-256 is not the one it claims")
+    if sha256 is not None and actual != sha256.lower():
+        raise errors.Unauthorized(f"the center at {url} has CA SHA-256 {actual}, not {sha256.lower()}: "
+                                  "another center, or someone in between; nothing was sent")
+    return info
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What `kvmotion login` keeps: the center, and a user's certificate and key from its CA."""
+
+    center: str
+    user: str
+    ca_cert: str
+    cert: str
+    key: str
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return trusting(self.ca_cert, self.cert, self.key)
+
+    def client(self, timeout: float = 30.0) -> CenterClient:
+        return CenterClient(self.center, self.ssl_context() if self.center.startswith("https:") else None, timeout)
+
+
+# ---- clients ------------------------------------------------------------------------------------------------
+def _http(url: str, verify: ssl.SSLContext | bool, timeout: float) -> httpx.Client:
+    return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout)
+
+
+def _error(response: httpx.Response, url: str) -> errors.KvmotionError:
+    """The center's error answer as the same KvmotionError class, with its message."""
+    try:
+        err = response.json()["error"]
+        kind, message = err["kind"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        return errors.KvmotionError(f"the center at {url} answered HTTP {response.status_code}: {response.text[:200]!r}")
+    cls = getattr(errors, str(kind), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.KvmotionError)):
+        cls = errors.KvmotionError
+    return cls(str(message))
+
+
+def _check(response: httpx.Response, url: str) -> httpx.Response:
+    if response.status_code >= 400:
+        raise _error(response, url)
+    return response
+
+
+def _send(http: httpx.Client, url: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    try:
+        return _check(http.request(method, path, **kw), url)
+    except httpx.TransportError as exc:
+        raise errors.Unreachable(f"the center at {url} is not reachable ({type(exc).__name__}: {exc or 'no answer'})") from exc
+
+
+_adapters: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _decode(model: Any, response: httpx.Response) -> Any:
+    adapter = _adapters.get(model)
+    if adapter is None:
+        adapter = _adapters[model] = TypeAdapter(model)
+    try:
+        return adapter.validate_json(response.content)
+    except ValidationError as exc:
+        raise errors.KvmotionError(f"the center answered {response.request.method} {response.request.url.path} "
+                                   f"with a body this client does not understand ({exc.error_count()} problems): "
+                                   "are both the same kvmotion version?") from None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One API call, built once for both clients."""
+
+    method: str
+    path: str
+    answer: Any  # the model (or list[...]) of the answer; None: no body
+    body: Wire | None = None
+    params: Mapping[str, Any] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.body is not None:
+            out["content"] = self.body.model_dump_json()
+            out["headers"] = {"content-type": "application/json"}
+        if self.params:
+            out["params"] = dict(self.params)
+        return out
+
+
+class _Calls:
+    @staticmethod
+    def ca() -> _Call:
+        return _Call("GET", "/v1/ca", CaInfo)
+
+    @staticmethod
+    def join(request: JoinRequest) -> _Call:
+        return _Call("POST", "/v1/join", JoinAnswer, request)
+
+    @staticmethod
+    def login(request: LoginRequest) -> _Call:
+        return _Call("POST", "/v1/login", LoginAnswer, request)
+
+    @staticmethod
+    def settings() -> _Call:
+        return _Call("GET", "/v1/settings", ClusterSettings)
+
+    @staticmethod
+    def hosts() -> _Call:
+        return _Call("GET", "/v1/hosts", list[HostView])
+
+    @staticmethod
+    def host(name: str) -> _Call:
+        return _Call("GET", f"/v1/hosts/{name}", HostView)
+
+    @staticmethod
+    def remove_host(name: str) -> _Call:
+        return _Call("DELETE", f"/v1/hosts/{name}", None)
+
+    @staticmethod
+    def heartbeat(name: str, beat: Heartbeat) -> _Call:
+        return _Call("POST", f"/v1/hosts/{name}/heartbeat", HeartbeatAnswer, beat)
+
+    @staticmethod
+    def datastores() -> _Call:
+        return _Call("GET", "/v1/datastores", list[DatastoreView])
+
+    @staticmethod
+    def add_datastore(spec: DatastoreSpec) -> _Call:
+        return _Call("POST", "/v1/datastores", DatastoreView, spec)
+
+    @staticmethod
+    def remove_datastore(name: str) -> _Call:
+        return _Call("DELETE", f"/v1/datastores/{name}", None)
+
+    @staticmethod
+    def users() -> _Call:
+        return _Call("GET", "/v1/users", list[UserView])
+
+    @staticmethod
+    def add_user(user: UserAdd) -> _Call:
+        return _Call("POST", "/v1/users", UserAdded, user)
+
+    @staticmethod
+    def create_token(request: TokenCreate) -> _Call:
+        return _Call("POST", "/v1/tokens", TokenCreated, request)
+
+    @staticmethod
+    def tokens() -> _Call:
+        return _Call("GET", "/v1/tokens", list[TokenView])
+
+    @staticmethod
+    def delete_token(token_id: str) -> _Call:
+        return _Call("DELETE", f"/v1/tokens/{token_id}", None)
+
+    @staticmethod
+    def events(since: int = 0, limit: int = 100) -> _Call:
+        return _Call("GET", "/v1/events", EventPage, params={"since": since, "limit": limit})
+
+
+def _path_name(name: str, pattern: str, what: str) -> str:
+    """A name put into a URL path: refused here rather than sent as another path."""
+    if not re.fullmatch(pattern, name):
+        raise errors.InvalidInput(f"invalid {what} {name!r}")
+    return name
+
+
+class CenterClient:
+    """Synchronous client of the center (the CLI). `ssl_context`: `trusting(...)` or
+    `Credentials.ssl_context()`; None for an http:// (--insecure) center."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = _http(self.url, ssl_context if ssl_context is not None else False, timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CenterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, call: _Call) -> Any:
+        response = _send(self._http, self.url, call.method, call.path, **call.kwargs())
+        return None if call.answer is None else _decode(call.answer, response)
+
+    def ca(self) -> CaInfo:
+        return self.call(_Calls.ca())
+
+    def join(self, request: JoinRequest) -> JoinAnswer:
+        return self.call(_Calls.join(request))
+
+    def login(self, request: LoginRequest) -> LoginAnswer:
+        return self.call(_Calls.login(request))
+
+    def settings(self) -> ClusterSettings:
+        return self.call(_Calls.settings())
+
+    def hosts(self) -> list[HostView]:
+        return self.call(_Calls.hosts())
+
+    def host(self, name: str) -> HostView:
+        return self.call(_Calls.host(_path_name(name, NAME_PATTERN, "host name")))
+
+    def remove_host(self, name: str) -> None:
+        self.call(_Calls.remove_host(_path_name(name, NAME_PATTERN, "host name")))
+
+    def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
+        return self.call(_Calls.heartbeat(_path_name(name, NAME_PATTERN, "host name"), beat))
+
+    def datastores(self) -> list[DatastoreView]:
+        return self.call(_Calls.datastores())
+
+    def add_datastore(self, spec: DatastoreSpec) -> DatastoreView:
+        return self.call(_Calls.add_datastore(spec))
+
+    def remove_datastore(self, name: str) -> None:
+        self.call(_Calls.remove_datastore(_path_name(name, NAME_PATTERN, "datastore name")))
+
+    def users(self) -> list[UserView]:
+        return self.call(_Calls.users())
+
+    def add_user(self, user: UserAdd) -> UserAdded:
+        return self.call(_Calls.add_user(user))
+
+    def create_token(self, request: TokenCreate) -> TokenCreated:
+        return self.call(_Calls.create_token(request))
+
+    def tokens(self) -> list[TokenView]:
+        return self.call(_Calls.tokens())
+
+    def delete_token(self, token_id: str) -> None:
+        self.call(_Calls.delete_token(_path_name(token_id, TOKEN_ID_PATTERN, "token id")))
+
+    def events(self, since: int = 0, limit: int = 100) -> EventPage:
+        return self.call(_Calls.events(since, limit))
+
+
+class AsyncCenterClient:
+    """The same calls for asyncio code (agents' heartbeats, the lab)."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context if ssl_context is not None else False,
+                                       timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncCenterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def call(self, call: _Call) -> Any:
+        try:
+            response = await self._http.request(call.method, call.path, **call.kwargs())
+        except httpx.TransportError as exc:
+            raise errors.Unreachable(f"the center at {self.url} is not reachable "
+                                     f"({type(exc).__name__}: {exc or 'no answer'})") from exc
+        _check(response, self.url)
+        return None if call.answer is None else _decode(call.answer, response)
+
+    async def ca(self) -> CaInfo:
+        return await self.call(_Calls.ca())
+
+    async def join(self, request: JoinRequest) -> JoinAnswer:
+        return await self.call(_Calls.join(request))
+
+    async def login(self, request: LoginRequest) -> LoginAnswer:
+        return await self.call(_Calls.login(request))
+
+    async def settings(self) -> ClusterSettings:
+        return await self.call(_Calls.settings())
+
+    async def hosts(self) -> list[HostView]:
+        return await self.call(_Calls.hosts())
+
+    async def host(self, name: str) -> HostView:
+        return await self.call(_Calls.host(_path_name(name, NAME_PATTERN, "host name")))
+
+    async def remove_host(self, name: str) -> None:
+        await self.call(_Calls.remove_host(_path_name(name, NAME_PATTERN, "host name")))
+
+    async def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
+        return await self.call(_Calls.heartbeat(_path_name(name, NAME_PATTERN, "host name"), beat))
+
+    async def datastores(self) -> list[DatastoreView]:
+        return await self.call(_Calls.datastores())
+
+    async def add_datastore(self, spec: DatastoreSpec) -> DatastoreView:
+        return await self.call(_Calls.add_datastore(spec))
+
+    async def remove_datastore(self, name: str) -> None:
+        await self.call(_Calls.remove_datastore(_path_name(name, NAME_PATTERN, "datastore name")))
+
+    async def users(self) -> list[UserView]:
+        return await self.call(_Calls.users())
+
+    async def add_user(self, user: UserAdd) -> UserAdded:
+        return await self.call(_Calls.add_user(user))
+
+    async def create_token(self, request: TokenCreate) -> TokenCreated:
+        return await self.call(_Calls.create_token(request))
+
+    async def tokens(self) -> list[TokenView]:
+        return await self.call(_Calls.tokens())
+
+    async def delete_token(self, token_id: str) -> None:
+        await self.call(_Calls.delete_token(_path_name(token_id, TOKEN_ID_PATTERN, "token id")))
+
+    async def events(self, since: int = 0, limit: int = 100) -> EventPage:
+        return await self.call(_Calls.events(since, limit))

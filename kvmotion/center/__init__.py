@@ -1,0 +1,10 @@
+"""The control plane (`kvmotion center`): one source of cluster truth.
+
+store.py      the Store protocol and its SQLite implementation
+auth.py       join tokens and passwords (pure)
+liveness.py   when a host is silent, what a heartbeat changes (pure)
+heartbeat.py  the loop that marks silent hosts not responding
+service.py    the center's operations (join, login, heartbeats, datastores, users, tokens, events)
+app.py        its HTTP API (FastAPI, served by kvmotion.api.serving)
+serve.py      the data folder, the first start, `kvmotion center serve`
+"""

@@ -1,0 +1,174 @@
+"""The center's HTTP API (FastAPI), served by kvmotion.api.serving: TLS with client certificates
+optional at the handshake (Security.optional_client_cert), so that a host without a certificate
+can join and a user without one can log in. Every route needs an identity from a certificate of
+the cluster CA, but three: GET /v1/ca (the CA certificate, public: a client checks it against its
+pin before it sends any secret), POST /v1/join (a join token) and POST /v1/login (a password).
+The OpenAPI document and /docs need an identity too.
+
+Handlers are plain `def`s: FastAPI runs them in worker threads, where the store's calls block.
+Every mutating call is in the audit log (kvmotion.api.serving.Guard) and changes of state are
+events in the store; successful heartbeats (every 2 s per host) are left out of the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from kvmotion import __version__
+from kvmotion.api.center import (
+    NAME_PATTERN,
+    TOKEN_ID_PATTERN,
+    CaInfo,
+    ClusterSettings,
+    DatastoreSpec,
+    DatastoreView,
+    EventPage,
+    Heartbeat,
+    HeartbeatAnswer,
+    HostView,
+    JoinAnswer,
+    JoinRequest,
+    LoginAnswer,
+    LoginRequest,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
+    UserAdd,
+    UserAdded,
+    UserView,
+)
+from kvmotion.api.identity import ADMINISTER, HOSTS, INSECURE, VIEW, Identity
+from kvmotion.api.serving import AuthorizedRoute, allow
+from kvmotion.center.heartbeat import HeartbeatController
+from kvmotion.center.service import Center
+from kvmotion.errors import Forbidden
+
+HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
+
+HostName = Annotated[str, Path(pattern=NAME_PATTERN)]
+DatastoreName = Annotated[str, Path(pattern=NAME_PATTERN)]
+TokenIdPath = Annotated[str, Path(pattern=TOKEN_ID_PATTERN)]
+
+
+def _note_caller(request: Request, text: str) -> None:
+    """Who the audit log names for a call made without a certificate (join, login)."""
+    request.scope.setdefault("state", {})["kvmotion_caller"] = text
+
+
+def create_app(center: Center, controller: HeartbeatController | None = None) -> FastAPI:
+    """The app; `controller` (default: one over center.store with center.clock) runs in its lifespan."""
+    control = controller or HeartbeatController(center.store, clock=center.clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(control.run(stop), name="heartbeat controller")
+            try:
+                yield
+            finally:
+                stop.set()  # the controller ends within one tick; the group waits for it
+
+    app = FastAPI(title="kvmotion center", version=__version__, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
+    app.state.center = center
+    app.state.controller = control
+    view = Depends(allow(VIEW, "read the cluster's state"))
+    admin = Depends(allow(ADMINISTER, "manage the cluster"))
+
+    # ---- documents (any identity) ----
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[view])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[view])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="kvmotion center")
+
+    # ---- public ----
+    @app.get("/v1/ca", summary="The cluster CA's certificate (public: check it against your pin)")
+    def ca() -> CaInfo:
+        return center.ca_info()
+
+    @app.post("/v1/join", status_code=201, summary="A host joins with a token: its CSRs signed")
+    def join(body: JoinRequest, request: Request) -> JoinAnswer:
+        _note_caller(request, f"joining host:{body.name}")
+        return center.join(body)
+
+    @app.post("/v1/login", summary="A user logs in with a password: its CSR signed, with its role")
+    def login(body: LoginRequest, request: Request) -> LoginAnswer:
+        _note_caller(request, f"logging in user:{body.user}")
+        return center.login(body)
+
+    # ---- reads ----
+    @app.get("/v1/settings", dependencies=[view])
+    def settings() -> ClusterSettings:
+        return center.settings()
+
+    @app.get("/v1/hosts", dependencies=[view])
+    def hosts() -> list[HostView]:
+        return center.hosts()
+
+    @app.get("/v1/hosts/{name}", dependencies=[view])
+    def host(name: HostName) -> HostView:
+        return center.host(name)
+
+    @app.get("/v1/datastores", dependencies=[view])
+    def datastores() -> list[DatastoreView]:
+        return center.datastores()
+
+    @app.get("/v1/events", dependencies=[view])
+    def events(since: Annotated[int, Query(ge=0, le=1 << 62, description="the `next` of the page before")] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
+        return center.events(since, limit)
+
+    # ---- a host's own ----
+    @app.post("/v1/hosts/{name}/heartbeat")
+    def heartbeat(name: HostName, beat: Heartbeat,
+                  who: Identity = Depends(allow(HOSTS, "send heartbeats"))) -> HeartbeatAnswer:
+        if who is not INSECURE and not who.is_host(name):
+            raise Forbidden(f"{who} may not send host {name}'s heartbeats: a host reports only for itself")
+        return center.heartbeat(name, beat)
+
+    # ---- the admin's ----
+    @app.delete("/v1/hosts/{name}", status_code=204)
+    def remove_host(name: HostName, who: Identity = admin) -> None:
+        center.remove_host(name, who)
+
+    @app.post("/v1/datastores", status_code=201)
+    def add_datastore(spec: DatastoreSpec, who: Identity = admin) -> DatastoreView:
+        return center.add_datastore(spec, who)
+
+    @app.delete("/v1/datastores/{name}", status_code=204)
+    def remove_datastore(name: DatastoreName, who: Identity = admin) -> None:
+        center.remove_datastore(name, who)
+
+    @app.get("/v1/users", dependencies=[admin])
+    def users() -> list[UserView]:
+        return center.users()
+
+    @app.post("/v1/users", status_code=201)
+    def add_user(body: UserAdd, who: Identity = admin) -> UserAdded:
+        return center.add_user(body, who)
+
+    @app.get("/v1/tokens", dependencies=[admin])
+    def tokens() -> list[TokenView]:
+        return center.tokens()
+
+    @app.post("/v1/tokens", status_code=201)
+    def create_token(body: TokenCreate, who: Identity = admin) -> TokenCreated:
+        return center.create_token(body, who)
+
+    @app.delete("/v1/tokens/{token_id}", status_code=204)
+    def delete_token(token_id: TokenIdPath, who: Identity = admin) -> None:
+        center.delete_token(token_id, who)
+
+    return app

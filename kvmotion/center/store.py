@@ -1,0 +1,541 @@
+"""The center's state behind one narrow interface: `Store`, and `SqliteStore`, its embedded default.
+
+Every method is one transaction: it reads what it decides on and writes all it changes (the row,
+the rows it implies, the event that records it) or nothing. Methods take and return frozen rows
+(the dataclasses below, or the wire models where they are the same thing) and a method that
+records an event takes `who` (the identity that asked) and `at` (the caller's clock): the store
+keeps no clock and makes no policy beyond what a transaction must check.
+
+SqliteStore: one file, WAL (readers never wait for the writer), a busy timeout for writers, one
+connection per thread (so it serves FastAPI's worker threads and asyncio code through
+asyncio.to_thread alike), writes in BEGIN IMMEDIATE transactions (the write lock is taken first,
+so two writers never deadlock upgrading a read lock). Its schema has a version, and an ordered list
+of upgrade steps, each applied once in its own transaction when a store of an older version is
+opened; a store written by a newer kvmotion is refused, never downgraded.
+
+An etcd-backed store (several center replicas) implements the same protocol: each row a key
+(/kvmotion/hosts/NAME, /kvmotion/vms/NAME, ...) holding the row's JSON; a method that decides on
+what it reads (join, record_heartbeat, mark_not_responding, add_*) reads those keys with their
+mod_revision and commits all its writes, the event included, in one etcd Txn whose compare clause
+requires the revisions unchanged, re-reading and retrying when another replica won: what BEGIN
+IMMEDIATE gives here. Events take their id from a counter key incremented in the same Txn;
+schema_version is a key and upgrade steps rewrite keys in Txns; controllers may watch instead of poll.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kvmotion.api.center import (
+    ActiveMigration,
+    ClusterSettings,
+    DatastoreView,
+    Event,
+    EventKind,
+    HostLoad,
+    HostState,
+    HostView,
+    ObservedState,
+    ReportedState,
+    VmReport,
+)
+from kvmotion.api.identity import Role
+from kvmotion.center.liveness import after_heartbeat
+from kvmotion.errors import Conflict, NotFound, SetupError
+
+BUSY_TIMEOUT_MS = 5000  # how long a writer waits for another's transaction
+EVENTS_KEPT = 100_000  # older events are pruned
+
+
+# ---- rows ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HostRow:
+    name: str
+    address: str
+    agent_url: str
+    state: HostState
+    joined: float
+    last_heartbeat: float | None = None
+    load: HostLoad | None = None
+    migrations: tuple[ActiveMigration, ...] = ()
+    vms: int = 0  # VMs last observed there (computed when read)
+
+    def view(self) -> HostView:
+        return HostView(name=self.name, address=self.address, agent_url=self.agent_url, state=self.state,
+                        joined=self.joined, last_heartbeat=self.last_heartbeat, load=self.load,
+                        migrations=self.migrations, vms=self.vms)
+
+
+@dataclass(frozen=True)
+class VmRow:
+    name: str
+    observed_state: ObservedState
+    updated: float
+    observed_host: str | None = None
+    spec: str | None = None  # the VM spec's JSON, once the center creates VMs
+    desired_host: str | None = None
+    desired_power: str | None = None
+
+
+@dataclass(frozen=True)
+class UserRow:
+    name: str
+    role: Role
+    password_hash: str
+    created: float
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: str
+    secret_hash: str  # sha256 of the secret, hex
+    expires: float
+    uses_left: int | None  # None: any number of joins until it expires
+    created: float
+    created_by: str
+
+
+class _Activity(BaseModel):
+    """A host's last reported figures, as stored in hosts.load."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    load: HostLoad
+    migrations: tuple[ActiveMigration, ...] = ()
+
+
+# ---- the protocol ---------------------------------------------------------------------------------------
+class Store(Protocol):
+    def close(self) -> None: ...
+
+    def schema_version(self) -> int: ...
+
+    # first start: the admin user, the first join token and the settings, unless a user exists
+    def bootstrap(self, admin: UserRow, token: TokenRow, settings: ClusterSettings, at: float) -> bool: ...
+
+    def settings(self) -> ClusterSettings: ...
+
+    def save_settings(self, settings: ClusterSettings) -> None: ...
+
+    def add_user(self, user: UserRow, who: str) -> None: ...
+
+    def user(self, name: str) -> UserRow | None: ...
+
+    def users(self) -> list[UserRow]: ...
+
+    def record_login(self, name: str, who: str, at: float) -> None: ...
+
+    def add_token(self, token: TokenRow, who: str) -> None: ...
+
+    def token(self, token_id: str) -> TokenRow | None: ...
+
+    def tokens(self) -> list[TokenRow]: ...
+
+    def delete_token(self, token_id: str, who: str, at: float) -> None: ...
+
+    # `verify` sees the token inside the transaction and raises to refuse: then nothing is written
+    def join(self, token_id: str, verify: Callable[[TokenRow | None], None], host: HostRow, who: str) -> HostRow: ...
+
+    def host(self, name: str) -> HostRow | None: ...
+
+    def hosts(self) -> list[HostRow]: ...
+
+    def remove_host(self, name: str, who: str, at: float) -> None: ...
+
+    def record_heartbeat(self, name: str, at: float, vms: Sequence[VmReport], load: HostLoad,
+                         migrations: Sequence[ActiveMigration]) -> HostRow: ...
+
+    # only if the host is still connected with the heartbeat `seen`: a beat that came in between wins
+    def mark_not_responding(self, name: str, seen: float | None, at: float) -> bool: ...
+
+    def vm(self, name: str) -> VmRow | None: ...
+
+    def vms(self) -> list[VmRow]: ...
+
+    def add_datastore(self, datastore: DatastoreView, who: str) -> None: ...
+
+    def datastores(self) -> list[DatastoreView]: ...
+
+    def remove_datastore(self, name: str, who: str, at: float) -> None: ...
+
+    def add_event(self, at: float, kind: EventKind, object: str, message: str, who: str) -> Event: ...
+
+    def events(self, since: int = 0, limit: int = 100) -> list[Event]: ...
+
+
+# ---- the schema and its upgrades --------------------------------------------------------------------------
+# Step N takes a store from version N-1 to N. Steps are never edited once released: a change is a new step.
+UPGRADES: tuple[tuple[str, ...], ...] = (
+    (  # 1: inventory, identities, events, settings
+        """CREATE TABLE hosts (name TEXT PRIMARY KEY, address TEXT NOT NULL, agent_url TEXT NOT NULL,
+            state TEXT NOT NULL, joined REAL NOT NULL, last_heartbeat REAL, facts TEXT NOT NULL DEFAULT '{}',
+            load TEXT) STRICT""",
+        """CREATE TABLE datastores (name TEXT PRIMARY KEY, nbd_url TEXT NOT NULL, control_url TEXT NOT NULL,
+            added REAL NOT NULL) STRICT""",
+        """CREATE TABLE portgroups (host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+            name TEXT NOT NULL, bridge TEXT NOT NULL, PRIMARY KEY (host, name)) STRICT""",
+        """CREATE TABLE vms (name TEXT PRIMARY KEY, spec TEXT, desired_host TEXT, desired_power TEXT,
+            observed_host TEXT, observed_state TEXT NOT NULL, updated REAL NOT NULL) STRICT""",
+        "CREATE INDEX vms_observed_host ON vms (observed_host)",
+        """CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL,
+            object TEXT NOT NULL, message TEXT NOT NULL, who TEXT NOT NULL) STRICT""",
+        """CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT NOT NULL, password_hash TEXT NOT NULL,
+            created REAL NOT NULL) STRICT""",
+        """CREATE TABLE join_tokens (id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, expires REAL NOT NULL,
+            uses_left INTEGER, created REAL NOT NULL, created_by TEXT NOT NULL) STRICT""",
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT",
+    ),
+    (  # 2: tasks and the migrations they drive
+        """CREATE TABLE tasks (id TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL,
+            progress TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, started REAL, ended REAL, error TEXT,
+            result TEXT, requested_by TEXT NOT NULL) STRICT""",
+        "CREATE INDEX tasks_state ON tasks (state)",
+        """CREATE TABLE migrations (id TEXT PRIMARY KEY, task_id TEXT REFERENCES tasks(id), vm TEXT NOT NULL,
+            source TEXT NOT NULL, destination TEXT NOT NULL, record TEXT NOT NULL DEFAULT '{}') STRICT""",
+        "CREATE INDEX migrations_vm ON migrations (vm)",
+    ),
+)
+SCHEMA_VERSION = len(UPGRADES)
+
+
+def _host(row: sqlite3.Row) -> HostRow:
+    activity = _Activity.model_validate_json(row["load"]) if row["load"] else None
+    return HostRow(name=row["name"], address=row["address"], agent_url=row["agent_url"], state=HostState(row["state"]),
+                   joined=row["joined"], last_heartbeat=row["last_heartbeat"],
+                   load=activity.load if activity else None, migrations=activity.migrations if activity else (),
+                   vms=row["vms"])
+
+
+def _vm(row: sqlite3.Row) -> VmRow:
+    return VmRow(name=row["name"], observed_state=ObservedState(row["observed_state"]), updated=row["updated"],
+                 observed_host=row["observed_host"], spec=row["spec"], desired_host=row["desired_host"],
+                 desired_power=row["desired_power"])
+
+
+def _user(row: sqlite3.Row) -> UserRow:
+    return UserRow(name=row["name"], role=Role(row["role"]), password_hash=row["password_hash"], created=row["created"])
+
+
+def _token(row: sqlite3.Row) -> TokenRow:
+    return TokenRow(id=row["id"], secret_hash=row["secret_hash"], expires=row["expires"], uses_left=row["uses_left"],
+                    created=row["created"], created_by=row["created_by"])
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(id=row["id"], at=row["at"], kind=EventKind(row["kind"]), object=row["object"],
+                 message=row["message"], who=row["who"])
+
+
+_HOSTS = ("SELECT h.*, (SELECT count(*) FROM vms v WHERE v.observed_host = h.name) AS vms FROM hosts h")
+
+
+class SqliteStore:
+    """The Store in one SQLite file (see the module's docstring)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        try:  # the store holds password and token hashes: 0600 (SQLite gives its -wal and -shm the same mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise SetupError(f"cannot open the center's store {self.path}: {exc.strerror}") from None
+        self._upgrade()
+
+    # ---- connections and transactions ----
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not self._closed:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise SetupError(f"the center's store {self.path} is closed")
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=BUSY_TIMEOUT_MS / 1000)
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                    raise SetupError(f"cannot use write-ahead logging for {self.path}: is it on a network file system?")
+                conn.execute("PRAGMA synchronous = FULL")  # a committed join or user survives a power cut
+                conn.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.DatabaseError as exc:
+                raise SetupError(f"{self.path} is not a usable center store: {exc}") from None
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it, or (on any exception) nothing."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite rolls back by itself on a few errors (a full disk)
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # ---- schema ----
+    def _upgrade(self) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL) STRICT")
+                version = self._version(conn)
+        except sqlite3.DatabaseError as exc:
+            raise SetupError(f"{self.path} is not a usable center store: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise SetupError(f"{self.path} has schema version {version}, written by a newer kvmotion (this one knows "
+                             f"up to {SCHEMA_VERSION}): upgrade kvmotion")
+        for step in range(version, SCHEMA_VERSION):
+            with self._write() as conn:
+                if self._version(conn) != step:
+                    continue  # another process applied it meanwhile
+                for statement in UPGRADES[step]:
+                    conn.execute(statement)
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (step + 1,))
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        return row[0] or 0
+
+    def schema_version(self) -> int:
+        return self._version(self._conn())
+
+    # ---- events ----
+    def _add_event(self, conn: sqlite3.Connection, at: float, kind: EventKind, obj: str, message: str, who: str) -> Event:
+        cur = conn.execute("INSERT INTO events (at, kind, object, message, who) VALUES (?, ?, ?, ?, ?)",
+                           (at, kind.value, obj, message, who))
+        event_id = cur.lastrowid or 0
+        if event_id % 1000 == 0:
+            conn.execute("DELETE FROM events WHERE id <= ?", (event_id - EVENTS_KEPT,))
+        return Event(id=event_id, at=at, kind=kind, object=obj, message=message, who=who)
+
+    def add_event(self, at: float, kind: EventKind, object: str, message: str, who: str) -> Event:
+        with self._write() as conn:
+            return self._add_event(conn, at, kind, object, message, who)
+
+    def events(self, since: int = 0, limit: int = 100) -> list[Event]:
+        rows = self._conn().execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (since, limit))
+        return [_event(r) for r in rows]
+
+    # ---- first start, settings ----
+    def bootstrap(self, admin: UserRow, token: TokenRow, settings: ClusterSettings, at: float) -> bool:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+                return False
+            self._save_settings(conn, settings)
+            self._insert_user(conn, admin)
+            self._insert_token(conn, token)
+            self._add_event(conn, at, EventKind.CENTER_INITIALIZED, "center",
+                            f"center initialized: user {admin.name} (admin), join token {token.id}", "center")
+            return True
+
+    def settings(self) -> ClusterSettings:
+        rows = self._conn().execute("SELECT key, value FROM settings").fetchall()
+        known = ClusterSettings.model_fields
+        values = {r["key"]: json.loads(r["value"]) for r in rows if r["key"] in known}
+        try:
+            return ClusterSettings.model_validate(values)
+        except ValidationError as exc:
+            raise SetupError(f"the cluster settings in {self.path} are damaged: {exc.errors()[0]['msg']}") from None
+
+    @staticmethod
+    def _save_settings(conn: sqlite3.Connection, settings: ClusterSettings) -> None:
+        for key, value in settings.model_dump(mode="json").items():
+            conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                         "excluded.value", (key, json.dumps(value)))
+
+    def save_settings(self, settings: ClusterSettings) -> None:
+        with self._write() as conn:
+            self._save_settings(conn, settings)
+
+    # ---- users ----
+    @staticmethod
+    def _insert_user(conn: sqlite3.Connection, user: UserRow) -> None:
+        try:
+            conn.execute("INSERT INTO users (name, role, password_hash, created) VALUES (?, ?, ?, ?)",
+                         (user.name, user.role.value, user.password_hash, user.created))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"user {user.name} exists already") from None
+
+    def add_user(self, user: UserRow, who: str) -> None:
+        with self._write() as conn:
+            self._insert_user(conn, user)
+            self._add_event(conn, user.created, EventKind.USER_ADDED, f"user:{user.name}",
+                            f"user {user.name} added with role {user.role.value}", who)
+
+    def user(self, name: str) -> UserRow | None:
+        row = self._conn().execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+        return _user(row) if row else None
+
+    def users(self) -> list[UserRow]:
+        return [_user(r) for r in self._conn().execute("SELECT * FROM users ORDER BY name")]
+
+    def record_login(self, name: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            self._add_event(conn, at, EventKind.USER_LOGGED_IN, f"user:{name}", f"user {name} logged in", who)
+
+    # ---- join tokens ----
+    @staticmethod
+    def _insert_token(conn: sqlite3.Connection, token: TokenRow) -> None:
+        try:
+            conn.execute("INSERT INTO join_tokens (id, secret_hash, expires, uses_left, created, created_by) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (token.id, token.secret_hash, token.expires, token.uses_left,
+                                                       token.created, token.created_by))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"join token {token.id} exists already") from None
+
+    def add_token(self, token: TokenRow, who: str) -> None:
+        with self._write() as conn:
+            # Tokens expired a week ago are no help even for telling a late joiner why it was refused.
+            conn.execute("DELETE FROM join_tokens WHERE expires < ?", (token.created - 7 * 86400,))
+            self._insert_token(conn, token)
+            uses = "any number of joins" if token.uses_left is None else f"{token.uses_left} join(s)"
+            self._add_event(conn, token.created, EventKind.TOKEN_CREATED, f"token:{token.id}",
+                            f"join token {token.id} created for {uses}", who)
+
+    def token(self, token_id: str) -> TokenRow | None:
+        row = self._conn().execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+        return _token(row) if row else None
+
+    def tokens(self) -> list[TokenRow]:
+        return [_token(r) for r in self._conn().execute("SELECT * FROM join_tokens ORDER BY created")]
+
+    def delete_token(self, token_id: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM join_tokens WHERE id = ?", (token_id,)).rowcount == 0:
+                raise NotFound(f"no join token {token_id}")
+            self._add_event(conn, at, EventKind.TOKEN_DELETED, f"token:{token_id}", f"join token {token_id} deleted", who)
+
+    # ---- hosts ----
+    def join(self, token_id: str, verify: Callable[[TokenRow | None], None], host: HostRow, who: str) -> HostRow:
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+            verify(_token(row) if row else None)
+            if conn.execute("SELECT 1 FROM hosts WHERE name = ?", (host.name,)).fetchone():
+                raise Conflict(f"host {host.name} has joined already: remove it first (DELETE /v1/hosts/{host.name})")
+            conn.execute("UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ? AND uses_left IS NOT NULL",
+                         (token_id,))
+            conn.execute("INSERT INTO hosts (name, address, agent_url, state, joined, last_heartbeat) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (host.name, host.address, host.agent_url, host.state.value,
+                                                       host.joined, host.last_heartbeat))
+            self._add_event(conn, host.joined, EventKind.HOST_JOINED, f"host:{host.name}",
+                            f"host {host.name} joined with token {token_id}; its agent: {host.agent_url}", who)
+            return _host(conn.execute(_HOSTS + " WHERE h.name = ?", (host.name,)).fetchone())
+
+    def host(self, name: str) -> HostRow | None:
+        row = self._conn().execute(_HOSTS + " WHERE h.name = ?", (name,)).fetchone()
+        return _host(row) if row else None
+
+    def hosts(self) -> list[HostRow]:
+        return [_host(r) for r in self._conn().execute(_HOSTS + " ORDER BY h.name")]
+
+    def remove_host(self, name: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM hosts WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no host {name} has joined")
+            conn.execute("UPDATE vms SET observed_state = ?, updated = ? WHERE observed_host = ?",
+                         (ObservedState.UNKNOWN.value, at, name))
+            self._add_event(conn, at, EventKind.HOST_REMOVED, f"host:{name}",
+                            f"host {name} removed; the VMs last seen there are unknown", who)
+
+    def record_heartbeat(self, name: str, at: float, vms: Sequence[VmReport], load: HostLoad,
+                         migrations: Sequence[ActiveMigration]) -> HostRow:
+        """The host's figures and state (liveness.after_heartbeat), and what it reports of its VMs:
+        a VM it runs is observed there; a VM observed there that it no longer reports is absent (a
+        migration's destination reports it once it runs there). Shadows of incoming migrations are
+        not the VM's home and change nothing. Only rows whose observation changed are written."""
+        activity = _Activity(load=load, migrations=tuple(migrations)).model_dump_json()
+        with self._write() as conn:
+            row = conn.execute("SELECT state, last_heartbeat FROM hosts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
+            before = HostState(row["state"])
+            after = after_heartbeat(before)
+            conn.execute("UPDATE hosts SET state = ?, last_heartbeat = ?, load = ? WHERE name = ?",
+                         (after.value, at, activity, name))
+            if after is not before:
+                since = "with its first heartbeat" if row["last_heartbeat"] is None \
+                    else f"{at - row['last_heartbeat']:.1f} s after its last heartbeat"
+                self._add_event(conn, at, EventKind.HOST_CONNECTED, f"host:{name}",
+                                f"host {name} is connected, {since}", f"host:{name}")
+            observed = {r["name"]: r["observed_state"] for r in
+                        conn.execute("SELECT name, observed_state FROM vms WHERE observed_host = ?", (name,))}
+            reported = {vm.name: vm.state.value for vm in vms if vm.state is not ReportedState.INCOMING}
+            for vm, state in reported.items():
+                if observed.get(vm) != state:
+                    conn.execute("INSERT INTO vms (name, observed_host, observed_state, updated) VALUES (?, ?, ?, ?) "
+                                 "ON CONFLICT (name) DO UPDATE SET observed_host = excluded.observed_host, "
+                                 "observed_state = excluded.observed_state, updated = excluded.updated",
+                                 (vm, name, state, at))
+            for vm, state in observed.items():
+                if vm not in reported and state != ObservedState.ABSENT.value:
+                    conn.execute("UPDATE vms SET observed_state = ?, updated = ? WHERE name = ?",
+                                 (ObservedState.ABSENT.value, at, vm))
+            return _host(conn.execute(_HOSTS + " WHERE h.name = ?", (name,)).fetchone())
+
+    def mark_not_responding(self, name: str, seen: float | None, at: float) -> bool:
+        with self._write() as conn:
+            changed = conn.execute("UPDATE hosts SET state = ? WHERE name = ? AND state = ? AND last_heartbeat IS ?",
+                                   (HostState.NOT_RESPONDING.value, name, HostState.CONNECTED.value, seen)).rowcount
+            if not changed:
+                return False
+            conn.execute("UPDATE vms SET observed_state = ?, updated = ? WHERE observed_host = ?",
+                         (ObservedState.UNKNOWN.value, at, name))
+            last = f"last heartbeat {at - seen:.1f} s ago" if seen is not None else "no heartbeat yet"
+            self._add_event(conn, at, EventKind.HOST_NOT_RESPONDING, f"host:{name}",
+                            f"host {name} is not responding ({last}); its VMs are unknown", "center")
+            return True
+
+    # ---- VMs ----
+    def vm(self, name: str) -> VmRow | None:
+        row = self._conn().execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
+        return _vm(row) if row else None
+
+    def vms(self) -> list[VmRow]:
+        return [_vm(r) for r in self._conn().execute("SELECT * FROM vms ORDER BY name")]
+
+    # ---- datastores ----
+    def add_datastore(self, datastore: DatastoreView, who: str) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO datastores (name, nbd_url, control_url, added) VALUES (?, ?, ?, ?)",
+                             (datastore.name, datastore.nbd_url, datastore.control_url, datastore.added))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"datastore {datastore.name} exists already") from None
+            self._add_event(conn, datastore.added, EventKind.DATASTORE_ADDED, f"datastore:{datastore.name}",
+                            f"datastore {datastore.name} added: {datastore.nbd_url}, control {datastore.control_url}",
+                            who)
+
+    def datastores(self) -> list[DatastoreView]:
+        return [DatastoreView(name=r["name"], nbd_url=r["nbd_url"], control_url=r["control_url"], added=r["added"])
+                for r in self._conn().execute("SELECT * FROM datastores ORDER BY name")]
+
+    def remove_datastore(self, name: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM datastores WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no datastore {name}")
+            self._add_event(conn, at, EventKind.DATASTORE_REMOVED, f"datastore:{name}", f"datastore {name} removed", who)
