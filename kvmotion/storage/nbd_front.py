@@ -1,5 +1,6 @@
 """The datastore's NBD listener over TLS: terminates TLS, checks who opens which export, relays to
 nbdkit on a private Unix socket. The decisions are nbd_gate's; this is the I/O around them.
+`datastore serve` runs it as a child process (`main`), next to nbdkit.
 
 One thread per connection. The option phase is sequential (blocking sockets, a timeout, so a
 client that never finishes its handshake cannot pin a thread for long). The data phase is a relay
@@ -120,10 +121,25 @@ def _say(message: str) -> None:
     print(f"kvmotion-datastore: {message}", file=sys.stderr, flush=True)
 
 
-class NbdFront:
-    """Accepts NBD clients on `listen`, over TLS only, for nbdkit listening on `backend` (a Unix socket)."""
+def listen_socket(listen: Endpoint) -> socket.socket:
+    """The NBD port, bound and listening (SetupError when it cannot be had)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot serve NBD on {listen}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
 
-    def __init__(self, listen: Endpoint, context: ssl.SSLContext, backend: Path, audit: AuditLog | None = None,
+
+class NbdFront:
+    """Accepts NBD clients on the listening socket `sock`, over TLS only, for nbdkit listening on
+    `backend` (a Unix socket)."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, backend: Path, audit: AuditLog | None = None,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         self.context = context
         self.backend = backend
@@ -132,16 +148,8 @@ class NbdFront:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._open: set[_Session] = set()
         self._lock = threading.Lock()
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((listen.host, listen.port))
-        except OSError as exc:
-            self.sock.close()
-            raise SetupError(f"cannot serve NBD on {listen}: {exc.strerror}") from None
-        self.sock.listen(128)
-        self.address = self.sock.getsockname()
+        self.sock = sock
+        self.address = sock.getsockname()
         self._thread = threading.Thread(target=self._accept, name="nbd-accept", daemon=True)
 
     def start(self) -> None:
@@ -395,3 +403,29 @@ def relay(tls: TlsStream, plain: socket.socket, to_server: bytes = b"", to_clien
             else:
                 server_readable = server_readable or bool(events & (_IN | _GONE))
                 server_writable = server_writable or bool(events & (_OUT | _GONE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The front end as `datastore serve`'s child process (its own process, so the data path and
+    the control API never wait for each other's interpreter lock, and freezing one leaves the other
+    running): it serves the listening socket it inherits until its parent goes (stdin closes)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m kvmotion.storage.nbd_front", description=main.__doc__)
+    ap.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
+    ap.add_argument("--cert", type=Path, required=True)
+    ap.add_argument("--key", type=Path, required=True)
+    ap.add_argument("--ca", type=Path, required=True)
+    ap.add_argument("--backend", type=Path, required=True, help="nbdkit's Unix socket")
+    ap.add_argument("--audit", type=Path, help="the datastore's audit log")
+    args = ap.parse_args(argv)
+    front = NbdFront(socket.socket(fileno=args.fd), server_context(args.cert, args.key, args.ca), args.backend,
+                     AuditLog(args.audit) if args.audit else None)
+    front.start()
+    sys.stdin.buffer.read()  # returns when the parent has gone
+    front.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

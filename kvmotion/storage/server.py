@@ -6,8 +6,9 @@ service can be restarted at will: disks and lease state are on disk, and QEMU's 
 reconnects by itself (see attach.py).
 
 Secure (the default): nbdkit listens only on a Unix socket in a private (0700) folder; the NBD
-port belongs to this process's TLS front end (nbd_front.py), which takes the client's identity
-from its certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST (nbd_gate.py). The
+port belongs to the TLS front end (nbd_front.py, a child process like nbdkit), which takes the
+client's identity from its certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST
+(nbd_gate.py). The
 control API requires a client certificate of the cluster CA, and every mutating call goes to the
 audit log (<root>/.kvmotion/audit.log). With --insecure nbdkit serves plain NBD on the port and
 the API is plain HTTP, with a warning on every start.
@@ -31,13 +32,14 @@ from pathlib import Path
 
 import uvicorn
 
-from kvmotion.api.serving import AuditLog, Limits, Security, insecure_warning, make_server
+from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.errors import SetupError
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.address import Endpoint
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.leasefile import META_DIR
+from kvmotion.storage.nbd_front import listen_socket
 from kvmotion.units import format_duration
 
 READY_TIMEOUT = 15.0
@@ -197,15 +199,11 @@ async def _serve(cfg: ServeConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    front = None
+    # The NBD port is bound here, now (a busy port fails the start); the TLS front end inherits it.
+    nbd_sock = None if cfg.insecure else listen_socket(cfg.listen)
     with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:  # mode 0700: nbdkit's socket is ours alone
         pidfile = Path(tmp) / "nbdkit.pid"
         unix = None if cfg.insecure else Path(tmp) / "nbdkit.sock"
-        if tls_files is not None and unix is not None:  # binds the NBD port now: a busy port fails the start
-            from kvmotion.storage.nbd_front import NbdFront, server_context
-
-            front = NbdFront(cfg.listen, server_context(*tls_files), unix,
-                             AuditLog(security.audit_log) if security.audit_log else None)
         proc = await asyncio.create_subprocess_exec(
             *nbdkit_command(cfg, pidfile, unix), stdin=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -213,12 +211,13 @@ async def _serve(cfg: ServeConfig) -> None:
         assert proc.stderr is not None
         filt = _StderrFilter()
         pump = asyncio.create_task(_pump(proc.stderr, filt))
+        front: asyncio.subprocess.Process | None = None
         try:
             await _wait_ready(proc, pidfile, filt, cfg.listen)
             for line in filt.started():
                 sys.stderr.write(line)
-            if front is not None:
-                front.start()
+            if nbd_sock is not None and unix is not None and tls_files is not None:
+                front = await _start_front(nbd_sock, tls_files, unix, security.audit_log)
             server = make_server(create_app(ds), security, f"datastore {cfg.name}", lifespan="off",
                                  access_log=False, timeout_keep_alive=int(KEEP_ALIVE), server_class=_QuietServer)
             loop = asyncio.get_running_loop()
@@ -228,36 +227,52 @@ async def _serve(cfg: ServeConfig) -> None:
             nbd, api = ("nbd", "http") if cfg.insecure else ("nbds", "https")
             print(
                 f"datastore {cfg.name}: NBD {cfg.listen.url(nbd)} (nbdkit pid {proc.pid}"
-                f"{'' if cfg.insecure else ', TLS front end'}), control {cfg.control.url(api)}, root {cfg.root}, "
-                f"lease TTL {format_duration(cfg.lease_ttl)}",
+                f"{f', TLS front end pid {front.pid}' if front else ''}), control {cfg.control.url(api)}, "
+                f"root {cfg.root}, lease TTL {format_duration(cfg.lease_ttl)}",
                 file=sys.stderr,
                 flush=True,
             )
             serving = asyncio.create_task(server.serve(sockets=[control_sock]))
             beating = asyncio.create_task(_heartbeat(ds))
-            nbdkit_exit = asyncio.create_task(proc.wait())
+            children = {asyncio.create_task(proc.wait()): "nbdkit"}
+            if front is not None:
+                children[asyncio.create_task(front.wait())] = "the NBD TLS front end"
             stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({serving, nbdkit_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({serving, stopping, *children}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
             if not (await asyncio.wait({serving}, timeout=STOP_GRACE))[0]:
                 server.force_exit = True  # idle TLS clients that never answer the close
             await serving
             stopping.cancel()
             beating.cancel()
-            if nbdkit_exit.done():
-                raise SetupError(f"nbdkit exited unexpectedly ({proc.returncode}); datastore stopped")
+            died = [name for task, name in children.items() if task in done]
+            if died:
+                raise SetupError(f"{died[0]} exited unexpectedly; datastore stopped")
         finally:
-            if front is not None:
-                await asyncio.to_thread(front.close)
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            for child in (front, proc):
+                if child is not None and child.returncode is None:
+                    child.terminate()
+                    try:
+                        await asyncio.wait_for(child.wait(), 10)
+                    except TimeoutError:
+                        child.kill()
+                        await child.wait()
             await pump
             control_sock.close()
+            if nbd_sock is not None:
+                nbd_sock.close()
+
+
+async def _start_front(sock: socket.socket, tls_files: tuple[Path, Path, Path], backend: Path,
+                       audit: Path | None) -> asyncio.subprocess.Process:
+    """The NBD TLS front end (nbd_front.main) as a child process serving `sock`; it leaves when our
+    end of its stdin closes (this process exiting, however it exits)."""
+    cert, key, ca = tls_files
+    argv = [sys.executable, "-m", "kvmotion.storage.nbd_front", "--fd", str(sock.fileno()), "--cert", str(cert),
+            "--key", str(key), "--ca", str(ca), "--backend", str(backend)]
+    if audit is not None:
+        argv += ["--audit", str(audit)]
+    return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE, pass_fds=(sock.fileno(),))
 
 
 def run(cfg: ServeConfig) -> None:

@@ -65,7 +65,7 @@ class Service:
     is off; its cluster folder (next to the root) holds the CA and every identity's certificates."""
 
     def __init__(self, root: Path, ttl: float, host: str = "127.0.0.1", port: int | None = None,
-                 secure: bool = True, ips: tuple[str, ...] = ("127.0.0.1",)) -> None:
+                 secure: bool = True, ips: tuple[str, ...] = ("127.0.0.1",), cluster: Path | None = None) -> None:
         self.root = root
         self.ttl = ttl
         self.host = host
@@ -74,7 +74,7 @@ class Service:
         self.secure = secure
         self.log = root.parent / f"serve-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.cluster = root.parent / "cluster"
+        self.cluster = cluster or root.parent / "cluster"
         if secure:
             init_ca(self.cluster / "ca")
             issue_datastore_cert(self.cluster / "ca", "ds1", list(ips), self.cluster / "datastores" / "ds1")
@@ -269,15 +269,17 @@ def test_sigterm_stops_the_service_and_nbdkit(tmp_path: Path) -> None:
     svc.start()
     assert svc.proc is not None
     children = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) == 1  # nbdkit
+    argvs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children]
+    assert len(children) == 2, argvs  # nbdkit and the NBD TLS front end
+    assert any(a[0].endswith(b"nbdkit") for a in argvs) and any(b"kvmotion.storage.nbd_front" in a for a in argvs), argvs
     started = time.monotonic()
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(15) == 0
     assert time.monotonic() - started < 10
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{children[0]}").exists()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
     svc.proc = None
 
 

@@ -11,7 +11,9 @@ lines (pytest -s) and recorded as junit properties.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,8 +324,11 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     from kvmotion.storage.registry import DatastoreRef
     from tests.integration.test_datastore import Service
 
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
-    svc = Service(tmp_path / "ds1", ttl=15)  # its cluster folder is tmp_path/cluster, as the VmManager's
+    # The cluster folder outside pytest's private tmp: an unprivileged QEMU reads its certificate there.
+    cluster = Path(tempfile.mkdtemp(prefix="kvmotion-hook-"))
+    cluster.chmod(0o711)
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(cluster))
+    svc = Service(tmp_path / "ds1", ttl=15, cluster=cluster)
     svc.creds(Identity(Kind.HOST, "host-a"))  # host-a's certificate, and its QEMUs'
     svc.start()
     try:
@@ -381,6 +386,7 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
         assert check.ok and (check.missing, check.duplicate, check.corrupt) == (0, 0, 0), check.summary()
     finally:
         svc.kill()
+        shutil.rmtree(cluster, ignore_errors=True)
     line = f"FIGURES hook rollback (lease live at host-b): acks {at_resume} at resume -> {acked} at stop; {check.summary()}"
     print(line)
     record_property("figures", line)

@@ -18,7 +18,7 @@ from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.cluster.tls import client_context
 from kvmotion.storage.address import Endpoint
 from kvmotion.storage.nbd_client import NbdConnection, NbdError
-from kvmotion.storage.nbd_front import NbdFront, server_context
+from kvmotion.storage.nbd_front import NbdFront, listen_socket, server_context
 from kvmotion.storage.nbd_gate import GREETING, IHAVEOPT, REPLY_MAGIC
 from tests.certs import TestCA
 
@@ -99,8 +99,8 @@ def ca(tmp_path: Path) -> TestCA:
 def front(ca: TestCA, tmp_path: Path) -> Iterator[tuple[NbdFront, FakeNbdkit]]:
     backend = FakeNbdkit(tmp_path / "nbdkit.sock")
     served = ca.creds(Identity(Kind.DATASTORE, "ds1")).dir
-    nbd = NbdFront(Endpoint("127.0.0.1", 0), server_context(served / SERVER_CERT, served / SERVER_KEY, served / CA_CERT),
-                   tmp_path / "nbdkit.sock")
+    nbd = NbdFront(listen_socket(Endpoint("127.0.0.1", 0)),
+                   server_context(served / SERVER_CERT, served / SERVER_KEY, served / CA_CERT), tmp_path / "nbdkit.sock")
     nbd.start()
     yield nbd, backend
     nbd.close()
