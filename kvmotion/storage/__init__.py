@@ -17,8 +17,8 @@ Design. `kvmotion datastore serve` runs nbdkit (Debian's 1.32) with our Python p
   or attach.reattach_commands after an aborted switchover) starts unbound.
 - Authentication: NBD and the control API take TLS client certificates of the cluster CA only.
   nbdkit 1.32 can require a certificate but cannot tell the plugin whose it is, so nbdkit listens
-  on a private Unix socket and this process terminates TLS in front of it (nbd_front.py): it reads
-  the identity from the certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST, `DISK`
+  on a private Unix socket and a TLS front end (nbd_front.py, another child process of `datastore
+  serve`) terminates TLS in front of it: it reads the identity from the certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST, `DISK`
   for any host and for operators (nbd_gate.py), then relays bytes. Lease calls act for the host
   named in the caller's certificate (api.py). `datastore serve --insecure` is the plain-text
   service of before, with a warning on every start.

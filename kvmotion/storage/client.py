@@ -7,6 +7,7 @@ with --insecure) lease calls name their host in a header instead (`host`).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -58,10 +59,14 @@ class DatastoreClient:
             raise errors.SetupError(f"datastore at {self.control_url}: HTTPS needs a certificate of the cluster CA")
         headers = {INSECURE_HOST_HEADER: host} if host and not self.control_url.startswith("https:") else {}
         # A lease change waits for in-flight writes and an fdatasync: allow for it when reading.
+        # TCP_NODELAY: a request leaves as headers then body; on a kept connection Nagle would hold
+        # the body back until the server's delayed ACK, 40 ms later (measured on lease transfers).
+        transport = httpx.HTTPTransport(verify=ssl_context if ssl_context is not None else False,
+                                        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+                                        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = http or httpx.Client(
             base_url=self.control_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
-            verify=ssl_context if ssl_context is not None else False, headers=headers,
-            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+            headers=headers, transport=transport,
         )
         if http is not None and headers:
             http.headers.update(headers)
