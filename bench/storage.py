@@ -270,6 +270,7 @@ def main() -> int:
     args = ap.parse_args()
     ensure_image()
     tmp = Path(tempfile.mkdtemp(prefix="kvmotion-stbench-"))
+    tmp.chmod(0o711)  # an unprivileged QEMU reaches its certificate in tmp/cluster (and nothing else: no listing)
     os.environ["KVMOTION_CLUSTER_DIR"] = str(tmp / "cluster")  # a registry of our own, not the cluster's
     load_before = os.getloadavg()[0]
     try:
