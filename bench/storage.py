@@ -2,12 +2,14 @@
 """Disk throughput from inside a guest: a datastore disk (NBD) next to a local raw file.
 
     flock /tmp/kvmotion-qemu.lock .venv/bin/python bench/storage.py [--seconds 5] [--rounds 3] \\
-        [--size 256M] [--memory 256M] [--out bench/results/storage.json]
+        [--size 256M] [--memory 256M] [--plain] [--out bench/results/storage.json]
 
 One guest (kvmotion's VM runtime, the agent's VmManager) with two disks of the same size on the
 same host file system, both pre-filled with the same data:
   /dev/vda  on a datastore: `kvmotion datastore serve` on loopback (nbdkit + kvmotion's Python
-            plugin with fenced leases), attached through QEMU's NBD client as for any VM
+            plugin with fenced leases), attached through QEMU's NBD client as for any VM: over
+            TLS through the datastore's front end, with certificates from a throw-away cluster
+            CA (host "bench", its QEMU identity), or in plain text with --plain (--insecure)
   /dev/vdb  a local raw file (QEMU's file driver, aio=threads, the host's page cache)
 Inside the guest, kvm-fio (src/kvm-fio.c, run through the serial console) does sequential 64 KiB
 and random 4 KiB reads and writes with O_DIRECT at queue depth 1 for --seconds each. Rounds
@@ -40,6 +42,7 @@ from kvmotion.guest.fio import FioError, FioMode, FioResult, fio_command, parse_
 from kvmotion.guest.image import ensure_image  # noqa: E402
 from kvmotion.qemu import accel as accel_mod  # noqa: E402
 from kvmotion.qemu.spec import DiskSpec, VmSpec, Workload  # noqa: E402
+from kvmotion.storage.registry import DatastoreRef  # noqa: E402
 from kvmotion.units import format_size, parse_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +76,20 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair on loopback")
 
 
+HOST = "bench"  # the VmManager's host name: its certificate is the one the datastore sees
+
+
+def issue_certificates(cluster: Path) -> None:
+    """A cluster CA of our own: datastore ds1 on loopback, host `bench` (and its QEMUs), user admin."""
+    from kvmotion.api.identity import Role
+    from kvmotion.cluster.ca import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
+
+    init_ca(cluster / "ca")
+    issue_datastore_cert(cluster / "ca", "ds1", ["127.0.0.1"], cluster / "datastores" / "ds1")
+    issue_host_cert(cluster / "ca", HOST, ["127.0.0.1"], cluster / "hosts" / HOST)
+    issue_user_cert(cluster / "ca", "admin", Role.ADMIN, cluster / "users" / "admin")
+
+
 @dataclass
 class Datastore:
     """`kvmotion datastore serve ds1` on loopback, as its own process group."""
@@ -80,16 +97,21 @@ class Datastore:
     root: Path
     port: int
     log: Path
+    tls: bool = True
     proc: subprocess.Popen | None = None
 
+    @property
+    def ref(self) -> DatastoreRef:
+        return DatastoreRef.make("ds1", f"{'nbds' if self.tls else 'nbd'}://127.0.0.1:{self.port}")
+
     def start(self) -> None:
-        from kvmotion.storage.client import DatastoreClient
+        from kvmotion.storage.client import client_for
 
         argv = [sys.executable, "-m", "kvmotion.cli.main", "datastore", "serve", "ds1", "--root", str(self.root),
-                "--listen", f"127.0.0.1:{self.port}"]
+                "--listen", f"127.0.0.1:{self.port}", *(() if self.tls else ("--insecure",))]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
-        with DatastoreClient(f"http://127.0.0.1:{self.port + 1}", timeout=1) as client:
+        with client_for(self.ref, timeout=1) as client:
             deadline = time.monotonic() + 30
             while not client.reachable():
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -174,20 +196,22 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
     local.parent.mkdir(parents=True)
     with open(local, "wb") as f:
         f.truncate(size)
-    from kvmotion.storage.client import DatastoreClient
-    from kvmotion.storage.registry import DatastoreRef, Registry
+    from kvmotion.storage.client import client_for
+    from kvmotion.storage.registry import Registry
 
-    ds = Datastore(root=tmp / "ds1", port=free_port_pair(), log=tmp / "datastore.log")
+    ds = Datastore(root=tmp / "ds1", port=free_port_pair(), log=tmp / "datastore.log", tls=not args.plain)
     ds.root.mkdir()
+    if ds.tls:
+        issue_certificates(tmp / "cluster")
     ds.start()
-    mgr = VmManager(HostConfig(name="bench", state_dir=tmp / "state", run_dir=tmp / "run", portgroups={},
+    mgr = VmManager(HostConfig(name=HOST, state_dir=tmp / "state", run_dir=tmp / "run", portgroups={},
                                accel=accel_mod.choose()))
     runs: dict[str, dict[str, list[FioResult]]] = {m.value: {t: [] for t in TARGETS} for m, _ in CASES}
     spec = VmSpec(name="stbench", memory=parse_size(args.memory), workloads=(Workload.IDLE,),
                   disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=local.name)))
     try:
-        Registry().add(DatastoreRef.make("ds1", f"nbd://127.0.0.1:{ds.port}"))
-        with DatastoreClient(f"http://127.0.0.1:{ds.port + 1}") as client:
+        Registry().add(ds.ref)
+        with client_for(ds.ref) as client:  # as user admin
             client.create_disk(DISK, size)
         prefill([ds.root / DISK, local], size)
         await mgr.recover()  # starts lease renewal: the run outlasts the lease TTL
@@ -241,10 +265,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds over every case, alternating the disks' order")
     ap.add_argument("--size", default="256M", help="size of each disk (= the span the guest uses)")
     ap.add_argument("--memory", default="256M", help="guest memory")
+    ap.add_argument("--plain", action="store_true", help="serve the datastore with --insecure (plain NBD), as before TLS")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "storage.json"))
     args = ap.parse_args()
     ensure_image()
     tmp = Path(tempfile.mkdtemp(prefix="kvmotion-stbench-"))
+    tmp.chmod(0o711)  # an unprivileged QEMU reaches its certificate in tmp/cluster (and nothing else: no listing)
     os.environ["KVMOTION_CLUSTER_DIR"] = str(tmp / "cluster")  # a registry of our own, not the cluster's
     load_before = os.getloadavg()[0]
     try:
@@ -264,7 +290,9 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "load_average_before": round(load_before, 2),
         "load_average_after": round(os.getloadavg()[0], 2),
-        "datastore": "kvmotion datastore serve on loopback (nbdkit + Python plugin), QEMU NBD client",
+        "datastore": ("kvmotion datastore serve on loopback (nbdkit + Python plugin), QEMU NBD client, "
+                      + ("plain NBD (--insecure)" if args.plain else "NBD over TLS through the datastore's front end")),
+        "tls": not args.plain,
         "local": "raw file, QEMU file driver aio=threads, host page cache",
         "cases": cases,
         "command": " ".join(sys.argv),
@@ -272,7 +300,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"guest disk throughput, {args.rounds} rounds x {args.seconds} s, disks {format_size(parse_size(args.size))}, "
-          f"{result['accel']}, medians:")
+          f"{result['accel']}, datastore {'plain' if args.plain else 'over TLS'}, medians:")
     for name, row in cases.items():
         d, loc = row["datastore"], row["local"]
         print(f"  {name:14} datastore {d['median_mb_s']:8.2f} MB/s {d['median_iops']:7.0f} IOPS | local "

@@ -420,8 +420,10 @@ def secure(app: FastAPI, security: Security, service: str) -> Asgi:
     return Guard(app, security)
 
 
-def make_server(app: FastAPI, security: Security, service: str, **config: Any) -> uvicorn.Server:
-    """A uvicorn server for `app` under `security` (serve it with server.serve(sockets=[...]))."""
+def make_server(app: FastAPI, security: Security, service: str, server_class: type[uvicorn.Server] = uvicorn.Server,
+                **config: Any) -> uvicorn.Server:
+    """A uvicorn server for `app` under `security` (serve it with server.serve(sockets=[...]));
+    `server_class` e.g. to leave signal handling to the caller."""
     if not security.insecure and security.tls_files is None:
         raise errors.SetupError(f"{service} has no TLS certificate to serve with: issue one, or serve with --insecure")
     http, ws = _protocols(_Connections(security.limits))
@@ -431,4 +433,4 @@ def make_server(app: FastAPI, security: Security, service: str, **config: Any) -
         tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca),
                    ssl_cert_reqs=ssl.CERT_OPTIONAL if security.optional_client_cert else ssl.CERT_REQUIRED)
     config.setdefault("log_level", "warning")
-    return uvicorn.Server(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))
+    return server_class(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))

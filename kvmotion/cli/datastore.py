@@ -1,4 +1,8 @@
-"""`kvmotion datastore serve|add|rm|ls`: shared disks on an NBD server, write leases per disk."""
+"""`kvmotion datastore serve|add|rm|ls`: shared disks on an NBD server, write leases per disk.
+
+A datastore serves NBD over TLS and its control API over HTTPS with the certificate
+`kvmotion cluster` issued it (<cluster>/datastores/NAME); clients present certificates of the
+same CA. `--insecure` serves both in plain text (trusted networks and benchmarks only)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvmotion.errors import Unreachable
+from kvmotion.errors import Conflict, Unreachable
 from kvmotion.storage.address import parse_listen
-from kvmotion.storage.client import DatastoreClient
+from kvmotion.storage.client import client_for
 from kvmotion.storage.datastore import DiskInfo
 from kvmotion.storage.registry import DatastoreRef, Registry
 from kvmotion.units import format_size, parse_duration
@@ -26,18 +30,41 @@ def serve(
     listen: str = typer.Option("0.0.0.0:10809", "--listen", help="NBD address HOST:PORT."),
     control: str = typer.Option(None, "--control", help="Control API HOST:PORT (default: NBD port + 1)."),
     lease_ttl: str = typer.Option("15s", "--lease-ttl", help="A lease expires this long after its last renewal."),
+    cert_dir: Path = typer.Option(None, "--cert-dir", help="The datastore's certificate folder (server-cert.pem, "
+                                  "server-key.pem, ca-cert.pem); default: the cluster's datastores/NAME."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain NBD and HTTP, no authentication: anyone who "
+                                  "reaches the ports reads every disk (trusted networks and benchmarks only)."),
+    max_body: str = typer.Option("1M", "--max-body", help="Largest control API request body."),
+    max_connections_per_client: int = typer.Option(32, "--max-connections-per-client",
+                                                   help="Open control API connections from one address."),
 ) -> None:
-    """Serve a datastore: nbdkit for the disks (NBD) and the control API (HTTP), until stopped."""
+    """Serve a datastore: nbdkit for the disks (NBD over TLS) and the control API (HTTPS), until stopped."""
+    from kvmotion.api.serving import Limits
+    from kvmotion.cluster.tls import datastore_dir
+    from kvmotion.errors import InvalidInput, SetupError
     from kvmotion.qemu.spec import check_name
     from kvmotion.storage.server import ServeConfig, run
+    from kvmotion.units import parse_size
 
+    name = check_name(name, "datastore")
+    if insecure and cert_dir is not None:
+        raise InvalidInput("--cert-dir and --insecure exclude each other: certificates are for TLS")
     nbd = parse_listen(listen)
+    certs = None if insecure else (cert_dir or datastore_dir(name)).resolve()
+    missing = [f.name for f in (certs / "server-cert.pem", certs / "server-key.pem", certs / "ca-cert.pem")
+               if not f.exists()] if certs is not None else []
+    if missing:
+        raise SetupError(f"{certs} lacks {', '.join(missing)}: issue the datastore's certificate with "
+                         f"`kvmotion cluster cert {name} --datastore --ip ADDRESS` (or serve with --insecure on a "
+                         "trusted network)")
     cfg = ServeConfig(
-        name=check_name(name, "datastore"),
+        name=name,
         root=root.resolve(),
         listen=nbd,
         control=parse_listen(control) if control else nbd.next_port(),
         lease_ttl=parse_duration(lease_ttl),
+        cert_dir=certs,
+        limits=Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client),
     )
     run(cfg)
 
@@ -45,21 +72,22 @@ def serve(
 @app.command()
 def add(
     name: str = typer.Argument(..., help="Datastore name, e.g. ds1."),
-    nbd_url: str = typer.Argument(..., help="nbd://HOST[:PORT] as VMs' QEMU reaches it."),
-    control: str = typer.Option(None, "--control", help="Control API URL (default: http://HOST:PORT+1)."),
+    nbd_url: str = typer.Argument(..., help="nbds://HOST[:PORT] as VMs' QEMU reaches it (nbd:// for an --insecure one)."),
+    control: str = typer.Option(None, "--control", help="Control API URL (default: https://HOST:PORT+1)."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry of that name."),
     force: bool = typer.Option(False, "--force", help="Record it even if it does not answer now."),
 ) -> None:
-    """Record a datastore in the cluster inventory (checks that it answers and has that name)."""
+    """Record a datastore in the cluster inventory (checks that it answers, over TLS for nbds://, with that name)."""
     ref = DatastoreRef.make(name, nbd_url, control)
     if not force:
-        with DatastoreClient(ref.control_url, timeout=5) as client:
+        with client_for(ref, timeout=5) as client:
             try:
                 served = client.info().name
             except Unreachable as exc:
                 raise Unreachable(f"{exc} (or use --force to record it anyway)") from None
         if served != name:
-            typer.echo(f"note: the datastore at {ref.control_url} calls itself {served!r}", err=True)
+            raise Conflict(f"the datastore at {ref.control_url} calls itself {served!r}, not {name!r}: "
+                           "check the address (or use --force)")
     Registry().add(ref, replace=replace)
     typer.echo(f"datastore {name}: {ref.nbd_url} (control {ref.control_url})")
 
@@ -87,7 +115,7 @@ def ls(
     if name is None:
         rows = []
         for ref in registry.all():
-            with DatastoreClient(ref.control_url, timeout=3) as client:
+            with client_for(ref, timeout=3) as client:
                 rows.append((ref, client.reachable()))
         if as_json:
             typer.echo(json.dumps([{"name": r.name, "nbd_url": r.nbd_url, "control_url": r.control_url,
@@ -99,7 +127,7 @@ def ls(
         Console().print(table)
         return
     ref = registry.get(name)
-    with DatastoreClient(ref.control_url) as client:
+    with client_for(ref) as client:
         info = client.info()
         disks = client.list_disks()
     if as_json:

@@ -8,7 +8,7 @@ import typer
 
 from kvmotion.errors import InvalidInput
 from kvmotion.qemu.spec import check_name
-from kvmotion.storage.client import DatastoreClient
+from kvmotion.storage.client import DatastoreClient, client_for
 from kvmotion.storage.datastore import DiskInfo
 from kvmotion.storage.lease import check_disk_name
 from kvmotion.storage.registry import Registry
@@ -25,7 +25,7 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _client(ds: str) -> DatastoreClient:
-    return DatastoreClient(Registry().get(ds).control_url)
+    return client_for(Registry().get(ds))  # as the CLI's user
 
 
 def _describe(ds: str, d: DiskInfo) -> str:

@@ -43,7 +43,9 @@ class LabCluster:
 
     @property
     def nbd_url(self) -> str:
-        return f"nbd://{self.topology.datastore.ip}:{NBD_PORT}"
+        """nbds:// (NBD over TLS) in an encrypted lab, nbd:// in a plain one."""
+        scheme = "nbds" if self.encrypted else "nbd"
+        return f"{scheme}://{self.topology.datastore.ip}:{NBD_PORT}"
 
 
 def _kvmotion(*args: str) -> list[str]:
@@ -98,20 +100,31 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
         save_config(ClusterConfig(encrypted=encrypted))
         ds = topo.datastore
         log = folder / "logs" / "datastore.log"
-        proc = labmod.spawn_in_ns(ds.ns, _kvmotion("datastore", "serve", DATASTORE, "--root", str(folder / DATASTORE),
-                                                   "--listen", f"{ds.ip}:{NBD_PORT}"), log, env)
-        from kvmotion.storage.client import DatastoreClient
+        proc = labmod.spawn_in_ns(ds.ns, datastore_argv(cluster), log, env)
+        from kvmotion.storage.client import client_for
         from kvmotion.storage.registry import DatastoreRef, Registry
 
         ref = DatastoreRef.make(DATASTORE, cluster.nbd_url)
         Registry().add(ref, replace=True)
-        _wait("datastore ds1", lambda: DatastoreClient(ref.control_url, timeout=1).reachable(), proc, log)
+        def answers() -> bool:
+            with client_for(ref, timeout=1) as client:  # as the lab's admin user
+                return client.reachable()
+
+        _wait("datastore ds1", answers, proc, log)
         for h in topo.hosts:
             log = folder / "logs" / f"{h.name}.log"
             proc = labmod.spawn_in_ns(h.ns, agent_argv(cluster, h.name), log, env)
             client = _lab_client(cluster, h.name)
             _wait(f"agent {h.name}", lambda: client.host() is not None, proc, log)
     return cluster
+
+
+def datastore_argv(cluster: LabCluster) -> list[str]:
+    """How the lab runs datastore ds1: TLS with its certificate from the lab's CA, or --insecure."""
+    ds = cluster.topology.datastore
+    argv = _kvmotion("datastore", "serve", DATASTORE, "--root", str(cluster.folder / DATASTORE),
+                     "--listen", f"{ds.ip}:{NBD_PORT}")
+    return argv if cluster.encrypted else [*argv, "--insecure"]
 
 
 def agent_argv(cluster: LabCluster, host: str) -> list[str]:

@@ -35,7 +35,7 @@ from kvmotion.net import lab as labmod
 from kvmotion.net import netns
 from kvmotion.net.probe import ProbeReport
 from kvmotion.qemu.spec import MIN_MEMORY, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
-from kvmotion.storage.client import DatastoreClient
+from kvmotion.storage.client import client_for as client_for_datastore
 from kvmotion.storage.registry import Registry
 from kvmotion.units import format_size
 
@@ -255,7 +255,7 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
     inv = Inventory()
     first = topo.hosts[0].name
     accel = client_for(inv.host(first)).host().accel
-    with DatastoreClient(Registry().get(DATASTORE).control_url) as ds:
+    with client_for_datastore(Registry().get(DATASTORE)) as ds:  # as the lab's admin user
         ds.create_disk(DISK, DISK_SIZE)
     ip = topo.vm_ip(0)
     params = WorkloadParams(mem_wss=opts.mem_wss, mem_rate=opts.dirty_rate)

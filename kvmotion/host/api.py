@@ -66,7 +66,7 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
             cpu_model_name=resources.cpu_model_name(),
             cpu_features=sorted(accel_mod.cpu_flags()),
             portgroups=dict(config.portgroups),
-            datastores=sorted(await asyncio.to_thread(datastores_reached)),
+            datastores=sorted(await asyncio.to_thread(datastores_reached, config.name)),
             vms=len(manager.list()),
         )
         return as_json(info)

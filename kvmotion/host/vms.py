@@ -372,7 +372,7 @@ class VmManager:
         if disk.datastore is not None:
             from kvmotion.storage.host import check_disk  # datastore disks are checked by the storage layer
 
-            check_disk(disk)
+            check_disk(disk, self.config.name)
             return True
         if self._local_disk_exists(spec, disk):
             return True
@@ -474,8 +474,24 @@ class VmManager:
             disk_nodes=self._disk_nodes(spec),
             incoming=incoming,
             paused=incoming,
+            objects=self._qemu_objects(spec),
         )
         return build_argv(spec, self._paths(spec.name), ctx)
+
+    def _qemu_objects(self, spec: VmSpec) -> tuple[dict, ...]:
+        """-objects for datastore disks (NBD TLS credentials); an unprivileged QEMU must read their files."""
+        if not spec.on_datastore:
+            return ()
+        from kvmotion.storage.host import qemu_objects
+
+        objects = qemu_objects(spec, self.config.name)
+        if self.confinement.user is not None:
+            fix = (f"issue {self.config.name}'s certificate again (kvmotion cluster cert) now that the user exists, "
+                   f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
+            for obj in objects:
+                for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+                    confine.check_readable(Path(str(obj["dir"])) / name, self.confinement.user, fix)
+        return objects
 
     async def start(self, name: str, *, wait_ready: bool = False, timeout: float = 60.0, incoming: bool = False) -> VmStatus:
         vm = self._vm(name)

@@ -289,7 +289,7 @@ class MigrationService:
             accel=self.manager.config.accel.accel.value,
             memory_free=max(free, 0),
             portgroups=frozenset(self.manager.config.portgroups),
-            datastores=await asyncio.to_thread(datastores_reached),
+            datastores=await asyncio.to_thread(datastores_reached, self.host),
             cpu_unavailable=await cpu_models(self.manager.config.accel.accel.value),
             migrations_active=self.active(),
             migration_limit=self.limit,

@@ -37,13 +37,13 @@ async def cpu_models(accel: str) -> dict[str, tuple[str, ...]]:
     return result
 
 
-def datastores_reached() -> frozenset[str]:
-    """Datastores of the cluster registry that answer from this host."""
+def datastores_reached(host: str) -> frozenset[str]:
+    """Datastores of the cluster registry that answer host `host` (its certificate, over TLS)."""
     try:
         from kvmotion.storage.host import reachable_datastores
     except ImportError:
         return frozenset()
-    return frozenset(reachable_datastores())
+    return frozenset(reachable_datastores(host))
 
 
 def facts_to_json(f: HostFacts) -> dict:

@@ -84,6 +84,7 @@ class HostContext:
     disk_nodes: tuple[dict, ...]  # QEMU -blockdev protocol-node options, one per disk, in disk order
     incoming: bool = False  # shadow VM: wait for a migration stream (set later via migrate-incoming)
     paused: bool = False  # -S: do not run until told (a shadow resumes only at commit)
+    objects: tuple[dict, ...] = ()  # QEMU -object options (JSON), e.g. TLS credentials the disk nodes name
 
 
 def process_tag(spec: VmSpec) -> str:
@@ -138,6 +139,8 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         "-no-reboot",
         "-msg", "timestamp=on",
     ]
+    for obj in ctx.objects:
+        argv += ["-object", json.dumps(obj, sort_keys=True)]
     for i, fd in enumerate(fds.disks):
         if fd is not None:
             argv += ["-add-fd", f"fd={fd},set={disk_fdset(i)},opaque=disk{i}"]

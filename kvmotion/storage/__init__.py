@@ -14,8 +14,14 @@ Design. `kvmotion datastore serve` runs nbdkit (Debian's 1.32) with our Python p
   connection binds to the lease generation of its first allowed write and is refused once the
   lease carries another generation, even if the lease returns to the same host (it may still
   flush while its host holds the lease: lease.check_flush); a new connection (QEMU's reconnect,
-  or attach.reattach_commands after an aborted switchover) starts unbound. Host names are
-  claims, not authenticated (TLS client certificates would be the fix).
+  or attach.reattach_commands after an aborted switchover) starts unbound.
+- Authentication: NBD and the control API take TLS client certificates of the cluster CA only.
+  nbdkit 1.32 can require a certificate but cannot tell the plugin whose it is, so nbdkit listens
+  on a private Unix socket and a TLS front end (nbd_front.py, another child process of `datastore
+  serve`) terminates TLS in front of it: it reads the identity from the certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST, `DISK`
+  for any host and for operators (nbd_gate.py), then relays bytes. Lease calls act for the host
+  named in the caller's certificate (api.py). `datastore serve --insecure` is the plain-text
+  service of before, with a warning on every start.
 - Lease state: leases.json under the root, replaced atomically by the control API under an
   exclusive flock; the plugin holds that lock shared from the check to the end of the pwrite and
   reloads the file when a mapped counter moves (leasefile.py). So fencing is in force when

@@ -1,4 +1,5 @@
-"""Datastore addresses: `nbd://HOST[:PORT]` for data, `http://HOST:PORT+1` for control."""
+"""Datastore addresses: `nbds://HOST[:PORT]` for data (NBD over TLS, as libnbd writes it) and
+`https://HOST:PORT+1` for control; `nbd://` and `http://` for a datastore served with --insecure."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kvmotion.errors import InvalidInput
 
 NBD_PORT = 10809  # IANA port for NBD
 API_PREFIX = "/v1"  # control API paths
+INSECURE_HOST_HEADER = "Kvmotion-Host"  # --insecure only: the host a lease call claims to be
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class Endpoint:
     @property
     def http_url(self) -> str:
         return f"http://{self}"
+
+    def url(self, scheme: str) -> str:
+        return f"{scheme}://{self}"
 
     def next_port(self) -> "Endpoint":
         """The control API's default place: the NBD port + 1."""
@@ -54,23 +59,28 @@ def parse_listen(text: str, default_port: int = NBD_PORT) -> Endpoint:
 
 
 def parse_nbd_url(url: str) -> Endpoint:
-    """'nbd://10.77.0.1:10809' (no export path: the datastore, not a disk) -> Endpoint."""
+    """'nbds://10.77.0.1:10809' or 'nbd://...' (no export path: the datastore, not a disk) -> Endpoint."""
     parts = urlsplit(url)
     try:
         port = parts.port
     except ValueError:
         port = None
         parts = parts._replace(netloc="")
-    if parts.scheme != "nbd" or not parts.hostname or parts.path not in ("", "/"):
-        raise InvalidInput(f"invalid datastore URL {url!r}: use nbd://HOST[:PORT]")
+    if parts.scheme not in ("nbd", "nbds") or not parts.hostname or parts.path not in ("", "/"):
+        raise InvalidInput(f"invalid datastore URL {url!r}: use nbds://HOST[:PORT] (nbd:// for an --insecure one)")
     return Endpoint(parts.hostname, _check_port(port or NBD_PORT, url))
+
+
+def nbd_tls(url: str) -> bool:
+    """Does this datastore URL speak NBD over TLS (nbds://)?"""
+    return urlsplit(url).scheme == "nbds"
 
 
 def parse_http_url(url: str) -> Endpoint:
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise InvalidInput(f"invalid control URL {url!r}: use http://HOST:PORT")
-    return Endpoint(parts.hostname, _check_port(parts.port or 80, url))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"invalid control URL {url!r}: use https://HOST:PORT (http:// for an --insecure datastore)")
+    return Endpoint(parts.hostname, _check_port(parts.port or (443 if parts.scheme == "https" else 80), url))
 
 
 def is_wildcard(host: str) -> bool:

@@ -1,113 +1,156 @@
-"""The datastore's HTTP control API (JSON), served next to the NBD port by `datastore serve`.
+"""The datastore's control API (JSON over mutual TLS), served next to the NBD port by `datastore serve`.
 
-Handlers are plain `def`s: FastAPI runs them in its thread pool, because a lease change may
-wait on the lease lock (an in-flight write) and fdatasync the disk.
-Errors come back as {"error": <kvmotion error class>, "message": <one line>} with a status
-that matches; DatastoreClient turns them back into the same exceptions.
+Who may do what (kvmotion.api.identity):
+- info, list and show disks: VIEW (users with any role, hosts);
+- create and delete disks: users with role operator or higher;
+- acquire, renew, release a lease: hosts only, always for the host named in their own
+  certificate (no body names a host);
+- transfer: hosts only, as the lease's holder handing it on, or as the host that handed it over
+  taking it back (LeaseTable.transfer).
+With --insecure there are no certificates: lease calls name their host in the Kvmotion-Host
+header, a claim nobody checks (today's plain-text behaviour, behind a warning).
+
+Handlers are plain `def`s: FastAPI runs them in its thread pool, because a lease change may wait
+on the lease lock (an in-flight write) and fdatasync the disk. Errors have the shared shape
+{"error": {"kind", "message"}} (kvmotion.api.serving); DatastoreClient turns them back into the
+same exceptions.
 """
 
 from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi import Depends, FastAPI, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import HTTPConnection
 
-from kvmotion.errors import (
-    Conflict,
-    InsufficientResources,
-    InvalidInput,
-    KvmotionError,
-    LeaseError,
-    NotFound,
-)
-from kvmotion.storage.address import API_PREFIX
-from kvmotion.storage.datastore import Datastore
+from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
+from kvmotion.api.serving import AuthorizedRoute, allow
+from kvmotion.errors import InvalidInput
+from kvmotion.storage.address import API_PREFIX, INSECURE_HOST_HEADER
+from kvmotion.storage.datastore import Datastore, DiskInfo
+from kvmotion.storage.lease import Lease
 
-_STATUS: dict[type[KvmotionError], int] = {
-    InvalidInput: 400,
-    NotFound: 404,
-    Conflict: 409,
-    LeaseError: 409,
-    InsufficientResources: 507,
-}
+RENEW_SUFFIX = "/renew"  # left out of the audit log when it succeeds: every host renews every few seconds
 
 
-class CreateDisk(BaseModel):
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateDisk(_Body):
     name: str
-    size: int
+    size: int = Field(gt=0)
     prealloc: bool = False
 
 
-class Acquire(BaseModel):
-    host: str
+class Acquire(_Body):
     vm: str
 
 
-class HostOnly(BaseModel):
-    host: str
+class NoBody(_Body):
+    """Renew and release carry nothing (an old client's {"host": ...} is refused, not ignored)."""
 
 
-class Transfer(BaseModel):
+class Transfer(_Body):
     from_host: str
     to_host: str
     vm: str
     generation: int | None = None  # only if the lease is still this generation
 
 
+class LeaseOut(_Body):
+    disk: str
+    host: str
+    vm: str
+    generation: int
+    expires_at: float
+    handed_over_by: str | None = None
+
+    @staticmethod
+    def of(lease: Lease) -> "LeaseOut":
+        return LeaseOut(**lease.to_dict())  # type: ignore[arg-type]
+
+
+class DiskOut(_Body):
+    name: str
+    size: int
+    allocated: int
+    generation: int
+    lease: LeaseOut | None
+
+    @staticmethod
+    def of(d: DiskInfo) -> "DiskOut":
+        return DiskOut(name=d.name, size=d.size, allocated=d.allocated, generation=d.generation,
+                       lease=LeaseOut.of(d.lease) if d.lease else None)
+
+
+class InfoOut(_Body):
+    name: str
+    lease_ttl: float
+    now: float
+
+
+_hosts_only = allow(HOSTS, "change disk leases")
+
+
+def lease_caller(conn: HTTPConnection) -> Identity:
+    """The host a lease call acts for: the one its certificate names (or, with --insecure, the
+    Kvmotion-Host header's claim)."""
+    if conn.app.state.security.insecure:
+        name = conn.headers.get(INSECURE_HOST_HEADER)
+        if not name:
+            raise InvalidInput(f"lease calls to an --insecure datastore name their host in the {INSECURE_HOST_HEADER} header")
+        who = Identity(Kind.HOST, name)
+        conn.scope.setdefault("state", {})["kvmotion_caller"] = f"{who} (claimed, --insecure)"
+        return who
+    return _hosts_only(conn)
+
+
+lease_caller.checks_caller = True  # type: ignore[attr-defined]  # AuthorizedRoute runs it before the body is read
+
+
 def create_app(ds: Datastore) -> FastAPI:
     app = FastAPI(title=f"kvmotion datastore {ds.name}", docs_url=None, redoc_url=None)
+    app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
+    view = allow(VIEW, "read the datastore")
 
-    @app.exception_handler(KvmotionError)
-    def _kvmotion_error(request: Request, exc: KvmotionError) -> JSONResponse:
-        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
-        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=status)
+    @app.get(f"{API_PREFIX}/info", dependencies=[Depends(view)])
+    def info() -> InfoOut:
+        return InfoOut(name=ds.name, lease_ttl=ds.ttl, now=time.time())
 
-    @app.exception_handler(RequestValidationError)
-    def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        message = f"bad request to {request.url.path}: {where}: {first.get('msg', 'invalid')}"
-        return JSONResponse({"error": "InvalidInput", "message": message}, status_code=400)
+    @app.get(f"{API_PREFIX}/disks", dependencies=[Depends(view)])
+    def list_disks() -> list[DiskOut]:
+        return [DiskOut.of(d) for d in ds.list_disks()]
 
-    @app.get(f"{API_PREFIX}/info")
-    def info() -> dict[str, object]:
-        return {"name": ds.name, "lease_ttl": ds.ttl, "now": time.time()}
+    @app.post(f"{API_PREFIX}/disks", dependencies=[Depends(allow(OPERATE, "create disks"))])
+    def create_disk(body: CreateDisk) -> DiskOut:
+        return DiskOut.of(ds.create_disk(body.name, body.size, body.prealloc))
 
-    @app.get(f"{API_PREFIX}/disks")
-    def list_disks() -> list[dict[str, object]]:
-        return [d.to_dict() for d in ds.list_disks()]
+    @app.get(f"{API_PREFIX}/disks/{{disk}}", dependencies=[Depends(view)])
+    def get_disk(disk: str) -> DiskOut:
+        return DiskOut.of(ds.disk(disk))
 
-    @app.post(f"{API_PREFIX}/disks")
-    def create_disk(body: CreateDisk) -> dict[str, object]:
-        return ds.create_disk(body.name, body.size, body.prealloc).to_dict()
-
-    @app.get(f"{API_PREFIX}/disks/{{disk}}")
-    def get_disk(disk: str) -> dict[str, object]:
-        return ds.disk(disk).to_dict()
-
-    @app.delete(f"{API_PREFIX}/disks/{{disk}}")
-    def delete_disk(disk: str) -> dict[str, object]:
+    @app.delete(f"{API_PREFIX}/disks/{{disk}}", status_code=204, dependencies=[Depends(allow(OPERATE, "delete disks"))])
+    def delete_disk(disk: str) -> Response:
         ds.delete_disk(disk)
-        return {}
+        return Response(status_code=204)
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/acquire")
-    def acquire(disk: str, body: Acquire) -> dict[str, object]:
-        return ds.acquire(disk, body.host, body.vm).to_dict()
+    def acquire(disk: str, body: Acquire, who: Identity = Depends(lease_caller)) -> LeaseOut:
+        return LeaseOut.of(ds.acquire(disk, who.name, body.vm))
 
-    @app.post(f"{API_PREFIX}/disks/{{disk}}/renew")
-    def renew(disk: str, body: HostOnly) -> dict[str, object]:
-        return ds.renew(disk, body.host).to_dict()
+    @app.post(f"{API_PREFIX}/disks/{{disk}}{RENEW_SUFFIX}")
+    def renew(disk: str, body: NoBody | None = None, who: Identity = Depends(lease_caller)) -> LeaseOut:
+        return LeaseOut.of(ds.renew(disk, who.name))
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/transfer")
-    def transfer(disk: str, body: Transfer) -> dict[str, object]:
-        return ds.transfer(disk, body.from_host, body.to_host, body.vm, body.generation).to_dict()
+    def transfer(disk: str, body: Transfer, who: Identity = Depends(lease_caller)) -> LeaseOut:
+        return LeaseOut.of(ds.transfer(disk, body.from_host, body.to_host, body.vm, body.generation, by=who.name))
 
-    @app.post(f"{API_PREFIX}/disks/{{disk}}/release")
-    def release(disk: str, body: HostOnly) -> dict[str, object]:
-        ds.release(disk, body.host)
-        return {}
+    @app.post(f"{API_PREFIX}/disks/{{disk}}/release", status_code=204)
+    def release(disk: str, body: NoBody | None = None, who: Identity = Depends(lease_caller)) -> Response:
+        ds.release(disk, who.name)
+        return Response(status_code=204)
 
     return app

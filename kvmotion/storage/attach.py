@@ -1,7 +1,10 @@
 """How a VM's QEMU attaches a datastore disk: QEMU's own NBD client, as `-blockdev json:...`.
 
-The export name is `DISK@HOST`, the host the QEMU runs on: the datastore lets any connection
-read, and lets it write only while HOST holds the disk's lease under the generation of the
+The export name is `DISK@HOST`, the host the QEMU runs on: over TLS (an `nbds://` datastore) the
+datastore opens it only for a client whose certificate is host:HOST's or qemu:HOST's; QEMU
+presents the host's QEMU identity through a `tls-creds-x509` object (`nbd_tls_object`, on the
+command line of every VM with datastore disks, so blockdev-add finds it later too). The datastore
+lets the connection write only while HOST holds the disk's lease under the generation of the
 connection's first write (see lease.check_write). So a destination's shadow VM may connect long
 before the switchover and still cannot write until `transfer()` has given its host the lease;
 and a connection that wrote under an older generation stays refused, even if the lease comes
@@ -38,14 +41,24 @@ from __future__ import annotations
 import re
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvmotion.errors import InvalidInput
-from kvmotion.storage.address import parse_nbd_url
+from kvmotion.storage.address import nbd_tls, parse_nbd_url
 from kvmotion.storage.lease import ExportName, check_disk_name, check_host_name
 
 DEFAULT_RECONNECT_DELAY = 35  # seconds; past QEMU's reconnect attempt at 31 s (see above)
 DEFAULT_OPEN_TIMEOUT = 10  # seconds
 _NODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,30}$")  # QEMU's rule for node names
+NBD_TLS_ID = "kvmotion-nbd-tls"  # the tls-creds-x509 object every nbds:// disk node names
+
+
+def nbd_tls_object(creds_dir: Path) -> dict[str, object]:
+    """QEMU `-object` options for NBD over TLS: the host's QEMU identity folder (ca-cert.pem,
+    client-cert.pem, client-key.pem); QEMU checks the datastore's certificate against the CA and
+    the address it dials (the certificate's SAN holds the datastore's name and IP)."""
+    return {"qom-type": "tls-creds-x509", "id": NBD_TLS_ID, "dir": str(creds_dir), "endpoint": "client",
+            "verify-peer": True}
 
 
 def export_name(disk: str, host: str) -> str:
@@ -61,7 +74,8 @@ def nbd_blockdev(
     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
     open_timeout: int = DEFAULT_OPEN_TIMEOUT,
 ) -> dict[str, object]:
-    """QEMU `-blockdev` options for `disk` on the datastore at `nbd_url`, opened from `host`.
+    """QEMU `-blockdev` options for `disk` on the datastore at `nbd_url`, opened from `host`;
+    an `nbds://` URL adds the TLS credentials (object NBD_TLS_ID, see nbd_tls_object).
 
     >>> nbd_blockdev("nbd://10.77.0.1:10809", "web1.img", "host-b", "disk0")["export"]
     'web1.img@host-b'
@@ -72,7 +86,7 @@ def nbd_blockdev(
             f"invalid block node name {node_name!r}: a letter, then up to 30 letters, digits, "
             "'.', '_' or '-'"
         )
-    return {
+    node: dict[str, object] = {
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "inet", "host": ep.host, "port": str(ep.port)},
@@ -81,6 +95,9 @@ def nbd_blockdev(
         "open-timeout": int(open_timeout),
         "discard": "unmap",  # guest TRIM punches holes on the datastore (thin disks stay thin)
     }
+    if nbd_tls(nbd_url):
+        node["tls-creds"] = NBD_TLS_ID
+    return node
 
 
 @dataclass(frozen=True)

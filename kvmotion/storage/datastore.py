@@ -177,11 +177,13 @@ class Datastore:
         self._require(disk)
         return self._mutate(lambda t: t.renew(disk, host))
 
-    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None) -> Lease:
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None,
+                 *, by: str) -> Lease:
+        """Move the lease on behalf of host `by` (LeaseTable.transfer says who may)."""
         path = self._require(disk)
 
         def move(table: LeaseTable) -> Lease:
-            lease = table.transfer(disk, from_host, to_host, vm, generation)  # refusals raise before syncing
+            lease = table.transfer(disk, from_host, to_host, vm, generation, by=by)  # refusals raise before syncing
             _fdatasync(path)
             return lease
 

@@ -1,30 +1,54 @@
-"""A host's side of the datastores: attach VM disks, hold and hand over their write leases."""
+"""A host's side of the datastores: attach VM disks, hold and hand over their write leases.
+
+Every call to a datastore goes as this host (its certificate, host:HOST, over TLS), through one
+client per datastore and host kept for the agent's life: lease renewals every few seconds keep its
+connection open, so the switchover's transfer pays no TLS handshake inside the guest's pause.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
-from kvmotion.errors import LeaseError, NotFound
+from kvmotion.errors import KvmotionError, LeaseError, NotFound
 from kvmotion.qemu.spec import DiskSpec, VmSpec
-from kvmotion.storage.attach import export_name, nbd_blockdev, reattach_commands
-from kvmotion.storage.client import DatastoreClient
-from kvmotion.storage.registry import Registry
+from kvmotion.storage.attach import export_name, nbd_blockdev, nbd_tls_object, reattach_commands
+from kvmotion.storage.client import DatastoreClient, client_for
+from kvmotion.storage.registry import DatastoreRef, Registry
+
+_clients: dict[tuple[DatastoreRef, str, int], DatastoreClient] = {}
+_clients_lock = threading.Lock()
 
 
-def _client(datastore: str) -> DatastoreClient:
-    return DatastoreClient(Registry().get(datastore).control_url)
+def _client_of(ref: DatastoreRef, host: str, timeout: float = 10.0) -> DatastoreClient:
+    """The kept client of `ref` for `host` (a new one when the address or the host's certificate changed)."""
+    ctx_id = 0
+    if ref.tls:
+        from kvmotion.cluster.tls import host_ssl_context
+
+        ctx_id = id(host_ssl_context(host))  # cached per certificate file: a re-issued one gives a new context
+    key = (ref, host, ctx_id)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = client_for(ref, host, timeout)
+        return client
+
+
+def _client(datastore: str, host: str) -> DatastoreClient:
+    return _client_of(Registry().get(datastore), host)
 
 
 def _datastore_disks(spec: VmSpec) -> list[DiskSpec]:
     return [d for d in spec.disks if d.datastore is not None]
 
 
-def check_disk(disk: DiskSpec) -> None:
+def check_disk(disk: DiskSpec, host: str) -> None:
     """The disk exists on its datastore (raises NotFound / Unreachable with the reason)."""
     assert disk.datastore is not None
-    with _client(disk.datastore) as client:
-        client.disk(disk.source)
+    _client(disk.datastore, host).disk(disk.source)
 
 
 def blockdev_for(disk: DiskSpec, host: str, node_name: str) -> dict:
@@ -32,30 +56,38 @@ def blockdev_for(disk: DiskSpec, host: str, node_name: str) -> dict:
     return nbd_blockdev(Registry().get(disk.datastore).nbd_url, disk.source, host, node_name)
 
 
+def qemu_objects(spec: VmSpec, host: str) -> tuple[dict, ...]:
+    """The `-object`s a VM's QEMU needs for its datastore disks: the NBD TLS credentials (the
+    host's QEMU identity) when one of them is on a TLS datastore. On the command line, so a
+    reattach (blockdev-add) after a rolled-back migration finds them too."""
+    refs = {Registry().get(d.datastore) for d in _datastore_disks(spec)}  # type: ignore[arg-type]
+    if not any(ref.tls for ref in refs):
+        return ()
+    from kvmotion.cluster.tls import qemu_creds_dir
+
+    return (nbd_tls_object(Path(qemu_creds_dir(host))),)
+
+
 def acquire_leases(spec: VmSpec, host: str) -> None:
     for disk in _datastore_disks(spec):
-        with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            client.acquire(disk.source, host, spec.name)
+        _client(disk.datastore, host).acquire(disk.source, spec.name)  # type: ignore[arg-type]
 
 
 def renew_leases(spec: VmSpec, host: str) -> None:
     for disk in _datastore_disks(spec):
-        with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            client.renew(disk.source, host)
+        _client(disk.datastore, host).renew(disk.source)  # type: ignore[arg-type]
 
 
 def release_leases(spec: VmSpec, host: str) -> None:
     for disk in _datastore_disks(spec):
-        with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            client.release(disk.source, host)
+        _client(disk.datastore, host).release(disk.source)  # type: ignore[arg-type]
 
 
 def lease_generations(spec: VmSpec, host: str) -> dict[str, int]:
     """The generation of each datastore disk's lease that `host` holds now (disk source -> generation)."""
     held: dict[str, int] = {}
     for disk in _datastore_disks(spec):
-        with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            lease = client.disk(disk.source).lease
+        lease = _client(disk.datastore, host).disk(disk.source).lease  # type: ignore[arg-type]
         if lease is not None and lease.host == host:
             held[disk.source] = lease.generation
     return held
@@ -65,10 +97,10 @@ def transfer_leases(spec: VmSpec, from_host: str, to_host: str, generations: Map
     """Switchover step: the destination becomes the only writer, under a new generation. With
     `generations` (lease_generations before pre-copy) each move is conditional on it, so a request
     delayed past its timeout (TCP retransmitting through a flapping link, a stalled datastore)
-    until after the rollback took the lease back moves nothing."""
+    until after the rollback took the lease back moves nothing. Sent as `from_host`, the holder."""
     for disk in _datastore_disks(spec):
-        with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            client.transfer(disk.source, from_host, to_host, spec.name, (generations or {}).get(disk.source))
+        client = _client(disk.datastore, from_host)  # type: ignore[arg-type]
+        client.transfer(disk.source, from_host, to_host, spec.name, (generations or {}).get(disk.source))
 
 
 def take_back_leases(spec: VmSpec, from_host: str | None, to_host: str) -> None:
@@ -81,31 +113,35 @@ def take_back_leases(spec: VmSpec, from_host: str | None, to_host: str) -> None:
     its QEMU new ones.) A lease some other host holds raises LeaseError: the source must not
     resume then. `from_host` None takes it from whichever host holds it: for an agent restarted
     in the middle of a migration it cancelled (it does not know where its hand-over went, and a
-    destination that never got the whole VM cannot run it)."""
+    destination that never got the whole VM cannot run it).
+
+    Every request goes as `to_host`: the datastore lets it take back only a lease it handed over
+    itself, from a holder that has not renewed it since (a destination renews once it runs the
+    VM); a lease another host acquired afresh after it expired is not taken (LeaseError)."""
     for disk in _datastore_disks(spec):
-        with _client(disk.datastore) as client:  # type: ignore[arg-type]
-            refused: LeaseError | None = None
-            if from_host is not None:
-                try:
-                    client.transfer(disk.source, from_host, to_host, spec.name)
-                    continue
-                except LeaseError as exc:
-                    refused = exc
-            held = client.disk(disk.source).lease
-            if held is None:
-                client.acquire(disk.source, to_host, spec.name)
-            elif held.host == to_host:
-                try:
-                    client.transfer(disk.source, to_host, to_host, spec.name, held.generation)
-                except LeaseError:
-                    # The late switchover request landed in between: the lease is at its destination now.
-                    moved = client.disk(disk.source).lease
-                    client.transfer(disk.source, from_host or (moved.host if moved else ""), to_host, spec.name)
-            elif from_host is None:
-                client.transfer(disk.source, held.host, to_host, spec.name, held.generation)
-            else:
-                assert refused is not None
-                raise refused
+        client = _client(disk.datastore, to_host)  # type: ignore[arg-type]
+        refused: LeaseError | None = None
+        if from_host is not None:
+            try:
+                client.transfer(disk.source, from_host, to_host, spec.name)
+                continue
+            except LeaseError as exc:
+                refused = exc
+        held = client.disk(disk.source).lease
+        if held is None:
+            client.acquire(disk.source, spec.name)
+        elif held.host == to_host:
+            try:
+                client.transfer(disk.source, to_host, to_host, spec.name, held.generation)
+            except LeaseError:
+                # The late switchover request landed in between: the lease is at its destination now.
+                moved = client.disk(disk.source).lease
+                client.transfer(disk.source, from_host or (moved.host if moved else ""), to_host, spec.name)
+        elif from_host is None:
+            client.transfer(disk.source, held.host, to_host, spec.name, held.generation)
+        else:
+            assert refused is not None
+            raise refused
 
 
 class QmpExecutor(Protocol):
@@ -143,14 +179,18 @@ def current_proto_nodes(spec: VmSpec, host: str, block_nodes: list[dict], proto_
     return out
 
 
-def reachable_datastores() -> list[str]:
+def reachable_datastores(host: str) -> list[str]:
+    """The registry's datastores that answer this host (as host:HOST over TLS)."""
     out = []
     try:
         refs = Registry().all()
     except NotFound:
         return []
     for ref in refs:
-        with DatastoreClient(ref.control_url, timeout=2) as client:
-            if client.reachable():
-                out.append(ref.name)
+        try:
+            with client_for(ref, host, timeout=2) as client:
+                if client.reachable():
+                    out.append(ref.name)
+        except KvmotionError:  # no certificate for this host: it reaches none over TLS
+            continue
     return out

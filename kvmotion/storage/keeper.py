@@ -1,7 +1,9 @@
 """A host agent's lease keeper: renew its disks' leases every TTL/3, report the ones it lost.
 
     keeper = LeaseKeeper(client, "host-a", ttl=client.info().lease_ttl, on_lost=stop_vm_of)
-    t0 = keeper.now(); lease = client.acquire("web1.img", "host-a", "web1"); keeper.keep(lease, t0)
+    t0 = keeper.now(); lease = client.acquire("web1.img", "web1"); keeper.keep(lease, t0)
+
+`client` acts for host-a (its certificate names it), so renewals name no host.
     task = asyncio.create_task(keeper.run())
 
 A lease is lost when a renewal is refused (another host has it, it expired, it moved to another
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 class Renewer(Protocol):
     """What the keeper needs of a DatastoreClient (sync or async `renew`)."""
 
-    def renew(self, disk: str, host: str) -> Lease | Awaitable[Lease]: ...
+    def renew(self, disk: str) -> Lease | Awaitable[Lease]: ...
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,9 @@ class LeaseKeeper:
             sent = self._clock()
             try:
                 if inspect.iscoroutinefunction(self.client.renew):
-                    lease = await self.client.renew(disk, self.host)
+                    lease = await self.client.renew(disk)
                 else:  # a blocking HTTP call must not stall the agent's event loop
-                    lease = await asyncio.to_thread(self.client.renew, disk, self.host)  # type: ignore[arg-type]
+                    lease = await asyncio.to_thread(self.client.renew, disk)  # type: ignore[arg-type]
             except LeaseError as exc:
                 reason = str(exc)
             except KvmotionError as exc:  # unreachable, timeout: fine until the lease would expire

@@ -6,6 +6,11 @@ The NBD server binds each connection to the generation of its first authorized w
 writes once the lease has moved on (`check_write`); this module holds that rule too, so the
 server (nbdkit's embedded interpreter: stdlib only) and the tests share one definition.
 
+Who may move a lease (`LeaseTable.transfer`, `by` = the host named in the caller's certificate):
+its holder hands it on (switchover) or re-issues it to itself; the host that handed it over takes
+it back while the new holder has not renewed it yet (a rollback: a destination renews only once
+it runs the VM). Nobody else: a host cannot take another host's lease.
+
 No I/O here. Times are the datastore's wall clock in Unix seconds, so leases survive a restart
 of the datastore service; hosts never compare their own clocks with `expires_at`.
 """
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
-from kvmotion.errors import InvalidInput, LeaseError
+from kvmotion.errors import Forbidden, InvalidInput, LeaseError
 
 STATE_VERSION = 1
 EXPORT_HOST_SEP = "@"
@@ -56,6 +61,8 @@ class Lease:
     vm: str
     generation: int
     expires_at: float  # datastore wall clock, Unix seconds
+    # The host that handed this lease over, until the holder renews it: it may take it back (rollback).
+    handed_over_by: str | None = None
 
     def live(self, now: float) -> bool:
         return now < self.expires_at
@@ -65,12 +72,14 @@ class Lease:
 
     @staticmethod
     def from_dict(data: dict[str, object]) -> "Lease":
+        by = data.get("handed_over_by")
         return Lease(
             disk=str(data["disk"]),
             host=str(data["host"]),
             vm=str(data["vm"]),
             generation=int(data["generation"]),  # type: ignore[arg-type]
             expires_at=float(data["expires_at"]),  # type: ignore[arg-type]
+            handed_over_by=str(by) if by is not None else None,
         )
 
 
@@ -78,7 +87,8 @@ class Lease:
 class ExportName:
     """What an NBD client asks for: 'web1.img' (read only) or 'web1.img@host-b' (may write).
 
-    The host part is the client's claim of identity; it is not authenticated (see nbd_plugin).
+    Over TLS the datastore's NBD front end (nbd_gate) opens `DISK@HOST` only for the identities
+    host:HOST and qemu:HOST; with --insecure the host part is the client's unchecked claim.
     """
 
     disk: str
@@ -195,7 +205,7 @@ class LeaseTable:
         current = self._leases.get(disk)
         if current is not None and current.live(now):
             if (current.host, current.vm) == (host, vm):
-                return self._put(replace(current, expires_at=now + self.ttl))
+                return self._put(replace(current, expires_at=now + self.ttl, handed_over_by=None))
             raise LeaseError(f"cannot lease {disk} to {host}: {_held(current, now)}")
         return self._put(Lease(disk, host, vm, self.generation(disk) + 1, now + self.ttl))
 
@@ -213,15 +223,25 @@ class LeaseTable:
                 f"cannot renew {disk} for {host}: its lease (generation {current.generation}) "
                 f"expired {now - current.expires_at:.1f}s ago and writes are fenced; stop the VM"
             )
-        return self._put(replace(current, expires_at=now + self.ttl))
+        # Renewing makes the lease fully the holder's: whoever handed it over can no longer take it back.
+        return self._put(replace(current, expires_at=now + self.ttl, handed_over_by=None))
 
-    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None) -> Lease:
-        """Hand the lease from `from_host` to `to_host` under a new generation (switchover).
-        `generation`: only if the lease is still that generation. A request delayed past its
-        sender's timeout then cannot move a lease that was handed on, or re-issued, meanwhile.
-        `to_host == from_host` re-issues the lease under a new generation (given `generation`):
-        how a rollback fences its own late switchover request."""
+    def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None,
+                 *, by: str) -> Lease:
+        """Move the lease from `from_host` to `to_host` under a new generation, on behalf of host `by`.
+
+        - `by == from_host`, its live holder: hands it on (switchover; the new lease records `by`
+          as handed_over_by), or with `to_host == from_host` and `generation` re-issues it to
+          itself (how a rollback fences its own late switchover request).
+        - `by == to_host`: takes back a lease it handed to `from_host`, which has not renewed it
+          since (rollback).
+        Anyone else is Forbidden. `generation`: only if the lease is still that generation, so a
+        request delayed past its sender's timeout cannot move a lease that was handed on, or
+        re-issued, meanwhile."""
         check_host_name(to_host)
+        if by not in (from_host, to_host):
+            raise Forbidden(f"host {by} may not move the lease on {disk} from {from_host} to {to_host}: only its "
+                            "holder hands a lease on, and only the host that handed it over takes it back")
         if from_host == to_host and generation is None:
             raise InvalidInput(f"cannot transfer {disk} from {from_host} to itself without its generation")
         now = self._clock()
@@ -236,7 +256,11 @@ class LeaseTable:
         if generation is not None and current.generation != generation:
             raise LeaseError(f"cannot transfer {disk} from {from_host}: its lease is generation {current.generation} "
                              f"now, not {generation} (handed on or re-issued since this request was made)")
-        return self._put(Lease(disk, to_host, vm, self.generation(disk) + 1, now + self.ttl))
+        if by != from_host and current.handed_over_by != by:
+            raise LeaseError(f"cannot take {disk} back from {from_host} for {by}: {by} did not hand it over, or "
+                             f"{from_host} has renewed it since (it runs the VM)")
+        handed = by if (by == from_host and to_host != from_host) else None
+        return self._put(Lease(disk, to_host, vm, self.generation(disk) + 1, now + self.ttl, handed))
 
     def release(self, disk: str, host: str) -> None:
         """Give up the lease; releasing a lease one does not hold (any more) is a no-op."""

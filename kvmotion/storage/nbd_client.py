@@ -1,4 +1,4 @@
-"""A minimal, synchronous NBD client (fixed newstyle, NBD_OPT_GO, simple replies).
+"""A minimal, synchronous NBD client (fixed newstyle, NBD_OPT_STARTTLS, NBD_OPT_GO, simple replies).
 
 VMs use QEMU's NBD client; this one is for probes and tests, where a single Python object must
 play a host (a connection with a chosen export name) and see the server's errno on each request.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 import struct
 
 NBDMAGIC = b"NBDMAGIC"
@@ -21,6 +22,7 @@ _SIMPLE_REPLY_MAGIC = 0x67446698
 _FLAG_FIXED_NEWSTYLE = 1
 _FLAG_NO_ZEROES = 2
 _OPT_ABORT = 2
+_OPT_STARTTLS = 5
 _OPT_GO = 7
 _REP_ACK = 1
 _REP_INFO = 3
@@ -55,20 +57,23 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 class NbdConnection:
-    """One NBD connection to one export; `NbdConnection.connect(host, port, "web1.img@host-a")`."""
+    """One NBD connection to one export; `NbdConnection.connect(host, port, "web1.img@host-a")`.
+    With `tls` (a client context with a certificate) it upgrades with NBD_OPT_STARTTLS first."""
 
-    def __init__(self, sock: socket.socket, export: str) -> None:
+    def __init__(self, sock: socket.socket, export: str, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         self.sock = sock
         self.export = export
         self._handle = 0
-        self.size, self.flags = self._handshake(export)
+        self.size, self.flags = self._handshake(export, tls, server_hostname)
 
     @classmethod
-    def connect(cls, host: str, port: int, export: str, timeout: float = 10.0) -> "NbdConnection":
+    def connect(cls, host: str, port: int, export: str, timeout: float = 10.0,
+                tls: ssl.SSLContext | None = None) -> "NbdConnection":
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            return cls(sock, export)
+            return cls(sock, export, tls, host)
         except BaseException:
             sock.close()
             raise
@@ -77,7 +82,18 @@ class NbdConnection:
     def read_only(self) -> bool:
         return bool(self.flags & FLAG_READ_ONLY)
 
-    def _handshake(self, export: str) -> tuple[int, int]:
+    def _reply(self, what: str) -> tuple[int, bytes]:
+        """One option reply: (type, payload); an error reply raises."""
+        magic, _opt, rtype, length = struct.unpack(">QIII", _recv_exact(self.sock, 20))
+        if magic != _REPLY_MAGIC:
+            raise NbdError(errno.EPROTO, "bad NBD option reply magic")
+        payload = _recv_exact(self.sock, length)
+        if rtype & _REP_ERR_BIT:
+            text = payload.decode(errors="replace") or f"error {rtype & ~_REP_ERR_BIT}"
+            raise NbdError(errno.EACCES if rtype == _REP_ERR_BIT | 2 else errno.ENOENT, f"{what} refused: {text}")
+        return rtype, payload
+
+    def _handshake(self, export: str, tls: ssl.SSLContext | None, server_hostname: str | None) -> tuple[int, int]:
         s = self.sock
         if _recv_exact(s, 8) != NBDMAGIC or _recv_exact(s, 8) != IHAVEOPT:
             raise NbdError(errno.EPROTO, "not a newstyle NBD server")
@@ -85,18 +101,16 @@ class NbdConnection:
         if not hflags & _FLAG_FIXED_NEWSTYLE:
             raise NbdError(errno.EPROTO, "NBD server lacks fixed newstyle negotiation")
         s.sendall(struct.pack(">I", hflags & (_FLAG_FIXED_NEWSTYLE | _FLAG_NO_ZEROES)))
+        if tls is not None:
+            s.sendall(IHAVEOPT + struct.pack(">II", _OPT_STARTTLS, 0))
+            self._reply("NBD_OPT_STARTTLS")
+            self.sock = s = tls.wrap_socket(s, server_hostname=server_hostname)
         name = export.encode()
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
         s.sendall(IHAVEOPT + struct.pack(">II", _OPT_GO, len(data)) + data)
         size = flags = None
         while True:
-            magic, _opt, rtype, length = struct.unpack(">QIII", _recv_exact(s, 20))
-            if magic != _REPLY_MAGIC:
-                raise NbdError(errno.EPROTO, "bad NBD option reply magic")
-            payload = _recv_exact(s, length)
-            if rtype & _REP_ERR_BIT:
-                text = payload.decode(errors="replace") or f"error {rtype & ~_REP_ERR_BIT}"
-                raise NbdError(errno.ENOENT, f"export {export!r} refused: {text}")
+            rtype, payload = self._reply(f"export {export!r}")
             if rtype == _REP_INFO and struct.unpack(">H", payload[:2])[0] == _INFO_EXPORT:
                 size, flags = struct.unpack(">QH", payload[2:12])
             elif rtype == _REP_ACK:

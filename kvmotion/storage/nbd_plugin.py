@@ -10,9 +10,10 @@ Export names: `DISK` opens read only (anyone may read); `DISK@HOST` opens writab
 write, zero, trim and flush is checked against the lease, under the lease lock (see leasefile),
 and refused with EPERM unless HOST holds a live lease whose generation is the one this
 connection's first allowed write was bound to (a flush only needs HOST to hold the live lease:
-lease.check_flush). The host name is the client's claim, not
-authenticated: fencing stops confused and stale writers, not malicious ones (that would take TLS
-client certificates mapped to host names).
+lease.check_flush). Who may open `DISK@HOST` at all is decided before nbdkit sees the connection:
+the datastore's TLS front end (nbd_front, nbd_gate) opens it only for host:HOST and qemu:HOST, and
+nbdkit listens on a private Unix socket behind it. With --insecure nbdkit serves the network
+itself and the host name is the client's unchecked claim.
 
 Data path: pread/pwrite on the file (page cache); FUA and FLUSH call fdatasync, so every
 acknowledged write survives a restart of the service and every flushed one a power cut.

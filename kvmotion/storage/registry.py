@@ -1,5 +1,8 @@
 """Which datastores the cluster knows: name -> NBD URL (and control URL), in a JSON file.
 
+`nbds://` + `https://` for a datastore served over TLS (the default), `nbd://` + `http://` for one
+served with --insecure.
+
 `$KVMOTION_CLUSTER_DIR/datastores.json`, default `state_dir()/cluster/datastores.json`. A
 stand-in until a cluster inventory exists; it may be folded into that later.
 """
@@ -14,25 +17,33 @@ from kvmotion.errors import Conflict, InvalidInput, NotFound
 from kvmotion.cluster.inventory import cluster_dir
 from kvmotion.host.store import write_atomic
 from kvmotion.qemu.spec import check_name
-from kvmotion.storage.address import parse_http_url, parse_nbd_url
+from kvmotion.storage.address import nbd_tls, parse_http_url, parse_nbd_url
 
 FILE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class DatastoreRef:
-    """How to reach one datastore: NBD for VMs' disks, HTTP for disks and leases."""
+    """How to reach one datastore: NBD for VMs' disks, HTTP(S) for disks and leases."""
 
     name: str
     nbd_url: str
     control_url: str
 
+    @property
+    def tls(self) -> bool:
+        return nbd_tls(self.nbd_url)
+
     @staticmethod
     def make(name: str, nbd_url: str, control_url: str | None = None) -> "DatastoreRef":
         check_name(name, "datastore")
         nbd = parse_nbd_url(nbd_url)
+        tls = nbd_tls(nbd_url)
         control = parse_http_url(control_url) if control_url else nbd.next_port()
-        return DatastoreRef(name, nbd.nbd_url, control.http_url)
+        if control_url and control_url.startswith("https:") != tls:
+            raise InvalidInput(f"datastore {name}: {nbd_url} and {control_url} disagree on TLS: use nbds:// with "
+                               "https:// (or nbd:// with http:// for an --insecure datastore)")
+        return DatastoreRef(name, nbd.url("nbds" if tls else "nbd"), control.url("https" if tls else "http"))
 
 
 class Registry:
@@ -70,7 +81,7 @@ class Registry:
         if ref is None:
             raise NotFound(
                 f"no datastore {name!r} in the cluster; add it with "
-                f"`kvmotion datastore add {name} nbd://HOST:PORT`"
+                f"`kvmotion datastore add {name} nbds://HOST:PORT`"
             )
         return ref
 

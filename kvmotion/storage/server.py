@@ -1,9 +1,17 @@
-"""`kvmotion datastore serve`: nbdkit (data, NBD) plus the control API (HTTP) in one service.
+"""`kvmotion datastore serve`: nbdkit (data, NBD) plus the control API (HTTPS) in one service.
 
 nbdkit runs as a child (--exit-with-parent) with kvmotion/storage/nbd_plugin.py; the control
 API runs in this process under uvicorn. They share nothing but the files under the root, so the
 service can be restarted at will: disks and lease state are on disk, and QEMU's NBD client
 reconnects by itself (see attach.py).
+
+Secure (the default): nbdkit listens only on a Unix socket in a private (0700) folder; the NBD
+port belongs to the TLS front end (nbd_front.py, a child process like nbdkit), which takes the
+client's identity from its certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST
+(nbd_gate.py). The
+control API requires a client certificate of the cluster CA, and every mutating call goes to the
+audit log (<root>/.kvmotion/audit.log). With --insecure nbdkit serves plain NBD on the port and
+the API is plain HTTP, with a warning on every start.
 """
 
 from __future__ import annotations
@@ -24,15 +32,21 @@ from pathlib import Path
 
 import uvicorn
 
+from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.errors import SetupError
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.address import Endpoint
-from kvmotion.storage.api import create_app
+from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
+from kvmotion.storage.leasefile import META_DIR
+from kvmotion.storage.nbd_front import listen_socket
 from kvmotion.units import format_duration
 
 READY_TIMEOUT = 15.0
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
+KEEP_ALIVE = 30.0  # s an idle API connection stays open (hosts renew every 5 s: theirs stay warm)
+STOP_GRACE = 3  # s for API calls in flight at a stop (a TLS connection's close waits for its peer)
+AUDIT_LOG = "audit.log"  # under <root>/.kvmotion
 _TRACEBACK_START = re.compile(r"^nbdkit: .*error: .*Traceback \(most recent call last\):")
 
 
@@ -41,21 +55,36 @@ class ServeConfig:
     name: str
     root: Path
     listen: Endpoint  # NBD
-    control: Endpoint  # HTTP control API
+    control: Endpoint  # HTTP(S) control API
     lease_ttl: float
     nbdkit_threads: int = 16
+    # The datastore's certificate folder (server-cert.pem, server-key.pem, ca-cert.pem); None: --insecure.
+    cert_dir: Path | None = None
+    limits: Limits = Limits()
+
+    @property
+    def insecure(self) -> bool:
+        return self.cert_dir is None
+
+    @property
+    def tls_files(self) -> tuple[Path, Path, Path] | None:
+        from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
+
+        d = self.cert_dir
+        return None if d is None else (d / SERVER_CERT, d / SERVER_KEY, d / CA_CERT)
 
 
-def nbdkit_command(cfg: ServeConfig, pidfile: Path) -> list[str]:
+def nbdkit_command(cfg: ServeConfig, pidfile: Path, unix: Path | None = None) -> list[str]:
+    """nbdkit on the NBD port (--insecure), or only on the Unix socket `unix` behind the TLS front end."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise SetupError("nbdkit not found: apt-get install nbdkit nbdkit-plugin-python")
+    where = ["--unix", str(unix)] if unix is not None else ["--ipaddr", cfg.listen.host, "--port", str(cfg.listen.port)]
     return [
         nbdkit,
         "--foreground",
         "--exit-with-parent",
-        "--ipaddr", cfg.listen.host,
-        "--port", str(cfg.listen.port),
+        *where,
         "--pidfile", str(pidfile),
         "--threads", str(cfg.nbdkit_threads),
         "python", str(nbd_plugin_path()),
@@ -73,7 +102,9 @@ class _QuietServer(uvicorn.Server):
 
 def _bind(ep: Endpoint) -> socket.socket:
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it a response's body waits for the client's delayed ACK (40 ms) on a kept connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((ep.host, ep.port))
@@ -151,7 +182,14 @@ async def _heartbeat(ds: Datastore) -> None:
 
 async def _serve(cfg: ServeConfig) -> None:
     ds = Datastore(cfg.name, cfg.root, cfg.lease_ttl)
+    tls_files = cfg.tls_files
+    security = Security(tls_files=tls_files, audit_log=cfg.root / META_DIR / AUDIT_LOG, limits=cfg.limits,
+                        quiet=(RENEW_SUFFIX,), insecure=cfg.insecure)  # checks the certificate files first
     control_sock = _bind(cfg.control)
+    if cfg.insecure:
+        print(insecure_warning(f"datastore {cfg.name} (control {cfg.control})"), file=sys.stderr, flush=True)
+        print(f"WARNING: datastore {cfg.name} serves NBD in plain text with --insecure: whoever reaches "
+              f"{cfg.listen} reads every disk and writes as any host that holds a lease", file=sys.stderr, flush=True)
     # Before nbdkit takes writes: holders could not renew while the service was down, and the
     # writes their QEMU queued meanwhile (reconnect-delay) must not be refused as expired.
     resumed = ds.resume_after_outage()
@@ -163,54 +201,80 @@ async def _serve(cfg: ServeConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:
+    # The NBD port is bound here, now (a busy port fails the start); the TLS front end inherits it.
+    nbd_sock = None if cfg.insecure else listen_socket(cfg.listen)
+    with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:  # mode 0700: nbdkit's socket is ours alone
         pidfile = Path(tmp) / "nbdkit.pid"
+        unix = None if cfg.insecure else Path(tmp) / "nbdkit.sock"
         proc = await asyncio.create_subprocess_exec(
-            *nbdkit_command(cfg, pidfile), stdin=asyncio.subprocess.DEVNULL,
+            *nbdkit_command(cfg, pidfile, unix), stdin=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stderr is not None
         filt = _StderrFilter()
         pump = asyncio.create_task(_pump(proc.stderr, filt))
+        front: asyncio.subprocess.Process | None = None
         try:
             await _wait_ready(proc, pidfile, filt, cfg.listen)
             for line in filt.started():
                 sys.stderr.write(line)
-            server = _QuietServer(
-                uvicorn.Config(create_app(ds), log_level="warning", access_log=False, lifespan="off")
-            )
+            if nbd_sock is not None and unix is not None and tls_files is not None:
+                front = await _start_front(nbd_sock, tls_files, unix, security.audit_log)
+            server = make_server(create_app(ds), security, f"datastore {cfg.name}", lifespan="off",
+                                 access_log=False, timeout_keep_alive=int(KEEP_ALIVE), server_class=_QuietServer)
             loop = asyncio.get_running_loop()
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            nbd, api = ("nbd", "http") if cfg.insecure else ("nbds", "https")
             print(
-                f"datastore {cfg.name}: NBD {cfg.listen.nbd_url} (nbdkit pid {proc.pid}), "
-                f"control {cfg.control.http_url}, root {cfg.root}, "
-                f"lease TTL {format_duration(cfg.lease_ttl)}",
+                f"datastore {cfg.name}: NBD {cfg.listen.url(nbd)} (nbdkit pid {proc.pid}"
+                f"{f', TLS front end pid {front.pid}' if front else ''}), control {cfg.control.url(api)}, "
+                f"root {cfg.root}, lease TTL {format_duration(cfg.lease_ttl)}",
                 file=sys.stderr,
                 flush=True,
             )
             serving = asyncio.create_task(server.serve(sockets=[control_sock]))
             beating = asyncio.create_task(_heartbeat(ds))
-            nbdkit_exit = asyncio.create_task(proc.wait())
+            children = {asyncio.create_task(proc.wait()): "nbdkit"}
+            if front is not None:
+                children[asyncio.create_task(front.wait())] = "the NBD TLS front end"
             stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({serving, nbdkit_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({serving, stopping, *children}, return_when=asyncio.FIRST_COMPLETED)
             server.should_exit = True
+            if not (await asyncio.wait({serving}, timeout=STOP_GRACE))[0]:
+                server.force_exit = True  # idle TLS clients that never answer the close
             await serving
             stopping.cancel()
             beating.cancel()
-            if nbdkit_exit.done():
-                raise SetupError(f"nbdkit exited unexpectedly ({proc.returncode}); datastore stopped")
+            died = [name for task, name in children.items() if task in done]
+            if died:
+                raise SetupError(f"{died[0]} exited unexpectedly; datastore stopped")
         finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            for child in (front, proc):
+                if child is not None and child.returncode is None:
+                    child.terminate()
+                    try:
+                        await asyncio.wait_for(child.wait(), 10)
+                    except TimeoutError:
+                        child.kill()
+                        await child.wait()
             await pump
             control_sock.close()
+            if nbd_sock is not None:
+                nbd_sock.close()
+
+
+async def _start_front(sock: socket.socket, tls_files: tuple[Path, Path, Path], backend: Path,
+                       audit: Path | None) -> asyncio.subprocess.Process:
+    """The NBD TLS front end (nbd_front.main) as a child process serving `sock`; it leaves when our
+    end of its stdin closes (this process exiting, however it exits)."""
+    cert, key, ca = tls_files
+    argv = [sys.executable, "-m", "kvmotion.storage.nbd_front", "--fd", str(sock.fileno()), "--cert", str(cert),
+            "--key", str(key), "--ca", str(ca), "--backend", str(backend)]
+    if audit is not None:
+        argv += ["--audit", str(audit)]
+    return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE, pass_fds=(sock.fileno(),))
 
 
 def run(cfg: ServeConfig) -> None:

@@ -11,7 +11,9 @@ lines (pytest -s) and recorded as junit properties.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.cluster.lab import DATASTORE
+from kvmotion.cluster.tls import client_context
 from kvmotion.guest.records import verify_image
 from kvmotion.guest.serial import DiskAck, DiskError, parse_line
 from kvmotion.net import lab as labmod
@@ -86,8 +89,12 @@ def highest_ack(lab: MigrationLab, vm: str) -> int:
 
 
 def datastore(lab: MigrationLab) -> DatastoreClient:
-    ref = Registry(lab.cluster.folder / "cluster" / "datastores.json").get(DATASTORE)
-    return DatastoreClient(ref.control_url, timeout=5)
+    """The lab's datastore, as its user admin (over TLS in an encrypted lab)."""
+    cluster = lab.cluster.folder / "cluster"
+    ref = Registry(cluster / "datastores.json").get(DATASTORE)
+    if not ref.tls:
+        return DatastoreClient(ref.control_url, timeout=5)
+    return DatastoreClient(ref.control_url, timeout=5, ssl_context=client_context(cluster / "users" / "admin"))
 
 
 def lease_of(lab: MigrationLab, disk: str) -> tuple[Lease | None, int]:
@@ -309,6 +316,7 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     the hook hands the lease to host-b, then rolls back while the lease is still live there (a
     transfer back, generation 3): the old NBD connection is fenced for good, so the hook puts a
     new one under the guest's disk, and once resumed the writer acknowledges new records."""
+    from kvmotion.api.identity import Identity, Kind
     from kvmotion.host.vms import HostConfig, VmManager
     from kvmotion.migration.hooks import DiskLeaseHook, SwitchoverContext
     from kvmotion.qemu import accel
@@ -316,8 +324,12 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     from kvmotion.storage.registry import DatastoreRef
     from tests.integration.test_datastore import Service
 
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
-    svc = Service(tmp_path / "ds1", ttl=15)
+    # The cluster folder outside pytest's private tmp: an unprivileged QEMU reads its certificate there.
+    cluster = Path(tempfile.mkdtemp(prefix="kvmotion-hook-"))
+    cluster.chmod(0o711)
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(cluster))
+    svc = Service(tmp_path / "ds1", ttl=15, cluster=cluster)
+    svc.creds(Identity(Kind.HOST, "host-a"))  # host-a's certificate, and its QEMUs'
     svc.start()
     try:
         Registry().add(DatastoreRef.make("ds1", svc.nbd_url))
@@ -374,6 +386,7 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
         assert check.ok and (check.missing, check.duplicate, check.corrupt) == (0, 0, 0), check.summary()
     finally:
         svc.kill()
+        shutil.rmtree(cluster, ignore_errors=True)
     line = f"FIGURES hook rollback (lease live at host-b): acks {at_resume} at resume -> {acked} at stop; {check.summary()}"
     print(line)
     record_property("figures", line)

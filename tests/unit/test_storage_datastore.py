@@ -74,7 +74,7 @@ def test_lease_ops_need_an_existing_disk(ds: Datastore) -> None:
 
 def test_lease_state_survives_restart(ds: Datastore, tmp_path: Path, clock: FakeClock) -> None:
     ds.acquire("web1.img", "host-a", "web1")
-    ds.transfer("web1.img", "host-a", "host-b", "web1")
+    ds.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
     again = Datastore("ds1", tmp_path, TTL, clock)
     info = again.disk("web1.img")
     assert info.lease is not None and (info.lease.host, info.lease.generation) == ("host-b", 2)
@@ -99,7 +99,7 @@ def test_gate_sees_each_change(ds: Datastore, tmp_path: Path, clock: FakeClock) 
     with gate.hold() as leases:
         bound = check_write(leases.get("web1.img"), "host-a", None, clock()).generation
         assert bound == 1
-    ds.transfer("web1.img", "host-a", "host-b", "web1")
+    ds.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
     with gate.hold() as leases:
         assert not check_write(leases.get("web1.img"), "host-a", bound, clock()).allowed
         assert check_write(leases.get("web1.img"), "host-b", None, clock()).allowed
@@ -122,7 +122,7 @@ def test_transfer_waits_for_a_write_in_flight(ds: Datastore, tmp_path: Path) -> 
     t = threading.Thread(target=writer)
     t.start()
     in_write.wait(5)
-    mover = threading.Thread(target=lambda: (ds.transfer("web1.img", "host-a", "host-b", "web1"), events.append("transferred")))
+    mover = threading.Thread(target=lambda: (ds.transfer("web1.img", "host-a", "host-b", "web1", by="host-a"), events.append("transferred")))
     mover.start()
     time.sleep(0.2)
     assert events == []  # transfer is blocked by the write
@@ -147,7 +147,7 @@ def test_waiting_transfer_is_not_starved_by_new_writers(ds: Datastore, tmp_path:
         t.start()
     try:
         started = time.monotonic()
-        ds.transfer("web1.img", "host-a", "host-b", "web1")
+        ds.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
         assert time.monotonic() - started < 2
     finally:
         stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,22 +25,17 @@ class FakeClock:
 
 
 class LocalClient:
-    """What host.py asks of a DatastoreClient, served by a Datastore in this process."""
+    """What host.py asks of a DatastoreClient acting for `host`, served by a Datastore in this process."""
 
-    def __init__(self, ds: Datastore) -> None:
+    def __init__(self, ds: Datastore, host: str) -> None:
         self.ds = ds
-
-    def __enter__(self) -> "LocalClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        self.host = host
 
     def transfer(self, disk: str, from_host: str, to_host: str, vm: str, generation: int | None = None) -> Lease:
-        return self.ds.transfer(disk, from_host, to_host, vm, generation)
+        return self.ds.transfer(disk, from_host, to_host, vm, generation, by=self.host)
 
-    def acquire(self, disk: str, host: str, vm: str) -> Lease:
-        return self.ds.acquire(disk, host, vm)
+    def acquire(self, disk: str, vm: str) -> Lease:
+        return self.ds.acquire(disk, self.host, vm)
 
     def disk(self, disk: str) -> DiskInfo:
         return self.ds.disk(disk)
@@ -54,7 +50,7 @@ def clock() -> FakeClock:
 def ds(tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> Datastore:
     d = Datastore("ds1", tmp_path, TTL, clock)
     d.create_disk("web1.img", 1 << 20)
-    monkeypatch.setattr(storage_host, "_client", lambda name: LocalClient(d))
+    monkeypatch.setattr(storage_host, "_client", lambda name, host: LocalClient(d, host))
     return d
 
 
@@ -119,7 +115,7 @@ def test_a_switchover_request_landing_during_the_take_back_is_undone(ds: Datasto
     def disk_then_late_transfer(self: Datastore, name: str):
         info = real(self, name)
         if not late:  # the take-back has just read the lease: the stalled request lands now
-            late.append(self.transfer(name, "host-a", "host-b", "web1", held["web1.img"]))
+            late.append(self.transfer(name, "host-a", "host-b", "web1", held["web1.img"], by="host-a"))
         return info
 
     monkeypatch.setattr(Datastore, "disk", disk_then_late_transfer)
@@ -140,16 +136,38 @@ def test_lease_another_host_took_is_not_taken_back(ds: Datastore, clock: FakeClo
     assert ds.disk("web1.img").holder == "host-c"
 
 
-def test_a_restarted_source_takes_the_lease_from_whichever_host_holds_it(ds: Datastore, clock: FakeClock) -> None:
-    """Its migration was cancelled before the stream ended: no other host has the VM's current
-    state, so whoever holds the lease now (here one that acquired it after it expired) is fenced."""
+def test_a_restarted_source_takes_the_lease_back_from_where_it_handed_it(ds: Datastore) -> None:
+    """Its migration was cancelled before the stream ended; it does not know how far the hand-over
+    got, so it takes the lease from whichever host it handed it to."""
+    ds.acquire("web1.img", "host-a", "web1")
+    storage_host.transfer_leases(SPEC, "host-a", "host-b")
+    storage_host.take_back_leases(SPEC, None, "host-a")
+    lease = ds.disk("web1.img").lease
+    assert lease is not None and (lease.host, lease.generation) == ("host-a", 3)
+
+
+def test_a_restarted_source_does_not_take_a_lease_another_host_acquired(ds: Datastore, clock: FakeClock) -> None:
+    """host-c acquired the lease afresh once it expired: host-a handed nothing to host-c, so it may
+    not take it (a host cannot move another host's lease); its VM stays paused."""
     ds.acquire("web1.img", "host-a", "web1")
     storage_host.transfer_leases(SPEC, "host-a", "host-b")
     clock.t += TTL + 5
     ds.acquire("web1.img", "host-c", "web1")
-    storage_host.take_back_leases(SPEC, None, "host-a")
+    with pytest.raises(LeaseError, match="host-a did not hand it over"):
+        storage_host.take_back_leases(SPEC, None, "host-a")
     lease = ds.disk("web1.img").lease
-    assert lease is not None and (lease.host, lease.generation) == ("host-a", 4)
+    assert lease is not None and (lease.host, lease.generation) == ("host-c", 3)
+
+
+def test_no_take_back_once_the_destination_renewed(ds: Datastore) -> None:
+    """The destination renews only once it runs the VM (after commit): the source must not resume."""
+    ds.acquire("web1.img", "host-a", "web1")
+    storage_host.transfer_leases(SPEC, "host-a", "host-b")
+    ds.renew("web1.img", "host-b")
+    for from_host in ("host-b", None):
+        with pytest.raises(LeaseError, match="renewed it since"):
+            storage_host.take_back_leases(SPEC, from_host, "host-a")
+    assert ds.disk("web1.img").holder == "host-b"
 
 
 def test_current_proto_nodes_are_found_by_export() -> None:
@@ -169,3 +187,29 @@ def test_current_proto_nodes_are_found_by_export() -> None:
     assert before == ["disk0-proto", "disk1-proto"]  # a new list
     # Not found (or ambiguous): the name it had stays.
     assert storage_host.current_proto_nodes(spec, "host-c", nodes, before) == before
+
+
+def test_vms_on_a_tls_datastore_get_their_hosts_qemu_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tls-creds-x509 object is on the command line, ahead of the disk nodes that name it."""
+    from kvmotion.cluster.ca import init_ca, issue_host_cert
+    from kvmotion.qemu.accel import Accel
+    from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
+    from kvmotion.storage.attach import NBD_TLS_ID
+    from kvmotion.storage.registry import DatastoreRef, Registry
+
+    cluster = tmp_path / "cluster"
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(cluster))
+    init_ca(cluster / "ca")
+    issue_host_cert(cluster / "ca", "host-a", ["10.77.0.11"], cluster / "hosts" / "host-a")
+    Registry().add(DatastoreRef.make("ds1", "nbd://10.77.0.2:10809"))
+    assert storage_host.qemu_objects(SPEC, "host-a") == ()  # an --insecure datastore: plain NBD
+    Registry().add(DatastoreRef.make("ds1", "nbds://10.77.0.2:10809"), replace=True)
+    [obj] = storage_host.qemu_objects(SPEC, "host-a")
+    assert obj["id"] == NBD_TLS_ID and obj["dir"] == str(cluster / "hosts" / "host-a" / "qemu")
+    node = storage_host.blockdev_for(SPEC.disks[0], "host-a", "disk0-proto")
+    assert node["tls-creds"] == NBD_TLS_ID and node["export"] == "web1.img@host-a"
+    ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet",
+                      fds=QemuFds(qmp=3, serial=4, serial_log=5, disks=(None,)), disk_nodes=(node,), objects=(obj,))
+    argv = build_argv(SPEC, VmPaths(tmp_path / "run"), ctx)
+    assert argv.index("-object") < argv.index("-blockdev")
+    assert json.loads(argv[argv.index("-object") + 1])["qom-type"] == "tls-creds-x509"

@@ -29,10 +29,10 @@ class FakeDatastore:
         self.clock = clock
         self.leases: dict[str, Lease] = {}
         self.fail: dict[str, Exception] = {}
-        self.calls: list[tuple[str, str, float]] = []
+        self.calls: list[tuple[str, float]] = []
 
-    async def renew(self, disk: str, host: str) -> Lease:
-        self.calls.append((disk, host, self.clock()))
+    async def renew(self, disk: str) -> Lease:
+        self.calls.append((disk, self.clock()))
         if disk in self.fail:
             raise self.fail[disk]
         lease = replace(self.leases[disk], expires_at=self.clock() + TTL)
@@ -72,7 +72,7 @@ def test_run_renews_every_third_of_ttl(setup: tuple[Clock, FakeDatastore, list[s
     with pytest.raises(Enough):
         asyncio.run(keeper.run())
     assert sleeps == [TTL / 3] * 4
-    assert [t for _, _, t in ds.calls] == [100.0, 103.0, 106.0, 109.0]
+    assert [t for _, t in ds.calls] == [100.0, 103.0, 106.0, 109.0]
     assert lost == []
 
 
@@ -112,8 +112,8 @@ def test_deadline_counts_from_when_the_request_was_sent(
     clock, ds, lost, keeper = setup
     ds.leases["web1.img"] = lease()
 
-    async def slow_renew(disk: str, host: str) -> Lease:
-        answer = await FakeDatastore.renew(ds, disk, host)
+    async def slow_renew(disk: str) -> Lease:
+        answer = await FakeDatastore.renew(ds, disk)
         clock.t += 2  # the answer takes 2 s to arrive
         return answer
 
@@ -172,7 +172,7 @@ def test_async_callback_and_failing_callback(setup: tuple[Clock, FakeDatastore, 
 
 def test_blocking_client_runs_off_the_event_loop() -> None:
     class SyncClient:
-        def renew(self, disk: str, host: str) -> Lease:
+        def renew(self, disk: str) -> Lease:
             return lease()
 
     lost: list[str] = []

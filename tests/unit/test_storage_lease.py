@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 
-from kvmotion.errors import InvalidInput, LeaseError
+from kvmotion.errors import Forbidden, InvalidInput, LeaseError
 from kvmotion.storage.lease import ExportName, Lease, LeaseTable, WriteRefusal, check_flush, check_write
 
 TTL = 10.0
@@ -91,11 +94,11 @@ def test_renew_refusals(table: LeaseTable) -> None:
 def test_transfer_moves_lease_with_new_generation(table: LeaseTable, clock: FakeClock) -> None:
     table.acquire("web1.img", "host-a", "web1")
     clock.advance(5)
-    lease = table.transfer("web1.img", "host-a", "host-b", "web1")
-    assert lease == Lease("web1.img", "host-b", "web1", 2, clock.t + TTL)
+    lease = table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+    assert lease == Lease("web1.img", "host-b", "web1", 2, clock.t + TTL, handed_over_by="host-a")
     with pytest.raises(LeaseError):
         table.renew("web1.img", "host-a")
-    back = table.transfer("web1.img", "host-b", "host-a", "web1")  # abort after switchover
+    back = table.transfer("web1.img", "host-b", "host-a", "web1", by="host-a")  # abort after switchover
     assert (back.host, back.generation) == ("host-a", 3)
 
 
@@ -107,7 +110,7 @@ def test_transfer_refused_unless_from_host_holds_live_lease(table: LeaseTable, c
         table.acquire("web1.img", "host-a", "web1")
         clock.advance(TTL)
     with pytest.raises(LeaseError, match="cannot transfer"):
-        table.transfer("web1.img", "host-a", "host-b", "web1")
+        table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
     holder = table.holder("web1.img")
     assert holder is None or holder.host == "host-c"
 
@@ -115,11 +118,11 @@ def test_transfer_refused_unless_from_host_holds_live_lease(table: LeaseTable, c
 def test_transfer_to_itself_needs_the_generation_and_reissues(table: LeaseTable) -> None:
     table.acquire("web1.img", "host-a", "web1")
     with pytest.raises(InvalidInput):
-        table.transfer("web1.img", "host-a", "host-a", "web1")
-    reissued = table.transfer("web1.img", "host-a", "host-a", "web1", generation=1)  # with its generation: a re-issue
+        table.transfer("web1.img", "host-a", "host-a", "web1", by="host-a")
+    reissued = table.transfer("web1.img", "host-a", "host-a", "web1", generation=1, by="host-a")  # a re-issue
     assert (reissued.host, reissued.generation) == ("host-a", 2)
     with pytest.raises(LeaseError, match="generation 2 now, not 1"):
-        table.transfer("web1.img", "host-a", "host-b", "web1", generation=1)
+        table.transfer("web1.img", "host-a", "host-b", "web1", generation=1, by="host-a")
 
 
 def test_release_and_generations_never_repeat(table: LeaseTable) -> None:
@@ -150,7 +153,7 @@ def test_expire_drops_only_expired(table: LeaseTable, clock: FakeClock) -> None:
 
 def test_json_roundtrip_keeps_leases_and_generations(table: LeaseTable, clock: FakeClock) -> None:
     table.acquire("a.img", "host-a", "vm1")
-    table.transfer("a.img", "host-a", "host-b", "vm1")
+    table.transfer("a.img", "host-a", "host-b", "vm1", by="host-a")
     table.acquire("b.img", "host-a", "vm2")
     table.release("b.img", "host-a")
     copy = LeaseTable.from_json(table.to_json(), TTL, clock)
@@ -204,12 +207,12 @@ def test_connection_opened_before_handoff_writes_only_after_it() -> None:
     src_bound = check_write(table.holder("web1.img"), "host-a", None, clock()).generation
     dst_bound: int | None = None
     assert check_write(table.holder("web1.img"), "host-b", dst_bound, clock()).refusal is WriteRefusal.NOT_HOLDER
-    table.transfer("web1.img", "host-a", "host-b", "web1")
+    table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
     dst = check_write(table.holder("web1.img"), "host-b", dst_bound, clock())
     assert dst.allowed and dst.generation == 2
     assert check_write(table.holder("web1.img"), "host-a", src_bound, clock()).refusal is WriteRefusal.NOT_HOLDER
     # The lease comes back to host-a: its old connection stays fenced, a new one may write.
-    table.transfer("web1.img", "host-b", "host-a", "web1")
+    table.transfer("web1.img", "host-b", "host-a", "web1", by="host-a")
     assert check_write(table.holder("web1.img"), "host-a", src_bound, clock()).refusal is WriteRefusal.STALE
     assert check_write(table.holder("web1.img"), "host-a", None, clock()).generation == 3
     assert check_write(table.holder("web1.img"), "host-b", dst.generation, clock()).refusal is WriteRefusal.NOT_HOLDER
@@ -268,3 +271,119 @@ def test_resume_after_outage_never_shortens_a_lease(table: LeaseTable, clock: Fa
     before = table.holder("a.img")
     assert table.resume_after_outage(clock.t) == []  # already a full TTL left
     assert table.holder("a.img") == before
+
+
+# ---- who may move a lease ---------------------------------------------------------------------------
+def test_only_the_holder_hands_a_lease_on(table: LeaseTable) -> None:
+    """host-b cannot move host-a's lease: not to a third host, not to itself."""
+    table.acquire("web1.img", "host-a", "web1")
+    with pytest.raises(Forbidden, match="host host-b may not move the lease"):
+        table.transfer("web1.img", "host-a", "host-c", "web1", by="host-b")
+    with pytest.raises(LeaseError, match="host-b did not hand it over"):
+        table.transfer("web1.img", "host-a", "host-b", "web1", by="host-b")
+    with pytest.raises(LeaseError, match="host-b did not hand it over"):
+        table.transfer("web1.img", "host-a", "host-b", "web1", generation=1, by="host-b")
+    lease = table.holder("web1.img")
+    assert lease is not None and (lease.host, lease.generation, lease.handed_over_by) == ("host-a", 1, None)
+
+
+def test_the_host_that_handed_it_over_takes_it_back_until_the_new_holder_renews(table: LeaseTable) -> None:
+    table.acquire("web1.img", "host-a", "web1")
+    moved = table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+    assert moved.handed_over_by == "host-a"
+    with pytest.raises(LeaseError, match="host-c did not hand it over"):
+        table.transfer("web1.img", "host-b", "host-c", "web1", by="host-c")
+    back = table.transfer("web1.img", "host-b", "host-a", "web1", by="host-a")  # rollback
+    assert (back.host, back.generation, back.handed_over_by) == ("host-a", 3, None)
+    with pytest.raises(LeaseError, match="host-b did not hand it over"):  # taking it back is not handing it over
+        table.transfer("web1.img", "host-a", "host-b", "web1", by="host-b")
+    table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+    renewed = table.renew("web1.img", "host-b")  # the destination runs the VM: the lease is its own now
+    assert renewed.handed_over_by is None
+    with pytest.raises(LeaseError, match="has renewed it since"):
+        table.transfer("web1.img", "host-b", "host-a", "web1", by="host-a")
+    assert table.holder("web1.img").host == "host-b"  # type: ignore[union-attr]
+
+
+def test_acquiring_again_counts_as_renewing(table: LeaseTable) -> None:
+    table.acquire("web1.img", "host-a", "web1")
+    table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+    assert table.acquire("web1.img", "host-b", "web1").handed_over_by is None
+    with pytest.raises(LeaseError):
+        table.transfer("web1.img", "host-b", "host-a", "web1", by="host-a")
+
+
+def test_a_lease_handed_on_twice_goes_back_one_step_only(table: LeaseTable) -> None:
+    table.acquire("web1.img", "host-a", "web1")
+    table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+    table.renew("web1.img", "host-b")
+    table.transfer("web1.img", "host-b", "host-c", "web1", by="host-b")
+    with pytest.raises(LeaseError):
+        table.transfer("web1.img", "host-c", "host-a", "web1", by="host-a")
+    assert table.transfer("web1.img", "host-c", "host-b", "web1", by="host-b").host == "host-b"
+
+
+def test_handed_over_by_survives_the_state_file_and_old_files_load() -> None:
+    clock = FakeClock()
+    table = LeaseTable(TTL, clock)
+    table.acquire("web1.img", "host-a", "web1")
+    table.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+    copy = LeaseTable.from_json(table.to_json(), TTL, clock)
+    assert copy.holder("web1.img").handed_over_by == "host-a"  # type: ignore[union-attr]
+    old = {"version": 1, "generations": {"web1.img": 1},
+           "leases": [{"disk": "web1.img", "host": "host-a", "vm": "web1", "generation": 1, "expires_at": clock.t + 5}]}
+    assert LeaseTable.from_json(json.dumps(old), TTL, clock).holder("web1.img").handed_over_by is None  # type: ignore[union-attr]
+
+
+HOSTS = ("host-a", "host-b", "host-c")
+
+
+def _random_step(rng: random.Random, table: LeaseTable, clock: FakeClock) -> tuple[str, str, Lease | None]:
+    """One random call by a random host; returns (what, caller, result or None when refused)."""
+    by = rng.choice(HOSTS)
+    op = rng.choice(["acquire", "renew", "release", "transfer", "transfer", "transfer", "wait"])
+    current = table.holder("web1.img")
+    try:
+        if op == "acquire":
+            return op, by, table.acquire("web1.img", by, "web1")
+        if op == "renew":
+            return op, by, table.renew("web1.img", by)
+        if op == "release":
+            table.release("web1.img", by)
+            return op, by, None
+        if op == "transfer":
+            from_host = current.host if current is not None and rng.random() < 0.8 else rng.choice(HOSTS)
+            to_host = rng.choice(HOSTS)
+            generation = current.generation if current is not None and rng.random() < 0.5 else None
+            return op, by, table.transfer("web1.img", from_host, to_host, "web1", generation, by=by)
+        clock.advance(rng.choice([1.0, 4.0, TTL + 1]))
+        return op, by, None
+    except (LeaseError, Forbidden, InvalidInput):
+        return op, by, None
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_calls_never_let_a_host_take_another_hosts_live_lease(seed: int) -> None:
+    """Property-style: from any sequence of calls by any hosts, a live lease changes hands only by
+    its holder's call, or by the call of the host that handed it over, before the holder renewed;
+    generations only grow, once per new lease; a lease never names its holder as the one that handed it over."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    table = LeaseTable(TTL, clock)
+    last_generation = 0
+    for _ in range(400):
+        before = table.holder("web1.img")
+        op, by, _result = _random_step(rng, table, clock)
+        after = table.holder("web1.img")
+        assert table.generation("web1.img") >= last_generation
+        if after is not None:
+            assert after.handed_over_by != after.host
+        if before is not None and after is not None and op != "wait" and (after.host, after.generation) != (before.host, before.generation):
+            assert op == "transfer", (op, by, before, after)
+            assert by == before.host or before.handed_over_by == by, (by, before, after)
+            assert after.generation == last_generation + 1
+        if before is not None and after is None and op == "release":
+            assert by == before.host
+        if after is not None and (before is None or after.generation != before.generation):
+            assert after.generation == max(last_generation, before.generation if before else 0) + 1
+        last_generation = table.generation("web1.img")

@@ -77,3 +77,29 @@ def test_reattach_commands_swap_the_nbd_node_under_the_format_node() -> None:
     assert cmds[1].arguments == {"options": [{"driver": "raw", "node-name": "disk0", "file": "disk0-proto-g3"}]}
     assert cmds[2].arguments == {"node-name": "disk0-proto"}
     assert fmt["file"] == "disk0-proto"  # the caller's dict is not modified
+
+
+def test_tls_datastores_are_nbds_and_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    ref = DatastoreRef.make("ds1", "nbds://10.77.0.1:10809")
+    assert (ref.nbd_url, ref.control_url, ref.tls) == ("nbds://10.77.0.1:10809", "https://10.77.0.1:10810", True)
+    assert not DatastoreRef.make("ds1", "nbd://10.77.0.1").tls
+    assert DatastoreRef.make("ds1", "nbds://h", "https://h:8443").control_url == "https://h:8443"
+    for nbd, control in (("nbds://h", "http://h:1"), ("nbd://h", "https://h:1")):
+        with pytest.raises(InvalidInput, match="disagree on TLS"):
+            DatastoreRef.make("ds1", nbd, control)
+    Registry().add(ref)
+    assert Registry().get("ds1").tls  # the scheme is what the registry keeps
+
+
+def test_blockdev_over_tls_names_the_credentials_object(tmp_path: Path) -> None:
+    from kvmotion.storage.attach import NBD_TLS_ID, nbd_tls_object
+
+    opts = nbd_blockdev("nbds://10.77.0.1:10809", "web1.img", "host-b", "disk0-proto")
+    assert opts["tls-creds"] == NBD_TLS_ID and "tls-hostname" not in opts  # QEMU checks the dialled address
+    assert "tls-creds" not in nbd_blockdev("nbd://10.77.0.1:10809", "web1.img", "host-b", "disk0-proto")
+    fmt = {"driver": "raw", "node-name": "disk0", "file": "disk0-proto"}
+    [add, _, _] = reattach_commands("nbds://10.77.0.1:10809", "web1.img", "host-a", fmt, "disk0-g3")
+    assert add.arguments["tls-creds"] == NBD_TLS_ID
+    assert nbd_tls_object(tmp_path) == {"qom-type": "tls-creds-x509", "id": NBD_TLS_ID, "dir": str(tmp_path),
+                                        "endpoint": "client", "verify-peer": True}

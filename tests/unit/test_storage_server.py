@@ -43,3 +43,30 @@ def test_nbdkit_command(tmp_path: Path) -> None:
     assert "--exit-with-parent" in argv
     assert argv[-3:] == ["python", str(nbd_plugin_path()), f"root={tmp_path}"]
     assert nbd_plugin_path().is_file()
+
+
+def test_nbdkit_behind_the_tls_front_end_listens_on_a_unix_socket_only(tmp_path: Path) -> None:
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit not installed")
+    cfg = ServeConfig("ds1", tmp_path, Endpoint("10.77.0.1", 10809), Endpoint("10.77.0.1", 10810), 15.0,
+                      cert_dir=tmp_path / "certs")
+    assert not cfg.insecure and cfg.tls_files == (tmp_path / "certs" / "server-cert.pem",
+                                                  tmp_path / "certs" / "server-key.pem", tmp_path / "certs" / "ca-cert.pem")
+    argv = nbdkit_command(cfg, tmp_path / "pid", tmp_path / "nbdkit.sock")
+    assert argv[argv.index("--unix") + 1] == str(tmp_path / "nbdkit.sock")
+    assert "--port" not in argv and "--ipaddr" not in argv
+    assert ServeConfig("ds1", tmp_path, Endpoint("h", 1), Endpoint("h", 2), 15.0).insecure
+
+
+def test_control_socket_says_it_is_tcp() -> None:
+    """asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is IPPROTO_TCP; with proto 0
+    a response's body waited for the client's delayed ACK, 40 ms per call on a kept connection."""
+    import socket
+
+    from kvmotion.storage.server import _bind
+
+    sock = _bind(Endpoint("127.0.0.1", 0))
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
