@@ -103,6 +103,11 @@ class VmManager:
         self._lease_task: asyncio.Task | None = None
         # Run at the end of recover(): the migration service settles what this agent was driving.
         self.after_recover: list[Callable[[], Awaitable[None]]] = []
+        # Uncommitted shadows found running at recover(), (VM, migration id): with keeps_stale_shadows
+        # the migration service has their source stop its stream before they go (a source QEMU 10.0
+        # can abort when its multifd TLS stream's sockets die under it: migration/cancel.py).
+        self.keeps_stale_shadows = False
+        self.stale_shadows: list[tuple[str, str]] = []
 
     # ---- helpers -------------------------------------------------------------------------------
     def _paths(self, name: str) -> VmPaths:
@@ -196,7 +201,13 @@ class VmManager:
             proc = QemuProcess.attach(vm.paths, process_tag(record.spec))
             if record.incoming_migration:
                 # An uncommitted shadow VM: the source never got our commit, so it keeps (or
-                # takes back) the VM. Destroy the shadow so there is never a second copy.
+                # takes back) the VM. Destroy the shadow so there is never a second copy; one
+                # still receiving is left to `stale_shadows` (the migration service) to end in order.
+                if proc is not None and self.keeps_stale_shadows:
+                    vm.proc, vm.state = proc, VmState.INCOMING
+                    vm.watcher = asyncio.create_task(self._watch(vm, proc))  # forgets it once it exits
+                    self.stale_shadows.append((vm.name, record.incoming_migration))
+                    continue
                 if proc is not None:
                     proc.kill_and_wait()
                 await self._release_host_resources(record.spec)

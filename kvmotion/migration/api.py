@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity
+from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity, Kind, Rule
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.errors import Forbidden, InvalidInput
 from kvmotion.host.vms import HostConfig, VmManager
@@ -26,6 +26,7 @@ from kvmotion.qemu.spec import VmSpec
 
 _DEFAULTS = MigrationOptions()
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # VM and host names as the routes accept them
+OPERATE_OR_HOSTS = Rule(OPERATE.role, HOSTS.kinds)  # operators; a destination for its own migrations
 MID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # migration ids (12 hex digits from MigrationService.start)
 MigrationId = Annotated[str, Path(pattern=MID_PATTERN, description="Migration id")]
 VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM on this host")]
@@ -120,9 +121,15 @@ def routes(svc: MigrationService) -> APIRouter:
     async def get(mid: MigrationId) -> dict:
         return as_record_json(svc.get(mid))
 
-    @router.post("/migrations/{mid}/cancel", dependencies=operate)
-    async def cancel(mid: MigrationId) -> dict:
-        return as_record_json(svc.cancel(mid))
+    @router.post("/migrations/{mid}/cancel")
+    async def cancel(mid: MigrationId,
+                     who: Identity = Depends(allow(OPERATE_OR_HOSTS, "cancel migrations"))) -> dict:
+        if who is INSECURE or who.kind is not Kind.HOST:
+            return as_record_json(svc.cancel(mid))
+        # A destination gives up its side (its agent restarted): only for migrations to itself.
+        if svc.get(mid).destination != who.name:
+            raise Forbidden(f"host {who.name} may cancel only migrations to itself, not {mid}")
+        return as_record_json(svc.cancel(mid, by=f"{who.name}, which gave up its shadow VM"))
 
     @router.post("/vms/{name}/migration/cancel", dependencies=operate)
     async def cancel_vm(name: VmName) -> dict:

@@ -56,6 +56,7 @@ CLEANUP_TIMEOUT = 10.0  # s for the destination to destroy its shadow on rollbac
 ROLLBACK_STEP_TIMEOUT = 15.0  # s one QMP command on the source may take during a rollback
 CANCEL_WAIT = 10.0  # s the source's QEMU may take to end a cancelled stream before it resumes anyway
 ORPHAN_TIMEOUT = 30.0  # s a shadow waits for a source agent it cannot reach (> COMMIT_RETRY: the source gave up by then)
+STALE_SHADOW_WAIT = 20.0  # s a restarted destination waits for the source to cancel before destroying a shadow
 COMMIT_TIMEOUT = 20.0  # s one commit may take: loading the stream's end (INCOMING_SETTLE) plus resume
 RESOLVE_INTERVAL = 2.0  # s between tries to settle a commit whose outcome is unknown
 RESOLVE_FOR = 3600.0  # s the source keeps trying before leaving it to the operator
@@ -269,6 +270,8 @@ class MigrationService:
         self.records: dict[str, MigrationRecord] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, asyncio.Event] = {}
+        self.cancelled_by: dict[str, str] = {}
+        manager.keeps_stale_shadows = True  # _end_stale_shadow ends them
         self.incoming_active: set[str] = set()
         self.incoming_sources = IncomingSources(manager.config.state_dir / "incoming")
         # VM -> its outgoing migration's id (None while the checks run): one migration per VM. Taken
@@ -374,10 +377,11 @@ class MigrationService:
         self._update(mid, phase=phase, phase_times=rec.phase_times + ((phase.value, at or time.time()),))
         log.info("migration %s of %s: %s", mid, rec.vm, phase.value)
 
-    def cancel(self, mid: str) -> MigrationRecord:
+    def cancel(self, mid: str, by: str = "the user") -> MigrationRecord:
         rec = self.get(mid)
         if not rec.phase.cancellable or mid not in self.cancels:
             raise Conflict(f"migration {mid} is in phase {rec.phase.value}: too late to cancel")
+        self.cancelled_by.setdefault(mid, by)
         self.cancels[mid].set()
         return rec
 
@@ -415,10 +419,14 @@ class MigrationService:
         destination's guard to destroy its shadow."""
         from kvmotion.cluster.inventory import Inventory
 
-        # Incoming migrations: the uncommitted shadows are gone (VmManager.recover); keep the
-        # sources of the VMs committed here, which may still be asked for a retried commit.
+        # Incoming migrations: the uncommitted shadows are gone (VmManager.recover) or going
+        # (stale_shadows); keep the sources of the VMs committed here, which may still be asked for
+        # a retried commit, and of the stale shadows, whose source aborts them.
         self.incoming_sources.keep_only({m for r in self.manager.store.all()
                                          for m in (r.incoming_migration, r.committed_migration) if m})
+        for name, mid in self.manager.stale_shadows:
+            self.tasks[f"stale-{mid}"] = asyncio.create_task(self._end_stale_shadow(name, mid))
+        self.manager.stale_shadows.clear()
         latest: dict[str, MigrationRecord] = {}
         for rec in self.history():  # oldest first
             if rec.source == self.host:
@@ -466,7 +474,6 @@ class MigrationService:
     async def _run(self, mid: str, dest: AsyncAgentClient) -> None:
         rec = self.records[mid]
         spec = self.manager.status(rec.vm).spec
-        cancel = self.cancels[mid]
         qmp = self.manager.qmp(rec.vm)
         ctx = SwitchoverContext(spec=spec, source=self.host, destination=rec.destination, migration_id=mid,
                                 source_qmp=qmp, proto_nodes=self.manager.proto_nodes(rec.vm))
@@ -500,7 +507,7 @@ class MigrationService:
             uri = answer["uri"]  # type: ignore[index]
             for hook in hooks:
                 await hook.before_precopy(ctx)
-            self._check_cancel(cancel)
+            self._check_cancel(mid)
             config = dataclasses.replace(
                 pol.preset(rec.options.policy),
                 max_downtime_ms=rec.options.max_downtime_ms,
@@ -536,7 +543,7 @@ class MigrationService:
                 stream: list[int] = []  # the source QEMU's stream sockets, checked at switchover
                 unsent_limited = compression is not pol.Compression.NONE and await self._limit_unsent_at_once(rec.vm, uri)
                 while True:
-                    self._check_cancel(cancel)
+                    self._check_cancel(mid)
                     now = time.monotonic() - t0
                     sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=now)  # type: ignore[arg-type]
                     frac = throttle.fraction if throttle else 0.0
@@ -687,10 +694,9 @@ class MigrationService:
             return f"the shadow VM on {rec.destination} is gone: its QEMU exited"
         return f"the shadow VM on {rec.destination} is {state}"
 
-    @staticmethod
-    def _check_cancel(cancel: asyncio.Event) -> None:
-        if cancel.is_set():
-            raise Cancelled("cancelled by the user")
+    def _check_cancel(self, mid: str) -> None:
+        if self.cancels[mid].is_set():
+            raise Cancelled(f"cancelled by {self.cancelled_by.get(mid, 'the user')}")
 
     @staticmethod
     async def _await_migration_event(events, timeout: float, seen: dict[str, float]) -> str | None:
@@ -1116,6 +1122,38 @@ class MigrationService:
                 return
         finally:
             await client.aclose()
+
+    async def _end_stale_shadow(self, name: str, mid: str) -> None:
+        """An uncommitted shadow this agent found still running after a restart: ask its source to
+        cancel (it then breaks its stream off in an order its QEMU survives, and aborts the shadow
+        here), wait for that, and destroy the shadow if it is still there. The shadow is never
+        committed now: a restarted agent knows no incoming migration (commit_incoming refuses)."""
+        source = self.incoming_sources.get(mid)
+        deadline = time.monotonic() + STALE_SHADOW_WAIT
+        if source is not None:
+            try:
+                client = destination_client(source)
+                try:
+                    await client.request("POST", f"/v1/migrations/{mid}/cancel", timeout=5)
+                    while time.monotonic() < deadline and self._has_shadow(name, mid):
+                        rec = await client.request("GET", f"/v1/migrations/{mid}", timeout=5)
+                        if Phase(rec["phase"]).terminal:  # type: ignore[index]
+                            break
+                        await asyncio.sleep(0.2)
+                finally:
+                    await client.aclose()
+            except KvmotionError as exc:  # gone, too late, unreachable: the shadow goes anyway
+                log.warning("migration %s: asking %s to cancel before destroying the stale shadow of %s: %s",
+                            mid, source, name, exc)
+        if self._has_shadow(name, mid):
+            log.warning("migration %s: destroying the shadow of VM %s left by this agent's restart", mid, name)
+            await self.abort_incoming(mid)
+
+    def _has_shadow(self, name: str, mid: str) -> bool:
+        try:
+            return self.manager.store.get(name).incoming_migration == mid
+        except NotFound:
+            return False
 
     async def abort_incoming(self, mid: str) -> None:
         try:

@@ -26,9 +26,9 @@ def _busy_lab(make_lab) -> tuple[MigrationLab, int]:
     return lab, log.statuses[-1].seq
 
 
-def _assert_kept_on_source(lab: MigrationLab, rec: dict, seq_before: int) -> None:
-    """Failed, one running copy on host-a, nothing left on host-b, the guest still writing."""
-    assert rec["phase"] == "failed" and rec["_returncode"] != 0, rec
+def _assert_kept_on_source(lab: MigrationLab, rec: dict, seq_before: int, phase: str = "failed") -> None:
+    """Failed (or cancelled), one running copy on host-a, nothing left on host-b, the guest still writing."""
+    assert rec["phase"] == phase and rec["_returncode"] != 0, rec
     assert "keeps running on host-a" in rec["error"], rec["error"]
     lines = [ln for ln in rec["_stderr"].splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in rec["_stderr"], rec["_stderr"]
@@ -74,16 +74,18 @@ def test_destination_agent_killed_during_precopy_then_restarted(make_lab, record
         assert lab.migration_of("host-a", VM)["phase"] == "precopy"
         assert len(lab.qemu_pids(VM)["host-b"]) == 1
         t_restart = time.time()
-        lab.start_agent("host-b")  # must destroy the shadow it finds uncommitted
+        # It must destroy the shadow it finds uncommitted, having the source cancel first (a source
+        # QEMU 10.0 can abort when its TLS stream's sockets die under it: qemu/cancel.py).
+        lab.start_agent("host-b")
         rec = lab.finish_migrate(mig, timeout=60)
     finally:
         if mig.poll() is None:
             mig.kill()
-    _assert_kept_on_source(lab, rec, seq)
-    assert "shadow VM on host-b is gone" in rec["error"], rec["error"]
+    _assert_kept_on_source(lab, rec, seq, phase="cancelled")
+    assert "cancelled by host-b, which gave up its shadow VM" in rec["error"], rec["error"]
     assert [v for v in lab.agent("host-b").vms()] == []
-    line = (f"FIGURES kill destination agent in pre-copy, restart it: failed "
-            f"{(dict(rec['phase_times'])['failed'] - t_restart) * 1000:.0f} ms after the restart began; error: {rec['error']}")
+    line = (f"FIGURES kill destination agent in pre-copy, restart it: cancelled "
+            f"{(dict(rec['phase_times'])['cancelled'] - t_restart) * 1000:.0f} ms after the restart began; error: {rec['error']}")
     print(line)
     record_property("figures", line)
 

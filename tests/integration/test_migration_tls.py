@@ -86,7 +86,8 @@ async def _migrate(folder: Path, *, source: str, sender: str, receiver: str, age
             except VmFailed:
                 d = "exited"  # a destination QEMU whose incoming stream fails exits
             refused = "is denied" in dst.stderr() or s.get("status") == "failed"  # type: ignore[union-attr]
-            if d == "completed" or refused:
+            # The source was asked first: it may still say "setup" when the destination has finished.
+            if (d == "completed" and s.get("status") in ("completed", "failed")) or refused:  # type: ignore[union-attr]
                 return {"dst": d, "src": s.get("status"), "src_error": s.get("error-desc", ""),  # type: ignore[union-attr]
                         "dst_stderr": dst.stderr()}
             assert time.monotonic() < deadline, f"no outcome within {OUTCOME_TIMEOUT} s: dst {d}, src {s}"

@@ -159,16 +159,32 @@ def test_commit_and_abort_only_by_the_source(svc, ca, tmp_path):
 def test_a_viewer_reads_but_cannot_start_check_or_cancel(svc, ca):
     agent = Agent(svc, ca)
     body = {"vm": VM, "destination": "host-b"}
-    for path in ("/v1/migrations", "/v1/migrations/check", f"/v1/migrations/{MID}/cancel", f"/v1/vms/{VM}/migration/cancel"):
+    for path in ("/v1/migrations", "/v1/migrations/check", f"/v1/vms/{VM}/migration/cancel"):
         _error(agent.call(VIEWER, "POST", path, body), 403, "user:vera (viewer) may not migrate VMs",
                "users with role operator or higher")
         # A host certificate acts for no user, whatever the route.
         _error(agent.call(host("host-b"), "POST", path, body), 403, "host:host-b may not migrate VMs")
+    _error(agent.call(VIEWER, "POST", f"/v1/migrations/{MID}/cancel"), 403,
+           "user:vera (viewer) may not cancel migrations", "users with role operator or higher")
     for who in (VIEWER, host("host-b")):
         assert agent.call(who, "GET", "/v1/migrations").json() == []
     _error(agent.call(VIEWER, "GET", f"/v1/migrations/{MID}"), 404, f"no migration {MID}")
     # An operator gets past the check (and the VM is not running: cancel finds no migration).
     _error(agent.call(OPERATOR, "POST", f"/v1/vms/{VM}/migration/cancel"), 404, f"no migration of VM {VM}")
+
+
+def test_only_its_destination_host_may_cancel_a_migration(svc, ca):
+    """A restarted destination agent asks the source to cancel before it destroys the shadow
+    (_end_stale_shadow); no other host may."""
+    agent = Agent(svc, ca)
+    svc.records[MID] = MigrationRecord(id=MID, vm=VM, source="host-a", destination="host-b", options=MigrationOptions(),
+                                       phase=Phase.PRECOPY, started_at=1.0)
+    svc.cancels[MID] = asyncio.Event()
+    _error(agent.call(host("host-c"), "POST", f"/v1/migrations/{MID}/cancel"), 403,
+           "host host-c may cancel only migrations to itself")
+    assert not svc.cancels[MID].is_set()
+    assert agent.call(host("host-b"), "POST", f"/v1/migrations/{MID}/cancel").status_code == 200
+    assert svc.cancels[MID].is_set() and svc.cancelled_by[MID] == "host-b, which gave up its shadow VM"
 
 
 def test_encryption_cannot_be_asked_off(svc, ca):
