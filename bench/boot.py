@@ -25,7 +25,7 @@ from kvmotion.guest.cmdline import kernel_cmdline  # noqa: E402
 from kvmotion.guest.image import ensure_image  # noqa: E402
 from kvmotion.qemu import accel as accel_mod  # noqa: E402
 from kvmotion.qemu.spec import VmSpec  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
+from kvmotion.core.units import parse_size  # noqa: E402
 
 
 def bare_qemu_boot(spec: VmSpec, accel: str, timeout: float = 60) -> float:

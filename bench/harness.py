@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmotion.cluster.lab import CLUSTER_DIR_ONLY, LabCluster, cluster_env, start_cluster
-from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.core.errors import KvmotionError, SetupError
 from kvmotion.guest.serial import MemStatus, Ready, parse_line
 from kvmotion.host.client import AgentClient
-from kvmotion.interrupts import terminate_as_interrupt, uninterruptible
+from kvmotion.core.interrupts import terminate_as_interrupt, uninterruptible
 from kvmotion.migration.stats import MigrationSample, RamStats, RoundTracker
 from kvmotion.net import lab as labmod
 from kvmotion.net import links, netns

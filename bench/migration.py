@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvmotion.migration import policy as pol  # noqa: E402
 from kvmotion.migration.model import MigrationOptions  # noqa: E402
 from kvmotion.net.probe import largest_gap, largest_gap_outside  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
+from kvmotion.core.units import parse_size  # noqa: E402
 
 from bench import harness  # noqa: E402
 from bench.benchmodel import GBIT, Cell, RunResult, parse_link  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "migration.json")
     args = ap.parse_args()
     from kvmotion.qemu import accel as accel_mod
-    from kvmotion.units import parse_rate
+    from kvmotion.core.units import parse_rate
 
     budget = MigrationOptions().max_downtime_ms
     began = time.monotonic()

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmotion.net.announce import build_rarp, send_frame  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
+from kvmotion.core.units import parse_size  # noqa: E402
 
 from bench import harness  # noqa: E402
 from bench.benchmodel import Cell  # noqa: E402

@@ -43,7 +43,7 @@ from kvmotion.guest.image import ensure_image  # noqa: E402
 from kvmotion.qemu import accel as accel_mod  # noqa: E402
 from kvmotion.qemu.spec import DiskSpec, VmSpec, Workload  # noqa: E402
 from kvmotion.storage.registry import DatastoreRef  # noqa: E402
-from kvmotion.units import format_size, parse_size  # noqa: E402
+from kvmotion.core.units import format_size, parse_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DISK = "bench.img"

@@ -40,7 +40,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 from schemathesis.python import asgi as schemathesis_asgi
 
-from kvmotion import errors
+from kvmotion.core import errors
 from kvmotion.api.serving import MUTATING
 
 

@@ -38,9 +38,9 @@ from pydantic import (
     field_validator,
 )
 
-from kvmotion import errors
+from kvmotion.core import errors
 from kvmotion.api.identity import Role
-from kvmotion.validation import invalid_input
+from kvmotion.core.validation import invalid_input
 
 PROTOCOL_VERSION = 1  # of agent <-> center messages (heartbeats); the center refuses others
 DEFAULT_PORT = 7700

@@ -34,9 +34,9 @@ from starlette.requests import HTTPConnection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from kvmotion import errors
+from kvmotion.core import errors
 from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
-from kvmotion.validation import describe_request_errors
+from kvmotion.core.validation import describe_request_errors
 
 log = logging.getLogger("kvmotion.api")
 

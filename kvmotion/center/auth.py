@@ -22,7 +22,7 @@ import secrets
 
 from kvmotion.api.center import TokenParts
 from kvmotion.center.store import TokenRow
-from kvmotion.errors import InvalidInput, Unauthorized
+from kvmotion.core.errors import InvalidInput, Unauthorized
 
 DEFAULT_TTL = 86400.0
 

@@ -24,7 +24,7 @@ from typing import TextIO
 
 from cryptography import x509
 
-from kvmotion import paths
+from kvmotion.core import paths
 from kvmotion.api.center import ClusterSettings
 from kvmotion.api.identity import Identity, Kind
 from kvmotion.api.serving import Security, insecure_warning, make_server
@@ -33,7 +33,7 @@ from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
 from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
-from kvmotion.errors import InvalidInput, SetupError, Unreachable
+from kvmotion.core.errors import InvalidInput, SetupError, Unreachable
 
 CENTER_NAME = "center"  # the center's identity: center:center
 RENEW_BEFORE = dt.timedelta(days=30)  # a center certificate closer to its end than this is re-issued

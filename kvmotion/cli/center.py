@@ -37,7 +37,7 @@ def token_create(
     """Make a join token (as an admin logged in with `kvmotion login`). The token goes to stdout."""
     from kvmotion.api.center import TokenCreate
     from kvmotion.cli.login import load_credentials
-    from kvmotion.units import parse_duration
+    from kvmotion.core.units import parse_duration
 
     request = TokenCreate(ttl=parse_duration(ttl), uses=uses)
     with load_credentials().client() as client:

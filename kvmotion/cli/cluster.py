@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 app = typer.Typer(no_args_is_help=True, help="The cluster: its CA, certificates of hosts, datastores and users, settings.")
 users = typer.Typer(no_args_is_help=True, help="Users: each gets a certificate carrying a role (viewer, operator, admin).")
@@ -94,7 +94,7 @@ def user_add(
     with KVMOTION_USER=NAME (from the cluster folder) or KVMOTION_CREDENTIALS=FOLDER."""
     from kvmotion.api.identity import check_user_name, parse_role
     from kvmotion.cluster.ca import CLIENT_CERT, issue_user_cert
-    from kvmotion.errors import Conflict
+    from kvmotion.core.errors import Conflict
 
     d = _folder(folder)
     check_user_name(name)

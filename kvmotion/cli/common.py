@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import NotFound, Unreachable
+from kvmotion.core.errors import NotFound, Unreachable
 from kvmotion.host.client import AgentClient
 from kvmotion.host.vms import VmState, VmStatus
-from kvmotion.jsonio import as_json
-from kvmotion.units import format_duration, format_size
+from kvmotion.core.jsonio import as_json
+from kvmotion.core.units import format_duration, format_size
 
 console = Console()
 err_console = Console(stderr=True)

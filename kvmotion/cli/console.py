@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from kvmotion.cluster.inventory import HostEntry
-from kvmotion.errors import Unreachable
+from kvmotion.core.errors import Unreachable
 
 DETACH = b"\x1d"  # Ctrl-]
 

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from kvmotion.cli.common import client_for, console, print_json
 from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import Unreachable
-from kvmotion.units import format_size
+from kvmotion.core.errors import Unreachable
+from kvmotion.core.units import format_size
 
 app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, inspect one.")
 
@@ -37,7 +37,7 @@ def serve(
     from kvmotion.api.serving import Limits
     from kvmotion.host.agent import serve as run
     from kvmotion.qemu.spec import check_name
-    from kvmotion.units import parse_size
+    from kvmotion.core.units import parse_size
 
     check_name(name, "host")
     limits = Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from kvmotion.net import lab as labmod
-from kvmotion.units import parse_rate
+from kvmotion.core.units import parse_rate
 
 app = typer.Typer(no_args_is_help=True, help="Build and remove labs: hosts, a switch, a datastore and a client.")
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from kvmotion.errors import InvalidInput, NotFound, SetupError
+from kvmotion.core.errors import InvalidInput, NotFound, SetupError
 
 CONFIG_ENV = "KVMOTION_CONFIG"
 
@@ -29,7 +29,7 @@ def config_path() -> Path:
 
 
 def save_credentials(creds: object, path: Path) -> None:
-    from kvmotion.host.store import write_atomic
+    from kvmotion.core.files import write_atomic
 
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o700)

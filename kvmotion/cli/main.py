@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from kvmotion.errors import KvmotionError
+from kvmotion.core.errors import KvmotionError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Live migration of running QEMU/KVM VMs.")
 

@@ -12,10 +12,10 @@ from rich.table import Table
 
 from kvmotion.cli.common import client_for, console, locate_vm, print_json
 from kvmotion.cluster.inventory import Inventory
-from kvmotion.errors import InvalidInput, MigrationError, Unreachable
+from kvmotion.core.errors import InvalidInput, MigrationError, Unreachable
 from kvmotion.migration.engine import record_from_json
 from kvmotion.migration.model import Level, MigrationOptions, MigrationRecord, Phase
-from kvmotion.units import format_size, parse_duration, parse_rate
+from kvmotion.core.units import format_size, parse_duration, parse_rate
 
 _LEVEL_STYLE = {Level.PASS: "green", Level.WARNING: "yellow", Level.ERROR: "red"}
 

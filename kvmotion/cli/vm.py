@@ -7,9 +7,9 @@ from typing import List, Optional
 import typer
 
 from kvmotion.cli.common import all_vms, console, err_console, host_client, locate_vm, print_json, vm_table
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.qemu.spec import NIC_SYNTAX, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
-from kvmotion.units import parse_rate, parse_size
+from kvmotion.core.units import parse_rate, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
 

@@ -31,8 +31,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name
 from kvmotion.qemu import confine
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
-from kvmotion.host.store import write_atomic
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core.files import write_atomic
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.host.client import AgentClient
 from kvmotion.net import lab as labmod
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvmotion.cluster.ca import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
 from kvmotion.cluster.inventory import cluster_dir
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.host.client import AsyncAgentClient
 
 DEFAULT_USER = "admin"  # `kvmotion cluster init` creates it, like vCenter's administrator

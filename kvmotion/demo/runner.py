@@ -23,12 +23,12 @@ from kvmotion.cluster.lab import CLUSTER_DIR_ONLY, DATASTORE, LabCluster, cluste
 from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.guestlog import GuestLog
-from kvmotion.errors import InvalidInput, KvmotionError, SetupError
+from kvmotion.core.errors import InvalidInput, KvmotionError, SetupError
 from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck, verify_image
 from kvmotion.guest.serial import MemCorrupt, MemStatus
 from kvmotion.host.client import AgentClient
-from kvmotion.interrupts import uninterruptible
+from kvmotion.core.interrupts import uninterruptible
 from kvmotion.migration.engine import record_from_json
 from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase
 from kvmotion.net import lab as labmod
@@ -37,7 +37,7 @@ from kvmotion.net.probe import ProbeReport
 from kvmotion.qemu.spec import MIN_MEMORY, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.storage.client import client_for as client_for_datastore
 from kvmotion.storage.registry import Registry
-from kvmotion.units import format_size
+from kvmotion.core.units import format_size
 
 HOSTS = 3
 VM = "web1"

@@ -7,10 +7,10 @@ import socket
 import sys
 from pathlib import Path
 
-from kvmotion import paths
+from kvmotion.core import paths
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import InvalidInput, Unreachable
+from kvmotion.core.errors import InvalidInput, Unreachable
 from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
 from kvmotion.qemu import accel as accel_mod

@@ -15,13 +15,14 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, WebSocket, WebSocketDisconnect
 
-from kvmotion import __version__, errors
+from kvmotion import __version__
+from kvmotion.core import errors
 from kvmotion.api.identity import OPERATE, VIEW, authorize
 from kvmotion.api.serving import AuthorizedRoute, allow, caller
 from kvmotion.host import resources
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.jsonio import as_json
+from kvmotion.core.jsonio import as_json
 from kvmotion.migration.facts import datastores_reached
 from kvmotion.qemu import accel as accel_mod
 from kvmotion.qemu.spec import NAME_PATTERN, VmSpec

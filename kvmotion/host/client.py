@@ -6,11 +6,11 @@ import ssl
 
 import httpx
 
-from kvmotion import errors
-from kvmotion.httpclient import default_ssl_context
+from kvmotion.core import errors
+from kvmotion.core.httpclient import default_ssl_context
 from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import VmStatus, status_from_json
-from kvmotion.jsonio import as_json
+from kvmotion.core.jsonio import as_json
 from kvmotion.qemu.spec import VmSpec
 
 _KINDS = {

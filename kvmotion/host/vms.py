@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
+from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
 from kvmotion.host import resources
 from kvmotion.host.store import VmRecord, VmStore
 from kvmotion.migration.cancel import cancel_migration
@@ -267,7 +267,7 @@ class VmManager:
         spec = vm.record.spec
         if not spec.on_datastore:
             return True
-        from kvmotion.errors import KvmotionError
+        from kvmotion.core.errors import KvmotionError
         from kvmotion.storage.host import reattach_disks, take_back_leases
 
         assert vm.qmp is not None
@@ -602,7 +602,7 @@ class VmManager:
         never run without its disk (another host may hold it now). A source VM keeps renewing
         during its migration (pre-copy can outlast the lease), until switchover moves the lease.
         After a renewal, a VM that QEMU paused on a disk error is resumed (see _resume_after_io_error)."""
-        from kvmotion.errors import KvmotionError, LeaseError
+        from kvmotion.core.errors import KvmotionError, LeaseError
         from kvmotion.storage.host import renew_leases
 
         failing: set[str] = set()  # VMs whose last renewal failed: retried sooner, logged once
@@ -647,7 +647,7 @@ class VmManager:
         `cont`. Nothing else resumes it: once the lease renews the datastore is back, so try. If
         QEMU's NBD client has not reconnected yet (it retries every 16 s by then), the retry
         fails and the VM pauses again until a later round."""
-        from kvmotion.errors import KvmotionError
+        from kvmotion.core.errors import KvmotionError
 
         if vm.qmp is None:
             return
@@ -664,7 +664,7 @@ class VmManager:
             log.warning("resuming VM %s after a disk I/O error: %s", vm.name, exc)
 
     async def _release_leases(self, spec: VmSpec) -> None:
-        from kvmotion.errors import KvmotionError
+        from kvmotion.core.errors import KvmotionError
         from kvmotion.storage.host import release_leases
 
         if spec.on_datastore:

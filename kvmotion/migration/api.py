@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity
 from kvmotion.api.serving import AuthorizedRoute, allow
-from kvmotion.errors import Forbidden, InvalidInput
+from kvmotion.core.errors import Forbidden, InvalidInput
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.jsonio import as_json
+from kvmotion.core.jsonio import as_json
 from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService, as_record_json, facts_to_json
 from kvmotion.migration.model import MigrationOptions
 from kvmotion.migration.policy import PRESETS, Compression, preset

@@ -27,13 +27,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kvmotion.api.identity import Identity, Kind
-from kvmotion.errors import (Conflict, Forbidden, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable,
+from kvmotion.core.errors import (Conflict, Forbidden, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable,
                              VmFailed)
 from kvmotion.host import resources
 from kvmotion.host.client import AsyncAgentClient
-from kvmotion.host.store import write_atomic
+from kvmotion.core.files import write_atomic
 from kvmotion.host.vms import HOST_RESERVE, VmManager, VmState
-from kvmotion.jsonio import as_json
+from kvmotion.core.jsonio import as_json
 from kvmotion.migration import policy as pol
 from kvmotion.migration.cancel import cancel_migration
 from kvmotion.migration.checks import HostFacts, errors_of, run_checks

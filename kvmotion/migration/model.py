@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 
 class Phase(str, Enum):

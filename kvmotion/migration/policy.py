@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Union
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundStats
 
 GIB = 1 << 30

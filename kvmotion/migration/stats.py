@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 DEFAULT_PAGE_SIZE = 4096
 # Below this a round's own bytes/time is too noisy (sync pauses, tick jitter): fall back to

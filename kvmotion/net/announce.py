@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pyroute2 import netns as pr_netns
 
-from kvmotion.errors import InvalidInput, NotFound
+from kvmotion.core.errors import InvalidInput, NotFound
 
 ETH_P_ARP = 0x0806
 ETH_P_RARP = 0x8035

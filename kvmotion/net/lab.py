@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion import paths
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core import paths
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net import links, netns
 
 LAB_VERSION = 1

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net.nl import off_event_loop
 
 NETNS_DIR = Path("/run/netns")

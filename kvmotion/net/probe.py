@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmotion.errors import InvalidInput, KvmotionError, Unreachable
+from kvmotion.core.errors import InvalidInput, KvmotionError, Unreachable
 
 CHUNK = 64
 _HDR = struct.Struct("!Qd")  # seq, sender's monotonic time

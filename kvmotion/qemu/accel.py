@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from kvmotion import paths
-from kvmotion.errors import InvalidInput
+from kvmotion.core import paths
+from kvmotion.core.errors import InvalidInput
 
 
 class Accel(str, Enum):

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.qemu.accel import Accel
 
 QEMU_USER = "kvmotion-qemu"  # user and group of the same name

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import NotFound, SetupError, VmFailed
+from kvmotion.core.errors import NotFound, SetupError, VmFailed
 from kvmotion.qemu.cmdline import QemuFds, VmPaths
 from kvmotion.qemu.confine import QemuUser
 

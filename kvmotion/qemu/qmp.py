@@ -10,7 +10,7 @@ from pathlib import Path
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError, StateError
 
-from kvmotion.errors import VmFailed
+from kvmotion.core.errors import VmFailed
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.lease import check_disk_name
-from kvmotion.units import format_size, parse_size
-from kvmotion.validation import invalid_input
+from kvmotion.core.units import format_size, parse_size
+from kvmotion.core.validation import invalid_input
 
 SPEC_VERSION = 1
 MIN_MEMORY = 128 << 20

@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 NBD_PORT = 10809  # IANA port for NBD
 API_PREFIX = "/v1"  # control API paths

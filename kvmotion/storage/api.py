@@ -26,7 +26,7 @@ from starlette.requests import HTTPConnection
 
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
 from kvmotion.api.serving import AuthorizedRoute, allow
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.address import API_PREFIX, INSECURE_HOST_HEADER
 from kvmotion.storage.datastore import Datastore, DiskInfo
 from kvmotion.storage.lease import Lease

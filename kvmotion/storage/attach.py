@@ -43,7 +43,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.address import nbd_tls, parse_nbd_url
 from kvmotion.storage.lease import ExportName, check_disk_name, check_host_name
 

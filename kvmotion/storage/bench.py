@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.datastore import Datastore
-from kvmotion.units import parse_size
+from kvmotion.core.units import parse_size
 
 DISK = "bench.img"
 HOST = "bench-host"

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from kvmotion import errors
-from kvmotion.errors import KvmotionError, Unreachable
+from kvmotion.core import errors
+from kvmotion.core.errors import KvmotionError, Unreachable
 from kvmotion.storage.address import API_PREFIX, INSECURE_HOST_HEADER
 from kvmotion.storage.datastore import DiskInfo
 from kvmotion.storage.lease import Lease, check_disk_name

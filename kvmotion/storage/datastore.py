@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, LeaseError, NotFound
+from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, LeaseError, NotFound
 from kvmotion.qemu.spec import MAX_DISK_SIZE
 from kvmotion.storage.lease import Clock, Lease, LeaseTable, check_disk_name, check_host_name
 from kvmotion.storage.leasefile import META_DIR, LeaseStore
-from kvmotion.units import format_size
+from kvmotion.core.units import format_size
 
 SECTOR = 512
 T = TypeVar("T")

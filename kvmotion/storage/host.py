@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from kvmotion.errors import KvmotionError, LeaseError, NotFound
+from kvmotion.core.errors import KvmotionError, LeaseError, NotFound
 from kvmotion.qemu.spec import DiskSpec, VmSpec
 from kvmotion.storage.attach import export_name, nbd_blockdev, nbd_tls_object, reattach_commands
 from kvmotion.storage.client import DatastoreClient, client_for

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvmotion.errors import KvmotionError, LeaseError
+from kvmotion.core.errors import KvmotionError, LeaseError
 from kvmotion.storage.lease import Lease
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
-from kvmotion.errors import Forbidden, InvalidInput, LeaseError
+from kvmotion.core.errors import Forbidden, InvalidInput, LeaseError
 
 STATE_VERSION = 1
 EXPORT_HOST_SEP = "@"

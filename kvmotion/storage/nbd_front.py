@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kvmotion.api.identity import Identity, identity_of_der
 from kvmotion.api.serving import AuditLog
-from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.core.errors import KvmotionError, SetupError
 from kvmotion.storage.address import Endpoint
 from kvmotion.storage.nbd_gate import (
     Close,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.lease import ExportName
 
 NBDMAGIC = b"NBDMAGIC"

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound
 from kvmotion.cluster.inventory import cluster_dir
-from kvmotion.host.store import write_atomic
+from kvmotion.core.files import write_atomic
 from kvmotion.qemu.spec import check_name
 from kvmotion.storage.address import nbd_tls, parse_http_url, parse_nbd_url
 

@@ -33,14 +33,14 @@ from pathlib import Path
 import uvicorn
 
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.address import Endpoint
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.leasefile import META_DIR
 from kvmotion.storage.nbd_front import listen_socket
-from kvmotion.units import format_duration
+from kvmotion.core.units import format_duration
 
 READY_TIMEOUT = 15.0
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)

@@ -231,7 +231,7 @@ class MigrationLab:
 
     def vm_record(self, host: str, vm: str):
         """The agent's persisted record of `vm` on `host` (None if it has none)."""
-        from kvmotion.errors import NotFound
+        from kvmotion.core.errors import NotFound
 
         try:
             return VmStore(self.cluster.folder / "state" / "hosts" / host).get(vm)

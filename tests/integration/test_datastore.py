@@ -31,7 +31,7 @@ import pytest
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.cluster.ca import QEMU_DIR, init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
 from kvmotion.cluster.tls import client_context
-from kvmotion.errors import Forbidden, InsufficientResources, LeaseError
+from kvmotion.core.errors import Forbidden, InsufficientResources, LeaseError
 from kvmotion.storage.attach import nbd_blockdev, nbd_tls_object, reattach_commands
 from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.lease import ExportName

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from kvmotion.errors import Conflict
+from kvmotion.core.errors import Conflict
 from kvmotion.net import lab, links, netns
 
 pytestmark = pytest.mark.lab

@@ -16,7 +16,7 @@ import pytest
 from kvmotion.api.identity import Identity, Kind
 from kvmotion.cluster.ca import init_ca, issue_host_cert
 from kvmotion.cluster.tls import host_dir
-from kvmotion.errors import VmFailed
+from kvmotion.core.errors import VmFailed
 from kvmotion.migration.engine import TLS_ID, add_stream_tls
 from kvmotion.qemu.qmp import Qmp
 

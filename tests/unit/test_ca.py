@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.cluster import ca as camod
 from kvmotion.cluster.ca import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.qemu import confine
 
 QEMU = shutil.which("qemu-system-x86_64")

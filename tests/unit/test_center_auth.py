@@ -23,7 +23,7 @@ from kvmotion.cluster.ca import (
     sha256_hex,
     sign_csr,
 )
-from kvmotion.errors import InvalidInput, Unauthorized
+from kvmotion.core.errors import InvalidInput, Unauthorized
 
 CA_HASH = "ab" * 32
 NOW = 1_800_000_000.0

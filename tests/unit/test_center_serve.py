@@ -40,7 +40,7 @@ from kvmotion.api.serving import make_server
 from kvmotion.center.app import create_app
 from kvmotion.center.serve import Listen, parse_listen, prepare
 from kvmotion.cluster.ca import new_key_and_csr
-from kvmotion.errors import Forbidden, InvalidInput, Unauthorized, Unreachable
+from kvmotion.core.errors import Forbidden, InvalidInput, Unauthorized, Unreachable
 from tests.certs import TestCA
 
 LOAD = HostLoad(cpus=2, memory_total=1 << 30, memory_available=1 << 29)

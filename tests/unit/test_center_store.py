@@ -32,7 +32,7 @@ from kvmotion.center.store import (
     TokenRow,
     UserRow,
 )
-from kvmotion.errors import Conflict, NotFound, SetupError, Unauthorized
+from kvmotion.core.errors import Conflict, NotFound, SetupError, Unauthorized
 
 LOAD = HostLoad(cpus=4, memory_total=8 << 30, memory_available=6 << 30)
 

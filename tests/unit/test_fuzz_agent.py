@@ -20,10 +20,10 @@ import pytest
 
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.serving import Security, secure
-from kvmotion.errors import VmFailed
+from kvmotion.core.errors import VmFailed
 from kvmotion.guest import image
 from kvmotion.host.api import create_app
-from kvmotion.host.store import write_atomic
+from kvmotion.core.files import write_atomic
 from kvmotion.host.vms import HostConfig
 from kvmotion.migration import facts
 from kvmotion.migration.api import migration_router

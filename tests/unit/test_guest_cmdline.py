@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.guest.cmdline import kernel_cmdline, max_working_set
 from kvmotion.qemu.spec import MAX_NICS, NicSpec, VmSpec, Workload, WorkloadParams
 

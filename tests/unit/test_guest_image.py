@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.guest import cpio, elf, image, vmlinux
 
 

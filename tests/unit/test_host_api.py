@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from kvmotion.api.serving import Security, secure
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.host.api import create_app
 from kvmotion.host.client import raise_for_error
 from kvmotion.host.vms import HostConfig

@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from kvmotion.host.client import AgentClient, AsyncAgentClient
-from kvmotion.httpclient import default_ssl_context
+from kvmotion.core.httpclient import default_ssl_context
 from kvmotion.storage.client import DatastoreClient
 
 

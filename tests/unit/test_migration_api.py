@@ -21,7 +21,7 @@ from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.serving import Security, secure
 from kvmotion.cluster.config import ClusterConfig, save_config
 from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import Conflict, NotFound, PrecheckFailed, Unreachable
+from kvmotion.core.errors import Conflict, NotFound, PrecheckFailed, Unreachable
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration import engine
 from kvmotion.migration.api import routes

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.migration import policy as pol
 from kvmotion.migration.policy import (
     Abort,

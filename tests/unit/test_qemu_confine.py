@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import NotFound, SetupError, VmFailed
+from kvmotion.core.errors import NotFound, SetupError, VmFailed
 from kvmotion.qemu import confine
 from kvmotion.qemu.accel import Accel
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node

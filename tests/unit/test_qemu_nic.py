@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.qemu.accel import Accel
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
 from kvmotion.qemu.spec import NicSpec, VmSpec

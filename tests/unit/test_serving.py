@@ -144,7 +144,7 @@ def test_certificate_without_kvmotion_identity_is_refused(ca):
     from cryptography.x509.oid import NameOID
 
     from kvmotion.cluster.ca import load_ca
-    from kvmotion.errors import Unauthorized
+    from kvmotion.core.errors import Unauthorized
 
     root = load_ca(ca.ca_dir)
     now = dt.datetime.now(dt.timezone.utc)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.guest.cmdline import kernel_cmdline
 from kvmotion.host.store import VmStore
-from kvmotion.jsonio import as_json
+from kvmotion.core.jsonio import as_json
 from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 
 MAC = "52:54:00:12:34:56"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.migration.stats import (
     MigrationSample,
     MigrationStats,

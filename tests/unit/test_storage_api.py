@@ -14,7 +14,7 @@ import pytest
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.serving import Security, secure
 from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
-from kvmotion.errors import Conflict, Forbidden, InvalidInput, LeaseError, NotFound, Unauthorized, Unreachable
+from kvmotion.core.errors import Conflict, Forbidden, InvalidInput, LeaseError, NotFound, Unauthorized, Unreachable
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.datastore import Datastore
@@ -202,7 +202,7 @@ def test_insecure_datastore_takes_the_host_from_a_header(tmp_path: Path) -> None
 
 
 def test_https_needs_credentials_and_unreachable_datastore() -> None:
-    from kvmotion.errors import SetupError
+    from kvmotion.core.errors import SetupError
 
     with pytest.raises(SetupError, match="certificate"):
         DatastoreClient("https://127.0.0.1:9")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import Conflict, InvalidInput, LeaseError, NotFound
+from kvmotion.core.errors import Conflict, InvalidInput, LeaseError, NotFound
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.lease import check_write
 from kvmotion.storage.leasefile import LeaseGate

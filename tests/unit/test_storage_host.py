@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import LeaseError
+from kvmotion.core.errors import LeaseError
 from kvmotion.qemu.spec import DiskSpec, VmSpec
 from kvmotion.storage import host as storage_host
 from kvmotion.storage.datastore import Datastore, DiskInfo

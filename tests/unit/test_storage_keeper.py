@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from kvmotion.errors import LeaseError, Unreachable
+from kvmotion.core.errors import LeaseError, Unreachable
 from kvmotion.storage.keeper import LeaseKeeper
 from kvmotion.storage.lease import Lease
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvmotion.errors import Forbidden, InvalidInput, LeaseError
+from kvmotion.core.errors import Forbidden, InvalidInput, LeaseError
 from kvmotion.storage.lease import ExportName, Lease, LeaseTable, WriteRefusal, check_flush, check_write
 
 TTL = 10.0

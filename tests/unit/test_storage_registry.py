@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound
 from kvmotion.storage.address import Endpoint, parse_listen, parse_nbd_url
 from kvmotion.storage.attach import nbd_blockdev, reattach_commands
 from kvmotion.storage.registry import DatastoreRef, Registry, cluster_dir

@@ -1,7 +1,7 @@
 import pytest
 
-from kvmotion.errors import InvalidInput
-from kvmotion.units import format_duration, format_size, parse_duration, parse_rate, parse_size
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.units import format_duration, format_size, parse_duration, parse_rate, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("4096", 4096), ("64k", 65536)])
