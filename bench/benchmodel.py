@@ -158,7 +158,7 @@ class MethodCell:
     to_resume_ms: float | None
 
     @staticmethod
-    def of(method: str, runs: Sequence[RunResult]) -> "MethodCell":
+    def of(method: str, runs: Sequence[RunResult]) -> MethodCell:
         done = [r for r in runs if r.converged]
         return MethodCell(
             method=method,

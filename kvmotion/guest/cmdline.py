@@ -7,8 +7,8 @@ parameters (it takes them for options of a module it does not have) instead of p
 
 from __future__ import annotations
 
+from kvmotion.api.spec import VmSpec, Workload
 from kvmotion.core.errors import InvalidInput
-from kvmotion.qemu.spec import VmSpec, Workload
 from kvmotion.core.units import format_size
 
 PREFIX = "kvmotion."

@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmotion.api.spec import VmSpec
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound
 from kvmotion.core.files import write_atomic
-from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.agent")
 
@@ -35,7 +35,7 @@ class VmRecord:
         }
 
     @staticmethod
-    def from_json(data: dict) -> "VmRecord":
+    def from_json(data: dict) -> VmRecord:
         return VmRecord(
             spec=VmSpec.from_json(data["spec"]),
             created_at=float(data["created_at"]),

@@ -393,7 +393,7 @@ class VcpuThrottle:
                     return
                 time.sleep(0.01)
 
-    def __enter__(self) -> "VcpuThrottle":
+    def __enter__(self) -> VcpuThrottle:
         return self
 
     def __exit__(self, *exc: object) -> None:

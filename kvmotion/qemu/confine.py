@@ -59,7 +59,7 @@ class FileAccess:
         return bits & want == want
 
     @staticmethod
-    def of(path: Path) -> "FileAccess":
+    def of(path: Path) -> FileAccess:
         st = path.stat()
         return FileAccess(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
 

@@ -91,7 +91,7 @@ def _udp_roundtrip(ip: str, port: int) -> bytes:
             s.sendto(b"ping", (ip, port))
             try:
                 return s.recvfrom(2048)[0]
-            except socket.timeout:
+            except TimeoutError:
                 continue
         return b""
     finally:

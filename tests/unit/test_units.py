@@ -9,7 +9,8 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [("1gbit", 125_000_000), ("10Gbit", 1_250_000_000), ("1gbps", 125_000_000), ("100M", 100_000_000), ("1G", 10**9)])
+@pytest.mark.parametrize("text,expected", [("1gbit", 125_000_000), ("10Gbit", 1_250_000_000), ("1gbps", 125_000_000),
+                                           ("100M", 100_000_000), ("1G", 10**9)])
 def test_parse_rate_bits_and_bytes(text, expected):
     assert parse_rate(text) == expected
 

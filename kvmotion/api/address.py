@@ -33,7 +33,7 @@ class Endpoint:
     def url(self, scheme: str) -> str:
         return f"{scheme}://{self}"
 
-    def next_port(self) -> "Endpoint":
+    def next_port(self) -> Endpoint:
         """The control API's default place: the NBD port + 1."""
         return Endpoint(self.host, self.port + 1)
 

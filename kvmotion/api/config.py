@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmotion.cluster.inventory import cluster_dir
+from kvmotion.api.inventory import cluster_dir
 from kvmotion.core.errors import InvalidInput
 from kvmotion.core.files import write_atomic
 
