@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test unit bench clean-lab
+.PHONY: setup demo test unit lint bench clean-lab
 
 setup: $(STAMP)
 	@bash scripts/setup-host.sh
@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml requirements.lock kvmotion/__init__.py
 demo: setup
 	$(VENV)/bin/kvmotion demo
 
-test: setup
+test: setup lint
 	$(VENV)/bin/pytest -q
+
+# Import layers and cycles (import-linter, contracts in pyproject.toml), ruff, mypy: seconds, before any test.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/ruff check kvmotion tests bench
+	$(VENV)/bin/mypy
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q tests/unit

@@ -60,7 +60,7 @@ class Cell:
 def parse_dirty(text: str) -> tuple[int | None, int]:
     """The writer as (dirty rate, stride): 'idle' -> (None, 1); 'max' -> (0, 1), flat out;
     'sparse' -> (0, SPARSE_STRIDE), flat out, a page dirtied for 1/64 of the CPU; '100M' -> (100e6, 1)."""
-    from kvmotion.units import parse_rate
+    from kvmotion.core.units import parse_rate
 
     t = text.strip().lower()
     if t == "idle":
@@ -73,7 +73,7 @@ def parse_dirty(text: str) -> tuple[int | None, int]:
 
 
 def parse_link(text: str) -> int | None:
-    from kvmotion.units import parse_rate
+    from kvmotion.core.units import parse_rate
 
     t = text.strip().lower()
     return None if t in ("none", "unshaped") else parse_rate(t)
@@ -158,7 +158,7 @@ class MethodCell:
     to_resume_ms: float | None
 
     @staticmethod
-    def of(method: str, runs: Sequence[RunResult]) -> "MethodCell":
+    def of(method: str, runs: Sequence[RunResult]) -> MethodCell:
         done = [r for r in runs if r.converged]
         return MethodCell(
             method=method,

@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmotion.guest.cmdline import kernel_cmdline  # noqa: E402
-from kvmotion.guest.image import ensure_image  # noqa: E402
-from kvmotion.qemu import accel as accel_mod  # noqa: E402
-from kvmotion.qemu.spec import VmSpec  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
+from kvmotion.api.spec import VmSpec
+from kvmotion.core.units import parse_size
+from kvmotion.guest.cmdline import kernel_cmdline
+from kvmotion.guest.image import ensure_image
+from kvmotion.qemu import accel as accel_mod
 
 
 def bare_qemu_boot(spec: VmSpec, accel: str, timeout: float = 60) -> float:
@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "boot.json"))
     args = ap.parse_args()
-    choice = accel_mod.choose()
+    choice = accel_mod.choose(ensure_image)
     spec = VmSpec(name="bootbench", memory=parse_size(args.memory))
     ensure_image()
     kv, bare = [], []

@@ -34,11 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmotion.errors import KvmotionError  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
-
-from bench import harness  # noqa: E402
-from bench.benchmodel import Cell, Method, RunResult, markdown_table, parse_dirty, parse_link, verdict  # noqa: E402
+from bench import harness
+from bench.benchmodel import Cell, Method, RunResult, markdown_table, parse_dirty, parse_link, verdict
+from kvmotion.core.errors import KvmotionError
+from kvmotion.core.units import parse_size
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -112,9 +111,10 @@ def main() -> int:
     links = [parse_link(x) for x in args.links.split(",")]
     cells = parse_grid(args.grid, links, parse_size(args.wss))
     methods = [Method(m) for m in args.methods.split(",")]
+    from kvmotion.guest.image import ensure_image
     from kvmotion.qemu import accel as accel_mod
 
-    accel = accel_mod.choose().accel.value
+    accel = accel_mod.choose(ensure_image).accel.value
     began = time.monotonic()
     results: list[RunResult] = []
     meta = {

@@ -24,18 +24,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.cluster.lab import CLUSTER_DIR_ONLY, LabCluster, cluster_env, start_cluster
-from kvmotion.errors import KvmotionError, SetupError
+from bench.benchmodel import Cell, Method, RunResult
+from kvmotion.api.agent import AgentClient
+from kvmotion.api.spec import NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.core.errors import KvmotionError, SetupError
+from kvmotion.core.interrupts import terminate_as_interrupt, uninterruptible
 from kvmotion.guest.serial import MemStatus, Ready, parse_line
-from kvmotion.host.client import AgentClient
-from kvmotion.interrupts import terminate_as_interrupt, uninterruptible
-from kvmotion.migration.stats import MigrationSample, RamStats, RoundTracker
+from kvmotion.lab.cluster import CLUSTER_DIR_ONLY, LabCluster, cluster_env, start_cluster
+from kvmotion.migration.stats import RoundTracker
 from kvmotion.net import lab as labmod
 from kvmotion.net import links, netns
 from kvmotion.net.probe import ProbeReport, largest_gap, reply_times
-from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
-
-from bench.benchmodel import Cell, Method, RunResult
+from kvmotion.qemu.migstatus import MigrationSample, RamStats
 
 VM = "bench1"  # the agents' VM
 BASELINE_VM = "bench2"  # the baselines' QEMUs: same length, so the kernel command lines differ in one digit
@@ -67,7 +67,7 @@ class BenchLab:
     def agent(self, host: str, timeout: float = 30.0) -> AgentClient:
         if not self.encrypted:
             return AgentClient(self.cluster.agent_url(host), timeout=timeout)
-        from kvmotion.cluster.tls import cli_ssl_context
+        from kvmotion.api.tls import cli_ssl_context
 
         return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)
 
@@ -226,8 +226,8 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
                  dst: str = "host-b", policy: str = "balanced", boot: bool = True) -> KvmotionRun:
     """Boot (unless `boot` is False: the VM runs on `src` already), probe, migrate src -> dst through
     the agents' API with the default policy. The VM is left on whichever host runs it."""
+    from kvmotion.api.migration import MigrationOptions
     from kvmotion.host.store import VmStore
-    from kvmotion.migration.model import MigrationOptions
 
     spec = guest_spec(cell, lab.topo)
     a = lab.agent(src)
@@ -338,7 +338,7 @@ class BareQemu:
             fds = open_fds(self.paths, (tap_fd,))
             try:
                 ctx = HostContext(
-                    accel=accel_mod.choose().accel, kernel=image.kernel, initramfs=image.initramfs,
+                    accel=accel_mod.choose(ensure_image).accel, kernel=image.kernel, initramfs=image.initramfs,
                     kernel_cmdline=kernel_cmdline(spec), fds=fds, disk_nodes=(), incoming=incoming, paused=incoming,
                 )
                 argv = build_argv(spec, self.paths, ctx)
@@ -373,7 +373,7 @@ class BareQemu:
 
 
 async def _tls(qmp, endpoint: str, host: str) -> None:
-    from kvmotion.cluster.tls import migration_creds_dir
+    from kvmotion.api.tls import migration_creds_dir
 
     await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": "bench-tls", "endpoint": endpoint,
                                         "dir": str(migration_creds_dir(host)), "verify-peer": True})
@@ -428,7 +428,7 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
                         stop_ts = ev.timestamp
                         continue
                     status = ev.data.get("status")
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     # the same 100 ms samples kvmotion's engine takes, folded into rounds the same way
                     sample = MigrationSample.from_qmp(await sq.execute("query-migrate"), at=time.monotonic() - t0)  # type: ignore[arg-type]
                     tracker, _ = tracker.observe(sample)

@@ -26,13 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmotion.migration import policy as pol  # noqa: E402
-from kvmotion.migration.model import MigrationOptions  # noqa: E402
-from kvmotion.net.probe import largest_gap, largest_gap_outside  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
-
-from bench import harness  # noqa: E402
-from bench.benchmodel import GBIT, Cell, RunResult, parse_link  # noqa: E402
+from bench import harness
+from bench.benchmodel import GBIT, Cell, RunResult, parse_link
+from kvmotion.api.migration import MigrationOptions
+from kvmotion.core.units import parse_size
+from kvmotion.migration import policy as pol
+from kvmotion.net.probe import largest_gap, largest_gap_outside
 
 RESULTS = Path(__file__).parent / "results"
 IDLE_TOTAL_BAR_MS = 2000.0
@@ -138,8 +137,9 @@ def main() -> int:
     ap.add_argument("--encrypted", action="store_true", help="TLS (default: plain)")
     ap.add_argument("--out", type=Path, default=RESULTS / "migration.json")
     args = ap.parse_args()
+    from kvmotion.core.units import parse_rate
+    from kvmotion.guest.image import ensure_image
     from kvmotion.qemu import accel as accel_mod
-    from kvmotion.units import parse_rate
 
     budget = MigrationOptions().max_downtime_ms
     began = time.monotonic()
@@ -159,15 +159,15 @@ def main() -> int:
                     if cell.link_rate == link and n > 0:
                         run_part(lab, part, cell, n, Path(tmp), idle, fast)
 
-    a_ok = not args.runs or bool(idle) and all(
+    a_ok = not args.runs or (bool(idle) and all(
         k.result.converged and k.result.to_resume_ms is not None and k.result.to_resume_ms < IDLE_TOTAL_BAR_MS
         and (k.result.downtime_ms or 0) < budget for k in idle
-    )
-    b_ok = not args.fast_runs or bool(fast) and all(f.ok for f in fast)
+    ))
+    b_ok = not args.fast_runs or (bool(fast) and all(f.ok for f in fast))
     result = {
         "benchmark": "kvmotion migration bars (issue 3)",
         "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-        "accel": accel_mod.choose().accel.value,
+        "accel": accel_mod.choose(ensure_image).accel.value,
         "cpus": os.cpu_count(),
         "encrypted": args.encrypted,
         "budget_ms": budget,

@@ -22,16 +22,14 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmotion.net.announce import build_rarp, send_frame  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
-
-from bench import harness  # noqa: E402
-from bench.benchmodel import Cell  # noqa: E402
+from bench import harness
+from bench.benchmodel import Cell
+from kvmotion.core.units import parse_size
+from kvmotion.net.announce import build_rarp, send_frame
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -113,6 +111,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "resume.json")
     args = ap.parse_args()
     from bench.benchmodel import parse_link
+    from kvmotion.guest.image import ensure_image
     from kvmotion.qemu import accel as accel_mod
 
     link = parse_link(args.link)
@@ -126,7 +125,7 @@ def main() -> int:
                 got = asyncio.run(_run(lab, cell, args.runs, args.pause_ms / 1000, folder, announce))
                 for case, v in got.items():
                     rows.setdefault(f"{case}, guest announce {'on' if announce else 'off'}", []).extend(v)
-    accel = accel_mod.choose().accel.value
+    accel = accel_mod.choose(ensure_image).accel.value
     out = {"benchmark": "resume to first client reply", "accel": accel, "memory": args.memory, "link": args.link,
            "command": " ".join(["bench/resume.py", *sys.argv[1:]]),
            "cases": {k: [{"stop_to_resume_ms": a, "resume_to_reply_ms": b} for a, b in v] for k, v in rows.items()}}

@@ -38,12 +38,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmotion.guest.fio import FioError, FioMode, FioResult, fio_command, parse_fio_line  # noqa: E402
-from kvmotion.guest.image import ensure_image  # noqa: E402
-from kvmotion.qemu import accel as accel_mod  # noqa: E402
-from kvmotion.qemu.spec import DiskSpec, VmSpec, Workload  # noqa: E402
-from kvmotion.storage.registry import DatastoreRef  # noqa: E402
-from kvmotion.units import format_size, parse_size  # noqa: E402
+from kvmotion.api.registry import DatastoreRef
+from kvmotion.api.spec import DiskSpec, VmSpec, Workload
+from kvmotion.core.units import format_size, parse_size
+from kvmotion.guest.fio import FioError, FioMode, FioResult, fio_command, parse_fio_line
+from kvmotion.guest.image import ensure_image
+from kvmotion.qemu import accel as accel_mod
+from kvmotion.qemu import confine
 
 REPO = Path(__file__).resolve().parent.parent
 DISK = "bench.img"
@@ -82,11 +83,11 @@ HOST = "bench"  # the VmManager's host name: its certificate is the one the data
 def issue_certificates(cluster: Path) -> None:
     """A cluster CA of our own: datastore ds1 on loopback, host `bench` (and its QEMUs), user admin."""
     from kvmotion.api.identity import Role
-    from kvmotion.cluster.ca import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
+    from kvmotion.api.pki import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
 
     init_ca(cluster / "ca")
     issue_datastore_cert(cluster / "ca", "ds1", ["127.0.0.1"], cluster / "datastores" / "ds1")
-    issue_host_cert(cluster / "ca", HOST, ["127.0.0.1"], cluster / "hosts" / HOST)
+    issue_host_cert(cluster / "ca", HOST, ["127.0.0.1"], cluster / "hosts" / HOST, qemu_key_gid=confine.qemu_gid())
     issue_user_cert(cluster / "ca", "admin", Role.ADMIN, cluster / "users" / "admin")
 
 
@@ -105,7 +106,7 @@ class Datastore:
         return DatastoreRef.make("ds1", f"{'nbds' if self.tls else 'nbd'}://127.0.0.1:{self.port}")
 
     def start(self) -> None:
-        from kvmotion.storage.client import client_for
+        from kvmotion.api.datastore import client_for
 
         argv = [sys.executable, "-m", "kvmotion.cli.main", "datastore", "serve", "ds1", "--root", str(self.root),
                 "--listen", f"127.0.0.1:{self.port}", *(() if self.tls else ("--insecure",))]
@@ -194,10 +195,10 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
     size = parse_size(args.size)
     local = tmp / "state" / "disks" / "local.img"  # a local disk is a file in the host's disk folder
     local.parent.mkdir(parents=True)
-    with open(local, "wb") as f:
+    with open(local, "wb") as f:  # noqa: ASYNC230 - set-up, before anything runs
         f.truncate(size)
-    from kvmotion.storage.client import client_for
-    from kvmotion.storage.registry import Registry
+    from kvmotion.api.datastore import client_for
+    from kvmotion.api.registry import Registry
 
     ds = Datastore(root=tmp / "ds1", port=free_port_pair(), log=tmp / "datastore.log", tls=not args.plain)
     ds.root.mkdir()
@@ -205,7 +206,7 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
         issue_certificates(tmp / "cluster")
     ds.start()
     mgr = VmManager(HostConfig(name=HOST, state_dir=tmp / "state", run_dir=tmp / "run", portgroups={},
-                               accel=accel_mod.choose()))
+                               accel=accel_mod.choose(ensure_image)))
     runs: dict[str, dict[str, list[FioResult]]] = {m.value: {t: [] for t in TARGETS} for m, _ in CASES}
     spec = VmSpec(name="stbench", memory=parse_size(args.memory), workloads=(Workload.IDLE,),
                   disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=local.name)))
@@ -286,7 +287,7 @@ def main() -> int:
         "rounds": args.rounds,
         "disk_size": args.size,
         "guest_memory": args.memory,
-        "accel": accel_mod.choose().accel.value,
+        "accel": accel_mod.choose(ensure_image).accel.value,
         "cpus": os.cpu_count(),
         "load_average_before": round(load_before, 2),
         "load_average_after": round(os.getloadavg()[0], 2),

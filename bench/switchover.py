@@ -23,11 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmotion.errors import KvmotionError  # noqa: E402
-from kvmotion.units import parse_size  # noqa: E402
-
-from bench import harness  # noqa: E402
-from bench.benchmodel import Cell, RunResult, parse_dirty, parse_link  # noqa: E402
+from bench import harness
+from bench.benchmodel import Cell, RunResult, parse_dirty, parse_link
+from kvmotion.core.errors import KvmotionError
+from kvmotion.core.units import parse_size
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.cluster.ca import CLIENT_CERT, CLIENT_KEY, init_ca, issue_cert
+from kvmotion.api.pki import CLIENT_CERT, CLIENT_KEY, init_ca, issue_cert
 
 
 @dataclass(frozen=True)

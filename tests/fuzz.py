@@ -40,8 +40,8 @@ from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 from schemathesis.python import asgi as schemathesis_asgi
 
-from kvmotion import errors
 from kvmotion.api.serving import MUTATING
+from kvmotion.core import errors
 
 
 def _subclasses(cls: type) -> Iterable[type]:
@@ -152,7 +152,7 @@ def _hook(event: str, args: tuple) -> None:
                 dir_fd = args[dir_fd_at] if dir_fd_at is not None and dir_fd_at < len(args) else None
                 for where in _where(args[path_at], dir_fd, follow):
                     recording.changes.append(Change(event, where))
-    except Exception as exc:  # an audit hook must never fail the operation it watches
+    except Exception as exc:  # noqa: BLE001 - an audit hook must never fail the operation it watches
         recording.changes.append(Change(event, f"<unresolved: {exc!r}>"))
     finally:
         _in_hook.busy = False
@@ -457,7 +457,7 @@ def fuzz(
                             run()
                         except Unsatisfiable:
                             pass  # nothing to break: an operation without parameters or body has no wrong request
-                        except Exception as exc:  # hypothesis' smallest failing example(s) for this operation
+                        except Exception as exc:  # noqa: BLE001 - hypothesis' smallest failing example(s) for this operation
                             notes = "\n".join(getattr(exc, "__notes__", ()))
                             report.failures.append(f"{label_of(operation)} [{mode.value}]: {exc}\n{notes}".strip())
             finally:

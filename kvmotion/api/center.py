@@ -38,16 +38,15 @@ from pydantic import (
     field_validator,
 )
 
-from kvmotion import errors
 from kvmotion.api.identity import Role
-from kvmotion.validation import invalid_input
+from kvmotion.api.spec import NAME_PATTERN  # host, VM and datastore names: the VM spec's rule
+from kvmotion.core import errors
+from kvmotion.core.validation import invalid_input
 
 PROTOCOL_VERSION = 1  # of agent <-> center messages (heartbeats); the center refuses others
 DEFAULT_PORT = 7700
 AGENT_PORT = 7701
 
-# Host, VM and datastore names: the VM spec's rule (kvmotion.qemu.spec.NAME_PATTERN; both move to core).
-NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,30}$"
 USER_PATTERN = r"^[a-z][a-z0-9._-]{0,31}$"  # kvmotion.api.identity's user names
 TOKEN_ID_PATTERN = r"^[0-9a-f]{12}$"
 MIGRATION_ID_PATTERN = r"^[0-9a-f]{12}$"
@@ -115,7 +114,7 @@ class Wire(BaseModel):
             raise invalid_input(exc, self._what) from None
 
     # Tells pydantic this __init__ validates as BaseModel's does: nested models keep their field paths.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]  # a marker pydantic reads off the function
 
 
 # ---- states and kinds ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from enum import Enum
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from kvmotion.errors import Forbidden, InvalidInput, Unauthorized
+from kvmotion.core.errors import Forbidden, InvalidInput, Unauthorized
 
 ORGANIZATION = "kvmotion"
 ROLE_OID = x509.ObjectIdentifier("2.5.4.72")  # X.520 "role"

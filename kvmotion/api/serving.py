@@ -19,13 +19,13 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -34,9 +34,9 @@ from starlette.requests import HTTPConnection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from kvmotion import errors
 from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
-from kvmotion.validation import describe_request_errors
+from kvmotion.core import errors
+from kvmotion.core.validation import describe_request_errors
 
 log = logging.getLogger("kvmotion.api")
 
@@ -147,7 +147,7 @@ def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
         conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
         return who if who is INSECURE else authorize(who, rule, what)
 
-    dependency.checks_caller = True  # type: ignore[attr-defined]  # AuthorizedRoute runs it first
+    dependency.checks_caller = True  # type: ignore[attr-defined]  # a marker on the function: AuthorizedRoute runs it first
     return dependency
 
 
@@ -157,19 +157,19 @@ class AuthorizedRoute(APIRoute):
     (FastAPI reads the body before solving dependencies.) Use it as the route class of every
     router of a secured app: `APIRouter(route_class=AuthorizedRoute)`, `app.router.route_class`."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Any]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         checks = []
         pending = list(self.dependant.dependencies)
         while pending:
             dep = pending.pop()
-            if getattr(dep.call, "checks_caller", False):
+            if dep.call is not None and getattr(dep.call, "checks_caller", False):
                 checks.append(dep.call)
             pending.extend(dep.dependencies)
         if not checks:
             return handler
 
-        async def checked(request: Request) -> Any:
+        async def checked(request: Request) -> Response:
             for check in checks:
                 check(request)
             return await handler(request)
@@ -278,9 +278,10 @@ class Guard:
 
         try:
             if scope["type"] == "http":
-                receive = await self._buffered(scope, receive, send_tracked)
-                if receive is None:
+                buffered = await self._buffered(scope, receive, send_tracked)
+                if buffered is None:
                     return
+                receive = buffered
             await self.app(scope, receive, send_tracked)
         finally:
             audit(0)  # the client went away before any answer
@@ -389,7 +390,7 @@ def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
 
 def _protocols(connections: _Connections) -> tuple[type, type]:
     class Http(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn hands it TCP transports
             if not connections.admit(transport):
                 transport.abort()
                 return
@@ -402,7 +403,7 @@ def _protocols(connections: _Connections) -> tuple[type, type]:
 
     class Ws(WebSocketsSansIOProtocol):
         # Made by Http on an upgrade, on the same (already admitted) transport.
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn hands it TCP transports
             super().connection_made(transport)
             self.app = _with_certificate(self.app, transport)
 

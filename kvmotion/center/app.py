@@ -48,7 +48,7 @@ from kvmotion.api.identity import ADMINISTER, HOSTS, INSECURE, VIEW, Identity
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.service import Center
-from kvmotion.errors import Forbidden
+from kvmotion.core.errors import Forbidden
 
 HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
 

@@ -22,7 +22,7 @@ import secrets
 
 from kvmotion.api.center import TokenParts
 from kvmotion.center.store import TokenRow
-from kvmotion.errors import InvalidInput, Unauthorized
+from kvmotion.core.errors import InvalidInput, Unauthorized
 
 DEFAULT_TTL = 86400.0
 
@@ -44,7 +44,7 @@ def new_token(ca_sha256: str, now: float, ttl: float, uses: int | None, created_
 
 
 def _when(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def check_token(parts: TokenParts, ca_sha256: str, row: TokenRow | None, now: float) -> None:

@@ -24,16 +24,16 @@ from typing import TextIO
 
 from cryptography import x509
 
-from kvmotion import paths
 from kvmotion.api.center import ClusterSettings
 from kvmotion.api.identity import Identity, Kind
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
 from kvmotion.api.serving import Security, insecure_warning, make_server
 from kvmotion.center.app import HEARTBEAT_SUFFIX, create_app
 from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
-from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
-from kvmotion.errors import InvalidInput, SetupError, Unreachable
+from kvmotion.core import paths
+from kvmotion.core.errors import InvalidInput, SetupError, Unreachable
 
 CENTER_NAME = "center"  # the center's identity: center:center
 RENEW_BEFORE = dt.timedelta(days=30)  # a center certificate closer to its end than this is re-issued
@@ -94,7 +94,7 @@ def _is_ip(host: str) -> bool:
 
 def _names(cert_path: Path) -> set[str]:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    if cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) < RENEW_BEFORE:
+    if cert.not_valid_after_utc - dt.datetime.now(dt.UTC) < RENEW_BEFORE:
         return set()
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return {str(name.value) for name in san}
@@ -132,7 +132,7 @@ def prepare(data: Path, listen: Listen, insecure: bool, *, password_cost: int | 
         raise
     url = listen.url(not insecure)
     if first is not None:
-        expires = dt.datetime.fromtimestamp(first.token_expires, dt.timezone.utc)
+        expires = dt.datetime.fromtimestamp(first.token_expires, dt.UTC)
         lines += [
             f"created the cluster CA in {ca.dir} (SHA-256 {center.ca_sha256})",
             f"user admin's password, shown this once: {first.admin_password}",

@@ -34,10 +34,10 @@ from kvmotion.api.center import (
     parse_token,
 )
 from kvmotion.api.identity import Identity, Kind, Role
+from kvmotion.api.pki import CA, cert_pem, load_csr, sha256_hex, sign_csr
 from kvmotion.center import auth
 from kvmotion.center.store import HostRow, Store, TokenRow, UserRow
-from kvmotion.cluster.ca import CA, cert_pem, load_csr, sha256_hex, sign_csr
-from kvmotion.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
 LOGIN_VALIDITY = dt.timedelta(days=7)  # a user logs in again weekly; a role change reaches old certificates by then
 ADMIN = "admin"

@@ -51,7 +51,7 @@ from kvmotion.api.center import (
 )
 from kvmotion.api.identity import Role
 from kvmotion.center.liveness import after_heartbeat
-from kvmotion.errors import Conflict, NotFound, SetupError
+from kvmotion.core.errors import Conflict, NotFound, SetupError
 
 BUSY_TIMEOUT_MS = 5000  # how long a writer waits for another's transaction
 EVENTS_KEPT = 100_000  # older events are pruned

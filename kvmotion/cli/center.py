@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
+
+from kvmotion.api.center import TokenCreate
+from kvmotion.cli.login import load_credentials
+from kvmotion.core.units import parse_duration
 
 app = typer.Typer(no_args_is_help=True, help="The control plane: serve it, make join tokens for hosts.")
 token = typer.Typer(no_args_is_help=True, help="Join tokens: what a host presents to join the cluster.")
@@ -17,13 +20,13 @@ app.add_typer(token, name="token")
 @app.command()
 def serve(
     listen: str = typer.Option(..., "--listen", help="ADDRESS:PORT hosts and users reach the center at, e.g. 10.0.0.5:7700."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The center's data folder (default /var/lib/kvmotion/center)."),
+    data: Path | None = typer.Option(None, "--data", help="The center's data folder (default /var/lib/kvmotion/center)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the "
                                   "port owns the cluster (trusted networks and benchmarks only)."),
 ) -> None:
     """Run the center in the foreground. The first start creates the cluster CA, user admin (its
     password printed once) and a join token (printed); later starts print nothing secret."""
-    from kvmotion.center.serve import serve as run
+    from kvmotion.center.serve import serve as run  # fastapi and uvicorn: loaded only to serve (CLI start-up time)
 
     run(listen, data, insecure)
 
@@ -31,21 +34,17 @@ def serve(
 @token.command("create")
 def token_create(
     ttl: str = typer.Option("24h", "--ttl", help="How long it may be used, e.g. 30m, 24h (1m to 30 days)."),
-    uses: Optional[int] = typer.Option(None, "--uses", help="How many hosts may join with it (default: any number until it expires)."),
+    uses: int | None = typer.Option(None, "--uses", help="How many hosts may join with it (default: any number until it expires)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Make a join token (as an admin logged in with `kvmotion login`). The token goes to stdout."""
-    from kvmotion.api.center import TokenCreate
-    from kvmotion.cli.login import load_credentials
-    from kvmotion.units import parse_duration
-
     request = TokenCreate(ttl=parse_duration(ttl), uses=uses)
     with load_credentials().client() as client:
         created = client.create_token(request)
     if json_out:
         print(created.model_dump_json(indent=2))
         return
-    expires = dt.datetime.fromtimestamp(created.info.expires, dt.timezone.utc)
+    expires = dt.datetime.fromtimestamp(created.info.expires, dt.UTC)
     uses_text = "any number of joins" if created.info.uses_left is None else f"{created.info.uses_left} join(s)"
     print(f"join token {created.info.id}: valid until {expires:%Y-%m-%d %H:%M} UTC for {uses_text}", file=sys.stderr)
     print(created.token)

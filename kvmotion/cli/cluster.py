@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import typer
+from cryptography import x509
 from rich.console import Console
 
-from kvmotion.errors import InvalidInput
+from kvmotion.api.config import ClusterConfig, load_config, save_config
+from kvmotion.api.identity import Role, check_user_name, identity_of, parse_role
+from kvmotion.api.inventory import cluster_dir
+from kvmotion.api.pki import CA_CERT, CLIENT_CERT, SERVER_CERT, init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert, load_ca
+from kvmotion.api.tls import DEFAULT_USER
+from kvmotion.core.errors import Conflict, InvalidInput
+from kvmotion.qemu import confine
 
 app = typer.Typer(no_args_is_help=True, help="The cluster: its CA, certificates of hosts, datastores and users, settings.")
 users = typer.Typer(no_args_is_help=True, help="Users: each gets a certificate carrying a role (viewer, operator, admin).")
@@ -19,25 +25,18 @@ console = Console()
 _CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def _folder(folder: Optional[Path]) -> Path:
-    from kvmotion.cluster.inventory import cluster_dir
-
+def _folder(folder: Path | None) -> Path:
     return folder if folder is not None else cluster_dir()
 
 
 @app.command()
 def init(
-    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+    folder: Path | None = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
     plain: bool = typer.Option(False, "--plain", help="No encryption: migrations and agent API in clear (trusted network only)."),
-    cpu_baseline: Optional[str] = typer.Option(None, "--cpu-baseline", help="CPU model every VM gets unless it names one (like EVC)."),
+    cpu_baseline: str | None = typer.Option(None, "--cpu-baseline", help="CPU model every VM gets unless it names one (like EVC)."),
 ) -> None:
     """Create the cluster CA, its first user (admin) and the settings. Re-running keeps an existing
     CA and users and rewrites the settings."""
-    from kvmotion.api.identity import Role
-    from kvmotion.cluster.ca import CA_CERT, CLIENT_CERT, init_ca, issue_user_cert
-    from kvmotion.cluster.tls import DEFAULT_USER
-    from kvmotion.cluster.config import ClusterConfig, save_config
-
     if cpu_baseline is not None and not _CPU_MODEL_RE.fullmatch(cpu_baseline):
         raise InvalidInput(f"invalid CPU model {cpu_baseline!r}: use a QEMU model name such as Haswell-v4 or qemu64")
     d = _folder(folder)
@@ -62,22 +61,20 @@ def init(
 @app.command()
 def cert(
     name: str = typer.Argument(..., help="Host (or datastore) name: the agent's name, also the TLS name peers check."),
-    ip: Optional[list[str]] = typer.Option(None, "--ip", help="An address peers reach it at (repeatable)."),
+    ip: list[str] | None = typer.Option(None, "--ip", help="An address peers reach it at (repeatable)."),
     datastore: bool = typer.Option(False, "--datastore", help="A datastore's certificate instead of a host's."),
-    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+    folder: Path | None = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
 ) -> None:
     """Issue a host's certificates (its agent's, and its QEMUs' in qemu/) into hosts/NAME, or a
     datastore's into datastores/NAME."""
-    from kvmotion.cluster.ca import issue_datastore_cert, issue_host_cert
-
     d = _folder(folder)
     if datastore:
         issued = issue_datastore_cert(d / "ca", name, ip or [], d / "datastores" / name)
         out, ips, expires = issued.dir, issued.ips, issued.expires
     else:
-        creds = issue_host_cert(d / "ca", name, ip or [], d / "hosts" / name)
+        creds = issue_host_cert(d / "ca", name, ip or [], d / "hosts" / name, qemu_key_gid=confine.qemu_gid())
         out, ips, expires = creds.dir, creds.ips, creds.expires
-    names = ", ".join((name,) + ips)
+    names = ", ".join((name, *ips))
     kind = "datastore" if datastore else "host"
     console.print(f"issued {kind} {name}'s certificate for {names} in {out}, valid until {expires:%Y-%m-%d}")
 
@@ -86,16 +83,12 @@ def cert(
 def user_add(
     name: str = typer.Argument(..., help="User name (lowercase letters, digits, '.', '_', '-')."),
     role: str = typer.Option(..., "--role", help="viewer (reads), operator (VMs, migrations, disks) or admin (everything)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the certificate (default: the cluster folder's users/NAME)."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the certificate (default: the cluster folder's users/NAME)."),
     replace: bool = typer.Option(False, "--replace", help="Issue a new certificate for an existing user (e.g. a new role)."),
-    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+    folder: Path | None = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
 ) -> None:
     """Issue a user's certificate (ca-cert.pem, client-cert.pem, client-key.pem): the CLI uses it
     with KVMOTION_USER=NAME (from the cluster folder) or KVMOTION_CREDENTIALS=FOLDER."""
-    from kvmotion.api.identity import check_user_name, parse_role
-    from kvmotion.cluster.ca import CLIENT_CERT, issue_user_cert
-    from kvmotion.errors import Conflict
-
     d = _folder(folder)
     check_user_name(name)
     the_role = parse_role(role)
@@ -108,14 +101,9 @@ def user_add(
 
 @users.command("list")
 def user_list(
-    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+    folder: Path | None = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
 ) -> None:
     """The users whose certificates are in the cluster folder, with their roles."""
-    from cryptography import x509
-
-    from kvmotion.api.identity import identity_of
-    from kvmotion.cluster.ca import CLIENT_CERT
-
     d = _folder(folder)
     for user_dir in sorted((d / "users").glob("*")):
         path = user_dir / CLIENT_CERT
@@ -127,14 +115,9 @@ def user_list(
 
 @app.command()
 def show(
-    folder: Optional[Path] = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
+    folder: Path | None = typer.Option(None, "--dir", help="Cluster folder (default: $KVMOTION_CLUSTER_DIR or STATE/cluster)."),
 ) -> None:
     """The cluster's settings, CA, and host and datastore certificates (users: `cluster user list`)."""
-    from cryptography import x509
-
-    from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, load_ca
-    from kvmotion.cluster.config import load_config
-
     d = _folder(folder)
     config = load_config(d)
     console.print(f"cluster folder {d}: migrations {'encrypted' if config.encrypted else 'PLAIN'}"

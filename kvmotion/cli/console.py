@@ -11,8 +11,9 @@ import tty
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from kvmotion.cluster.inventory import HostEntry
-from kvmotion.errors import Unreachable
+from kvmotion.api.inventory import HostEntry
+from kvmotion.api.tls import cli_ssl_context
+from kvmotion.core.errors import Unreachable
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -21,8 +22,6 @@ def attach(entry: HostEntry, vm: str) -> None:
     url = entry.url.replace("http", "ws", 1) + f"/v1/vms/{vm}/console"
     ssl_ctx = None
     if url.startswith("wss"):
-        from kvmotion.cluster.tls import cli_ssl_context
-
         ssl_ctx = cli_ssl_context()
     try:
         ws = connect(url, ssl=ssl_ctx, open_timeout=10)

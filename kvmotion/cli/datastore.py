@@ -13,12 +13,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvmotion.errors import Conflict, Unreachable
-from kvmotion.storage.address import parse_listen
-from kvmotion.storage.client import client_for
-from kvmotion.storage.datastore import DiskInfo
-from kvmotion.storage.registry import DatastoreRef, Registry
-from kvmotion.units import format_size, parse_duration
+from kvmotion.api.address import parse_listen
+from kvmotion.api.datastore import client_for
+from kvmotion.api.disks import DiskInfo
+from kvmotion.api.registry import DatastoreRef, Registry
+from kvmotion.api.spec import check_name
+from kvmotion.api.tls import datastore_dir
+from kvmotion.core.errors import Conflict, InvalidInput, SetupError, Unreachable
+from kvmotion.core.units import format_size, parse_duration, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Shared datastores: disks on an NBD server with fenced write leases.")
 
@@ -39,12 +41,8 @@ def serve(
                                                    help="Open control API connections from one address."),
 ) -> None:
     """Serve a datastore: nbdkit for the disks (NBD over TLS) and the control API (HTTPS), until stopped."""
-    from kvmotion.api.serving import Limits
-    from kvmotion.cluster.tls import datastore_dir
-    from kvmotion.errors import InvalidInput, SetupError
-    from kvmotion.qemu.spec import check_name
-    from kvmotion.storage.server import ServeConfig, run
-    from kvmotion.units import parse_size
+    from kvmotion.api.serving import Limits  # fastapi and uvicorn: loaded only to serve (CLI start-up time)
+    from kvmotion.storage.server import ServeConfig, run  # fastapi and uvicorn: loaded only to serve (CLI start-up time)
 
     name = check_name(name, "datastore")
     if insecure and cert_dir is not None:

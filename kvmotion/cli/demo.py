@@ -8,14 +8,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from kvmotion.api.agent import AgentClient
+from kvmotion.api.migration import MigrationRecord, Phase
 from kvmotion.cli.common import console, err_console
 from kvmotion.cli.migrate import _follow
+from kvmotion.core.interrupts import terminate_as_interrupt
+from kvmotion.core.units import format_size, parse_rate, parse_size
 from kvmotion.demo.report import DemoReport, MigrationResult
 from kvmotion.demo.runner import DemoOptions, run_demo
-from kvmotion.host.client import AgentClient
-from kvmotion.interrupts import terminate_as_interrupt
-from kvmotion.migration.model import MigrationRecord, Phase
-from kvmotion.units import format_size, parse_rate, parse_size
 
 
 class _RichView:

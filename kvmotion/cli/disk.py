@@ -6,13 +6,12 @@ import json
 
 import typer
 
-from kvmotion.errors import InvalidInput
-from kvmotion.qemu.spec import check_name
-from kvmotion.storage.client import DatastoreClient, client_for
-from kvmotion.storage.datastore import DiskInfo
-from kvmotion.storage.lease import check_disk_name
-from kvmotion.storage.registry import Registry
-from kvmotion.units import format_size, parse_size
+from kvmotion.api.datastore import DatastoreClient, client_for
+from kvmotion.api.disks import DiskInfo, check_disk_name
+from kvmotion.api.registry import Registry
+from kvmotion.api.spec import check_name
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.units import format_size, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Disks on shared datastores (DATASTORE/DISK, e.g. ds1/web1.img).")
 

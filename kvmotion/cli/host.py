@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
-from kvmotion.cli.common import client_for, console, print_json
-from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import Unreachable
-from kvmotion.units import format_size
+from kvmotion.api.hosts import client_for
+from kvmotion.api.inventory import HostEntry, Inventory
+from kvmotion.api.spec import check_name
+from kvmotion.cli.common import console, print_json
+from kvmotion.core.errors import Unreachable
+from kvmotion.core.units import format_size, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, inspect one.")
 
@@ -20,11 +21,12 @@ app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, i
 def serve(
     name: str = typer.Option(..., "--name", help="This host's name in the cluster."),
     listen: str = typer.Option("127.0.0.1:7701", help="ADDRESS:PORT of the agent's API."),
-    portgroup: List[str] = typer.Option([], "--portgroup", help="NAME[=BRIDGE]; repeat. Default: vm-net."),
-    state_dir: Optional[Path] = typer.Option(None, help="VM definitions (default /var/lib/kvmotion/hosts/NAME)."),
-    run_dir: Optional[Path] = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
-    accel: Optional[str] = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the port owns the host (trusted networks and benchmarks only)."),
+    portgroup: list[str] = typer.Option([], "--portgroup", help="NAME[=BRIDGE]; repeat. Default: vm-net."),
+    state_dir: Path | None = typer.Option(None, help="VM definitions (default /var/lib/kvmotion/hosts/NAME)."),
+    run_dir: Path | None = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
+    accel: str | None = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the port "
+                                  "owns the host (trusted networks and benchmarks only)."),
     max_body: str = typer.Option("1M", "--max-body", help="Largest request body."),
     max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", help="Open connections from one address."),
     migration_limit: int = typer.Option(4, "--migration-limit", help="Migrations in and out of this host at once."),
@@ -34,10 +36,8 @@ def serve(
     The API is served over mutual TLS with the host's certificate from the cluster CA
     (`kvmotion cluster cert NAME --ip ADDRESS`); callers are identified by their certificates.
     """
-    from kvmotion.api.serving import Limits
-    from kvmotion.host.agent import serve as run
-    from kvmotion.qemu.spec import check_name
-    from kvmotion.units import parse_size
+    from kvmotion.api.serving import Limits  # fastapi and uvicorn: loaded only to serve (CLI start-up time)
+    from kvmotion.migration.agent import serve as run  # the whole agent: loaded only to serve (CLI start-up time)
 
     check_name(name, "host")
     limits = Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client)
@@ -84,8 +84,6 @@ def info(name: str, json_out: bool = typer.Option(False, "--json", help="Print J
 @app.command()
 def add(name: str, url: str) -> None:
     """Add a remote host's agent to the cluster inventory."""
-    from kvmotion.qemu.spec import check_name
-
     check_name(name, "host")
     Inventory().add(HostEntry(name=name, url=url))
 

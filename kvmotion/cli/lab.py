@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from kvmotion.core.units import parse_rate
+from kvmotion.lab.cluster import start_cluster
 from kvmotion.net import lab as labmod
-from kvmotion.units import parse_rate
 
 app = typer.Typer(no_args_is_help=True, help="Build and remove labs: hosts, a switch, a datastore and a client.")
 
@@ -42,8 +43,6 @@ def up(
     topo = labmod.lab_up(name, hosts, _link_rate(link))
     typer.echo(_describe(topo))
     if agents:
-        from kvmotion.cluster.lab import start_cluster
-
         try:
             cluster = start_cluster(topo, encrypted=not plain)
         except BaseException:

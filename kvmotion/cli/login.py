@@ -14,11 +14,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from kvmotion.errors import InvalidInput, NotFound, SetupError
+from kvmotion.api.center import CenterClient, Credentials, LoginRequest, pinned_ca, trusting
+from kvmotion.api.identity import check_user_name
+from kvmotion.api.pki import new_key_and_csr
+from kvmotion.core.errors import InvalidInput, NotFound, SetupError
+from kvmotion.core.files import write_atomic
 
 CONFIG_ENV = "KVMOTION_CONFIG"
 
@@ -29,8 +32,6 @@ def config_path() -> Path:
 
 
 def save_credentials(creds: object, path: Path) -> None:
-    from kvmotion.host.store import write_atomic
-
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o700)
     write_atomic(path, json.dumps(dataclasses.asdict(creds), indent=2) + "\n", 0o600)  # type: ignore[call-overload]
@@ -38,8 +39,6 @@ def save_credentials(creds: object, path: Path) -> None:
 
 def load_credentials(path: Path | None = None):  # type: ignore[no-untyped-def]
     """The Credentials `kvmotion login` saved."""
-    from kvmotion.api.center import Credentials
-
     where = path or config_path()
     try:
         data = json.loads(where.read_text())
@@ -67,20 +66,10 @@ def app(
     url: str = typer.Argument(..., help="The center, e.g. https://10.0.0.5:7700."),
     user: str = typer.Option(..., "--user", help="Your user name at the center."),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin's first line."),
-    ca_sha256: Optional[str] = typer.Option(None, "--ca-sha256", help="The center's CA SHA-256 (printed by "
+    ca_sha256: str | None = typer.Option(None, "--ca-sha256", help="The center's CA SHA-256 (printed by "
                                             "`kvmotion center serve`): required unless you confirm it at a prompt."),
 ) -> None:
     """Log in to the center: get a certificate with your role, and keep it in the CLI's config."""
-    from kvmotion.api.center import (
-        CenterClient,
-        Credentials,
-        LoginRequest,
-        pinned_ca,
-        trusting,
-    )
-    from kvmotion.api.identity import check_user_name
-    from kvmotion.cluster.ca import new_key_and_csr
-
     check_user_name(user)
     if not re.fullmatch(r"https?://[^/?#]+/?", url):
         raise InvalidInput(f"invalid center URL {url!r}: use https://ADDRESS:PORT")
@@ -102,6 +91,6 @@ def app(
     path = config_path()
     save_credentials(Credentials(center=url.rstrip("/"), user=answer.user, ca_cert=answer.ca_cert, cert=answer.cert,
                                  key=key_pem.decode()), path)
-    until = dt.datetime.fromtimestamp(answer.expires, dt.timezone.utc)
+    until = dt.datetime.fromtimestamp(answer.expires, dt.UTC)
     typer.echo(f"logged in to {url.rstrip('/')} as user:{answer.user} ({answer.role.value}), "
                f"certificate valid until {until:%Y-%m-%d %H:%M} UTC; credentials in {path}")

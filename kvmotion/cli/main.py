@@ -7,9 +7,10 @@ import sys
 
 import typer
 
-from kvmotion.errors import KvmotionError
+from kvmotion.core.errors import KvmotionError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Live migration of running QEMU/KVM VMs.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Live migration of running QEMU/KVM VMs.")
 
 # Each sub-app lives in kvmotion/cli/<module>.py and exposes `app`.
 _SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "center", "login", "demo")

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
 
 import typer
 from rich.live import Live
 from rich.table import Table
 
-from kvmotion.cli.common import client_for, console, locate_vm, print_json
-from kvmotion.cluster.inventory import Inventory
-from kvmotion.errors import InvalidInput, MigrationError, Unreachable
-from kvmotion.migration.engine import record_from_json
-from kvmotion.migration.model import Level, MigrationOptions, MigrationRecord, Phase
-from kvmotion.units import format_size, parse_duration, parse_rate
+from kvmotion.api.hosts import client_for, locate_vm
+from kvmotion.api.inventory import Inventory
+from kvmotion.api.migration import Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
+from kvmotion.cli.common import console, print_json
+from kvmotion.core.errors import InvalidInput, MigrationError, Unreachable
+from kvmotion.core.units import format_size, parse_duration, parse_rate
 
 _LEVEL_STYLE = {Level.PASS: "green", Level.WARNING: "yellow", Level.ERROR: "red"}
 
@@ -91,9 +90,9 @@ def _history(json_out: bool) -> None:
 
 def app(
     vm: str = typer.Argument(..., help="VM to migrate (or `history`)."),
-    to: Optional[str] = typer.Option(None, "--to", help="Destination host."),
+    to: str | None = typer.Option(None, "--to", help="Destination host."),
     max_downtime: str = typer.Option("500ms", help="Downtime budget: the pause may not exceed it."),
-    bandwidth: Optional[str] = typer.Option(None, help="Cap the stream, e.g. 1gbit or 100M (bytes/s)."),
+    bandwidth: str | None = typer.Option(None, help="Cap the stream, e.g. 1gbit or 100M (bytes/s)."),
     policy: str = typer.Option("balanced", help="Convergence policy: balanced, fast, gentle."),
     allow_postcopy: bool = typer.Option(False, help="Let the policy switch to post-copy if pre-copy cannot converge."),
     check: bool = typer.Option(False, "--check", help="Only run the prerequisite checks."),
@@ -106,7 +105,7 @@ def app(
     if vm == "history":
         _history(json_out)
         return
-    entry, client, _ = locate_vm(vm)
+    _entry, client, _ = locate_vm(vm)
     if cancel:
         rec = record_from_json(client.request("POST", f"/v1/vms/{vm}/migration/cancel"))  # type: ignore[arg-type]
         console.print(f"cancelling migration {rec.id} of {vm} ({rec.phase.value})")
@@ -122,8 +121,6 @@ def app(
     # The source's agent finds the destination in the cluster inventory.
     body = {"vm": vm, "destination": to, "options": dataclasses.asdict(options)}
     if check:
-        from kvmotion.migration.model import Check
-
         checks = [Check(c["name"], Level(c["level"]), c["reason"]) for c in client.request("POST", "/v1/migrations/check", json=body)]  # type: ignore[union-attr]
         if json_out:
             print_json(checks)

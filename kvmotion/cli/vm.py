@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
-from kvmotion.cli.common import all_vms, console, err_console, host_client, locate_vm, print_json, vm_table
-from kvmotion.errors import InvalidInput
-from kvmotion.qemu.spec import NIC_SYNTAX, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
-from kvmotion.units import parse_rate, parse_size
+from kvmotion.api.config import load_config
+from kvmotion.api.hosts import all_vms, host_client, locate_vm
+from kvmotion.api.spec import NIC_SYNTAX, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.cli.common import console, err_console, print_json, vm_table
+from kvmotion.cli.console import attach
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.units import parse_rate, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Virtual machines.")
 
@@ -27,21 +28,19 @@ def create(
     name: str,
     memory: str = typer.Option("512M", help="Guest RAM, e.g. 512M, 1G."),
     vcpus: int = typer.Option(1, help="Virtual CPUs."),
-    cpu_model: Optional[str] = typer.Option(None, help="QEMU CPU model (default: the cluster's baseline, else qemu64)."),
-    disk: List[str] = typer.Option([], "--disk", help="FILE[:SIZE] (a file in the host's disk folder) or DATASTORE/DISK; repeat."),
-    nic: List[str] = typer.Option([], "--nic", help=f"{NIC_SYNTAX}; repeat."),
+    cpu_model: str | None = typer.Option(None, help="QEMU CPU model (default: the cluster's baseline, else qemu64)."),
+    disk: list[str] = typer.Option([], "--disk", help="FILE[:SIZE] (a file in the host's disk folder) or DATASTORE/DISK; repeat."),
+    nic: list[str] = typer.Option([], "--nic", help=f"{NIC_SYNTAX}; repeat."),
     workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
     mem_wss: str = typer.Option("256M", help="Memory writer's working set."),
     mem_rate: str = typer.Option("100M", help="Memory writer's dirty rate in bytes/s (0 = flat out)."),
     mem_stride: int = typer.Option(1, help="Memory writer rewrites every Nth word of a page (power of two): "
                                    "more dirty pages per CPU second."),
-    host: Optional[str] = typer.Option(None, help="Host to define it on (default: the only host)."),
+    host: str | None = typer.Option(None, help="Host to define it on (default: the only host)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Define a VM on a host (it does not start). The spec is checked here, and again by the agent."""
     if cpu_model is None:
-        from kvmotion.cluster.config import load_config
-
         # Like EVC: one baseline model for the cluster lets any VM move to any host.
         cpu_model = load_config().cpu_baseline or "qemu64"
     spec = VmSpec(
@@ -127,7 +126,5 @@ def show(name: str, json_out: bool = typer.Option(False, "--json", help="Print J
 @app.command(name="console")
 def console_cmd(name: str) -> None:
     """Attach to the guest's serial console (detach with Ctrl-])."""
-    from kvmotion.cli.console import attach
-
     entry, _, _ = locate_vm(name)
     attach(entry, name)

@@ -56,7 +56,7 @@ def _columns(samples: Sequence[UdpSample], t_end: float, n: int) -> list[_Column
             miss[i] += 1
         else:
             rtts[i].append(s.rtt * 1000)
-    return [_Column(tuple(sorted(r)), m) for r, m in zip(rtts, miss)]
+    return [_Column(tuple(sorted(r)), m) for r, m in zip(rtts, miss, strict=True)]
 
 
 def _decades(samples: Sequence[UdpSample]) -> tuple[int, int]:

@@ -27,7 +27,7 @@ class GuestLog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="guest-log", daemon=True)
 
-    def start(self) -> "GuestLog":
+    def start(self) -> GuestLog:
         self._thread.start()
         return self
 

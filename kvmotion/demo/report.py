@@ -9,13 +9,14 @@ to the end of the run); console lines and disk acknowledgements are attributed b
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvmotion.api.migration import MigrationRecord, Phase
 from kvmotion.guest.records import RecordCheck
 from kvmotion.guest.serial import DiskAck, GuestEvent, MemCorrupt, MemStatus
-from kvmotion.migration.model import MigrationRecord, Phase
 from kvmotion.net.probe import ProbeReport, UdpSample, largest_gap
 
 # Phases drawn and reported, each from its entry to the next phase's entry.
@@ -141,7 +142,7 @@ def phase_spans(rec: MigrationRecord) -> tuple[PhaseSpan, ...]:
     """The record's phases as spans, each ending where the next phase began."""
     times = list(rec.phase_times)
     spans = []
-    for (phase, start), (_, end) in zip(times, times[1:]):
+    for (phase, start), (_, end) in itertools.pairwise(times):
         if phase in {p.value for p in SPAN_PHASES}:
             spans.append(PhaseSpan(phase, start, end))
     return tuple(spans)
@@ -330,4 +331,4 @@ def windows(starts: Sequence[float], first: float, last: float) -> list[tuple[fl
     """Each migration's window: the first from `first` (the guest ready), each up to the next
     migration's start, the last up to `last` (the end of the run)."""
     bounds = [first, *starts[1:], last]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))

@@ -17,27 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kvmotion.cli.common import all_vms, client_for
-from kvmotion.cluster.inventory import Inventory
-from kvmotion.cluster.lab import CLUSTER_DIR_ONLY, DATASTORE, LabCluster, cluster_env, start_cluster
+from kvmotion.api.agent import AgentClient
+from kvmotion.api.datastore import client_for as client_for_datastore
+from kvmotion.api.hosts import all_vms, client_for
+from kvmotion.api.inventory import Inventory
+from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase, record_from_json
+from kvmotion.api.registry import Registry
+from kvmotion.api.spec import MIN_MEMORY, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.core.errors import InvalidInput, KvmotionError, SetupError
+from kvmotion.core.interrupts import uninterruptible
+from kvmotion.core.units import format_size
 from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.guestlog import GuestLog
-from kvmotion.errors import InvalidInput, KvmotionError, SetupError
 from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck, verify_image
 from kvmotion.guest.serial import MemCorrupt, MemStatus
-from kvmotion.host.client import AgentClient
-from kvmotion.interrupts import uninterruptible
-from kvmotion.migration.engine import record_from_json
-from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase
+from kvmotion.lab.cluster import CLUSTER_DIR_ONLY, DATASTORE, LabCluster, cluster_env, start_cluster
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
 from kvmotion.net.probe import ProbeReport
-from kvmotion.qemu.spec import MIN_MEMORY, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
-from kvmotion.storage.client import client_for as client_for_datastore
-from kvmotion.storage.registry import Registry
-from kvmotion.units import format_size
 
 HOSTS = 3
 VM = "web1"
@@ -108,13 +107,6 @@ def route(migrations: int, hosts: int = HOSTS) -> list[tuple[str, str]]:
 
 def new_lab_name() -> str:
     return "demo" + secrets.token_hex(3)
-
-
-def check_encryption_available() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("kvmotion.cluster.ca") is None:
-        raise SetupError("this kvmotion has no cluster CA (kvmotion.cluster.ca) yet: run the demo with --plain")
 
 
 class _Probe:
@@ -202,8 +194,6 @@ def _migrate(src: str, dst: str, view: DemoView) -> MigrationRecord:
 def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
     """The whole demo; the lab is gone when this returns or raises."""
     opts.validate()
-    if opts.encrypted:
-        check_encryption_available()
     name = new_lab_name()
     began = time.monotonic()
     built = False
@@ -328,7 +318,7 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
     starts = [rec.started_at for rec, _ in driven]
     runs = [
         rpt.MigrationRun(rec, obs, a, b)
-        for (rec, obs), (a, b) in zip(driven, rpt.windows(starts, ready_at, ended_at))
+        for (rec, obs), (a, b) in zip(driven, rpt.windows(starts, ready_at, ended_at), strict=True)
     ]
     results = tuple(rpt.migration_result(i, r, probe_report, lines, disk) for i, r in enumerate(runs, start=1))
     _write_picture(opts, results, probe_report, accel, cluster.encrypted)

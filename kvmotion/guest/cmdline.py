@@ -7,9 +7,9 @@ parameters (it takes them for options of a module it does not have) instead of p
 
 from __future__ import annotations
 
-from kvmotion.errors import InvalidInput
-from kvmotion.qemu.spec import VmSpec, Workload
-from kvmotion.units import format_size
+from kvmotion.api.spec import VmSpec, Workload
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.units import format_size
 
 PREFIX = "kvmotion."
 MAX_LENGTH = 2047  # x86 COMMAND_LINE_SIZE less its NUL: the kernel truncates silently beyond

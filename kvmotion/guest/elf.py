@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 
 _PT_INTERP = 3
 

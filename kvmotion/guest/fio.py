@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 
 class FioMode(str, Enum):

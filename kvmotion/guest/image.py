@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion import paths
-from kvmotion.errors import KvmotionError, SetupError
+from kvmotion.core import paths
+from kvmotion.core.errors import KvmotionError, SetupError
 from kvmotion.guest import cpio, elf, vmlinux
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 import struct
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 SIZE = 512
 MAGIC = 0x444D564B  # b"KVMD" read as a little-endian u32

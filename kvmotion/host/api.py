@@ -15,16 +15,17 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, WebSocket, WebSocketDisconnect
 
-from kvmotion import __version__, errors
+from kvmotion import __version__
+from kvmotion.api.agent import HostInfo
 from kvmotion.api.identity import OPERATE, VIEW, authorize
 from kvmotion.api.serving import AuthorizedRoute, allow, caller
+from kvmotion.api.spec import NAME_PATTERN, VmSpec
+from kvmotion.core import errors
+from kvmotion.core.jsonio import as_json
 from kvmotion.host import resources
-from kvmotion.host.resources import HostInfo
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.jsonio import as_json
-from kvmotion.migration.facts import datastores_reached
 from kvmotion.qemu import accel as accel_mod
-from kvmotion.qemu.spec import NAME_PATTERN, VmSpec
+from kvmotion.storage.host import reachable_datastores
 
 log = logging.getLogger("kvmotion.agent")
 
@@ -66,7 +67,7 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
             cpu_model_name=resources.cpu_model_name(),
             cpu_features=sorted(accel_mod.cpu_flags()),
             portgroups=dict(config.portgroups),
-            datastores=sorted(await asyncio.to_thread(datastores_reached, config.name)),
+            datastores=sorted(await asyncio.to_thread(reachable_datastores, config.name)),
             vms=len(manager.list()),
         )
         return as_json(info)

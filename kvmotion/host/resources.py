@@ -32,26 +32,3 @@ def cpu_model_name() -> str:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    name: str
-    version: str
-    accel: str
-    accel_reason: str
-    qemu_user: str  # who the VMs' QEMU processes run as (kvmotion.qemu.confine)
-    qemu_user_reason: str
-    memory_total: int
-    memory_available: int
-    memory_committed: int
-    cpus: int
-    cpu_model_name: str
-    cpu_features: list[str]
-    portgroups: dict[str, str]
-    datastores: list[str]  # datastores of the cluster registry this host reaches now
-    vms: int
-
-    @staticmethod
-    def from_json(data: dict) -> "HostInfo":
-        return HostInfo(**{f: data[f] for f in HostInfo.__dataclass_fields__})

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.api.spec import VmSpec
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound
+from kvmotion.core.files import write_atomic
 
 log = logging.getLogger("kvmotion.agent")
 
@@ -36,7 +35,7 @@ class VmRecord:
         }
 
     @staticmethod
-    def from_json(data: dict) -> "VmRecord":
+    def from_json(data: dict) -> VmRecord:
         return VmRecord(
             spec=VmSpec.from_json(data["spec"]),
             created_at=float(data["created_at"]),
@@ -44,30 +43,6 @@ class VmRecord:
             committed_migration=data.get("committed_migration"),
             resumed_at=data.get("resumed_at"),
         )
-
-
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644, gid: int | None = None) -> None:
-    """Write, fsync, rename: a crash leaves the old or the new file, never half of one. The final
-    mode (and group, when given) is set before any byte lands, so a key never exists world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        if gid is not None:
-            os.fchown(fd, -1, gid)
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class VmStore:

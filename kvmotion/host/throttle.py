@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from kvmotion.errors import InvalidInput, KvmotionError, NotFound, SetupError
+from kvmotion.core.errors import InvalidInput, KvmotionError, NotFound, SetupError
 
 VCPU_SHARES = 8192  # cgroup v1 cpu.shares of a throttled VM's vCPU group (default 1024)
 VCPU_WEIGHT = VCPU_SHARES * 100 // 1024  # the same priority as cgroup v2 cpu.weight (default 100)
@@ -393,7 +393,7 @@ class VcpuThrottle:
                     return
                 time.sleep(0.01)
 
-    def __enter__(self) -> "VcpuThrottle":
+    def __enter__(self) -> VcpuThrottle:
         return self
 
     def __exit__(self, *exc: object) -> None:

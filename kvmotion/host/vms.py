@@ -15,19 +15,24 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
-from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, NotFound, VmFailed
+from kvmotion.api.agent import VmState, VmStatus
+from kvmotion.api.config import load_config
+from kvmotion.api.spec import DiskSpec, VmSpec
+from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, KvmotionError, LeaseError, NotFound, VmFailed
+from kvmotion.guest import image as guest_image
+from kvmotion.guest.cmdline import kernel_cmdline
 from kvmotion.host import resources
 from kvmotion.host.store import VmRecord, VmStore
-from kvmotion.migration.cancel import cancel_migration
-from kvmotion.qemu import confine
+from kvmotion.net import links
+from kvmotion.qemu import confine, cpus
 from kvmotion.qemu.accel import AccelChoice
+from kvmotion.qemu.cancel import cancel_migration
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node, process_tag
 from kvmotion.qemu.process import QemuProcess, close_own_fds, open_fds
 from kvmotion.qemu.qmp import Qmp
-from kvmotion.qemu.spec import DiskSpec, VmSpec
+from kvmotion.storage import host as storage_host
 
 log = logging.getLogger("kvmotion.agent")
 
@@ -37,30 +42,6 @@ LEASE_RETRY_INTERVAL = 1.0  # s; after a failed renewal: an unreachable datastor
 ORPHAN_CANCEL_WAIT = 5.0  # s a restarted agent waits for QEMU to end the migration it cancels
 # Memory the host keeps for itself and QEMU's own overhead when admitting VMs.
 HOST_RESERVE = 256 << 20
-
-
-class VmState(str, Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"
-    INCOMING = "incoming"  # shadow VM waiting for a migration stream
-    MIGRATING = "migrating"  # source of a migration in progress
-    STOPPING = "stopping"
-    CRASHED = "crashed"  # QEMU exited without being asked to
-
-
-@dataclass(frozen=True)
-class VmStatus:
-    name: str
-    state: VmState
-    host: str
-    memory: int
-    vcpus: int
-    pid: int | None
-    started_at: float | None
-    ready: bool
-    spec: VmSpec
 
 
 @dataclass(frozen=True)
@@ -235,8 +216,6 @@ class VmManager:
         spec = vm.record.spec
         if not spec.on_datastore:
             return
-        from kvmotion.storage.host import current_proto_nodes
-
         assert vm.qmp is not None
         nodes = self.proto_nodes(vm.name)
         try:
@@ -244,7 +223,7 @@ class VmManager:
         except VmFailed as exc:
             log.warning("VM %s: cannot list its block nodes (%s): assuming the command line's", vm.name, exc)
             return
-        nodes[:] = current_proto_nodes(spec, self.config.name, found, nodes)  # type: ignore[arg-type]
+        nodes[:] = storage_host.current_proto_nodes(spec, self.config.name, found, nodes)  # type: ignore[arg-type]
 
     async def _cancel_orphan_migration(self, vm: _Vm) -> None:
         """An outgoing migration whose driving agent died: cancel it so QEMU resumes the source
@@ -261,7 +240,7 @@ class VmManager:
         # VM, so the leases come back before QEMU resumes it (it does so itself on cancel).
         if status == "pre-switchover" and not await self._reclaim_leases(vm):
             return
-        # A stalled stream is broken off in the order QEMU 10.0 survives (migration/cancel.py).
+        # A stalled stream is broken off in the order QEMU 10.0 survives (qemu/cancel.py).
         final = (await cancel_migration(vm.qmp.execute, vm.proc.pid if vm.proc else None, ORPHAN_CANCEL_WAIT)).value
         # Only a migration that did not complete may resume here: a completed one may run elsewhere.
         if final not in ("cancelled", "failed"):
@@ -278,13 +257,10 @@ class VmManager:
         spec = vm.record.spec
         if not spec.on_datastore:
             return True
-        from kvmotion.errors import KvmotionError
-        from kvmotion.storage.host import reattach_disks, take_back_leases
-
         assert vm.qmp is not None
         try:
-            await asyncio.to_thread(take_back_leases, spec, None, self.config.name)
-            await reattach_disks(spec, self.config.name, vm.qmp, self.proto_nodes(vm.name), f"r{time.time_ns() % 10**8:08d}")
+            await asyncio.to_thread(storage_host.take_back_leases, spec, None, self.config.name)
+            await storage_host.reattach_disks(spec, self.config.name, vm.qmp, self.proto_nodes(vm.name), f"r{time.time_ns() % 10**8:08d}")
         except KvmotionError as exc:
             log.error("VM %s stays paused: its disk leases could not be taken back after its migration "
                       "was interrupted: %s", vm.name, exc)
@@ -370,20 +346,15 @@ class VmManager:
 
     def check_cpu_model(self, spec: VmSpec) -> None:
         """The VM's CPU model is one this host's QEMU lists, 'host' under KVM, or the cluster's baseline."""
-        from kvmotion.cluster.config import load_config
-        from kvmotion.qemu.cpus import check_runnable_cpu, listed_models
-
         model = spec.cpu_model
-        listed = frozenset() if model == "host" else listed_models()
+        listed = frozenset() if model == "host" else cpus.listed_models()
         baseline = None if model == "host" or model in listed else load_config().cpu_baseline
-        check_runnable_cpu(model, self.config.accel.accel, listed, baseline, self.config.name)
+        cpus.check_runnable_cpu(model, self.config.accel.accel, listed, baseline, self.config.name)
 
     def _check_disk(self, spec: VmSpec, disk: DiskSpec) -> bool:
         """Whether the disk exists; raises if it is unusable, or missing with no size to create it."""
         if disk.datastore is not None:
-            from kvmotion.storage.host import check_disk  # datastore disks are checked by the storage layer
-
-            check_disk(disk, self.config.name)
+            storage_host.check_disk(disk, self.config.name)  # datastore disks are checked by the storage layer
             return True
         if self._local_disk_exists(spec, disk):
             return True
@@ -414,9 +385,7 @@ class VmManager:
         nodes = []
         for i, disk in enumerate(spec.disks):
             if disk.datastore is not None:
-                from kvmotion.storage.host import blockdev_for
-
-                nodes.append(blockdev_for(disk, host=self.config.name, node_name=f"disk{i}-proto"))
+                nodes.append(storage_host.blockdev_for(disk, host=self.config.name, node_name=f"disk{i}-proto"))
             else:
                 if not self._local_disk_exists(spec, disk):
                     raise NotFound(f"disk {disk.source} of VM {spec.name} is missing from {self.disk_dir}")
@@ -438,8 +407,6 @@ class VmManager:
     async def _setup_host_resources(self, spec: VmSpec) -> tuple[int, ...]:
         """Each NIC's TAP, created on its port group's bridge and opened here, in the agent's
         namespace: descriptors for QEMU, the caller's to close."""
-        from kvmotion.net import links
-
         def setup() -> tuple[int, ...]:
             fds: list[int] = []
             try:
@@ -459,8 +426,6 @@ class VmManager:
         return await asyncio.to_thread(setup) if spec.nics else ()
 
     async def _release_host_resources(self, spec: VmSpec) -> None:
-        from kvmotion.net import links
-
         def release() -> None:
             for i, _ in enumerate(spec.nics):
                 links.delete_tap(links.tap_name(spec.name, i))
@@ -469,10 +434,7 @@ class VmManager:
             await asyncio.to_thread(release)
 
     def _argv(self, spec: VmSpec, fds: QemuFds, incoming: bool) -> list[str]:
-        from kvmotion.guest.cmdline import kernel_cmdline
-        from kvmotion.guest.image import ensure_image
-
-        image = ensure_image()
+        image = guest_image.ensure_image()
         if self.confinement.user is not None:  # the only files QEMU opens by path
             for path in (image.kernel, image.initramfs):
                 confine.check_readable(path, self.confinement.user)
@@ -493,9 +455,7 @@ class VmManager:
         """-objects for datastore disks (NBD TLS credentials); an unprivileged QEMU must read their files."""
         if not spec.on_datastore:
             return ()
-        from kvmotion.storage.host import qemu_objects
-
-        objects = qemu_objects(spec, self.config.name)
+        objects = storage_host.qemu_objects(spec, self.config.name)
         if self.confinement.user is not None:
             fix = (f"issue {self.config.name}'s certificate again (kvmotion cluster cert) now that the user exists, "
                    f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
@@ -558,9 +518,7 @@ class VmManager:
 
     def _acquire_leases(self, spec: VmSpec) -> None:
         if spec.on_datastore:
-            from kvmotion.storage.host import acquire_leases
-
-            acquire_leases(spec, host=self.config.name)
+            storage_host.acquire_leases(spec, host=self.config.name)
 
     async def wait_ready(self, name: str, timeout: float) -> None:
         vm = self._vm(name)
@@ -588,7 +546,7 @@ class VmManager:
                     pass
                 try:
                     await asyncio.wait_for(proc.wait_exit(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     proc.kill(signal.SIGKILL)
             else:
                 proc.kill(signal.SIGKILL)
@@ -613,9 +571,6 @@ class VmManager:
         never run without its disk (another host may hold it now). A source VM keeps renewing
         during its migration (pre-copy can outlast the lease), until switchover moves the lease.
         After a renewal, a VM that QEMU paused on a disk error is resumed (see _resume_after_io_error)."""
-        from kvmotion.errors import KvmotionError, LeaseError
-        from kvmotion.storage.host import renew_leases
-
         failing: set[str] = set()  # VMs whose last renewal failed: retried sooner, logged once
         while True:
             await asyncio.sleep(LEASE_RETRY_INTERVAL if failing else LEASE_RENEW_INTERVAL)
@@ -627,7 +582,7 @@ class VmManager:
                     failing.discard(vm.name)
                     continue
                 try:
-                    await asyncio.to_thread(renew_leases, spec, self.config.name)
+                    await asyncio.to_thread(storage_host.renew_leases, spec, self.config.name)
                 except LeaseError as exc:
                     failing.discard(vm.name)
                     if vm.state is VmState.MIGRATING:
@@ -658,8 +613,6 @@ class VmManager:
         `cont`. Nothing else resumes it: once the lease renews the datastore is back, so try. If
         QEMU's NBD client has not reconnected yet (it retries every 16 s by then), the retry
         fails and the VM pauses again until a later round."""
-        from kvmotion.errors import KvmotionError
-
         if vm.qmp is None:
             return
         try:
@@ -675,12 +628,9 @@ class VmManager:
             log.warning("resuming VM %s after a disk I/O error: %s", vm.name, exc)
 
     async def _release_leases(self, spec: VmSpec) -> None:
-        from kvmotion.errors import KvmotionError
-        from kvmotion.storage.host import release_leases
-
         if spec.on_datastore:
             try:
-                await asyncio.to_thread(release_leases, spec, self.config.name)
+                await asyncio.to_thread(storage_host.release_leases, spec, self.config.name)
             except KvmotionError:
                 pass  # not ours any more (moved at switchover, or expired): nothing to release
 
@@ -720,17 +670,3 @@ class VmManager:
         if vm.qmp is None:
             raise Conflict(f"VM {name} is not running on host {self.config.name}")
         return vm.qmp
-
-
-def status_from_json(data: dict) -> VmStatus:
-    return VmStatus(
-        name=data["name"],
-        state=VmState(data["state"]),
-        host=data["host"],
-        memory=int(data["memory"]),
-        vcpus=int(data["vcpus"]),
-        pid=data.get("pid"),
-        started_at=data.get("started_at"),
-        ready=bool(data.get("ready")),
-        spec=VmSpec.from_json(data["spec"]),
-    )

@@ -15,14 +15,14 @@ from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity, Kind, Rule
+from kvmotion.api.migration import MigrationOptions
 from kvmotion.api.serving import AuthorizedRoute, allow
-from kvmotion.errors import Forbidden, InvalidInput
+from kvmotion.api.spec import VmSpec
+from kvmotion.core.errors import Forbidden, InvalidInput
+from kvmotion.core.jsonio import as_json
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.jsonio import as_json
 from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService, as_record_json, facts_to_json
-from kvmotion.migration.model import MigrationOptions
 from kvmotion.migration.policy import PRESETS, Compression, preset
-from kvmotion.qemu.spec import VmSpec
 
 _DEFAULTS = MigrationOptions()
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # VM and host names as the routes accept them

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmotion.migration.model import Check, Level
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.api.migration import Check, Level
+from kvmotion.api.spec import VmSpec
 
 
 @dataclass(frozen=True)

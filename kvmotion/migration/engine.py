@@ -23,30 +23,39 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
+
+from kvmotion.api.agent import AsyncAgentClient, VmState
+from kvmotion.api.config import load_config
 from kvmotion.api.identity import Identity, Kind
-from kvmotion.errors import (Conflict, Forbidden, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable,
-                             VmFailed)
+from kvmotion.api.inventory import Inventory
+from kvmotion.api.migration import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary, record_from_json
+from kvmotion.api.spec import VmSpec
+from kvmotion.api.tls import agent_client, qemu_creds_dir
+from kvmotion.core.errors import Conflict, Forbidden, KvmotionError, MigrationError, NotFound, PrecheckFailed, Unreachable, VmFailed
+from kvmotion.core.files import write_atomic
+from kvmotion.core.jsonio import as_json
 from kvmotion.host import resources
-from kvmotion.host.client import AsyncAgentClient
-from kvmotion.host.store import write_atomic
-from kvmotion.host.vms import HOST_RESERVE, VmManager, VmState
-from kvmotion.jsonio import as_json
+from kvmotion.host.throttle import VcpuThrottle
+from kvmotion.host.vms import HOST_RESERVE, VmManager
 from kvmotion.migration import policy as pol
-from kvmotion.migration.cancel import cancel_migration
 from kvmotion.migration.checks import HostFacts, errors_of, run_checks
 from kvmotion.migration.facts import cpu_models, datastores_reached, facts_from_json, facts_to_json
 from kvmotion.migration.hooks import SwitchoverContext, default_hooks
-from kvmotion.migration.model import Check, MigrationOptions, MigrationRecord, Phase, Progress, Summary
-from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundTracker
+from kvmotion.migration.stats import RoundTracker
 from kvmotion.net.netns import egress_link
 from kvmotion.qemu import confine
+from kvmotion.qemu.cancel import cancel_migration
+from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus
 from kvmotion.qemu.sockets import established, limit_receive_buffer, limit_unsent, shutdown_to, stream_fds
-from kvmotion.qemu.spec import VmSpec
 
 log = logging.getLogger("kvmotion.migration")
+T = TypeVar("T")
 
 TICK = 0.1  # s between query-migrate polls: QEMU's own bandwidth window is 100 ms
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU has no "unlimited", libvirt uses a huge value too
@@ -154,8 +163,6 @@ async def add_stream_tls(qmp, host: str, endpoint: str, peer: str | None = None,
     destination host; its QEMU certificate's SAN holds the host name and addresses). With `user`
     (QEMU runs unprivileged) the files are checked first: QEMU's own "Error while reading file"
     would not say why."""
-    from kvmotion.cluster.tls import qemu_creds_dir
-
     creds = qemu_creds_dir(host)
     if user is not None:
         fix = (f"issue {host}'s certificate again (kvmotion cluster cert) now that the user exists, "
@@ -220,44 +227,20 @@ class IncomingSources:
 
 def _never_connected(exc: Unreachable) -> bool:
     """True when the request cannot have reached the agent (no connection was made)."""
-    import httpx
-
     return isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
 def _record_to_json(rec: MigrationRecord) -> dict:
-    return as_json(rec)  # type: ignore[return-value]
-
-
-def record_from_json(d: dict) -> MigrationRecord:
-    from kvmotion.migration.model import Level
-
-    return MigrationRecord(
-        id=d["id"], vm=d["vm"], source=d["source"], destination=d["destination"],
-        options=MigrationOptions.from_json(d["options"]), phase=Phase(d["phase"]), started_at=d["started_at"],
-        ended_at=d.get("ended_at"), error=d.get("error"),
-        checks=tuple(Check(c["name"], Level(c["level"]), c["reason"]) for c in d.get("checks", ())),
-        progress=Progress(**d.get("progress", {})),
-        summary=Summary(**d["summary"]) if d.get("summary") else None,
-        phase_times=tuple((p, t) for p, t in d.get("phase_times", ())),
-        rounds=tuple(d.get("rounds", ())),
-        # Older records kept it among the options (then the caller's choice).
-        encrypted=bool(d.get("encrypted", d["options"].get("encrypted", True))),
-    )
+    return as_json(rec)
 
 
 def encryption_policy() -> bool:
     """Whether migration streams are encrypted: the cluster's setting, never a caller's wish."""
-    from kvmotion.cluster.config import load_config
-
     return load_config().encrypted
 
 
 def destination_client(host: str) -> AsyncAgentClient:
     """A client of `host`'s agent at the address the cluster inventory gives (NotFound: no such host)."""
-    from kvmotion.cluster.inventory import Inventory
-    from kvmotion.cluster.tls import agent_client
-
     return agent_client(Inventory().host(host).url)
 
 
@@ -310,7 +293,7 @@ class MigrationService:
 
     async def _checks(self, vm: str, dest: AsyncAgentClient, migrating: bool) -> tuple[Check, ...]:
         status = self.manager.status(vm)
-        dest_facts = facts_from_json(await dest.request("GET", "/v1/migration/facts"))  # type: ignore[arg-type]
+        dest_facts = facts_from_json(await dest.request("GET", "/v1/migration/facts"))
         return run_checks(status.spec, status.state is VmState.RUNNING, await self.facts(), dest_facts, migrating)
 
     def _reserve(self, vm: str) -> None:
@@ -374,7 +357,7 @@ class MigrationService:
     def _phase(self, mid: str, phase: Phase, at: float | None = None) -> None:
         """Enter `phase`, stamped `at` (wall clock, e.g. a QMP event's time) or now."""
         rec = self.records[mid]
-        self._update(mid, phase=phase, phase_times=rec.phase_times + ((phase.value, at or time.time()),))
+        self._update(mid, phase=phase, phase_times=(*rec.phase_times, (phase.value, at or time.time())))
         log.info("migration %s of %s: %s", mid, rec.vm, phase.value)
 
     def cancel(self, mid: str, by: str = "the user") -> MigrationRecord:
@@ -417,8 +400,6 @@ class MigrationService:
         and the destination is asked, as after a commit with no answer (_resolve). A migration that
         had not completed was cancelled by VmManager.recover: its record says so, and so tells the
         destination's guard to destroy its shadow."""
-        from kvmotion.cluster.inventory import Inventory
-
         # Incoming migrations: the uncommitted shadows are gone (VmManager.recover) or going
         # (stale_shadows); keep the sources of the VMs committed here, which may still be asked for
         # a retried commit, and of the stale shadows, whose source aborts them.
@@ -435,7 +416,7 @@ class MigrationService:
             state: VmState | None = None
             try:
                 state = self.manager.status(vm).state
-                stream = (await self.manager.qmp(vm).execute("query-migrate")).get("status")  # type: ignore[union-attr]
+                stream = (await self.manager.qmp(vm).execute("query-migrate")).get("status")
             except NotFound:
                 state, stream = None, None
             except KvmotionError:  # no QEMU, or a QEMU that does not answer: nothing to settle with it
@@ -504,7 +485,7 @@ class MigrationService:
             dest_prepared = True
             # On disk from here on: an agent restarted later must know what it was driving (recover).
             self._persist(self.records[mid])
-            uri = answer["uri"]  # type: ignore[index]
+            uri = answer["uri"]
             for hook in hooks:
                 await hook.before_precopy(ctx)
             self._check_cancel(mid)
@@ -545,7 +526,7 @@ class MigrationService:
                 while True:
                     self._check_cancel(mid)
                     now = time.monotonic() - t0
-                    sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=now)  # type: ignore[arg-type]
+                    sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=now)
                     frac = throttle.fraction if throttle else 0.0
                     tracker, closed = tracker.observe(sample, frac)
                     if closed is not None and compression is not pol.Compression.NONE:
@@ -613,7 +594,7 @@ class MigrationService:
             return
         finally:
             await dest.aclose()
-        resumed_at = float(answer["resumed_at"])  # type: ignore[index]
+        resumed_at = float(answer["resumed_at"])
         if final is not None:  # not yet observed: the stream's last figures, read now that the VM runs
             tracker, _ = tracker.observe(await self._final_statistics(qmp, final), throttle.fraction if throttle else 0.0)
         await self._finish_source(mid, rec.vm, throttle)
@@ -649,7 +630,7 @@ class MigrationService:
         if final.ram is not None:
             return final
         try:
-            return MigrationSample.from_qmp(await qmp.execute_within(ROLLBACK_STEP_TIMEOUT, "query-migrate"), at=final.at)  # type: ignore[arg-type]
+            return MigrationSample.from_qmp(await qmp.execute_within(ROLLBACK_STEP_TIMEOUT, "query-migrate"), at=final.at)
         except KvmotionError as exc:
             log.warning("reading the completed migration's statistics: %s", exc)
             return final
@@ -677,7 +658,7 @@ class MigrationService:
         deadline = time.monotonic() + SHADOW_SETTLE
         while True:
             try:
-                state = (await dest.request("GET", f"/v1/vms/{rec.vm}", timeout=3))["state"]  # type: ignore[index]
+                state = (await dest.request("GET", f"/v1/vms/{rec.vm}", timeout=3))["state"]
             except NotFound:
                 return f"the shadow VM on {rec.destination} is gone: its QEMU exited or its agent destroyed it"
             except Unreachable:
@@ -705,7 +686,7 @@ class MigrationService:
         while (left := deadline - time.monotonic()) > 0:
             try:
                 ev = await events.get(left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
             if ev.name == "STOP":
                 seen["stop"] = ev.timestamp
@@ -735,9 +716,9 @@ class MigrationService:
                 # QEMU writes the stream's end holding its big lock: on a dead link the monitor
                 # hangs with it, so the monitor's silence is a stall too.
                 reply = await asyncio.wait_for(qmp.execute("query-migrate"), STALL_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 reply = None
-            sample = MigrationSample.from_qmp(reply, at=time.monotonic() - t0) if reply is not None else None  # type: ignore[arg-type]
+            sample = MigrationSample.from_qmp(reply, at=time.monotonic() - t0) if reply is not None else None
             if sample is not None and sample.status.is_terminal:
                 return sample
             if sample is None or stall.stalled(sample):
@@ -772,17 +753,15 @@ class MigrationService:
         ))
 
     async def _throttle(self, current, vm: str, fraction: float):
-        from kvmotion.host.throttle import VcpuThrottle
-
         if current is None:
             if fraction <= 0:
                 return None
             cpus = await self.manager.qmp(vm).execute("query-cpus-fast")
-            current = await asyncio.to_thread(VcpuThrottle, vm, [c["thread-id"] for c in cpus])  # type: ignore[union-attr]
+            current = await asyncio.to_thread(VcpuThrottle, vm, [c["thread-id"] for c in cpus])
         await asyncio.to_thread(current.set_throttle, fraction)
         return current
 
-    async def _on_qemu_sockets(self, vm: str, action, *args):
+    async def _on_qemu_sockets(self, vm: str, action: Callable[..., T], *args: object) -> T | None:
         """Run a kvmotion.qemu.sockets action on the VM's QEMU; None (logged) when it could not be
         done: only the pause's length is at stake, never the migration."""
         pid = self.manager.status(vm).pid
@@ -794,7 +773,7 @@ class MigrationService:
             log.warning("VM %s: %s on its QEMU's migration sockets failed: %s", vm, action.__name__, exc)
             return None
 
-    async def _on_stream_sockets(self, vm: str, uri: str, action, *args) -> int | None:
+    async def _on_stream_sockets(self, vm: str, uri: str, action: Callable[..., T], *args: object) -> T | None:
         """A kvmotion.qemu.sockets action on the source QEMU's sockets to the migration's URI."""
         host, _, port = uri.removeprefix("tcp:").rpartition(":")
         return await self._on_qemu_sockets(vm, action, host.strip("[]"), int(port), *args)
@@ -828,7 +807,7 @@ class MigrationService:
         n = await self._on_stream_sockets(vm, uri, limit_unsent, UNSENT_LIMIT, BACKLOG_WORTH_LIMITING)
         return n is None or n > 0
 
-    async def _commit(self, dest: AsyncAgentClient, mid: str) -> object:
+    async def _commit(self, dest: AsyncAgentClient, mid: str) -> Any:
         """Ask the destination to commit. When that fails, a commit may still have happened (an
         answer lost, or a request the destination reads later): settle it by destroying the shadow
         before anything resumes here. Raises the commit's error once the shadow is gone, or
@@ -878,8 +857,6 @@ class MigrationService:
         self.tasks[f"resolve-{mid}"] = asyncio.create_task(self._resolve(mid, dest.url, list(done_hooks), ctx))
 
     async def _resolve(self, mid: str, dest_url: str, done_hooks: list, ctx: SwitchoverContext) -> None:
-        from kvmotion.cluster.tls import agent_client
-
         rec = self.records[mid]
         client = agent_client(dest_url)
         try:
@@ -939,15 +916,15 @@ class MigrationService:
                     await asyncio.wait_for(hook.on_rollback(ctx), ROLLBACK_STEP_TIMEOUT * 2)
                 except KvmotionError as e:
                     notes.append(f"{hook.name} rollback: {e}")
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     notes.append(f"{hook.name} rollback: not done within {ROLLBACK_STEP_TIMEOUT * 2:.0f} s")
             try:
-                status = MigrationSample.from_qmp(await ask("query-migrate")).status  # type: ignore[arg-type]
+                status = MigrationSample.from_qmp(await ask("query-migrate")).status
                 if not status.is_terminal and status is not MigrationStatus.NONE:
-                    # A stalled stream is broken off in the order QEMU 10.0 survives (migration/cancel.py).
+                    # A stalled stream is broken off in the order QEMU 10.0 survives (qemu/cancel.py).
                     await cancel_migration(ask, self.manager.status(rec.vm).pid, CANCEL_WAIT)
                 run = await ask("query-status")
-                if run["status"] != "running":  # type: ignore[index]
+                if run["status"] != "running":
                     await ask("cont")
                 resumed = True
             except KvmotionError as e:
@@ -1003,7 +980,7 @@ class MigrationService:
                     qmp, self.host, "server", source, self.manager.confinement.user))
             await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
             info = await qmp.execute("query-migrate")
-            addr = info["socket-address"][0]  # type: ignore[index]
+            addr = info["socket-address"][0]
             size = RECEIVE_BUFFER if compression is pol.Compression.NONE else RECEIVE_BUFFER_COMPRESSED
             await self._on_qemu_sockets(spec.name, limit_receive_buffer, int(addr["port"]), size)
             self.tasks[f"incoming-{mid}"] = asyncio.create_task(self._guard_incoming(mid, source))
@@ -1065,14 +1042,14 @@ class MigrationService:
         once it has sent the last byte; the destination may still be loading it (status
         "active"), so asking once races with it."""
         deadline = time.monotonic() + INCOMING_SETTLE
-        status = (await qmp.execute("query-migrate")).get("status")  # type: ignore[union-attr]
+        status = (await qmp.execute("query-migrate")).get("status")
         while status not in ("completed", "failed", "cancelled"):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
                 ev = await events.wait_for("MIGRATION", timeout=left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             status = ev.data.get("status")
         if status in ("failed", "cancelled"):
@@ -1084,9 +1061,6 @@ class MigrationService:
     async def _guard_incoming(self, mid: str, source: str) -> None:
         """Destroy an uncommitted shadow whose source gave up without telling us (a cut link loses
         the source's DELETE): ask the source about the migration until the shadow is committed or gone."""
-        from kvmotion.cluster.inventory import Inventory
-        from kvmotion.cluster.tls import agent_client
-
         try:
             client = agent_client(Inventory().host(source).url)
         except KvmotionError as exc:
@@ -1099,7 +1073,7 @@ class MigrationService:
                 if mid not in self.incoming_active:
                     return  # committed, or destroyed already
                 try:
-                    phase = Phase((await client.request("GET", f"/v1/migrations/{mid}", timeout=5))["phase"])  # type: ignore[index]
+                    phase = Phase((await client.request("GET", f"/v1/migrations/{mid}", timeout=5))["phase"])
                 except NotFound:
                     why = f"{source} has no such migration (its agent restarted)"
                 except Unreachable:
@@ -1137,7 +1111,7 @@ class MigrationService:
                     await client.request("POST", f"/v1/migrations/{mid}/cancel", timeout=5)
                     while time.monotonic() < deadline and self._has_shadow(name, mid):
                         rec = await client.request("GET", f"/v1/migrations/{mid}", timeout=5)
-                        if Phase(rec["phase"]).terminal:  # type: ignore[index]
+                        if Phase(rec["phase"]).terminal:
                             break
                         await asyncio.sleep(0.2)
                 finally:
@@ -1184,4 +1158,4 @@ def as_record_json(rec: MigrationRecord) -> dict:
     return _record_to_json(rec)
 
 
-__all__ = ["MigrationService", "Cancelled", "facts_to_json", "as_record_json", "record_from_json", "Unreachable"]
+__all__ = ["Cancelled", "MigrationService", "Unreachable", "as_record_json", "facts_to_json"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvmotion.migration.checks import HostFacts
 from kvmotion.qemu.qmp import Qmp
+from kvmotion.storage.host import reachable_datastores
 
 _cpu_cache: dict[str, dict[str, tuple[str, ...]]] = {}
 
@@ -19,7 +20,7 @@ async def cpu_models(accel: str) -> dict[str, tuple[str, ...]]:
         return _cpu_cache[accel]
     with tempfile.TemporaryDirectory(prefix="kvcpu") as tmp:
         sock = Path(tmp) / "qmp.sock"
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - returns once forked; the probe's QMP is awaited
             ["qemu-system-x86_64", "-M", "none", "-accel", accel, "-nodefaults", "-display", "none",
              "-chardev", f"socket,id=q,path={sock},server=on,wait=off", "-mon", "chardev=q,mode=control"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -32,17 +33,13 @@ async def cpu_models(accel: str) -> dict[str, tuple[str, ...]]:
             await qmp.close()
             proc.kill()
             await asyncio.to_thread(proc.wait)
-    result = {d["name"]: tuple(d.get("unavailable-features", ())) for d in defs}  # type: ignore[union-attr]
+    result = {d["name"]: tuple(d.get("unavailable-features", ())) for d in defs}
     _cpu_cache[accel] = result
     return result
 
 
 def datastores_reached(host: str) -> frozenset[str]:
     """Datastores of the cluster registry that answer host `host` (its certificate, over TLS)."""
-    try:
-        from kvmotion.storage.host import reachable_datastores
-    except ImportError:
-        return frozenset()
     return frozenset(reachable_datastores(host))
 
 

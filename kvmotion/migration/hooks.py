@@ -12,8 +12,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvmotion.api.spec import VmSpec
 from kvmotion.qemu.qmp import Qmp
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.storage import host as storage_host
 
 
 @dataclass(frozen=True)
@@ -47,27 +48,21 @@ class DiskLeaseHook:
         self.generations: dict[str, int] = {}  # what the source holds; the hand-over is conditional on it
 
     async def before_precopy(self, ctx: SwitchoverContext) -> None:
-        from kvmotion.storage.host import lease_generations
-
         # Read now, not in the pause. It changes only if the source loses its lease meanwhile,
         # and the hand-over is then refused, as it should be.
-        self.generations = await asyncio.to_thread(lease_generations, ctx.spec, ctx.source)
+        self.generations = await asyncio.to_thread(storage_host.lease_generations, ctx.spec, ctx.source)
 
     async def before_switchover(self, ctx: SwitchoverContext) -> None:
-        from kvmotion.storage.host import transfer_leases
-
-        await asyncio.to_thread(transfer_leases, ctx.spec, ctx.source, ctx.destination, self.generations)
+        await asyncio.to_thread(storage_host.transfer_leases, ctx.spec, ctx.source, ctx.destination, self.generations)
 
     async def after_commit(self, ctx: SwitchoverContext) -> None:
         return None
 
     async def on_rollback(self, ctx: SwitchoverContext) -> None:
-        from kvmotion.storage.host import reattach_disks, take_back_leases
-
-        await asyncio.to_thread(take_back_leases, ctx.spec, ctx.destination, ctx.source)
+        await asyncio.to_thread(storage_host.take_back_leases, ctx.spec, ctx.destination, ctx.source)
         # The source's old NBD connections stay fenced (bound to the old generation): give
         # QEMU new ones, under the lease generation the source holds again, before it resumes.
-        await reattach_disks(ctx.spec, ctx.source, ctx.source_qmp, ctx.proto_nodes, ctx.migration_id[:8])
+        await storage_host.reattach_disks(ctx.spec, ctx.source, ctx.source_qmp, ctx.proto_nodes, ctx.migration_id[:8])
 
 
 def default_hooks(spec: VmSpec) -> list[SwitchoverHook]:

@@ -41,10 +41,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Union
 
-from kvmotion.errors import InvalidInput
-from kvmotion.migration.stats import MigrationSample, MigrationStatus, RoundStats
+from kvmotion.core.errors import InvalidInput
+from kvmotion.migration.stats import RoundStats
+from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -85,7 +85,7 @@ class Abort:
     reason: str
 
 
-Action = Union[SetDowntimeLimit, SetThrottle, StartPostcopy, Abort]
+Action = SetDowntimeLimit | SetThrottle | StartPostcopy | Abort
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -477,7 +477,7 @@ def _give_up(
     config: PolicyConfig, state: PolicyState, obs: Observation, reason: str, actions: list[Action] | None = None
 ) -> Decision:
     """Post-copy if allowed (and QEMU is iterating), else abort; always release the throttle first."""
-    out = [a for a in (actions or []) if not isinstance(a, SetThrottle)]
+    out: list[Action] = [a for a in (actions or []) if not isinstance(a, SetThrottle)]
     if state.throttle_level > 0 or any(isinstance(a, SetThrottle) for a in actions or []):
         out.append(SetThrottle(0.0))
     if config.allow_postcopy and obs.sample.status is MigrationStatus.ACTIVE:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pyroute2 import netns as pr_netns
 
-from kvmotion.errors import InvalidInput, NotFound
+from kvmotion.core.errors import InvalidInput, NotFound
 
 ETH_P_ARP = 0x0806
 ETH_P_RARP = 0x8035
@@ -196,7 +196,7 @@ class AnnounceListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "AnnounceListener":
+    def start(self) -> AnnounceListener:
         # ETH_P_ALL, not per-protocol sockets: on a bridge port the bridge consumes frames before
         # protocol handlers run, only "all" taps see them. A BPF filter keeps the rest in the kernel.
         s = _packet_socket(self.ns, ETH_P_ALL)
@@ -260,7 +260,7 @@ class AnnounceListener:
             s.close()
         self._socks = []
 
-    def __enter__(self) -> "AnnounceListener":
+    def __enter__(self) -> AnnounceListener:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

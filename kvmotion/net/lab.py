@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion import paths
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core import paths
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net import links, netns
 
 LAB_VERSION = 1
@@ -118,7 +118,7 @@ class LabTopology:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @staticmethod
-    def from_json(text: str) -> "LabTopology":
+    def from_json(text: str) -> LabTopology:
         raw = json.loads(text)
         if raw.get("version") != LAB_VERSION:
             raise SetupError(f"lab description version {raw.get('version')} is not {LAB_VERSION}: run `kvmotion lab down`")
@@ -274,7 +274,7 @@ def lab_up(name: str, hosts: int = 3, link_rate: int | None = None) -> LabTopolo
     except BaseException:
         try:
             lab_down(name)
-        except Exception:  # the build error is the one to report
+        except Exception:  # noqa: BLE001 - the build error is the one to report
             pass
         raise
     return topo

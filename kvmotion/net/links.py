@@ -19,7 +19,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net.nl import off_event_loop
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name

@@ -14,16 +14,17 @@ import signal
 import subprocess
 import threading
 import time
-from socket import AF_BRIDGE, AF_INET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from socket import AF_BRIDGE, AF_INET
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, netns as pr_netns
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net.nl import off_event_loop
 
 NETNS_DIR = Path("/run/netns")
@@ -156,7 +157,7 @@ def run_in_ns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) 
             code = 1
             try:
                 payload = pickle.dumps((False, exc))
-            except Exception:  # an unpicklable exception: carry its text
+            except Exception:  # noqa: BLE001 - an unpicklable exception: carry its text
                 payload = pickle.dumps((False, SetupError(f"{type(exc).__name__}: {exc}")))
         try:
             with os.fdopen(wfd, "wb") as out:
@@ -351,7 +352,7 @@ class TbfParams:
     latency_s: float
 
     @staticmethod
-    def for_rate(rate_bytes_per_s: int, latency_s: float = 0.010) -> "TbfParams":
+    def for_rate(rate_bytes_per_s: int, latency_s: float = 0.010) -> TbfParams:
         # 128 KiB is what measured 0.96 of 1 Gbit/s; faster links need a bucket of ~1 ms of traffic
         # or the qdisc's timer granularity caps them below the rate.
         return TbfParams(rate=rate_bytes_per_s, burst=max(128 * 1024, rate_bytes_per_s // 1000), latency_s=latency_s)

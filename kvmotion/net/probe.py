@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmotion.errors import InvalidInput, KvmotionError, Unreachable
+from kvmotion.core.errors import InvalidInput, KvmotionError, Unreachable
 
 CHUNK = 64
 _HDR = struct.Struct("!Qd")  # seq, sender's monotonic time
@@ -144,7 +145,7 @@ def largest_gap(samples: Sequence[UdpSample], start: float | None = None, end: f
         return Gap(lo, lo)
     points = [lo, *(t for t in reply_times(samples) if lo < t < hi), hi]
     best = Gap(lo, lo)
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         if b - a > best.duration:
             best = Gap(a, b)
     return best
@@ -239,7 +240,7 @@ class ProbeReport:
         return json.dumps(raw, allow_nan=True)
 
     @staticmethod
-    def from_json(text: str) -> "ProbeReport":
+    def from_json(text: str) -> ProbeReport:
         raw = json.loads(text)
         udp = dict(raw["udp"])
         udp["largest_gap"] = Gap(**udp["largest_gap"])
@@ -379,7 +380,7 @@ class Probe:
             while True:
                 try:
                     data = udp.recv(2048)
-                except socket.timeout:
+                except TimeoutError:
                     if senders_done.is_set() and (time.monotonic() > drain_deadline[0]):
                         return
                     continue
@@ -486,7 +487,7 @@ class Probe:
                 tcp_error = f"{tcp_sent[0] - checker.next_seq} chunks never came back"
             stall_points = [self.interval / 2, *(t - t0 for t in checker.recv_times), t_end - t0]
             stall = max(
-                (Gap(a, b) for a, b in zip(stall_points, stall_points[1:])),
+                (Gap(a, b) for a, b in itertools.pairwise(stall_points)),
                 key=lambda g: g.duration,
                 default=Gap(0.0, 0.0),
             )
@@ -545,7 +546,7 @@ class EchoServer:
             threading.Thread(target=self._accept_loop, daemon=True),
         ]
 
-    def start(self) -> "EchoServer":
+    def start(self) -> EchoServer:
         self.udp.settimeout(0.1)
         self.tcp.settimeout(0.1)
         for t in self._threads:
@@ -557,14 +558,14 @@ class EchoServer:
             try:
                 data, peer = self.udp.recvfrom(65536)
                 self.udp.sendto(data, peer)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 conn, _ = self.tcp.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
@@ -575,7 +576,7 @@ class EchoServer:
             while not self._stop.is_set():
                 try:
                     data = conn.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     return
@@ -593,7 +594,7 @@ class EchoServer:
         self.udp.close()
         self.tcp.close()
 
-    def __enter__(self) -> "EchoServer":
+    def __enter__(self) -> EchoServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

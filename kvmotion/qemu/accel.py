@@ -10,12 +10,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
-from kvmotion import paths
-from kvmotion.errors import InvalidInput
+from kvmotion.core import paths
+from kvmotion.core.errors import InvalidInput
 
 
 class Accel(str, Enum):
@@ -65,12 +67,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _probe_kvm(timeout: float = 20.0) -> bool:
+class BootFiles(Protocol):
+    """A guest's kernel and initramfs (kvmotion.guest.image.GuestImage)."""
+
+    @property
+    def kernel(self) -> Path: ...
+
+    @property
+    def initramfs(self) -> Path: ...
+
+
+def _probe_kvm(guest: Callable[[], BootFiles], timeout: float = 20.0) -> bool:
     """Boot the guest image under KVM and wait for its READY line: /dev/kvm alone proves nothing
     (a paravirtual KVM exists that cannot boot a stock kernel)."""
-    from kvmotion.guest.image import ensure_image  # the probe needs the guest; import lazily
-
-    image = ensure_image()
+    image = guest()
     argv = [
         "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", "256",
         "-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
@@ -85,8 +95,9 @@ def _probe_kvm(timeout: float = 20.0) -> bool:
     return b"KVMOTION READY" in out
 
 
-def choose(forced: str | None = None) -> AccelChoice:
-    """The accelerator for this host; the probe result is cached (it takes seconds)."""
+def choose(guest: Callable[[], BootFiles], forced: str | None = None) -> AccelChoice:
+    """The accelerator for this host; the probe result is cached (it takes seconds). `guest`
+    gives the guest image the probe boots (kvmotion.guest.image.ensure_image), called only for a probe."""
     forced = forced or os.environ.get("KVMOTION_ACCEL") or None
     flags = cpu_flags()
     kvm_device = os.path.exists("/dev/kvm")
@@ -96,7 +107,7 @@ def choose(forced: str | None = None) -> AccelChoice:
         try:
             probe_ok = bool(json.loads(cache.read_text())["kvm_ok"])
         except (OSError, ValueError, KeyError):
-            probe_ok = _probe_kvm()
+            probe_ok = _probe_kvm(guest)
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"kvm_ok": probe_ok}))
     choice = decide(flags, kvm_device, probe_ok, forced)

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmotion.api.spec import VmSpec
 from kvmotion.qemu.accel import Accel
 from kvmotion.qemu.confine import SANDBOX
-from kvmotion.qemu.spec import VmSpec
 
 # pc (i440fx) over q35: fewer devices to emulate, so faster TCG boot; virtio-pci works on both.
 MACHINE = "pc"
@@ -117,7 +117,7 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         _plain(value)
     argv = [
         binary,
-        # Named threads (mig/src/send_0, ...): a stalled migration is cancelled by them (migration/cancel.py).
+        # Named threads (mig/src/send_0, ...): a stalled migration is cancelled by them (qemu/cancel.py).
         "-name", f"{spec.name},debug-threads=on,process={process_tag(spec)}",
         "-machine", f"{MACHINE},accel={ctx.accel.value}",
         "-cpu", cpu,
@@ -152,7 +152,7 @@ def build_argv(spec: VmSpec, paths: VmPaths, ctx: HostContext, binary: str = "qe
         # instead of failing the guest's I/O; `cont` retries the request once the cause is gone.
         argv += ["-device", _json({"driver": "virtio-blk-pci", "drive": f"disk{i}", "id": f"vblk{i}", "serial": f"kvm{i}",
                                    "werror": "stop", "rerror": "stop"})]
-    for i, (nic, tap) in enumerate(zip(spec.nics, fds.taps)):
+    for i, (nic, tap) in enumerate(zip(spec.nics, fds.taps, strict=True)):  # checked above
         argv += ["-netdev", _json({"type": "tap", "id": f"net{i}", "fd": str(tap)})]
         argv += ["-device", _json({"driver": "virtio-net-pci", "netdev": f"net{i}", "id": f"vnet{i}", "mac": nic.mac,
                                    "guest_announce": nic.guest_announce})]

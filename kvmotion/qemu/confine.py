@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.qemu.accel import Accel
 
 QEMU_USER = "kvmotion-qemu"  # user and group of the same name
@@ -59,7 +59,7 @@ class FileAccess:
         return bits & want == want
 
     @staticmethod
-    def of(path: Path) -> "FileAccess":
+    def of(path: Path) -> FileAccess:
         st = path.stat()
         return FileAccess(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 
-from kvmotion.errors import InvalidInput, SetupError
+from kvmotion.core.errors import InvalidInput, SetupError
 from kvmotion.qemu.accel import Accel
 
 QEMU = "qemu-system-x86_64"

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import NotFound, SetupError, VmFailed
+from kvmotion.core.errors import NotFound, SetupError, VmFailed
 from kvmotion.qemu.cmdline import QemuFds, VmPaths
 from kvmotion.qemu.confine import QemuUser
 
@@ -96,7 +96,7 @@ class QemuProcess:
 
     @staticmethod
     def start(argv: list[str], paths: VmPaths, tag: str, *, pass_fds: tuple[int, ...] = (),
-              user: QemuUser | None = None) -> "QemuProcess":
+              user: QemuUser | None = None) -> QemuProcess:
         """Start `argv` (inheriting `pass_fds`), as `user` when given, and write its pid file."""
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.pidfile.unlink(missing_ok=True)
@@ -121,7 +121,7 @@ class QemuProcess:
         return QemuProcess(pid=proc.pid, paths=paths, tag=tag, started_at=time.time())
 
     @staticmethod
-    def attach(paths: VmPaths, tag: str) -> "QemuProcess | None":
+    def attach(paths: VmPaths, tag: str) -> QemuProcess | None:
         """The running QEMU of this VM, found through its pid file, or None."""
         try:
             pid = int(paths.pidfile.read_text().strip())

@@ -6,11 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError, StateError
 
-from kvmotion.errors import VmFailed
+from kvmotion.core.errors import VmFailed
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Qmp:
             try:
                 await asyncio.wait_for(self._client.connect(str(socket_path)), max(deadline - time.monotonic(), 0.05))
                 return
-            except (ConnectError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ConnectError, OSError) as exc:
                 if not alive():
                     raise VmFailed(f"QEMU for VM {self.vm_name} exited before its monitor came up") from exc
                 if time.monotonic() > deadline:
@@ -59,7 +60,8 @@ class Qmp:
 
         return self._client.runstate == Runstate.RUNNING
 
-    async def execute(self, command: str, **arguments) -> object:
+    async def execute(self, command: str, /, **arguments: Any) -> Any:
+        """QEMU's answer, decoded JSON; VmFailed when QEMU refuses or the monitor is gone."""
         try:
             return await self._client.execute(command, arguments or None)
         except ExecuteError as exc:
@@ -67,15 +69,15 @@ class Qmp:
         except (StateError, ExecInterruptedError, ConnectionError, EOFError) as exc:
             raise VmFailed(f"lost the QEMU monitor of VM {self.vm_name} during {command}") from exc
 
-    async def execute_within(self, seconds: float, command: str, **arguments) -> object:
+    async def execute_within(self, seconds: float, command: str, /, **arguments: Any) -> Any:
         """execute(), giving up after `seconds`: a QEMU stuck holding its big lock never answers."""
         try:
             return await asyncio.wait_for(self.execute(command, **arguments), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise VmFailed(f"QEMU of VM {self.vm_name} did not answer {command} within {seconds:g} s: "
                            f"it is stuck (its process is left as it is for a post-mortem)") from None
 
-    def listen(self, *names: str) -> "EventStream":
+    def listen(self, *names: str) -> EventStream:
         return EventStream(self._client, names)
 
     async def close(self) -> None:
@@ -92,7 +94,7 @@ class EventStream:
         self._client = client
         self._listener = EventListener(list(names) or None)
 
-    async def __aenter__(self) -> "EventStream":
+    async def __aenter__(self) -> EventStream:
         self._client.register_listener(self._listener)
         return self
 
@@ -101,7 +103,7 @@ class EventStream:
 
     def get_nowait(self) -> QmpEvent:
         """The next queued event; asyncio.QueueEmpty when there is none."""
-        return _to_event(self._listener._queue.get_nowait())  # noqa: SLF001 - the library has no public non-blocking get
+        return _to_event(self._listener._queue.get_nowait())  # the library has no public non-blocking get
 
     async def get(self, timeout: float | None = None) -> QmpEvent:
         return _to_event(await asyncio.wait_for(self._listener.get(), timeout))

@@ -7,7 +7,7 @@ TCP_NOTSENT_LOWAT bounds that backlog per socket. On the destination, what sits 
 buffers is loaded after the source has finished: a small SO_RCVBUF bounds that. Socket options
 belong to the socket, not to the descriptor, so a duplicate taken with pidfd_getfd changes QEMU's
 own socket. The same duplicates shut a stalled stream's sockets down, and /proc tells which of
-QEMU's threads is blocked writing to which socket (kvmotion/migration/cancel.py needs the order).
+QEMU's threads is blocked writing to which socket (kvmotion/qemu/cancel.py needs the order).
 """
 
 from __future__ import annotations

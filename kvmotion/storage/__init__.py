@@ -18,8 +18,9 @@ Design. `kvmotion datastore serve` runs nbdkit (Debian's 1.32) with our Python p
 - Authentication: NBD and the control API take TLS client certificates of the cluster CA only.
   nbdkit 1.32 can require a certificate but cannot tell the plugin whose it is, so nbdkit listens
   on a private Unix socket and a TLS front end (nbd_front.py, another child process of `datastore
-  serve`) terminates TLS in front of it: it reads the identity from the certificate and opens `DISK@HOST` only for host:HOST and qemu:HOST, `DISK`
-  for any host and for operators (nbd_gate.py), then relays bytes. Lease calls act for the host
+  serve`) terminates TLS in front of it: it reads the identity from the certificate and opens
+  `DISK@HOST` only for host:HOST and qemu:HOST, `DISK` for any host and for operators
+  (nbd_gate.py), then relays bytes. Lease calls act for the host
   named in the caller's certificate (api.py). `datastore serve --insecure` is the plain-text
   service of before, with a warning on every start.
 - Lease state: leases.json under the root, replaced atomically by the control API under an

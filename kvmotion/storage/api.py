@@ -24,12 +24,12 @@ from fastapi import Depends, FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import HTTPConnection
 
+from kvmotion.api.address import API_PREFIX, INSECURE_HOST_HEADER
+from kvmotion.api.disks import DiskInfo, Lease
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
 from kvmotion.api.serving import AuthorizedRoute, allow
-from kvmotion.errors import InvalidInput
-from kvmotion.storage.address import API_PREFIX, INSECURE_HOST_HEADER
-from kvmotion.storage.datastore import Datastore, DiskInfo
-from kvmotion.storage.lease import Lease
+from kvmotion.core.errors import InvalidInput
+from kvmotion.storage.datastore import Datastore
 
 RENEW_SUFFIX = "/renew"  # left out of the audit log when it succeeds: every host renews every few seconds
 
@@ -68,7 +68,7 @@ class LeaseOut(_Body):
     handed_over_by: str | None = None
 
     @staticmethod
-    def of(lease: Lease) -> "LeaseOut":
+    def of(lease: Lease) -> LeaseOut:
         return LeaseOut(**lease.to_dict())  # type: ignore[arg-type]
 
 
@@ -80,7 +80,7 @@ class DiskOut(_Body):
     lease: LeaseOut | None
 
     @staticmethod
-    def of(d: DiskInfo) -> "DiskOut":
+    def of(d: DiskInfo) -> DiskOut:
         return DiskOut(name=d.name, size=d.size, allocated=d.allocated, generation=d.generation,
                        lease=LeaseOut.of(d.lease) if d.lease else None)
 

@@ -39,13 +39,13 @@ again (lease.check_flush), while that connection's writes stay refused.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import InvalidInput
-from kvmotion.storage.address import nbd_tls, parse_nbd_url
-from kvmotion.storage.lease import ExportName, check_disk_name, check_host_name
+from kvmotion.api.address import nbd_tls, parse_nbd_url
+from kvmotion.api.disks import check_disk_name, check_host_name
+from kvmotion.core.errors import InvalidInput
+from kvmotion.storage.lease import ExportName
 
 DEFAULT_RECONNECT_DELAY = 35  # seconds; past QEMU's reconnect attempt at 31 s (see above)
 DEFAULT_OPEN_TIMEOUT = 10  # seconds

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmotion.core.units import parse_size
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.datastore import Datastore
-from kvmotion.units import parse_size
 
 DISK = "bench.img"
 HOST = "bench-host"
@@ -106,7 +106,7 @@ def servers(tmp: Path, size: int, port: int) -> dict[str, tuple[list[str], str]]
              "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
              "--export", f"type=nbd,id=e0,node-name=f0,name={DISK},writable=on"],
             DISK,
-        ),  # fmt: skip
+        ),
     }
 
 

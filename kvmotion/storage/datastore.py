@@ -12,53 +12,18 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from kvmotion.errors import Conflict, InsufficientResources, InvalidInput, LeaseError, NotFound
-from kvmotion.qemu.spec import MAX_DISK_SIZE
-from kvmotion.storage.lease import Clock, Lease, LeaseTable, check_disk_name, check_host_name
+from kvmotion.api.disks import DiskInfo, Lease, check_disk_name, check_host_name
+from kvmotion.api.spec import MAX_DISK_SIZE
+from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, LeaseError, NotFound
+from kvmotion.core.units import format_size
+from kvmotion.storage.lease import Clock, LeaseTable
 from kvmotion.storage.leasefile import META_DIR, LeaseStore
-from kvmotion.units import format_size
 
 SECTOR = 512
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    """A disk as `datastore ls` shows it; `lease` is None when nobody may write."""
-
-    name: str
-    size: int
-    allocated: int
-    generation: int  # last lease generation handed out (0: never leased)
-    lease: Lease | None
-
-    @property
-    def holder(self) -> str | None:
-        return self.lease.host if self.lease else None
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "size": self.size,
-            "allocated": self.allocated,
-            "generation": self.generation,
-            "lease": self.lease.to_dict() if self.lease else None,
-        }
-
-    @staticmethod
-    def from_dict(data: dict[str, object]) -> "DiskInfo":
-        lease = data.get("lease")
-        return DiskInfo(
-            name=str(data["name"]),
-            size=int(data["size"]),  # type: ignore[arg-type]
-            allocated=int(data["allocated"]),  # type: ignore[arg-type]
-            generation=int(data["generation"]),  # type: ignore[arg-type]
-            lease=Lease.from_dict(lease) if isinstance(lease, dict) else None,
-        )
 
 
 def check_disk_size(size: int) -> int:

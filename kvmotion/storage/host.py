@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from kvmotion.errors import KvmotionError, LeaseError, NotFound
-from kvmotion.qemu.spec import DiskSpec, VmSpec
+from kvmotion.api.datastore import DatastoreClient, client_for
+from kvmotion.api.registry import DatastoreRef, Registry
+from kvmotion.api.spec import DiskSpec, VmSpec
+from kvmotion.api.tls import host_ssl_context, qemu_creds_dir
+from kvmotion.core.errors import KvmotionError, LeaseError, NotFound
 from kvmotion.storage.attach import export_name, nbd_blockdev, nbd_tls_object, reattach_commands
-from kvmotion.storage.client import DatastoreClient, client_for
-from kvmotion.storage.registry import DatastoreRef, Registry
 
 _clients: dict[tuple[DatastoreRef, str, int], DatastoreClient] = {}
 _clients_lock = threading.Lock()
@@ -26,8 +27,6 @@ def _client_of(ref: DatastoreRef, host: str, timeout: float = 10.0) -> Datastore
     """The kept client of `ref` for `host` (a new one when the address or the host's certificate changed)."""
     ctx_id = 0
     if ref.tls:
-        from kvmotion.cluster.tls import host_ssl_context
-
         ctx_id = id(host_ssl_context(host))  # cached per certificate file: a re-issued one gives a new context
     key = (ref, host, ctx_id)
     with _clients_lock:
@@ -63,8 +62,6 @@ def qemu_objects(spec: VmSpec, host: str) -> tuple[dict, ...]:
     refs = {Registry().get(d.datastore) for d in _datastore_disks(spec)}  # type: ignore[arg-type]
     if not any(ref.tls for ref in refs):
         return ()
-    from kvmotion.cluster.tls import qemu_creds_dir
-
     return (nbd_tls_object(Path(qemu_creds_dir(host))),)
 
 
@@ -145,7 +142,7 @@ def take_back_leases(spec: VmSpec, from_host: str | None, to_host: str) -> None:
 
 
 class QmpExecutor(Protocol):
-    async def execute(self, cmd: str, **arguments: object) -> object: ...
+    async def execute(self, command: str, /, **arguments: Any) -> object: ...
 
 
 async def reattach_disks(spec: VmSpec, host: str, qmp: QmpExecutor, proto_nodes: list[str], tag: str) -> None:

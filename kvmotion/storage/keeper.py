@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvmotion.errors import KvmotionError, LeaseError
-from kvmotion.storage.lease import Lease
+from kvmotion.api.disks import Lease
+from kvmotion.core.errors import KvmotionError, LeaseError
 
 log = logging.getLogger(__name__)
 

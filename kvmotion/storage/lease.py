@@ -18,69 +18,18 @@ of the datastore service; hosts never compare their own clocks with `expires_at`
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
-from kvmotion.errors import Forbidden, InvalidInput, LeaseError
+from kvmotion.api.disks import Lease, check_disk_name, check_host_name
+from kvmotion.core.errors import Forbidden, InvalidInput, LeaseError
 
 STATE_VERSION = 1
 EXPORT_HOST_SEP = "@"
-_DISK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 Clock = Callable[[], float]
-
-
-def check_disk_name(name: str) -> str:
-    if not _DISK_RE.fullmatch(name):
-        raise InvalidInput(
-            f"invalid disk name {name!r}: use 1-100 letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit (e.g. web1.img)"
-        )
-    return name
-
-
-def check_host_name(name: str) -> str:
-    if not _HOST_RE.fullmatch(name):
-        raise InvalidInput(
-            f"invalid host name {name!r}: use 1-63 letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-@dataclass(frozen=True)
-class Lease:
-    """The right of one (host, VM) to write one disk, until `expires_at` unless renewed."""
-
-    disk: str
-    host: str
-    vm: str
-    generation: int
-    expires_at: float  # datastore wall clock, Unix seconds
-    # The host that handed this lease over, until the holder renews it: it may take it back (rollback).
-    handed_over_by: str | None = None
-
-    def live(self, now: float) -> bool:
-        return now < self.expires_at
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: dict[str, object]) -> "Lease":
-        by = data.get("handed_over_by")
-        return Lease(
-            disk=str(data["disk"]),
-            host=str(data["host"]),
-            vm=str(data["vm"]),
-            generation=int(data["generation"]),  # type: ignore[arg-type]
-            expires_at=float(data["expires_at"]),  # type: ignore[arg-type]
-            handed_over_by=str(by) if by is not None else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +47,7 @@ class ExportName:
         return self.disk if self.host is None else f"{self.disk}{EXPORT_HOST_SEP}{self.host}"
 
     @staticmethod
-    def parse(text: str) -> "ExportName":
+    def parse(text: str) -> ExportName:
         disk, sep, host = text.partition(EXPORT_HOST_SEP)
         check_disk_name(disk)
         if sep:
@@ -305,7 +254,7 @@ class LeaseTable:
         )
 
     @classmethod
-    def from_json(cls, text: str, ttl: float, clock: Clock = time.time) -> "LeaseTable":
+    def from_json(cls, text: str, ttl: float, clock: Clock = time.time) -> LeaseTable:
         table = cls(ttl, clock)
         if text.strip():
             data = json.loads(text)

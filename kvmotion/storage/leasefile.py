@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvmotion.storage.lease import Lease, leases_from_json
+from kvmotion.api.disks import Lease
+from kvmotion.storage.lease import leases_from_json
 
 META_DIR = ".kvmotion"
 _SEQ_BYTES = 8

@@ -69,7 +69,7 @@ class NbdConnection:
 
     @classmethod
     def connect(cls, host: str, port: int, export: str, timeout: float = 10.0,
-                tls: ssl.SSLContext | None = None) -> "NbdConnection":
+                tls: ssl.SSLContext | None = None) -> NbdConnection:
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -148,7 +148,7 @@ class NbdConnection:
             pass
         self.sock.close()
 
-    def __enter__(self) -> "NbdConnection":
+    def __enter__(self) -> NbdConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,10 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from kvmotion.api.address import Endpoint
 from kvmotion.api.identity import Identity, identity_of_der
 from kvmotion.api.serving import AuditLog
-from kvmotion.errors import KvmotionError, SetupError
-from kvmotion.storage.address import Endpoint
+from kvmotion.core.errors import KvmotionError, SetupError
+from kvmotion.storage.lease import ExportName
 from kvmotion.storage.nbd_gate import (
     Close,
     ConnectServer,
@@ -41,7 +42,6 @@ from kvmotion.storage.nbd_gate import (
     Side,
     StartTls,
 )
-from kvmotion.storage.lease import ExportName
 
 HANDSHAKE_TIMEOUT = 20.0  # s from accept to the end of the option phase
 CHUNK = 256 << 10  # relay buffer per direction

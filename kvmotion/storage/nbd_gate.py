@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.lease import ExportName
 
 NBDMAGIC = b"NBDMAGIC"
@@ -245,7 +245,7 @@ class Negotiation:
         del buf[:n]
         return out
 
-    def _client_option(self) -> tuple[int, bytes, bytes] | None | Close:
+    def _client_option(self) -> tuple[int, bytes, bytes] | Close | None:
         """(option, data, raw bytes) once a whole option is buffered; Close if it is malformed."""
         buf = self._buf[Side.CLIENT]
         if len(buf) < _OPTION_HEADER.size:
@@ -374,7 +374,7 @@ class Negotiation:
         if option == OPT_ABORT:
             return out + self._close("the client aborted", quiet=True)
         if option == OPT_GO and reply == REP_ACK:
-            return out + [Opened(self._export), *self._relay()]
+            return [*out, Opened(self._export), *self._relay()]
         self.state = State.OPTIONS
         return out
 

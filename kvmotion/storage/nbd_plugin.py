@@ -3,8 +3,9 @@
     nbdkit python kvmotion/storage/nbd_plugin.py root=/srv/kvmotion/ds1
 
 Runs inside nbdkit's embedded interpreter (Debian's /usr/bin/python3, not our venv): it only
-imports the stdlib and kvmotion.storage.{lease,leasefile}, which are stdlib-only, from the
-checkout this file sits in.
+imports the stdlib and kvmotion.storage.{lease,leasefile}, which are stdlib-only (as are what they
+import: kvmotion.api.disks, kvmotion.core.errors and the package files), from the checkout this file
+sits in.
 
 Export names: `DISK` opens read only (anyone may read); `DISK@HOST` opens writable, but every
 write, zero, trim and flush is checked against the lease, under the lease lock (see leasefile),
@@ -53,7 +54,7 @@ _gate: LeaseGate | None = None
 class _Conn:
     """One NBD connection: its disk, claimed host, file descriptor and bound generation."""
 
-    __slots__ = ("export", "fd", "size", "bound", "logged")
+    __slots__ = ("bound", "export", "fd", "logged", "size")
 
     def __init__(self, export: ExportName, fd: int, size: int) -> None:
         self.export = export
@@ -101,11 +102,11 @@ def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     return out
 
 
-def open(readonly: bool) -> _Conn:  # noqa: A001  (nbdkit calls it by this name)
+def open(readonly: bool) -> _Conn:  # nbdkit calls it by this name
     name = nbdkit.export_name()
     try:
         export = ExportName.parse(name)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the parser refuses, nbdkit gets EINVAL
         _fail(errno.EINVAL, f"bad export name {name!r}: {exc}")
     path = _disk_path(export.disk)
     writable = export.host is not None and not readonly

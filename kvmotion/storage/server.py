@@ -32,15 +32,16 @@ from pathlib import Path
 
 import uvicorn
 
+from kvmotion.api.address import Endpoint
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
+from kvmotion.core.units import format_duration
 from kvmotion.storage import nbd_plugin_path
-from kvmotion.storage.address import Endpoint
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.leasefile import META_DIR
 from kvmotion.storage.nbd_front import listen_socket
-from kvmotion.units import format_duration
 
 READY_TIMEOUT = 15.0
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
@@ -68,8 +69,6 @@ class ServeConfig:
 
     @property
     def tls_files(self) -> tuple[Path, Path, Path] | None:
-        from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
-
         d = self.cert_dir
         return None if d is None else (d / SERVER_CERT, d / SERVER_KEY, d / CA_CERT)
 
@@ -129,7 +128,7 @@ class _StderrFilter:
         self.held: list[str] | None = []  # until nbdkit is up: a failed start is one line
 
     def feed(self, line: str) -> list[str]:
-        self.tail = (self.tail + [line])[-10:]
+        self.tail = [*self.tail, line][-10:]
         if self.held is not None:
             self.held.append(line)
             return []
@@ -146,7 +145,7 @@ class _StderrFilter:
                 return []
             block, self.block = self.block, None
             fenced = any("PermissionError" in b for b in block) and any("refused" in b for b in block)
-            return [] if fenced else block + [line]
+            return [] if fenced else [*block, line]
         if _TRACEBACK_START.match(line):
             self.block = [line]
             return []
@@ -164,7 +163,7 @@ async def _wait_ready(
     proc: asyncio.subprocess.Process, pidfile: Path, filt: _StderrFilter, listen: Endpoint
 ) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
-    while not pidfile.exists():
+    while not pidfile.exists():  # noqa: ASYNC240 - one stat per poll while nbdkit starts
         if proc.returncode is not None:
             await asyncio.sleep(0.1)  # let the pump read the last lines
             why = next((t.strip() for t in reversed(filt.tail) if "error" in t), "no message")

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmotion.api.agent import AgentClient
 from kvmotion.api.identity import Role
-from kvmotion.cluster.ca import init_ca, issue_host_cert, issue_user_cert
-from kvmotion.cluster.tls import client_context
-from kvmotion.host.client import AgentClient
+from kvmotion.api.pki import init_ca, issue_host_cert, issue_user_cert
+from kvmotion.api.tls import client_context
 from kvmotion.net import links, netns
+from kvmotion.qemu import confine
 
 
 def _free_port() -> int:
@@ -53,7 +54,7 @@ class AgentHarness:
         )
         cluster = self.dir / "cluster"  # the agent serves mutual TLS; the test calls it as user admin
         init_ca(cluster / "ca")
-        issue_host_cert(cluster / "ca", self.name, [self.mgmt_ns], cluster / "hosts" / self.name)
+        issue_host_cert(cluster / "ca", self.name, [self.mgmt_ns], cluster / "hosts" / self.name, qemu_key_gid=confine.qemu_gid())
         issue_user_cert(cluster / "ca", "admin", Role.ADMIN, cluster / "users" / "admin")
         netns.create_ns(self.ns)
         netns.set_up(self.ns, "lo")
@@ -81,9 +82,9 @@ class AgentHarness:
             try:
                 AgentClient(self.url, ssl_context=self.tls(), timeout=2).host()
                 return
-            except Exception:
+            except Exception:  # noqa: BLE001 - not up yet
                 if self.agent.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"agent did not come up: {(self.dir / 'agent.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"agent did not come up: {(self.dir / 'agent.log').read_text()[-2000:]}") from None
                 time.sleep(0.1)
 
     def kill_agent(self) -> None:
@@ -121,5 +122,6 @@ class AgentHarness:
         netns.delete_link_in(None, self.root_if)
         netns.delete_ns(self.ns)
         # Keep the last agent log for post-mortems of failed runs.
-        shutil.copy(self.dir / "agent.log", Path(tempfile.gettempdir()) / f"kvmotion-agent-{self.name}.log") if (self.dir / "agent.log").exists() else None
+        if (self.dir / "agent.log").exists():
+            shutil.copy(self.dir / "agent.log", Path(tempfile.gettempdir()) / f"kvmotion-agent-{self.name}.log")
         shutil.rmtree(self.dir, ignore_errors=True)

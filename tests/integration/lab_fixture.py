@@ -1,5 +1,5 @@
 """A lab cluster for migration tests: namespaces (kvmotion.net.lab) + agents and datastore
-(kvmotion.cluster.lab), driven through the CLI like a user would, with the probes the tests need
+(kvmotion.lab.cluster), driven through the CLI like a user would, with the probes the tests need
 (serial-log counters, QEMU processes per host, agent kill/restart, the switch's FDB).
 
 Every lab has a unique name and is torn down with lab_down (which kills agents and QEMU in its
@@ -27,12 +27,11 @@ from socket import AF_BRIDGE
 
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
-from kvmotion.cluster.lab import LabCluster, agent_argv, cluster_env, start_cluster
 from kvmotion.guest.serial import MemCorrupt, MemStatus, parse_line
 from kvmotion.host.store import VmStore
+from kvmotion.lab.cluster import LabCluster, agent_argv, cluster_env, start_cluster
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
-
 
 _NUD_NOARP, _NUD_PERMANENT = 0x40, 0x80  # neighbour states of static (non-learned) FDB entries
 
@@ -42,13 +41,6 @@ def unique_lab_name() -> str:
     return "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
 
 
-def cluster_ca_available() -> bool:
-    """The encrypted variant needs the cluster CA module (kvmotion.cluster.ca)."""
-    try:
-        import kvmotion.cluster.ca  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -84,7 +76,7 @@ class FdbWatcher:
     _ready: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def __enter__(self) -> "FdbWatcher":
+    def __enter__(self) -> FdbWatcher:
         self._thread = threading.Thread(target=self._run, name="fdb-watch", daemon=True)
         self._thread.start()
         assert self._ready.wait(10), "the FDB watcher did not start"
@@ -231,7 +223,7 @@ class MigrationLab:
 
     def vm_record(self, host: str, vm: str):
         """The agent's persisted record of `vm` on `host` (None if it has none)."""
-        from kvmotion.errors import NotFound
+        from kvmotion.core.errors import NotFound
 
         try:
             return VmStore(self.cluster.folder / "state" / "hosts" / host).get(vm)
@@ -283,9 +275,9 @@ class MigrationLab:
         pids = self.agent_pids(host)
         assert pids, f"no agent running on {host}"
         for pid in pids:
-            netns._signal(pid, signal.SIGKILL)  # noqa: SLF001 - tolerant of a pid already gone
+            netns._signal(pid, signal.SIGKILL)  # tolerant of a pid already gone
         deadline = time.monotonic() + 5
-        while any(netns._alive(p) for p in pids) and time.monotonic() < deadline:  # noqa: SLF001
+        while any(netns._alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def start_agent(self, host: str, timeout: float = 30) -> None:
@@ -307,11 +299,11 @@ class MigrationLab:
 
     def agent(self, host: str, timeout: float = 5):
         """A client of `host`'s agent API (for fast polling; the tests act through the CLI)."""
-        from kvmotion.host.client import AgentClient
+        from kvmotion.api.agent import AgentClient
 
         if not self.cluster.encrypted:
             return AgentClient(self.cluster.agent_url(host), timeout=timeout)
-        from kvmotion.cluster.tls import cli_ssl_context
+        from kvmotion.api.tls import cli_ssl_context
 
         with cluster_env(self.cluster):  # the lab's admin user, found through the lab's folders
             return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)

@@ -9,9 +9,10 @@ import ssl
 import httpx
 import pytest
 
-from kvmotion.cluster.ca import init_ca, issue_host_cert
-from kvmotion.cluster.tls import host_dir
-from kvmotion.cluster.lab import cluster_env
+from kvmotion.api.pki import init_ca, issue_host_cert
+from kvmotion.api.tls import host_dir
+from kvmotion.lab.cluster import cluster_env
+from kvmotion.qemu import confine
 
 pytestmark = [pytest.mark.lab]
 
@@ -41,7 +42,7 @@ def test_agent_refuses_plain_and_forged_clients(make_lab, tmp_path):
 
     rogue_ca = tmp_path / "rogue-ca"
     init_ca(rogue_ca)
-    issue_host_cert(rogue_ca, "host-b", [lab.cluster.topology.host("host-b").mgmt_ip], tmp_path / "rogue")
+    issue_host_cert(rogue_ca, "host-b", [lab.cluster.topology.host("host-b").mgmt_ip], tmp_path / "rogue", qemu_key_gid=confine.qemu_gid())
     forged = ssl.create_default_context(cafile=ca_file)
     forged.load_cert_chain(str(tmp_path / "rogue" / "client-cert.pem"), str(tmp_path / "rogue" / "client-key.pem"))
     with pytest.raises(httpx.TransportError):

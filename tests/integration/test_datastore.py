@@ -28,12 +28,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvmotion.api.datastore import DatastoreClient
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.cluster.ca import QEMU_DIR, init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
-from kvmotion.cluster.tls import client_context
-from kvmotion.errors import Forbidden, InsufficientResources, LeaseError
+from kvmotion.api.pki import QEMU_DIR, init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
+from kvmotion.api.tls import client_context
+from kvmotion.core.errors import Forbidden, InsufficientResources, LeaseError
+from kvmotion.qemu import confine
 from kvmotion.storage.attach import nbd_blockdev, nbd_tls_object, reattach_commands
-from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.lease import ExportName
 from kvmotion.storage.nbd_client import NbdConnection, NbdError
 
@@ -93,7 +94,7 @@ class Service:
         if who.kind in (Kind.HOST, Kind.QEMU):
             d = self.cluster / "hosts" / who.name
             if not d.exists():
-                issue_host_cert(ca, who.name, ["127.0.0.1"], d)
+                issue_host_cert(ca, who.name, ["127.0.0.1"], d, qemu_key_gid=confine.qemu_gid())
             return d / QEMU_DIR if who.kind is Kind.QEMU else d
         d = self.cluster / "users" / who.name
         if not d.exists():
@@ -331,7 +332,7 @@ def test_clients_without_the_right_certificate_are_refused(service: Service, tmp
             pytest.skip(f"{tool} not installed")
     rogue_ca = tmp_path / "rogue"
     init_ca(rogue_ca / "ca")
-    issue_host_cert(rogue_ca / "ca", "host-a", ["127.0.0.1"], rogue_ca / "host-a")
+    issue_host_cert(rogue_ca / "ca", "host-a", ["127.0.0.1"], rogue_ca / "host-a", qemu_key_gid=confine.qemu_gid())
     rogue = rogue_ca / "host-a" / QEMU_DIR
     qemu_a = service.creds(Identity(Kind.QEMU, "host-a"))
 
@@ -355,7 +356,7 @@ def test_clients_without_the_right_certificate_are_refused(service: Service, tmp
         NbdConnection.connect(service.dial, service.port, DISK)
     with pytest.raises((ssl.SSLError, OSError)):
         NbdConnection.connect(service.dial, service.port, DISK, tls=client_context(rogue))
-    with pytest.raises(NbdError, match="host:host-b may not open web1.img@host-a") as err:
+    with pytest.raises(NbdError, match=r"host:host-b may not open web1.img@host-a") as err:
         service.connect(f"{DISK}@host-a", Identity(Kind.HOST, "host-b"))
     assert err.value.errno == errno.EACCES
     with pytest.raises(NbdError, match="may not read"):

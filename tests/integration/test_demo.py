@@ -1,7 +1,6 @@
 """`kvmotion demo` end to end: every check holds, the report has its shape, the lab is gone after,
 also when the demo is interrupted."""
 
-import importlib.util
 import json
 import os
 import re
@@ -27,10 +26,7 @@ LAB_RE = re.compile(r"lab (demo[0-9a-f]{6})")
 
 
 def _demo_argv(*args: str) -> list[str]:
-    argv = [sys.executable, "-m", "kvmotion.cli.main", "demo", *args]
-    if importlib.util.find_spec("kvmotion.cluster.ca") is None:
-        argv.append("--plain")  # no cluster CA in this tree yet: the encrypted path cannot run
-    return argv
+    return [sys.executable, "-m", "kvmotion.cli.main", "demo", *args]
 
 
 def _assert_gone(name: str) -> None:
@@ -41,7 +37,7 @@ def _assert_gone(name: str) -> None:
 
 
 def _cleanup(name: str | None) -> None:
-    if name and (labmod.lab_dir(name).exists() or labmod._leftover_namespaces(name)):  # noqa: SLF001
+    if name and (labmod.lab_dir(name).exists() or labmod._leftover_namespaces(name)):
         labmod.lab_down(name)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.api.spec import NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.guest import records, serial
 from kvmotion.guest.cmdline import kernel_cmdline
 from kvmotion.guest.image import GuestImage, ensure_image
-from kvmotion.qemu.spec import NicSpec, VmSpec, Workload, WorkloadParams
 
 pytestmark = [
     pytest.mark.qemu,
@@ -165,7 +165,7 @@ def test_boot_runs_every_workload(boot, tmp_path: Path, machine: str) -> None:  
     assert verified == serial.MemVerified(pages=(64 << 20) // 4096, errors=0)
 
     # The disk writer: every acknowledged record is on the host's image, even after a hard kill.
-    _, ack = guest.wait_event(serial.DiskAck, 20, lambda e: e.seq >= 10 * records.BATCH)
+    _, _ack = guest.wait_event(serial.DiskAck, 20, lambda e: e.seq >= 10 * records.BATCH)
     guest.kill()
     last_ack = max(e.seq for _, line in guest.lines if isinstance(e := serial.parse_line(line), serial.DiskAck))
     check = records.verify_image(disk, last_ack)

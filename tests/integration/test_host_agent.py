@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kvmotion.errors import Conflict
+from kvmotion.core.errors import Conflict
 from kvmotion.guest.records import verify_image
 from kvmotion.guest.serial import DiskAck, Ready, parse_line
 from kvmotion.net import netns

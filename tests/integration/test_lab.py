@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from kvmotion.errors import Conflict
+from kvmotion.core.errors import Conflict
 from kvmotion.net import lab, links, netns
 
 pytestmark = pytest.mark.lab
@@ -91,7 +91,7 @@ def _udp_roundtrip(ip: str, port: int) -> bytes:
             s.sendto(b"ping", (ip, port))
             try:
                 return s.recvfrom(2048)[0]
-            except socket.timeout:
+            except TimeoutError:
                 continue
         return b""
     finally:

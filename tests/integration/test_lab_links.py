@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from kvmotion.errors import Conflict, NotFound
+from kvmotion.core.errors import Conflict, NotFound
 from kvmotion.net import links, netns
 
 pytestmark = pytest.mark.lab

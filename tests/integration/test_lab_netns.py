@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from kvmotion.errors import Conflict, NotFound
+from kvmotion.core.errors import Conflict, NotFound
 from kvmotion.net import links, netns
 
 pytestmark = pytest.mark.lab
@@ -124,5 +124,5 @@ def test_egress_link_takes_the_slower_of_nic_and_shaping(three_ns):
     assert link.shaped_rate == 125_000_000 and link.rate == 125_000_000
     # an address of the namespace itself goes over lo, which has no speed: unknown
     assert netns.run_in_ns(a, netns.egress_link, "10.254.78.1").rate is None
-    with pytest.raises(NotFound, match="no route to 192.0.2.1"):
+    with pytest.raises(NotFound, match=r"no route to 192.0.2.1"):
         netns.run_in_ns(a, netns.egress_link, "192.0.2.1")

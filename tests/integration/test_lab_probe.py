@@ -98,7 +98,7 @@ def test_probe_stops_on_sigterm_and_reports(guest):
 
 
 def test_probe_without_echo_service_fails_in_one_line(guest):
-    topo, _, tmp_path = guest
+    topo, _, _tmp_path = guest
     proc = netns.popen_in_ns(
         topo.client.ns,
         [sys.executable, "-m", "kvmotion.net.probe", "--target", f"{topo.vm_ip(0)}:{PORT + 1}", "--duration", "1"],

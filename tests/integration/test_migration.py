@@ -8,6 +8,7 @@ recorded as properties for the junit report.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.net.probe import ProbeReport, largest_gap
-from tests.integration.lab_fixture import MigrationLab, cluster_ca_available
+from tests.integration.lab_fixture import MigrationLab
 
 pytestmark = [pytest.mark.qemu, pytest.mark.lab]
 
@@ -100,7 +101,7 @@ def test_memory_writer_ten_migrations(lab, record_property):
         for log in (src, arrived):
             assert not log.corrupt, f"migration {i + 1}: corrupt pages {log.corrupt[:3]}"
         seqs = [s.seq for s in history + list(src.statuses) + list(arrived.statuses)]
-        assert all(a < b for a, b in zip(seqs, seqs[1:])), f"migration {i + 1}: counter not increasing: {seqs[-6:]}"
+        assert all(a < b for a, b in itertools.pairwise(seqs)), f"migration {i + 1}: counter not increasing: {seqs[-6:]}"
         history += list(src.statuses) + list(arrived.statuses)
         assert all(s.errors == 0 for s in history), f"migration {i + 1}: self-check errors {history[-1]}"
         s = rec["summary"]
@@ -118,7 +119,7 @@ def test_memory_writer_ten_migrations(lab, record_property):
         history += list(more.statuses)
     assert all(s.errors == 0 for s in history), history[-1]
     seqs = [s.seq for s in history]
-    assert all(a < b for a, b in zip(seqs, seqs[1:]))
+    assert all(a < b for a, b in itertools.pairwise(seqs))
     _assert_only_on(lab, vm, where)
     pauses = [f[4] for f in figures]
     downs = [f[3] for f in figures]
@@ -213,7 +214,6 @@ def test_switch_relearns_mac_soon_after_resume(lab, tmp_path, record_property):
     assert gap < 0.2, f"largest UDP gap {gap * 1000:.1f} ms (bar: < 200 ms)"
 
 
-@pytest.mark.skipif(not cluster_ca_available(), reason="kvmotion.cluster.ca (the cluster CA) is not there yet")
 @pytest.mark.parametrize("encrypted", [True, False], ids=["tls", "plain"])
 def test_round_trip_tls_or_plain(make_lab, tmp_path, record_property, encrypted):
     """A guest goes a->b->a with its TCP client intact; the stream is TLS (each QEMU with its own

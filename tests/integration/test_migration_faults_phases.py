@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.cluster.lab import DATASTORE
+from kvmotion.lab.cluster import DATASTORE
 from kvmotion.net import netns
 from tests.integration.lab_fixture import MigrationLab
 from tests.integration.test_migration_checks import _one_line_error
@@ -43,7 +43,7 @@ def sigstopped(pids: list[int]) -> Iterator[list[int]]:
         yield held
     finally:
         for pid in held:
-            netns._signal(pid, signal.SIGCONT)  # noqa: SLF001 - tolerant of a pid already gone
+            netns._signal(pid, signal.SIGCONT)  # tolerant of a pid already gone
 
 
 def _catch_shadow_qemu(lab: MigrationLab, host: str, vm: str, timeout: float = 30) -> int:
@@ -85,7 +85,7 @@ def _held_in_prepare(lab: MigrationLab) -> Iterator[tuple[subprocess.Popen, list
         yield mig, shadow
     finally:
         for pid in shadow:
-            netns._signal(pid, signal.SIGCONT)  # noqa: SLF001 - a failed test must not leave it frozen
+            netns._signal(pid, signal.SIGCONT)  # a failed test must not leave it frozen
         if mig.poll() is None:
             mig.kill()
 
@@ -257,7 +257,7 @@ def test_link_cut_in_switchover(make_lab, record_property):
     uncommitted shadow."""
     lab, seq, _, gen = _disk_lab(make_lab)
     try:
-        with _held_in_switchover(lab) as (mig, frozen, t_switch):
+        with _held_in_switchover(lab) as (mig, frozen, _t_switch):
             t_cut = time.time()
             lab.set_mgmt_link("host-b", up=False)
             _thaw(frozen)

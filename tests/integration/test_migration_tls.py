@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from kvmotion.api.identity import Identity, Kind
-from kvmotion.cluster.ca import init_ca, issue_host_cert
-from kvmotion.cluster.tls import host_dir
-from kvmotion.errors import VmFailed
+from kvmotion.api.pki import init_ca, issue_host_cert
+from kvmotion.api.tls import host_dir
+from kvmotion.core.errors import VmFailed
 from kvmotion.migration.engine import TLS_ID, add_stream_tls
+from kvmotion.qemu import confine
 from kvmotion.qemu.qmp import Qmp
 
 pytestmark = [pytest.mark.qemu]
@@ -58,7 +59,7 @@ def cluster(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(folder))
     init_ca(folder / "ca")
     for name in ("host-a", "host-b", "host-c"):
-        issue_host_cert(folder / "ca", name, ["127.0.0.1"], folder / "hosts" / name)
+        issue_host_cert(folder / "ca", name, ["127.0.0.1"], folder / "hosts" / name, qemu_key_gid=confine.qemu_gid())
     return folder
 
 

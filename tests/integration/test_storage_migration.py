@@ -11,6 +11,7 @@ lines (pytest -s) and recorded as junit properties.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import signal
 import tempfile
@@ -20,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.cluster.lab import DATASTORE
-from kvmotion.cluster.tls import client_context
+from kvmotion.api.datastore import DatastoreClient
+from kvmotion.api.disks import Lease
+from kvmotion.api.registry import Registry
+from kvmotion.api.tls import client_context
 from kvmotion.guest.records import verify_image
 from kvmotion.guest.serial import DiskAck, DiskError, parse_line
+from kvmotion.lab.cluster import DATASTORE
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
-from kvmotion.storage.client import DatastoreClient
-from kvmotion.storage.lease import Lease
-from kvmotion.storage.registry import Registry
 from tests.integration.lab_fixture import MigrationLab
 
 pytestmark = [pytest.mark.qemu]
@@ -152,13 +153,13 @@ def test_disk_writer_ten_migrations(lab, record_property):
         arrived = wait_ack_above(lab, dest, vm, offsets[dest], max(ack, src.last))
         assert arrived.last > max(ack, src.last), f"migration {i + 1}: no new ack on {dest} after resume"
         acks = [ack, *src.acks, *arrived.acks]
-        assert all(a < b for a, b in zip(acks, acks[1:])), f"migration {i + 1}: acks not increasing {acks[-6:]}"
+        assert all(a < b for a, b in itertools.pairwise(acks)), f"migration {i + 1}: acks not increasing {acks[-6:]}"
         assert not src.errors and not arrived.errors, f"migration {i + 1}: {src.errors or arrived.errors}"
         offsets[dest] = arrived.end
         ack = arrived.last
         rows.append((rec["summary"]["pause_ms"], rec["summary"]["total_ms"], gen))
         where = dest
-    acked, summary = stop_and_verify(lab, vm, disk)
+    _acked, summary = stop_and_verify(lab, vm, disk)
     line = (f"FIGURES disk writer x10 migrations: pause_ms {[round(r[0], 1) for r in rows]} total_ms "
             f"{[round(r[1]) for r in rows]} generations {[r[2] for r in rows]}; {summary}")
     print(line)
@@ -186,14 +187,14 @@ class ServiceCommand:
 
 def kill_datastore(lab: MigrationLab) -> ServiceCommand:
     """SIGKILL the datastore service and its nbdkit; returns how it was started (by
-    kvmotion.cluster.lab.start_cluster), read from /proc, to start it again the same way."""
+    kvmotion.lab.cluster.start_cluster), read from /proc, to start it again the same way."""
     procs = _datastore_processes(lab)
     serve = [p for p in procs if "datastore" in p[1] and "serve" in p[1]]
     assert len(serve) == 1, f"expected one `datastore serve` in {lab.topo.datastore.ns}: {procs}"
     for pid, _, _ in procs:
-        netns._signal(pid, signal.SIGKILL)  # noqa: SLF001 - tolerant of a pid already gone
+        netns._signal(pid, signal.SIGKILL)  # tolerant of a pid already gone
     deadline = time.monotonic() + 5
-    while any(netns._alive(p[0]) for p in procs):  # noqa: SLF001
+    while any(netns._alive(p[0]) for p in procs):
         assert time.monotonic() < deadline, "the datastore's processes did not die"
         time.sleep(0.02)
     return ServiceCommand(serve[0][1], serve[0][2])
@@ -252,7 +253,7 @@ def test_datastore_restart_during_writes(lab, outage, record_property):
     lease, gen_after = lease_of(lab, disk)
     assert lease is not None and (lease.host, lease.generation, gen_after) == ("host-a", gen, gen), lease
     resumed = "paused by a disk I/O error" in lab.agent_log("host-a")
-    acked, summary = stop_and_verify(lab, vm, disk)
+    _acked, summary = stop_and_verify(lab, vm, disk)
     line = (f"FIGURES datastore restart after {outage:.0f} s: service answered {t_up - t_kill:.1f} s after the kill, "
             f"guest acks again {t_ack - t_kill:.1f} s after it (agent resumed an I/O-error pause: {resumed}); {summary}")
     print(line)
@@ -304,7 +305,7 @@ def test_rollback_after_lease_handoff_keeps_writing_on_source(make_lab, record_p
     lab.start_agent("host-b")  # destroys the uncommitted shadow it finds
     assert lab.wait_qemu_hosts(vm, ["host-a"]) == ["host-a"], lab.qemu_pids(vm)
     assert lab.listed(vm) == [("host-a", "running")]
-    acked, summary = stop_and_verify(lab, vm, disk)
+    _acked, summary = stop_and_verify(lab, vm, disk)
     line = (f"FIGURES rollback after the lease moved: generation {gen} -> {gen_after}, first ack on host-a "
             f"{t_ack - t_failed:.1f} s after migrate returned; error: {rec['error']}; {summary}")
     print(line)
@@ -317,11 +318,12 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     transfer back, generation 3): the old NBD connection is fenced for good, so the hook puts a
     new one under the guest's disk, and once resumed the writer acknowledges new records."""
     from kvmotion.api.identity import Identity, Kind
+    from kvmotion.api.registry import DatastoreRef
+    from kvmotion.api.spec import DiskSpec, VmSpec, Workload
+    from kvmotion.guest.image import ensure_image
     from kvmotion.host.vms import HostConfig, VmManager
     from kvmotion.migration.hooks import DiskLeaseHook, SwitchoverContext
     from kvmotion.qemu import accel
-    from kvmotion.qemu.spec import DiskSpec, VmSpec, Workload
-    from kvmotion.storage.registry import DatastoreRef
     from tests.integration.test_datastore import Service
 
     # The cluster folder outside pytest's private tmp: an unprivileged QEMU reads its certificate there.
@@ -340,7 +342,7 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
 
         async def run() -> tuple[int, int, list[str]]:
             mgr = VmManager(HostConfig(name="host-a", state_dir=tmp_path / "state", run_dir=tmp_path / "run",
-                                       portgroups={}, accel=accel.choose()))
+                                       portgroups={}, accel=accel.choose(ensure_image)))
             await mgr.recover()
             try:
                 await mgr.create(spec)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput, NotFound
+from kvmotion.core.errors import InvalidInput, NotFound
 from kvmotion.host import throttle as thr
 from kvmotion.host.throttle import VcpuThrottle
 

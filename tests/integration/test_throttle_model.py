@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput, SetupError
+from kvmotion.core.errors import InvalidInput, SetupError
 from kvmotion.host import throttle as thr
 from kvmotion.host.throttle import Bandwidth, CgroupFs, CgroupVersion, CpuHierarchy, VcpuThrottle
 

@@ -1,6 +1,6 @@
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.qemu.accel import Accel, decide
 
 

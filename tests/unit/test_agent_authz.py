@@ -35,7 +35,8 @@ def agent(tmp_path, monkeypatch):
     config = HostConfig(name="host-a", state_dir=tmp_path / "state", run_dir=tmp_path / "run",
                         portgroups={"vm-net": "br0"}, accel=AccelChoice(Accel.TCG, "test"))
     router = partial(migration_router, listen_ip="127.0.0.1", limit=4)
-    return secure(create_app(config, extra_routers=(router,)), Security(tls_files=None, audit_log=tmp_path / "audit.log"), "agent host-a"), config
+    security = Security(tls_files=None, audit_log=tmp_path / "audit.log")
+    return secure(create_app(config, extra_routers=(router,)), security, "agent host-a"), config
 
 
 @pytest.fixture

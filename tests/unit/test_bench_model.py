@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.benchmodel import GBIT, PAGE, SPARSE_STRIDE, Cell, Method, RunResult, markdown_table, parse_dirty, verdict  # noqa: E402
+from bench.benchmodel import GBIT, PAGE, SPARSE_STRIDE, Cell, Method, RunResult, markdown_table, parse_dirty, verdict
 
 GIB = 1 << 30
 

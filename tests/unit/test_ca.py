@@ -19,10 +19,10 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
+from kvmotion.api import pki as camod
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
-from kvmotion.cluster import ca as camod
-from kvmotion.cluster.ca import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.api.pki import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.qemu import confine
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -36,7 +36,7 @@ def mode(p: Path) -> int:
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Path:
     init_ca(tmp_path / "ca")
-    issue_host_cert(tmp_path / "ca", "host1", ["127.0.0.1", "10.77.0.11"], tmp_path / "hosts" / "host1")
+    issue_host_cert(tmp_path / "ca", "host1", ["127.0.0.1", "10.77.0.11"], tmp_path / "hosts" / "host1", qemu_key_gid=confine.qemu_gid())
     return tmp_path
 
 
@@ -49,7 +49,7 @@ def test_ca_certificate_and_key_files(tmp_path: Path) -> None:
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
     life = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert life >= dt.timedelta(days=3650)
-    assert cert.not_valid_before_utc <= dt.datetime.now(dt.timezone.utc)
+    assert cert.not_valid_before_utc <= dt.datetime.now(dt.UTC)
     assert ca.fingerprint.count(":") == 31
 
 
@@ -65,7 +65,7 @@ def test_two_clusters_have_different_ca_names(tmp_path: Path) -> None:
 
 def test_host_certificate_serves_both_ends(cluster: Path) -> None:
     host = cluster / "hosts" / "host1"
-    assert sorted(p.name for p in host.iterdir()) == sorted(LAYOUT + ["qemu"])
+    assert sorted(p.name for p in host.iterdir()) == sorted([*LAYOUT, "qemu"])
     assert sorted(p.name for p in (host / "qemu").iterdir()) == LAYOUT
     assert identity_of(x509.load_pem_x509_certificate((host / "server-cert.pem").read_bytes())) == Identity(Kind.HOST, "host1")
     qemu = x509.load_pem_x509_certificate((host / "qemu" / "server-cert.pem").read_bytes())
@@ -91,12 +91,10 @@ def test_host_certificate_serves_both_ends(cluster: Path) -> None:
 
 
 @pytest.mark.parametrize("gid", [None, 4242])
-def test_keys_are_readable_by_qemus_group_only_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             gid: int | None) -> None:
+def test_keys_are_readable_by_qemus_group_only_when_it_exists(tmp_path: Path, gid: int | None) -> None:
     # QEMU, unprivileged, loads its tls-creds-x509 from the host folder's qemu/; the agent's own key stays root's.
-    monkeypatch.setattr(confine, "qemu_gid", lambda: gid)
     init_ca(tmp_path / "ca")
-    host = issue_host_cert(tmp_path / "ca", "host1", [], tmp_path / "host1").dir
+    host = issue_host_cert(tmp_path / "ca", "host1", [], tmp_path / "host1", qemu_key_gid=gid).dir
     for key in ("server-key.pem", "client-key.pem"):
         st = (host / "qemu" / key).stat()
         assert (stat.S_IMODE(st.st_mode), st.st_gid) == ((0o600, 0) if gid is None else (0o640, gid))
@@ -107,13 +105,13 @@ def test_keys_are_readable_by_qemus_group_only_when_it_exists(tmp_path: Path, mo
 
 def test_bad_names_and_addresses_are_refused(cluster: Path) -> None:
     with pytest.raises(InvalidInput, match="host name"):
-        issue_host_cert(cluster / "ca", "bad name", [], cluster / "x")
+        issue_host_cert(cluster / "ca", "bad name", [], cluster / "x", qemu_key_gid=confine.qemu_gid())
     with pytest.raises(InvalidInput, match="IP address"):
-        issue_host_cert(cluster / "ca", "host2", ["10.0.0.300"], cluster / "x")
+        issue_host_cert(cluster / "ca", "host2", ["10.0.0.300"], cluster / "x", qemu_key_gid=confine.qemu_gid())
     with pytest.raises(Conflict):
-        issue_host_cert(cluster / "ca", "host2", [], cluster / "ca")
+        issue_host_cert(cluster / "ca", "host2", [], cluster / "ca", qemu_key_gid=confine.qemu_gid())
     with pytest.raises(NotFound, match="kvmotion cluster init"):
-        issue_host_cert(cluster / "nope", "host2", [], cluster / "x")
+        issue_host_cert(cluster / "nope", "host2", [], cluster / "x", qemu_key_gid=confine.qemu_gid())
 
 
 def test_damaged_or_mismatched_ca_is_reported(tmp_path: Path) -> None:
@@ -224,7 +222,7 @@ def talk(ctx: ssl.SSLContext, port: int, name: str = "127.0.0.1") -> bytes:
 
 
 def test_mutual_tls_accepts_a_cluster_certificate(cluster: Path, server: EchoServer) -> None:
-    issue_host_cert(cluster / "ca", "host2", ["10.77.0.12"], cluster / "hosts" / "host2")
+    issue_host_cert(cluster / "ca", "host2", ["10.77.0.12"], cluster / "hosts" / "host2", qemu_key_gid=confine.qemu_gid())
     ctx = client_ssl_context(cluster / "hosts" / "host2")
     assert talk(ctx, server.port) == b"ping"
     assert talk(ctx, server.port, "host1") == b"ping"  # by name too: the SAN carries it
@@ -234,7 +232,7 @@ def test_mutual_tls_accepts_a_cluster_certificate(cluster: Path, server: EchoSer
 def test_mutual_tls_refuses_a_certificate_from_another_ca(cluster: Path, server: EchoServer, tmp_path: Path) -> None:
     init_ca(tmp_path / "evil-ca")
     evil = tmp_path / "evil"
-    issue_host_cert(tmp_path / "evil-ca", "host2", ["127.0.0.1"], evil)
+    issue_host_cert(tmp_path / "evil-ca", "host2", ["127.0.0.1"], evil, qemu_key_gid=confine.qemu_gid())
     # The intruder trusts our CA (it copied it) but holds a certificate from its own.
     shutil.copy(cluster / "ca" / "ca-cert.pem", evil / "ca-cert.pem")
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -262,7 +260,7 @@ def test_plain_tcp_is_refused(server: EchoServer) -> None:
 
 def test_client_refuses_a_server_from_another_ca_or_wrong_name(cluster: Path, tmp_path: Path) -> None:
     init_ca(tmp_path / "evil-ca")
-    issue_host_cert(tmp_path / "evil-ca", "host1", ["127.0.0.1"], tmp_path / "evil")
+    issue_host_cert(tmp_path / "evil-ca", "host1", ["127.0.0.1"], tmp_path / "evil", qemu_key_gid=confine.qemu_gid())
     impostor = EchoServer(server_ssl_context(tmp_path / "evil"))
     try:
         with pytest.raises(ssl.SSLCertVerificationError):
@@ -295,7 +293,7 @@ def test_cli_init_and_cert(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c" / "cluster.json").read_text()) == {"encrypted": True, "cpu_baseline": "Haswell-v4", "version": 1}
     r = cli("cert", "host1", "--ip", "10.0.0.1", "--ip", "10.0.1.1", env=env)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "c" / "hosts" / "host1").iterdir()) == sorted(LAYOUT + ["qemu"])
+    assert sorted(p.name for p in (tmp_path / "c" / "hosts" / "host1").iterdir()) == sorted([*LAYOUT, "qemu"])
     r = cli("init", env=env)
     assert "kept existing cluster CA" in r.output
     r = cli("cert", "ds1", "--datastore", "--ip", "10.0.0.9", env=env)
@@ -343,7 +341,7 @@ def test_cli_errors_are_kvmotion_errors(tmp_path: Path) -> None:
 
 
 def test_cluster_config_reads_what_init_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvmotion.cluster.config import ClusterConfig, load_config
+    from kvmotion.api.config import ClusterConfig, load_config
 
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path))
     assert load_config() == ClusterConfig()  # nothing written yet: defaults, encrypted

@@ -18,12 +18,12 @@ from kvmotion.api.center import (
     EventKind,
 )
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
+from kvmotion.api.pki import init_ca, new_key_and_csr
 from kvmotion.api.serving import Security, secure
 from kvmotion.center.app import create_app
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
-from kvmotion.cluster.ca import init_ca, new_key_and_csr
 from tests.certs import TestCA, as_caller
 
 T0 = 1_800_000_000.0

@@ -13,9 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.api.center import TokenParts, ca_sha256, parse_token
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
-from kvmotion.center import auth
-from kvmotion.center.store import TokenRow
-from kvmotion.cluster.ca import (
+from kvmotion.api.pki import (
     cert_pem,
     init_ca,
     load_csr,
@@ -23,7 +21,9 @@ from kvmotion.cluster.ca import (
     sha256_hex,
     sign_csr,
 )
-from kvmotion.errors import InvalidInput, Unauthorized
+from kvmotion.center import auth
+from kvmotion.center.store import TokenRow
+from kvmotion.core.errors import InvalidInput, Unauthorized
 
 CA_HASH = "ab" * 32
 NOW = 1_800_000_000.0
@@ -136,7 +136,7 @@ def test_center_identity() -> None:
 
 def identity_of_subject(who: Identity) -> Identity:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(who.subject()).issuer_name(who.subject()).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
     return identity_of(cert)

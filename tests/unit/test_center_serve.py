@@ -36,11 +36,11 @@ from kvmotion.api.center import (
     trusting,
 )
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
+from kvmotion.api.pki import new_key_and_csr
 from kvmotion.api.serving import make_server
 from kvmotion.center.app import create_app
 from kvmotion.center.serve import Listen, parse_listen, prepare
-from kvmotion.cluster.ca import new_key_and_csr
-from kvmotion.errors import Forbidden, InvalidInput, Unauthorized, Unreachable
+from kvmotion.core.errors import Forbidden, InvalidInput, Unauthorized, Unreachable
 from tests.certs import TestCA
 
 LOAD = HostLoad(cpus=2, memory_total=1 << 30, memory_available=1 << 29)
@@ -173,7 +173,8 @@ class Center:
         self.lines: list[str] = []
         deadline = time.monotonic() + 30
         while not self.lines or not self.lines[-1].startswith("kvmotion center serving"):
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.proc.stderr.read() if self.proc.poll() is not None else "slow start"
+            assert time.monotonic() < deadline and self.proc.poll() is None, (
+                self.proc.stderr.read() if self.proc.poll() is not None else "slow start")
             self.lines.append(self.proc.stdout.readline().rstrip("\n"))
         deadline = time.monotonic() + 10
         while True:  # the port answers once uvicorn has started

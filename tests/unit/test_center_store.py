@@ -32,7 +32,7 @@ from kvmotion.center.store import (
     TokenRow,
     UserRow,
 )
-from kvmotion.errors import Conflict, NotFound, SetupError, Unauthorized
+from kvmotion.core.errors import Conflict, NotFound, SetupError, Unauthorized
 
 LOAD = HostLoad(cpus=4, memory_total=8 << 30, memory_available=6 << 30)
 
@@ -185,7 +185,7 @@ def test_concurrent_writers(tmp_path: Path) -> None:
             for i in range(per_thread):
                 store.add_datastore(DatastoreView(name=f"ds-{n}-{i}", nbd_url="nbd://10.0.0.9", control_url="http://10.0.0.9:1",
                                                   added=float(i)), f"writer {n}")
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(first if n % 2 else second, n)) for n in range(8)]

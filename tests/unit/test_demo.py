@@ -3,13 +3,13 @@
 import json
 import xml.etree.ElementTree as ET
 
+from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase, Summary
 from kvmotion.demo import report as rpt
 from kvmotion.demo.chart import MigrationMark, render_svg
 from kvmotion.demo.runner import DemoOptions, route
 from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck
 from kvmotion.guest.serial import DiskAck, MemCorrupt, MemStatus
-from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase, Summary
 from kvmotion.net.probe import Gap, ProbeReport, TcpResult, UdpSample, summarize_udp
 
 T0 = 1_000_000.0  # wall clock of the probe's start

@@ -19,21 +19,21 @@ from pathlib import Path
 import pytest
 
 from kvmotion.api.identity import Identity, Kind, Role
+from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase
 from kvmotion.api.serving import Security, secure
-from kvmotion.errors import VmFailed
+from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
+from kvmotion.core.errors import VmFailed
+from kvmotion.core.files import write_atomic
 from kvmotion.guest import image
 from kvmotion.host.api import create_app
-from kvmotion.host.store import write_atomic
 from kvmotion.host.vms import HostConfig
 from kvmotion.migration import facts
 from kvmotion.migration.api import migration_router
 from kvmotion.migration.engine import PROTOCOL_VERSION, as_record_json
-from kvmotion.migration.model import MigrationOptions, MigrationRecord, Phase
 from kvmotion.net import links
 from kvmotion.qemu import confine, cpus
 from kvmotion.qemu.accel import Accel, AccelChoice
 from kvmotion.qemu.process import QemuProcess
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec
 from tests.certs import TestCA
 from tests.fuzz import FuzzReport, changes_refused, fuzz, label_of
 

@@ -19,11 +19,11 @@ import pytest
 
 from kvmotion.api.center import PROTOCOL_VERSION, ClusterSettings, DatastoreSpec, JoinRequest
 from kvmotion.api.identity import Identity, Kind, Role
+from kvmotion.api.pki import init_ca, new_key_and_csr
 from kvmotion.api.serving import Security, secure
 from kvmotion.center.app import create_app
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
-from kvmotion.cluster.ca import init_ca, new_key_and_csr
 from tests.certs import TestCA
 from tests.fuzz import FuzzReport, changes_refused, fuzz, label_of
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.api.address import API_PREFIX
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.serving import Security, secure
-from kvmotion.storage.address import API_PREFIX
 from kvmotion.storage.api import create_app
 from kvmotion.storage.datastore import Datastore
 from tests.certs import TestCA

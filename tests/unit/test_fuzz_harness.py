@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from kvmotion.api.serving import Security, secure
-from kvmotion.errors import InvalidInput, NotFound
+from kvmotion.core.errors import InvalidInput, NotFound
 from tests.fuzz import error_problem, fuzz
 
 
@@ -41,7 +41,7 @@ def _app(inside: Path, outside: Path) -> FastAPI:
 
     @app.get("/internals")
     def internals() -> dict:
-        raise NotFound("no such thing: kvmotion.errors.NotFoundError")
+        raise NotFound("no such thing: kvmotion.core.errors.NotFoundError")
 
     @app.post("/outside")
     def escape(body: Body) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.guest.fio import FioError, FioMode, FioResult, fio_command, parse_fio_line
 from kvmotion.guest.image import SOURCES
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.guest import cpio, elf, image, vmlinux
 
 
@@ -100,7 +100,7 @@ def test_modinfo_refuses_non_modules(tmp_path: Path) -> None:
     obj = tmp_path / "plain.o"
     (tmp_path / "plain.c").write_text("int x;\n")
     subprocess.run(["gcc", "-c", "-o", str(obj), str(tmp_path / "plain.c")], check=True)
-    with pytest.raises(SetupError, match="no .modinfo"):
+    with pytest.raises(SetupError, match=r"no .modinfo"):
         elf.modinfo(obj.read_bytes())
 
 
@@ -263,7 +263,7 @@ def test_ensure_image_builds_then_reuses(fake_cache: Path) -> None:
 
 def test_missing_busybox_is_one_line(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(image, "BUSYBOX", fake_cache / "no-busybox")
-    with pytest.raises(SetupError, match="^busybox-static is not installed: run make setup$"):
+    with pytest.raises(SetupError, match=r"^busybox-static is not installed: run make setup$"):
         image.ensure_image(fake_cache)
 
 
@@ -278,14 +278,14 @@ def test_missing_gcc_is_one_line(fake_cache: Path, tmp_path: Path, monkeypatch: 
     empty = tmp_path / "empty-path"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    with pytest.raises(SetupError, match="^gcc is not installed") as info:
+    with pytest.raises(SetupError, match=r"^gcc is not installed") as info:
         image.ensure_image(fake_cache)
     assert "\n" not in str(info.value)
 
 
 def test_compile_error_is_one_line(fake_cache: Path) -> None:
     (image.SOURCES / "kvm-broken.c").write_text("int main(void) { return nope; }\n")
-    with pytest.raises(SetupError, match="^compiling kvm-broken.c failed: .*nope") as info:
+    with pytest.raises(SetupError, match=r"^compiling kvm-broken.c failed: .*nope") as info:
         image.ensure_image(fake_cache)
     assert "\n" not in str(info.value)
 

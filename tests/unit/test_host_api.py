@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvmotion.api.agent import raise_for_error
 from kvmotion.api.serving import Security, secure
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.host.api import create_app
-from kvmotion.host.client import raise_for_error
 from kvmotion.host.vms import HostConfig
 from kvmotion.migration.api import migration_router
 from kvmotion.qemu import cpus

@@ -8,9 +8,9 @@ import ssl
 
 import pytest
 
-from kvmotion.host.client import AgentClient, AsyncAgentClient
-from kvmotion.httpclient import default_ssl_context
-from kvmotion.storage.client import DatastoreClient
+from kvmotion.api.agent import AgentClient, AsyncAgentClient
+from kvmotion.api.datastore import DatastoreClient
+from kvmotion.core.httpclient import default_ssl_context
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from kvmotion.interrupts import terminate_as_interrupt
+from kvmotion.core.interrupts import terminate_as_interrupt
 
 
 def test_sigterm_raises_keyboard_interrupt_inside_and_handlers_come_back() -> None:

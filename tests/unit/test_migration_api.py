@@ -17,18 +17,18 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from kvmotion.api.config import ClusterConfig, save_config
 from kvmotion.api.identity import Identity, Kind, Role
+from kvmotion.api.inventory import HostEntry, Inventory
+from kvmotion.api.migration import Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
 from kvmotion.api.serving import Security, secure
-from kvmotion.cluster.config import ClusterConfig, save_config
-from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import Conflict, NotFound, PrecheckFailed, Unreachable
+from kvmotion.api.spec import VmSpec
+from kvmotion.core.errors import Conflict, NotFound, PrecheckFailed, Unreachable
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration import engine
 from kvmotion.migration.api import routes
-from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService, record_from_json
-from kvmotion.migration.model import Check, Level, MigrationOptions, MigrationRecord, Phase
+from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService
 from kvmotion.qemu.accel import Accel, AccelChoice
-from kvmotion.qemu.spec import VmSpec
 from tests.certs import TestCA, as_caller
 
 MID = "0123456789ab"

@@ -1,4 +1,4 @@
-"""kvmotion.migration.cancel: which socket of a stalled stream goes first, when a cancelled stream
+"""kvmotion.qemu.cancel: which socket of a stalled stream goes first, when a cancelled stream
 counts as stalled, and the order the sockets are shut down in."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from kvmotion.migration import cancel
-from kvmotion.migration.stats import MigrationSample
+from kvmotion.qemu import cancel
+from kvmotion.qemu.migstatus import MigrationSample
 from kvmotion.qemu.sockets import BlockedWrite, TcpSocket
 
 DEST = ("10.77.0.3", 49152)

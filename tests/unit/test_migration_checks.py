@@ -1,8 +1,8 @@
 """Prerequisite checks are pure: every violation comes back at once, each with its reason."""
 
+from kvmotion.api.migration import Level
+from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
 from kvmotion.migration.checks import HostFacts, errors_of, run_checks
-from kvmotion.migration.model import Level
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec
 
 GIB = 1 << 30
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.api.address import Endpoint
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
-from kvmotion.cluster.tls import client_context
-from kvmotion.storage.address import Endpoint
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+from kvmotion.api.tls import client_context
 from kvmotion.storage.nbd_client import NbdConnection, NbdError
 from kvmotion.storage.nbd_front import NbdFront, listen_socket, server_context
 from kvmotion.storage.nbd_gate import GREETING, IHAVEOPT, REPLY_MAGIC
@@ -128,7 +128,7 @@ def test_refusals_never_reach_nbdkit(front: tuple[NbdFront, FakeNbdkit], ca: Tes
     nbd, backend = front
     with pytest.raises(NbdError, match="requires TLS"):
         connect(nbd, ca, None, "web1.img")
-    with pytest.raises(NbdError, match="host:host-b may not open web1.img@host-a"):
+    with pytest.raises(NbdError, match=r"host:host-b may not open web1.img@host-a"):
         connect(nbd, ca, Identity(Kind.HOST, "host-b"), "web1.img@host-a")
     with pytest.raises(NbdError, match="may not read"):
         connect(nbd, ca, Identity(Kind.USER, "vera", Role.VIEWER), "web1.img")

@@ -276,7 +276,10 @@ def test_any_cutting_of_the_bytes_gives_the_same_actions(seed: int) -> None:
     whole = _script(None, seed)
     assert isinstance(whole[-1], Relay) and Opened("web1.img@host-a") in whole
     cut = _script(7, seed)
-    merged = lambda acts, side: b"".join(a.data for a in acts if isinstance(a, Send) and a.to is side)  # noqa: E731
+
+    def merged(acts: list, side: Side) -> bytes:
+        return b"".join(a.data for a in acts if isinstance(a, Send) and a.to is side)
+
     for side in Side:
         assert merged(cut, side) == merged(whole, side)
     assert [a for a in cut if not isinstance(a, Send)] == [a for a in whole if not isinstance(a, Send)]

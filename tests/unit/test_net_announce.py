@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.net.announce import (
     AnnounceKind,
     ArpOp,

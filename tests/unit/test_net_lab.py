@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from kvmotion.errors import InvalidInput, NotFound
+from kvmotion.core.errors import InvalidInput, NotFound
 from kvmotion.net.lab import LabTopology, plan_lab
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.net.links import IFNAMSIZ, check_ifname, derived_mac, tap_name
 
 

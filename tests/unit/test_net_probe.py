@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.net.probe import (
     CHUNK,
     Gap,

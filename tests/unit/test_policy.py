@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 from kvmotion.migration import policy as pol
 from kvmotion.migration.policy import (
     Abort,
@@ -21,7 +22,8 @@ from kvmotion.migration.policy import (
     StartPostcopy,
     ThrottleConfig,
 )
-from kvmotion.migration.stats import MigrationSample, RoundTracker
+from kvmotion.migration.stats import RoundTracker
+from kvmotion.qemu.migstatus import MigrationSample
 
 MIB = 1 << 20
 PAGE = 4096
@@ -188,7 +190,7 @@ def test_guest_dirtying_twice_the_link_is_throttled_stepwise_and_converges() -> 
     # The first pass already shows the guest outrunning the link: straight to the assist's level
     # (60 %), then one level at a time, never down while it keeps dirtying, never above the cap.
     assert fractions[0] == config.throttle.assist_max
-    assert all(levels.index(b) == levels.index(a) + 1 for a, b in zip(fractions, fractions[1:]))
+    assert all(levels.index(b) == levels.index(a) + 1 for a, b in itertools.pairwise(fractions))
     assert fractions == sorted(fractions) and max(fractions) <= config.throttle.max
     assert r.model.downtime is not None and r.model.downtime <= config.max_downtime_ms / 1000
     # Without the throttle this guest never gets below its 256 MiB working set (2.3 s).
@@ -367,7 +369,7 @@ def test_throttle_is_released_stepwise_when_the_guest_stops_dirtying() -> None:
     state, acts = feed_from(config, state, busy[-1], quiet)
     down = [a.fraction for _, a in acts if isinstance(a, SetThrottle)]
     assert down == sorted(down, reverse=True) and down[-1] == 0.0
-    assert all(b < a for a, b in zip([up[-1]] + down, down))  # one level at a time
+    assert all(b < a for a, b in zip([up[-1], *down], down, strict=False))  # one level at a time
     assert state.throttle_level == 0
 
 
@@ -460,7 +462,7 @@ def test_plan_scales_with_memory_and_is_geometric() -> None:
     config = pol.preset("balanced")
     small, big = pol.make_plan(config, 256 * MIB), pol.make_plan(config, 8 << 30)
     assert small.schedule_ms[0] == 30 and small.schedule_ms[-1] == 500 and len(small.schedule_ms) == 11
-    ratios = [b / a for a, b in zip(small.schedule_ms, small.schedule_ms[1:])]
+    ratios = [b / a for a, b in itertools.pairwise(small.schedule_ms)]
     assert max(ratios) - min(ratios) < 0.05
     assert small.step_interval == config.step_interval_min
     assert big.step_interval == 8 * config.step_interval_per_gib

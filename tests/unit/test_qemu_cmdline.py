@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.qemu.accel import Accel
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 
 SPEC = VmSpec(
     name="web1", memory=512 << 20, vcpus=2,

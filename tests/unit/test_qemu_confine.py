@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import NotFound, SetupError, VmFailed
+from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
+from kvmotion.core.errors import NotFound, SetupError, VmFailed
 from kvmotion.qemu import confine
 from kvmotion.qemu.accel import Accel
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node
 from kvmotion.qemu.confine import FileAccess, QemuUser
 from kvmotion.qemu.process import close_own_fds, open_fds
 from kvmotion.qemu.qmp import Qmp
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec
 
 USER = QemuUser(name="kvmotion-qemu", uid=990, gid=990, groups=(993,))
 NBD_NODE = {"driver": "nbd", "server": {"type": "inet", "host": "10.0.0.1", "port": "10809"}, "export": "d@h"}
@@ -248,7 +248,7 @@ class _RecordingQmp:
 def test_migration_tls_checks_qemu_can_read_its_key(open_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                      qemu_group: int | None) -> None:
     # QEMU's own error for an unreadable key is "Error while reading file": the engine says why first.
-    from kvmotion.cluster.ca import init_ca, issue_host_cert
+    from kvmotion.api.pki import init_ca, issue_host_cert
     from kvmotion.host.vms import HostConfig, VmManager
     from kvmotion.migration.engine import add_stream_tls
     from kvmotion.qemu.accel import AccelChoice
@@ -256,14 +256,14 @@ def test_migration_tls_checks_qemu_can_read_its_key(open_dir: Path, monkeypatch:
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(open_dir / "cluster"))
     monkeypatch.setattr(confine, "qemu_gid", lambda: qemu_group)
     init_ca(open_dir / "cluster" / "ca")
-    issue_host_cert(open_dir / "cluster" / "ca", "h1", [], open_dir / "cluster" / "hosts" / "h1")
+    issue_host_cert(open_dir / "cluster" / "ca", "h1", [], open_dir / "cluster" / "hosts" / "h1", qemu_key_gid=confine.qemu_gid())
     nobody = QemuUser(name="nobody", uid=65534, gid=65534, groups=())
     conf = confine.decide(nobody, 0, "root", Accel.TCG, None)
     mgr = VmManager(HostConfig(name="h1", state_dir=open_dir / "s", run_dir=open_dir / "r", portgroups={},
                                accel=AccelChoice(Accel.TCG, "test"), confinement=conf))
     qmp = _RecordingQmp()
     if qemu_group is None:
-        with pytest.raises(SetupError, match="cannot read .*server-key.pem: issue h1's certificate again"):
+        with pytest.raises(SetupError, match=r"cannot read .*server-key.pem: issue h1's certificate again"):
             asyncio.run(add_stream_tls(qmp, "h1", "server", "h2", mgr.confinement.user))
         assert qmp.commands == []
     else:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.api.spec import NicSpec, VmSpec
+from kvmotion.core.errors import InvalidInput
 from kvmotion.qemu.accel import Accel
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
-from kvmotion.qemu.spec import NicSpec, VmSpec
 
 MAC = "52:54:00:12:34:56"
 

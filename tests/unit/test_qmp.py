@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import VmFailed
+from kvmotion.core.errors import VmFailed
 from kvmotion.qemu.qmp import Qmp
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}

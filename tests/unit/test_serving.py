@@ -16,8 +16,8 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind, Role, identity_of
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Limits, Security, allow, make_server
-from kvmotion.cluster.ca import SERVER_CERT, SERVER_KEY, CA_CERT
 from tests.certs import Creds, TestCA
 
 
@@ -143,11 +143,11 @@ def test_certificate_without_kvmotion_identity_is_refused(ca):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from kvmotion.cluster.ca import load_ca
-    from kvmotion.errors import Unauthorized
+    from kvmotion.api.pki import load_ca
+    from kvmotion.core.errors import Unauthorized
 
     root = load_ca(ca.ca_dir)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for subject in ([x509.NameAttribute(NameOID.COMMON_NAME, "host-a")],  # a certificate of the old scheme
                     [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmotion"),
                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "root"),

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import InvalidInput
+from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.jsonio import as_json
 from kvmotion.guest.cmdline import kernel_cmdline
 from kvmotion.host.store import VmStore
-from kvmotion.jsonio import as_json
-from kvmotion.qemu.spec import DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 
 MAC = "52:54:00:12:34:56"
 BASE = {"name": "web1", "memory": 512 << 20}
@@ -105,7 +105,7 @@ def test_direct_construction_validates_too() -> None:
     with pytest.raises(InvalidInput, match="stride"):
         WorkloadParams(mem_stride=1024)
     spec = VmSpec(name="web1", memory=512 << 20)
-    with pytest.raises(InvalidInput, match="^invalid VM spec: name: "):
+    with pytest.raises(InvalidInput, match=r"^invalid VM spec: name: "):
         spec.replace(name="web1,process=x")
     assert spec.replace(name="web2").name == "web2"
     with pytest.raises(ValueError):  # frozen

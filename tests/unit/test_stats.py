@@ -7,15 +7,9 @@ import math
 
 import pytest
 
-from kvmotion.errors import InvalidInput
-from kvmotion.migration.stats import (
-    MigrationSample,
-    MigrationStats,
-    MigrationStatus,
-    RamStats,
-    RoundStats,
-    RoundTracker,
-)
+from kvmotion.core.errors import InvalidInput
+from kvmotion.migration.stats import MigrationStats, RoundStats, RoundTracker
+from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus, RamStats
 
 MIB = 1 << 20
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.api.datastore import DatastoreClient
 from kvmotion.api.identity import Identity, Kind, Role
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Security, secure
-from kvmotion.cluster.ca import CA_CERT, SERVER_CERT, SERVER_KEY
-from kvmotion.errors import Conflict, Forbidden, InvalidInput, LeaseError, NotFound, Unauthorized, Unreachable
+from kvmotion.core.errors import Conflict, Forbidden, InvalidInput, LeaseError, NotFound, Unauthorized, Unreachable
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
-from kvmotion.storage.client import DatastoreClient
 from kvmotion.storage.datastore import Datastore
 from tests.certs import TestCA, as_caller
 
@@ -131,13 +131,13 @@ def test_lease_bodies_name_no_host(as_: Caller) -> None:
     """A body naming a host is refused: the certificate says who acts."""
     as_(OPERATOR).create_disk(DISK, 8 << 20)
     b = as_(host("host-b"))
-    with pytest.raises(InvalidInput, match="host: (is not a known field|Extra inputs are not permitted)"):
+    with pytest.raises(InvalidInput, match=r"host: (is not a known field|Extra inputs are not permitted)"):
         b._call("POST", f"/disks/{DISK}/acquire", {"host": "host-a", "vm": "web1"})
-    with pytest.raises(InvalidInput, match="host: (is not a known field|Extra inputs are not permitted)"):
+    with pytest.raises(InvalidInput, match=r"host: (is not a known field|Extra inputs are not permitted)"):
         b._call("POST", f"/disks/{DISK}/renew", {"host": "host-a"})
-    with pytest.raises(InvalidInput, match="host: (is not a known field|Extra inputs are not permitted)"):
+    with pytest.raises(InvalidInput, match=r"host: (is not a known field|Extra inputs are not permitted)"):
         b._call("POST", f"/disks/{DISK}/release", {"host": "host-a"})
-    with pytest.raises(InvalidInput, match="host: (is not a known field|Extra inputs are not permitted)"):
+    with pytest.raises(InvalidInput, match=r"host: (is not a known field|Extra inputs are not permitted)"):
         b._call("POST", f"/disks/{DISK}/transfer", {"host": "host-a", "from_host": "host-a", "to_host": "host-b",
                                                      "vm": "web1"})
     assert as_(VIEWER).disk(DISK).lease is None
@@ -202,7 +202,7 @@ def test_insecure_datastore_takes_the_host_from_a_header(tmp_path: Path) -> None
 
 
 def test_https_needs_credentials_and_unreachable_datastore() -> None:
-    from kvmotion.errors import SetupError
+    from kvmotion.core.errors import SetupError
 
     with pytest.raises(SetupError, match="certificate"):
         DatastoreClient("https://127.0.0.1:9")

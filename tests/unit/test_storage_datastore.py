@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import Conflict, InvalidInput, LeaseError, NotFound
+from kvmotion.core.errors import Conflict, InvalidInput, LeaseError, NotFound
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.lease import check_write
 from kvmotion.storage.leasefile import LeaseGate
@@ -122,7 +122,12 @@ def test_transfer_waits_for_a_write_in_flight(ds: Datastore, tmp_path: Path) -> 
     t = threading.Thread(target=writer)
     t.start()
     in_write.wait(5)
-    mover = threading.Thread(target=lambda: (ds.transfer("web1.img", "host-a", "host-b", "web1", by="host-a"), events.append("transferred")))
+
+    def move() -> None:
+        ds.transfer("web1.img", "host-a", "host-b", "web1", by="host-a")
+        events.append("transferred")
+
+    mover = threading.Thread(target=move)
     mover.start()
     time.sleep(0.2)
     assert events == []  # transfer is blocked by the write

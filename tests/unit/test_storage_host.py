@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import LeaseError
-from kvmotion.qemu.spec import DiskSpec, VmSpec
+from kvmotion.api.disks import DiskInfo, Lease
+from kvmotion.api.spec import DiskSpec, VmSpec
+from kvmotion.core.errors import LeaseError
 from kvmotion.storage import host as storage_host
-from kvmotion.storage.datastore import Datastore, DiskInfo
-from kvmotion.storage.lease import Lease
+from kvmotion.storage.datastore import Datastore
 
 TTL = 15.0
 
@@ -191,16 +191,17 @@ def test_current_proto_nodes_are_found_by_export() -> None:
 
 def test_vms_on_a_tls_datastore_get_their_hosts_qemu_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tls-creds-x509 object is on the command line, ahead of the disk nodes that name it."""
-    from kvmotion.cluster.ca import init_ca, issue_host_cert
+    from kvmotion.api.pki import init_ca, issue_host_cert
+    from kvmotion.api.registry import DatastoreRef, Registry
+    from kvmotion.qemu import confine
     from kvmotion.qemu.accel import Accel
     from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
     from kvmotion.storage.attach import NBD_TLS_ID
-    from kvmotion.storage.registry import DatastoreRef, Registry
 
     cluster = tmp_path / "cluster"
     monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(cluster))
     init_ca(cluster / "ca")
-    issue_host_cert(cluster / "ca", "host-a", ["10.77.0.11"], cluster / "hosts" / "host-a")
+    issue_host_cert(cluster / "ca", "host-a", ["10.77.0.11"], cluster / "hosts" / "host-a", qemu_key_gid=confine.qemu_gid())
     Registry().add(DatastoreRef.make("ds1", "nbd://10.77.0.2:10809"))
     assert storage_host.qemu_objects(SPEC, "host-a") == ()  # an --insecure datastore: plain NBD
     Registry().add(DatastoreRef.make("ds1", "nbds://10.77.0.2:10809"), replace=True)

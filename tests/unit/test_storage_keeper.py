@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from kvmotion.errors import LeaseError, Unreachable
+from kvmotion.api.disks import Lease
+from kvmotion.core.errors import LeaseError, Unreachable
 from kvmotion.storage.keeper import LeaseKeeper
-from kvmotion.storage.lease import Lease
 
 TTL = 9.0
 
@@ -77,7 +77,7 @@ def test_run_renews_every_third_of_ttl(setup: tuple[Clock, FakeDatastore, list[s
 
 
 def test_refused_renewal_reports_loss_once(setup: tuple[Clock, FakeDatastore, list[str], LeaseKeeper]) -> None:
-    clock, ds, lost, keeper = setup
+    _clock, ds, lost, keeper = setup
     ds.leases["web1.img"] = lease()
     ds.leases["db.img"] = lease("db.img")
     keeper.keep(ds.leases["web1.img"])

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from kvmotion.errors import Forbidden, InvalidInput, LeaseError
-from kvmotion.storage.lease import ExportName, Lease, LeaseTable, WriteRefusal, check_flush, check_write
+from kvmotion.api.disks import Lease
+from kvmotion.core.errors import Forbidden, InvalidInput, LeaseError
+from kvmotion.storage.lease import ExportName, LeaseTable, WriteRefusal, check_flush, check_write
 
 TTL = 10.0
 

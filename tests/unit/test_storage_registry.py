@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound
-from kvmotion.storage.address import Endpoint, parse_listen, parse_nbd_url
+from kvmotion.api.address import Endpoint, parse_listen, parse_nbd_url
+from kvmotion.api.registry import DatastoreRef, Registry, cluster_dir
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound
 from kvmotion.storage.attach import nbd_blockdev, reattach_commands
-from kvmotion.storage.registry import DatastoreRef, Registry, cluster_dir
 
 
 def test_addresses() -> None:

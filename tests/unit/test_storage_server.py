@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.api.address import Endpoint
 from kvmotion.storage import nbd_plugin_path
-from kvmotion.storage.address import Endpoint
 from kvmotion.storage.server import ServeConfig, _StderrFilter, nbdkit_command
 
 FENCED = [

@@ -1,7 +1,7 @@
 import pytest
 
-from kvmotion.errors import InvalidInput
-from kvmotion.units import format_duration, format_size, parse_duration, parse_rate, parse_size
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.units import format_duration, format_size, parse_duration, parse_rate, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("4096", 4096), ("64k", 65536)])
@@ -9,7 +9,8 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [("1gbit", 125_000_000), ("10Gbit", 1_250_000_000), ("1gbps", 125_000_000), ("100M", 100_000_000), ("1G", 10**9)])
+@pytest.mark.parametrize("text,expected", [("1gbit", 125_000_000), ("10Gbit", 1_250_000_000), ("1gbps", 125_000_000),
+                                           ("100M", 100_000_000), ("1G", 10**9)])
 def test_parse_rate_bits_and_bytes(text, expected):
     assert parse_rate(text) == expected
 

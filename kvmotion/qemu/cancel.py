@@ -27,8 +27,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from kvmotion.migration.stats import MigrationSample, MigrationStatus
+from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus
 from kvmotion.qemu.sockets import BlockedWrite, TcpSocket, blocked_writes, shutdown_socket, still_writing, tcp_sockets
 
 log = logging.getLogger("kvmotion.migration")
@@ -115,7 +116,7 @@ def break_stalled_stream(pid: int) -> Broken:
     return Broken(shut=done, first=plan.first is not None)
 
 
-Ask = Callable[..., Awaitable[object]]
+Ask = Callable[..., Awaitable[Any]]  # one QMP command: its decoded JSON answer
 
 
 async def cancel_migration(ask: Ask, pid: int | None, wait: float) -> MigrationStatus:
@@ -127,7 +128,7 @@ async def cancel_migration(ask: Ask, pid: int | None, wait: float) -> MigrationS
     broken = pid is None
     deadline = time.monotonic() + wait
     while True:
-        sample = MigrationSample.from_qmp(await ask("query-migrate"))  # type: ignore[arg-type]
+        sample = MigrationSample.from_qmp(await ask("query-migrate"))
         if sample.status.is_terminal or time.monotonic() > deadline:
             return sample.status
         if not broken and watch.held(sample, time.monotonic()):

@@ -1,17 +1,82 @@
-"""Client of a host agent's API: the CLI and other agents talk to agents only through this."""
+"""A host agent's API as its clients see it: VM states and status, host facts, and the clients
+(the CLI and other agents talk to agents only through these)."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 import httpx
 
-from kvmotion import errors
-from kvmotion.httpclient import default_ssl_context
-from kvmotion.host.resources import HostInfo
-from kvmotion.host.vms import VmStatus, status_from_json
-from kvmotion.jsonio import as_json
-from kvmotion.qemu.spec import VmSpec
+from kvmotion.api.spec import VmSpec
+from kvmotion.core import errors
+from kvmotion.core.httpclient import default_ssl_context
+from kvmotion.core.jsonio import as_json
+
+
+class VmState(str, Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INCOMING = "incoming"  # shadow VM waiting for a migration stream
+    MIGRATING = "migrating"  # source of a migration in progress
+    STOPPING = "stopping"
+    CRASHED = "crashed"  # QEMU exited without being asked to
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    name: str
+    state: VmState
+    host: str
+    memory: int
+    vcpus: int
+    pid: int | None
+    started_at: float | None
+    ready: bool
+    spec: VmSpec
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    name: str
+    version: str
+    accel: str
+    accel_reason: str
+    qemu_user: str  # who the VMs' QEMU processes run as (kvmotion.qemu.confine)
+    qemu_user_reason: str
+    memory_total: int
+    memory_available: int
+    memory_committed: int
+    cpus: int
+    cpu_model_name: str
+    cpu_features: list[str]
+    portgroups: dict[str, str]
+    datastores: list[str]  # datastores of the cluster registry this host reaches now
+    vms: int
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> HostInfo:
+        return HostInfo(**{f: data[f] for f in HostInfo.__dataclass_fields__})
+
+
+def status_from_json(data: Mapping[str, Any]) -> VmStatus:
+    return VmStatus(
+        name=data["name"],
+        state=VmState(data["state"]),
+        host=data["host"],
+        memory=int(data["memory"]),
+        vcpus=int(data["vcpus"]),
+        pid=data.get("pid"),
+        started_at=data.get("started_at"),
+        ready=bool(data.get("ready")),
+        spec=VmSpec.from_json(data["spec"]),
+    )
+
 
 _KINDS = {
     cls.__name__: cls
@@ -46,7 +111,9 @@ class AgentClient:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, verify=ssl_context or default_ssl_context(), timeout=timeout)
 
-    def request(self, method: str, path: str, *, json: object = None, params: dict | None = None, timeout: float | None = None) -> object:
+    def request(self, method: str, path: str, *, json: object = None, params: dict | None = None,
+                timeout: float | None = None) -> Any:
+        """The decoded JSON answer (None for an empty one); the agent's error re-raised."""
         try:
             r = self._http.request(method, path, json=json, params=params, timeout=timeout or self._http.timeout)
         except httpx.TransportError as exc:
@@ -55,25 +122,25 @@ class AgentClient:
         return r.json() if r.content else None
 
     def host(self) -> HostInfo:
-        return HostInfo.from_json(self.request("GET", "/v1/host"))  # type: ignore[arg-type]
+        return HostInfo.from_json(self.request("GET", "/v1/host"))
 
     def vms(self) -> list[VmStatus]:
-        return [status_from_json(d) for d in self.request("GET", "/v1/vms")]  # type: ignore[union-attr]
+        return [status_from_json(d) for d in self.request("GET", "/v1/vms")]
 
     def vm(self, name: str) -> VmStatus:
-        return status_from_json(self.request("GET", f"/v1/vms/{name}"))  # type: ignore[arg-type]
+        return status_from_json(self.request("GET", f"/v1/vms/{name}"))
 
     def create(self, spec: VmSpec) -> VmStatus:
-        return status_from_json(self.request("POST", "/v1/vms", json=as_json(spec)))  # type: ignore[arg-type]
+        return status_from_json(self.request("POST", "/v1/vms", json=as_json(spec)))
 
     def start(self, name: str, wait_ready: bool = False, timeout: float = 60.0) -> VmStatus:
         data = self.request(
             "POST", f"/v1/vms/{name}/start", params={"wait_ready": wait_ready, "timeout": timeout}, timeout=timeout + 30
         )
-        return status_from_json(data)  # type: ignore[arg-type]
+        return status_from_json(data)
 
     def stop(self, name: str, force: bool = False) -> VmStatus:
-        return status_from_json(self.request("POST", f"/v1/vms/{name}/stop", params={"force": force}, timeout=60))  # type: ignore[arg-type]
+        return status_from_json(self.request("POST", f"/v1/vms/{name}/stop", params={"force": force}, timeout=60))
 
     def delete(self, name: str) -> None:
         self.request("DELETE", f"/v1/vms/{name}")
@@ -89,7 +156,9 @@ class AsyncAgentClient:
         self.url = url.rstrip("/")
         self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context or default_ssl_context(), timeout=timeout)
 
-    async def request(self, method: str, path: str, *, json: object = None, params: dict | None = None, timeout: float | None = None) -> object:
+    async def request(self, method: str, path: str, *, json: object = None, params: dict | None = None,
+                      timeout: float | None = None) -> Any:
+        """The decoded JSON answer (None for an empty one); the agent's error re-raised."""
         try:
             r = await self._http.request(method, path, json=json, params=params, timeout=timeout or self._http.timeout)
         except httpx.TransportError as exc:
@@ -98,7 +167,7 @@ class AsyncAgentClient:
         return r.json() if r.content else None
 
     async def host(self) -> HostInfo:
-        return HostInfo.from_json(await self.request("GET", "/v1/host"))  # type: ignore[arg-type]
+        return HostInfo.from_json(await self.request("GET", "/v1/host"))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion import paths
-from kvmotion.errors import InvalidInput, NotFound
-from kvmotion.host.store import write_atomic
+from kvmotion.core import paths
+from kvmotion.core.errors import InvalidInput, NotFound
+from kvmotion.core.files import write_atomic
 
 
 def cluster_dir() -> Path:

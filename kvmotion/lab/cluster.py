@@ -12,9 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import SetupError
-from kvmotion.host.client import AgentClient
+from kvmotion.api.agent import AgentClient
+from kvmotion.api.config import ClusterConfig, save_config
+from kvmotion.api.datastore import client_for
+from kvmotion.api.identity import Role
+from kvmotion.api.pki import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
+from kvmotion.api.registry import DatastoreRef, Registry
+from kvmotion.api.tls import DEFAULT_USER, cli_ssl_context
+from kvmotion.core.errors import SetupError
 from kvmotion.net import lab as labmod
+from kvmotion.qemu import confine
 
 AGENT_PORT = 7701
 NBD_PORT = 10809
@@ -95,15 +102,10 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
     with cluster_env(cluster):
         if encrypted:
             issue_lab_certificates(topo, folder / "cluster")
-        from kvmotion.cluster.config import ClusterConfig, save_config
-
         save_config(ClusterConfig(encrypted=encrypted))
         ds = topo.datastore
         log = folder / "logs" / "datastore.log"
         proc = labmod.spawn_in_ns(ds.ns, datastore_argv(cluster), log, env)
-        from kvmotion.storage.client import client_for
-        from kvmotion.storage.registry import DatastoreRef, Registry
-
         ref = DatastoreRef.make(DATASTORE, cluster.nbd_url)
         Registry().add(ref, replace=True)
         def answers() -> bool:
@@ -115,7 +117,7 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
             log = folder / "logs" / f"{h.name}.log"
             proc = labmod.spawn_in_ns(h.ns, agent_argv(cluster, h.name), log, env)
             client = _lab_client(cluster, h.name)
-            _wait(f"agent {h.name}", lambda: client.host() is not None, proc, log)
+            _wait(f"agent {h.name}", lambda client=client: client.host() is not None, proc, log)
     return cluster
 
 
@@ -137,14 +139,10 @@ def agent_argv(cluster: LabCluster, host: str) -> list[str]:
 
 def issue_lab_certificates(topo: labmod.LabTopology, cluster_folder: Path) -> None:
     """The lab's CA, a certificate per host (and its QEMUs), the datastore's, and user admin's."""
-    from kvmotion.api.identity import Role
-    from kvmotion.cluster.ca import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
-    from kvmotion.cluster.tls import DEFAULT_USER
-
     ca_dir = cluster_folder / "ca"
     init_ca(ca_dir)
     for h in topo.hosts:
-        issue_host_cert(ca_dir, h.name, [h.mgmt_ip], cluster_folder / "hosts" / h.name)
+        issue_host_cert(ca_dir, h.name, [h.mgmt_ip], cluster_folder / "hosts" / h.name, qemu_key_gid=confine.qemu_gid())
     issue_datastore_cert(ca_dir, DATASTORE, [topo.datastore.ip], cluster_folder / "datastores" / DATASTORE)
     issue_user_cert(ca_dir, DEFAULT_USER, Role.ADMIN, cluster_folder / "users" / DEFAULT_USER)
 
@@ -152,8 +150,6 @@ def issue_lab_certificates(topo: labmod.LabTopology, cluster_folder: Path) -> No
 def _lab_client(cluster: LabCluster, host: str) -> AgentClient:
     if not cluster.encrypted:
         return AgentClient(cluster.agent_url(host), timeout=2)
-    from kvmotion.cluster.tls import cli_ssl_context
-
     return AgentClient(cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=2)
 
 

@@ -1,20 +1,29 @@
-"""Running the host agent: bind, recover VMs, serve the API until signalled."""
+"""The host agent process: the VM API of kvmotion.host with the migration routes mounted, bound,
+registered in the inventory and served until signalled.
+
+It lives at the migration level, the lowest that sees both packages: host knows nothing of
+migrations, and the migration routes need the host's VM manager.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import sys
+from functools import partial
 from pathlib import Path
 
-from kvmotion import paths
+from kvmotion.api.address import is_wildcard
+from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
-from kvmotion.cluster.inventory import HostEntry, Inventory
-from kvmotion.errors import InvalidInput, Unreachable
+from kvmotion.api.tls import host_tls_files, set_own_host
+from kvmotion.core import paths
+from kvmotion.core.errors import InvalidInput, Unreachable
+from kvmotion.guest import image as guest_image
 from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
+from kvmotion.migration.api import migration_router
 from kvmotion.qemu import accel as accel_mod
-from kvmotion.storage.address import is_wildcard
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -71,7 +80,7 @@ def serve(
                            "listen on the host's own address")
     if not 1 <= migration_limit <= 64:
         raise InvalidInput(f"invalid migration limit {migration_limit}: use 1 to 64")
-    choice = accel_mod.choose(accel)
+    choice = accel_mod.choose(guest_image.ensure_image, accel)
     accel_mod.say_once(choice)
     config = HostConfig(
         name=name,
@@ -80,15 +89,12 @@ def serve(
         portgroups=parse_portgroups(portgroups or ["vm-net"]),
         accel=choice,
     )
-    from kvmotion.cluster.tls import host_tls_files, set_own_host
-    from kvmotion.host.routers import routers  # migration & storage endpoints plug in here
-
     set_own_host(name)
     security = Security(tls_files=None if insecure else host_tls_files(name), audit_log=config.state_dir / "audit.log",
                         limits=limits or Limits(), insecure=insecure)
     if insecure:
         print(insecure_warning(f"host agent {name} on {listen}"), file=sys.stderr, flush=True)
-    app = create_app(config, extra_routers=routers(host, migration_limit))
+    app = create_app(config, extra_routers=(partial(migration_router, listen_ip=host, limit=migration_limit),))
     server = make_server(app, security, f"agent {name}", lifespan="on")
     sock = bind(host, port)
     scheme = "http" if insecure else "https"

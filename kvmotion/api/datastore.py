@@ -10,18 +10,15 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
-from kvmotion import errors
-from kvmotion.errors import KvmotionError, Unreachable
-from kvmotion.storage.address import API_PREFIX, INSECURE_HOST_HEADER
-from kvmotion.storage.datastore import DiskInfo
-from kvmotion.storage.lease import Lease, check_disk_name
-
-if TYPE_CHECKING:
-    from kvmotion.storage.registry import DatastoreRef
+from kvmotion.api.address import API_PREFIX, INSECURE_HOST_HEADER
+from kvmotion.api.disks import DiskInfo, Lease, check_disk_name
+from kvmotion.api.registry import DatastoreRef
+from kvmotion.api.tls import cli_ssl_context, host_ssl_context
+from kvmotion.core import errors
+from kvmotion.core.errors import KvmotionError, Unreachable
 
 # Error classes the server may name in a response; anything else becomes a plain KvmotionError.
 _ERRORS: dict[str, type[KvmotionError]] = {
@@ -74,7 +71,7 @@ class DatastoreClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "DatastoreClient":
+    def __enter__(self) -> DatastoreClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,11 +153,9 @@ class DatastoreClient:
         self._call("POST", f"/disks/{check_disk_name(disk)}/release")
 
 
-def client_for(ref: "DatastoreRef", host: str | None = None, timeout: float = 10.0) -> DatastoreClient:
+def client_for(ref: DatastoreRef, host: str | None = None, timeout: float = 10.0) -> DatastoreClient:
     """A client of datastore `ref`: as host `host` (an agent) or, without one, as the CLI's user."""
     if not ref.tls:
         return DatastoreClient(ref.control_url, timeout=timeout, host=host)
-    from kvmotion.cluster.tls import cli_ssl_context, host_ssl_context
-
     ctx = host_ssl_context(host) if host else cli_ssl_context()
     return DatastoreClient(ref.control_url, timeout=timeout, ssl_context=ctx, host=host)

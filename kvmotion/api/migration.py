@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 
 class Phase(str, Enum):
@@ -46,7 +46,7 @@ class Check:
 @dataclass(frozen=True)
 class MigrationOptions:
     """What the user may ask of one migration. Encryption is not among them: it is the cluster's
-    policy (kvmotion.cluster.config), read by both agents."""
+    policy (kvmotion.api.config), read by both agents."""
 
     max_downtime_ms: int = 500
     bandwidth: int = 0  # bytes/s cap on the stream; 0 = as fast as the link goes
@@ -60,7 +60,7 @@ class MigrationOptions:
             raise InvalidInput("invalid bandwidth: must be positive")
 
     @staticmethod
-    def from_json(d: dict) -> "MigrationOptions":
+    def from_json(d: dict) -> MigrationOptions:
         """Stored options; records written before encryption became the cluster's policy carry an
         `encrypted` option, which is dropped here (the record's own `encrypted` says what happened)."""
         return MigrationOptions(**{k: v for k, v in d.items() if k != "encrypted"})
@@ -120,3 +120,18 @@ class MigrationRecord:
     phase_times: tuple[tuple[str, float], ...] = ()  # (phase, wall time entered)
     rounds: tuple[dict, ...] = ()  # per-round statistics (RoundStats JSON)
     encrypted: bool = True  # the stream went over TLS: the cluster's policy when the migration started
+
+
+def record_from_json(d: dict) -> MigrationRecord:
+    return MigrationRecord(
+        id=d["id"], vm=d["vm"], source=d["source"], destination=d["destination"],
+        options=MigrationOptions.from_json(d["options"]), phase=Phase(d["phase"]), started_at=d["started_at"],
+        ended_at=d.get("ended_at"), error=d.get("error"),
+        checks=tuple(Check(c["name"], Level(c["level"]), c["reason"]) for c in d.get("checks", ())),
+        progress=Progress(**d.get("progress", {})),
+        summary=Summary(**d["summary"]) if d.get("summary") else None,
+        phase_times=tuple((p, t) for p, t in d.get("phase_times", ())),
+        rounds=tuple(d.get("rounds", ())),
+        # Older records kept it among the options (then the caller's choice).
+        encrypted=bool(d.get("encrypted", d["options"].get("encrypted", True))),
+    )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 
-def as_json(obj: object) -> object:
+def as_json(obj: object) -> Any:
+    """`obj` as plain JSON values (dicts, lists, str, numbers, bool, None)."""
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json")
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

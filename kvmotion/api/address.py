@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 NBD_PORT = 10809  # IANA port for NBD
 API_PREFIX = "/v1"  # control API paths
@@ -33,7 +33,7 @@ class Endpoint:
     def url(self, scheme: str) -> str:
         return f"{scheme}://{self}"
 
-    def next_port(self) -> "Endpoint":
+    def next_port(self) -> Endpoint:
         """The control API's default place: the NBD port + 1."""
         return Endpoint(self.host, self.port + 1)
 

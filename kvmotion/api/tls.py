@@ -1,6 +1,6 @@
 """Where the cluster's TLS material lives and how agents and the CLI use it.
 
-Layout under the cluster folder (see kvmotion.cluster.inventory.cluster_dir), each identity's
+Layout under the cluster folder (see kvmotion.api.inventory.cluster_dir), each identity's
 folder in QEMU's tls-creds-x509 layout (ca-cert.pem, {server,client}-{cert,key}.pem):
     ca/ca-cert.pem, ca/ca-key.pem   the cluster CA (`kvmotion cluster init`)
     hosts/<host>/                   host:<host>, the agent (API, calls to peers and datastores)
@@ -16,10 +16,10 @@ import os
 import ssl
 from pathlib import Path
 
-from kvmotion.cluster.ca import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
-from kvmotion.cluster.inventory import cluster_dir
-from kvmotion.errors import SetupError
-from kvmotion.host.client import AsyncAgentClient
+from kvmotion.api.agent import AsyncAgentClient
+from kvmotion.api.inventory import cluster_dir
+from kvmotion.api.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
+from kvmotion.core.errors import SetupError
 
 DEFAULT_USER = "admin"  # `kvmotion cluster init` creates it, like vCenter's administrator
 

@@ -30,9 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name
-from kvmotion.qemu import confine
-from kvmotion.errors import Conflict, InvalidInput, NotFound, SetupError
-from kvmotion.host.store import write_atomic
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
+from kvmotion.core.files import write_atomic
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -109,7 +108,7 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def load_ca(ca_dir: Path | str) -> CA:
@@ -322,13 +321,15 @@ def sha256_hex(cert: x509.Certificate) -> str:
 
 
 def issue_host_cert(
-    ca_dir: Path | str, host_name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str
+    ca_dir: Path | str, host_name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str, *,
+    qemu_key_gid: int | None,
 ) -> HostCredentials:
-    """Issue host `host_name`'s certificate into `out_dir`, and its QEMUs' into `out_dir`/qemu
-    (the key QEMU reads after dropping root: group kvmotion-qemu when that group exists)."""
+    """Issue host `host_name`'s certificate into `out_dir`, and its QEMUs' into `out_dir`/qemu: the
+    key QEMU reads after dropping root, readable by group `qemu_key_gid` (kvmotion.qemu.confine.qemu_gid:
+    the group QEMU runs with; None when there is none)."""
     check_host_name(host_name)
     issued = issue_cert(ca_dir, Identity(Kind.HOST, host_name), ips, out_dir, server=True)
-    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=confine.qemu_gid())
+    issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=qemu_key_gid)
     return HostCredentials(dir=issued.dir, host=host_name, ips=issued.ips, expires=issued.expires)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 _SHOWN_INPUT = 60  # characters of a refused value quoted in a message
 

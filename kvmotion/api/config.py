@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmotion.cluster.inventory import cluster_dir
-from kvmotion.errors import InvalidInput
-from kvmotion.host.store import write_atomic
+from kvmotion.api.inventory import cluster_dir
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.files import write_atomic
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from kvmotion.errors import InvalidInput
-from kvmotion.storage.lease import check_disk_name
-from kvmotion.units import format_size, parse_size
-from kvmotion.validation import invalid_input
+from kvmotion.api.disks import check_disk_name
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.units import format_size, parse_size
+from kvmotion.core.validation import invalid_input
 
 SPEC_VERSION = 1
 MIN_MEMORY = 128 << 20
@@ -131,7 +131,7 @@ class _Model(BaseModel):
 
     # Tells pydantic this __init__ validates as BaseModel's does (RootModel does the same), so
     # nested specs are validated by pydantic itself and their errors keep the full field path.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]  # a marker pydantic reads off the function
 
     @classmethod
     def validated(cls, data: object, *, stored: bool = False) -> Self:
@@ -178,7 +178,7 @@ class DiskSpec(_Model):
         return self.datastore is None
 
     @staticmethod
-    def parse(text: str) -> "DiskSpec":
+    def parse(text: str) -> DiskSpec:
         """'web1.img:2G', 'web1.img', or 'ds1/web1.img' (datastore names have no '.' or '/')."""
         source, _, size = text.partition(":")
         if not source:
@@ -249,7 +249,7 @@ class NicSpec(_Model):
         return v
 
     @staticmethod
-    def parse(text: str) -> "NicSpec":
+    def parse(text: str) -> NicSpec:
         """'pg=vm-net,mac=52:54:00:12:34:56[,ip=10.0.0.2/24][,guest-announce=on]'."""
         fields: dict[str, str] = {}
         for part in text.split(","):
@@ -265,7 +265,7 @@ class NicSpec(_Model):
         return NicSpec(mac=fields["mac"], portgroup=fields["pg"], ip=fields.get("ip"), guest_announce=announce == "on")
 
     @staticmethod
-    def from_json(data: object) -> "NicSpec":
+    def from_json(data: object) -> NicSpec:
         """A NIC as stored or sent by any version (no guest_announce: on, QEMU's default)."""
         return NicSpec.validated(data, stored=True)
 
@@ -361,7 +361,7 @@ class VmSpec(_Model):
         return self.model_dump(mode="json")
 
     @staticmethod
-    def from_json(data: object) -> "VmSpec":
+    def from_json(data: object) -> VmSpec:
         """A spec as stored or sent by any version of kvmotion, or InvalidInput naming the field."""
         return VmSpec.validated(data, stored=True)
 

@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import Conflict, InvalidInput, NotFound
-from kvmotion.cluster.inventory import cluster_dir
-from kvmotion.host.store import write_atomic
-from kvmotion.qemu.spec import check_name
-from kvmotion.storage.address import nbd_tls, parse_http_url, parse_nbd_url
+from kvmotion.api.address import nbd_tls, parse_http_url, parse_nbd_url
+from kvmotion.api.inventory import cluster_dir
+from kvmotion.api.spec import check_name
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound
+from kvmotion.core.files import write_atomic
 
 FILE_VERSION = 1
 
@@ -35,7 +35,7 @@ class DatastoreRef:
         return nbd_tls(self.nbd_url)
 
     @staticmethod
-    def make(name: str, nbd_url: str, control_url: str | None = None) -> "DatastoreRef":
+    def make(name: str, nbd_url: str, control_url: str | None = None) -> DatastoreRef:
         check_name(name, "datastore")
         nbd = parse_nbd_url(nbd_url)
         tls = nbd_tls(nbd_url)

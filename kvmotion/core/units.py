@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from kvmotion.errors import InvalidInput
+from kvmotion.core.errors import InvalidInput
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

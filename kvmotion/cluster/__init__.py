@@ -1,1 +1,0 @@
-"""Control plane: cluster CA, inventory, placement and balancing."""
