@@ -28,8 +28,6 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -39,9 +37,8 @@ from pydantic import (
 )
 
 from kvmotion.api.identity import Role
-from kvmotion.api.spec import NAME_PATTERN  # host, VM and datastore names: the VM spec's rule
+from kvmotion.api.spec import NAME_PATTERN, Checked  # host, VM and datastore names: the VM spec's rule
 from kvmotion.core import errors
-from kvmotion.core.validation import invalid_input
 
 PROTOCOL_VERSION = 1  # of agent <-> center messages (heartbeats); the center refuses others
 DEFAULT_PORT = 7700
@@ -101,20 +98,10 @@ NbdUrl = Annotated[str, Field(max_length=300), _url_checker(("nbds", "nbd"), "NB
 ControlUrl = Annotated[str, Field(max_length=300), _url_checker(("https", "http"), "control URL")]
 
 
-class Wire(BaseModel):
+class Wire(Checked):
     """Frozen, no unknown fields; built in code, a wrong value raises InvalidInput naming the field."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     _what: ClassVar[str] = "request body"  # what a refusal calls the body (kvmotion.api.serving)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise invalid_input(exc, self._what) from None
-
-    # Tells pydantic this __init__ validates as BaseModel's does: nested models keep their field paths.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]  # a marker pydantic reads off the function
 
 
 # ---- states and kinds ---------------------------------------------------------------------------------

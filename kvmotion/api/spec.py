@@ -117,7 +117,7 @@ Port = Annotated[StrictInt, _limits(1, 65535), AfterValidator(_in_range(1, 65535
 VcpuCount = Annotated[StrictInt, _limits(1, MAX_VCPUS), AfterValidator(_in_range(1, MAX_VCPUS, "vCPU count"))]
 
 
-class _Model(BaseModel):
+class Checked(BaseModel):
     """Frozen, no unknown fields; direct construction raises InvalidInput naming the field."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -146,7 +146,7 @@ class _Model(BaseModel):
         return type(self)(**{**{k: getattr(self, k) for k in type(self).model_fields}, **changes})
 
 
-class DiskSpec(_Model):
+class DiskSpec(Checked):
     """A disk: a raw file in the host's disk folder ('web1.img') or a datastore disk ('ds1/web1.img')."""
 
     _what: ClassVar[str] = "disk"
@@ -215,7 +215,7 @@ def _ip_interface(value: str) -> str:
     return str(iface)
 
 
-class NicSpec(_Model):
+class NicSpec(Checked):
     """A virtio-net NIC: its MAC travels with the VM; port group names the virtual switch.
 
     After a migration the destination's QEMU announces the MAC (RARP), as vMotion's "notify
@@ -270,7 +270,7 @@ class NicSpec(_Model):
         return NicSpec.validated(data, stored=True)
 
 
-class WorkloadParams(_Model):
+class WorkloadParams(Checked):
     """Knobs of the guest programs."""
 
     _what: ClassVar[str] = "workload parameters"
@@ -297,7 +297,7 @@ def _memory(value: int) -> int:
     return value
 
 
-class VmSpec(_Model):
+class VmSpec(Checked):
     """Everything needed to run a VM on any host. Versioned so agents can refuse what they don't know."""
 
     _what: ClassVar[str] = "VM spec"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
 from kvmotion.core import paths
-from kvmotion.core.errors import InvalidInput, SetupError, Unreachable
+from kvmotion.core.errors import InvalidInput, SetupError
+from kvmotion.core.listen import listening_socket
 
 CENTER_NAME = "center"  # the center's identity: center:center
 RENEW_BEFORE = dt.timedelta(days=30)  # a center certificate closer to its end than this is re-issued
@@ -69,19 +69,6 @@ def parse_listen(text: str) -> Listen:
         raise InvalidInput(f"cannot listen on {host}: hosts and users need the address they reach the center at "
                            "(its certificate names it); listen on the machine's own address")
     return Listen(host, int(port))
-
-
-def bind(listen: Listen) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((listen.host, listen.port))
-    except OSError as exc:
-        sock.close()
-        raise Unreachable(f"cannot listen on {listen.shown}: {exc.strerror}") from exc
-    sock.listen(256)
-    return sock
 
 
 def _is_ip(host: str) -> bool:
@@ -150,7 +137,7 @@ def prepare(data: Path, listen: Listen, insecure: bool, *, password_cost: int | 
 def serve(listen_text: str, data: Path | None, insecure: bool, out: TextIO = sys.stdout) -> None:
     """Serve until signalled. The port is bound before anything is created: a busy port changes nothing."""
     listen = parse_listen(listen_text)
-    sock = bind(listen)
+    sock = listening_socket(listen.host, listen.port, "the center")
     try:
         prepared = prepare(data or default_data_dir(), listen, insecure)
     except PermissionError as exc:

@@ -8,7 +8,6 @@ migrations, and the migration routes need the host's VM manager.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,8 @@ from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
 from kvmotion.core import paths
-from kvmotion.core.errors import InvalidInput, Unreachable
+from kvmotion.core.errors import InvalidInput
+from kvmotion.core.listen import listening_socket
 from kvmotion.guest import image as guest_image
 from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
@@ -45,19 +45,6 @@ def parse_portgroups(items: list[str]) -> dict[str, str]:
             raise InvalidInput(f"invalid bridge name {bridge!r} for port group {name}: 1-15 characters")
         out[name] = bridge
     return out
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise Unreachable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sock.listen(128)
-    return sock
 
 
 def serve(
@@ -96,7 +83,7 @@ def serve(
         print(insecure_warning(f"host agent {name} on {listen}"), file=sys.stderr, flush=True)
     app = create_app(config, extra_routers=(partial(migration_router, listen_ip=host, limit=migration_limit),))
     server = make_server(app, security, f"agent {name}", lifespan="on")
-    sock = bind(host, port)
+    sock = listening_socket(host, port, "the host agent")
     scheme = "http" if insecure else "https"
     if register:
         shown = f"[{host}]" if ":" in host else host

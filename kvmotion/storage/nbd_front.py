@@ -26,10 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-from kvmotion.api.address import Endpoint
 from kvmotion.api.identity import Identity, identity_of_der
 from kvmotion.api.serving import AuditLog
-from kvmotion.core.errors import KvmotionError, SetupError
+from kvmotion.core.errors import KvmotionError
 from kvmotion.storage.lease import ExportName
 from kvmotion.storage.nbd_gate import (
     Close,
@@ -119,20 +118,6 @@ class TlsStream:
 
 def _say(message: str) -> None:
     print(f"kvmotion-datastore: {message}", file=sys.stderr, flush=True)
-
-
-def listen_socket(listen: Endpoint) -> socket.socket:
-    """The NBD port, bound and listening (SetupError when it cannot be had)."""
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((listen.host, listen.port))
-    except OSError as exc:
-        sock.close()
-        raise SetupError(f"cannot serve NBD on {listen}: {exc.strerror}") from None
-    sock.listen(128)
-    return sock
 
 
 class NbdFront:

@@ -36,12 +36,12 @@ from kvmotion.api.address import Endpoint
 from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.core.errors import SetupError
+from kvmotion.core.listen import listening_socket
 from kvmotion.core.units import format_duration
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.leasefile import META_DIR
-from kvmotion.storage.nbd_front import listen_socket
 
 READY_TIMEOUT = 15.0
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
@@ -97,22 +97,6 @@ class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def _bind(ep: Endpoint) -> socket.socket:
-    family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it a response's body waits for the client's delayed ACK (40 ms) on a kept connection.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((ep.host, ep.port))
-    except OSError as exc:
-        sock.close()
-        raise SetupError(f"cannot listen on {ep} for the control API: {exc.strerror}") from None
-    sock.listen(128)
-    sock.set_inheritable(False)
-    return sock
 
 
 class _StderrFilter:
@@ -184,7 +168,7 @@ async def _serve(cfg: ServeConfig) -> None:
     tls_files = cfg.tls_files
     security = Security(tls_files=tls_files, audit_log=cfg.root / META_DIR / AUDIT_LOG, limits=cfg.limits,
                         quiet=(RENEW_SUFFIX,), insecure=cfg.insecure)  # checks the certificate files first
-    control_sock = _bind(cfg.control)
+    control_sock = listening_socket(cfg.control.host, cfg.control.port, "the control API")
     if cfg.insecure:
         print(insecure_warning(f"datastore {cfg.name} (control {cfg.control})"), file=sys.stderr, flush=True)
         print(f"WARNING: datastore {cfg.name} serves NBD in plain text with --insecure: whoever reaches "
@@ -201,7 +185,7 @@ async def _serve(cfg: ServeConfig) -> None:
             flush=True,
         )
     # The NBD port is bound here, now (a busy port fails the start); the TLS front end inherits it.
-    nbd_sock = None if cfg.insecure else listen_socket(cfg.listen)
+    nbd_sock = None if cfg.insecure else listening_socket(cfg.listen.host, cfg.listen.port, "NBD")
     with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:  # mode 0700: nbdkit's socket is ours alone
         pidfile = Path(tmp) / "nbdkit.pid"
         unix = None if cfg.insecure else Path(tmp) / "nbdkit.sock"

@@ -14,7 +14,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,11 +36,12 @@ from kvmotion.api.center import (
 )
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.api.pki import new_key_and_csr
-from kvmotion.api.serving import make_server
 from kvmotion.center.app import create_app
 from kvmotion.center.serve import Listen, parse_listen, prepare
 from kvmotion.core.errors import Forbidden, InvalidInput, Unauthorized, Unreachable
+from kvmotion.core.listen import listening_socket
 from tests.certs import TestCA
+from tests.served import ServedApp
 
 LOAD = HostLoad(cpus=2, memory_total=1 << 30, memory_available=1 << 29)
 
@@ -52,34 +52,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Served:
+class Served(ServedApp):
     """The center as `center serve` builds it, under make_server in a thread, on a loopback port."""
 
     def __init__(self, data: Path) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.prepared = prepare(data, Listen("127.0.0.1", self.port), insecure=False, password_cost=10)
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.server = make_server(create_app(self.prepared.center), self.prepared.security, "center", lifespan="on")
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
+        sock = listening_socket("127.0.0.1", 0, "the center")
+        self.prepared = prepare(data, Listen("127.0.0.1", sock.getsockname()[1]), insecure=False, password_cost=10)
+        super().__init__(create_app(self.prepared.center), self.prepared.security, "center", lifespan="on", sock=sock)
 
     def line(self, starts: str) -> str:
         return next(line for line in self.prepared.lines if line.startswith(starts))
 
     def close(self) -> None:
-        self.server.should_exit = True  # the lifespan ends: the heartbeat loop stops before the store closes
-        self.thread.join(10)
-        if self.thread.is_alive():  # a client left a connection open (TLS close waits for its answer)
-            self.server.force_exit = True
-            self.thread.join(10)
-        self.sock.close()
+        super().close()  # the lifespan ends first: the heartbeat loop stops before the store closes
         self.prepared.center.store.close()
 
 

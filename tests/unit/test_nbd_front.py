@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.api.address import Endpoint
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.tls import client_context
+from kvmotion.core.listen import listening_socket
 from kvmotion.storage.nbd_client import NbdConnection, NbdError
-from kvmotion.storage.nbd_front import NbdFront, listen_socket, server_context
+from kvmotion.storage.nbd_front import NbdFront, server_context
 from kvmotion.storage.nbd_gate import GREETING, IHAVEOPT, REPLY_MAGIC
 from tests.certs import TestCA
 
@@ -99,7 +99,7 @@ def ca(tmp_path: Path) -> TestCA:
 def front(ca: TestCA, tmp_path: Path) -> Iterator[tuple[NbdFront, FakeNbdkit]]:
     backend = FakeNbdkit(tmp_path / "nbdkit.sock")
     served = ca.creds(Identity(Kind.DATASTORE, "ds1")).dir
-    nbd = NbdFront(listen_socket(Endpoint("127.0.0.1", 0)),
+    nbd = NbdFront(listening_socket("127.0.0.1", 0, "NBD"),
                    server_context(served / SERVER_CERT, served / SERVER_KEY, served / CA_CERT), tmp_path / "nbdkit.sock")
     nbd.start()
     yield nbd, backend

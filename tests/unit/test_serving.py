@@ -3,11 +3,9 @@ the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import ssl
-import threading
 import time
 
 import httpx
@@ -17,8 +15,9 @@ from pydantic import BaseModel
 
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind, Role, identity_of
 from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
-from kvmotion.api.serving import Limits, Security, allow, make_server
+from kvmotion.api.serving import Limits, Security, allow
 from tests.certs import Creds, TestCA
+from tests.served import ServedApp
 
 
 class Body(BaseModel):
@@ -43,26 +42,11 @@ def _app() -> FastAPI:
     return app
 
 
-class Served:
-    """The app under make_server in a thread, on a free loopback port."""
+class Served(ServedApp):
+    """The test app under make_server in a thread, on a free loopback port."""
 
     def __init__(self, security: Security) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.server = make_server(_app(), security, "test service")
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        self.server.should_exit = self.server.force_exit = True  # clients may keep connections open
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(_app(), security, "test service")
 
 
 @pytest.fixture

@@ -56,17 +56,3 @@ def test_nbdkit_behind_the_tls_front_end_listens_on_a_unix_socket_only(tmp_path:
     assert argv[argv.index("--unix") + 1] == str(tmp_path / "nbdkit.sock")
     assert "--port" not in argv and "--ipaddr" not in argv
     assert ServeConfig("ds1", tmp_path, Endpoint("h", 1), Endpoint("h", 2), 15.0).insecure
-
-
-def test_control_socket_says_it_is_tcp() -> None:
-    """asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is IPPROTO_TCP; with proto 0
-    a response's body waited for the client's delayed ACK, 40 ms per call on a kept connection."""
-    import socket
-
-    from kvmotion.storage.server import _bind
-
-    sock = _bind(Endpoint("127.0.0.1", 0))
-    try:
-        assert sock.proto == socket.IPPROTO_TCP
-    finally:
-        sock.close()
