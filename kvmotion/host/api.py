@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Path, Query, WebSocket
 
 from kvmotion import __version__
 from kvmotion.api.agent import HostInfo
@@ -32,6 +32,10 @@ log = logging.getLogger("kvmotion.agent")
 
 # A VM's name in a path: the VM spec's rule (anything else names no VM).
 VmName = Annotated[str, Path(pattern=NAME_PATTERN)]
+
+
+class _ConsoleClosed(Exception):
+    """The VM's serial socket reached its end."""
 
 
 def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
@@ -122,6 +126,7 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
         async def pump_out() -> None:
             while data := await reader.read(4096):
                 await ws.send_bytes(data)
+            raise _ConsoleClosed  # the serial socket closed (QEMU stopped): end the other pump too
 
         async def pump_in() -> None:
             while True:
@@ -129,14 +134,13 @@ def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
                 writer.write(msg)
                 await writer.drain()
 
-        tasks = [asyncio.create_task(pump_out()), asyncio.create_task(pump_in())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except WebSocketDisconnect:
+            async with asyncio.TaskGroup() as pumps:
+                pumps.create_task(pump_out())
+                pumps.create_task(pump_in())
+        except* Exception:  # noqa: BLE001 - either side went away, in whichever form starlette or asyncio says it
             pass
         finally:
-            for t in tasks:
-                t.cancel()
             writer.close()
             with contextlib.suppress(Exception):
                 await ws.close()

@@ -37,6 +37,7 @@ from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.core.errors import SetupError
 from kvmotion.core.listen import listening_socket
+from kvmotion.core.tasks import sole_error
 from kvmotion.core.units import format_duration
 from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
@@ -195,57 +196,69 @@ async def _serve(cfg: ServeConfig) -> None:
         )  # fmt: skip
         assert proc.stderr is not None
         filt = _StderrFilter()
-        pump = asyncio.create_task(_pump(proc.stderr, filt))
         front: asyncio.subprocess.Process | None = None
+        died: str | None = None
         try:
-            await _wait_ready(proc, pidfile, filt, cfg.listen)
-            for line in filt.started():
-                sys.stderr.write(line)
-            if nbd_sock is not None and unix is not None and tls_files is not None:
-                front = await _start_front(nbd_sock, tls_files, unix, security.audit_log)
-            server = make_server(create_app(ds), security, f"datastore {cfg.name}", lifespan="off",
-                                 access_log=False, timeout_keep_alive=int(KEEP_ALIVE), server_class=_QuietServer)
-            loop = asyncio.get_running_loop()
-            stop = asyncio.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            nbd, api = ("nbd", "http") if cfg.insecure else ("nbds", "https")
-            print(
-                f"datastore {cfg.name}: NBD {cfg.listen.url(nbd)} (nbdkit pid {proc.pid}"
-                f"{f', TLS front end pid {front.pid}' if front else ''}), control {cfg.control.url(api)}, "
-                f"root {cfg.root}, lease TTL {format_duration(cfg.lease_ttl)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            serving = asyncio.create_task(server.serve(sockets=[control_sock]))
-            beating = asyncio.create_task(_heartbeat(ds))
-            children = {asyncio.create_task(proc.wait()): "nbdkit"}
-            if front is not None:
-                children[asyncio.create_task(front.wait())] = "the NBD TLS front end"
-            stopping = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({serving, stopping, *children}, return_when=asyncio.FIRST_COMPLETED)
-            server.should_exit = True
-            if not (await asyncio.wait({serving}, timeout=STOP_GRACE))[0]:
-                server.force_exit = True  # idle TLS clients that never answer the close
-            await serving
-            stopping.cancel()
-            beating.cancel()
-            died = [name for task, name in children.items() if task in done]
-            if died:
-                raise SetupError(f"{died[0]} exited unexpectedly; datastore stopped")
+            # The pump ends at nbdkit's EOF: the children are stopped before the group is left.
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_pump(proc.stderr, filt))
+                try:
+                    await _wait_ready(proc, pidfile, filt, cfg.listen)
+                    for line in filt.started():
+                        sys.stderr.write(line)
+                    if nbd_sock is not None and unix is not None and tls_files is not None:
+                        front = await _start_front(nbd_sock, tls_files, unix, security.audit_log)
+                    server = make_server(create_app(ds), security, f"datastore {cfg.name}", lifespan="off",
+                                         access_log=False, timeout_keep_alive=int(KEEP_ALIVE),
+                                         server_class=_QuietServer)
+                    stop = asyncio.Event()
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+                    nbd, api = ("nbd", "http") if cfg.insecure else ("nbds", "https")
+                    print(
+                        f"datastore {cfg.name}: NBD {cfg.listen.url(nbd)} (nbdkit pid {proc.pid}"
+                        f"{f', TLS front end pid {front.pid}' if front else ''}), control {cfg.control.url(api)}, "
+                        f"root {cfg.root}, lease TTL {format_duration(cfg.lease_ttl)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    children = {proc: "nbdkit"} | ({front: "the NBD TLS front end"} if front else {})
+                    died = await _serve_until_stopped(server, control_sock, ds, stop, children)
+                finally:
+                    for child in (front, proc):
+                        if child is not None and child.returncode is None:
+                            child.terminate()
+                            try:
+                                await asyncio.wait_for(child.wait(), 10)
+                            except TimeoutError:
+                                child.kill()
+                                await child.wait()
+        except BaseExceptionGroup as group:
+            raise sole_error(group) from None
         finally:
-            for child in (front, proc):
-                if child is not None and child.returncode is None:
-                    child.terminate()
-                    try:
-                        await asyncio.wait_for(child.wait(), 10)
-                    except TimeoutError:
-                        child.kill()
-                        await child.wait()
-            await pump
             control_sock.close()
             if nbd_sock is not None:
                 nbd_sock.close()
+        if died:
+            raise SetupError(f"{died} exited unexpectedly; datastore stopped")
+
+
+async def _serve_until_stopped(server: uvicorn.Server, sock: socket.socket, ds: Datastore, stop: asyncio.Event,
+                               children: dict[asyncio.subprocess.Process, str]) -> str | None:
+    """Serve the control API until `stop` is set, the server ends or a child dies; the child's name if one did."""
+    async with asyncio.TaskGroup() as tasks:
+        serving = tasks.create_task(server.serve(sockets=[sock]))
+        beating = tasks.create_task(_heartbeat(ds))
+        waits = {tasks.create_task(child.wait()): name for child, name in children.items()}
+        stopping = tasks.create_task(stop.wait())
+        done, _ = await asyncio.wait({serving, stopping, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        if not (await asyncio.wait({serving}, timeout=STOP_GRACE))[0]:
+            server.force_exit = True  # idle TLS clients that never answer the close
+        for task in (beating, stopping, *waits):
+            task.cancel()
+    died = [name for task, name in waits.items() if task in done]
+    return died[0] if died else None
 
 
 async def _start_front(sock: socket.socket, tls_files: tuple[Path, Path, Path], backend: Path,
