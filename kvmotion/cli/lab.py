@@ -27,6 +27,7 @@ def _describe(topo: labmod.LabTopology) -> str:
     for h in topo.hosts:
         lines.append(f"  {h.name:<17} {h.mgmt_ip:<15} ns {h.ns}, bridge {h.vm_bridge}")
     lines.append(f"  {'datastore':<17} {topo.datastore.ip:<15} ns {topo.datastore.ns}")
+    lines.append(f"  {'center':<17} {topo.center.ip:<15} ns {topo.center.ns}")
     lines.append(f"  {'client':<17} {topo.client.ip:<15} ns {topo.client.ns}")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@
     host-a  vm-net─vmup0┤  "physical switch"   (VM subnet; guests' TAPs join vm-net)
     host-b  ...         ├── bridge sw0 in ns kvl-NAME-sw (MAC learning, STP off)
     datastore mgmt0 ────┤
+    center  mgmt0 ──────┤                      (the control plane, unshaped)
     client  eth0 ───────┘                      (VM subnet: plays the users)
 
 The plan (names, addresses) is pure and persisted as JSON under run_dir()/labs/NAME/lab.json so
@@ -31,7 +32,7 @@ from kvmotion.core import paths
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net import links, netns
 
-LAB_VERSION = 1
+LAB_VERSION = 2  # 2: a center namespace
 NS_PREFIX = "kvl-"
 MAX_HOSTS = 26  # host-a .. host-z
 MAX_LABS = 128  # two /24s per lab inside 10.77.0.0/16
@@ -62,7 +63,7 @@ class LabHost:
 
 @dataclass(frozen=True)
 class LabEndpoint:
-    """A single-homed namespace (datastore on mgmt, client on the VM subnet)."""
+    """A single-homed namespace (datastore and center on mgmt, client on the VM subnet)."""
 
     name: str
     ns: str
@@ -84,6 +85,7 @@ class LabTopology:
     root_switch_port: str
     hosts: tuple[LabHost, ...]
     datastore: LabEndpoint
+    center: LabEndpoint
     client: LabEndpoint
     portgroup: str = PORTGROUP
     link_rate: int | None = None  # bytes/s of the shaped mgmt uplinks; None = unshaped
@@ -98,7 +100,7 @@ class LabTopology:
         return ipaddress.ip_network(self.vm_subnet).prefixlen
 
     def namespaces(self) -> tuple[str, ...]:
-        return (self.switch_ns, *(h.ns for h in self.hosts), self.datastore.ns, self.client.ns)
+        return (self.switch_ns, *(h.ns for h in self.hosts), self.datastore.ns, self.center.ns, self.client.ns)
 
     def host(self, name: str) -> LabHost:
         """A host by name ('host-a') or letter ('a')."""
@@ -124,6 +126,7 @@ class LabTopology:
             raise SetupError(f"lab description version {raw.get('version')} is not {LAB_VERSION}: run `kvmotion lab down`")
         raw["hosts"] = tuple(LabHost(**h) for h in raw["hosts"])
         raw["datastore"] = LabEndpoint(**raw["datastore"])
+        raw["center"] = LabEndpoint(**raw["center"])
         raw["client"] = LabEndpoint(**raw["client"])
         return LabTopology(**raw)
 
@@ -166,6 +169,9 @@ def plan_lab(name: str, index: int, hosts: int = 3, link_rate: int | None = None
         hosts=tuple(host_list),
         datastore=LabEndpoint(
             name="datastore", ns=f"{base}ds", ip=str(mgmt.network_address + 2), ifname="mgmt0", switch_port="ds-mgmt"
+        ),
+        center=LabEndpoint(
+            name="center", ns=f"{base}ctr", ip=str(mgmt.network_address + 3), ifname="mgmt0", switch_port="ctr-mgmt"
         ),
         client=LabEndpoint(
             name="client", ns=f"{base}client", ip=str(vm.network_address + 2), ifname="eth0", switch_port="client"
@@ -312,6 +318,10 @@ def _build(topo: LabTopology) -> None:
         netns.shape(ds.ns, ds.ifname, topo.link_rate)
         netns.shape(sw, ds.switch_port, topo.link_rate)
 
+    ctr = topo.center
+    uplink(ctr.ns, ctr.ifname, ctr.switch_port)
+    netns.add_address(ctr.ns, ctr.ifname, f"{ctr.ip}/{topo.mgmt_prefix}")
+
     cl = topo.client
     uplink(cl.ns, cl.ifname, cl.switch_port)
     netns.add_address(cl.ns, cl.ifname, f"{cl.ip}/{topo.vm_prefix}")
@@ -369,9 +379,11 @@ def lab_health(topo: LabTopology) -> LabHealth:
     )
 
 
-def spawn_in_ns(ns: str, argv: Sequence[str], log_path: Path | str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn_in_ns(ns: str, argv: Sequence[str], log_path: Path | str, env: dict[str, str] | None = None,
+                hide: Sequence[Path] = ()) -> subprocess.Popen:
     """Start `argv` inside namespace `ns`, stdout+stderr appended to `log_path`, in its own session
-    (so a Ctrl-C aimed at the caller does not reach it); `lab down` kills it with the namespace."""
+    (so a Ctrl-C aimed at the caller does not reach it), the folders in `hide` covered from it
+    (another machine's files); `lab down` kills it with the namespace."""
     log = Path(log_path)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
@@ -383,4 +395,5 @@ def spawn_in_ns(ns: str, argv: Sequence[str], log_path: Path | str, env: dict[st
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
+            hide=hide,
         )

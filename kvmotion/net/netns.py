@@ -6,6 +6,7 @@ Namespaces are named and bind-mounted under /run/netns, as `ip netns` does, so b
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pickle
@@ -215,14 +216,44 @@ def call_in_ns_thread(ns: str, fn: Callable[..., T], *args: Any) -> T:
     raise value
 
 
-def popen_in_ns(ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
-    """Start `argv` inside namespace `ns` (the child enters it between fork and exec)."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def hide_paths(hidden: Sequence[Path]) -> None:
+    """In a mount namespace of the calling process's own, lay an empty read-only tmpfs over each of
+    `hidden` (existing folders): the process and its children no longer see what is below them.
+    The lab's machines see no other machine's files this way."""
+    _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    for path in hidden:
+        _check(_libc.mount(b"tmpfs", os.fsencode(path), b"tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                           b"size=4k,mode=0555"), f"hiding {path}")
+
+
+def popen_in_ns(ns: str, argv: Sequence[str], hide: Sequence[Path] = (), **popen_kwargs: Any) -> subprocess.Popen:
+    """Start `argv` inside namespace `ns` (the child enters it between fork and exec), with the
+    folders in `hide` covered (hide_paths)."""
     if not ns_exists(ns):
         raise NotFound(f"network namespace {ns} does not exist")
+    missing = [str(p) for p in hide if not Path(p).is_dir()]
+    if missing:
+        raise NotFound(f"cannot hide {', '.join(missing)}: no such folder")
     path = str(ns_path(ns))
+    hidden = tuple(Path(p) for p in hide)
 
     def _enter() -> None:
         pr_netns.setns(path, flags=0)
+        if hidden:
+            hide_paths(hidden)
 
     return subprocess.Popen(list(argv), preexec_fn=_enter, **popen_kwargs)
 

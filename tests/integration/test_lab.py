@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from kvmotion.core.errors import Conflict
+from kvmotion.core.errors import Conflict, NotFound
 from kvmotion.net import lab, links, netns
 
 pytestmark = pytest.mark.lab
@@ -203,3 +203,32 @@ def test_labs_under_other_run_dirs_get_other_subnets(make_lab, run_dir, monkeypa
             lab.lab_down(second.name)
     finally:
         monkeypatch.setenv("KVMOTION_RUN", str(run_dir))
+
+
+def test_a_machine_sees_no_other_machines_files(make_lab, tmp_path):
+    """spawn_in_ns(hide=...): the lab's machines share network addresses, not files; the center
+    reaches the lab's mgmt subnet from its own namespace."""
+    topo = make_lab(hosts=2)
+    a, b = (tmp_path / "host-a", tmp_path / "host-b")
+    for root in (a, b):
+        root.mkdir()
+        (root / "secret").write_text(root.name)
+    script = ("import os, sys; print(sorted(os.listdir(sys.argv[1])), sorted(os.listdir(sys.argv[2])), flush=True);"
+              " open(sys.argv[2] + '/x', 'w')")
+    proc = lab.spawn_in_ns(topo.hosts[0].ns, [sys.executable, "-c", script, str(a), str(b)], tmp_path / "out.log",
+                           hide=[b])
+    assert proc.wait(timeout=30) != 0  # the write into the other machine's folder failed
+    out = (tmp_path / "out.log").read_text()
+    assert out.startswith("['secret'] []\n") and "Read-only file system" in out, out
+    assert sorted(p.name for p in b.iterdir()) == ["secret"]  # nothing written below the cover
+    assert b.name in (b / "secret").read_text()  # and the folder itself untouched for everyone else
+
+    with pytest.raises(NotFound, match="cannot hide"):
+        lab.spawn_in_ns(topo.hosts[0].ns, ["true"], tmp_path / "out.log", hide=[tmp_path / "missing"])
+
+    echo = _start(topo.center.ns, UDP_ECHO, 7002)
+    try:
+        assert netns.run_in_ns(topo.hosts[1].ns, _udp_roundtrip, topo.center.ip, 7002) == b"ping"
+    finally:
+        echo.kill()
+        echo.wait()

@@ -12,10 +12,10 @@ def test_plan_names_and_addresses():
     topo = plan_lab("dc1", 0, hosts=3, link_rate=125_000_000)
     assert [h.name for h in topo.hosts] == ["host-a", "host-b", "host-c"]
     assert all(ns.startswith("kvl-dc1-") for ns in topo.namespaces())
-    assert len(set(topo.namespaces())) == 6
+    assert len(set(topo.namespaces())) == 7  # switch, 3 hosts, datastore, center, client
     mgmt = ipaddress.ip_network(topo.mgmt_subnet)
     vm = ipaddress.ip_network(topo.vm_subnet)
-    mgmt_ips = [topo.root_ip, topo.datastore.ip, *(h.mgmt_ip for h in topo.hosts)]
+    mgmt_ips = [topo.root_ip, topo.datastore.ip, topo.center.ip, *(h.mgmt_ip for h in topo.hosts)]
     assert len(set(mgmt_ips)) == len(mgmt_ips)
     assert all(ipaddress.ip_address(ip) in mgmt for ip in mgmt_ips)
     assert ipaddress.ip_address(topo.client.ip) in vm
