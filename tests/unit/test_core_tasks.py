@@ -19,7 +19,7 @@ def test_one_error_comes_out_as_itself() -> None:
         except BaseExceptionGroup as group:
             raise sole_error(group) from None
 
-    with pytest.raises(SetupError, match="^nbdkit did not start$"):
+    with pytest.raises(SetupError, match=r"^nbdkit did not start$"):
         asyncio.run(main())
 
 
