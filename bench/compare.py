@@ -101,10 +101,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="runs per method and cell")
     ap.add_argument("--timeout", type=float, default=60.0, help="s before an unfinished baseline is cancelled")
     enc = ap.add_mutually_exclusive_group()
-    enc.add_argument("--plain", dest="encrypted", action="store_false", default=False,
-                     help="no TLS for any of the three (default: compares the engines)")
-    enc.add_argument("--encrypted", dest="encrypted", action="store_true",
-                     help="TLS with the cluster CA for all three")
+    enc.add_argument("--plain", dest="encrypted", action="store_false", default=True,
+                     help="no TLS for any of the three (default: TLS with the cluster CA, kvmotion's default)")
+    enc.add_argument("--encrypted", dest="encrypted", action="store_true", help="TLS for all three (the default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "compare.json")
     args = ap.parse_args()
 

@@ -134,7 +134,8 @@ def main() -> int:
     ap.add_argument("--fast-rate", default="0", help="writer target bytes/s (0 = flat out)")
     ap.add_argument("--fast-link", default="1gbit",
                     help="link of part (b); a slower one (e.g. 200mbit) makes a TCG guest outrun it")
-    ap.add_argument("--encrypted", action="store_true", help="TLS (default: plain)")
+    ap.add_argument("--plain", dest="encrypted", action="store_false",
+                    help="no TLS (default: TLS with the cluster CA, kvmotion's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "migration.json")
     args = ap.parse_args()
     from kvmotion.core.units import parse_rate

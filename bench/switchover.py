@@ -2,7 +2,7 @@
 """Where a kvmotion migration's pause goes, run by run (a diagnostic, not a comparison).
 
     flock /tmp/kvmotion-qemu.lock .venv/bin/python bench/switchover.py [--memory 1G] [--link 1gbit|none]
-        [--dirty idle|100M|max|sparse] [--runs 3] [--encrypted]
+        [--dirty idle|100M|max|sparse] [--runs 3] [--plain]
 
 One guest in a two-host lab, migrated host-a -> host-b through the agents with the default policy,
 booted afresh each run, the client's 1 ms UDP probe running. Per run: the client's largest gap,
@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--dirty", default="idle", help="idle, a rate such as 100M (bytes/s), max or sparse (flat out)")
     ap.add_argument("--wss", default="256M", help="memory writer's working set")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--encrypted", action="store_true", help="TLS (default: plain)")
+    ap.add_argument("--plain", dest="encrypted", action="store_false",
+                    help="no TLS (default: TLS with the cluster CA, kvmotion's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "switchover.json")
     args = ap.parse_args()
     try:
