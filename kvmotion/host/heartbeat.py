@@ -158,10 +158,12 @@ class Heartbeats:
             self.failing = kind
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with client_for(self.root) as client:
+        client: AsyncCenterClient | None = None
+        try:
             while not stop.is_set():
                 started = time.monotonic()
                 try:
+                    client = client or client_for(self.root)  # its TLS files may be fixed meanwhile: tried each beat
                     async with asyncio.timeout(self.tick_timeout):
                         answer = await self.beat(client)
                     if self.failing is not None:
@@ -171,10 +173,14 @@ class Heartbeats:
                     self._failed(f"no answer within {self.tick_timeout:.0f} s")
                 except KvmotionError as exc:
                     self._failed(f"{type(exc).__name__}: {exc}")
-                except Exception:  # the next beat tries again; an unexpected failure is logged in full
-                    log.exception("heartbeat failed")
+                except Exception:  # the next beat tries again; an unexpected failure is logged in full, once
+                    if self.failing != "unexpected":
+                        log.exception("heartbeat failed")
                     self.failing = "unexpected"
                 pause = max(0.0, self.interval - (time.monotonic() - started))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
                         await stop.wait()
+        finally:
+            if client is not None:
+                await client.aclose()

@@ -3,8 +3,12 @@ and every refusal leaving nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import logging
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -13,16 +17,31 @@ import pytest
 from cryptography import x509
 
 from kvmotion.api import joined
-from kvmotion.api.center import CenterClient, Credentials, DatastoreSpec, LoginRequest, parse_token, trusting
+from kvmotion.api.agent import VmState, VmStatus
+from kvmotion.api.center import (
+    ActiveMigration,
+    CenterClient,
+    Credentials,
+    DatastoreSpec,
+    HostState,
+    HostView,
+    LoginRequest,
+    MigrationRole,
+    parse_token,
+    trusting,
+)
 from kvmotion.api.config import load_config
 from kvmotion.api.identity import Identity, Kind, identity_of
 from kvmotion.api.inventory import Inventory
 from kvmotion.api.joined import StateRoot
 from kvmotion.api.pki import CA_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY, new_key_and_csr
 from kvmotion.api.registry import Registry
+from kvmotion.api.spec import VmSpec
 from kvmotion.api.tls import host_dir
 from kvmotion.core.errors import Conflict, InvalidInput, SetupError, Unauthorized, Unreachable
+from kvmotion.host.heartbeat import Heartbeats, LoadSampler
 from kvmotion.host.join import join
+from kvmotion.host.schedstat import SchedStat
 from tests.unit.test_center_serve import Served, _free_port
 
 
@@ -152,3 +171,68 @@ def test_join_into_an_existing_empty_root(served: Served, tmp_path: Path) -> Non
     join(served.url, _token(served), "host-a", "127.0.0.1", root)
     assert root.is_joined() and _left(tmp_path) == ["data", "root"]
     assert time.time() - root.config().joined < 60
+
+
+def _vm(name: str, pid: int | None) -> VmStatus:
+    spec = VmSpec(name=name, memory=256 << 20)
+    return VmStatus(name=name, state=VmState.RUNNING if pid else VmState.STOPPED, host="host-a", memory=spec.memory,
+                    vcpus=1, pid=pid, started_at=None, ready=True, spec=spec)
+
+
+def test_heartbeats_report_vms_load_and_migrations(served: Served, tmp_path: Path, caplog) -> None:
+    root = StateRoot(tmp_path / "root")
+    join(served.url, _token(served), "host-a", "127.0.0.1", root)
+    vms = [_vm("web1", 4321), _vm("db1", None)]
+    moving = ActiveMigration(id="0123456789ab", vm="web1", role=MigrationRole.SOURCE, peer="host-b", phase="precopy")
+    beats = Heartbeats(root, lambda: vms, lambda: [moving], tick_timeout=5)
+    ticks = itertools.count(0.0, 2.0)  # the sampler's clock: 2 s between samples
+    runs = itertools.count(0, 1_000_000_000)  # 1 s of vCPU run time per 2 s: half a CPU
+    beats.sampler = LoadSampler(clock=lambda: next(ticks), rss=lambda pid: 300 << 20,
+                                read=lambda pid: {pid + 1: SchedStat(next(runs), 0, 0)})
+
+    async def run() -> HostView:
+        stop = asyncio.Event()
+        task = asyncio.create_task(beats.run(stop))
+        deadline = time.monotonic() + 15
+        while True:
+            view = await asyncio.to_thread(_host_view, served, "host-a")
+            if view.load is not None and view.load.vms and view.load.vms[0].cpu_demand is not None:
+                break
+            assert time.monotonic() < deadline, view
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 3)  # ends within its bounded wait once stopped
+        return view
+
+    view = asyncio.run(run())
+    assert view.state is HostState.CONNECTED and view.vms == 2
+    [load] = view.load.vms if view.load else ()
+    assert (load.name, load.memory, load.cpu_demand, load.cpu_ready) == ("web1", 300 << 20, pytest.approx(0.5), 0.0)
+    assert view.migrations == (moving,)
+    assert [h.state for h in root.cache().hosts] == [HostState.CONNECTED]  # the cache refreshed from the center
+
+    # The center unreachable: the loop goes on (one warning), and cancellation is not swallowed.
+    dead = StateRoot(tmp_path / "dead")
+    dead.path.mkdir()
+    shutil.copytree(root.tls_dir, dead.tls_dir)
+    dead.save_cache(root.cache())
+    (dead.config_path).write_text(root.config().model_copy(update={"center": f"https://127.0.0.1:{_free_port()}"})
+                                  .model_dump_json())
+    lonely = Heartbeats(dead, lambda: vms, lambda: [], tick_timeout=5)
+    lonely.interval = 0.1
+
+    async def unreachable() -> None:
+        task = asyncio.create_task(lonely.run(asyncio.Event()))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="kvmotion.agent"):
+        asyncio.run(unreachable())
+    warned = [r.getMessage() for r in caplog.records if "heartbeat to the center failed" in r.getMessage()]
+    assert len(warned) == 1 and "not reachable" in warned[0]
+
+
+def _host_view(served: Served, name: str) -> HostView:
+    return served.prepared.center.host(name)
