@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
-from kvmotion.api.center import MIGRATION_ID_PATTERN, ActiveMigration, MigrationRole
+from kvmotion.api.center import MIGRATION_ID_PATTERN, ActiveMigration, ClusterSettings, MigrationRole
 from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
@@ -139,7 +139,9 @@ def serve_joined(
     host, port = parse_listen(listen or config_file.listen)
     if not 1 <= migration_limit <= 64:
         raise InvalidInput(f"invalid migration limit {migration_limit}: use 1 to 64")
-    root.cache()  # a missing or damaged cache: said now, not at the first lookup
+    if not root.cache_path.exists():  # removed: the first heartbeat fetches it again; until then, defaults
+        root.save_cache(joined.ClusterCache(settings=ClusterSettings(), updated=0.0))
+    root.cache()  # a damaged cache: said now, not at the first lookup
     joined.activate(root)
     choice = accel_mod.choose(guest_image.ensure_image, accel)
     accel_mod.say_once(choice)
