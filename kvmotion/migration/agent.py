@@ -27,7 +27,7 @@ from kvmotion.guest import image as guest_image
 from kvmotion.host.api import create_app
 from kvmotion.host.heartbeat import Heartbeats
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.migration.api import migration_router, routes
+from kvmotion.migration.api import migration_router
 from kvmotion.migration.engine import MigrationService
 from kvmotion.qemu import accel as accel_mod
 
@@ -157,11 +157,8 @@ def serve_joined(
     # The migration address is the joined one unless --listen says otherwise: peers learn it from the center.
     services: list[MigrationService] = []
 
-    def migrations(manager: VmManager, _config: HostConfig):
-        svc = MigrationService(manager, host if not is_wildcard(host) else config_file.address, migration_limit)
-        manager.after_recover.append(svc.recover)
-        services.append(svc)
-        return routes(svc)
+    migrations = partial(migration_router, listen_ip=host if not is_wildcard(host) else config_file.address,
+                         limit=migration_limit, keep=services.append)
 
     async def heartbeats(manager: VmManager, stop: asyncio.Event) -> None:
         await Heartbeats(root, manager.list, lambda: [m for svc in services for m in active_migrations(svc)]).run(stop)
