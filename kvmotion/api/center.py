@@ -199,6 +199,7 @@ class LoginAnswer(Wire):
 class VmReport(Wire):
     name: Name
     state: ReportedState
+    spec_hash: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = None  # kvmotion.api.spec.spec_hash of its spec
 
 
 class VmLoad(Wire):
@@ -207,7 +208,11 @@ class VmLoad(Wire):
     name: Name
     cpu_run_ns: Count = 0
     cpu_ready_ns: Count = 0
-    memory: Count = 0
+    memory: Count = 0  # resident bytes of its QEMU process
+    # Over the agent's last sampling interval, in CPUs (1.0: one CPU's worth): vCPU threads running,
+    # and runnable but waiting for a CPU (vSphere's "ready"). None on the first sample of a process.
+    cpu_demand: Annotated[float, Field(ge=0, le=65536)] | None = None
+    cpu_ready: Annotated[float, Field(ge=0, le=65536)] | None = None
 
 
 class HostLoad(Wire):
@@ -249,6 +254,7 @@ class HeartbeatAnswer(Wire):
     state: HostState
     interval: float  # seconds until the next heartbeat is due
     now: float  # the center's clock, for the agent to see skew
+    settings: ClusterSettings | None = None  # the cluster's settings, for the agent's local cache
 
 
 class HostView(Wire):

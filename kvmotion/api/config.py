@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvmotion.api import joined
 from kvmotion.api.inventory import cluster_dir
 from kvmotion.core.errors import InvalidInput
 from kvmotion.core.files import write_atomic
@@ -22,7 +23,12 @@ CONFIG_FILE = "cluster.json"
 
 
 def load_config(folder: Path | None = None) -> ClusterConfig:
-    """The cluster's settings (defaults when `kvmotion cluster init` was never run)."""
+    """The cluster's settings (defaults when `kvmotion cluster init` was never run); in an agent
+    joined to the center (kvmotion.api.joined), the center's from the agent's cache."""
+    root = joined.active() if folder is None else None
+    if root is not None:
+        settings = root.cache().settings
+        return ClusterConfig(encrypted=settings.encrypted, cpu_baseline=settings.cpu_baseline)
     path = (folder or cluster_dir()) / CONFIG_FILE
     try:
         return ClusterConfig(**json.loads(path.read_text()))

@@ -8,7 +8,8 @@ Every certificate the cluster CA issues names one identity in its subject:
 - qemu:NAME       the QEMU processes of host NAME: NBD and migration streams only, never an API
 - datastore:NAME  a datastore service (its NBD and control listeners)
 - user:NAME       a person or script, with a role: viewer < operator < admin
-- center:NAME     the control plane (`kvmotion center`): serves its API, calls agents
+- center:NAME     the control plane (`kvmotion center`): serves its API, calls agents; every route a
+                  user may call (a rule with a role) admits it as it would an admin
 
 The kinds keep a compromised QEMU (which must read its key) from acting as its host's agent.
 Pure: no I/O beyond parsing a certificate.
@@ -159,6 +160,8 @@ class Rule:
     def allows(self, who: Identity) -> bool:
         if who.kind is Kind.USER:
             return self.role is not None and who.has_role(self.role)
+        if who.kind is Kind.CENTER:  # the control plane acts for users: what an admin may do, no more
+            return self.role is not None or who.kind in self.kinds
         return who.kind in self.kinds
 
     def describe(self) -> str:

@@ -1,7 +1,8 @@
 """The cluster inventory: which host agents exist and where their APIs listen.
 
 A JSON file in the cluster folder (KVMOTION_CLUSTER_DIR, default <state>/cluster). Agents register
-themselves when they start; `kvmotion host add/remove` edit it by hand for remote hosts.
+themselves when they start; `kvmotion host add/remove` edit it by hand for remote hosts. In an agent
+joined to the center (kvmotion.api.joined) the hosts are the center's, from the agent's cache.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmotion.api import joined
 from kvmotion.core import paths
-from kvmotion.core.errors import InvalidInput, NotFound
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound
 from kvmotion.core.files import write_atomic
 
 
@@ -39,10 +41,18 @@ def _locked(folder: Path):
 
 class Inventory:
     def __init__(self, folder: Path | None = None) -> None:
+        self.joined = joined.active() if folder is None else None
         self.folder = folder or cluster_dir()
         self.path = self.folder / "hosts.json"
 
+    def _not_joined(self) -> None:
+        if self.joined is not None:
+            raise Conflict(f"this host is joined to the center {self.joined.config().center}: the center keeps the "
+                           "inventory (`kvmotion host join` on the host itself)")
+
     def hosts(self) -> list[HostEntry]:
+        if self.joined is not None:
+            return sorted((HostEntry(name=h.name, url=h.agent_url) for h in self.joined.cache().hosts), key=lambda h: h.name)
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -59,12 +69,14 @@ class Inventory:
         raise NotFound(f"no host named {name} in the cluster (known: {known}); start its agent or `kvmotion host add`")
 
     def add(self, entry: HostEntry) -> None:
+        self._not_joined()
         with _locked(self.folder):
             data = {h.name: h.url for h in self.hosts()}
             data[entry.name] = entry.url
             write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
 
     def remove(self, name: str) -> None:
+        self._not_joined()
         with _locked(self.folder):
             data = {h.name: h.url for h in self.hosts()}
             if data.pop(name, None) is None:

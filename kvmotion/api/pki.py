@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name
+from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name, identity_of
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.core.files import write_atomic
 
@@ -248,16 +248,41 @@ def issue_cert(
         raise Conflict(f"{out} holds the CA: issue certificates into their own folder")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _leaf(ca, who, key.public_key(), addresses, _check_dns(dns), server=server, validity=validity)
-    cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
+    write_credentials(out, _cert_pem(ca.cert), _cert_pem(cert), _key_pem(key), server=server, key_gid=key_gid)
+    return Issued(dir=out, identity=who, ips=tuple(str(a) for a in addresses), expires=cert.not_valid_after_utc)
+
+
+def write_credentials(out: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, *, server: bool,
+                      key_gid: int | None = None) -> None:
+    """One identity's folder in the tls-creds-x509 layout: client-cert/key always, server-cert/key
+    too when `server` (the same pair). With `key_gid` the key is 0640 for that group, else 0600."""
     out.mkdir(parents=True, exist_ok=True)
     key_mode = 0o640 if key_gid is not None else 0o600
-    files = [(CA_CERT, _cert_pem(ca.cert), 0o644, None), (CLIENT_KEY, key_pem, key_mode, key_gid),
-             (CLIENT_CERT, cert_pem, 0o644, None)]
+    files = [(CA_CERT, ca_pem, 0o644, None), (CLIENT_KEY, key_pem, key_mode, key_gid), (CLIENT_CERT, cert_pem, 0o644, None)]
     if server:
         files += [(SERVER_KEY, key_pem, key_mode, key_gid), (SERVER_CERT, cert_pem, 0o644, None)]
     for name, data, mode, gid in files:
         write_atomic(out / name, data, mode, gid)
-    return Issued(dir=out, identity=who, ips=tuple(str(a) for a in addresses), expires=cert.not_valid_after_utc)
+
+
+def check_issued(cert_pem: str, key_pem: bytes, ca_pem: str, who: Identity) -> x509.Certificate:
+    """A certificate the CA sent back for a CSR, before it is kept: for our key, naming `who`,
+    signed by the CA (InvalidInput naming what is wrong)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        ca = x509.load_pem_x509_certificate(ca_pem.encode())
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError as exc:
+        raise InvalidInput(f"unreadable certificate for {who}: {exc}") from None
+    if cert.public_key() != key.public_key():
+        raise InvalidInput(f"the certificate for {who} is not for the key this host made")
+    if identity_of(cert) != who:
+        raise InvalidInput(f"the certificate for {who} names {identity_of(cert)}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise InvalidInput(f"the certificate for {who} is not signed by the cluster CA") from None
+    return cert
 
 
 # Keys a CSR may carry: what QEMU's GnuTLS, OpenSSL and our own issue_cert all handle.

@@ -9,6 +9,7 @@ FastAPI validates request bodies against the same models.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -367,3 +368,9 @@ class VmSpec(Checked):
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
+
+
+def spec_hash(spec: VmSpec) -> str:
+    """SHA-256 (hex) of the spec's canonical JSON: what an agent reports so the center can tell a VM's
+    observed definition from the one it wants without shipping the spec every heartbeat."""
+    return hashlib.sha256(spec.dumps().encode()).hexdigest()

@@ -7,6 +7,9 @@ folder in QEMU's tls-creds-x509 layout (ca-cert.pem, {server,client}-{cert,key}.
     hosts/<host>/qemu/              qemu:<host>, its QEMUs (NBD and migration streams)
     datastores/<name>/              datastore:<name>
     users/<user>/                   user:<user> with a role, client only (the CLI)
+
+An agent joined to the center (kvmotion.api.joined) keeps its own identities in its state root
+(tls/ and tls/qemu/, the same layout) instead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import ssl
 from pathlib import Path
 
+from kvmotion.api import joined
 from kvmotion.api.agent import AsyncAgentClient
 from kvmotion.api.inventory import cluster_dir
 from kvmotion.api.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
@@ -25,6 +29,9 @@ DEFAULT_USER = "admin"  # `kvmotion cluster init` creates it, like vCenter's adm
 
 
 def host_dir(host: str) -> Path:
+    root = joined.active()
+    if root is not None and root.config().name == host:
+        return root.tls_dir
     return cluster_dir() / "hosts" / host
 
 

@@ -154,7 +154,8 @@ class Center:
                            "run the same kvmotion version on both")
         now = self.clock()
         row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations)
-        return HeartbeatAnswer(state=row.state, interval=self.store.settings().heartbeat_interval, now=now)
+        settings = self.store.settings()
+        return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
 
     # ---- datastores ----
     def datastores(self) -> list[DatastoreView]:

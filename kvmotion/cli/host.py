@@ -11,7 +11,7 @@ from kvmotion.api.hosts import client_for
 from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.spec import check_name
 from kvmotion.cli.common import console, print_json
-from kvmotion.core.errors import Unreachable
+from kvmotion.core.errors import InvalidInput, Unreachable
 from kvmotion.core.units import format_size, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, inspect one.")
@@ -19,30 +19,73 @@ app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, i
 
 @app.command()
 def serve(
-    name: str = typer.Option(..., "--name", help="This host's name in the cluster."),
-    listen: str = typer.Option("127.0.0.1:7701", help="ADDRESS:PORT of the agent's API."),
+    name: str | None = typer.Option(None, "--name", help="This host's name (shared-folder mode; a joined host knows its own)."),
+    listen: str | None = typer.Option(None, help="ADDRESS:PORT of the agent's API (default: the joined address:7701, "
+                                      "or 127.0.0.1:7701)."),
     portgroup: list[str] = typer.Option([], "--portgroup", help="NAME[=BRIDGE]; repeat. Default: vm-net."),
-    state_dir: Path | None = typer.Option(None, help="VM definitions (default /var/lib/kvmotion/hosts/NAME)."),
+    state_dir: Path | None = typer.Option(None, help="The host's state root: joined mode if it holds config.json "
+                                          "(default $KVMOTION_HOST_STATE or /var/lib/kvmotion/host); else VM "
+                                          "definitions (default /var/lib/kvmotion/hosts/NAME)."),
     run_dir: Path | None = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
     accel: str | None = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the port "
-                                  "owns the host (trusted networks and benchmarks only)."),
+                                  "owns the host (trusted networks and benchmarks only; not for a joined host)."),
     max_body: str = typer.Option("1M", "--max-body", help="Largest request body."),
     max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", help="Open connections from one address."),
     migration_limit: int = typer.Option(4, "--migration-limit", help="Migrations in and out of this host at once."),
 ) -> None:
     """Run the host agent in the foreground (its VMs keep running if it stops).
 
-    The API is served over mutual TLS with the host's certificate from the cluster CA
-    (`kvmotion cluster cert NAME --ip ADDRESS`); callers are identified by their certificates.
+    Joined to the center (`kvmotion host join`): no flags needed; the agent serves mutual TLS with
+    the certificate of the join and reports to the center every 2 s. Otherwise (the shared cluster
+    folder, KVMOTION_CLUSTER_DIR): give --name; the API is served with the host's certificate from
+    `kvmotion cluster cert NAME --ip ADDRESS`. Callers are identified by their certificates.
     """
+    from kvmotion.api.joined import StateRoot, default_root
     from kvmotion.api.serving import Limits  # fastapi and uvicorn: loaded only to serve (CLI start-up time)
     from kvmotion.migration.agent import serve as run  # the whole agent: loaded only to serve (CLI start-up time)
+    from kvmotion.migration.agent import serve_joined
 
-    check_name(name, "host")
     limits = Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client)
-    run(name, listen, portgroup, state_dir, run_dir, accel, insecure=insecure, migration_limit=migration_limit,
-        limits=limits)
+    root = StateRoot(state_dir or default_root())
+    if root.is_joined():
+        joined_as = root.config()
+        if name is not None and name != joined_as.name:
+            raise InvalidInput(f"{root.path} is joined as host {joined_as.name}, not {name}: drop --name")
+        if insecure:
+            raise InvalidInput(f"host {joined_as.name} is joined to {joined_as.center}: it serves with its certificate, "
+                               "not --insecure")
+        serve_joined(root, listen, portgroup, run_dir, accel, migration_limit=migration_limit, limits=limits)
+        return
+    if name is None:
+        raise InvalidInput(f"{root.path} holds no joined host (no config.json): join with `kvmotion host join`, "
+                           "or give --name to serve from the shared cluster folder")
+    check_name(name, "host")
+    run(name, listen or "127.0.0.1:7701", portgroup, state_dir, run_dir, accel, insecure=insecure,
+        migration_limit=migration_limit, limits=limits)
+
+
+@app.command()
+def join(
+    url: str = typer.Argument(..., help="The center, e.g. https://10.0.0.5:7700."),
+    token: str = typer.Option(..., "--token", help="A join token (`kvmotion center token create`, or the center's first start)."),
+    name: str = typer.Option(..., "--name", help="This host's name in the cluster."),
+    address: str = typer.Option(..., "--address", help="This host's address: where peers and the center reach its agent."),
+    port: int = typer.Option(7701, "--port", help="The agent's port."),
+    state_dir: Path | None = typer.Option(None, help="The host's state root (default $KVMOTION_HOST_STATE or "
+                                          "/var/lib/kvmotion/host)."),
+    force: bool = typer.Option(False, "--force", help="Join again over an already joined state root (its VMs stay)."),
+) -> None:
+    """Join the cluster of a center: this host's keys are made here, the center signs them, and the
+    host's state root is written (then `kvmotion host serve` needs no flags)."""
+    from kvmotion.api.joined import StateRoot, default_root
+    from kvmotion.host.join import join as run
+    from kvmotion.qemu.confine import qemu_gid
+
+    root = StateRoot(state_dir or default_root())
+    done = run(url, token, name, address, root, agent_port=port, force=force, qemu_key_gid=qemu_gid())
+    typer.echo(f"joined {done.config.center} as host {done.config.name} ({done.answer.host.agent_url}); state in "
+               f"{root.path}; start the agent with `kvmotion host serve`")
 
 
 @app.command("list")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, WebSocket
@@ -38,14 +39,28 @@ class _ConsoleClosed(Exception):
     """The VM's serial socket reached its end."""
 
 
-def create_app(config: HostConfig, extra_routers=()) -> FastAPI:
+# A job the agent runs beside its API for as long as it serves (e.g. heartbeats to the center):
+# called with the VM manager and an event set at shutdown, by which it must return.
+Background = Callable[[VmManager, asyncio.Event], Awaitable[None]]
+
+
+def create_app(config: HostConfig, extra_routers=(), background: Sequence[Background] = ()) -> FastAPI:
     manager = VmManager(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await manager.recover()
-        yield
-        await manager.shutdown()
+        stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as jobs:
+                for job in background:
+                    jobs.create_task(job(manager, stop))
+                try:
+                    yield
+                finally:
+                    stop.set()  # each job ends within its bounded wait; the group waits for them
+        finally:
+            await manager.shutdown()
 
     app = FastAPI(title="kvmotion host agent", version=__version__, lifespan=lifespan)
     app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read

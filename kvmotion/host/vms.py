@@ -139,6 +139,11 @@ class VmManager:
     def list(self) -> list[VmStatus]:
         return [self.status(n) for n in sorted(self._vms)]
 
+    def incoming_migration(self, name: str) -> str | None:
+        """The migration VM `name` is the uncommitted shadow of, if it is one."""
+        vm = self._vms.get(name)
+        return vm.record.incoming_migration if vm is not None else None
+
     def committed_memory(self, exclude: str | None = None) -> int:
         return sum(
             vm.record.spec.memory

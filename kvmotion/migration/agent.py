@@ -1,5 +1,6 @@
 """The host agent process: the VM API of kvmotion.host with the migration routes mounted, bound,
-registered in the inventory and served until signalled.
+registered in the inventory and served until signalled; or, for a host joined to the center
+(kvmotion.api.joined), served from its own state root and heartbeating to the center.
 
 It lives at the migration level, the lowest that sees both packages: host knows nothing of
 migrations, and the migration routes need the host's VM manager.
@@ -8,11 +9,14 @@ migrations, and the migration routes need the host's VM manager.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from functools import partial
 from pathlib import Path
 
+from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
+from kvmotion.api.center import MIGRATION_ID_PATTERN, ActiveMigration, ClusterSettings, MigrationRole
 from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
@@ -21,8 +25,10 @@ from kvmotion.core.errors import InvalidInput
 from kvmotion.core.listen import listening_socket
 from kvmotion.guest import image as guest_image
 from kvmotion.host.api import create_app
-from kvmotion.host.vms import HostConfig
+from kvmotion.host.heartbeat import Heartbeats
+from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration.api import migration_router
+from kvmotion.migration.engine import MigrationService
 from kvmotion.qemu import accel as accel_mod
 
 
@@ -88,4 +94,65 @@ def serve(
     if register:
         shown = f"[{host}]" if ":" in host else host
         Inventory().add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def active_migrations(svc: MigrationService) -> list[ActiveMigration]:
+    """What the heartbeat reports of `svc`'s migrations: the unfinished ones this host drives, and
+    the shadows it holds for others."""
+    out = [ActiveMigration(id=r.id, vm=r.vm, role=MigrationRole.SOURCE, peer=r.destination, phase=r.phase.value)
+           for r in svc.records.values() if not r.phase.terminal and re.fullmatch(MIGRATION_ID_PATTERN, r.id)]
+    for vm in svc.manager.list():
+        mid = svc.manager.incoming_migration(vm.name)
+        source = svc.incoming_sources.get(mid) if mid is not None and mid in svc.incoming_active else None
+        if mid is not None and source is not None and re.fullmatch(MIGRATION_ID_PATTERN, mid):
+            out.append(ActiveMigration(id=mid, vm=vm.name, role=MigrationRole.DESTINATION, peer=source, phase="incoming"))
+    return out
+
+
+def serve_joined(
+    root: joined.StateRoot,
+    listen: str | None,
+    portgroups: list[str],
+    run_dir: Path | None = None,
+    accel: str | None = None,
+    migration_limit: int = 4,
+    limits: Limits | None = None,
+) -> None:
+    """Serve a host joined to the center: mutual TLS with the certificate of the join, the cluster's
+    inventory, datastores and settings from the center (cached in `root`), heartbeats to the center."""
+    config_file = root.config()
+    name = config_file.name
+    host, port = parse_listen(listen or config_file.listen)
+    if not 1 <= migration_limit <= 64:
+        raise InvalidInput(f"invalid migration limit {migration_limit}: use 1 to 64")
+    if not root.cache_path.exists():  # removed: the first heartbeat fetches it again; until then, defaults
+        root.save_cache(joined.ClusterCache(settings=ClusterSettings(), updated=0.0))
+    root.cache()  # a damaged cache: said now, not at the first lookup
+    joined.activate(root)
+    choice = accel_mod.choose(guest_image.ensure_image, accel)
+    accel_mod.say_once(choice)
+    config = HostConfig(
+        name=name,
+        state_dir=root.path,
+        run_dir=run_dir or paths.run_dir() / "hosts" / name,
+        portgroups=parse_portgroups(portgroups or ["vm-net"]),
+        accel=choice,
+    )
+    set_own_host(name)
+    security = Security(tls_files=host_tls_files(name), audit_log=root.path / "audit.log", limits=limits or Limits())
+    # The migration address is the joined one unless --listen says otherwise: peers learn it from the center.
+    services: list[MigrationService] = []
+
+    migrations = partial(migration_router, listen_ip=host if not is_wildcard(host) else config_file.address,
+                         limit=migration_limit, keep=services.append)
+
+    async def heartbeats(manager: VmManager, stop: asyncio.Event) -> None:
+        await Heartbeats(root, manager.list, lambda: [m for svc in services for m in active_migrations(svc)]).run(stop)
+
+    app = create_app(config, extra_routers=(migrations,), background=(heartbeats,))
+    server = make_server(app, security, f"agent {name}", lifespan="on")
+    sock = listening_socket(host, port, "the host agent")
+    print(f"kvmotion host agent {name} serving https://{config_file.listen if listen is None else listen}, "
+          f"joined to {config_file.center}", file=sys.stderr, flush=True)
     asyncio.run(server.serve(sockets=[sock]))

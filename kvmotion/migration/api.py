@@ -9,6 +9,7 @@ commit and abort from the host that prepared that incoming migration.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
@@ -89,9 +90,13 @@ def _peer_host(what: str):
     return dependency
 
 
-def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, limit: int) -> APIRouter:
+def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, limit: int,
+                     keep: Callable[[MigrationService], None] | None = None) -> APIRouter:
+    """The routes over a new MigrationService; `keep` is handed the service (the heartbeats report its migrations)."""
     svc = MigrationService(manager, listen_ip, limit)
     manager.after_recover.append(svc.recover)
+    if keep is not None:
+        keep(svc)
     return routes(svc)
 
 

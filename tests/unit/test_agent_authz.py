@@ -113,3 +113,20 @@ def test_a_refused_caller_gets_403_whatever_its_body(agent, ca):
     r = _client(app, ca, PEER).post("/v1/incoming", **broken)
     assert r.status_code == 422 and r.json()["error"]["kind"] == "InvalidInput"
     assert not list(config.state_dir.rglob("*.json"))
+
+
+def test_the_center_may_do_what_an_admin_may(agent, ca):
+    """center:NAME (the control plane) passes every route a user may call, as an admin would; a
+    host's certificate still opens no user route, and the host-to-host routes stay the hosts'."""
+    app, _ = agent
+    center = _client(app, ca, Identity(Kind.CENTER, "center"))
+    assert center.post("/v1/vms", json=SPEC).status_code == 201  # an operator's route
+    assert center.get("/v1/vms/web1").json()["name"] == "web1"  # a viewer's
+    assert center.post("/v1/migrations/check", json={"vm": "web1", "destination": "host-b"}).status_code != 403
+    assert _client(app, ca, PEER).delete("/v1/vms/web1").status_code == 403  # another host: no
+    r = center.post("/v1/incoming", json={})
+    assert r.status_code == 403 and "center:center may not send this host migrations" in r.json()["error"]["message"]
+    assert center.delete("/v1/vms/web1").status_code == 204
+    with TestClient(as_caller(app, ca.creds(Identity(Kind.CENTER, "center")).pem)).websocket_connect(
+            "/v1/vms/web1/console") as ws:
+        assert "no VM named web1" in ws.receive_text()  # let in (an operator's)

@@ -243,7 +243,8 @@ def test_a_host_heartbeats_only_for_itself(cluster: Cluster) -> None:
     assert cluster.client(ADMIN).post("/v1/hosts/host-a/heartbeat", json=_beat()).status_code == 403
     assert state(cluster) == before
     r = host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"),)))
-    assert r.status_code == 200 and r.json() == {"state": "connected", "interval": 2.0, "now": T0}
+    assert r.status_code == 200 and r.json() == {"state": "connected", "interval": 2.0, "now": T0,
+                                                 "settings": cluster.client(VIEWER).get("/v1/settings").json()}
     assert cluster.client(VIEWER).get("/v1/hosts/host-a").json()["vms"] == 1
     assert host_a.post("/v1/hosts/host-a/heartbeat", json=_beat(version=2)).status_code == 409
     twice = host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"), ("web1", "stopped"))))
