@@ -79,15 +79,20 @@ def _reachable_ip(text: str) -> str:
 HostAddress = Annotated[str, Field(max_length=45), AfterValidator(_reachable_ip)]
 
 
+def is_base_url(url: str, schemes: tuple[str, ...]) -> bool:
+    """SCHEME://HOST[:PORT] with one of `schemes`, nothing after the host but an optional "/"."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname) and port != 0 and parts.path in ("", "/") \
+        and not (parts.query or parts.fragment or parts.username)
+
+
 def _url_checker(schemes: tuple[str, ...], what: str) -> Any:
     def check(url: str) -> str:
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if parts.scheme not in schemes or not parts.hostname or port == -1 or port == 0 \
-                or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        if not is_base_url(url, schemes):
             raise ValueError(f"invalid {what} {url[:80]!r}: use {' or '.join(s + '://HOST[:PORT]' for s in schemes)}")
         return url
 

@@ -20,6 +20,7 @@ from kvmotion.api.center import (
     CenterClient,
     JoinAnswer,
     JoinRequest,
+    is_base_url,
     parse_token,
     pinned_ca,
     trusting,
@@ -40,15 +41,7 @@ class Joined:
 
 
 def check_center_url(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("https", "http") or not parts.hostname or port == -1 or parts.path not in ("", "/") \
-            or parts.query or parts.fragment or parts.username:
+    if not is_base_url(url, ("https", "http")):
         raise InvalidInput(f"invalid center URL {url!r}: use https://ADDRESS:PORT (as `kvmotion center serve` prints it)")
     return url.rstrip("/")
 
