@@ -39,8 +39,10 @@ from pydantic import (
 )
 
 from kvmotion.api.identity import Role
-from kvmotion.api.spec import NAME_PATTERN  # host, VM and datastore names: the VM spec's rule
-from kvmotion.api.spec import VmSpec
+from kvmotion.api.spec import (
+    NAME_PATTERN,  # host, VM and datastore names: the VM spec's rule
+    VmSpec,
+)
 from kvmotion.core import errors
 from kvmotion.core.validation import invalid_input
 

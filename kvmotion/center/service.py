@@ -36,6 +36,7 @@ from kvmotion.api.center import (
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import CA, cert_pem, load_csr, sha256_hex, sign_csr
 from kvmotion.center import auth
+from kvmotion.center.placement import cpu_demand
 from kvmotion.center.store import HostRow, Store, TokenRow, UserRow
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
@@ -153,7 +154,9 @@ class Center:
             raise Conflict(f"host {name} speaks center protocol {beat.version}; this center speaks {PROTOCOL_VERSION}: "
                            "run the same kvmotion version on both")
         now = self.clock()
-        row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations)
+        before = self.store.host(name)
+        demand = cpu_demand(before.load, before.last_heartbeat, beat.load, now) if before is not None else None
+        row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations, demand)
         return HeartbeatAnswer(state=row.state, interval=self.store.settings().heartbeat_interval, now=now)
 
     # ---- datastores ----

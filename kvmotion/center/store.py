@@ -207,10 +207,11 @@ class Store(Protocol):
     def update_task(self, task_id: str, progress: TaskProgress, *, agent_id: str | None = None,
                     record: str | None = None) -> None: ...
 
-    # the end, once: False if it had ended already. A done task moves the VM's desired host/power.
+    # the end, once: False if it had ended already. A done task moves the VM's desired (and observed) host/power.
     def end_task(self, task_id: str, state: TaskState, at: float, *, error: str | None = None,
                  result: TaskResult | None = None, desired_host: str | None = None,
-                 desired_power: PowerState | None = None) -> bool: ...
+                 desired_power: PowerState | None = None, observed_host: str | None = None,
+                 observed_state: ObservedState | None = None) -> bool: ...
 
     # queued: cancelled at once; running: flagged for the dispatcher
     def request_cancel(self, task_id: str, who: str, at: float) -> TaskView: ...
@@ -687,7 +688,8 @@ class SqliteStore:
 
     def end_task(self, task_id: str, state: TaskState, at: float, *, error: str | None = None,
                  result: TaskResult | None = None, desired_host: str | None = None,
-                 desired_power: PowerState | None = None) -> bool:
+                 desired_power: PowerState | None = None, observed_host: str | None = None,
+                 observed_state: ObservedState | None = None) -> bool:
         if not state.terminal:
             raise ValueError(f"{state.value} is no end of a task")
         with self._write() as conn:
@@ -700,6 +702,10 @@ class SqliteStore:
             if state is TaskState.DONE and desired_host is not None:
                 conn.execute("UPDATE vms SET desired_host = ?, updated = ? WHERE name = ?",
                              (desired_host, at, row["target"]))
+            if state is TaskState.DONE and observed_host is not None and observed_state is not None:
+                # what the agent that did it said (a migration's record): heartbeats confirm it later
+                conn.execute("UPDATE vms SET observed_host = ?, observed_state = ?, updated = ? WHERE name = ?",
+                             (observed_host, observed_state.value, at, row["target"]))
             if state is TaskState.DONE and desired_power is not None:
                 conn.execute("UPDATE vms SET desired_power = ?, updated = ? WHERE name = ?",
                              (desired_power.value, at, row["target"]))
