@@ -42,9 +42,9 @@ def cpu_demand(before: HostLoad | None, before_at: float | None, after: HostLoad
 def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str | None,
              migrating: bool) -> list[str]:
     """Every reason `host` cannot take `spec` (empty: it can)."""
-    out: list[str] = []
     if host.name == source:
-        out.append(f"VM {spec.name} is already on {host.name}")
+        return [f"VM {spec.name} is already on {host.name}"]
+    out: list[str] = []
     if host.state is HostState.MAINTENANCE:
         out.append(f"{host.name} is in maintenance")
     elif host.state is not HostState.CONNECTED:
@@ -107,4 +107,5 @@ def summary(placement: Placement) -> str:
         return f"placed on {placement.chosen}"
     if not placement.candidates:
         return "no host has joined the cluster"
-    return "no host can take it: " + "; ".join(r for c in placement.candidates for r in c.reasons)
+    reasons = dict.fromkeys(r for c in placement.candidates for r in c.reasons)  # each once, in order
+    return "no host can take it: " + "; ".join(reasons)
