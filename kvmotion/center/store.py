@@ -653,7 +653,7 @@ class SqliteStore:
 
     def tasks(self, state: TaskState | None = None, limit: int = 100, open_only: bool = False) -> list[TaskView]:
         if open_only:
-            rows = self._conn().execute(_TASKS + " WHERE t.state IN ('queued', 'running') ORDER BY t.created, t.id "
+            rows = self._conn().execute(_TASKS + " WHERE t.state IN ('queued', 'running') ORDER BY t.created, t.rowid "
                                         "LIMIT ?", (limit,))
         elif state is not None:
             rows = self._conn().execute(_TASKS + " WHERE t.state = ? ORDER BY t.created DESC, t.id LIMIT ?",
