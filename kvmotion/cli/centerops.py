@@ -21,7 +21,7 @@ from kvmotion.api.center import (
     VmCreate,
 )
 from kvmotion.api.spec import VmSpec
-from kvmotion.cli.common import console, print_json
+from kvmotion.cli.common import console
 from kvmotion.cli.login import config_path, load_credentials
 from kvmotion.core.errors import KvmotionError, MigrationError
 from kvmotion.core.units import format_size
