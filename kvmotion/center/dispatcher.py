@@ -190,6 +190,10 @@ class Dispatcher:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.interval):
                             await stop.wait()
+                # Stopping: calls in flight are abandoned, not awaited (the store keeps every task's
+                # state; the migrations go on at their agents and the next center follows them).
+                for task in [*self._workers.values(), *self._facts.values()]:
+                    task.cancel()
         finally:
             self._group = None
             await self.agents.aclose()
