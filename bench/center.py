@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -62,6 +63,7 @@ from kvmotion.center.serve import Listen, prepare
 from kvmotion.center.store import HostRow, SqliteStore, VmRow
 from kvmotion.core.errors import KvmotionError
 
+REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 TARGETS = {"vm_ls_p99_ms": 100.0, "heartbeat_cpu_share": 0.05}
 
@@ -243,6 +245,15 @@ async def submissions(admin: AsyncCenterClient, vms: list[str], rate: float, sec
             "achieved_per_s": round(len(lat) / took, 1), **(summary_ms(lat) if lat else {})}
 
 
+def start_center(root: Path, data: Path, port: int) -> subprocess.Popen[bytes]:
+    """`kvmotion center serve` on loopback, in its own process (its log in root/center.log)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    code = (f"from pathlib import Path; from kvmotion.center.serve import serve; "
+            f"serve('127.0.0.1:{port}', Path({str(data)!r}), False)")
+    with open(root / "center.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="kvbench-center-"))
     data = root / "data"
@@ -250,6 +261,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     names = await asyncio.to_thread(setup, data, port, agent_port, args.hosts, args.vms)
     setup_s = time.perf_counter() - t0
+    print(f"set up {args.hosts} hosts and {args.vms} VMs in {setup_s:.0f} s", file=sys.stderr)
     admin_dir = issue(data, Identity(Kind.USER, "admin", Role.ADMIN))
     agent_dir = issue(data, Identity(Kind.HOST, "agents"), ("127.0.0.1",), server=True)
     host_dirs = {n: issue(data, Identity(Kind.HOST, n)) for n in names}
@@ -257,14 +269,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     config = uvicorn.Config(agents_app(args.migration_time), host="127.0.0.1", port=agent_port, log_level="warning",
                             ssl_certfile=str(agent_dir / "server-cert.pem"), ssl_keyfile=str(agent_dir / "server-key.pem"))
     agents = uvicorn.Server(config)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    code = (f"from pathlib import Path; from kvmotion.center.serve import serve; "
-            f"serve('127.0.0.1:{port}', Path({str(data)!r}), False)")
-    center = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(root / "center.log", "w"))
+    center = await asyncio.to_thread(start_center, root, data, port)
     url = f"https://127.0.0.1:{port}"
-    admin = AsyncCenterClient(url, client_ssl_context(admin_dir), timeout=60)
-    clients = {n: AsyncCenterClient(url, client_ssl_context(d), timeout=30) for n, d in host_dirs.items()}
+    # The center allows 32 connections per client address: each host from its own loopback address.
+    admin = AsyncCenterClient(url, client_ssl_context(admin_dir), timeout=60, max_connections=16)
+    clients = {n: AsyncCenterClient(url, client_ssl_context(d), timeout=30, local_address=f"127.0.1.{i + 1}",
+                                    max_connections=2) for i, (n, d) in enumerate(host_dirs.items())}
     vms_of = {n: [f"vm-{i:05d}" for i in range(j, args.vms, args.hosts)] for j, n in enumerate(names)}
     result: dict[str, Any] = {"hosts": args.hosts, "vms": args.vms, "phase_s": args.phase, "setup_s": round(setup_s, 1),
                               "cores": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
@@ -328,7 +338,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result["met"] = {"vm_ls_p99": result["vm_ls"]["p99_ms"] < TARGETS["vm_ls_p99_ms"],
                      "heartbeat_cpu": result["heartbeat_cpu_share"] < TARGETS["heartbeat_cpu_share"]}
     result["load_average_after"] = os.getloadavg()[0]
-    subprocess.run(["rm", "-rf", str(root)], check=False)
+    await asyncio.to_thread(shutil.rmtree, root, True)
     return result
 
 

@@ -910,10 +910,14 @@ class CenterClient:
 class AsyncCenterClient:
     """The same calls for asyncio code (agents' heartbeats, the lab)."""
 
-    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, *,
+                 local_address: str | None = None, max_connections: int = 100) -> None:
+        """`local_address`: the source address to connect from (a host's own); `max_connections`: at once."""
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context if ssl_context is not None else False,
-                                       timeout=timeout)
+        verify = ssl_context if ssl_context is not None else False
+        transport = httpx.AsyncHTTPTransport(verify=verify, local_address=local_address,
+                                             limits=httpx.Limits(max_connections=max_connections))
+        self._http = httpx.AsyncClient(base_url=self.url, verify=verify, timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()

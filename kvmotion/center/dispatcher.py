@@ -53,6 +53,7 @@ log = logging.getLogger("kvmotion.center")
 # Where in a migration each phase puts the task (pre-copy's share grows with the bytes sent).
 _PHASE_FRACTION = {Phase.CHECK: 0.02, Phase.PREPARE: 0.05, Phase.PRECOPY: 0.05, Phase.SWITCHOVER: 0.92,
                    Phase.COMMIT: 0.97, Phase.DONE: 1.0, Phase.ROLLBACK: 0.0, Phase.FAILED: 0.0, Phase.CANCELLED: 0.0}
+WAITING_REFRESH = 5.0  # seconds between rewrites of a queued migration's reason to wait
 RECOVERY_SKEW = 60.0  # seconds: how much earlier than the task's start an adopted migration may have started
 
 
@@ -167,7 +168,7 @@ class Dispatcher:
         self.max_workers = max_workers
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._facts: dict[str, asyncio.Task[None]] = {}
-        self._waiting: dict[str, str] = {}  # queued migration -> the reason last written
+        self._waiting: dict[str, tuple[str, float]] = {}  # queued migration -> the reason last written, when
         self._drift: dict[str, str] = {}  # VM -> the drift last reported
         self._last_reconcile = float("-inf")
         self._stop = asyncio.Event()
@@ -237,10 +238,16 @@ class Dispatcher:
                 if len(self._workers) < self.max_workers:
                     self._waiting.pop(decision.task, None)
                     await self._start(by_id[decision.task])
-            elif self._waiting.get(decision.task) != decision.reason:
-                self._waiting[decision.task] = decision.reason
-                await asyncio.to_thread(self.store.update_task, decision.task,
-                                        TaskProgress(phase="queued", message=f"waiting: {decision.reason}"))
+            else:
+                # A long queue's reasons shift at every start: each task's is rewritten at most every few seconds.
+                last = self._waiting.get(decision.task)
+                if last is None or (last[0] != decision.reason and self.clock() - last[1] >= WAITING_REFRESH):
+                    self._waiting[decision.task] = (decision.reason, self.clock())
+                    await asyncio.to_thread(self.store.update_task, decision.task,
+                                            TaskProgress(phase="queued", message=f"waiting: {decision.reason}"))
+        queued_ids = {m.task for m in queued_moves}
+        for gone in [t for t in self._waiting if t not in queued_ids]:
+            del self._waiting[gone]
         now = self.clock()
         for name, host in hosts.items():
             stale = host.facts is None or now - host.facts.updated > self.facts_every

@@ -54,17 +54,17 @@ def vm_json(row: VmRow) -> str:
     return head[:-1] + ', "spec": ' + (row.spec or "null") + "}"
 
 
-def snapshots(store: Store, hosts: Sequence[HostRow], open_tasks: Sequence[TaskView]) -> list[HostSnapshot]:
-    """Hosts as placement sees them: memory and CPUs promised to VMs on their way there count as used."""
+def snapshots(hosts: Sequence[HostRow], open_tasks: Sequence[TaskView],
+              demand: Callable[[str], tuple[int, float]]) -> list[HostSnapshot]:
+    """Hosts as placement sees them: memory and CPUs promised to VMs on their way there (queued or
+    running migrations) count as used. `demand`: a VM's memory and expected CPU demand."""
     memory: dict[str, int] = {}
     cpus: dict[str, float] = {}
     for task in open_tasks:
         if task.kind is TaskKind.MIGRATE and task.destination is not None:
-            row = store.vm(task.target)
-            if row is not None and row.spec:
-                spec = VmSpec.from_json(json.loads(row.spec))
-                memory[task.destination] = memory.get(task.destination, 0) + spec.memory
-                cpus[task.destination] = cpus.get(task.destination, 0.0) + spec.vcpus * 0.5
+            mem, cpu = demand(task.target)
+            memory[task.destination] = memory.get(task.destination, 0) + mem
+            cpus[task.destination] = cpus.get(task.destination, 0.0) + cpu
     return [HostSnapshot(name=h.name, state=h.state, load=h.load, facts=h.facts, cpu_demand=h.cpu_demand,
                          reserved_memory=memory.get(h.name, 0), reserved_cpus=cpus.get(h.name, 0.0)) for h in hosts]
 
@@ -75,6 +75,18 @@ class Tasks:
     def __init__(self, store: Store, clock: Callable[[], float]) -> None:
         self.store = store
         self.clock = clock
+        self._demand: dict[str, tuple[int, float]] = {}  # VM -> memory, CPU demand (specs do not change)
+
+    def demand(self, vm: str) -> tuple[int, float]:
+        known = self._demand.get(vm)
+        if known is None:
+            row = self.store.vm(vm)
+            spec = VmSpec.from_json(json.loads(row.spec)) if row is not None and row.spec else None
+            known = (spec.memory, spec.vcpus * 0.5) if spec else (0, 0.0)
+            if len(self._demand) > 100_000:
+                self._demand.clear()
+            self._demand[vm] = known
+        return known
 
     # ---- VMs ----
     def vms(self) -> list[VmRow]:
@@ -86,10 +98,11 @@ class Tasks:
             raise NotFound(f"no VM {name} in the cluster")
         return vm_view(row)
 
-    def _placement(self, spec: VmSpec, source: str | None) -> Placement:
-        hosts = self.store.hosts()
-        return place(spec, snapshots(self.store, hosts, self.store.tasks(open_only=True, limit=100_000)),
-                     source=source, baseline=self.store.settings().cpu_baseline)
+    def _placement(self, spec: VmSpec, source: str | None, open_tasks: Sequence[TaskView] | None = None) -> Placement:
+        if open_tasks is None:
+            open_tasks = self.store.tasks(open_only=True, limit=100_000)
+        return place(spec, snapshots(self.store.hosts(), open_tasks, self.demand), source=source,
+                     baseline=self.store.settings().cpu_baseline)
 
     def create_vm(self, request: VmCreate, who: Identity) -> VmCreated:
         """The VM defined on its host (named, or chosen by placement) and a create task queued."""
@@ -131,7 +144,8 @@ class Tasks:
         source = row.observed_host or row.desired_host
         if source is None:
             raise InvalidInput(f"VM {request.vm} is on no host: nothing to migrate")
-        busy = [t for t in self.store.tasks(open_only=True, limit=100_000) if t.target == request.vm]
+        open_tasks = self.store.tasks(open_only=True, limit=100_000)
+        busy = [t for t in open_tasks if t.target == request.vm]
         if busy:
             doing = "already migrating" if busy[0].kind is TaskKind.MIGRATE else f"busy ({busy[0].kind.value})"
             raise InvalidInput(f"VM {request.vm} is {doing}: task {busy[0].id}")
@@ -145,7 +159,7 @@ class Tasks:
         else:
             if row.spec is None:
                 raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
-            placement = self._placement(VmSpec.from_json(json.loads(row.spec)), source)
+            placement = self._placement(VmSpec.from_json(json.loads(row.spec)), source, open_tasks)
             if placement.chosen is None:
                 raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
             destination = placement.chosen
