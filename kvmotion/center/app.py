@@ -57,7 +57,7 @@ from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.center.dispatcher import Dispatcher
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.service import Center
-from kvmotion.center.tasks import Tasks, vm_json
+from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Forbidden
 
 HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
@@ -181,7 +181,7 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     # ---- VMs, migrations, tasks ----
     @app.get("/v1/vms", dependencies=[view], response_model=list[VmView])
     def vms() -> Response:
-        return Response("[" + ",".join(vm_json(row) for row in ops.vms()) + "]", media_type="application/json")
+        return Response(ops.vm_list_json(), media_type="application/json")
 
     @app.get("/v1/vms/{name}", dependencies=[view])
     def vm(name: VmName) -> VmView:

@@ -19,6 +19,7 @@ from kvmotion.api.center import (
     EventPage,
     Heartbeat,
     HeartbeatAnswer,
+    HostLoad,
     HostState,
     HostView,
     JoinAnswer,
@@ -42,6 +43,7 @@ from kvmotion.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
 LOGIN_VALIDITY = dt.timedelta(days=7)  # a user logs in again weekly; a role change reaches old certificates by then
 ADMIN = "admin"
+SETTINGS_TTL = 2.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Center:
         self.clock = clock
         self.passwords = auth.Passwords(password_cost)
         self.ca_pem = cert_pem(ca.cert)
+        self._samples: dict[str, tuple[HostLoad, float]] = {}  # host -> its last load and when (CPU demand)
+        self._settings_cache: tuple[float, ClusterSettings] | None = None
         self.ca_sha256 = sha256_hex(ca.cert)
 
     # ---- first start ----
@@ -154,10 +158,20 @@ class Center:
             raise Conflict(f"host {name} speaks center protocol {beat.version}; this center speaks {PROTOCOL_VERSION}: "
                            "run the same kvmotion version on both")
         now = self.clock()
-        before = self.store.host(name)
-        demand = cpu_demand(before.load, before.last_heartbeat, beat.load, now) if before is not None else None
-        row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations, demand)
-        return HeartbeatAnswer(state=row.state, interval=self.store.settings().heartbeat_interval, now=now)
+        before = self._samples.get(name)
+        demand = cpu_demand(before[0], before[1], beat.load, now) if before is not None else None
+        # The store keeps the host's totals; its VMs' run times stay here, for the next demand.
+        row = self.store.record_heartbeat(name, now, beat.vms, beat.load.model_copy(update={"vms": ()}),
+                                          beat.migrations, demand)
+        self._samples[name] = (beat.load, now)
+        return HeartbeatAnswer(state=row.state, interval=self._settings(now).heartbeat_interval, now=now)
+
+    def _settings(self, now: float) -> ClusterSettings:
+        """The settings, read again at most every SETTINGS_TTL seconds (every heartbeat answers with them)."""
+        cached = self._settings_cache
+        if cached is None or not 0 <= now - cached[0] < SETTINGS_TTL:
+            cached = self._settings_cache = (now, self.store.settings())
+        return cached[1]
 
     # ---- datastores ----
     def datastores(self) -> list[DatastoreView]:

@@ -188,6 +188,9 @@ class Store(Protocol):
 
     def vms(self) -> list[VmRow]: ...
 
+    # every VM as a JSON array of VmView objects, by name (the store builds it: thousands of VMs, one string)
+    def vm_list_json(self) -> str: ...
+
     # a VM the center creates: its row and its create task together (Conflict: the name is taken)
     def create_vm(self, vm: VmRow, task: TaskView, who: str) -> None: ...
 
@@ -195,6 +198,11 @@ class Store(Protocol):
     def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None) -> TaskView: ...
 
     def task(self, task_id: str) -> TaskView | None: ...
+
+    def open_task(self, vm: str) -> TaskView | None: ...  # the VM's queued or running task
+
+    # destination host -> (memory bytes, vCPUs) of the VMs queued or running migrations take there
+    def reservations(self) -> dict[str, tuple[int, int]]: ...
 
     # newest first; `open_only`: queued and running, oldest first (the dispatcher's view)
     def tasks(self, state: TaskState | None = None, limit: int = 100, open_only: bool = False) -> list[TaskView]: ...
@@ -606,6 +614,13 @@ class SqliteStore:
     def vms(self) -> list[VmRow]:
         return [_vm(r) for r in self._conn().execute("SELECT * FROM vms ORDER BY name")]
 
+    def vm_list_json(self) -> str:
+        row = self._conn().execute(
+            "SELECT json_group_array(json_object('name', name, 'spec', json(spec), 'desired_host', desired_host, "
+            "'desired_power', desired_power, 'observed_host', observed_host, 'observed_state', observed_state, "
+            "'updated', updated)) FROM (SELECT * FROM vms ORDER BY name)").fetchone()
+        return row[0]
+
     def create_vm(self, vm: VmRow, task: TaskView, who: str) -> None:
         with self._write() as conn:
             row = conn.execute("SELECT observed_host, spec FROM vms WHERE name = ?", (vm.name,)).fetchone()
@@ -650,6 +665,19 @@ class SqliteStore:
     def task(self, task_id: str) -> TaskView | None:
         row = self._conn().execute(_TASKS + " WHERE t.id = ?", (task_id,)).fetchone()
         return _task(row) if row else None
+
+    def open_task(self, vm: str) -> TaskView | None:
+        row = self._conn().execute(_TASKS + " WHERE t.target = ? AND t.state IN ('queued', 'running') LIMIT 1",
+                                   (vm,)).fetchone()
+        return _task(row) if row else None
+
+    def reservations(self) -> dict[str, tuple[int, int]]:
+        rows = self._conn().execute(
+            "SELECT m.destination, sum(json_extract(v.spec, '$.memory')) AS memory, "
+            "sum(json_extract(v.spec, '$.vcpus')) AS vcpus FROM tasks t JOIN migrations m ON m.task_id = t.id "
+            "JOIN vms v ON v.name = t.target WHERE t.state IN ('queued', 'running') AND v.spec IS NOT NULL "
+            "GROUP BY m.destination")
+        return {r["destination"]: (int(r["memory"] or 0), int(r["vcpus"] or 0)) for r in rows}
 
     def tasks(self, state: TaskState | None = None, limit: int = 100, open_only: bool = False) -> list[TaskView]:
         if open_only:

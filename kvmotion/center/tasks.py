@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kvmotion.api.center import (
     MigrateRequest,
@@ -44,29 +44,12 @@ def vm_view(row: VmRow) -> VmView:
                   observed_state=row.observed_state, updated=row.updated)
 
 
-def vm_json(row: VmRow) -> str:
-    """A VmView's JSON straight from the row (the spec as stored, validated when it was written):
-    listing thousands of VMs needs no model per VM."""
-    head = json.dumps({"name": row.name, "desired_host": row.desired_host,
-                       "desired_power": row.desired_power.value if row.desired_power else None,
-                       "observed_host": row.observed_host, "observed_state": row.observed_state.value,
-                       "updated": row.updated})
-    return head[:-1] + ', "spec": ' + (row.spec or "null") + "}"
-
-
-def snapshots(hosts: Sequence[HostRow], open_tasks: Sequence[TaskView],
-              demand: Callable[[str], tuple[int, float]]) -> list[HostSnapshot]:
+def snapshots(hosts: Sequence[HostRow], reserved: Mapping[str, tuple[int, int]]) -> list[HostSnapshot]:
     """Hosts as placement sees them: memory and CPUs promised to VMs on their way there (queued or
-    running migrations) count as used. `demand`: a VM's memory and expected CPU demand."""
-    memory: dict[str, int] = {}
-    cpus: dict[str, float] = {}
-    for task in open_tasks:
-        if task.kind is TaskKind.MIGRATE and task.destination is not None:
-            mem, cpu = demand(task.target)
-            memory[task.destination] = memory.get(task.destination, 0) + mem
-            cpus[task.destination] = cpus.get(task.destination, 0.0) + cpu
+    running migrations, Store.reservations) count as used, each vCPU as half a busy core."""
     return [HostSnapshot(name=h.name, state=h.state, load=h.load, facts=h.facts, cpu_demand=h.cpu_demand,
-                         reserved_memory=memory.get(h.name, 0), reserved_cpus=cpus.get(h.name, 0.0)) for h in hosts]
+                         reserved_memory=reserved.get(h.name, (0, 0))[0],
+                         reserved_cpus=reserved.get(h.name, (0, 0))[1] * 0.5) for h in hosts]
 
 
 class Tasks:
@@ -75,22 +58,10 @@ class Tasks:
     def __init__(self, store: Store, clock: Callable[[], float]) -> None:
         self.store = store
         self.clock = clock
-        self._demand: dict[str, tuple[int, float]] = {}  # VM -> memory, CPU demand (specs do not change)
-
-    def demand(self, vm: str) -> tuple[int, float]:
-        known = self._demand.get(vm)
-        if known is None:
-            row = self.store.vm(vm)
-            spec = VmSpec.from_json(json.loads(row.spec)) if row is not None and row.spec else None
-            known = (spec.memory, spec.vcpus * 0.5) if spec else (0, 0.0)
-            if len(self._demand) > 100_000:
-                self._demand.clear()
-            self._demand[vm] = known
-        return known
 
     # ---- VMs ----
-    def vms(self) -> list[VmRow]:
-        return self.store.vms()
+    def vm_list_json(self) -> str:
+        return self.store.vm_list_json()
 
     def vm(self, name: str) -> VmView:
         row = self.store.vm(name)
@@ -98,10 +69,8 @@ class Tasks:
             raise NotFound(f"no VM {name} in the cluster")
         return vm_view(row)
 
-    def _placement(self, spec: VmSpec, source: str | None, open_tasks: Sequence[TaskView] | None = None) -> Placement:
-        if open_tasks is None:
-            open_tasks = self.store.tasks(open_only=True, limit=100_000)
-        return place(spec, snapshots(self.store.hosts(), open_tasks, self.demand), source=source,
+    def _placement(self, spec: VmSpec, source: str | None) -> Placement:
+        return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
                      baseline=self.store.settings().cpu_baseline)
 
     def create_vm(self, request: VmCreate, who: Identity) -> VmCreated:
@@ -144,11 +113,10 @@ class Tasks:
         source = row.observed_host or row.desired_host
         if source is None:
             raise InvalidInput(f"VM {request.vm} is on no host: nothing to migrate")
-        open_tasks = self.store.tasks(open_only=True, limit=100_000)
-        busy = [t for t in open_tasks if t.target == request.vm]
-        if busy:
-            doing = "already migrating" if busy[0].kind is TaskKind.MIGRATE else f"busy ({busy[0].kind.value})"
-            raise InvalidInput(f"VM {request.vm} is {doing}: task {busy[0].id}")
+        busy = self.store.open_task(request.vm)
+        if busy is not None:
+            doing = "already migrating" if busy.kind is TaskKind.MIGRATE else f"busy ({busy.kind.value})"
+            raise InvalidInput(f"VM {request.vm} is {doing}: task {busy.id}")
         placement = None
         if request.destination is not None:
             if self.store.host(request.destination) is None:
@@ -159,7 +127,7 @@ class Tasks:
         else:
             if row.spec is None:
                 raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
-            placement = self._placement(VmSpec.from_json(json.loads(row.spec)), source, open_tasks)
+            placement = self._placement(VmSpec.from_json(json.loads(row.spec)), source)
             if placement.chosen is None:
                 raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
             destination = placement.chosen
