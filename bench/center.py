@@ -12,8 +12,9 @@ there ends `--migration-time` after it starts). No QEMU, no lab: no lock needed.
 
 Phases, each --phase seconds: idle (the baseline: the center with nothing to do but its loops),
 heartbeats (every host every 2 s, each reporting its VMs and their load), then `vm ls` latency
-(GET /v1/vms, all VMs, sequential) with the heartbeats going on, GET /v1/settings beside it as the
-baseline of a request that does no work, then migrate submissions at --rate per second (POST
+(GET /v1/vms, all VMs, sequential, the answer's bytes read; and decoded into models, as the CLI
+does, apart) with the heartbeats going on, GET /v1/settings beside it as the baseline of a request
+that does no work, then migrate submissions at --rate per second (POST
 /v1/migrations, placement choosing the destination) with the heartbeats going on. Prints JSON.
 """
 
@@ -204,6 +205,12 @@ async def measure_cpu(pid: int, seconds: float) -> dict[str, float]:
     return {"cpu_s": round(c1 - c0, 3), "wall_s": round(t1 - t0, 3), "share": round((c1 - c0) / (t1 - t0), 4)}
 
 
+async def raw_get(client: AsyncCenterClient, path: str) -> bytes:
+    response = await client._http.get(path)  # the bytes, not decoded: what the center costs
+    response.raise_for_status()
+    return response.content
+
+
 async def latencies(call, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -301,8 +308,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             result["heartbeats"]["latency"] = summary_ms([x * 1000 for x in beats.latencies[sent0:]])
             result["heartbeat_cpu_share"] = round(result["heartbeats"]["share"] - result["idle"]["share"], 4)
             result["settings_latency"] = summary_ms(await latencies(admin.settings, 100))
-            vm_ls = await latencies(admin.vms, args.vm_ls)
-            result["vm_ls"] = summary_ms(vm_ls)
+            # The center's side: the whole answer received; the client's decoding into models apart.
+            result["vm_ls"] = summary_ms(await latencies(lambda: raw_get(admin, "/v1/vms"), args.vm_ls))
+            result["vm_ls"]["bytes"] = len(await raw_get(admin, "/v1/vms"))
+            result["vm_ls_decoded"] = summary_ms(await latencies(admin.vms, max(args.vm_ls // 5, 1)))
             assert len(await admin.vms()) == args.vms
             cpu = asyncio.create_task(measure_cpu(center.pid, args.phase))
             result["submissions"] = await submissions(admin, sorted(v for vs in vms_of.values() for v in vs),
