@@ -336,6 +336,7 @@ class SqliteStore:
         self.path = Path(path)
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._writer = threading.Lock()  # one write transaction of this process at a time
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         try:  # the store holds password and token hashes: 0600 (SQLite gives its -wal and -shm the same mode)
@@ -369,16 +370,19 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it, or (on any exception) nothing."""
+        """One write transaction: all of it, or (on any exception) nothing. This process's writers
+        queue on a lock first: SQLite's busy handler polls with sleeps of up to 100 ms, so threads
+        contending for its write lock would wait far longer than the transactions take."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # SQLite rolls back by itself on a few errors (a full disk)
-                conn.execute("ROLLBACK")
-            raise
+        with self._writer:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite rolls back by itself on a few errors (a full disk)
+                    conn.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
