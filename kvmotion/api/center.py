@@ -19,7 +19,7 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar
@@ -37,7 +37,11 @@ from pydantic import (
 )
 
 from kvmotion.api.identity import Role
-from kvmotion.api.spec import NAME_PATTERN, Checked  # host, VM and datastore names: the VM spec's rule
+from kvmotion.api.spec import (
+    NAME_PATTERN,  # host, VM and datastore names: the VM spec's rule
+    Checked,
+    VmSpec,
+)
 from kvmotion.core import errors
 
 PROTOCOL_VERSION = 1  # of agent <-> center messages (heartbeats); the center refuses others
@@ -160,6 +164,12 @@ class EventKind(str, Enum):
     USER_LOGGED_IN = "user_logged_in"
     TOKEN_CREATED = "token_created"
     TOKEN_DELETED = "token_deleted"
+    VM_CREATED = "vm_created"
+    TASK_QUEUED = "task_queued"
+    TASK_STARTED = "task_started"
+    TASK_ENDED = "task_ended"
+    TASK_CANCEL_REQUESTED = "task_cancel_requested"
+    DRIFT = "drift"  # desired and observed differ (reported by the reconcile pass)
 
 
 # ---- cluster, CA, join, login --------------------------------------------------------------------------
@@ -168,6 +178,12 @@ class ClusterSettings(Wire):
     cpu_baseline: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
     heartbeat_interval: Annotated[float, Field(ge=0.1, le=60)] = 2.0  # seconds between an agent's heartbeats
     not_responding_after: Annotated[float, Field(ge=1, le=3600)] = 10.0  # seconds of silence
+    # Migration admission, like vSphere's vMotion costs: each migration costs 1 on its source and
+    # its destination; a host's budget depends on its migration link's speed.
+    link_bps: Annotated[StrictInt, Field(ge=1_000_000, le=10**13)] = 1_000_000_000  # unless a host reports its own
+    migration_budget_slow: Annotated[StrictInt, Field(ge=1, le=128)] = 4  # links under 10 Gbit/s
+    migration_budget_fast: Annotated[StrictInt, Field(ge=1, le=128)] = 8  # links of 10 Gbit/s or more
+    cluster_migrations: Annotated[StrictInt, Field(ge=1, le=10000)] = 32  # running at once in the cluster
 
 
 class CaInfo(Wire):
@@ -262,6 +278,17 @@ class HeartbeatAnswer(Wire):
     settings: ClusterSettings | None = None  # the cluster's settings, for the agent's local cache
 
 
+class HostFacts(Wire):
+    """What placement needs of a host beyond its load, as its agent tells it (GET /v1/migration/facts)."""
+
+    accel: str = ""
+    cpu_models: tuple[str, ...] = ()  # CPU models this host's QEMU runs with every feature
+    portgroups: tuple[str, ...] = ()
+    datastores: tuple[str, ...] = ()  # datastores it reaches now
+    link_bps: Annotated[StrictInt, Field(ge=1)] | None = None  # its migration link, when known
+    updated: float = 0.0  # when the center learnt these
+
+
 class HostView(Wire):
     name: Name
     address: str
@@ -272,6 +299,8 @@ class HostView(Wire):
     load: HostLoad | None
     migrations: tuple[ActiveMigration, ...] = ()
     vms: int = 0  # VMs last observed there
+    cpu_demand: float | None = None  # cores its VMs kept busy between its last two heartbeats
+    facts: HostFacts | None = None
 
 
 class JoinAnswer(Wire):
@@ -346,6 +375,120 @@ class Event(Wire):
 class EventPage(Wire):
     events: tuple[Event, ...]
     next: int  # pass as `since` to get what came after
+
+
+# ---- VMs, tasks, migrations --------------------------------------------------------------------------------
+TASK_ID_PATTERN = r"^[0-9a-f]{16}$"
+TaskId = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
+
+
+class PowerState(str, Enum):
+    ON = "on"
+    OFF = "off"
+
+
+class TaskKind(str, Enum):
+    CREATE = "create"
+    START = "start"
+    STOP = "stop"
+    MIGRATE = "migrate"
+
+
+class TaskState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+
+
+class TaskProgress(Wire):
+    phase: str = ""  # the migration's phase, or what the task waits for
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    transferred: Count = 0
+    remaining: Count = 0
+    message: Annotated[str, Field(max_length=500)] = ""
+
+
+class TaskResult(Wire):
+    host: str | None = None  # where the VM is now
+    migration: str | None = None  # the source agent's migration id
+    downtime_ms: float | None = None
+    total_ms: float | None = None
+
+
+class TaskView(Wire):
+    id: str
+    kind: TaskKind
+    target: str  # the VM
+    state: TaskState
+    progress: TaskProgress = TaskProgress()
+    created: float
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None
+    result: TaskResult | None = None
+    requested_by: str
+    cancel_requested: bool = False
+    source: str | None = None  # a migration's hosts
+    destination: str | None = None
+
+
+class Candidate(Wire):
+    """One host as placement saw it: refused with every reason, or eligible with a score (lower: less loaded)."""
+
+    host: str
+    reasons: tuple[str, ...] = ()
+    score: float | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return not self.reasons
+
+
+class Placement(Wire):
+    chosen: str | None
+    candidates: tuple[Candidate, ...]
+
+
+class VmCreate(Wire):
+    _what: ClassVar[str] = "VM"
+    spec: VmSpec
+    host: Name | None = None  # None: placement chooses
+
+
+class VmView(Wire):
+    name: str
+    spec: VmSpec | None  # None: a VM the center only observed (created outside it)
+    desired_host: str | None
+    desired_power: PowerState | None
+    observed_host: str | None
+    observed_state: ObservedState
+    updated: float
+
+
+class VmCreated(Wire):
+    vm: VmView
+    task: TaskView
+    placement: Placement | None = None
+
+
+class MigrateRequest(Wire):
+    _what: ClassVar[str] = "migration request"
+    vm: Name
+    destination: Name | None = None  # None: placement chooses
+    max_downtime_ms: Annotated[StrictInt, Field(ge=1, le=60_000)] = 500
+    bandwidth: Annotated[StrictInt, Field(ge=0, le=1 << 50)] = 0  # bytes/s; 0: the link's speed
+    policy: Annotated[str, Field(pattern=r"^[a-z]{1,16}$")] = "balanced"
+
+
+class TaskStarted(Wire):
+    task: TaskView
+    placement: Placement | None = None  # when the center chose the destination
 
 
 # ---- join tokens ---------------------------------------------------------------------------------------------
@@ -468,6 +611,26 @@ def _error(response: httpx.Response, url: str) -> errors.KvmotionError:
     return cls(str(message))
 
 
+FOLLOW_READ_TIMEOUT = 60.0  # the center sends a keep-alive comment at least every 15 s
+
+
+def _check_stream(response: httpx.Response, url: str) -> None:
+    """A streamed answer's error (its body read by the caller first)."""
+    if response.status_code >= 400:
+        raise _error(response, url)
+
+
+def _sse_event(line: str) -> Event | None:
+    """One server-sent-events line: an event for a `data:` line, None for comments and blanks."""
+    if not line.startswith("data:"):
+        return None
+    try:
+        return Event.model_validate_json(line[5:].strip())
+    except ValidationError:
+        raise errors.KvmotionError("the center sent an event this client does not understand: "
+                                   "are both the same kvmotion version?") from None
+
+
 def _check(response: httpx.Response, url: str) -> httpx.Response:
     if response.status_code >= 400:
         raise _error(response, url)
@@ -585,6 +748,41 @@ class _Calls:
     def events(since: int = 0, limit: int = 100) -> _Call:
         return _Call("GET", "/v1/events", EventPage, params={"since": since, "limit": limit})
 
+    @staticmethod
+    def vms() -> _Call:
+        return _Call("GET", "/v1/vms", list[VmView])
+
+    @staticmethod
+    def vm(name: str) -> _Call:
+        return _Call("GET", f"/v1/vms/{_path_name(name, NAME_PATTERN, 'VM name')}", VmView)
+
+    @staticmethod
+    def create_vm(request: VmCreate) -> _Call:
+        return _Call("POST", "/v1/vms", VmCreated, request)
+
+    @staticmethod
+    def power(name: str, action: str) -> _Call:
+        return _Call("POST", f"/v1/vms/{_path_name(name, NAME_PATTERN, 'VM name')}/{action}", TaskView)
+
+    @staticmethod
+    def migrate(request: MigrateRequest) -> _Call:
+        return _Call("POST", "/v1/migrations", TaskStarted, request)
+
+    @staticmethod
+    def tasks(state: TaskState | None = None, limit: int = 100) -> _Call:
+        params: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            params["state"] = state.value
+        return _Call("GET", "/v1/tasks", list[TaskView], params=params)
+
+    @staticmethod
+    def task(task_id: str) -> _Call:
+        return _Call("GET", f"/v1/tasks/{_path_name(task_id, TASK_ID_PATTERN, 'task id')}", TaskView)
+
+    @staticmethod
+    def cancel_task(task_id: str) -> _Call:
+        return _Call("POST", f"/v1/tasks/{_path_name(task_id, TASK_ID_PATTERN, 'task id')}/cancel", TaskView)
+
 
 def _path_name(name: str, pattern: str, what: str) -> str:
     """A name put into a URL path: refused here rather than sent as another path."""
@@ -665,14 +863,60 @@ class CenterClient:
     def events(self, since: int = 0, limit: int = 100) -> EventPage:
         return self.call(_Calls.events(since, limit))
 
+    def vms(self) -> list[VmView]:
+        return self.call(_Calls.vms())
+
+    def vm(self, name: str) -> VmView:
+        return self.call(_Calls.vm(name))
+
+    def create_vm(self, request: VmCreate) -> VmCreated:
+        return self.call(_Calls.create_vm(request))
+
+    def start_vm(self, name: str) -> TaskView:
+        return self.call(_Calls.power(name, "start"))
+
+    def stop_vm(self, name: str) -> TaskView:
+        return self.call(_Calls.power(name, "stop"))
+
+    def migrate(self, request: MigrateRequest) -> TaskStarted:
+        return self.call(_Calls.migrate(request))
+
+    def tasks(self, state: TaskState | None = None, limit: int = 100) -> list[TaskView]:
+        return self.call(_Calls.tasks(state, limit))
+
+    def task(self, task_id: str) -> TaskView:
+        return self.call(_Calls.task(task_id))
+
+    def cancel_task(self, task_id: str) -> TaskView:
+        return self.call(_Calls.cancel_task(task_id))
+
+    def follow_events(self, since: int = 0) -> Iterator[Event]:
+        """GET /v1/events?follow=1: events as the center records them (server-sent events), until closed."""
+        try:
+            with self._http.stream("GET", "/v1/events", params={"since": since, "follow": 1},
+                                   timeout=httpx.Timeout(self._http.timeout.connect, read=FOLLOW_READ_TIMEOUT)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                _check_stream(r, self.url)
+                for line in r.iter_lines():
+                    event = _sse_event(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise errors.Unreachable(f"the center at {self.url} is not reachable ({type(exc).__name__}: {exc or 'no answer'})") from exc
+
 
 class AsyncCenterClient:
     """The same calls for asyncio code (agents' heartbeats, the lab)."""
 
-    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, *,
+                 local_address: str | None = None, max_connections: int = 100) -> None:
+        """`local_address`: the source address to connect from (a host's own); `max_connections`: at once."""
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context if ssl_context is not None else False,
-                                       timeout=timeout)
+        verify = ssl_context if ssl_context is not None else False
+        transport = httpx.AsyncHTTPTransport(verify=verify, local_address=local_address,
+                                             limits=httpx.Limits(max_connections=max_connections))
+        self._http = httpx.AsyncClient(base_url=self.url, verify=verify, timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -742,3 +986,45 @@ class AsyncCenterClient:
 
     async def events(self, since: int = 0, limit: int = 100) -> EventPage:
         return await self.call(_Calls.events(since, limit))
+
+    async def vms(self) -> list[VmView]:
+        return await self.call(_Calls.vms())
+
+    async def vm(self, name: str) -> VmView:
+        return await self.call(_Calls.vm(name))
+
+    async def create_vm(self, request: VmCreate) -> VmCreated:
+        return await self.call(_Calls.create_vm(request))
+
+    async def start_vm(self, name: str) -> TaskView:
+        return await self.call(_Calls.power(name, "start"))
+
+    async def stop_vm(self, name: str) -> TaskView:
+        return await self.call(_Calls.power(name, "stop"))
+
+    async def migrate(self, request: MigrateRequest) -> TaskStarted:
+        return await self.call(_Calls.migrate(request))
+
+    async def tasks(self, state: TaskState | None = None, limit: int = 100) -> list[TaskView]:
+        return await self.call(_Calls.tasks(state, limit))
+
+    async def task(self, task_id: str) -> TaskView:
+        return await self.call(_Calls.task(task_id))
+
+    async def cancel_task(self, task_id: str) -> TaskView:
+        return await self.call(_Calls.cancel_task(task_id))
+
+    async def follow_events(self, since: int = 0) -> AsyncIterator[Event]:
+        """GET /v1/events?follow=1 as an async iterator of events."""
+        try:
+            async with self._http.stream("GET", "/v1/events", params={"since": since, "follow": 1},
+                                         timeout=httpx.Timeout(self._http.timeout.connect, read=FOLLOW_READ_TIMEOUT)) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                _check_stream(r, self.url)
+                async for line in r.aiter_lines():
+                    event = _sse_event(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise errors.Unreachable(f"the center at {self.url} is not reachable ({type(exc).__name__}: {exc or 'no answer'})") from exc

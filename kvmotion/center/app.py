@@ -19,11 +19,12 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from kvmotion import __version__
 from kvmotion.api.center import (
     NAME_PATTERN,
+    TASK_ID_PATTERN,
     TOKEN_ID_PATTERN,
     CaInfo,
     ClusterSettings,
@@ -37,17 +38,26 @@ from kvmotion.api.center import (
     JoinRequest,
     LoginAnswer,
     LoginRequest,
+    MigrateRequest,
+    TaskStarted,
+    TaskState,
+    TaskView,
     TokenCreate,
     TokenCreated,
     TokenView,
     UserAdd,
     UserAdded,
     UserView,
+    VmCreate,
+    VmCreated,
+    VmView,
 )
-from kvmotion.api.identity import ADMINISTER, HOSTS, INSECURE, VIEW, Identity
+from kvmotion.api.identity import ADMINISTER, HOSTS, INSECURE, OPERATE, VIEW, Identity
 from kvmotion.api.serving import AuthorizedRoute, allow
+from kvmotion.center.dispatcher import Dispatcher
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.service import Center
+from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Forbidden
 
 HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
@@ -55,6 +65,10 @@ HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
 HostName = Annotated[str, Path(pattern=NAME_PATTERN)]
 DatastoreName = Annotated[str, Path(pattern=NAME_PATTERN)]
 TokenIdPath = Annotated[str, Path(pattern=TOKEN_ID_PATTERN)]
+VmName = Annotated[str, Path(pattern=NAME_PATTERN)]
+TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
+FOLLOW_POLL = 0.5  # seconds between looks at the store while following events
+KEEPALIVE = 15.0  # seconds: at most this long without a byte on a followed event stream
 
 
 def _note_caller(request: Request, text: str) -> None:
@@ -62,27 +76,35 @@ def _note_caller(request: Request, text: str) -> None:
     request.scope.setdefault("state", {})["kvmotion_caller"] = text
 
 
-def create_app(center: Center, controller: HeartbeatController | None = None) -> FastAPI:
-    """The app; `controller` (default: one over center.store with center.clock) runs in its lifespan."""
+def create_app(center: Center, controller: HeartbeatController | None = None,
+               dispatcher: Dispatcher | None = None) -> FastAPI:
+    """The app; `controller` (default: one over center.store with center.clock) and `dispatcher`
+    (none by default: tasks then stay queued) run in its lifespan."""
     control = controller or HeartbeatController(center.store, clock=center.clock)
+    ops = Tasks(center.store, center.clock)
+    stop = asyncio.Event()  # set when the app shuts down: followed event streams end too
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop = asyncio.Event()
+        stop.clear()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(control.run(stop), name="heartbeat controller")
+            if dispatcher is not None:
+                tasks.create_task(dispatcher.run(stop), name="dispatcher")
             try:
                 yield
             finally:
-                stop.set()  # the controller ends within one tick; the group waits for it
+                stop.set()  # the controllers end within one tick; the group waits for them
 
     app = FastAPI(title="kvmotion center", version=__version__, lifespan=lifespan,
                   openapi_url=None, docs_url=None, redoc_url=None)
     app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
     app.state.center = center
     app.state.controller = control
+    app.state.dispatcher = dispatcher
     view = Depends(allow(VIEW, "read the cluster's state"))
     admin = Depends(allow(ADMINISTER, "manage the cluster"))
+    operate = Depends(allow(OPERATE, "change VMs and migrate them"))
 
     # ---- documents (any identity) ----
     @app.get("/openapi.json", include_in_schema=False, dependencies=[view])
@@ -125,10 +147,76 @@ def create_app(center: Center, controller: HeartbeatController | None = None) ->
     def datastores() -> list[DatastoreView]:
         return center.datastores()
 
-    @app.get("/v1/events", dependencies=[view])
+    # follow=1 is left out of the OpenAPI document: a generated client (or fuzzer) reading the whole
+    # answer would wait for ever; the summary says it is there.
+    @app.get("/v1/events", dependencies=[view], response_model=EventPage,
+             summary="A page of events; with ?follow=1 a stream of them (server-sent events: a `data:` line "
+                     "with each event's JSON, a comment at least every 15 s)")
     def events(since: Annotated[int, Query(ge=0, le=1 << 62, description="the `next` of the page before")] = 0,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               follow: Annotated[bool, Query(include_in_schema=False)] = False,
+               ) -> EventPage | StreamingResponse:
+        if follow:
+            return StreamingResponse(_follow(since), media_type="text/event-stream",
+                                     headers={"cache-control": "no-store"})
         return center.events(since, limit)
+
+    async def _follow(since: int) -> AsyncIterator[str]:
+        """Each new event as one `data:` line; a comment line at least every KEEPALIVE seconds (so a
+        client and any proxy see the stream alive); ends when the center stops."""
+        quiet = 0.0
+        while not stop.is_set():
+            page = await asyncio.to_thread(center.events, since, 1000)
+            for event in page.events:
+                yield f"id: {event.id}\ndata: {event.model_dump_json()}\n\n"
+            since = page.next
+            if page.events:
+                quiet = 0.0
+                continue
+            if quiet >= KEEPALIVE:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FOLLOW_POLL):
+                    await stop.wait()
+            quiet += FOLLOW_POLL
+
+    # ---- VMs, migrations, tasks ----
+    @app.get("/v1/vms", dependencies=[view], response_model=list[VmView])
+    def vms() -> Response:
+        return Response(ops.vm_list_json(), media_type="application/json")
+
+    @app.get("/v1/vms/{name}", dependencies=[view])
+    def vm(name: VmName) -> VmView:
+        return ops.vm(name)
+
+    @app.post("/v1/vms", status_code=201, summary="Define a VM on a host (named, or chosen by placement)")
+    def create_vm(body: VmCreate, who: Identity = operate) -> VmCreated:
+        return ops.create_vm(body, who)
+
+    @app.post("/v1/vms/{name}/start", status_code=202)
+    def start_vm(name: VmName, who: Identity = operate) -> TaskView:
+        return ops.power(name, True, who)
+
+    @app.post("/v1/vms/{name}/stop", status_code=202)
+    def stop_vm(name: VmName, who: Identity = operate) -> TaskView:
+        return ops.power(name, False, who)
+
+    @app.post("/v1/migrations", status_code=202, summary="Migrate a VM (to a named host, or one placement chooses)")
+    def migrate(body: MigrateRequest, who: Identity = operate) -> TaskStarted:
+        return ops.migrate(body, who)
+
+    @app.get("/v1/tasks", dependencies=[view])
+    def tasks(state: TaskState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[TaskView]:
+        return ops.tasks(state, limit)
+
+    @app.get("/v1/tasks/{task_id}", dependencies=[view])
+    def task(task_id: TaskIdPath) -> TaskView:
+        return ops.task(task_id)
+
+    @app.post("/v1/tasks/{task_id}/cancel")
+    def cancel_task(task_id: TaskIdPath, who: Identity = operate) -> TaskView:
+        return ops.cancel(task_id, who)
 
     # ---- a host's own ----
     @app.post("/v1/hosts/{name}/heartbeat")

@@ -3,7 +3,7 @@
 DATA (default STATE/center, i.e. /var/lib/kvmotion/center; mode 0700):
     ca/ca-cert.pem, ca/ca-key.pem   the cluster CA (made on the first start, never replaced)
     tls/                            center:center, the center's own certificate (server and client:
-                                    it will call agents), for the address it listens on
+                                    the dispatcher calls agents with it), for the address it listens on
     center.db (+ -wal, -shm)        the store (kvmotion.center.store)
     audit.log                       every mutating call, one JSON line each
 
@@ -25,10 +25,11 @@ from cryptography import x509
 
 from kvmotion.api.center import ClusterSettings
 from kvmotion.api.identity import Identity, Kind
-from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY, client_ssl_context, init_ca, issue_cert
 from kvmotion.api.serving import Security, insecure_warning, make_server
 from kvmotion.center.app import HEARTBEAT_SUFFIX, create_app
 from kvmotion.center.auth import SCRYPT_LOG2_N
+from kvmotion.center.dispatcher import Dispatcher, HttpAgents
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
 from kvmotion.core import paths
@@ -150,7 +151,10 @@ def serve(listen_text: str, data: Path | None, insecure: bool, out: TextIO = sys
         print(insecure_warning(f"the center on {listen.shown}"), file=sys.stderr, flush=True)
     for line in prepared.lines:
         print(line, file=out, flush=True)
-    server = make_server(create_app(prepared.center), prepared.security, "center", lifespan="on")
+    tls = (data or default_data_dir()) / "tls"
+    agents = HttpAgents(None if insecure else client_ssl_context(tls))  # as center:center, the center's own certificate
+    dispatcher = Dispatcher(prepared.center.store, agents, clock=prepared.center.clock)
+    server = make_server(create_app(prepared.center, dispatcher=dispatcher), prepared.security, "center", lifespan="on")
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:

@@ -19,6 +19,7 @@ from kvmotion.api.center import (
     EventPage,
     Heartbeat,
     HeartbeatAnswer,
+    HostLoad,
     HostState,
     HostView,
     JoinAnswer,
@@ -36,11 +37,13 @@ from kvmotion.api.center import (
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import CA, cert_pem, load_csr, sha256_hex, sign_csr
 from kvmotion.center import auth
+from kvmotion.center.placement import cpu_demand
 from kvmotion.center.store import HostRow, Store, TokenRow, UserRow
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
 LOGIN_VALIDITY = dt.timedelta(days=7)  # a user logs in again weekly; a role change reaches old certificates by then
 ADMIN = "admin"
+SETTINGS_TTL = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Center:
         self.clock = clock
         self.passwords = auth.Passwords(password_cost)
         self.ca_pem = cert_pem(ca.cert)
+        self._samples: dict[str, tuple[HostLoad, float]] = {}  # host -> its last load and when (CPU demand)
+        self._settings_cache: tuple[float, ClusterSettings] | None = None
         self.ca_sha256 = sha256_hex(ca.cert)
 
     # ---- first start ----
@@ -153,9 +158,25 @@ class Center:
             raise Conflict(f"host {name} speaks center protocol {beat.version}; this center speaks {PROTOCOL_VERSION}: "
                            "run the same kvmotion version on both")
         now = self.clock()
-        row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations)
-        settings = self.store.settings()
+        measured = [vm.cpu_demand for vm in beat.load.vms]
+        if all(d is not None for d in measured):  # the agent's own figures over its sampling interval
+            demand: float | None = sum(d for d in measured if d is not None)
+        else:  # an agent that sends run-time totals only: the demand between two of its heartbeats
+            before = self._samples.get(name)
+            demand = cpu_demand(before[0], before[1], beat.load, now) if before is not None else None
+        # The store keeps the host's totals; its VMs' run times stay here, for the next demand.
+        row = self.store.record_heartbeat(name, now, beat.vms, beat.load.model_copy(update={"vms": ()}),
+                                          beat.migrations, demand)
+        self._samples[name] = (beat.load, now)
+        settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
+
+    def _settings(self, now: float) -> ClusterSettings:
+        """The settings, read again at most every SETTINGS_TTL seconds (every heartbeat answers with them)."""
+        cached = self._settings_cache
+        if cached is None or not 0 <= now - cached[0] < SETTINGS_TTL:
+            cached = self._settings_cache = (now, self.store.settings())
+        return cached[1]
 
     # ---- datastores ----
     def datastores(self) -> list[DatastoreView]:

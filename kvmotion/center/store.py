@@ -42,11 +42,18 @@ from kvmotion.api.center import (
     DatastoreView,
     Event,
     EventKind,
+    HostFacts,
     HostLoad,
     HostState,
     HostView,
     ObservedState,
+    PowerState,
     ReportedState,
+    TaskKind,
+    TaskProgress,
+    TaskResult,
+    TaskState,
+    TaskView,
     VmReport,
 )
 from kvmotion.api.identity import Role
@@ -69,11 +76,13 @@ class HostRow:
     load: HostLoad | None = None
     migrations: tuple[ActiveMigration, ...] = ()
     vms: int = 0  # VMs last observed there (computed when read)
+    cpu_demand: float | None = None  # cores busy between its last two heartbeats
+    facts: HostFacts | None = None
 
     def view(self) -> HostView:
         return HostView(name=self.name, address=self.address, agent_url=self.agent_url, state=self.state,
                         joined=self.joined, last_heartbeat=self.last_heartbeat, load=self.load,
-                        migrations=self.migrations, vms=self.vms)
+                        migrations=self.migrations, vms=self.vms, cpu_demand=self.cpu_demand, facts=self.facts)
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,24 @@ class VmRow:
     observed_state: ObservedState
     updated: float
     observed_host: str | None = None
-    spec: str | None = None  # the VM spec's JSON, once the center creates VMs
+    spec: str | None = None  # the VM spec's JSON (None: a VM the center only observed)
     desired_host: str | None = None
-    desired_power: str | None = None
+    desired_power: PowerState | None = None
+
+
+@dataclass(frozen=True)
+class MigrationRow:
+    """The migration a migrate task drives: `agent_id` is the source agent's id for it, once it
+    accepted it; `record` its last record there (JSON, as the agent sent it)."""
+
+    id: str
+    task_id: str
+    vm: str
+    source: str
+    destination: str
+    options: str = "{}"  # the request's options (MigrateRequest fields, JSON)
+    agent_id: str | None = None
+    record: str = "{}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,7 @@ class _Activity(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     load: HostLoad
     migrations: tuple[ActiveMigration, ...] = ()
+    cpu_demand: float | None = None
 
 
 # ---- the protocol ---------------------------------------------------------------------------------------
@@ -152,7 +177,9 @@ class Store(Protocol):
     def remove_host(self, name: str, who: str, at: float) -> None: ...
 
     def record_heartbeat(self, name: str, at: float, vms: Sequence[VmReport], load: HostLoad,
-                         migrations: Sequence[ActiveMigration]) -> HostRow: ...
+                         migrations: Sequence[ActiveMigration], cpu_demand: float | None = None) -> HostRow: ...
+
+    def set_host_facts(self, name: str, facts: HostFacts) -> None: ...
 
     # only if the host is still connected with the heartbeat `seen`: a beat that came in between wins
     def mark_not_responding(self, name: str, seen: float | None, at: float) -> bool: ...
@@ -160,6 +187,42 @@ class Store(Protocol):
     def vm(self, name: str) -> VmRow | None: ...
 
     def vms(self) -> list[VmRow]: ...
+
+    # every VM as a JSON array of VmView objects, by name (the store builds it: thousands of VMs, one string)
+    def vm_list_json(self) -> str: ...
+
+    # a VM the center creates: its row and its create task together (Conflict: the name is taken)
+    def create_vm(self, vm: VmRow, task: TaskView, who: str) -> None: ...
+
+    # Conflict if the VM is unknown or has an unfinished task; `migration` for a migrate task
+    def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None) -> TaskView: ...
+
+    def task(self, task_id: str) -> TaskView | None: ...
+
+    def open_task(self, vm: str) -> TaskView | None: ...  # the VM's queued or running task
+
+    # destination host -> (memory bytes, vCPUs) of the VMs queued or running migrations take there
+    def reservations(self) -> dict[str, tuple[int, int]]: ...
+
+    # newest first; `open_only`: queued and running, oldest first (the dispatcher's view)
+    def tasks(self, state: TaskState | None = None, limit: int = 100, open_only: bool = False) -> list[TaskView]: ...
+
+    def migration(self, task_id: str) -> MigrationRow | None: ...
+
+    # queued -> running; False if it is no longer queued (cancelled meanwhile)
+    def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool: ...
+
+    def update_task(self, task_id: str, progress: TaskProgress, *, agent_id: str | None = None,
+                    record: str | None = None) -> None: ...
+
+    # the end, once: False if it had ended already. A done task moves the VM's desired (and observed) host/power.
+    def end_task(self, task_id: str, state: TaskState, at: float, *, error: str | None = None,
+                 result: TaskResult | None = None, desired_host: str | None = None,
+                 desired_power: PowerState | None = None, observed_host: str | None = None,
+                 observed_state: ObservedState | None = None) -> bool: ...
+
+    # queued: cancelled at once; running: flagged for the dispatcher
+    def request_cancel(self, task_id: str, who: str, at: float) -> TaskView: ...
 
     def add_datastore(self, datastore: DatastoreView, who: str) -> None: ...
 
@@ -203,22 +266,50 @@ UPGRADES: tuple[tuple[str, ...], ...] = (
             source TEXT NOT NULL, destination TEXT NOT NULL, record TEXT NOT NULL DEFAULT '{}') STRICT""",
         "CREATE INDEX migrations_vm ON migrations (vm)",
     ),
+    (  # 3: what the dispatcher needs to cancel and to find a migration again after a restart
+        "ALTER TABLE tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_target ON tasks (target)",
+        "ALTER TABLE migrations ADD COLUMN agent_id TEXT",
+        "ALTER TABLE migrations ADD COLUMN options TEXT NOT NULL DEFAULT '{}'",
+        "CREATE INDEX migrations_task ON migrations (task_id)",
+    ),
 )
 SCHEMA_VERSION = len(UPGRADES)
 
 
 def _host(row: sqlite3.Row) -> HostRow:
     activity = _Activity.model_validate_json(row["load"]) if row["load"] else None
+    facts = HostFacts.model_validate_json(row["facts"]) if row["facts"] not in (None, "", "{}") else None
     return HostRow(name=row["name"], address=row["address"], agent_url=row["agent_url"], state=HostState(row["state"]),
                    joined=row["joined"], last_heartbeat=row["last_heartbeat"],
                    load=activity.load if activity else None, migrations=activity.migrations if activity else (),
-                   vms=row["vms"])
+                   vms=row["vms"], cpu_demand=activity.cpu_demand if activity else None, facts=facts)
+
+
+_TASKS = ("SELECT t.*, m.source AS m_source, m.destination AS m_destination FROM tasks t "
+          "LEFT JOIN migrations m ON m.task_id = t.id")
+
+
+def _task(row: sqlite3.Row) -> TaskView:
+    return TaskView.model_construct(
+        id=row["id"], kind=TaskKind(row["kind"]), target=row["target"], state=TaskState(row["state"]),
+        progress=TaskProgress.model_validate_json(row["progress"]) if row["progress"] != "{}" else TaskProgress(),
+        created=row["created"], started=row["started"], ended=row["ended"], error=row["error"],
+        result=TaskResult.model_validate_json(row["result"]) if row["result"] else None,
+        requested_by=row["requested_by"], cancel_requested=bool(row["cancel_requested"]),
+        source=row["m_source"], destination=row["m_destination"])
+
+
+def _migration(row: sqlite3.Row) -> MigrationRow:
+    return MigrationRow(id=row["id"], task_id=row["task_id"], vm=row["vm"], source=row["source"],
+                        destination=row["destination"], options=row["options"], agent_id=row["agent_id"],
+                        record=row["record"])
 
 
 def _vm(row: sqlite3.Row) -> VmRow:
     return VmRow(name=row["name"], observed_state=ObservedState(row["observed_state"]), updated=row["updated"],
                  observed_host=row["observed_host"], spec=row["spec"], desired_host=row["desired_host"],
-                 desired_power=row["desired_power"])
+                 desired_power=PowerState(row["desired_power"]) if row["desired_power"] else None)
 
 
 def _user(row: sqlite3.Row) -> UserRow:
@@ -245,6 +336,7 @@ class SqliteStore:
         self.path = Path(path)
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._writer = threading.Lock()  # one write transaction of this process at a time
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         try:  # the store holds password and token hashes: 0600 (SQLite gives its -wal and -shm the same mode)
@@ -278,16 +370,19 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it, or (on any exception) nothing."""
+        """One write transaction: all of it, or (on any exception) nothing. This process's writers
+        queue on a lock first: SQLite's busy handler polls with sleeps of up to 100 ms, so threads
+        contending for its write lock would wait far longer than the transactions take."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # SQLite rolls back by itself on a few errors (a full disk)
-                conn.execute("ROLLBACK")
-            raise
+        with self._writer:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite rolls back by itself on a few errors (a full disk)
+                    conn.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -463,12 +558,12 @@ class SqliteStore:
                             f"host {name} removed; the VMs last seen there are unknown", who)
 
     def record_heartbeat(self, name: str, at: float, vms: Sequence[VmReport], load: HostLoad,
-                         migrations: Sequence[ActiveMigration]) -> HostRow:
+                         migrations: Sequence[ActiveMigration], cpu_demand: float | None = None) -> HostRow:
         """The host's figures and state (liveness.after_heartbeat), and what it reports of its VMs:
         a VM it runs is observed there; a VM observed there that it no longer reports is absent (a
         migration's destination reports it once it runs there). Shadows of incoming migrations are
         not the VM's home and change nothing. Only rows whose observation changed are written."""
-        activity = _Activity(load=load, migrations=tuple(migrations)).model_dump_json()
+        activity = _Activity(load=load, migrations=tuple(migrations), cpu_demand=cpu_demand).model_dump_json()
         with self._write() as conn:
             row = conn.execute("SELECT state, last_heartbeat FROM hosts WHERE name = ?", (name,)).fetchone()
             if row is None:
@@ -510,6 +605,11 @@ class SqliteStore:
                             f"host {name} is not responding ({last}); its VMs are unknown", "center")
             return True
 
+    def set_host_facts(self, name: str, facts: HostFacts) -> None:
+        with self._write() as conn:
+            if conn.execute("UPDATE hosts SET facts = ? WHERE name = ?", (facts.model_dump_json(), name)).rowcount == 0:
+                raise NotFound(f"no host {name} has joined")
+
     # ---- VMs ----
     def vm(self, name: str) -> VmRow | None:
         row = self._conn().execute("SELECT * FROM vms WHERE name = ?", (name,)).fetchone()
@@ -517,6 +617,154 @@ class SqliteStore:
 
     def vms(self) -> list[VmRow]:
         return [_vm(r) for r in self._conn().execute("SELECT * FROM vms ORDER BY name")]
+
+    def vm_list_json(self) -> str:
+        row = self._conn().execute(
+            "SELECT json_group_array(json_object('name', name, 'spec', json(spec), 'desired_host', desired_host, "
+            "'desired_power', desired_power, 'observed_host', observed_host, 'observed_state', observed_state, "
+            "'updated', updated)) FROM (SELECT * FROM vms ORDER BY name)").fetchone()
+        return row[0]
+
+    def create_vm(self, vm: VmRow, task: TaskView, who: str) -> None:
+        with self._write() as conn:
+            row = conn.execute("SELECT observed_host, spec FROM vms WHERE name = ?", (vm.name,)).fetchone()
+            if row is not None:
+                where = f" (observed on {row['observed_host']})" if row["observed_host"] else ""
+                raise Conflict(f"VM {vm.name} exists already{where}: VM names are unique in the cluster")
+            conn.execute("INSERT INTO vms (name, spec, desired_host, desired_power, observed_host, observed_state, "
+                         "updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (vm.name, vm.spec, vm.desired_host, vm.desired_power.value if vm.desired_power else None,
+                          vm.observed_host, vm.observed_state.value, vm.updated))
+            self._add_event(conn, vm.updated, EventKind.VM_CREATED, f"vm:{vm.name}",
+                            f"VM {vm.name} defined for host {vm.desired_host}", who)
+            self._insert_task(conn, task, None, who)
+
+    # ---- tasks and migrations ----
+    def _insert_task(self, conn: sqlite3.Connection, task: TaskView, migration: MigrationRow | None, who: str) -> None:
+        conn.execute("INSERT INTO tasks (id, kind, target, state, progress, created, requested_by) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (task.id, task.kind.value, task.target, task.state.value,
+                                                      task.progress.model_dump_json(), task.created, task.requested_by))
+        if migration is not None:
+            conn.execute("INSERT INTO migrations (id, task_id, vm, source, destination, options, record) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (migration.id, task.id, migration.vm, migration.source,
+                                                          migration.destination, migration.options, migration.record))
+        what = f"{task.kind.value} {task.target}"
+        if migration is not None:
+            what += f" from {migration.source} to {migration.destination}"
+        self._add_event(conn, task.created, EventKind.TASK_QUEUED, f"task:{task.id}", f"task {task.id} queued: {what}",
+                        who)
+
+    def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None) -> TaskView:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM vms WHERE name = ?", (task.target,)).fetchone() is None:
+                raise NotFound(f"no VM {task.target} in the cluster")
+            busy = conn.execute("SELECT id, kind FROM tasks WHERE target = ? AND state IN ('queued', 'running') "
+                                "LIMIT 1", (task.target,)).fetchone()
+            if busy is not None:
+                doing = "already migrating" if busy["kind"] == TaskKind.MIGRATE.value else f"busy ({busy['kind']})"
+                raise Conflict(f"VM {task.target} is {doing}: task {busy['id']}; wait for it or cancel it")
+            self._insert_task(conn, task, migration, who)
+            return _task(conn.execute(_TASKS + " WHERE t.id = ?", (task.id,)).fetchone())
+
+    def task(self, task_id: str) -> TaskView | None:
+        row = self._conn().execute(_TASKS + " WHERE t.id = ?", (task_id,)).fetchone()
+        return _task(row) if row else None
+
+    def open_task(self, vm: str) -> TaskView | None:
+        row = self._conn().execute(_TASKS + " WHERE t.target = ? AND t.state IN ('queued', 'running') LIMIT 1",
+                                   (vm,)).fetchone()
+        return _task(row) if row else None
+
+    def reservations(self) -> dict[str, tuple[int, int]]:
+        rows = self._conn().execute(
+            "SELECT m.destination, sum(json_extract(v.spec, '$.memory')) AS memory, "
+            "sum(json_extract(v.spec, '$.vcpus')) AS vcpus FROM tasks t JOIN migrations m ON m.task_id = t.id "
+            "JOIN vms v ON v.name = t.target WHERE t.state IN ('queued', 'running') AND v.spec IS NOT NULL "
+            "GROUP BY m.destination")
+        return {r["destination"]: (int(r["memory"] or 0), int(r["vcpus"] or 0)) for r in rows}
+
+    def tasks(self, state: TaskState | None = None, limit: int = 100, open_only: bool = False) -> list[TaskView]:
+        if open_only:
+            rows = self._conn().execute(_TASKS + " WHERE t.state IN ('queued', 'running') ORDER BY t.created, t.rowid "
+                                        "LIMIT ?", (limit,))
+        elif state is not None:
+            rows = self._conn().execute(_TASKS + " WHERE t.state = ? ORDER BY t.created DESC, t.id LIMIT ?",
+                                        (state.value, limit))
+        else:
+            rows = self._conn().execute(_TASKS + " ORDER BY t.created DESC, t.id LIMIT ?", (limit,))
+        return [_task(r) for r in rows]
+
+    def migration(self, task_id: str) -> MigrationRow | None:
+        row = self._conn().execute("SELECT * FROM migrations WHERE task_id = ?", (task_id,)).fetchone()
+        return _migration(row) if row else None
+
+    def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool:
+        with self._write() as conn:
+            row = conn.execute("SELECT kind, target FROM tasks WHERE id = ? AND state = 'queued'", (task_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE tasks SET state = 'running', started = ?, progress = ? WHERE id = ?",
+                         (at, progress.model_dump_json(), task_id))
+            self._add_event(conn, at, EventKind.TASK_STARTED, f"task:{task_id}",
+                            f"task {task_id} started: {row['kind']} {row['target']}", "center")
+            return True
+
+    def update_task(self, task_id: str, progress: TaskProgress, *, agent_id: str | None = None,
+                    record: str | None = None) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE tasks SET progress = ? WHERE id = ?", (progress.model_dump_json(), task_id))
+            if agent_id is not None:
+                conn.execute("UPDATE migrations SET agent_id = ? WHERE task_id = ?", (agent_id, task_id))
+            if record is not None:
+                conn.execute("UPDATE migrations SET record = ? WHERE task_id = ?", (record, task_id))
+
+    def end_task(self, task_id: str, state: TaskState, at: float, *, error: str | None = None,
+                 result: TaskResult | None = None, desired_host: str | None = None,
+                 desired_power: PowerState | None = None, observed_host: str | None = None,
+                 observed_state: ObservedState | None = None) -> bool:
+        if not state.terminal:
+            raise ValueError(f"{state.value} is no end of a task")
+        with self._write() as conn:
+            row = conn.execute("SELECT kind, target, started FROM tasks WHERE id = ? AND state IN ('queued', 'running')",
+                               (task_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE tasks SET state = ?, ended = ?, error = ?, result = ? WHERE id = ?",
+                         (state.value, at, error, result.model_dump_json() if result else None, task_id))
+            if state is TaskState.DONE and desired_host is not None:
+                conn.execute("UPDATE vms SET desired_host = ?, updated = ? WHERE name = ?",
+                             (desired_host, at, row["target"]))
+            if state is TaskState.DONE and observed_host is not None and observed_state is not None:
+                # what the agent that did it said (a migration's record): heartbeats confirm it later
+                conn.execute("UPDATE vms SET observed_host = ?, observed_state = ?, updated = ? WHERE name = ?",
+                             (observed_host, observed_state.value, at, row["target"]))
+            if state is TaskState.DONE and desired_power is not None:
+                conn.execute("UPDATE vms SET desired_power = ?, updated = ? WHERE name = ?",
+                             (desired_power.value, at, row["target"]))
+            took = f" after {at - row['started']:.1f} s" if row["started"] is not None else ""
+            self._add_event(conn, at, EventKind.TASK_ENDED, f"task:{task_id}",
+                            f"task {task_id} ({row['kind']} {row['target']}) {state.value}{took}"
+                            + (f": {error}" if error else ""), "center")
+            return True
+
+    def request_cancel(self, task_id: str, who: str, at: float) -> TaskView:
+        with self._write() as conn:
+            row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no task {task_id}")
+            state = TaskState(row["state"])
+            if state.terminal:
+                raise Conflict(f"task {task_id} has ended already ({state.value})")
+            if state is TaskState.QUEUED:
+                conn.execute("UPDATE tasks SET state = 'cancelled', ended = ?, error = ?, cancel_requested = 1 "
+                             "WHERE id = ?", (at, f"cancelled by {who} before it started", task_id))
+                self._add_event(conn, at, EventKind.TASK_ENDED, f"task:{task_id}",
+                                f"task {task_id} cancelled before it started", who)
+            else:
+                conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ?", (task_id,))
+                self._add_event(conn, at, EventKind.TASK_CANCEL_REQUESTED, f"task:{task_id}",
+                                f"cancel of running task {task_id} requested", who)
+            return _task(conn.execute(_TASKS + " WHERE t.id = ?", (task_id,)).fetchone())
 
     # ---- datastores ----
     def add_datastore(self, datastore: DatastoreView, who: str) -> None:

@@ -19,6 +19,7 @@ from kvmotion.api.disks import DiskInfo
 from kvmotion.api.registry import DatastoreRef, Registry
 from kvmotion.api.spec import check_name
 from kvmotion.api.tls import datastore_dir
+from kvmotion.cli import centerops
 from kvmotion.core.errors import Conflict, InvalidInput, SetupError, Unreachable
 from kvmotion.core.units import format_size, parse_duration, parse_size
 
@@ -75,8 +76,12 @@ def add(
     replace: bool = typer.Option(False, "--replace", help="Overwrite an existing entry of that name."),
     force: bool = typer.Option(False, "--force", help="Record it even if it does not answer now."),
 ) -> None:
-    """Record a datastore in the cluster inventory (checks that it answers, over TLS for nbds://, with that name)."""
+    """Record a datastore in the cluster inventory (checks that it answers, over TLS for nbds://, with that name).
+    Logged in to a center (`kvmotion login`): once for the whole cluster, at the center."""
     ref = DatastoreRef.make(name, nbd_url, control)
+    if centerops.logged_in():
+        centerops.datastore_add(ref.name, ref.nbd_url, ref.control_url)
+        return
     if not force:
         with client_for(ref, timeout=5) as client:
             try:

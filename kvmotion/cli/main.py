@@ -13,7 +13,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Live migration of running QEMU/KVM VMs.")
 
 # Each sub-app lives in kvmotion/cli/<module>.py and exposes `app`.
-_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "center", "login", "demo")
+_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "center", "login", "demo", "task", "events")
 for _mod in _SUBAPPS:
     try:
         _sub = importlib.import_module(f"kvmotion.cli.{_mod}")
@@ -25,6 +25,10 @@ for _mod in _SUBAPPS:
         app.add_typer(_sub.app, name=_mod)
     else:  # a single command (e.g. demo)
         app.command(name=_mod)(_sub.app)
+
+# `host ls` goes through the center (kvmotion.cli.centerops); the host sub-app keeps its own commands.
+_host = importlib.import_module("kvmotion.cli.host").app
+_host.command("ls")(importlib.import_module("kvmotion.cli.centerops").host_ls)
 
 
 def main() -> None:

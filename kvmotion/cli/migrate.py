@@ -12,6 +12,7 @@ from rich.table import Table
 from kvmotion.api.hosts import client_for, locate_vm
 from kvmotion.api.inventory import Inventory
 from kvmotion.api.migration import Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
+from kvmotion.cli import centerops
 from kvmotion.cli.common import console, print_json
 from kvmotion.core.errors import InvalidInput, MigrationError, Unreachable
 from kvmotion.core.units import format_size, parse_duration, parse_rate
@@ -90,7 +91,8 @@ def _history(json_out: bool) -> None:
 
 def app(
     vm: str = typer.Argument(..., help="VM to migrate (or `history`)."),
-    to: str | None = typer.Option(None, "--to", help="Destination host."),
+    to: str | None = typer.Option(None, "--to", help="Destination host (through a center: optional, placement "
+                                  "chooses one and says why)."),
     max_downtime: str = typer.Option("500ms", help="Downtime budget: the pause may not exceed it."),
     bandwidth: str | None = typer.Option(None, help="Cap the stream, e.g. 1gbit or 100M (bytes/s)."),
     policy: str = typer.Option("balanced", help="Convergence policy: balanced, fast, gentle."),
@@ -104,6 +106,10 @@ def app(
     up plain (`kvmotion cluster init --plain`): that is the cluster's policy, not a per-migration choice."""
     if vm == "history":
         _history(json_out)
+        return
+    if centerops.logged_in() and not (check or cancel or allow_postcopy):
+        centerops.migrate(vm, to, round(parse_duration(max_downtime, default_unit="ms") * 1000),
+                          parse_rate(bandwidth) if bandwidth else 0, policy, not no_wait, json_out)
         return
     _entry, client, _ = locate_vm(vm)
     if cancel:

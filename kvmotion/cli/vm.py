@@ -7,6 +7,7 @@ import typer
 from kvmotion.api.config import load_config
 from kvmotion.api.hosts import all_vms, host_client, locate_vm
 from kvmotion.api.spec import NIC_SYNTAX, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
+from kvmotion.cli import centerops
 from kvmotion.cli.common import console, err_console, print_json, vm_table
 from kvmotion.cli.console import attach
 from kvmotion.core.errors import InvalidInput
@@ -36,10 +37,14 @@ def create(
     mem_rate: str = typer.Option("100M", help="Memory writer's dirty rate in bytes/s (0 = flat out)."),
     mem_stride: int = typer.Option(1, help="Memory writer rewrites every Nth word of a page (power of two): "
                                    "more dirty pages per CPU second."),
-    host: str | None = typer.Option(None, help="Host to define it on (default: the only host)."),
+    host: str | None = typer.Option(None, help="Host to define it on (default: the only host; through a center: "
+                                    "the one placement chooses)."),
+    wait: bool = typer.Option(True, help="Through a center: follow the task until it ends."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Define a VM on a host (it does not start). The spec is checked here, and again by the agent."""
+    if cpu_model is None and centerops.logged_in():
+        cpu_model = "qemu64"  # the center's placement checks hosts against the cluster's baseline
     if cpu_model is None:
         # Like EVC: one baseline model for the cluster lets any VM move to any host.
         cpu_model = load_config().cpu_baseline or "qemu64"
@@ -53,6 +58,9 @@ def create(
         workloads=_workloads(workload),
         params=WorkloadParams(mem_wss=parse_size(mem_wss), mem_rate=parse_rate(mem_rate), mem_stride=mem_stride),
     )
+    if centerops.logged_in():
+        centerops.vm_create(spec, host, wait, json_out)
+        return
     _, client = host_client(host)
     status = client.create(spec)
     if json_out:
@@ -69,6 +77,9 @@ def start(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Start a VM on the host it is defined on."""
+    if centerops.logged_in():
+        centerops.vm_power(name, True, wait, json_out)
+        return
     _, client, _ = locate_vm(name)
     status = client.start(name, wait_ready=wait, timeout=timeout)
     if json_out:
@@ -81,9 +92,15 @@ def start(
 def stop(
     name: str,
     force: bool = typer.Option(False, help="Kill QEMU instead of a clean stop."),
+    wait: bool = typer.Option(True, help="Through a center: follow the task until it ends."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Stop a VM: vCPUs stop, disks are flushed, QEMU exits."""
+    if centerops.logged_in():
+        if force:
+            raise InvalidInput("--force is not available through the center: stop the VM cleanly")
+        centerops.vm_power(name, False, wait, json_out)
+        return
     _, client, _ = locate_vm(name)
     status = client.stop(name, force=force)
     if json_out:
@@ -103,6 +120,9 @@ def delete(name: str) -> None:
 @app.command("list")
 def list_vms(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every VM of the cluster: name, state, host, memory, CPUs, uptime."""
+    if centerops.logged_in():
+        centerops.vm_ls(json_out)
+        return
     vms, down = all_vms()
     if json_out:
         print_json(vms)
@@ -110,6 +130,12 @@ def list_vms(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
         console.print(vm_table(vms))
     for h in down:
         err_console.print(f"kvmotion: warning: host {h} did not answer; its VMs are not listed")
+
+
+@app.command("ls")
+def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Every VM of the cluster (as `vm list`)."""
+    list_vms(json_out)
 
 
 @app.command()

@@ -68,7 +68,7 @@ def test_create(tmp_path: Path) -> None:
     path = tmp_path / "center.db"
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.schema_version() == SCHEMA_VERSION == 3
         assert s.settings() == ClusterSettings()
         assert s.users() == [] and s.hosts() == [] and s.events() == []
         assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -140,7 +140,7 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
 
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
         host = s.host("host-a")
         assert host is not None and host.state is HostState.CONNECTED and host.last_heartbeat == 20.0 and host.vms == 1
         assert s.vm("web1").observed_state is ObservedState.RUNNING
@@ -156,7 +156,7 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
                         "VALUES ('0123456789ab', 't1', 'web1', 'host-a', 'host-b')")
     finally:
         s.close()
-    assert SqliteStore(path).schema_version() == 2  # reopening applies nothing twice
+    assert SqliteStore(path).schema_version() == 3  # reopening applies nothing twice
 
 
 def test_newer_or_foreign_files_are_refused(tmp_path: Path) -> None:

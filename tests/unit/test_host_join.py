@@ -196,7 +196,7 @@ def test_heartbeats_report_vms_load_and_migrations(served: Served, tmp_path: Pat
         deadline = time.monotonic() + 15
         while True:
             view = await asyncio.to_thread(_host_view, served, "host-a")
-            if view.load is not None and view.load.vms and view.load.vms[0].cpu_demand is not None:
+            if view.cpu_demand is not None:
                 break
             assert time.monotonic() < deadline, view
             await asyncio.sleep(0.2)
@@ -206,8 +206,7 @@ def test_heartbeats_report_vms_load_and_migrations(served: Served, tmp_path: Pat
 
     view = asyncio.run(run())
     assert view.state is HostState.CONNECTED and view.vms == 2
-    [load] = view.load.vms if view.load else ()
-    assert (load.name, load.memory, load.cpu_demand, load.cpu_ready) == ("web1", 300 << 20, pytest.approx(0.5), 0.0)
+    assert view.cpu_demand == pytest.approx(0.5)  # web1's vCPU ran 1 s of every 2 (the sampler's fake clock)
     assert view.migrations == (moving,)
     assert [h.state for h in root.cache().hosts] == [HostState.CONNECTED]  # the cache refreshed from the center
 

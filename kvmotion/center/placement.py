@@ -1,0 +1,111 @@
+"""Placement as a pure decision: which host a VM goes to, from a snapshot of the hosts.
+
+Ganeti style: every host considered gets every reason it was refused for (not just the first), and
+an eligible host a score; the least loaded eligible host wins (ties: by name, so the choice is
+stable). The score is the host's memory use and CPU demand after the VM arrives, each as a fraction
+of the host's capacity, weighted equally; CPU demand is what its VMs kept busy between its last two
+heartbeats (`cpu_demand`), the VM's own demand estimated as its vCPUs' share when it has no history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvmotion.api.center import Candidate, HostFacts, HostLoad, HostState, Placement
+from kvmotion.api.spec import VmSpec
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """What placement knows of one host."""
+
+    name: str
+    state: HostState
+    load: HostLoad | None = None
+    facts: HostFacts | None = None
+    cpu_demand: float | None = None  # cores busy, from heartbeats
+    reserved_memory: int = 0  # bytes promised to VMs on their way there (queued or running tasks)
+    reserved_cpus: float = 0.0
+
+
+def cpu_demand(before: HostLoad | None, before_at: float | None, after: HostLoad, after_at: float) -> float | None:
+    """Cores the host's VMs kept busy between two heartbeats (run time of the VMs reported in both),
+    or None without two samples."""
+    if before is None or before_at is None or after_at <= before_at:
+        return None
+    earlier = {vm.name: vm.cpu_run_ns for vm in before.vms}
+    busy = sum(max(0, vm.cpu_run_ns - earlier[vm.name]) for vm in after.vms if vm.name in earlier)
+    return busy / 1e9 / (after_at - before_at)
+
+
+def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str | None,
+             migrating: bool) -> list[str]:
+    """Every reason `host` cannot take `spec` (empty: it can)."""
+    if host.name == source:
+        return [f"VM {spec.name} is already on {host.name}"]
+    out: list[str] = []
+    if host.state is HostState.MAINTENANCE:
+        out.append(f"{host.name} is in maintenance")
+    elif host.state is not HostState.CONNECTED:
+        out.append(f"{host.name} is {host.state.value.replace('_', ' ')}")
+    if host.load is None:
+        out.append(f"{host.name} has not reported its load yet")
+    else:
+        free = host.load.memory_available - host.reserved_memory
+        if free < spec.memory:
+            out.append(f"{host.name} has {max(free, 0) >> 20} MiB free, the VM needs {spec.memory >> 20} MiB")
+    if host.facts is None:
+        out.append(f"{host.name}'s CPU models, port groups and datastores are not known yet")
+        return out
+    models = set(host.facts.cpu_models)
+    for model, why in ((spec.cpu_model, "the VM's CPU model"), (baseline, "the cluster's CPU baseline")):
+        if model is not None and model not in models:
+            out.append(f"{host.name} cannot run CPU model {model} ({why})")
+    lacking_pg = sorted({n.portgroup for n in spec.nics} - set(host.facts.portgroups))
+    if lacking_pg:
+        out.append(f"{host.name} lacks port group {', '.join(lacking_pg)}")
+    lacking_ds = sorted({d.datastore for d in spec.disks if d.datastore} - set(host.facts.datastores))
+    if lacking_ds:
+        out.append(f"{host.name} does not reach datastore {', '.join(lacking_ds)}")
+    if migrating:
+        local = [d.source for d in spec.disks if d.datastore is None]
+        if local:
+            out.append(f"disk {', '.join(local)} is local to {source}: a migration needs every disk on a datastore")
+    return out
+
+
+def score(spec: VmSpec, host: HostSnapshot) -> float:
+    """The host's load with the VM on it: memory used + CPU demand, each a fraction of capacity."""
+    if host.load is None:
+        return float("inf")
+    total = max(host.load.memory_total, 1)
+    used = host.load.memory_total - host.load.memory_available + host.reserved_memory + spec.memory
+    cpus = max(host.load.cpus, 1)
+    demand = (host.cpu_demand or 0.0) + host.reserved_cpus + spec.vcpus * 0.5  # a new VM: half its vCPUs busy
+    return round(used / total + demand / cpus, 6)
+
+
+def place(spec: VmSpec, hosts: Sequence[HostSnapshot], *, source: str | None = None,
+          baseline: str | None = None) -> Placement:
+    """The least loaded host that can take `spec` (None if none can), with every host's reasons.
+    `source`: the VM's current host when it migrates (never chosen; local disks refuse every host)."""
+    migrating = source is not None
+    candidates = []
+    for host in sorted(hosts, key=lambda h: h.name):
+        reasons = refusals(spec, host, source, baseline, migrating)
+        candidates.append(Candidate(host=host.name, reasons=tuple(reasons),
+                                    score=None if reasons else score(spec, host)))
+    eligible = [c for c in candidates if c.eligible]
+    chosen = min(eligible, key=lambda c: (c.score, c.host)).host if eligible else None
+    return Placement(chosen=chosen, candidates=tuple(candidates))
+
+
+def summary(placement: Placement) -> str:
+    """One line: the choice, or why every host was refused."""
+    if placement.chosen is not None:
+        return f"placed on {placement.chosen}"
+    if not placement.candidates:
+        return "no host has joined the cluster"
+    reasons = dict.fromkeys(r for c in placement.candidates for r in c.reasons)  # each once, in order
+    return "no host can take it: " + "; ".join(reasons)

@@ -1,0 +1,160 @@
+"""The center's VM and task operations: what the /v1/vms, /v1/migrations and /v1/tasks routes do.
+
+They only decide and record: a request becomes a queued task in one store transaction (or a
+one-line refusal, with nothing written); the dispatcher (kvmotion.center.dispatcher) carries tasks
+out. Synchronous, like Center: the HTTP layer runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+
+from kvmotion.api.center import (
+    MigrateRequest,
+    ObservedState,
+    Placement,
+    PowerState,
+    TaskKind,
+    TaskProgress,
+    TaskStarted,
+    TaskState,
+    TaskView,
+    VmCreate,
+    VmCreated,
+    VmView,
+)
+from kvmotion.api.identity import Identity
+from kvmotion.api.spec import VmSpec
+from kvmotion.center.placement import HostSnapshot, place, summary
+from kvmotion.center.store import HostRow, MigrationRow, Store, VmRow
+from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, NotFound
+
+MAX_LIST = 1000
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(8)
+
+
+def vm_view(row: VmRow) -> VmView:
+    return VmView(name=row.name, spec=VmSpec.from_json(json.loads(row.spec)) if row.spec else None,
+                  desired_host=row.desired_host, desired_power=row.desired_power, observed_host=row.observed_host,
+                  observed_state=row.observed_state, updated=row.updated)
+
+
+def snapshots(hosts: Sequence[HostRow], reserved: Mapping[str, tuple[int, int]]) -> list[HostSnapshot]:
+    """Hosts as placement sees them: memory and CPUs promised to VMs on their way there (queued or
+    running migrations, Store.reservations) count as used, each vCPU as half a busy core."""
+    return [HostSnapshot(name=h.name, state=h.state, load=h.load, facts=h.facts, cpu_demand=h.cpu_demand,
+                         reserved_memory=reserved.get(h.name, (0, 0))[0],
+                         reserved_cpus=reserved.get(h.name, (0, 0))[1] * 0.5) for h in hosts]
+
+
+class Tasks:
+    """VM and task operations over `store`; `clock`: wall-clock seconds."""
+
+    def __init__(self, store: Store, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.clock = clock
+
+    # ---- VMs ----
+    def vm_list_json(self) -> str:
+        return self.store.vm_list_json()
+
+    def vm(self, name: str) -> VmView:
+        row = self.store.vm(name)
+        if row is None:
+            raise NotFound(f"no VM {name} in the cluster")
+        return vm_view(row)
+
+    def _placement(self, spec: VmSpec, source: str | None) -> Placement:
+        return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
+                     baseline=self.store.settings().cpu_baseline)
+
+    def create_vm(self, request: VmCreate, who: Identity) -> VmCreated:
+        """The VM defined on its host (named, or chosen by placement) and a create task queued."""
+        spec = request.spec
+        placement = None
+        if request.host is not None:
+            if self.store.host(request.host) is None:
+                raise InvalidInput(f"unknown host {request.host}: no such host has joined")
+            host = request.host
+        else:
+            placement = self._placement(spec, None)
+            if placement.chosen is None:
+                raise InsufficientResources(f"cannot place VM {spec.name}: {summary(placement)}")
+            host = placement.chosen
+        now = self.clock()
+        row = VmRow(name=spec.name, observed_state=ObservedState.ABSENT, updated=now, spec=spec.dumps(),
+                    desired_host=host, desired_power=PowerState.OFF)
+        task = TaskView(id=new_task_id(), kind=TaskKind.CREATE, target=spec.name, state=TaskState.QUEUED,
+                        created=now, requested_by=str(who), destination=host)
+        self.store.create_vm(row, task, str(who))
+        return VmCreated(vm=vm_view(row), task=self._task(task.id), placement=placement)
+
+    def power(self, name: str, on: bool, who: Identity) -> TaskView:
+        row = self.store.vm(name)
+        if row is None:
+            raise NotFound(f"no VM {name} in the cluster")
+        if row.desired_host is None and row.observed_host is None:
+            raise Conflict(f"VM {name} has no host to {'start' if on else 'stop'} it on")
+        task = TaskView(id=new_task_id(), kind=TaskKind.START if on else TaskKind.STOP, target=name,
+                        state=TaskState.QUEUED, created=self.clock(), requested_by=str(who))
+        return self.store.add_task(task, str(who))
+
+    # ---- migrations ----
+    def migrate(self, request: MigrateRequest, who: Identity) -> TaskStarted:
+        """A migrate task, queued for admission; refusals of the request are 422, one line each."""
+        row = self.store.vm(request.vm)
+        if row is None:
+            raise InvalidInput(f"unknown VM {request.vm}: no such VM in the cluster")
+        source = row.observed_host or row.desired_host
+        if source is None:
+            raise InvalidInput(f"VM {request.vm} is on no host: nothing to migrate")
+        busy = self.store.open_task(request.vm)
+        if busy is not None:
+            doing = "already migrating" if busy.kind is TaskKind.MIGRATE else f"busy ({busy.kind.value})"
+            raise InvalidInput(f"VM {request.vm} is {doing}: task {busy.id}")
+        placement = None
+        if request.destination is not None:
+            if self.store.host(request.destination) is None:
+                raise InvalidInput(f"unknown host {request.destination}: no such host has joined")
+            if request.destination == source:
+                raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
+            destination = request.destination
+        else:
+            if row.spec is None:
+                raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
+            placement = self._placement(VmSpec.from_json(json.loads(row.spec)), source)
+            if placement.chosen is None:
+                raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
+            destination = placement.chosen
+        task = TaskView(id=new_task_id(), kind=TaskKind.MIGRATE, target=request.vm, state=TaskState.QUEUED,
+                        created=self.clock(), requested_by=str(who),
+                        progress=TaskProgress(phase="queued", message="waiting for admission"))
+        options = request.model_dump_json(include={"max_downtime_ms", "bandwidth", "policy"})
+        migration = MigrationRow(id=task.id, task_id=task.id, vm=request.vm, source=source, destination=destination,
+                                 options=options)
+        try:
+            queued = self.store.add_task(task, str(who), migration)
+        except Conflict as exc:  # a migration requested in between
+            raise InvalidInput(str(exc)) from None
+        return TaskStarted(task=queued, placement=placement)
+
+    # ---- tasks ----
+    def _task(self, task_id: str) -> TaskView:
+        task = self.store.task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return task
+
+    def task(self, task_id: str) -> TaskView:
+        return self._task(task_id)
+
+    def tasks(self, state: TaskState | None, limit: int) -> list[TaskView]:
+        return self.store.tasks(state=state, limit=min(limit, MAX_LIST))
+
+    def cancel(self, task_id: str, who: Identity) -> TaskView:
+        return self.store.request_cancel(task_id, str(who), self.clock())
