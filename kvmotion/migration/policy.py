@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kvmotion.api.migration import Compression
 from kvmotion.core.errors import InvalidInput
 from kvmotion.migration.stats import RoundStats
 from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus
@@ -533,13 +534,6 @@ def _hopeless_reason(state: PolicyState, rnd: RoundStats, now: float) -> str:
 
 
 # ------------------------------------------------------------------------------ stream compression
-
-
-class Compression(str, Enum):
-    """QEMU's multifd-compression, as both ends must set it alike."""
-
-    NONE = "none"
-    ZSTD = "zstd"
 
 
 # Compress the pages (zstd, QEMU's level 1) when the link carries less than this (bytes/s):
