@@ -13,7 +13,7 @@ from typing import Any
 from kvmotion.api.agent import AsyncAgentClient
 from kvmotion.api.config import load_config
 from kvmotion.api.inventory import Inventory
-from kvmotion.api.migration import PROTOCOL, IncomingAnswer, IncomingRequest, Phase
+from kvmotion.api.migration import PROTOCOL, Compression, IncomingAnswer, IncomingRequest, Phase
 from kvmotion.api.tls import agent_client
 from kvmotion.core.errors import Conflict, Forbidden, KvmotionError, MigrationError, NotFound, Unreachable, VmFailed
 from kvmotion.host.vms import VmManager
@@ -94,7 +94,7 @@ class DestinationSide:
             await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
             info = await qmp.execute("query-migrate")
             addr = info["socket-address"][0]
-            size = st.RECEIVE_BUFFER if settings.compression.value == "none" else st.RECEIVE_BUFFER_COMPRESSED
+            size = st.RECEIVE_BUFFER if settings.compression is Compression.NONE else st.RECEIVE_BUFFER_COMPRESSED
             await st.on_qemu_sockets(self.manager, spec.name, limit_receive_buffer, int(addr["port"]), size)
             for command in self._step(mid, p.ShadowReady()).commands:
                 if isinstance(command, p.GuardShadow):

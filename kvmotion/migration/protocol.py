@@ -262,6 +262,9 @@ def source_step(state: SourceState, event: SourceEvent) -> SourceStep:
         # A commit may be under way: resuming here could make two copies. The restarted agent asks.
         return SourceStep(dataclasses.replace(state, phase=SourcePhase.LEFT),
                           (HoldPaused("the agent shut down during the commit"),))
+    if phase in _COMMITTING and isinstance(event, Failed):
+        # Something broke while committing: whether the destination runs the VM is unknown, so ask it.
+        return SourceStep(dataclasses.replace(state, phase=SourcePhase.HELD), (HoldPaused(event.reason), Resolve()))
     if phase is SourcePhase.COMMIT:
         if isinstance(event, CommitAnswered):
             return _done(state)

@@ -414,7 +414,10 @@ class SourceSide:
             await self.manager.stop(run.vm, force=False, timeout=FINISH_TIMEOUT)
         except KvmotionError as exc:
             log.warning("stopping the source copy of %s after commit: %s", run.vm, exc)
-        await self.manager.delete(run.vm)
+        try:
+            await self.manager.delete(run.vm)
+        except KvmotionError as exc:  # the VM runs on the destination all the same: the record says done
+            log.error("deleting the source copy of %s after commit: %s", run.vm, exc)
         for hook in run.done_hooks:
             await hook.after_commit(run.ctx)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase
+from kvmotion.api.migration import PROTOCOL, MigrationOptions, MigrationRecord, Phase
 from kvmotion.api.serving import Security, secure
 from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
 from kvmotion.core.errors import VmFailed
@@ -29,7 +29,6 @@ from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
 from kvmotion.migration import facts
 from kvmotion.migration.api import migration_router
-from kvmotion.api.migration import PROTOCOL
 from kvmotion.migration.engine import as_record_json
 from kvmotion.net import links
 from kvmotion.qemu import confine, cpus
