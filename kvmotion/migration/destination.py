@@ -31,6 +31,7 @@ PEER_TIMEOUT = 5.0  # s for one question to the source's agent
 INCOMING_SETTLE = 10.0  # s the destination may take to load the end of the stream the source has sent
 RESUME_TIMEOUT = 10.0  # s for the committed VM's RESUME event
 STALE_POLL = 0.2  # s between a restarted destination's questions about a stale shadow's migration
+QMP_TIMEOUT = 30.0  # s a QMP command may take: a QEMU silent that long is stuck
 
 
 def encryption_policy() -> bool:
@@ -86,13 +87,14 @@ class DestinationSide:
         try:
             await self.manager.start(spec.name, incoming=True)
             qmp = self.manager.qmp(spec.name)
-            await qmp.execute("migrate-set-capabilities", capabilities=st.capabilities(request.postcopy, settings))
-            await qmp.execute("migrate-set-parameters", **st.multifd_params(settings))
+            ask = functools.partial(qmp.execute_within, QMP_TIMEOUT)
+            await ask("migrate-set-capabilities", capabilities=st.capabilities(request.postcopy, settings))
+            await ask("migrate-set-parameters", **st.multifd_params(settings))
             if encrypted:
-                await qmp.execute("migrate-set-parameters", **await st.add_stream_tls(
-                    qmp, self.host, "server", source, self.manager.confinement.user))
-            await qmp.execute("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
-            info = await qmp.execute("query-migrate")
+                await ask("migrate-set-parameters", **await asyncio.wait_for(st.add_stream_tls(
+                    qmp, self.host, "server", source, self.manager.confinement.user), QMP_TIMEOUT))
+            await ask("migrate-incoming", uri=f"tcp:{self.listen_ip}:0")
+            info = await ask("query-migrate")
             addr = info["socket-address"][0]
             size = st.RECEIVE_BUFFER if settings.compression is Compression.NONE else st.RECEIVE_BUFFER_COMPRESSED
             await st.on_qemu_sockets(self.manager, spec.name, limit_receive_buffer, int(addr["port"]), size)
@@ -167,13 +169,13 @@ class DestinationSide:
     async def _take(self, qmp: Any, name: str, mid: str, events: Any) -> float:
         # The VM is ours from here on: persist that before it runs, so a crash cannot forget it.
         self.manager.commit_incoming(name, mid)
-        await qmp.execute("cont")
+        await qmp.execute_within(QMP_TIMEOUT, "cont")
         resumed = await events.wait_for("RESUME", timeout=RESUME_TIMEOUT)
         self.manager.set_resumed(name, resumed.timestamp)
         try:
             # More announce rounds than QEMU's automatic ones at incoming completion (which ran
             # while the VM was still paused): switches re-learn the MAC now that it runs here.
-            await qmp.execute("announce-self", initial=20, max=200, rounds=5, step=50)
+            await qmp.execute_within(QMP_TIMEOUT, "announce-self", initial=20, max=200, rounds=5, step=50)
         except VmFailed as exc:
             log.warning("announce-self for %s: %s", name, exc)
         return float(resumed.timestamp)
@@ -183,7 +185,7 @@ class DestinationSide:
         once it has sent the last byte; the destination may still be loading it (status
         "active"), so asking once races with it."""
         deadline = time.monotonic() + INCOMING_SETTLE
-        status = (await qmp.execute("query-migrate")).get("status")
+        status = (await qmp.execute_within(INCOMING_SETTLE, "query-migrate")).get("status")
         while status not in ("completed", "failed", "cancelled"):
             left = deadline - time.monotonic()
             if left <= 0:

@@ -66,6 +66,7 @@ RESOLVE_FOR = 3600.0  # s the source keeps trying before leaving it to the opera
 SHADOW_SETTLE = 1.0  # s to let the destination agent notice its shadow's QEMU died (it polls every 0.2 s)
 SHADOW_QUERY_TIMEOUT = 3.0  # s for one question about the shadow's state
 COMPLETION_POLL = 0.05  # s between the switchover's queries (stall watch); completion itself comes as an event
+QMP_TIMEOUT = 30.0  # s any other QMP command may take: a QEMU silent that long is stuck
 
 
 class Cancelled(MigrationError):
@@ -159,6 +160,7 @@ class SourceSide:
         """Prepare, pre-copy, switchover: each outcome goes to the protocol (which then commits)."""
         mid, rec = run.mid, self.records[run.mid]
         qmp = run.ctx.source_qmp
+        ask = functools.partial(qmp.execute_within, QMP_TIMEOUT)
         spec = run.ctx.spec
         self.records.enter(mid, Phase.PREPARE)
         run.compression = pol.stream_compression(await self._egress_rate(run.dest), rec.options.allow_postcopy)
@@ -190,22 +192,23 @@ class SourceSide:
         # otherwise the round trip (event, query, migrate-continue) only lengthens the guest's pause.
         pause = bool(run.hooks)
         postcopy_allowed = rec.options.allow_postcopy
-        await qmp.execute("migrate-set-capabilities", capabilities=st.capabilities(postcopy_allowed, settings, pause))
+        await ask("migrate-set-capabilities", capabilities=st.capabilities(postcopy_allowed, settings, pause))
         params: dict[str, Any] = {"max-bandwidth": rec.options.bandwidth or UNLIMITED_BANDWIDTH,
                                   "downtime-limit": state.downtime_ms, **st.multifd_params(settings),
                                   # QEMU's own estimate (0) unless set below: a rolled-back attempt may have set it
                                   "avail-switchover-bandwidth": 0}
         if rec.encrypted:
-            params.update(await st.add_stream_tls(qmp, self.host, "client", rec.destination, self.manager.confinement.user))
+            params.update(await asyncio.wait_for(st.add_stream_tls(qmp, self.host, "client", rec.destination,
+                                                                   self.manager.confinement.user), QMP_TIMEOUT))
         else:
             params.update({"tls-creds": ""})
-        await qmp.execute("migrate-set-parameters", **params)
+        await ask("migrate-set-parameters", **params)
 
         async with qmp.listen("STOP", "MIGRATION") as events:
             seen: dict[str, float] = {}  # QMP event timestamps: "stop"
             self.records.enter(mid, Phase.PRECOPY)
             t0 = time.monotonic()
-            await qmp.execute("migrate", uri=uri)
+            await ask("migrate", uri=uri)
             stall = _StallWatch()
             sockets: list[int] = []  # the source QEMU's stream sockets, checked at switchover
             compressed = settings.compression is not Compression.NONE
@@ -213,13 +216,13 @@ class SourceSide:
             while True:
                 self._check_cancel(mid)
                 now = time.monotonic() - t0
-                sample = MigrationSample.from_qmp(await qmp.execute("query-migrate"), at=now)
+                sample = MigrationSample.from_qmp(await ask("query-migrate"), at=now)
                 frac = run.throttle.fraction if run.throttle else 0.0
                 run.tracker, closed = run.tracker.observe(sample, frac)
                 if closed is not None and compressed:
                     # QEMU's switchover test divides pending page bytes by its wire rate, which
                     # compression makes several times too slow: it would wait rounds it needs not.
-                    await qmp.execute("migrate-set-parameters", **{"avail-switchover-bandwidth": int(closed.page_rate)})
+                    await ask("migrate-set-parameters", **{"avail-switchover-bandwidth": int(closed.page_rate)})
                 self._progress(mid, sample, run.tracker, state, frac, now)
                 if sample.status is MigrationStatus.PRE_SWITCHOVER or (sample.status is MigrationStatus.DEVICE and not pause):
                     break
@@ -238,11 +241,11 @@ class SourceSide:
                 state = decision.state
                 for action in decision.actions:
                     if isinstance(action, pol.SetDowntimeLimit):
-                        await qmp.execute("migrate-set-parameters", **{"downtime-limit": action.ms})
+                        await ask("migrate-set-parameters", **{"downtime-limit": action.ms})
                     elif isinstance(action, pol.SetThrottle):
                         run.throttle = await self._throttle(run.throttle, run.vm, action.fraction)
                     elif isinstance(action, pol.StartPostcopy):
-                        await qmp.execute("migrate-start-postcopy")
+                        await ask("migrate-start-postcopy")
                         run.postcopy = True
                     elif isinstance(action, pol.Abort):
                         raise MigrationError(f"convergence policy gave up: {action.reason}")
@@ -256,7 +259,7 @@ class SourceSide:
             if run.final is None:
                 if pause:
                     await self._check_stream_whole(run, sockets)
-                    await qmp.execute("migrate-continue", state="pre-switchover")
+                    await ask("migrate-continue", state="pre-switchover")
                 run.final = await self._wait_completion(run, events, seen, t0, uri)
             if run.stop_at is None:
                 run.stop_at = self._drain_stop(events, seen)
@@ -687,7 +690,7 @@ class SourceSide:
         if current is None:
             if fraction <= 0:
                 return None
-            cpus = await self.manager.qmp(vm).execute("query-cpus-fast")
+            cpus = await self.manager.qmp(vm).execute_within(QMP_TIMEOUT, "query-cpus-fast")
             current = await asyncio.to_thread(VcpuThrottle, vm, [c["thread-id"] for c in cpus])
         await asyncio.to_thread(current.set_throttle, fraction)
         return current
