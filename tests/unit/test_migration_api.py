@@ -355,3 +355,20 @@ def test_the_record_carries_the_cluster_policy(svc, monkeypatch, cluster):
 
     assert in_service(svc, scenario) == [True, False]
     assert engine.encryption_policy() is False
+
+
+def test_background_tasks_belong_to_the_service(svc, monkeypatch):
+    """A migration runs in the service's task group: refused while the group is closed, cancelled
+    (its VM released) when the group ends with the agent."""
+    async def scenario() -> None:
+        stub = Stubbed(svc, monkeypatch)
+        with pytest.raises(Conflict, match="migration service of host-a is not running"):
+            await stub.start()
+        assert svc.migrating == {} and svc.history() == []
+        async with svc.running():
+            rec = await stub.start()
+            await asyncio.sleep(0)
+            assert list(svc.tasks) == [rec.id] and svc.migrating == {VM: rec.id}
+        assert svc.tasks == {} and svc.migrating == {}
+
+    asyncio.run(scenario())
