@@ -1,10 +1,14 @@
-"""Migration records: phases, options, check results, progress — the typed state both agents share."""
+"""Migration records: phases, options, check results, progress — the typed state both agents share;
+and the versioned messages the source and destination agents exchange."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvmotion.api.spec import VmSpec
 from kvmotion.core.errors import InvalidInput
 
 
@@ -135,3 +139,94 @@ def record_from_json(d: dict) -> MigrationRecord:
         # Older records kept it among the options (then the caller's choice).
         encrypted=bool(d.get("encrypted", d["options"].get("encrypted", True))),
     )
+
+
+# ---- agent-to-agent messages (source -> destination: POST /v1/incoming) -------------------------------
+MID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # migration ids (12 hex digits from the source agent)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # VM and host names as the migration routes accept them
+
+
+class Compression(str, Enum):
+    """QEMU's multifd-compression, as both ends must set it alike."""
+
+    NONE = "none"
+    ZSTD = "zstd"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProtocolVersion(_Wire):
+    """The agents' migration protocol. A new major version changes what a message means (refused by
+    an agent of another major); a new minor only adds what an older peer may ignore."""
+
+    major: int = Field(ge=0, le=1000)
+    minor: int = Field(ge=0, le=1000)
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+PROTOCOL = ProtocolVersion(major=2, minor=0)  # 1: an integer `version` and the stream settings fixed in code
+
+
+class StreamCapabilities(_Wire):
+    """What one end can do for the stream: at most `multifd_channels` parallel connections (0: no
+    multifd), and the compression methods it can use, most preferred first."""
+
+    multifd_channels: int = Field(ge=0, le=64)
+    compression: tuple[Compression, ...] = Field(min_length=1)
+
+    def accept(self, offer: StreamCapabilities) -> StreamSettings:
+        """The settings both ends can use (self: this end's own): the fewer channels, and the offer's
+        most preferred compression that this end also has (`none` when nothing else is shared)."""
+        shared = [c for c in offer.compression if c in self.compression]
+        return StreamSettings(multifd_channels=min(self.multifd_channels, offer.multifd_channels),
+                              compression=shared[0] if shared else Compression.NONE)
+
+
+class StreamSettings(_Wire):
+    """The stream both QEMUs are set up for: what the destination accepted of the source's offer."""
+
+    multifd_channels: int = Field(ge=0, le=64)
+    compression: Compression = Compression.NONE
+
+    def within(self, offer: StreamCapabilities) -> bool:
+        """Whether these settings are something `offer` allowed (the source checks the answer)."""
+        return self.multifd_channels <= offer.multifd_channels and (
+            self.compression is Compression.NONE or self.compression in offer.compression)
+
+
+class IncomingRequest(_Wire):
+    """Source agent -> destination agent: prepare a shadow VM for migration `migration_id`."""
+
+    protocol: ProtocolVersion = Field(description="Migration protocol version of the source agent")
+    migration_id: str = Field(pattern=MID_PATTERN)
+    source: str = Field(pattern=NAME_PATTERN, description="The source host: must be the caller")
+    spec: VmSpec
+    postcopy: bool = False
+    offer: StreamCapabilities = Field(description="What the source can do for the stream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _major_first(cls, data: object) -> object:
+        """A peer of another major version is refused for that, before any field it may lack or add."""
+        if isinstance(data, dict):
+            theirs = data.get("protocol")
+            if "protocol" not in data and isinstance(data.get("version"), int):
+                theirs = {"major": data["version"], "minor": 0}  # protocol 1 sent an integer `version`
+            if isinstance(theirs, dict) and isinstance(theirs.get("major"), int) and theirs["major"] != PROTOCOL.major:
+                raise ValueError(f"migration protocol {theirs['major']}.{theirs.get('minor', 0)} is not spoken here "
+                                 f"(this agent speaks {PROTOCOL.major}.x): run the same kvmotion major version on both hosts")
+        return data
+
+
+class IncomingAnswer(_Wire):
+    protocol: ProtocolVersion = Field(description="Migration protocol version of the destination agent")
+    uri: str = Field(description="Where the source's QEMU sends the stream")
+    stream: StreamSettings = Field(description="The stream the destination's QEMU expects")
+
+
+class CommitAnswer(_Wire):
+    resumed_at: float = Field(description="When the VM resumed here (QMP RESUME event, wall clock)")

@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,35 +365,3 @@ def issue_user_cert(ca_dir: Path | str, name: str, role: Role, out_dir: Path | s
     """A user's client certificate (its role inside), for the CLI: ca-cert.pem, client-cert.pem, client-key.pem."""
     return issue_cert(ca_dir, Identity(Kind.USER, check_user_name(name), role), (), out_dir, server=False,
                       validity=USER_VALIDITY)
-
-
-def _require(cert_dir: Path, *names: str) -> None:
-    missing = [n for n in names if not (cert_dir / n).exists()]
-    if missing:
-        raise NotFound(
-            f"{cert_dir} lacks {', '.join(missing)}: issue the host's certificate with `kvmotion cluster cert HOST --ip ADDRESS`"
-        )
-
-
-def server_ssl_context(cert_dir: Path | str) -> ssl.SSLContext:
-    """Mutual-TLS server side: present server-cert.pem, accept only clients signed by ca-cert.pem."""
-    d = Path(cert_dir)
-    _require(d, CA_CERT, SERVER_CERT, SERVER_KEY)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(d / SERVER_CERT), str(d / SERVER_KEY))
-    ctx.load_verify_locations(cafile=str(d / CA_CERT))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def client_ssl_context(cert_dir: Path | str) -> ssl.SSLContext:
-    """Mutual-TLS client side: present client-cert.pem, trust only ca-cert.pem, check the peer's name."""
-    d = Path(cert_dir)
-    _require(d, CA_CERT, CLIENT_CERT, CLIENT_KEY)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=str(d / CA_CERT))
-    ctx.load_cert_chain(str(d / CLIENT_CERT), str(d / CLIENT_KEY))
-    return ctx
-

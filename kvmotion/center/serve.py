@@ -25,8 +25,9 @@ from cryptography import x509
 
 from kvmotion.api.center import ClusterSettings
 from kvmotion.api.identity import Identity, Kind
-from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY, client_ssl_context, init_ca, issue_cert
+from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
 from kvmotion.api.serving import Security, insecure_warning, make_server
+from kvmotion.api.tls import client_context
 from kvmotion.center.app import HEARTBEAT_SUFFIX, create_app
 from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.dispatcher import Dispatcher, HttpAgents
@@ -152,7 +153,7 @@ def serve(listen_text: str, data: Path | None, insecure: bool, out: TextIO = sys
     for line in prepared.lines:
         print(line, file=out, flush=True)
     tls = (data or default_data_dir()) / "tls"
-    agents = HttpAgents(None if insecure else client_ssl_context(tls))  # as center:center, the center's own certificate
+    agents = HttpAgents(None if insecure else client_context(tls))  # as center:center, the center's own certificate
     dispatcher = Dispatcher(prepared.center.store, agents, clock=prepared.center.clock)
     server = make_server(create_app(prepared.center, dispatcher=dispatcher), prepared.security, "center", lifespan="on")
     try:

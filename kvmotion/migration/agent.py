@@ -9,14 +9,13 @@ migrations, and the migration routes need the host's VM manager.
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from functools import partial
 from pathlib import Path
 
 from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
-from kvmotion.api.center import MIGRATION_ID_PATTERN, ActiveMigration, ClusterSettings, MigrationRole
+from kvmotion.api.center import ClusterSettings
 from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
@@ -97,19 +96,6 @@ def serve(
     asyncio.run(server.serve(sockets=[sock]))
 
 
-def active_migrations(svc: MigrationService) -> list[ActiveMigration]:
-    """What the heartbeat reports of `svc`'s migrations: the unfinished ones this host drives, and
-    the shadows it holds for others."""
-    out = [ActiveMigration(id=r.id, vm=r.vm, role=MigrationRole.SOURCE, peer=r.destination, phase=r.phase.value)
-           for r in svc.records.values() if not r.phase.terminal and re.fullmatch(MIGRATION_ID_PATTERN, r.id)]
-    for vm in svc.manager.list():
-        mid = svc.manager.incoming_migration(vm.name)
-        source = svc.incoming_sources.get(mid) if mid is not None and mid in svc.incoming_active else None
-        if mid is not None and source is not None and re.fullmatch(MIGRATION_ID_PATTERN, mid):
-            out.append(ActiveMigration(id=mid, vm=vm.name, role=MigrationRole.DESTINATION, peer=source, phase="incoming"))
-    return out
-
-
 def serve_joined(
     root: joined.StateRoot,
     listen: str | None,
@@ -148,7 +134,7 @@ def serve_joined(
                          limit=migration_limit, keep=services.append)
 
     async def heartbeats(manager: VmManager, stop: asyncio.Event) -> None:
-        await Heartbeats(root, manager.list, lambda: [m for svc in services for m in active_migrations(svc)]).run(stop)
+        await Heartbeats(root, manager.list, lambda: [m for svc in services for m in svc.active_migrations()]).run(stop)
 
     app = create_app(config, extra_routers=(migrations,), background=(heartbeats,))
     server = make_server(app, security, f"agent {name}", lifespan="on")

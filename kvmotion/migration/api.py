@@ -9,26 +9,31 @@ commit and abort from the host that prepared that incoming migration.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity, Kind, Rule
-from kvmotion.api.migration import MigrationOptions
+from kvmotion.api.migration import (
+    MID_PATTERN,
+    NAME_PATTERN,
+    CommitAnswer,
+    IncomingAnswer,
+    IncomingRequest,
+    MigrationOptions,
+)
 from kvmotion.api.serving import AuthorizedRoute, allow
-from kvmotion.api.spec import VmSpec
-from kvmotion.core.errors import Forbidden, InvalidInput
+from kvmotion.core.errors import Forbidden
 from kvmotion.core.jsonio import as_json
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService, as_record_json, facts_to_json
-from kvmotion.migration.policy import PRESETS, Compression, preset
+from kvmotion.migration.engine import MigrationService, as_record_json, facts_to_json
+from kvmotion.migration.policy import PRESETS, preset
 
 _DEFAULTS = MigrationOptions()
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"  # VM and host names as the routes accept them
 OPERATE_OR_HOSTS = Rule(OPERATE.role, HOSTS.kinds)  # operators; a destination for its own migrations
-MID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # migration ids (12 hex digits from MigrationService.start)
 MigrationId = Annotated[str, Path(pattern=MID_PATTERN, description="Migration id")]
 VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM on this host")]
 
@@ -60,27 +65,6 @@ class MigrationRequest(BaseModel):
     options: OptionsBody = Field(default_factory=OptionsBody)
 
 
-class IncomingRequest(BaseModel):
-    """Source agent -> destination agent: prepare a shadow VM for migration `migration_id`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: int = Field(description=f"Migration protocol version (this agent speaks {PROTOCOL_VERSION})")
-    migration_id: str = Field(pattern=MID_PATTERN)
-    source: str = Field(pattern=NAME_PATTERN, description="The source host: must be the caller")
-    spec: VmSpec
-    postcopy: bool = False
-    compression: Compression = Compression.NONE
-
-
-class IncomingAnswer(BaseModel):
-    uri: str = Field(description="Where the source's QEMU sends the stream")
-
-
-class CommitAnswer(BaseModel):
-    resumed_at: float = Field(description="When the VM resumed here (QMP RESUME event, wall clock)")
-
-
 def _peer_host(what: str):
     """A dependency: the calling host's name, if the caller is a host (403 otherwise). None on an
     --insecure listener, which knows no identities: there every caller may do everything."""
@@ -94,14 +78,22 @@ def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, lim
                      keep: Callable[[MigrationService], None] | None = None) -> APIRouter:
     """The routes over a new MigrationService; `keep` is handed the service (the heartbeats report its migrations)."""
     svc = MigrationService(manager, listen_ip, limit)
-    manager.after_recover.append(svc.recover)
     if keep is not None:
         keep(svc)
-    return routes(svc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        # Inside the agent's own lifespan: VmManager.recover has run, and its shutdown comes after.
+        async with svc.running():
+            await svc.recover()
+            yield
+
+    return routes(svc, lifespan)
 
 
-def routes(svc: MigrationService) -> APIRouter:
-    router = APIRouter(prefix="/v1", route_class=AuthorizedRoute)  # callers checked before their bodies are read
+def routes(svc: MigrationService, lifespan: Any = None) -> APIRouter:
+    # Callers checked before their bodies are read (AuthorizedRoute).
+    router = APIRouter(prefix="/v1", route_class=AuthorizedRoute, lifespan=lifespan)
     view = [Depends(allow(VIEW, "read migrations"))]
     operate = [Depends(allow(OPERATE, "migrate VMs"))]
 
@@ -145,12 +137,8 @@ def routes(svc: MigrationService) -> APIRouter:
                        host: str | None = Depends(_peer_host("send this host migrations"))) -> IncomingAnswer:
         if host is not None and body.source != host:
             raise Forbidden(f"host {host} may not start a migration from {body.source}: a host sends only its own VMs")
-        if body.version != PROTOCOL_VERSION:
-            raise InvalidInput(f"migration protocol version {body.version} is unknown to {svc.host}, which speaks "
-                               f"version {PROTOCOL_VERSION}: run the same kvmotion on both hosts")
-        uri = await svc.prepare_incoming(body.spec, body.migration_id, body.source, body.postcopy,
-                                         body.compression)
-        return IncomingAnswer(uri=uri)
+        # Another major version was refused by IncomingRequest's validation, in one line.
+        return await svc.prepare_incoming(body)
 
     @router.post("/incoming/{mid}/commit")
     async def commit(mid: MigrationId,

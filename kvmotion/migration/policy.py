@@ -24,15 +24,9 @@ Why these defaults (see shared/README.md):
   to 99 % and stalls vCPUs ~1 s at a time.
 - Convergence assist (ThrottleConfig.assist_*): with a 30 ms start, each round a guest still
   dirtying a good share r of the link re-sends r of the last one, so the low limit costs about
-  r/(1-r) x the pause it saves; QEMU's 300 ms (libvirt) ships the last ~36 MB paused instead.
-  Throttling such a guest from the end of the first pass pays that back. Measured on the lab
-  (TCG, 1 Gbit/s, 512 MiB guest writing 256 MiB at 100 MB/s, bench/README.md): at 60 % the
-  client's largest gap while throttled was 8-25 ms and the migration 4 % shorter than with
-  libvirt-style QEMU; at 80 % it was 3-12 % shorter, but gaps of up to 134 ms appeared while
-  throttled (TCG vCPUs, 2 cores), over issue 3's 50 ms bar. Hence the 60 % cap. On a later
-  machine where the TCG guest really does write 100 MB/s during the migration, the assist made
-  it 0.57 of libvirt's time (8.4-8.6 s vs 14.7-15.1 s), and a flat-out writer throttled to 60 %
-  showed 28-50 ms gaps while throttled: close to the bar, so the cap stays.
+  r/(1-r) x the pause it saves. Throttling such a guest from the end of the first pass pays that
+  back; above 60 % the client saw gaps over issue 3's 50 ms bar, hence the cap (figures:
+  bench/README.md, "What was tuned" and "Stream settings").
 """
 
 from __future__ import annotations
@@ -42,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from kvmotion.api.migration import Compression
 from kvmotion.core.errors import InvalidInput
 from kvmotion.migration.stats import RoundStats
 from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus
@@ -535,19 +530,8 @@ def _hopeless_reason(state: PolicyState, rnd: RoundStats, now: float) -> str:
 # ------------------------------------------------------------------------------ stream compression
 
 
-class Compression(str, Enum):
-    """QEMU's multifd-compression, as both ends must set it alike."""
-
-    NONE = "none"
-    ZSTD = "zstd"
-
-
 # Compress the pages (zstd, QEMU's level 1) when the link carries less than this (bytes/s):
-# 2.5 Gbit/s. Measured on the lab (TCG, 2 cores shared by both hosts, bench/README.md): idle
-# 1 GiB guest over 1 Gbit/s, migrate -> running 361-380 ms compressed against 787-828 ms (86 MiB
-# became 19 MiB); over unshaped veth (~2 GB/s) 343-429 ms compressed against 270-336 ms: there
-# the compressing threads, not the link, are the bottleneck. A faster link carries raw pages
-# sooner than the threads compress them.
+# 2.5 Gbit/s. A faster link carries raw pages sooner than the threads compress them (bench/README.md).
 COMPRESS_BELOW = 2_500_000_000 // 8
 
 

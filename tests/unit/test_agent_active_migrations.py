@@ -10,8 +10,8 @@ from kvmotion.api.center import ActiveMigration, MigrationRole
 from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase
 from kvmotion.api.spec import VmSpec
 from kvmotion.host.vms import HostConfig, VmManager
-from kvmotion.migration.agent import active_migrations
 from kvmotion.migration.engine import MigrationService
+from kvmotion.migration.protocol import ShadowPhase, ShadowState
 from kvmotion.qemu.accel import Accel, AccelChoice
 
 
@@ -24,14 +24,16 @@ def test_active_migrations(tmp_path: Path, monkeypatch) -> None:
     asyncio.run(manager.create(VmSpec(name="db1", memory=256 << 20), incoming_migration="bbbbbbbbbbbb"))
     asyncio.run(manager.create(VmSpec(name="old1", memory=256 << 20), incoming_migration="cccccccccccc"))
     svc.incoming_sources.remember("bbbbbbbbbbbb", "host-c")
-    svc.incoming_active.add("bbbbbbbbbbbb")  # cccccccccccc: a shadow left from before, no migration under way
+    svc.destination.shadows["bbbbbbbbbbbb"] = ShadowState(ShadowPhase.WAITING)
+    svc.destination.shadows["cccccccccccc"] = ShadowState(ShadowPhase.STALE)  # left from before: not under way
 
     def record(mid: str, phase: Phase) -> MigrationRecord:
         return MigrationRecord(id=mid, vm="web1", source="host-a", destination="host-b", options=MigrationOptions(),
                                phase=phase, started_at=1.0)
 
-    svc.records = {"aaaaaaaaaaaa": record("aaaaaaaaaaaa", Phase.PRECOPY), "dddddddddddd": record("dddddddddddd", Phase.DONE)}
-    assert active_migrations(svc) == [
+    svc.records.add(record("aaaaaaaaaaaa", Phase.PRECOPY))
+    svc.records.add(record("dddddddddddd", Phase.DONE))
+    assert svc.active_migrations() == [
         ActiveMigration(id="aaaaaaaaaaaa", vm="web1", role=MigrationRole.SOURCE, peer="host-b", phase="precopy"),
         ActiveMigration(id="bbbbbbbbbbbb", vm="db1", role=MigrationRole.DESTINATION, peer="host-c", phase="incoming"),
     ]

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from kvmotion.api import pki as camod
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
-from kvmotion.api.pki import client_ssl_context, init_ca, issue_host_cert, load_ca, server_ssl_context
+from kvmotion.api.pki import init_ca, issue_host_cert, load_ca
+from kvmotion.api.tls import client_context
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.qemu import confine
 
@@ -125,11 +126,19 @@ def test_damaged_or_mismatched_ca_is_reported(tmp_path: Path) -> None:
         load_ca(tmp_path / "b")
 
 
-def test_contexts_need_the_files(tmp_path: Path) -> None:
-    with pytest.raises(NotFound, match="cluster cert"):
-        server_ssl_context(tmp_path)
-    with pytest.raises(NotFound):
-        client_ssl_context(tmp_path)
+def test_a_client_context_needs_the_files(tmp_path: Path) -> None:
+    with pytest.raises(SetupError, match=r"lacks ca-cert\.pem, client-cert\.pem, client-key\.pem"):
+        client_context(tmp_path)
+
+
+def server_context(cert_dir: Path) -> ssl.SSLContext:
+    """A listener as kvmotion.api.serving has uvicorn set it up: its certificate, and only clients
+    with a certificate of the cluster CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert_dir / "server-cert.pem"), str(cert_dir / "server-key.pem"))
+    ctx.load_verify_locations(cafile=str(cert_dir / "ca-cert.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 # ------------------------------------------------------------------------------------------- QEMU
@@ -209,7 +218,7 @@ class EchoServer:
 
 @pytest.fixture()
 def server(cluster: Path):
-    srv = EchoServer(server_ssl_context(cluster / "hosts" / "host1"))
+    srv = EchoServer(server_context(cluster / "hosts" / "host1"))
     yield srv
     srv.close()
 
@@ -223,7 +232,7 @@ def talk(ctx: ssl.SSLContext, port: int, name: str = "127.0.0.1") -> bytes:
 
 def test_mutual_tls_accepts_a_cluster_certificate(cluster: Path, server: EchoServer) -> None:
     issue_host_cert(cluster / "ca", "host2", ["10.77.0.12"], cluster / "hosts" / "host2", qemu_key_gid=confine.qemu_gid())
-    ctx = client_ssl_context(cluster / "hosts" / "host2")
+    ctx = client_context(cluster / "hosts" / "host2")
     assert talk(ctx, server.port) == b"ping"
     assert talk(ctx, server.port, "host1") == b"ping"  # by name too: the SAN carries it
     assert [server.outcome(), server.outcome()] == ["ok", "ok"]
@@ -236,7 +245,7 @@ def test_mutual_tls_refuses_a_certificate_from_another_ca(cluster: Path, server:
     # The intruder trusts our CA (it copied it) but holds a certificate from its own.
     shutil.copy(cluster / "ca" / "ca-cert.pem", evil / "ca-cert.pem")
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        talk(client_ssl_context(evil), server.port)
+        talk(client_context(evil), server.port)
     assert server.outcome() == "refused"
 
 
@@ -261,16 +270,16 @@ def test_plain_tcp_is_refused(server: EchoServer) -> None:
 def test_client_refuses_a_server_from_another_ca_or_wrong_name(cluster: Path, tmp_path: Path) -> None:
     init_ca(tmp_path / "evil-ca")
     issue_host_cert(tmp_path / "evil-ca", "host1", ["127.0.0.1"], tmp_path / "evil", qemu_key_gid=confine.qemu_gid())
-    impostor = EchoServer(server_ssl_context(tmp_path / "evil"))
+    impostor = EchoServer(server_context(tmp_path / "evil"))
     try:
         with pytest.raises(ssl.SSLCertVerificationError):
-            talk(client_ssl_context(cluster / "hosts" / "host1"), impostor.port)
+            talk(client_context(cluster / "hosts" / "host1"), impostor.port)
     finally:
         impostor.close()
-    genuine = EchoServer(server_ssl_context(cluster / "hosts" / "host1"))
+    genuine = EchoServer(server_context(cluster / "hosts" / "host1"))
     try:
         with pytest.raises(ssl.SSLCertVerificationError, match="match"):
-            talk(client_ssl_context(cluster / "hosts" / "host1"), genuine.port, "host9")
+            talk(client_context(cluster / "hosts" / "host1"), genuine.port, "host9")
     finally:
         genuine.close()
 

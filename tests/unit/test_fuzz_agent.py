@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase
+from kvmotion.api.migration import PROTOCOL, MigrationOptions, MigrationRecord, Phase
 from kvmotion.api.serving import Security, secure
 from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
 from kvmotion.core.errors import VmFailed
@@ -29,7 +29,7 @@ from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
 from kvmotion.migration import facts
 from kvmotion.migration.api import migration_router
-from kvmotion.migration.engine import PROTOCOL_VERSION, as_record_json
+from kvmotion.migration.engine import as_record_json
 from kvmotion.net import links
 from kvmotion.qemu import confine, cpus
 from kvmotion.qemu.accel import Accel, AccelChoice
@@ -44,7 +44,7 @@ HOST_ROUTES = frozenset({"POST /v1/incoming", "POST /v1/incoming/{mid}/commit", 
 VM = "web1"  # defined before the run, with a local disk and a NIC: a start gets as far as QEMU
 MID = "0123456789ab"  # a finished migration of the history
 SMALL = {"memory": 128 << 20, "vcpus": 1}  # what a generated spec asks of the host
-INCOMING = {"source": PEER.name, "version": PROTOCOL_VERSION}  # a migration the peer may send
+INCOMING = {"source": PEER.name, "protocol": PROTOCOL.model_dump()}  # a migration the peer may send
 STAND_IN = frozenset({VmFailed.__name__})
 ADMIN_EXAMPLES = 120  # per operation and generation mode
 MIN_ADMIN_REQUESTS = 3000

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from kvmotion.api.agent import raise_for_error
+from kvmotion.api.migration import PROTOCOL
 from kvmotion.api.serving import Security, secure
 from kvmotion.core.errors import InvalidInput
 from kvmotion.host.api import create_app
@@ -159,7 +160,8 @@ def test_bad_parameters_are_422_with_one_line(agent: Agent, path: str, says: str
 
 def test_incoming_migration_spec_goes_through_the_same_model(agent: Agent) -> None:
     before = agent.files()
-    body = {"version": 1, "spec": _spec(nics=[{"mac": f"{MAC},romfile=/etc/shadow", "portgroup": "vm-net"}]),
+    body = {"protocol": PROTOCOL.model_dump(), "offer": {"multifd_channels": 3, "compression": ["none"]},
+            "spec": _spec(nics=[{"mac": f"{MAC},romfile=/etc/shadow", "portgroup": "vm-net"}]),
             "migration_id": "0123456789ab", "source": "host-b"}
     message = _refused(agent, agent.request("POST", "/v1/incoming", json=body), before)
     assert message.startswith("invalid request body: spec.nics.0.mac: invalid MAC"), message

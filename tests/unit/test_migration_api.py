@@ -20,14 +20,14 @@ from fastapi import FastAPI
 from kvmotion.api.config import ClusterConfig, save_config
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.inventory import HostEntry, Inventory
-from kvmotion.api.migration import Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
+from kvmotion.api.migration import PROTOCOL, Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
 from kvmotion.api.serving import Security, secure
 from kvmotion.api.spec import VmSpec
 from kvmotion.core.errors import Conflict, NotFound, PrecheckFailed, Unreachable
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration import engine
 from kvmotion.migration.api import routes
-from kvmotion.migration.engine import PROTOCOL_VERSION, MigrationService
+from kvmotion.migration.engine import MigrationService
 from kvmotion.qemu.accel import Accel, AccelChoice
 from tests.certs import TestCA, as_caller
 
@@ -102,8 +102,9 @@ ADMIN, OPERATOR, VIEWER = user("ada", Role.ADMIN), user("otto", Role.OPERATOR), 
 
 
 def _incoming(source: str = "host-a", **extra) -> dict:
-    return {"version": PROTOCOL_VERSION, "migration_id": MID, "source": source,
-            "spec": VmSpec(name="web9", memory=256 << 20).to_json(), **extra}
+    return {"protocol": PROTOCOL.model_dump(), "migration_id": MID, "source": source,
+            "spec": VmSpec(name="web9", memory=256 << 20).to_json(),
+            "offer": {"multifd_channels": 3, "compression": ["zstd", "none"]}, **extra}
 
 
 def _error(r: httpx.Response, status: int, *words: str) -> str:
@@ -131,11 +132,16 @@ def test_a_host_cannot_claim_another_source(svc, ca):
     _error(agent.call(host("host-b"), "POST", "/v1/incoming", _incoming(source="host-a")), 403,
            "host host-b may not start a migration from host-a")
     assert svc.incoming_sources.get(MID) is None and svc.manager.list()[0].name == VM  # nothing prepared
-    # Its own name gets past the check: then an unknown protocol version is refused in one line.
-    _error(agent.call(host("host-b"), "POST", "/v1/incoming", _incoming(source="host-b", version=99)), 422,
-           "migration protocol version 99 is unknown to host-a", f"speaks version {PROTOCOL_VERSION}")
+    # Its own name gets past the check: then an unknown major protocol version is refused in one line,
+    # before the fields it may lack or add; also protocol 1's integer `version`.
+    _error(agent.call(host("host-b"), "POST", "/v1/incoming",
+                      {**_incoming(source="host-b", protocol={"major": 99, "minor": 3}), "extra": 1}), 422,
+           "migration protocol 99.3 is not spoken here", f"speaks {PROTOCOL.major}.x")
+    old = {k: v for k, v in _incoming("host-b").items() if k not in ("protocol", "offer")}
+    _error(agent.call(host("host-b"), "POST", "/v1/incoming", {**old, "version": 1, "compression": "none"}), 422,
+           "migration protocol 1.0 is not spoken here")
     _error(agent.call(host("host-b"), "POST", "/v1/incoming", {k: v for k, v in _incoming("host-b").items()
-                                                               if k != "version"}), 422, "version: is required")
+                                                               if k != "protocol"}), 422, "protocol: is required")
 
 
 def test_commit_and_abort_only_by_the_source(svc, ca, tmp_path):
@@ -177,8 +183,8 @@ def test_only_its_destination_host_may_cancel_a_migration(svc, ca):
     """A restarted destination agent asks the source to cancel before it destroys the shadow
     (_end_stale_shadow); no other host may."""
     agent = Agent(svc, ca)
-    svc.records[MID] = MigrationRecord(id=MID, vm=VM, source="host-a", destination="host-b", options=MigrationOptions(),
-                                       phase=Phase.PRECOPY, started_at=1.0)
+    svc.records.add(MigrationRecord(id=MID, vm=VM, source="host-a", destination="host-b", options=MigrationOptions(),
+                                       phase=Phase.PRECOPY, started_at=1.0))
     svc.cancels[MID] = asyncio.Event()
     _error(agent.call(host("host-c"), "POST", f"/v1/migrations/{MID}/cancel"), 403,
            "host host-c may cancel only migrations to itself")
@@ -200,7 +206,8 @@ def test_encryption_cannot_be_asked_off(svc, ca):
     schemas = agent.call(VIEWER, "GET", "/openapi.json").json()["components"]["schemas"]
     assert set(schemas["OptionsBody"]["properties"]) == {"max_downtime_ms", "bandwidth", "policy", "allow_postcopy"}
     assert set(schemas["MigrationRequest"]["properties"]) == {"vm", "destination", "options"}
-    assert "encrypted" not in schemas["IncomingRequest"]["properties"] and "version" in schemas["IncomingRequest"]["required"]
+    assert "encrypted" not in schemas["IncomingRequest"]["properties"]
+    assert {"protocol", "offer"} <= set(schemas["IncomingRequest"]["required"])
 
 
 def test_unknown_destination_is_one_line(svc, ca):
@@ -212,7 +219,8 @@ def test_unknown_destination_is_one_line(svc, ca):
 def test_an_insecure_listener_checks_no_identity(svc, ca):
     """--insecure: every caller may do everything, host routes included (no names to compare)."""
     agent = Agent(svc, ca, insecure=True)
-    _error(agent.call(None, "POST", "/v1/incoming", _incoming(source="host-b", version=99)), 422, "version 99")
+    _error(agent.call(None, "POST", "/v1/incoming", _incoming(source="host-b", protocol={"major": 99, "minor": 0})), 422,
+           "protocol 99.0")
     svc.incoming_sources.remember(MID, "host-b")
     assert agent.call(None, "DELETE", f"/v1/incoming/{MID}").status_code == 204
 
@@ -227,6 +235,15 @@ def test_records_from_before_the_policy_still_load():
 
 
 # ---- one migration per VM -----------------------------------------------------------------------------
+def in_service(svc: MigrationService, scenario):  # type: ignore[no-untyped-def]
+    """Run `scenario` while the service's task group is open, as in an agent's lifespan."""
+    async def go():  # type: ignore[no-untyped-def]
+        async with svc.running():
+            return await scenario()
+
+    return asyncio.run(go())
+
+
 class Stubbed:
     """MigrationService.start with stubbed checks (they pause `check_delay`, then pass or fail as
     told) and a stubbed migration that runs until `finish` is set (or raises `fail_with`)."""
@@ -279,7 +296,7 @@ def test_simultaneous_starts_of_one_vm_exactly_one_proceeds(svc, monkeypatch, de
         assert svc.migrating == {}
         assert (await stub.start()).id != started[0].id
 
-    asyncio.run(scenario())
+    in_service(svc, scenario)
 
 
 def test_the_reservation_is_released_on_every_failure(svc, monkeypatch):
@@ -310,7 +327,7 @@ def test_the_reservation_is_released_on_every_failure(svc, monkeypatch):
             await task
         assert svc.migrating == {}
 
-    asyncio.run(scenario())
+    in_service(svc, scenario)
 
 
 def test_unreachable_or_unknown_destination_releases_the_vm(svc):
@@ -322,7 +339,7 @@ def test_unreachable_or_unknown_destination_releases_the_vm(svc):
             await svc.start(VM, "host-q", MigrationOptions())
         assert svc.migrating == {}
 
-    asyncio.run(scenario())
+    in_service(svc, scenario)
 
 
 def test_the_record_carries_the_cluster_policy(svc, monkeypatch, cluster):
@@ -336,5 +353,22 @@ def test_the_record_carries_the_cluster_policy(svc, monkeypatch, cluster):
             await stub.settle()
         return seen
 
-    assert asyncio.run(scenario()) == [True, False]
+    assert in_service(svc, scenario) == [True, False]
     assert engine.encryption_policy() is False
+
+
+def test_background_tasks_belong_to_the_service(svc, monkeypatch):
+    """A migration runs in the service's task group: refused while the group is closed, cancelled
+    (its VM released) when the group ends with the agent."""
+    async def scenario() -> None:
+        stub = Stubbed(svc, monkeypatch)
+        with pytest.raises(Conflict, match="migration service of host-a is not running"):
+            await stub.start()
+        assert svc.migrating == {} and svc.history() == []
+        async with svc.running():
+            rec = await stub.start()
+            await asyncio.sleep(0)
+            assert list(svc.tasks) == [rec.id] and svc.migrating == {VM: rec.id}
+        assert svc.tasks == {} and svc.migrating == {}
+
+    asyncio.run(scenario())
