@@ -58,8 +58,9 @@ from kvmotion.api.center import (
     VmReport,
 )
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.pki import client_ssl_context, issue_cert
+from kvmotion.api.pki import issue_cert
 from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
+from kvmotion.api.tls import client_context
 from kvmotion.center.serve import Listen, prepare
 from kvmotion.center.store import HostRow, SqliteStore, VmRow
 from kvmotion.core.errors import KvmotionError
@@ -281,8 +282,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     center = await asyncio.to_thread(start_center, root, data, port)
     url = f"https://127.0.0.1:{port}"
     # The center allows 32 connections per client address: each host from its own loopback address.
-    admin = AsyncCenterClient(url, client_ssl_context(admin_dir), timeout=60, max_connections=16)
-    clients = {n: AsyncCenterClient(url, client_ssl_context(d), timeout=30, local_address=f"127.0.1.{i + 1}",
+    admin = AsyncCenterClient(url, client_context(admin_dir), timeout=60, max_connections=16)
+    clients = {n: AsyncCenterClient(url, client_context(d), timeout=30, local_address=f"127.0.1.{i + 1}",
                                     max_connections=2) for i, (n, d) in enumerate(host_dirs.items())}
     vms_of = {n: [f"vm-{i:05d}" for i in range(j, args.vms, args.hosts)] for j, n in enumerate(names)}
     result: dict[str, Any] = {"hosts": args.hosts, "vms": args.vms, "phase_s": args.phase, "setup_s": round(setup_s, 1),
