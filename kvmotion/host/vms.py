@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +81,6 @@ class VmManager:
         self.disk_dir = config.state_dir / "disks"
         self._vms: dict[str, _Vm] = {}
         self._lease_task: asyncio.Task | None = None
-        # Run at the end of recover(): the migration service settles what this agent was driving.
-        self.after_recover: list[Callable[[], Awaitable[None]]] = []
         # Uncommitted shadows found running at recover(), (VM, migration id): with keeps_stale_shadows
         # the migration service has their source stop its stream before they go (a source QEMU 10.0
         # can abort when its multifd TLS stream's sockets die under it: migration/cancel.py).
@@ -212,8 +209,6 @@ class VmManager:
             await self._find_proto_nodes(vm)
             await self._cancel_orphan_migration(vm)
             vm.state = await self._qemu_state(vm)
-        for settle in self.after_recover:
-            await settle()
 
     async def _find_proto_nodes(self, vm: _Vm) -> None:
         """A rolled-back migration gave a datastore disk a new NBD node; a restarted agent asks
