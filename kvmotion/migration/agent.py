@@ -16,7 +16,7 @@ from pathlib import Path
 from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
 from kvmotion.api.center import ClusterSettings
-from kvmotion.api.inventory import HostEntry, Inventory
+from kvmotion.api.inventory import HostEntry, Inventory, cluster_dir
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
 from kvmotion.core import paths
@@ -92,7 +92,8 @@ def serve(
     scheme = "http" if insecure else "https"
     if register:
         shown = f"[{host}]" if ":" in host else host
-        Inventory().add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
+        # The shared folder's inventory explicitly: a login config in this process's environment is the CLI's.
+        Inventory(cluster_dir()).add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
     asyncio.run(server.serve(sockets=[sock]))
 
 
