@@ -317,8 +317,9 @@ def start_agent(cluster: LabCluster, host: str, timeout: float = STEP_TIMEOUT) -
     return proc
 
 
-def wait_hosts_connected(cluster: LabCluster, timeout: float = STEP_TIMEOUT) -> None:
-    """Until the center sees every host connected, with facts that name ds1 (placement needs them)."""
+def wait_hosts_connected(cluster: LabCluster, timeout: float = 90.0) -> None:
+    """Until the center sees every host connected, with facts that name ds1 (placement needs them;
+    facts fetched in the instant before a host's cache learnt ds1 are refreshed within a minute)."""
     names = {h.name for h in cluster.topology.hosts}
 
     def ready() -> bool:
