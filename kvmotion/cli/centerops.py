@@ -27,7 +27,7 @@ from kvmotion.api.migration import record_from_json
 from kvmotion.api.spec import VmSpec
 from kvmotion.api.userconfig import load_credentials
 from kvmotion.cli.common import console, print_json
-from kvmotion.core.errors import KvmotionError, MigrationError
+from kvmotion.core.errors import InsufficientResources, InvalidInput, KvmotionError, MigrationError
 from kvmotion.core.units import format_size
 
 FOLLOW_POLL = 0.5  # seconds between looks at a followed task
@@ -127,8 +127,11 @@ def vm_power(name: str, on: bool, wait: bool, json_out: bool) -> None:
 def migrate(vm: str, to: str | None, max_downtime_ms: int, bandwidth: int, policy: str, wait: bool,
             json_out: bool) -> None:
     with client() as center:
-        started = center.migrate(MigrateRequest(vm=vm, destination=to, max_downtime_ms=max_downtime_ms,
-                                                bandwidth=bandwidth, policy=policy))
+        try:
+            started = center.migrate(MigrateRequest(vm=vm, destination=to, max_downtime_ms=max_downtime_ms,
+                                                    bandwidth=bandwidth, policy=policy))
+        except (InvalidInput, InsufficientResources) as exc:  # refused by the center: said as an agent says it
+            raise type(exc)(f"migration of {vm}{f' to {to}' if to else ''} refused: {exc}") from None
         task = started.task
         if not json_out:
             console.print(f"migrating {vm}: {task.source} -> {task.destination} (task {task.id})", highlight=False)
