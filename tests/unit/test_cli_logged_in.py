@@ -14,12 +14,14 @@ from kvmotion.api import userconfig
 from kvmotion.api.center import CenterClient, Credentials, DatastoreSpec, JoinRequest, LoginRequest, pinned_ca, trusting
 from kvmotion.api.identity import Identity, Kind, identity_of
 from kvmotion.api.inventory import HostEntry, Inventory
+from kvmotion.api.joined import StateRoot
 from kvmotion.api.pki import new_key_and_csr
 from kvmotion.api.registry import DatastoreRef, Registry
 from kvmotion.api.tls import cli_ssl_context
 from kvmotion.cli import main
 from kvmotion.cli.login import save_credentials
 from kvmotion.core.errors import Conflict, SetupError
+from kvmotion.host.join import join
 from kvmotion.lab.cluster import read_first_start
 from tests.unit.test_center_serve import Served
 
@@ -101,3 +103,19 @@ def test_first_start_lines_missing(tmp_path: Path) -> None:
     log.write_text("kvmotion center serving https://10.0.0.5:7700 (CA SHA-256 " + "a" * 64 + ")\n")
     with pytest.raises(SetupError, match=r"printed no password, token \(log: .*center.log\)"):
         read_first_start(log)
+
+
+def test_joined_host_serves_insecure_only_under_an_insecure_center(tmp_path: Path, monkeypatch, capsys) -> None:
+    served = Served(tmp_path / "data")
+    try:
+        token = served.line("join token").rsplit(" ", 1)[1]
+        root = StateRoot(tmp_path / "root")
+        join(served.url, token, "host-a", "127.0.0.1", root)
+        monkeypatch.setattr(sys, "argv", ["kvmotion", "host", "serve", "--insecure", "--state-dir", str(root.path)])
+        with pytest.raises(SystemExit) as done:
+            main.main()
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1, err
+        assert "only a host of an --insecure center may" in err
+    finally:
+        served.close()
