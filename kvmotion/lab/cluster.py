@@ -33,6 +33,7 @@ from kvmotion.api import userconfig
 from kvmotion.api.agent import AgentClient
 from kvmotion.api.center import HostState
 from kvmotion.api.datastore import client_for
+from kvmotion.api.joined import StateRoot
 from kvmotion.api.registry import DatastoreRef
 from kvmotion.core.errors import SetupError
 from kvmotion.net import lab as labmod
@@ -327,7 +328,12 @@ def wait_hosts_connected(cluster: LabCluster, timeout: float = 90.0) -> None:
             hosts = {h.name: h for h in center.hosts()}
         return names <= hosts.keys() and all(
             hosts[n].state is HostState.CONNECTED and hosts[n].facts is not None and DATASTORE in hosts[n].facts.datastores
-            for n in names)
+            for n in names) and all(peers_known(n) for n in names)
+
+    def peers_known(host: str) -> bool:
+        """The host's agent has learnt every peer from the center (its cache, refreshed every few beats)."""
+        cache = StateRoot(cluster.host_state(host)).cache()
+        return names <= {h.name for h in cache.hosts} and DATASTORE in {d.name for d in cache.datastores}
 
     _wait("the hosts at the center", ready, None, cluster.log(CENTER), timeout)
 
