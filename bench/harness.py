@@ -30,7 +30,7 @@ from kvmotion.api.spec import NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.core.errors import KvmotionError, SetupError
 from kvmotion.core.interrupts import terminate_as_interrupt, uninterruptible
 from kvmotion.guest.serial import MemStatus, Ready, parse_line
-from kvmotion.lab.cluster import CLUSTER_DIR_ONLY, LabCluster, cluster_env, start_cluster
+from kvmotion.lab.cluster import LabCluster, cluster_env, lab_agent_client, start_cluster
 from kvmotion.migration.stats import RoundTracker
 from kvmotion.net import lab as labmod
 from kvmotion.net import links, netns
@@ -65,14 +65,10 @@ class BenchLab:
         return self.cluster.encrypted
 
     def agent(self, host: str, timeout: float = 30.0) -> AgentClient:
-        if not self.encrypted:
-            return AgentClient(self.cluster.agent_url(host), timeout=timeout)
-        from kvmotion.api.tls import cli_ssl_context
-
-        return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)
+        return lab_agent_client(self.cluster, host, timeout)  # as the lab's admin user (its login)
 
     def serial_log(self, host: str) -> Path:
-        return self.cluster.folder / "run" / "hosts" / host / "vms" / VM / "serial.log"
+        return self.cluster.serial_log(host, VM)
 
 
 @contextmanager
@@ -83,9 +79,8 @@ def bench_lab(link_rate: int | None, encrypted: bool) -> Iterator[BenchLab]:
         topo = labmod.lab_up(name, 2, link_rate)
         try:
             cluster = start_cluster(topo, encrypted=encrypted)
-            # The bench's own agent clients (TLS identity) and the baselines' QEMU TLS credentials
-            # are found through the lab's cluster folder.
-            with cluster_env(cluster, CLUSTER_DIR_ONLY):
+            # The bench acts as the lab's admin, logged in to its center.
+            with cluster_env(cluster):
                 yield BenchLab(cluster)
         finally:
             with uninterruptible():
@@ -256,7 +251,7 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
         done = rec["phase"] == "done"  # type: ignore[index]
         resumed = None
         if done:
-            resumed = VmStore(lab.cluster.folder / "state" / "hosts" / dst).get(VM).resumed_at
+            resumed = VmStore(lab.cluster.host_state(dst)).get(VM).resumed_at
         end = resumed or rec["ended_at"] or time.time()  # type: ignore[index]
         time.sleep(max(0.0, end + PROBE_TAIL_S - time.time()))
         report = probe.stop()
@@ -372,11 +367,12 @@ class BareQemu:
             pass
 
 
-async def _tls(qmp, endpoint: str, host: str) -> None:
-    from kvmotion.api.tls import migration_creds_dir
+async def _tls(qmp, endpoint: str, lab: BenchLab, host: str) -> None:
+    # The host's own identity, from its join (the baselines' QEMUs stand in for its agent's).
+    creds = lab.cluster.host_state(host) / "tls"
 
     await qmp.execute("object-add", **{"qom-type": "tls-creds-x509", "id": "bench-tls", "endpoint": endpoint,
-                                        "dir": str(migration_creds_dir(host)), "verify-peer": True})
+                                        "dir": str(creds), "verify-peer": True})
 
 
 async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, folder: Path,
@@ -401,9 +397,9 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
         for q in (sq, dq):  # events only report; they change nothing in the migration
             await q.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         if lab.encrypted:
-            await _tls(dq, "server", dst_host)
+            await _tls(dq, "server", lab, dst_host)
             await dq.execute("migrate-set-parameters", **{"tls-creds": "bench-tls"})
-            await _tls(sq, "client", src_host)
+            await _tls(sq, "client", lab, src_host)
             await sq.execute("migrate-set-parameters", **{"tls-creds": "bench-tls", "tls-hostname": dst_host})
         ip = lab.topo.host(dst_host).mgmt_ip
         await dq.execute("migrate-incoming", uri=f"tcp:{ip}:0")

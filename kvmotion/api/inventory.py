@@ -2,7 +2,8 @@
 
 A JSON file in the cluster folder (KVMOTION_CLUSTER_DIR, default <state>/cluster). Agents register
 themselves when they start; `kvmotion host add/remove` edit it by hand for remote hosts. In an agent
-joined to the center (kvmotion.api.joined) the hosts are the center's, from the agent's cache.
+joined to the center (kvmotion.api.joined) the hosts are the center's, from the agent's cache; in a
+CLI logged in to a center (kvmotion.api.userconfig), the center's, asked at GET /v1/hosts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.api import joined
+from kvmotion.api import joined, userconfig
 from kvmotion.core import paths
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound
 from kvmotion.core.files import write_atomic
@@ -42,6 +43,7 @@ def _locked(folder: Path):
 class Inventory:
     def __init__(self, folder: Path | None = None) -> None:
         self.joined = joined.active() if folder is None else None
+        self.center = folder is None and self.joined is None and userconfig.logged_in()
         self.folder = folder or cluster_dir()
         self.path = self.folder / "hosts.json"
 
@@ -49,10 +51,15 @@ class Inventory:
         if self.joined is not None:
             raise Conflict(f"this host is joined to the center {self.joined.config().center}: the center keeps the "
                            "inventory (`kvmotion host join` on the host itself)")
+        if self.center:
+            raise Conflict(f"logged in to a center ({userconfig.config_path()}): the center keeps the inventory "
+                           "(hosts join it with `kvmotion host join`)")
 
     def hosts(self) -> list[HostEntry]:
         if self.joined is not None:
             return sorted((HostEntry(name=h.name, url=h.agent_url) for h in self.joined.cache().hosts), key=lambda h: h.name)
+        if self.center:
+            return sorted((HostEntry(name=h.name, url=h.agent_url) for h in userconfig.center_hosts()), key=lambda h: h.name)
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:

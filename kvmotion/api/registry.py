@@ -5,7 +5,8 @@ served with --insecure.
 
 `$KVMOTION_CLUSTER_DIR/datastores.json`, default `state_dir()/cluster/datastores.json`. A
 stand-in until a cluster inventory exists; it may be folded into that later. In an agent joined to
-the center (kvmotion.api.joined) the datastores are the center's, from the agent's cache.
+the center (kvmotion.api.joined) the datastores are the center's, from the agent's cache; in a CLI
+logged in to a center (kvmotion.api.userconfig), the center's, asked at GET /v1/datastores.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.api import joined
+from kvmotion.api import joined, userconfig
 from kvmotion.api.address import nbd_tls, parse_http_url, parse_nbd_url
 from kvmotion.api.inventory import cluster_dir
 from kvmotion.api.spec import check_name
@@ -51,11 +52,14 @@ class DatastoreRef:
 class Registry:
     def __init__(self, path: Path | None = None) -> None:
         self.joined = joined.active() if path is None else None
+        self.center = path is None and self.joined is None and userconfig.logged_in()
         self.path = path or cluster_dir() / "datastores.json"
 
     def _load(self) -> dict[str, DatastoreRef]:
         if self.joined is not None:
             return {d.name: DatastoreRef(d.name, d.nbd_url, d.control_url) for d in self.joined.cache().datastores}
+        if self.center:
+            return {d.name: DatastoreRef(d.name, d.nbd_url, d.control_url) for d in userconfig.center_datastores()}
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -71,6 +75,9 @@ class Registry:
         if self.joined is not None:
             raise Conflict(f"this host is joined to the center {self.joined.config().center}: the center keeps the "
                            "datastores (`kvmotion datastore add` as its admin)")
+        if self.center:
+            raise Conflict(f"logged in to a center ({userconfig.config_path()}): the center keeps the datastores "
+                           "(`kvmotion datastore add` and `rm` go to it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "version": FILE_VERSION,

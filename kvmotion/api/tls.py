@@ -19,7 +19,7 @@ import os
 import ssl
 from pathlib import Path
 
-from kvmotion.api import joined
+from kvmotion.api import joined, userconfig
 from kvmotion.api.agent import AsyncAgentClient
 from kvmotion.api.inventory import cluster_dir
 from kvmotion.api.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
@@ -99,7 +99,10 @@ def user_creds_dir() -> Path:
 
 
 def cli_ssl_context() -> ssl.SSLContext:
-    """The CLI authenticates as a user (see user_creds_dir)."""
+    """The CLI authenticates as a user: $KVMOTION_CREDENTIALS if set, else the login config's user
+    when logged in to a center (kvmotion.api.userconfig), else the cluster folder's (user_creds_dir)."""
+    if not os.environ.get("KVMOTION_CREDENTIALS") and userconfig.logged_in():
+        return userconfig.user_ssl_context()
     return client_context(user_creds_dir())
 
 

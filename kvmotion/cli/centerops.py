@@ -10,6 +10,7 @@ import time
 import typer
 from rich.table import Table
 
+from kvmotion.api import userconfig
 from kvmotion.api.center import (
     CenterClient,
     DatastoreSpec,
@@ -20,10 +21,13 @@ from kvmotion.api.center import (
     TaskView,
     VmCreate,
 )
+from kvmotion.api.hosts import client_for
+from kvmotion.api.inventory import Inventory
+from kvmotion.api.migration import record_from_json
 from kvmotion.api.spec import VmSpec
-from kvmotion.cli.common import console
-from kvmotion.cli.login import config_path, load_credentials
-from kvmotion.core.errors import KvmotionError, MigrationError
+from kvmotion.api.userconfig import load_credentials
+from kvmotion.cli.common import console, print_json
+from kvmotion.core.errors import InsufficientResources, InvalidInput, KvmotionError, MigrationError
 from kvmotion.core.units import format_size
 
 FOLLOW_POLL = 0.5  # seconds between looks at a followed task
@@ -31,7 +35,7 @@ FOLLOW_POLL = 0.5  # seconds between looks at a followed task
 
 def logged_in() -> bool:
     """A login config exists: commands go through the center."""
-    return config_path().exists()
+    return userconfig.logged_in()
 
 
 def client() -> CenterClient:
@@ -123,17 +127,43 @@ def vm_power(name: str, on: bool, wait: bool, json_out: bool) -> None:
 def migrate(vm: str, to: str | None, max_downtime_ms: int, bandwidth: int, policy: str, wait: bool,
             json_out: bool) -> None:
     with client() as center:
-        started = center.migrate(MigrateRequest(vm=vm, destination=to, max_downtime_ms=max_downtime_ms,
-                                                bandwidth=bandwidth, policy=policy))
+        try:
+            started = center.migrate(MigrateRequest(vm=vm, destination=to, max_downtime_ms=max_downtime_ms,
+                                                    bandwidth=bandwidth, policy=policy))
+        except (InvalidInput, InsufficientResources) as exc:  # refused by the center: said as an agent says it
+            raise type(exc)(f"migration of {vm}{f' to {to}' if to else ''} refused: {exc}") from None
         task = started.task
         if not json_out:
             console.print(f"migrating {vm}: {task.source} -> {task.destination} (task {task.id})", highlight=False)
             if started.placement is not None:
                 _placement(started.placement)
-        if wait:
+        if wait and json_out:
+            _print_outcome(center, task)
+        elif wait:
             follow(center, task, json_out)
         elif json_out:
             print(started.model_dump_json(indent=2))
+
+
+def _print_outcome(center: CenterClient, task: TaskView) -> None:
+    """`migrate --json`: the source agent's migration record once the task ends (the shape
+    `migrate --json` prints without a center), or the task when no migration was started."""
+    while not task.state.terminal:
+        time.sleep(FOLLOW_POLL)
+        task = center.task(task.id)
+    record = None
+    if task.result is not None and task.result.migration and task.source:
+        try:
+            agent = client_for(Inventory().host(task.source))
+            record = record_from_json(agent.request("GET", f"/v1/migrations/{task.result.migration}"))  # type: ignore[arg-type]
+        except KvmotionError:
+            record = None  # the source's agent is gone: the task says what the center knows
+    if record is not None:
+        print_json(record)
+    else:
+        print(task.model_dump_json(indent=2))
+    if task.state is not TaskState.DONE:
+        raise MigrationError(f"task {task.id} (migrate {task.target}) {task.state.value}: {task.error or 'no reason given'}")
 
 
 # ---- tasks ----
@@ -221,3 +251,9 @@ def datastore_add(name: str, nbd_url: str, control_url: str) -> None:
     with client() as center:
         added = center.add_datastore(DatastoreSpec(name=name, nbd_url=nbd_url, control_url=control_url))
     print(f"datastore {added.name}: {added.nbd_url} (control {added.control_url}), for the whole cluster")
+
+
+def datastore_rm(name: str) -> None:
+    with client() as center:
+        center.remove_datastore(name)
+    print(f"datastore {name} removed from the cluster (its disks are untouched)")

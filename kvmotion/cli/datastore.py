@@ -97,7 +97,10 @@ def add(
 
 @app.command("rm")
 def remove(name: str = typer.Argument(..., help="Datastore to forget (its disks are untouched).")) -> None:
-    """Remove a datastore from the cluster inventory."""
+    """Remove a datastore from the cluster inventory (logged in to a center: at the center)."""
+    if centerops.logged_in():
+        centerops.datastore_rm(check_name(name, "datastore"))
+        return
     Registry().remove(name)
     typer.echo(f"datastore {name} removed from the cluster inventory")
 

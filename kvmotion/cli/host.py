@@ -29,7 +29,7 @@ def serve(
     run_dir: Path | None = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
     accel: str | None = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the port "
-                                  "owns the host (trusted networks and benchmarks only; not for a joined host)."),
+                                  "owns the host (trusted networks and benchmarks only; a joined host only with an --insecure center)."),
     max_body: str = typer.Option("1M", "--max-body", help="Largest request body."),
     max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", help="Open connections from one address."),
     migration_limit: int = typer.Option(4, "--migration-limit", help="Migrations in and out of this host at once."),
@@ -52,10 +52,11 @@ def serve(
         joined_as = root.config()
         if name is not None and name != joined_as.name:
             raise InvalidInput(f"{root.path} is joined as host {joined_as.name}, not {name}: drop --name")
-        if insecure:
+        if insecure and not joined_as.center.startswith("http:"):
             raise InvalidInput(f"host {joined_as.name} is joined to {joined_as.center}: it serves with its certificate, "
-                               "not --insecure")
-        serve_joined(root, listen, portgroup, run_dir, accel, migration_limit=migration_limit, limits=limits)
+                               "not --insecure (only a host of an --insecure center may)")
+        serve_joined(root, listen, portgroup, run_dir, accel, migration_limit=migration_limit, limits=limits,
+                     insecure=insecure)
         return
     if name is None:
         raise InvalidInput(f"{root.path} holds no joined host (no config.json): join with `kvmotion host join`, "

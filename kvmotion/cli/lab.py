@@ -37,8 +37,8 @@ def up(
     name: str = typer.Option("lab", "--name", help="Lab name: 1-10 lowercase letters and digits."),
     hosts: int = typer.Option(3, "--hosts", help="Number of hypervisor hosts (host-a, host-b, ...)."),
     link: str = typer.Option("none", "--link", help="Shape mgmt/vMotion uplinks: 1gbit, 10gbit, any rate, or none."),
-    agents: bool = typer.Option(True, help="Start a host agent per host and the datastore ds1."),
-    plain: bool = typer.Option(False, help="No cluster CA: agents' API and migration streams unencrypted."),
+    agents: bool = typer.Option(True, help="Start the center, datastore ds1 and a joined host agent per host."),
+    plain: bool = typer.Option(False, help="Center, agents, datastore and migration streams in plain text (--insecure)."),
 ) -> None:
     """Build a lab (refuses if one of that name is up)."""
     topo = labmod.lab_up(name, hosts, _link_rate(link))
@@ -49,8 +49,10 @@ def up(
         except BaseException:
             labmod.lab_down(name)
             raise
-        typer.echo(f"  agents up ({'mutual TLS' if cluster.encrypted else 'plain HTTP'}), datastore ds1 at {cluster.nbd_url}")
-        typer.echo(f"To use it:  export KVMOTION_CLUSTER_DIR={cluster.folder / 'cluster'}")
+        typer.echo(f"  center at {cluster.center_url}; {len(topo.hosts)} hosts joined by token, agents up "
+                   f"({'mutual TLS' if cluster.encrypted else 'plain HTTP'}); datastore ds1 at {cluster.nbd_url}")
+        typer.echo(f"  each machine's files under {cluster.folder / 'machines'}, seen by no other machine")
+        typer.echo(f"To use it (the lab's admin, logged in):  export KVMOTION_CONFIG={cluster.admin_config}")
 
 
 @app.command()

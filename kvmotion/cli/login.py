@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -20,35 +19,15 @@ import typer
 from kvmotion.api.center import CenterClient, Credentials, LoginRequest, pinned_ca, trusting
 from kvmotion.api.identity import check_user_name
 from kvmotion.api.pki import new_key_and_csr
-from kvmotion.core.errors import InvalidInput, NotFound, SetupError
+from kvmotion.api.userconfig import config_path
+from kvmotion.core.errors import InvalidInput
 from kvmotion.core.files import write_atomic
-
-CONFIG_ENV = "KVMOTION_CONFIG"
-
-
-def config_path() -> Path:
-    explicit = os.environ.get(CONFIG_ENV)
-    return Path(explicit) if explicit else Path.home() / ".config" / "kvmotion" / "config"
 
 
 def save_credentials(creds: object, path: Path) -> None:
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o700)
     write_atomic(path, json.dumps(dataclasses.asdict(creds), indent=2) + "\n", 0o600)  # type: ignore[call-overload]
-
-
-def load_credentials(path: Path | None = None):  # type: ignore[no-untyped-def]
-    """The Credentials `kvmotion login` saved."""
-    where = path or config_path()
-    try:
-        data = json.loads(where.read_text())
-        return Credentials(**{f.name: str(data[f.name]) for f in dataclasses.fields(Credentials)})
-    except FileNotFoundError:
-        raise NotFound(f"no login config at {where}: run `kvmotion login URL --user NAME` first") from None
-    except PermissionError:
-        raise SetupError(f"cannot read the login config {where}: it belongs to another user") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise SetupError(f"the login config {where} is damaged: run `kvmotion login` again") from None
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -119,10 +119,8 @@ def delete(name: str) -> None:
 
 @app.command("list")
 def list_vms(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Every VM of the cluster: name, state, host, memory, CPUs, uptime."""
-    if centerops.logged_in():
-        centerops.vm_ls(json_out)
-        return
+    """Every copy of every VM as the hosts' agents report it: name, state, host, memory, CPUs, uptime
+    (logged in to a center, the agents are the center's hosts; `vm ls` shows the center's view)."""
     vms, down = all_vms()
     if json_out:
         print_json(vms)
@@ -134,7 +132,11 @@ def list_vms(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 
 @app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Every VM of the cluster (as `vm list`)."""
+    """Every VM of the cluster: through a center, as the center knows them (desired and observed);
+    otherwise as `vm list`."""
+    if centerops.logged_in():
+        centerops.vm_ls(json_out)
+        return
     list_vms(json_out)
 
 

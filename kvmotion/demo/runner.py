@@ -33,7 +33,7 @@ from kvmotion.demo.guestlog import GuestLog
 from kvmotion.guest.cmdline import max_working_set
 from kvmotion.guest.records import RecordCheck, verify_image
 from kvmotion.guest.serial import MemCorrupt, MemStatus
-from kvmotion.lab.cluster import CLUSTER_DIR_ONLY, DATASTORE, LabCluster, cluster_env, start_cluster
+from kvmotion.lab.cluster import DATASTORE, LabCluster, cluster_env, start_cluster
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
 from kvmotion.net.probe import ProbeReport
@@ -205,9 +205,9 @@ def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
         )
         topo = labmod.lab_up(name, HOSTS, opts.link_rate)  # cleans up after itself if it fails
         built = True
-        view.step(f"starting the datastore and {HOSTS} host agents ({'TLS' if opts.encrypted else 'plain'})")
+        view.step(f"starting the center, datastore ds1 and {HOSTS} host agents joined by token ({'TLS' if opts.encrypted else 'plain'})")
         cluster = start_cluster(topo, encrypted=opts.encrypted)
-        with cluster_env(cluster, CLUSTER_DIR_ONLY):
+        with cluster_env(cluster):  # the lab's admin, logged in to its center
             result = _run(cluster, opts, view, began)
         keep_logs = not result.all_ok
         return result
@@ -225,7 +225,7 @@ def run_demo(opts: DemoOptions, view: DemoView) -> rpt.DemoReport:
 def _keep_logs(folder: Path, dest: Path) -> bool:
     """Copy what explains a failure out of the lab folder before it goes: service logs, the VM's
     serial and QEMU logs per host, the agents' migration records."""
-    patterns = ("logs/*.log", "run/hosts/*/vms/*/*.log", "state/hosts/*/migrations/*.json")
+    patterns = ("logs/*.log", "machines/*/run/vms/*/*.log", "machines/*/state/migrations/*.json")
     shutil.rmtree(dest, ignore_errors=True)  # one run's logs, not a mix with an earlier run's
     copied = False
     for pattern in patterns:
@@ -257,8 +257,7 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
         workloads=(Workload.ECHO, Workload.MEMWRITER, Workload.DISKWRITER),
         params=params,
     )
-    run_dir = cluster.folder / "run" / "hosts"
-    log = GuestLog({h.name: run_dir / h.name / "vms" / VM / "serial.log" for h in topo.hosts}).start()
+    log = GuestLog({h.name: cluster.serial_log(h.name, VM) for h in topo.hosts}).start()
     probe: _Probe | None = None
     try:
         view.step(
@@ -306,7 +305,7 @@ def _run(cluster: LabCluster, opts: DemoOptions, view: DemoView, began: float) -
         disk: RecordCheck | None = None
         acked = rpt.highest_ack(lines)
         if acked >= 0:
-            disk = verify_image(cluster.folder / DATASTORE / DISK, acked)
+            disk = verify_image(cluster.datastore_root / DISK, acked)
     finally:
         log.stop()
         if probe is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
 from kvmotion.api.center import ClusterSettings
-from kvmotion.api.inventory import HostEntry, Inventory
+from kvmotion.api.inventory import HostEntry, Inventory, cluster_dir
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
 from kvmotion.core import paths
@@ -92,7 +92,8 @@ def serve(
     scheme = "http" if insecure else "https"
     if register:
         shown = f"[{host}]" if ":" in host else host
-        Inventory().add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
+        # The shared folder's inventory explicitly: a login config in this process's environment is the CLI's.
+        Inventory(cluster_dir()).add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
     asyncio.run(server.serve(sockets=[sock]))
 
 
@@ -104,9 +105,11 @@ def serve_joined(
     accel: str | None = None,
     migration_limit: int = 4,
     limits: Limits | None = None,
+    insecure: bool = False,
 ) -> None:
     """Serve a host joined to the center: mutual TLS with the certificate of the join, the cluster's
-    inventory, datastores and settings from the center (cached in `root`), heartbeats to the center."""
+    inventory, datastores and settings from the center (cached in `root`), heartbeats to the center.
+    `insecure` (for a host of an --insecure center, whose peers dial http://): plain HTTP, a warning."""
     config_file = root.config()
     name = config_file.name
     host, port = parse_listen(listen or config_file.listen)
@@ -126,7 +129,10 @@ def serve_joined(
         accel=choice,
     )
     set_own_host(name)
-    security = Security(tls_files=host_tls_files(name), audit_log=root.path / "audit.log", limits=limits or Limits())
+    security = Security(tls_files=None if insecure else host_tls_files(name), audit_log=root.path / "audit.log",
+                        limits=limits or Limits(), insecure=insecure)
+    if insecure:
+        print(insecure_warning(f"host agent {name} on {listen or config_file.listen}"), file=sys.stderr, flush=True)
     # The migration address is the joined one unless --listen says otherwise: peers learn it from the center.
     services: list[MigrationService] = []
 
@@ -139,6 +145,6 @@ def serve_joined(
     app = create_app(config, extra_routers=(migrations,), background=(heartbeats,))
     server = make_server(app, security, f"agent {name}", lifespan="on")
     sock = listening_socket(host, port, "the host agent")
-    print(f"kvmotion host agent {name} serving https://{config_file.listen if listen is None else listen}, "
+    print(f"kvmotion host agent {name} serving {'http' if insecure else 'https'}://{config_file.listen if listen is None else listen}, "
           f"joined to {config_file.center}", file=sys.stderr, flush=True)
     asyncio.run(server.serve(sockets=[sock]))

@@ -1,5 +1,6 @@
-"""A lab cluster for migration tests: namespaces (kvmotion.net.lab) + agents and datastore
-(kvmotion.lab.cluster), driven through the CLI like a user would, with the probes the tests need
+"""A lab cluster for migration tests: namespaces (kvmotion.net.lab) + the center, joined agents and
+the datastore, each on a machine of its own (kvmotion.lab.cluster), driven through the CLI like a
+user logged in to the center would, with the probes the tests need
 (serial-log counters, QEMU processes per host, agent kill/restart, the switch's FDB).
 
 Every lab has a unique name and is torn down with lab_down (which kills agents and QEMU in its
@@ -29,7 +30,8 @@ from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
 from kvmotion.guest.serial import MemCorrupt, MemStatus, parse_line
 from kvmotion.host.store import VmStore
-from kvmotion.lab.cluster import LabCluster, agent_argv, cluster_env, start_cluster
+from kvmotion.lab import cluster as labcluster
+from kvmotion.lab.cluster import LabCluster, lab_agent_client, start_cluster
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
 
@@ -183,6 +185,15 @@ class MigrationLab:
         self.cli_ok(*args)
         if start:
             self.cli_ok("vm", "start", name, timeout=90)
+            self.wait_ready(host, name)
+
+    def wait_ready(self, host: str, vm: str, timeout: float = 60) -> None:
+        """Until the guest's ready line (the center's start task ends when QEMU runs)."""
+        client = self.agent(host)
+        deadline = time.monotonic() + timeout
+        while not client.vm(vm).ready:
+            assert time.monotonic() < deadline, f"VM {vm} on {host} was not ready within {timeout} s"
+            time.sleep(0.1)
 
     def vm_list(self) -> list[dict]:
         return self.cli_json("vm", "list")  # type: ignore[return-value]
@@ -226,13 +237,13 @@ class MigrationLab:
         from kvmotion.core.errors import NotFound
 
         try:
-            return VmStore(self.cluster.folder / "state" / "hosts" / host).get(vm)
+            return VmStore(self.cluster.host_state(host)).get(vm)
         except NotFound:
             return None
 
     # ---- the guest's console --------------------------------------------------------------------
     def serial_log(self, host: str, vm: str) -> Path:
-        return self.cluster.folder / "run" / "hosts" / host / "vms" / vm / "serial.log"
+        return self.cluster.serial_log(host, vm)
 
     def mem_log(self, host: str, vm: str, offset: int = 0) -> MemLog:
         try:
@@ -281,32 +292,13 @@ class MigrationLab:
             time.sleep(0.02)
 
     def start_agent(self, host: str, timeout: float = 30) -> None:
-        """Start `host`'s agent again the way start_cluster does, and wait until it answers."""
-        h = self.topo.host(host)
-        proc = labmod.spawn_in_ns(h.ns, agent_argv(self.cluster, host), self.cluster.folder / "logs" / f"{h.name}.log",
-                                  self.env)
-        self.agent_procs[host] = proc
-        client = self.agent(host, timeout=2)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                client.host()
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                assert proc.poll() is None, f"agent {host} exited with {proc.returncode}"
-                assert time.monotonic() < deadline, f"agent {host} did not answer within {timeout} s"
-                time.sleep(0.1)
+        """Start `host`'s agent again the way start_cluster does (joined, on its own machine), and
+        wait until it answers."""
+        self.agent_procs[host] = labcluster.start_agent(self.cluster, host, timeout)
 
     def agent(self, host: str, timeout: float = 5):
         """A client of `host`'s agent API (for fast polling; the tests act through the CLI)."""
-        from kvmotion.api.agent import AgentClient
-
-        if not self.cluster.encrypted:
-            return AgentClient(self.cluster.agent_url(host), timeout=timeout)
-        from kvmotion.api.tls import cli_ssl_context
-
-        with cluster_env(self.cluster):  # the lab's admin user, found through the lab's folders
-            return AgentClient(self.cluster.agent_url(host), ssl_context=cli_ssl_context(), timeout=timeout)
+        return lab_agent_client(self.cluster, host, timeout)  # as the lab's admin user (its login)
 
     def migration_of(self, source: str, vm: str) -> dict | None:
         """The latest migration record of `vm` on its source agent (JSON), or None."""
@@ -356,7 +348,7 @@ class MigrationLab:
         return rec
 
     def agent_log(self, host: str) -> str:
-        p = self.cluster.folder / "logs" / f"{host}.log"
+        p = self.cluster.log(host)
         return p.read_text(errors="replace") if p.exists() else ""
 
     # ---- the switch -----------------------------------------------------------------------------
@@ -390,11 +382,12 @@ def _keep_logs(cluster: LabCluster) -> None:
         dest = Path(tempfile.gettempdir()) / f"kvmotion-lab-{cluster.topology.name}"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(logs, dest, dirs_exist_ok=True)
-        for vm_dir in (cluster.folder / "run" / "hosts").glob("*/vms/*"):
-            for name in ("serial.log", "qemu.log"):
-                src = vm_dir / name
-                if src.exists():
-                    shutil.copy(src, dest / f"{vm_dir.parent.parent.name}-{vm_dir.name}-{name}")
+        for h in cluster.topology.hosts:
+            for vm_dir in (cluster.host_run(h.name) / "vms").glob("*"):
+                for name in ("serial.log", "qemu.log"):
+                    src = vm_dir / name
+                    if src.exists():
+                        shutil.copy(src, dest / f"{h.name}-{vm_dir.name}-{name}")
 
 
 LabFactory = Callable[..., MigrationLab]

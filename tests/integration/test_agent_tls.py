@@ -10,8 +10,6 @@ import httpx
 import pytest
 
 from kvmotion.api.pki import init_ca, issue_host_cert
-from kvmotion.api.tls import host_dir
-from kvmotion.lab.cluster import cluster_env
 from kvmotion.qemu import confine
 
 pytestmark = [pytest.mark.lab]
@@ -25,8 +23,7 @@ def test_agent_refuses_plain_and_forged_clients(make_lab, tmp_path):
     lab = make_lab(encrypted=True)
     url = lab.cluster.agent_url("host-a")
     assert url.startswith("https://")
-    with cluster_env(lab.cluster):
-        own = host_dir("host-b")
+    own = lab.cluster.host_state("host-b") / "tls"  # host-b's identity from its join
     ca_file = str(own / "ca-cert.pem")
 
     good = ssl.create_default_context(cafile=ca_file)

@@ -24,10 +24,10 @@ import pytest
 from kvmotion.api.datastore import DatastoreClient
 from kvmotion.api.disks import Lease
 from kvmotion.api.registry import Registry
-from kvmotion.api.tls import client_context
+from kvmotion.api.userconfig import user_ssl_context
 from kvmotion.guest.records import verify_image
 from kvmotion.guest.serial import DiskAck, DiskError, parse_line
-from kvmotion.lab.cluster import DATASTORE
+from kvmotion.lab.cluster import DATASTORE, cluster_env
 from kvmotion.net import lab as labmod
 from kvmotion.net import netns
 from tests.integration.lab_fixture import MigrationLab
@@ -90,12 +90,12 @@ def highest_ack(lab: MigrationLab, vm: str) -> int:
 
 
 def datastore(lab: MigrationLab) -> DatastoreClient:
-    """The lab's datastore, as its user admin (over TLS in an encrypted lab)."""
-    cluster = lab.cluster.folder / "cluster"
-    ref = Registry(cluster / "datastores.json").get(DATASTORE)
-    if not ref.tls:
-        return DatastoreClient(ref.control_url, timeout=5)
-    return DatastoreClient(ref.control_url, timeout=5, ssl_context=client_context(cluster / "users" / "admin"))
+    """The lab's datastore, as its user admin (over TLS in an encrypted lab: the admin's login)."""
+    with cluster_env(lab.cluster):
+        ref = Registry().get(DATASTORE)
+        if not ref.tls:
+            return DatastoreClient(ref.control_url, timeout=5)
+        return DatastoreClient(ref.control_url, timeout=5, ssl_context=user_ssl_context())
 
 
 def lease_of(lab: MigrationLab, disk: str) -> tuple[Lease | None, int]:
@@ -115,7 +115,7 @@ def stop_and_verify(lab: MigrationLab, vm: str, disk: str) -> tuple[int, str]:
     lab.cli_ok("vm", "stop", vm, timeout=60)
     acked = highest_ack(lab, vm)
     assert acked >= 0, "the guest never saw a record acknowledged"
-    check = verify_image(lab.cluster.folder / DATASTORE / disk, acked)
+    check = verify_image(lab.cluster.datastore_root / disk, acked)
     assert check.ok and (check.missing, check.duplicate, check.corrupt) == (0, 0, 0), check.summary()
     lease, _ = lease_of(lab, disk)
     assert lease is None, f"the stopped VM still holds the lease: {lease}"
@@ -201,7 +201,8 @@ def kill_datastore(lab: MigrationLab) -> ServiceCommand:
 
 
 def start_datastore(lab: MigrationLab, cmd: ServiceCommand) -> None:
-    proc = labmod.spawn_in_ns(lab.topo.datastore.ns, cmd.argv, lab.cluster.folder / "logs" / "datastore.log", cmd.env)
+    proc = labmod.spawn_in_ns(lab.topo.datastore.ns, cmd.argv, lab.cluster.log(DATASTORE), cmd.env,
+                              hide=lab.cluster.hide_from(DATASTORE))
     with datastore(lab) as ds:
         deadline = time.monotonic() + 30
         while not ds.reachable():

@@ -81,7 +81,7 @@ def test_vm_migrate_task_events_and_hosts_through_the_center(cli, capsys, monkey
 
 def test_one_line_errors_through_the_center(cli, capsys, monkeypatch) -> None:
     cases = [
-        (("migrate", "nope"), 2, "kvmotion: error: unknown VM nope: no such VM in the cluster"),
+        (("migrate", "nope"), 2, "kvmotion: error: migration of nope refused: unknown VM nope: no such VM in the cluster"),
         (("task", "show", "xyz"), 2, "kvmotion: error: invalid task id 'xyz'"),
         (("task", "cancel", "0123456789abcdef"), 3, "kvmotion: error: no task 0123456789abcdef"),
         (("vm", "start", "nope"), 3, "kvmotion: error: no VM nope in the cluster"),
