@@ -117,7 +117,24 @@ class Wire(Checked):
 class HostState(str, Enum):
     CONNECTED = "connected"
     NOT_RESPONDING = "not_responding"  # silent for longer than the settings allow, or not heard since joining
-    MAINTENANCE = "maintenance"
+
+
+class HostMode(str, Enum):
+    """What the host is for, beside whether it answers (HostState)."""
+
+    NORMAL = "normal"
+    ENTERING_MAINTENANCE = "entering_maintenance"  # being evacuated: no new VMs, its VMs are moving away
+    MAINTENANCE = "maintenance"  # empty of running VMs; no new VMs
+
+
+class Severity(str, Enum):
+    OK = "ok"
+    MODERATE = "moderate"  # quarantine: no new VMs, DRS moves VMs off when others can take them
+    SEVERE = "severe"  # maintenance: evacuate
+
+    @property
+    def rank(self) -> int:
+        return ("ok", "moderate", "severe").index(self.value)
 
 
 class ReportedState(str, Enum):
@@ -170,6 +187,11 @@ class EventKind(str, Enum):
     TASK_ENDED = "task_ended"
     TASK_CANCEL_REQUESTED = "task_cancel_requested"
     DRIFT = "drift"  # desired and observed differ (reported by the reconcile pass)
+    HOST_MODE = "host_mode"  # entering, in or out of maintenance
+    HOST_HEALTH = "host_health"  # a provider's report changed a host's health
+    RULE_ADDED = "rule_added"
+    RULE_REMOVED = "rule_removed"
+    DRS_CONFIGURED = "drs_configured"
 
 
 # ---- cluster, CA, join, login --------------------------------------------------------------------------
@@ -301,6 +323,10 @@ class HostView(Wire):
     vms: int = 0  # VMs last observed there
     cpu_demand: float | None = None  # cores its VMs kept busy between its last two heartbeats
     facts: HostFacts | None = None
+    mode: HostMode = HostMode.NORMAL
+    mode_reason: str = ""  # who or what put it there
+    health: Severity = Severity.OK  # the worst its health providers say
+    quarantined: bool = False  # no new VMs; DRS moves VMs off
 
 
 class JoinAnswer(Wire):
@@ -392,6 +418,7 @@ class TaskKind(str, Enum):
     START = "start"
     STOP = "stop"
     MIGRATE = "migrate"
+    REHOME = "rehome"  # a powered-off VM defined on another host (maintenance)
 
 
 class TaskState(str, Enum):
@@ -436,6 +463,9 @@ class TaskView(Wire):
     cancel_requested: bool = False
     source: str | None = None  # a migration's hosts
     destination: str | None = None
+    why: str = ""  # what asked for it beside the user: maintenance, DRS, health
+    predicted_s: float | None = None  # a migration's predicted duration and downtime, beside result's actual
+    predicted_downtime_ms: float | None = None
 
 
 class Candidate(Wire):
@@ -660,7 +690,7 @@ def _decode(model: Any, response: httpx.Response) -> Any:
 
 
 @dataclass(frozen=True)
-class _Call:
+class Call:
     """One API call, built once for both clients."""
 
     method: str
@@ -681,110 +711,110 @@ class _Call:
 
 class _Calls:
     @staticmethod
-    def ca() -> _Call:
-        return _Call("GET", "/v1/ca", CaInfo)
+    def ca() -> Call:
+        return Call("GET", "/v1/ca", CaInfo)
 
     @staticmethod
-    def join(request: JoinRequest) -> _Call:
-        return _Call("POST", "/v1/join", JoinAnswer, request)
+    def join(request: JoinRequest) -> Call:
+        return Call("POST", "/v1/join", JoinAnswer, request)
 
     @staticmethod
-    def login(request: LoginRequest) -> _Call:
-        return _Call("POST", "/v1/login", LoginAnswer, request)
+    def login(request: LoginRequest) -> Call:
+        return Call("POST", "/v1/login", LoginAnswer, request)
 
     @staticmethod
-    def settings() -> _Call:
-        return _Call("GET", "/v1/settings", ClusterSettings)
+    def settings() -> Call:
+        return Call("GET", "/v1/settings", ClusterSettings)
 
     @staticmethod
-    def hosts() -> _Call:
-        return _Call("GET", "/v1/hosts", list[HostView])
+    def hosts() -> Call:
+        return Call("GET", "/v1/hosts", list[HostView])
 
     @staticmethod
-    def host(name: str) -> _Call:
-        return _Call("GET", f"/v1/hosts/{name}", HostView)
+    def host(name: str) -> Call:
+        return Call("GET", f"/v1/hosts/{name}", HostView)
 
     @staticmethod
-    def remove_host(name: str) -> _Call:
-        return _Call("DELETE", f"/v1/hosts/{name}", None)
+    def remove_host(name: str) -> Call:
+        return Call("DELETE", f"/v1/hosts/{name}", None)
 
     @staticmethod
-    def heartbeat(name: str, beat: Heartbeat) -> _Call:
-        return _Call("POST", f"/v1/hosts/{name}/heartbeat", HeartbeatAnswer, beat)
+    def heartbeat(name: str, beat: Heartbeat) -> Call:
+        return Call("POST", f"/v1/hosts/{name}/heartbeat", HeartbeatAnswer, beat)
 
     @staticmethod
-    def datastores() -> _Call:
-        return _Call("GET", "/v1/datastores", list[DatastoreView])
+    def datastores() -> Call:
+        return Call("GET", "/v1/datastores", list[DatastoreView])
 
     @staticmethod
-    def add_datastore(spec: DatastoreSpec) -> _Call:
-        return _Call("POST", "/v1/datastores", DatastoreView, spec)
+    def add_datastore(spec: DatastoreSpec) -> Call:
+        return Call("POST", "/v1/datastores", DatastoreView, spec)
 
     @staticmethod
-    def remove_datastore(name: str) -> _Call:
-        return _Call("DELETE", f"/v1/datastores/{name}", None)
+    def remove_datastore(name: str) -> Call:
+        return Call("DELETE", f"/v1/datastores/{name}", None)
 
     @staticmethod
-    def users() -> _Call:
-        return _Call("GET", "/v1/users", list[UserView])
+    def users() -> Call:
+        return Call("GET", "/v1/users", list[UserView])
 
     @staticmethod
-    def add_user(user: UserAdd) -> _Call:
-        return _Call("POST", "/v1/users", UserAdded, user)
+    def add_user(user: UserAdd) -> Call:
+        return Call("POST", "/v1/users", UserAdded, user)
 
     @staticmethod
-    def create_token(request: TokenCreate) -> _Call:
-        return _Call("POST", "/v1/tokens", TokenCreated, request)
+    def create_token(request: TokenCreate) -> Call:
+        return Call("POST", "/v1/tokens", TokenCreated, request)
 
     @staticmethod
-    def tokens() -> _Call:
-        return _Call("GET", "/v1/tokens", list[TokenView])
+    def tokens() -> Call:
+        return Call("GET", "/v1/tokens", list[TokenView])
 
     @staticmethod
-    def delete_token(token_id: str) -> _Call:
-        return _Call("DELETE", f"/v1/tokens/{token_id}", None)
+    def delete_token(token_id: str) -> Call:
+        return Call("DELETE", f"/v1/tokens/{token_id}", None)
 
     @staticmethod
-    def events(since: int = 0, limit: int = 100) -> _Call:
-        return _Call("GET", "/v1/events", EventPage, params={"since": since, "limit": limit})
+    def events(since: int = 0, limit: int = 100) -> Call:
+        return Call("GET", "/v1/events", EventPage, params={"since": since, "limit": limit})
 
     @staticmethod
-    def vms() -> _Call:
-        return _Call("GET", "/v1/vms", list[VmView])
+    def vms() -> Call:
+        return Call("GET", "/v1/vms", list[VmView])
 
     @staticmethod
-    def vm(name: str) -> _Call:
-        return _Call("GET", f"/v1/vms/{_path_name(name, NAME_PATTERN, 'VM name')}", VmView)
+    def vm(name: str) -> Call:
+        return Call("GET", f"/v1/vms/{path_name(name, NAME_PATTERN, 'VM name')}", VmView)
 
     @staticmethod
-    def create_vm(request: VmCreate) -> _Call:
-        return _Call("POST", "/v1/vms", VmCreated, request)
+    def create_vm(request: VmCreate) -> Call:
+        return Call("POST", "/v1/vms", VmCreated, request)
 
     @staticmethod
-    def power(name: str, action: str) -> _Call:
-        return _Call("POST", f"/v1/vms/{_path_name(name, NAME_PATTERN, 'VM name')}/{action}", TaskView)
+    def power(name: str, action: str) -> Call:
+        return Call("POST", f"/v1/vms/{path_name(name, NAME_PATTERN, 'VM name')}/{action}", TaskView)
 
     @staticmethod
-    def migrate(request: MigrateRequest) -> _Call:
-        return _Call("POST", "/v1/migrations", TaskStarted, request)
+    def migrate(request: MigrateRequest) -> Call:
+        return Call("POST", "/v1/migrations", TaskStarted, request)
 
     @staticmethod
-    def tasks(state: TaskState | None = None, limit: int = 100) -> _Call:
+    def tasks(state: TaskState | None = None, limit: int = 100) -> Call:
         params: dict[str, Any] = {"limit": limit}
         if state is not None:
             params["state"] = state.value
-        return _Call("GET", "/v1/tasks", list[TaskView], params=params)
+        return Call("GET", "/v1/tasks", list[TaskView], params=params)
 
     @staticmethod
-    def task(task_id: str) -> _Call:
-        return _Call("GET", f"/v1/tasks/{_path_name(task_id, TASK_ID_PATTERN, 'task id')}", TaskView)
+    def task(task_id: str) -> Call:
+        return Call("GET", f"/v1/tasks/{path_name(task_id, TASK_ID_PATTERN, 'task id')}", TaskView)
 
     @staticmethod
-    def cancel_task(task_id: str) -> _Call:
-        return _Call("POST", f"/v1/tasks/{_path_name(task_id, TASK_ID_PATTERN, 'task id')}/cancel", TaskView)
+    def cancel_task(task_id: str) -> Call:
+        return Call("POST", f"/v1/tasks/{path_name(task_id, TASK_ID_PATTERN, 'task id')}/cancel", TaskView)
 
 
-def _path_name(name: str, pattern: str, what: str) -> str:
+def path_name(name: str, pattern: str, what: str) -> str:
     """A name put into a URL path: refused here rather than sent as another path."""
     if not re.fullmatch(pattern, name):
         raise errors.InvalidInput(f"invalid {what} {name!r}")
@@ -808,7 +838,7 @@ class CenterClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, call: _Call) -> Any:
+    def call(self, call: Call) -> Any:
         response = _send(self._http, self.url, call.method, call.path, **call.kwargs())
         return None if call.answer is None else _decode(call.answer, response)
 
@@ -828,13 +858,13 @@ class CenterClient:
         return self.call(_Calls.hosts())
 
     def host(self, name: str) -> HostView:
-        return self.call(_Calls.host(_path_name(name, NAME_PATTERN, "host name")))
+        return self.call(_Calls.host(path_name(name, NAME_PATTERN, "host name")))
 
     def remove_host(self, name: str) -> None:
-        self.call(_Calls.remove_host(_path_name(name, NAME_PATTERN, "host name")))
+        self.call(_Calls.remove_host(path_name(name, NAME_PATTERN, "host name")))
 
     def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
-        return self.call(_Calls.heartbeat(_path_name(name, NAME_PATTERN, "host name"), beat))
+        return self.call(_Calls.heartbeat(path_name(name, NAME_PATTERN, "host name"), beat))
 
     def datastores(self) -> list[DatastoreView]:
         return self.call(_Calls.datastores())
@@ -843,7 +873,7 @@ class CenterClient:
         return self.call(_Calls.add_datastore(spec))
 
     def remove_datastore(self, name: str) -> None:
-        self.call(_Calls.remove_datastore(_path_name(name, NAME_PATTERN, "datastore name")))
+        self.call(_Calls.remove_datastore(path_name(name, NAME_PATTERN, "datastore name")))
 
     def users(self) -> list[UserView]:
         return self.call(_Calls.users())
@@ -858,7 +888,7 @@ class CenterClient:
         return self.call(_Calls.tokens())
 
     def delete_token(self, token_id: str) -> None:
-        self.call(_Calls.delete_token(_path_name(token_id, TOKEN_ID_PATTERN, "token id")))
+        self.call(_Calls.delete_token(path_name(token_id, TOKEN_ID_PATTERN, "token id")))
 
     def events(self, since: int = 0, limit: int = 100) -> EventPage:
         return self.call(_Calls.events(since, limit))
@@ -927,7 +957,7 @@ class AsyncCenterClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def call(self, call: _Call) -> Any:
+    async def call(self, call: Call) -> Any:
         try:
             response = await self._http.request(call.method, call.path, **call.kwargs())
         except httpx.TransportError as exc:
@@ -952,13 +982,13 @@ class AsyncCenterClient:
         return await self.call(_Calls.hosts())
 
     async def host(self, name: str) -> HostView:
-        return await self.call(_Calls.host(_path_name(name, NAME_PATTERN, "host name")))
+        return await self.call(_Calls.host(path_name(name, NAME_PATTERN, "host name")))
 
     async def remove_host(self, name: str) -> None:
-        await self.call(_Calls.remove_host(_path_name(name, NAME_PATTERN, "host name")))
+        await self.call(_Calls.remove_host(path_name(name, NAME_PATTERN, "host name")))
 
     async def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
-        return await self.call(_Calls.heartbeat(_path_name(name, NAME_PATTERN, "host name"), beat))
+        return await self.call(_Calls.heartbeat(path_name(name, NAME_PATTERN, "host name"), beat))
 
     async def datastores(self) -> list[DatastoreView]:
         return await self.call(_Calls.datastores())
@@ -967,7 +997,7 @@ class AsyncCenterClient:
         return await self.call(_Calls.add_datastore(spec))
 
     async def remove_datastore(self, name: str) -> None:
-        await self.call(_Calls.remove_datastore(_path_name(name, NAME_PATTERN, "datastore name")))
+        await self.call(_Calls.remove_datastore(path_name(name, NAME_PATTERN, "datastore name")))
 
     async def users(self) -> list[UserView]:
         return await self.call(_Calls.users())
@@ -982,7 +1012,7 @@ class AsyncCenterClient:
         return await self.call(_Calls.tokens())
 
     async def delete_token(self, token_id: str) -> None:
-        await self.call(_Calls.delete_token(_path_name(token_id, TOKEN_ID_PATTERN, "token id")))
+        await self.call(_Calls.delete_token(path_name(token_id, TOKEN_ID_PATTERN, "token id")))
 
     async def events(self, since: int = 0, limit: int = 100) -> EventPage:
         return await self.call(_Calls.events(since, limit))

@@ -53,9 +53,24 @@ from kvmotion.api.center import (
     VmView,
 )
 from kvmotion.api.identity import ADMINISTER, HOSTS, INSECURE, OPERATE, VIEW, Identity
+from kvmotion.api.operations import (
+    RULE_PATTERN,
+    DrsApplied,
+    DrsApply,
+    DrsConfig,
+    DrsStatus,
+    HealthReport,
+    HostHealth,
+    MaintenanceAnswer,
+    MaintenanceExit,
+    MaintenanceRequest,
+    RuleSpec,
+    RuleView,
+)
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.center.dispatcher import Dispatcher
 from kvmotion.center.heartbeat import HeartbeatController
+from kvmotion.center.operations import Operations
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Forbidden
@@ -67,6 +82,7 @@ DatastoreName = Annotated[str, Path(pattern=NAME_PATTERN)]
 TokenIdPath = Annotated[str, Path(pattern=TOKEN_ID_PATTERN)]
 VmName = Annotated[str, Path(pattern=NAME_PATTERN)]
 TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
+RuleNamePath = Annotated[str, Path(pattern=RULE_PATTERN)]
 FOLLOW_POLL = 0.5  # seconds between looks at the store while following events
 KEEPALIVE = 15.0  # seconds: at most this long without a byte on a followed event stream
 
@@ -77,11 +93,13 @@ def _note_caller(request: Request, text: str) -> None:
 
 
 def create_app(center: Center, controller: HeartbeatController | None = None,
-               dispatcher: Dispatcher | None = None) -> FastAPI:
-    """The app; `controller` (default: one over center.store with center.clock) and `dispatcher`
-    (none by default: tasks then stay queued) run in its lifespan."""
+               dispatcher: Dispatcher | None = None, operations_interval: float | None = 2.0) -> FastAPI:
+    """The app; `controller` (default: one over center.store with center.clock), `dispatcher`
+    (none by default: tasks then stay queued) and the operations controller (maintenance, health,
+    DRS; every `operations_interval` seconds, None: not run) run in its lifespan."""
     control = controller or HeartbeatController(center.store, clock=center.clock)
     ops = Tasks(center.store, center.clock)
+    operations = Operations(center.store, ops, center.clock)
     stop = asyncio.Event()  # set when the app shuts down: followed event streams end too
 
     @contextlib.asynccontextmanager
@@ -91,6 +109,8 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
             tasks.create_task(control.run(stop), name="heartbeat controller")
             if dispatcher is not None:
                 tasks.create_task(dispatcher.run(stop), name="dispatcher")
+            if operations_interval is not None:
+                tasks.create_task(operations.run(stop, operations_interval), name="operations")
             try:
                 yield
             finally:
@@ -217,6 +237,47 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     @app.post("/v1/tasks/{task_id}/cancel")
     def cancel_task(task_id: TaskIdPath, who: Identity = operate) -> TaskView:
         return ops.cancel(task_id, who)
+
+    # ---- maintenance, health, rules, DRS ----
+    @app.post("/v1/hosts/{name}/maintenance", summary="Enter maintenance: the evacuation plan, run unless dry_run")
+    def enter_maintenance(name: HostName, body: MaintenanceRequest, who: Identity = operate) -> MaintenanceAnswer:
+        return operations.enter_maintenance(name, body, who)
+
+    @app.post("/v1/hosts/{name}/maintenance/exit", summary="Exit maintenance, moving its VMs back if asked")
+    def exit_maintenance(name: HostName, body: MaintenanceExit, who: Identity = operate) -> MaintenanceAnswer:
+        return operations.exit_maintenance(name, body, who)
+
+    @app.get("/v1/hosts/{name}/health", dependencies=[view])
+    def health(name: HostName) -> HostHealth:
+        return operations.health(name)
+
+    @app.post("/v1/hosts/{name}/health", summary="A health provider's report on a component of a host")
+    def report_health(name: HostName, body: HealthReport, who: Identity = operate) -> HostHealth:
+        return operations.report_health(name, body, who)
+
+    @app.get("/v1/rules", dependencies=[view])
+    def rules() -> list[RuleView]:
+        return operations.rules()
+
+    @app.post("/v1/rules", status_code=201)
+    def add_rule(body: RuleSpec, who: Identity = operate) -> RuleView:
+        return operations.add_rule(body, who)
+
+    @app.delete("/v1/rules/{name}", status_code=204)
+    def remove_rule(name: RuleNamePath, who: Identity = operate) -> None:
+        operations.remove_rule(name, who)
+
+    @app.get("/v1/drs", dependencies=[view], summary="DRS: its configuration, the imbalance and its recommendations")
+    def drs() -> DrsStatus:
+        return operations.drs()
+
+    @app.put("/v1/drs/config")
+    def configure_drs(body: DrsConfig, who: Identity = admin) -> DrsConfig:
+        return operations.configure_drs(body, who)
+
+    @app.post("/v1/drs/apply", status_code=202)
+    def apply_drs(body: DrsApply, who: Identity = operate) -> DrsApplied:
+        return operations.apply_drs(body, who)
 
     # ---- a host's own ----
     @app.post("/v1/hosts/{name}/heartbeat")

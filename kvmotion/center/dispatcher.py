@@ -45,7 +45,7 @@ from kvmotion.api.migration import MigrationRecord, Phase, record_from_json
 from kvmotion.api.spec import VmSpec
 from kvmotion.center.admission import Move, admit, host_budget
 from kvmotion.center.store import HostRow, Store, VmRow
-from kvmotion.core.errors import KvmotionError, NotFound, Unreachable
+from kvmotion.core.errors import Conflict, KvmotionError, NotFound, Unreachable
 from kvmotion.core.jsonio import as_json
 
 log = logging.getLogger("kvmotion.center")
@@ -76,6 +76,8 @@ class Agents(Protocol):
     async def start_vm(self, host: HostRow, name: str) -> None: ...
 
     async def stop_vm(self, host: HostRow, name: str) -> None: ...
+
+    async def delete_vm(self, host: HostRow, name: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -130,6 +132,9 @@ class HttpAgents:
 
     async def stop_vm(self, host: HostRow, name: str) -> None:
         await self._client(host).request("POST", f"/v1/vms/{name}/stop", params={"force": False})
+
+    async def delete_vm(self, host: HostRow, name: str) -> None:
+        await self._client(host).request("DELETE", f"/v1/vms/{name}")
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -296,8 +301,34 @@ class Dispatcher:
     async def _work(self, task: TaskView, resumed: bool) -> None:
         if task.kind is TaskKind.MIGRATE:
             await self._migrate(task, resumed)
+        elif task.kind is TaskKind.REHOME:
+            await self._rehome(task)
         else:
             await self._power(task)
+
+    async def _rehome(self, task: TaskView) -> None:
+        """A powered-off VM defined on its new host, then undefined on its old one (its disks are on
+        datastores: nothing else moves). Each step is skipped when done already, so a retry is safe."""
+        vm = await asyncio.to_thread(self.store.vm, task.target)
+        source = await self._host(vm.observed_host or vm.desired_host if vm else None)
+        target = await self._host(task.destination)
+        if vm is None or vm.spec is None or source is None or target is None:
+            await self._end(task, TaskState.FAILED, error=f"VM {task.target}, its spec or a host is gone")
+            return
+        try:
+            state = await self._call(self.agents.vm_state(source, task.target))
+            if state not in (None, VmState.STOPPED, VmState.CRASHED):
+                raise Conflict(f"VM {task.target} is {state.value} on {source.name}: only a stopped VM is re-homed")
+            if await self._call(self.agents.vm_state(target, task.target)) is None:
+                await self._call(self.agents.create_vm(target, VmSpec.from_json(json.loads(vm.spec))))
+            if state is not None:
+                await self._call(self.agents.delete_vm(source, task.target))
+            await self._end(task, TaskState.DONE, result=TaskResult(host=target.name), desired_host=target.name,
+                            observed_host=target.name, observed_state=ObservedState.STOPPED)
+        except TimeoutError:
+            await self._end(task, TaskState.FAILED, error=f"a host did not answer within {self.call_timeout:.0f} s")
+        except KvmotionError as exc:
+            await self._end(task, TaskState.FAILED, error=str(exc))
 
     async def _host(self, name: str | None) -> HostRow | None:
         return None if name is None else await asyncio.to_thread(self.store.host, name)

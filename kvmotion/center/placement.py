@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvmotion.api.center import Candidate, HostFacts, HostLoad, HostState, Placement
+from kvmotion.api.center import Candidate, HostFacts, HostLoad, HostMode, HostState, Placement
 from kvmotion.api.spec import VmSpec
 
 
@@ -27,6 +27,8 @@ class HostSnapshot:
     cpu_demand: float | None = None  # cores busy, from heartbeats
     reserved_memory: int = 0  # bytes promised to VMs on their way there (queued or running tasks)
     reserved_cpus: float = 0.0
+    mode: HostMode = HostMode.NORMAL
+    quarantined: bool = False
 
 
 def cpu_demand(before: HostLoad | None, before_at: float | None, after: HostLoad, after_at: float) -> float | None:
@@ -45,9 +47,11 @@ def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str
     if host.name == source:
         return [f"VM {spec.name} is already on {host.name}"]
     out: list[str] = []
-    if host.state is HostState.MAINTENANCE:
-        out.append(f"{host.name} is in maintenance")
-    elif host.state is not HostState.CONNECTED:
+    if host.mode is not HostMode.NORMAL:
+        out.append(f"{host.name} is {'in' if host.mode is HostMode.MAINTENANCE else 'entering'} maintenance")
+    if host.quarantined:
+        out.append(f"{host.name} is quarantined (its health is degraded)")
+    if host.state is not HostState.CONNECTED:
         out.append(f"{host.name} is {host.state.value.replace('_', ' ')}")
     if host.load is None:
         out.append(f"{host.name} has not reported its load yet")

@@ -44,11 +44,13 @@ from kvmotion.api.center import (
     EventKind,
     HostFacts,
     HostLoad,
+    HostMode,
     HostState,
     HostView,
     ObservedState,
     PowerState,
     ReportedState,
+    Severity,
     TaskKind,
     TaskProgress,
     TaskResult,
@@ -57,6 +59,7 @@ from kvmotion.api.center import (
     VmReport,
 )
 from kvmotion.api.identity import Role
+from kvmotion.api.operations import DrsConfig, HealthEntry, HealthReport, RuleSpec
 from kvmotion.center.liveness import after_heartbeat
 from kvmotion.core.errors import Conflict, NotFound, SetupError
 
@@ -78,11 +81,21 @@ class HostRow:
     vms: int = 0  # VMs last observed there (computed when read)
     cpu_demand: float | None = None  # cores busy between its last two heartbeats
     facts: HostFacts | None = None
+    mode: HostMode = HostMode.NORMAL
+    mode_reason: str = ""
+    health: Severity = Severity.OK  # the worst of its health entries (computed when read)
+
+    @property
+    def quarantined(self) -> bool:
+        """Moderate health or worse: no new VMs (severe also sends it into maintenance)."""
+        return self.health is not Severity.OK
 
     def view(self) -> HostView:
         return HostView(name=self.name, address=self.address, agent_url=self.agent_url, state=self.state,
                         joined=self.joined, last_heartbeat=self.last_heartbeat, load=self.load,
-                        migrations=self.migrations, vms=self.vms, cpu_demand=self.cpu_demand, facts=self.facts)
+                        migrations=self.migrations, vms=self.vms, cpu_demand=self.cpu_demand, facts=self.facts,
+                        mode=self.mode, mode_reason=self.mode_reason, health=self.health,
+                        quarantined=self.quarantined)
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,13 @@ class MigrationRow:
     options: str = "{}"  # the request's options (MigrateRequest fields, JSON)
     agent_id: str | None = None
     record: str = "{}"
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    rule: RuleSpec
+    created: float
+    created_by: str
 
 
 @dataclass(frozen=True)
@@ -234,6 +254,30 @@ class Store(Protocol):
 
     def events(self, since: int = 0, limit: int = 100) -> list[Event]: ...
 
+    # ---- maintenance, health, rules, DRS (kvmotion.center.operations) ----
+    # the host's mode; entering maintenance records the VMs it holds (their homes, for a move back)
+    def set_host_mode(self, name: str, mode: HostMode, reason: str, who: str, at: float,
+                      homes: Sequence[str] = ()) -> HostRow: ...
+
+    def homes(self, host: str) -> list[str]: ...  # the VMs `host` held when it last entered maintenance
+
+    def clear_homes(self, host: str) -> None: ...
+
+    # one provider's word on one component; an event when the host's worst severity changes
+    def report_health(self, host: str, report: HealthReport, who: str, at: float) -> list[HealthEntry]: ...
+
+    def health(self, host: str | None = None) -> list[HealthEntry]: ...
+
+    def add_rule(self, rule: RuleSpec, who: str, at: float) -> None: ...
+
+    def rules(self) -> list[RuleRow]: ...
+
+    def remove_rule(self, name: str, who: str, at: float) -> None: ...
+
+    def drs_config(self) -> DrsConfig: ...
+
+    def save_drs_config(self, config: DrsConfig, who: str, at: float) -> None: ...
+
 
 # ---- the schema and its upgrades --------------------------------------------------------------------------
 # Step N takes a store from version N-1 to N. Steps are never edited once released: a change is a new step.
@@ -273,6 +317,20 @@ UPGRADES: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE migrations ADD COLUMN options TEXT NOT NULL DEFAULT '{}'",
         "CREATE INDEX migrations_task ON migrations (task_id)",
     ),
+    (  # 4: maintenance, health, rules, DRS; why a task was asked for and what it was predicted to cost
+        "ALTER TABLE hosts ADD COLUMN mode TEXT NOT NULL DEFAULT 'normal'",
+        "ALTER TABLE hosts ADD COLUMN mode_reason TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE homes (vm TEXT PRIMARY KEY, host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
+            since REAL NOT NULL) STRICT""",
+        """CREATE TABLE health (host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE, provider TEXT NOT NULL,
+            component TEXT NOT NULL, severity TEXT NOT NULL, rank INTEGER NOT NULL, reason TEXT NOT NULL,
+            at REAL NOT NULL, PRIMARY KEY (host, provider, component)) STRICT""",
+        """CREATE TABLE rules (name TEXT PRIMARY KEY, spec TEXT NOT NULL, created REAL NOT NULL,
+            created_by TEXT NOT NULL) STRICT""",
+        "ALTER TABLE tasks ADD COLUMN why TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN predicted_s REAL",
+        "ALTER TABLE tasks ADD COLUMN predicted_downtime_ms REAL",
+    ),
 )
 SCHEMA_VERSION = len(UPGRADES)
 
@@ -283,7 +341,11 @@ def _host(row: sqlite3.Row) -> HostRow:
     return HostRow(name=row["name"], address=row["address"], agent_url=row["agent_url"], state=HostState(row["state"]),
                    joined=row["joined"], last_heartbeat=row["last_heartbeat"],
                    load=activity.load if activity else None, migrations=activity.migrations if activity else (),
-                   vms=row["vms"], cpu_demand=activity.cpu_demand if activity else None, facts=facts)
+                   vms=row["vms"], cpu_demand=activity.cpu_demand if activity else None, facts=facts,
+                   mode=HostMode(row["mode"]), mode_reason=row["mode_reason"], health=_SEVERITIES[row["health"] or 0])
+
+
+_SEVERITIES = tuple(Severity)  # by rank
 
 
 _TASKS = ("SELECT t.*, m.source AS m_source, m.destination AS m_destination FROM tasks t "
@@ -297,7 +359,8 @@ def _task(row: sqlite3.Row) -> TaskView:
         created=row["created"], started=row["started"], ended=row["ended"], error=row["error"],
         result=TaskResult.model_validate_json(row["result"]) if row["result"] else None,
         requested_by=row["requested_by"], cancel_requested=bool(row["cancel_requested"]),
-        source=row["m_source"], destination=row["m_destination"])
+        source=row["m_source"], destination=row["m_destination"], why=row["why"], predicted_s=row["predicted_s"],
+        predicted_downtime_ms=row["predicted_downtime_ms"])
 
 
 def _migration(row: sqlite3.Row) -> MigrationRow:
@@ -326,7 +389,13 @@ def _event(row: sqlite3.Row) -> Event:
                  message=row["message"], who=row["who"])
 
 
-_HOSTS = ("SELECT h.*, (SELECT count(*) FROM vms v WHERE v.observed_host = h.name) AS vms FROM hosts h")
+_HOSTS = ("SELECT h.*, (SELECT count(*) FROM vms v WHERE v.observed_host = h.name) AS vms, "
+          "(SELECT max(rank) FROM health e WHERE e.host = h.name) AS health FROM hosts h")
+
+
+def _health(row: sqlite3.Row) -> HealthEntry:
+    return HealthEntry(host=row["host"], provider=row["provider"], component=row["component"],
+                       severity=Severity(row["severity"]), reason=row["reason"], at=row["at"])
 
 
 class SqliteStore:
@@ -641,9 +710,10 @@ class SqliteStore:
 
     # ---- tasks and migrations ----
     def _insert_task(self, conn: sqlite3.Connection, task: TaskView, migration: MigrationRow | None, who: str) -> None:
-        conn.execute("INSERT INTO tasks (id, kind, target, state, progress, created, requested_by) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (task.id, task.kind.value, task.target, task.state.value,
-                                                      task.progress.model_dump_json(), task.created, task.requested_by))
+        conn.execute("INSERT INTO tasks (id, kind, target, state, progress, created, requested_by, why, predicted_s, "
+                     "predicted_downtime_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (task.id, task.kind.value, task.target, task.state.value, task.progress.model_dump_json(),
+                      task.created, task.requested_by, task.why, task.predicted_s, task.predicted_downtime_ms))
         if migration is not None:
             conn.execute("INSERT INTO migrations (id, task_id, vm, source, destination, options, record) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)", (migration.id, task.id, migration.vm, migration.source,
@@ -651,6 +721,8 @@ class SqliteStore:
         what = f"{task.kind.value} {task.target}"
         if migration is not None:
             what += f" from {migration.source} to {migration.destination}"
+        if task.why:
+            what += f" ({task.why})"
         self._add_event(conn, task.created, EventKind.TASK_QUEUED, f"task:{task.id}", f"task {task.id} queued: {what}",
                         who)
 
@@ -787,3 +859,99 @@ class SqliteStore:
             if conn.execute("DELETE FROM datastores WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no datastore {name}")
             self._add_event(conn, at, EventKind.DATASTORE_REMOVED, f"datastore:{name}", f"datastore {name} removed", who)
+
+    # ---- maintenance, health, rules, DRS ----
+    def set_host_mode(self, name: str, mode: HostMode, reason: str, who: str, at: float,
+                      homes: Sequence[str] = ()) -> HostRow:
+        with self._write() as conn:
+            row = conn.execute("SELECT mode FROM hosts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no host {name} has joined")
+            conn.execute("UPDATE hosts SET mode = ?, mode_reason = ? WHERE name = ?", (mode.value, reason, name))
+            if homes:
+                conn.execute("DELETE FROM homes WHERE host = ?", (name,))
+                conn.executemany("INSERT INTO homes (vm, host, since) VALUES (?, ?, ?) ON CONFLICT (vm) DO UPDATE "
+                                 "SET host = excluded.host, since = excluded.since", [(vm, name, at) for vm in homes])
+            if row["mode"] != mode.value:
+                why = f" ({reason})" if reason else ""
+                self._add_event(conn, at, EventKind.HOST_MODE, f"host:{name}",
+                                f"host {name}: {row['mode'].replace('_', ' ')} -> {mode.value.replace('_', ' ')}{why}",
+                                who)
+            return _host(conn.execute(_HOSTS + " WHERE h.name = ?", (name,)).fetchone())
+
+    def homes(self, host: str) -> list[str]:
+        return [r["vm"] for r in self._conn().execute("SELECT vm FROM homes WHERE host = ? ORDER BY vm", (host,))]
+
+    def clear_homes(self, host: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM homes WHERE host = ?", (host,))
+
+    def report_health(self, host: str, report: HealthReport, who: str, at: float) -> list[HealthEntry]:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM hosts WHERE name = ?", (host,)).fetchone() is None:
+                raise NotFound(f"no host {host} has joined")
+            before = conn.execute("SELECT max(rank) FROM health WHERE host = ?", (host,)).fetchone()[0] or 0
+            old = conn.execute("SELECT severity FROM health WHERE host = ? AND provider = ? AND component = ?",
+                               (host, report.provider, report.component)).fetchone()
+            if report.severity is Severity.OK:  # recovered: nothing to keep
+                conn.execute("DELETE FROM health WHERE host = ? AND provider = ? AND component = ?",
+                             (host, report.provider, report.component))
+            else:
+                conn.execute("INSERT INTO health (host, provider, component, severity, rank, reason, at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, provider, component) DO UPDATE SET "
+                             "severity = excluded.severity, rank = excluded.rank, reason = excluded.reason, "
+                             "at = excluded.at", (host, report.provider, report.component, report.severity.value,
+                                                  report.severity.rank, report.reason, at))
+            after = conn.execute("SELECT max(rank) FROM health WHERE host = ?", (host,)).fetchone()[0] or 0
+            if (old["severity"] if old else Severity.OK.value) != report.severity.value:
+                why = f": {report.reason}" if report.reason else ""
+                overall = f"; host {host} is now {_SEVERITIES[after].value}" if after != before else ""
+                self._add_event(conn, at, EventKind.HOST_HEALTH, f"host:{host}",
+                                f"{report.provider} says {report.component} of {host} is "
+                                f"{report.severity.value}{why}{overall}", who)
+            return [_health(r) for r in conn.execute("SELECT * FROM health WHERE host = ? ORDER BY provider, "
+                                                     "component", (host,))]
+
+    def health(self, host: str | None = None) -> list[HealthEntry]:
+        if host is None:
+            rows = self._conn().execute("SELECT * FROM health ORDER BY host, provider, component")
+        else:
+            rows = self._conn().execute("SELECT * FROM health WHERE host = ? ORDER BY provider, component", (host,))
+        return [_health(r) for r in rows]
+
+    def add_rule(self, rule: RuleSpec, who: str, at: float) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO rules (name, spec, created, created_by) VALUES (?, ?, ?, ?)",
+                             (rule.name, rule.model_dump_json(), at, who))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"rule {rule.name} exists already") from None
+            target = f" on {rule.host}" if rule.host else ""
+            self._add_event(conn, at, EventKind.RULE_ADDED, f"rule:{rule.name}",
+                            f"rule {rule.name} added: {rule.kind.value} {', '.join(rule.vms)}{target} "
+                            f"({rule.strength.value})", who)
+
+    def rules(self) -> list[RuleRow]:
+        return [RuleRow(rule=RuleSpec.model_validate_json(r["spec"]), created=r["created"], created_by=r["created_by"])
+                for r in self._conn().execute("SELECT * FROM rules ORDER BY name")]
+
+    def remove_rule(self, name: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            if conn.execute("DELETE FROM rules WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no rule {name}")
+            self._add_event(conn, at, EventKind.RULE_REMOVED, f"rule:{name}", f"rule {name} removed", who)
+
+    def drs_config(self) -> DrsConfig:
+        row = self._conn().execute("SELECT value FROM settings WHERE key = 'drs'").fetchone()
+        try:
+            return DrsConfig.model_validate_json(row["value"]) if row else DrsConfig()
+        except ValidationError as exc:
+            raise SetupError(f"the DRS configuration in {self.path} is damaged: {exc.errors()[0]['msg']}") from None
+
+    def save_drs_config(self, config: DrsConfig, who: str, at: float) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO settings (key, value) VALUES ('drs', ?) ON CONFLICT (key) DO UPDATE SET "
+                         "value = excluded.value", (config.model_dump_json(),))
+            self._add_event(conn, at, EventKind.DRS_CONFIGURED, "drs",
+                            f"DRS: automation {config.automation.value}, threshold {config.threshold}, "
+                            f"every {config.interval:g} s", who)

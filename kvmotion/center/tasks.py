@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 
 from kvmotion.api.center import (
+    HostMode,
     MigrateRequest,
     ObservedState,
     Placement,
@@ -49,7 +50,15 @@ def snapshots(hosts: Sequence[HostRow], reserved: Mapping[str, tuple[int, int]])
     running migrations, Store.reservations) count as used, each vCPU as half a busy core."""
     return [HostSnapshot(name=h.name, state=h.state, load=h.load, facts=h.facts, cpu_demand=h.cpu_demand,
                          reserved_memory=reserved.get(h.name, (0, 0))[0],
-                         reserved_cpus=reserved.get(h.name, (0, 0))[1] * 0.5) for h in hosts]
+                         reserved_cpus=reserved.get(h.name, (0, 0))[1] * 0.5, mode=h.mode,
+                         quarantined=h.quarantined) for h in hosts]
+
+
+def refuse_maintenance(host: HostRow, vm: str) -> None:
+    """A named host in (or entering) maintenance takes no VM, as vSphere's."""
+    if host.mode is not HostMode.NORMAL:
+        raise InvalidInput(f"host {host.name} is {host.mode.value.replace('_', ' ')}: it takes no VM ({vm}); "
+                           f"`kvmotion host maintenance exit {host.name}` first")
 
 
 class Tasks:
@@ -78,8 +87,10 @@ class Tasks:
         spec = request.spec
         placement = None
         if request.host is not None:
-            if self.store.host(request.host) is None:
+            named = self.store.host(request.host)
+            if named is None:
                 raise InvalidInput(f"unknown host {request.host}: no such host has joined")
+            refuse_maintenance(named, spec.name)
             host = request.host
         else:
             placement = self._placement(spec, None)
@@ -119,8 +130,10 @@ class Tasks:
             raise InvalidInput(f"VM {request.vm} is {doing}: task {busy.id}")
         placement = None
         if request.destination is not None:
-            if self.store.host(request.destination) is None:
+            named = self.store.host(request.destination)
+            if named is None:
                 raise InvalidInput(f"unknown host {request.destination}: no such host has joined")
+            refuse_maintenance(named, request.vm)
             if request.destination == source:
                 raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
             destination = request.destination
@@ -131,17 +144,25 @@ class Tasks:
             if placement.chosen is None:
                 raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
             destination = placement.chosen
-        task = TaskView(id=new_task_id(), kind=TaskKind.MIGRATE, target=request.vm, state=TaskState.QUEUED,
-                        created=self.clock(), requested_by=str(who),
-                        progress=TaskProgress(phase="queued", message="waiting for admission"))
         options = request.model_dump_json(include={"max_downtime_ms", "bandwidth", "policy"})
-        migration = MigrationRow(id=task.id, task_id=task.id, vm=request.vm, source=source, destination=destination,
-                                 options=options)
         try:
-            queued = self.store.add_task(task, str(who), migration)
+            queued = self.queue_move(request.vm, source, destination, str(who), options=options)
         except Conflict as exc:  # a migration requested in between
             raise InvalidInput(str(exc)) from None
         return TaskStarted(task=queued, placement=placement)
+
+    def queue_move(self, vm: str, source: str, destination: str, who: str, *, options: str = "{}", why: str = "",
+                   predicted_s: float | None = None, predicted_downtime_ms: float | None = None,
+                   rehome: bool = False) -> TaskView:
+        """A migrate task (a rehome task for a powered-off VM) from source to destination, queued;
+        Conflict if the VM has an open task."""
+        kind = TaskKind.REHOME if rehome else TaskKind.MIGRATE
+        task = TaskView(id=new_task_id(), kind=kind, target=vm, state=TaskState.QUEUED, created=self.clock(),
+                        requested_by=who, why=why, predicted_s=predicted_s, predicted_downtime_ms=predicted_downtime_ms,
+                        progress=TaskProgress(phase="queued", message="waiting for admission" if not rehome else ""))
+        migration = MigrationRow(id=task.id, task_id=task.id, vm=vm, source=source, destination=destination,
+                                 options=options)
+        return self.store.add_task(task, who, migration)
 
     # ---- tasks ----
     def _task(self, task_id: str) -> TaskView:

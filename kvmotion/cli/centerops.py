@@ -42,7 +42,7 @@ def client() -> CenterClient:
     return load_credentials().client()
 
 
-def _when(t: float | None) -> str:
+def when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%H:%M:%S") if t else "-"
 
 
@@ -175,7 +175,7 @@ def _task_table(tasks: list[TaskView]) -> Table:
     for x in tasks:
         move = f"{x.source}->{x.destination} " if x.source else ""
         t.add_row(x.id, x.kind.value, x.target, x.state.value,
-                  move + (x.progress.message or x.progress.phase), _when(x.created), _when(x.ended),
+                  move + (x.progress.message or x.progress.phase), when(x.created), when(x.ended),
                   x.requested_by, (x.error or "")[:60])
     return t
 
@@ -214,7 +214,7 @@ def task_cancel(task_id: str) -> None:
 
 # ---- events, hosts, datastores ----
 def _event_line(e: Event) -> str:
-    return f"{_when(e.at)} {e.id:>6} {e.kind.value:<22} {e.object:<24} {e.message} ({e.who})"
+    return f"{when(e.at)} {e.id:>6} {e.kind.value:<22} {e.object:<24} {e.message} ({e.who})"
 
 
 def events(follow_: bool, since: int, json_out: bool) -> None:
@@ -243,7 +243,7 @@ def host_ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
             mem = f"{format_size(used)} / {format_size(h.load.memory_total)}"
         cpu = f"{h.cpu_demand:.2f} / {h.load.cpus}" if h.cpu_demand is not None and h.load else "-"
         t.add_row(h.name, h.state.value, h.address, cpu, mem, str(h.vms), str(len(h.migrations)),
-                  _when(h.last_heartbeat))
+                  when(h.last_heartbeat))
     console.print(t)
 
 

@@ -29,6 +29,12 @@ for _mod in _SUBAPPS:
 # `host ls` goes through the center (kvmotion.cli.centerops); the host sub-app keeps its own commands.
 _host = importlib.import_module("kvmotion.cli.host").app
 _host.command("ls")(importlib.import_module("kvmotion.cli.centerops").host_ls)
+# Maintenance, health, DRS and rules: through the center (kvmotion.cli.ops).
+_ops = importlib.import_module("kvmotion.cli.ops")
+_host.add_typer(_ops.maintenance_app, name="maintenance")
+_host.add_typer(_ops.health_app, name="health")
+app.add_typer(_ops.drs_app, name="drs")
+app.add_typer(_ops.rule_app, name="rule")
 
 
 def main() -> None:

@@ -1,0 +1,153 @@
+"""The planners' side of the center: a cluster snapshot built from the store, and their plans as
+wire models. The planners themselves (cluster, maintenance, drs, rules) are pure; this is the only
+place that reads the store for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+from kvmotion.api.center import HostMode, HostState, ObservedState, PowerState, Severity, TaskKind, TaskState
+from kvmotion.api.operations import DrsConfig, DrsStatus, Move, Plan, Recommendation, RuleKind, RuleSpec, Unmovable
+from kvmotion.api.spec import VmSpec
+from kvmotion.center import cluster, drs, maintenance, rules
+from kvmotion.center.placement import fact_refusals
+from kvmotion.center.store import HostRow, Store, VmRow
+
+Snapshot = cluster.Snapshot
+RECENT_TASKS = 2000  # migrations looked at for when each VM last moved
+STOPPED = (ObservedState.STOPPED, ObservedState.CRASHED, ObservedState.ABSENT)
+
+
+def _status(host: HostRow) -> cluster.Status:
+    if host.state is not HostState.CONNECTED or host.load is None:
+        return cluster.Status.NOT_RESPONDING
+    if host.mode is HostMode.MAINTENANCE:
+        return cluster.Status.MAINTENANCE
+    if host.mode is HostMode.ENTERING_MAINTENANCE:
+        return cluster.Status.ENTERING_MAINTENANCE
+    if host.quarantined:
+        return cluster.Status.QUARANTINE
+    return cluster.Status.CONNECTED
+
+
+def _health(severity: Severity) -> cluster.Health:
+    return cluster.Health(severity.value)
+
+
+def _vm(row: VmRow, hosts: dict[str, HostRow], moved_at: dict[str, float]) -> cluster.Vm | None:
+    where = row.observed_host if row.observed_state is not ObservedState.ABSENT else None
+    where = where or row.desired_host
+    if where is None or where not in hosts:
+        return None
+    spec = VmSpec.from_json(json.loads(row.spec)) if row.spec else None
+    load = hosts[where].load
+    measured = next((v for v in load.vms if v.name == row.name), None) if load else None
+    demand = (measured.cpu_demand or 0.0) + (measured.cpu_ready or 0.0) if measured else 0.0
+    memory = spec.memory if spec else (measured.memory if measured and measured.memory else 1 << 20)
+    on = row.observed_state not in STOPPED if row.observed_state is not ObservedState.UNKNOWN \
+        else row.desired_power is PowerState.ON
+    barred: dict[str, str] = {}
+    if spec is not None:
+        for name, host in hosts.items():
+            if name != where:
+                why = fact_refusals(spec, name, host.facts, where, None, migrating=True)
+                if why:
+                    barred[name] = "; ".join(why)
+    local = spec is not None and any(d.datastore is None for d in spec.disks)
+    return cluster.Vm(name=row.name, host=where, memory=memory, vcpus=spec.vcpus if spec else 1, cpu_demand=demand,
+                      local_disk=local, power=PowerState.ON if on else PowerState.OFF,
+                      moved_at=moved_at.get(row.name), barred=barred)
+
+
+def _rule(spec: RuleSpec, known: set[str]) -> cluster.Rule | None:
+    vms = tuple(v for v in spec.vms if v in known)
+    kind = cluster.RuleKind(spec.kind.value)
+    if (kind is cluster.RuleKind.VM_HOST and not vms) or (kind is not cluster.RuleKind.VM_HOST and len(vms) < 2):
+        return None  # its VMs left the cluster: nothing to keep
+    return cluster.Rule(name=spec.name, kind=kind, vms=vms, hosts=(spec.host,) if spec.host else (),
+                        must=spec.strength.value == "must")
+
+
+def snapshot(store: Store, now: float) -> Snapshot:
+    hosts = {h.name: h for h in store.hosts()}
+    moved_at: dict[str, float] = {}
+    for task in store.tasks(state=TaskState.DONE, limit=RECENT_TASKS):
+        if task.kind is TaskKind.MIGRATE and task.ended is not None:
+            moved_at[task.target] = max(moved_at.get(task.target, 0.0), task.ended)
+    vms = [vm for row in store.vms() if (vm := _vm(row, hosts, moved_at)) is not None]
+    known = {v.name for v in vms}
+    rule_list = [r for row in store.rules() if (r := _rule(row.rule, known)) is not None
+                 and all(h in hosts for h in r.hosts)]
+    snap_hosts = []
+    links: dict[tuple[str, str], float] = {}
+    default_link = store.settings().link_bps
+    for h in hosts.values():
+        cpus = float(h.load.cpus) if h.load else 1.0
+        memory = h.load.memory_total if h.load and h.load.memory_total > 0 else 1
+        snap_hosts.append(cluster.Host(name=h.name, state=_status(h), cpus=cpus, memory=memory,
+                                       health=_health(h.health)))
+    for a in hosts.values():
+        for b in hosts.values():
+            if a.name != b.name:
+                bps = min((x.facts.link_bps if x.facts and x.facts.link_bps else default_link) for x in (a, b))
+                links[(a.name, b.name)] = bps / 8
+    return Snapshot(hosts=tuple(snap_hosts), vms=tuple(vms), rules=tuple(rule_list), links=links,
+                    link_rate=default_link / 8, now=now)
+
+
+def without_maintenance(snap: Snapshot, host: str) -> Snapshot:
+    """The snapshot as it will be once `host` leaves maintenance (for its move-back plan)."""
+    hosts = tuple(replace(h, state=cluster.Status.CONNECTED) if h.name == host and h.state in
+                  (cluster.Status.MAINTENANCE, cluster.Status.ENTERING_MAINTENANCE) else h for h in snap.hosts)
+    return replace(snap, hosts=hosts)
+
+
+# ---- plans on the wire ----
+def _move(m: cluster.Move, order: int) -> Move:
+    off = m.kind is cluster.MoveKind.REHOME
+    return Move(vm=m.vm, source=m.source, destination=m.destination, order=order, why=m.why,
+                predicted_s=None if off else round(m.estimate.seconds, 2),
+                predicted_downtime_ms=None if off else round(m.estimate.downtime * 1000, 1), powered_off=off)
+
+
+def _plan(host: str, plan: cluster.Plan) -> Plan:
+    moves = tuple(_move(m, i) for i, m in enumerate(plan.moves, start=1))
+    return Plan(host=host, moves=moves, unmovable=tuple(Unmovable(vm=s.vm, reason=s.why) for s in plan.stuck),
+                predicted_s=round(plan.seconds, 1))
+
+
+def evacuation(snap: Snapshot, host: str) -> Plan:
+    return _plan(host, maintenance.plan_evacuation(snap, host))
+
+
+def move_back(snap: Snapshot, host: str, vms: Sequence[str]) -> Plan:
+    return _plan(host, maintenance.plan_move_back(snap, host, [v for v in vms if v in snap.vm]))
+
+
+def violations(snap: Snapshot, spec: RuleSpec) -> list[str]:
+    return [v.sentence for v in rules.violations(snap) if v.rule == spec.name]
+
+
+def _recommendation_id(m: cluster.Move) -> str:
+    return hashlib.sha256(f"{m.vm}:{m.source}:{m.destination}".encode()).hexdigest()[:12]
+
+
+def recommend(snap: Snapshot, config: DrsConfig) -> DrsStatus:
+    settings = drs.DrsConfig(threshold=config.threshold)
+    plan = drs.recommend(snap, settings)
+    recs = tuple(Recommendation(id=_recommendation_id(m), move=_move(m, i), mandatory=m.kind.mandatory,
+                                gain=round(m.benefit, 3), cost=round(m.cost, 3), why=m.why)
+                 for i, m in enumerate(plan.moves, start=1))
+    by = cluster.loads(snap)
+    loads = tuple((h.name, round(by[h.name].total(settings.weights), 4)) for h in snap.hosts)
+    tolerated = drs.TOLERANCE[config.threshold]
+    return DrsStatus(config=config, imbalance=round(cluster.imbalance(snap, settings.weights), 4),
+                     target=None if math.isinf(tolerated) else tolerated, recommendations=recs, loads=loads)
+
+
+__all__ = ["RuleKind", "Snapshot", "evacuation", "move_back", "recommend", "snapshot", "violations"]
