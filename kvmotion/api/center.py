@@ -118,6 +118,8 @@ class HostState(str, Enum):
     CONNECTED = "connected"
     NOT_RESPONDING = "not_responding"  # silent for longer than the settings allow, or not heard since joining
     MAINTENANCE = "maintenance"
+    ENTERING_MAINTENANCE = "entering_maintenance"  # being evacuated: stays so while a VM still runs there
+    QUARANTINE = "quarantine"  # a moderate health fault: no new placements; DRS moves VMs off where others have room
 
 
 class ReportedState(str, Enum):

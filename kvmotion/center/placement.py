@@ -45,29 +45,45 @@ def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str
     if host.name == source:
         return [f"VM {spec.name} is already on {host.name}"]
     out: list[str] = []
-    if host.state is HostState.MAINTENANCE:
-        out.append(f"{host.name} is in maintenance")
-    elif host.state is not HostState.CONNECTED:
-        out.append(f"{host.name} is {host.state.value.replace('_', ' ')}")
+    refused = state_refusal(host.name, host.state)
+    if refused:
+        out.append(refused)
     if host.load is None:
         out.append(f"{host.name} has not reported its load yet")
     else:
         free = host.load.memory_available - host.reserved_memory
         if free < spec.memory:
             out.append(f"{host.name} has {max(free, 0) >> 20} MiB free, the VM needs {spec.memory >> 20} MiB")
-    if host.facts is None:
-        out.append(f"{host.name}'s CPU models, port groups and datastores are not known yet")
-        return out
-    models = set(host.facts.cpu_models)
+    return out + fact_refusals(spec, host.name, host.facts, source, baseline, migrating)
+
+
+def state_refusal(name: str, state: HostState) -> str | None:
+    """Why a host in `state` takes no VM (None: connected, it does). Quarantine too: no new placements."""
+    if state is HostState.CONNECTED:
+        return None
+    if state is HostState.MAINTENANCE:
+        return f"{name} is in maintenance"
+    if state is HostState.QUARANTINE:
+        return f"{name} is in quarantine (a health fault)"
+    return f"{name} is {state.value.replace('_', ' ')}"
+
+
+def fact_refusals(spec: VmSpec, name: str, facts: HostFacts | None, source: str | None, baseline: str | None,
+                  migrating: bool) -> list[str]:
+    """Why host `name` can never run `spec`, whatever its load: CPU models, port groups, datastores, local disks."""
+    out: list[str] = []
+    if facts is None:
+        return [f"{name}'s CPU models, port groups and datastores are not known yet"]
+    models = set(facts.cpu_models)
     for model, why in ((spec.cpu_model, "the VM's CPU model"), (baseline, "the cluster's CPU baseline")):
         if model is not None and model not in models:
-            out.append(f"{host.name} cannot run CPU model {model} ({why})")
-    lacking_pg = sorted({n.portgroup for n in spec.nics} - set(host.facts.portgroups))
+            out.append(f"{name} cannot run CPU model {model} ({why})")
+    lacking_pg = sorted({n.portgroup for n in spec.nics} - set(facts.portgroups))
     if lacking_pg:
-        out.append(f"{host.name} lacks port group {', '.join(lacking_pg)}")
-    lacking_ds = sorted({d.datastore for d in spec.disks if d.datastore} - set(host.facts.datastores))
+        out.append(f"{name} lacks port group {', '.join(lacking_pg)}")
+    lacking_ds = sorted({d.datastore for d in spec.disks if d.datastore} - set(facts.datastores))
     if lacking_ds:
-        out.append(f"{host.name} does not reach datastore {', '.join(lacking_ds)}")
+        out.append(f"{name} does not reach datastore {', '.join(lacking_ds)}")
     if migrating:
         local = [d.source for d in spec.disks if d.datastore is None]
         if local:
