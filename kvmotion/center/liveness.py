@@ -28,7 +28,7 @@ def silent(now: float, listening_since: float, hosts: Iterable[Seen], limit: flo
     out = []
     for host in hosts:
         if host.state is not HostState.CONNECTED:
-            continue  # not responding already; in maintenance the admin's state stands
+            continue  # not responding already
         heard = max(host.last_heartbeat if host.last_heartbeat is not None else listening_since, listening_since)
         if now - heard > limit:
             out.append(host)
@@ -36,5 +36,5 @@ def silent(now: float, listening_since: float, hosts: Iterable[Seen], limit: flo
 
 
 def after_heartbeat(state: HostState) -> HostState:
-    """A heartbeat brings a not-responding host back; maintenance stays until the admin ends it."""
+    """A heartbeat brings a not-responding host back (maintenance is a mode apart: HostMode)."""
     return HostState.CONNECTED if state is HostState.NOT_RESPONDING else state

@@ -11,9 +11,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from kvmotion.api.center import Candidate, HostFacts, HostLoad, HostMode, HostState, Placement
 from kvmotion.api.spec import VmSpec
+
+
+class Status(str, Enum):
+    """A host as the planners see it: whether it answers, its mode and its health in one."""
+
+    CONNECTED = "connected"
+    NOT_RESPONDING = "not_responding"
+    ENTERING_MAINTENANCE = "entering_maintenance"
+    MAINTENANCE = "maintenance"
+    QUARANTINE = "quarantine"  # a moderate health fault: no new placements; DRS moves VMs off where others have room
+
+
+def status_of(state: HostState, mode: HostMode, quarantined: bool) -> Status:
+    if state is not HostState.CONNECTED:
+        return Status.NOT_RESPONDING
+    if mode is HostMode.MAINTENANCE:
+        return Status.MAINTENANCE
+    if mode is HostMode.ENTERING_MAINTENANCE:
+        return Status.ENTERING_MAINTENANCE
+    return Status.QUARANTINE if quarantined else Status.CONNECTED
 
 
 @dataclass(frozen=True)
@@ -29,6 +50,10 @@ class HostSnapshot:
     reserved_cpus: float = 0.0
     mode: HostMode = HostMode.NORMAL
     quarantined: bool = False
+
+    @property
+    def status(self) -> Status:
+        return status_of(self.state, self.mode, self.quarantined)
 
 
 def cpu_demand(before: HostLoad | None, before_at: float | None, after: HostLoad, after_at: float) -> float | None:
@@ -47,31 +72,45 @@ def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str
     if host.name == source:
         return [f"VM {spec.name} is already on {host.name}"]
     out: list[str] = []
-    if host.mode is not HostMode.NORMAL:
-        out.append(f"{host.name} is {'in' if host.mode is HostMode.MAINTENANCE else 'entering'} maintenance")
-    if host.quarantined:
-        out.append(f"{host.name} is quarantined (its health is degraded)")
-    if host.state is not HostState.CONNECTED:
-        out.append(f"{host.name} is {host.state.value.replace('_', ' ')}")
+    refused = state_refusal(host.name, host.status)
+    if refused:
+        out.append(refused)
     if host.load is None:
         out.append(f"{host.name} has not reported its load yet")
     else:
         free = host.load.memory_available - host.reserved_memory
         if free < spec.memory:
             out.append(f"{host.name} has {max(free, 0) >> 20} MiB free, the VM needs {spec.memory >> 20} MiB")
-    if host.facts is None:
-        out.append(f"{host.name}'s CPU models, port groups and datastores are not known yet")
-        return out
-    models = set(host.facts.cpu_models)
+    return out + fact_refusals(spec, host.name, host.facts, source, baseline, migrating)
+
+
+def state_refusal(name: str, status: Status) -> str | None:
+    """Why a host takes no VM (None: connected, it does). Quarantine too: no new placements."""
+    if status is Status.CONNECTED:
+        return None
+    if status is Status.MAINTENANCE:
+        return f"{name} is in maintenance"
+    if status is Status.QUARANTINE:
+        return f"{name} is quarantined (a health fault)"
+    return f"{name} is {status.value.replace('_', ' ')}"
+
+
+def fact_refusals(spec: VmSpec, name: str, facts: HostFacts | None, source: str | None, baseline: str | None,
+                  migrating: bool) -> list[str]:
+    """Why host `name` can never run `spec`, whatever its load: CPU models, port groups, datastores, local disks."""
+    out: list[str] = []
+    if facts is None:
+        return [f"{name}'s CPU models, port groups and datastores are not known yet"]
+    models = set(facts.cpu_models)
     for model, why in ((spec.cpu_model, "the VM's CPU model"), (baseline, "the cluster's CPU baseline")):
         if model is not None and model not in models:
-            out.append(f"{host.name} cannot run CPU model {model} ({why})")
-    lacking_pg = sorted({n.portgroup for n in spec.nics} - set(host.facts.portgroups))
+            out.append(f"{name} cannot run CPU model {model} ({why})")
+    lacking_pg = sorted({n.portgroup for n in spec.nics} - set(facts.portgroups))
     if lacking_pg:
-        out.append(f"{host.name} lacks port group {', '.join(lacking_pg)}")
-    lacking_ds = sorted({d.datastore for d in spec.disks if d.datastore} - set(host.facts.datastores))
+        out.append(f"{name} lacks port group {', '.join(lacking_pg)}")
+    lacking_ds = sorted({d.datastore for d in spec.disks if d.datastore} - set(facts.datastores))
     if lacking_ds:
-        out.append(f"{host.name} does not reach datastore {', '.join(lacking_ds)}")
+        out.append(f"{name} does not reach datastore {', '.join(lacking_ds)}")
     if migrating:
         local = [d.source for d in spec.disks if d.datastore is None]
         if local:

@@ -11,11 +11,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kvmotion.api.center import HostMode, HostState, ObservedState, PowerState, Severity, TaskKind, TaskState
+from kvmotion.api.center import ObservedState, PowerState, Severity, TaskKind, TaskState
 from kvmotion.api.operations import DrsConfig, DrsStatus, Move, Plan, Recommendation, RuleKind, RuleSpec, Unmovable
 from kvmotion.api.spec import VmSpec
 from kvmotion.center import cluster, drs, maintenance, rules
-from kvmotion.center.placement import fact_refusals
+from kvmotion.center.placement import Status, fact_refusals, status_of
 from kvmotion.center.store import HostRow, Store, VmRow
 
 Snapshot = cluster.Snapshot
@@ -23,16 +23,10 @@ RECENT_TASKS = 2000  # migrations looked at for when each VM last moved
 STOPPED = (ObservedState.STOPPED, ObservedState.CRASHED, ObservedState.ABSENT)
 
 
-def _status(host: HostRow) -> cluster.Status:
-    if host.state is not HostState.CONNECTED or host.load is None:
-        return cluster.Status.NOT_RESPONDING
-    if host.mode is HostMode.MAINTENANCE:
-        return cluster.Status.MAINTENANCE
-    if host.mode is HostMode.ENTERING_MAINTENANCE:
-        return cluster.Status.ENTERING_MAINTENANCE
-    if host.quarantined:
-        return cluster.Status.QUARANTINE
-    return cluster.Status.CONNECTED
+def _status(host: HostRow) -> Status:
+    if host.load is None:
+        return Status.NOT_RESPONDING  # nothing known of its capacity yet
+    return status_of(host.state, host.mode, host.quarantined)
 
 
 def _health(severity: Severity) -> cluster.Health:
@@ -102,8 +96,8 @@ def snapshot(store: Store, now: float) -> Snapshot:
 
 def without_maintenance(snap: Snapshot, host: str) -> Snapshot:
     """The snapshot as it will be once `host` leaves maintenance (for its move-back plan)."""
-    hosts = tuple(replace(h, state=cluster.Status.CONNECTED) if h.name == host and h.state in
-                  (cluster.Status.MAINTENANCE, cluster.Status.ENTERING_MAINTENANCE) else h for h in snap.hosts)
+    hosts = tuple(replace(h, state=Status.CONNECTED) if h.name == host and h.state in
+                  (Status.MAINTENANCE, Status.ENTERING_MAINTENANCE) else h for h in snap.hosts)
     return replace(snap, hosts=hosts)
 
 

@@ -320,6 +320,8 @@ UPGRADES: tuple[tuple[str, ...], ...] = (
     (  # 4: maintenance, health, rules, DRS; why a task was asked for and what it was predicted to cost
         "ALTER TABLE hosts ADD COLUMN mode TEXT NOT NULL DEFAULT 'normal'",
         "ALTER TABLE hosts ADD COLUMN mode_reason TEXT NOT NULL DEFAULT ''",
+        # maintenance was a host state before: it is a mode now, beside connected / not responding
+        "UPDATE hosts SET mode = 'maintenance', state = 'not_responding' WHERE state = 'maintenance'",
         """CREATE TABLE homes (vm TEXT PRIMARY KEY, host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE,
             since REAL NOT NULL) STRICT""",
         """CREATE TABLE health (host TEXT NOT NULL REFERENCES hosts(name) ON DELETE CASCADE, provider TEXT NOT NULL,

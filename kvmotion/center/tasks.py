@@ -33,6 +33,7 @@ from kvmotion.center.store import HostRow, MigrationRow, Store, VmRow
 from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, NotFound
 
 MAX_LIST = 1000
+MIGRATION_OPTIONS = {"max_downtime_ms", "bandwidth", "policy"}  # what a migrate request passes to the source agent
 
 
 def new_task_id() -> str:
@@ -144,19 +145,21 @@ class Tasks:
             if placement.chosen is None:
                 raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
             destination = placement.chosen
-        options = request.model_dump_json(include={"max_downtime_ms", "bandwidth", "policy"})
+        options = request.model_dump_json(include=MIGRATION_OPTIONS)
         try:
             queued = self.queue_move(request.vm, source, destination, str(who), options=options)
         except Conflict as exc:  # a migration requested in between
             raise InvalidInput(str(exc)) from None
         return TaskStarted(task=queued, placement=placement)
 
-    def queue_move(self, vm: str, source: str, destination: str, who: str, *, options: str = "{}", why: str = "",
+    def queue_move(self, vm: str, source: str, destination: str, who: str, *, options: str | None = None, why: str = "",
                    predicted_s: float | None = None, predicted_downtime_ms: float | None = None,
                    rehome: bool = False) -> TaskView:
         """A migrate task (a rehome task for a powered-off VM) from source to destination, queued;
         Conflict if the VM has an open task."""
         kind = TaskKind.REHOME if rehome else TaskKind.MIGRATE
+        if options is None:  # the defaults a user's request has
+            options = MigrateRequest(vm=vm).model_dump_json(include=MIGRATION_OPTIONS)
         task = TaskView(id=new_task_id(), kind=kind, target=vm, state=TaskState.QUEUED, created=self.clock(),
                         requested_by=who, why=why, predicted_s=predicted_s, predicted_downtime_ms=predicted_downtime_ms,
                         progress=TaskProgress(phase="queued", message="waiting for admission" if not rehome else ""))

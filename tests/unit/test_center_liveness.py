@@ -20,7 +20,7 @@ from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.liveness import Seen, after_heartbeat, silent
 from kvmotion.center.store import HostRow, SqliteStore, TokenRow
 
-C, N, M = HostState.CONNECTED, HostState.NOT_RESPONDING, HostState.MAINTENANCE
+C, N = HostState.CONNECTED, HostState.NOT_RESPONDING
 LIMIT = 10.0
 
 
@@ -37,7 +37,7 @@ def test_silent_for_more_than_the_limit() -> None:
 
 
 def test_only_connected_hosts_fall_silent() -> None:
-    hosts = [Seen("down", N, 1.0), Seen("maint", M, 1.0), Seen("never", N, None)]
+    hosts = [Seen("down", N, 1.0), Seen("never", N, None)]
     assert names(1000.0, 0.0, hosts) == []
 
 
@@ -48,10 +48,9 @@ def test_time_the_center_was_down_does_not_count() -> None:
     assert names(510.5, 500.0, hosts) == ["a", "b"]
 
 
-def test_a_heartbeat_brings_a_host_back_but_not_out_of_maintenance() -> None:
+def test_a_heartbeat_brings_a_host_back() -> None:
     assert after_heartbeat(N) is C
     assert after_heartbeat(C) is C
-    assert after_heartbeat(M) is M
 
 
 class Clock:

@@ -45,6 +45,13 @@ def beat(store: SqliteStore, host: str, vms: dict[str, float], at: float) -> Non
                                                        memory_available=base.memory_available, vms=loads), ())
 
 
+def running(c: Cluster, host: str, *vms: str, demand: float = 0.1) -> None:
+    """VMs created through the center, all reported running on `host` by one heartbeat."""
+    for vm in vms:
+        run_vm(c.store, vm, host)
+    beat(c.store, host, dict.fromkeys(vms, demand), c.clock() + 1)
+
+
 async def drive(store: SqliteStore, agents: Agents, done, timeout: float = 10.0) -> None:
     """The dispatcher, until `done()` (each migration the fake agents finish lands the VM on its destination)."""
     stop = asyncio.Event()
@@ -60,8 +67,7 @@ async def drive(store: SqliteStore, agents: Agents, done, timeout: float = 10.0)
 
 
 def test_maintenance_dry_run_plans_and_changes_nothing(cluster: Cluster) -> None:
-    for vm in ("web1", "web2"):
-        run_vm(cluster.store, vm, "host-a")
+    running(cluster, "host-a", "web1", "web2")
     before = len(cluster.store.events())
     r = cluster.client(OPERATOR).post("/v1/hosts/host-a/maintenance", json={"dry_run": True})
     assert r.status_code == 200, r.text
@@ -75,14 +81,13 @@ def test_maintenance_dry_run_plans_and_changes_nothing(cluster: Cluster) -> None
 
 
 def test_maintenance_enter_evacuates_then_settles_and_move_back(cluster: Cluster) -> None:
-    for vm in ("web1", "web2"):
-        run_vm(cluster.store, vm, "host-a")
+    running(cluster, "host-a", "web1", "web2")
     r = cluster.client(OPERATOR).post("/v1/hosts/host-a/maintenance", json={})
     assert r.status_code == 200, r.text
     assert r.json()["mode"] == "entering_maintenance" and len(r.json()["tasks"]) == 2
     # No new VM goes there meanwhile, named or placed.
     created = cluster.client(OPERATOR).post("/v1/vms", json={"spec": {"name": "new1", "memory": GIB}, "host": "host-a"})
-    assert created.status_code == 422 and "entering maintenance" in created.json()["detail"]
+    assert created.status_code == 422 and "entering maintenance" in created.json()["error"]["message"]
     placed = cluster.client(OPERATOR).post("/v1/vms", json={"spec": {"name": "new2", "memory": GIB}})
     assert placed.status_code == 201 and placed.json()["vm"]["desired_host"] != "host-a"
     o = ops(cluster)
@@ -128,17 +133,17 @@ def test_refusals_are_one_line_and_change_nothing(cluster: Cluster) -> None:
     op = cluster.client(OPERATOR)
     assert op.put("/v1/drs/config", json={"automation": "full"}).status_code == 403  # admins configure DRS
     r = op.post("/v1/hosts/host-z/maintenance", json={})
-    assert r.status_code == 404 and r.json()["detail"] == "no host host-z has joined"
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no host host-z has joined"
     r = op.post("/v1/hosts/host-a/maintenance/exit", json={})
-    assert r.status_code == 422 and r.json()["detail"] == "host host-a is not in maintenance"
+    assert r.status_code == 422 and r.json()["error"]["message"] == "host host-a is not in maintenance"
     r = op.post("/v1/rules", json={"name": "apart", "kind": "keep-apart", "vms": ["web1"]})
-    assert r.status_code == 422 and "two VMs or more" in r.json()["detail"]
+    assert r.status_code == 422 and "two VMs or more" in r.json()["error"]["message"]
     r = op.post("/v1/rules", json={"name": "apart", "kind": "keep-apart", "vms": ["web1", "nope"]})
-    assert r.status_code == 422 and r.json()["detail"] == "unknown VM nope: no such VM in the cluster"
+    assert r.status_code == 422 and r.json()["error"]["message"] == "unknown VM nope: no such VM in the cluster"
     r = op.post("/v1/hosts/host-a/health", json={"component": "psu", "severity": "awful"})
     assert r.status_code == 422
     r = op.post("/v1/drs/apply", json={})
-    assert r.status_code == 422 and "ids or all" in r.json()["detail"]
+    assert r.status_code == 422 and "ids or all" in r.json()["error"]["message"]
     assert cluster.store.rules() == [] and cluster.store.health() == []
     assert cluster.store.host("host-a").mode is HostMode.NORMAL
 
@@ -171,8 +176,7 @@ def test_health_quarantines_and_severe_evacuates_until_recovered(cluster: Cluste
 
 
 def test_rules_listed_with_their_violations(cluster: Cluster) -> None:
-    run_vm(cluster.store, "db1", "host-a")
-    run_vm(cluster.store, "db2", "host-a")
+    running(cluster, "host-a", "db1", "db2")
     r = cluster.client(OPERATOR).post("/v1/rules", json={"name": "dbs-apart", "kind": "keep-apart",
                                                          "vms": ["db1", "db2"]})
     assert r.status_code == 201, r.text
@@ -192,9 +196,7 @@ def test_rules_listed_with_their_violations(cluster: Cluster) -> None:
 
 
 def test_drs_recommends_relief_of_a_busy_host_and_full_automation_applies_it(cluster: Cluster) -> None:
-    for vm in ("busy1", "busy2", "busy3"):
-        run_vm(cluster.store, vm, "host-a")
-    beat(cluster.store, "host-a", {"busy1": 1.0, "busy2": 1.0, "busy3": 1.0}, cluster.clock() + 1)
+    running(cluster, "host-a", "busy1", "busy2", "busy3", demand=1.0)
     status = cluster.client(VIEWER).get("/v1/drs").json()
     assert status["target"] is not None and status["imbalance"] > status["target"]
     assert status["recommendations"] and all(not r["mandatory"] and r["why"] and r["cost"] > 0

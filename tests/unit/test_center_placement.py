@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmotion.api.center import ClusterSettings, HostFacts, HostLoad, HostState, VmLoad
+from kvmotion.api.center import ClusterSettings, HostFacts, HostLoad, HostMode, HostState, VmLoad
 from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
 from kvmotion.center.admission import Move, admit, host_budget
 from kvmotion.center.placement import HostSnapshot, cpu_demand, place, summary
@@ -17,9 +17,9 @@ SPEC = VmSpec(name="web1", memory=GIB, vcpus=2, disks=(DiskSpec(datastore="ds1",
 
 
 def host(name: str, free: int = 8 * GIB, state: HostState = HostState.CONNECTED, facts: HostFacts | None = FACTS,
-         demand: float | None = 0.0) -> HostSnapshot:
+         demand: float | None = 0.0, mode: HostMode = HostMode.NORMAL, quarantined: bool = False) -> HostSnapshot:
     return HostSnapshot(name=name, state=state, load=HostLoad(cpus=8, memory_total=16 * GIB, memory_available=free),
-                        facts=facts, cpu_demand=demand)
+                        facts=facts, cpu_demand=demand, mode=mode, quarantined=quarantined)
 
 
 def test_the_least_loaded_host_is_chosen_and_every_host_has_its_reasons() -> None:
@@ -27,7 +27,8 @@ def test_the_least_loaded_host_is_chosen_and_every_host_has_its_reasons() -> Non
         host("host-a"),  # the source
         host("host-b", free=4 * GIB),
         host("host-c", free=12 * GIB),
-        host("host-d", state=HostState.MAINTENANCE, free=15 * GIB),
+        host("host-d", mode=HostMode.MAINTENANCE, free=15 * GIB),
+        host("host-g", quarantined=True, free=15 * GIB),
         host("host-e", free=GIB // 2, facts=FACTS.model_copy(update={"portgroups": (), "datastores": ()})),
         host("host-f", facts=None),
     ]
@@ -38,6 +39,7 @@ def test_the_least_loaded_host_is_chosen_and_every_host_has_its_reasons() -> Non
     assert by["host-b"].eligible and by["host-c"].eligible
     assert by["host-c"].score is not None and by["host-b"].score is not None and by["host-c"].score < by["host-b"].score
     assert by["host-d"].reasons == ("host-d is in maintenance",)
+    assert by["host-g"].reasons == ("host-g is quarantined (a health fault)",)
     assert by["host-e"].reasons == ("host-e has 512 MiB free, the VM needs 1024 MiB", "host-e lacks port group vm-net",
                                     "host-e does not reach datastore ds1")
     assert by["host-f"].reasons == ("host-f's CPU models, port groups and datastores are not known yet",)

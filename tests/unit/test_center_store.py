@@ -17,6 +17,7 @@ from kvmotion.api.center import (
     DatastoreView,
     EventKind,
     HostLoad,
+    HostMode,
     HostState,
     MigrationRole,
     ObservedState,
@@ -68,7 +69,7 @@ def test_create(tmp_path: Path) -> None:
     path = tmp_path / "center.db"
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 3
+        assert s.schema_version() == SCHEMA_VERSION == 4
         assert s.settings() == ClusterSettings()
         assert s.users() == [] and s.hosts() == [] and s.events() == []
         assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -124,7 +125,8 @@ CREATE TABLE join_tokens (id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, expire
     created REAL NOT NULL, created_by TEXT NOT NULL) STRICT;
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 INSERT INTO hosts (name, address, agent_url, state, joined, last_heartbeat) VALUES
-    ('host-a', '10.0.0.1', 'https://10.0.0.1:7701', 'connected', 10.0, 20.0);
+    ('host-a', '10.0.0.1', 'https://10.0.0.1:7701', 'connected', 10.0, 20.0),
+    ('host-m', '10.0.0.2', 'https://10.0.0.2:7701', 'maintenance', 10.0, 20.0);
 INSERT INTO vms (name, observed_host, observed_state, updated) VALUES ('web1', 'host-a', 'running', 20.0);
 INSERT INTO users VALUES ('admin', 'admin', 'scrypt$old', 1.0);
 INSERT INTO settings VALUES ('encrypted', 'false'), ('not_responding_after', '15.0');
@@ -140,9 +142,12 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
 
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == 3
+        assert s.schema_version() == 4
         host = s.host("host-a")
         assert host is not None and host.state is HostState.CONNECTED and host.last_heartbeat == 20.0 and host.vms == 1
+        assert host.mode is HostMode.NORMAL and s.rules() == [] and s.health() == []
+        old = s.host("host-m")  # maintenance was a state: now a mode, its state known again at its next beat
+        assert old is not None and old.mode is HostMode.MAINTENANCE and old.state is HostState.NOT_RESPONDING
         assert s.vm("web1").observed_state is ObservedState.RUNNING
         assert s.user("admin").password_hash == "scrypt$old"
         assert s.settings() == ClusterSettings(encrypted=False, not_responding_after=15.0)
@@ -156,7 +161,7 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
                         "VALUES ('0123456789ab', 't1', 'web1', 'host-a', 'host-b')")
     finally:
         s.close()
-    assert SqliteStore(path).schema_version() == 3  # reopening applies nothing twice
+    assert SqliteStore(path).schema_version() == 4  # reopening applies nothing twice
 
 
 def test_newer_or_foreign_files_are_refused(tmp_path: Path) -> None:

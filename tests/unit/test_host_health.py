@@ -39,8 +39,7 @@ def test_cpu_contention_must_last_a_window_and_be_large_enough() -> None:
 
 
 def test_cpu_window_with_vms_coming_or_going_does_not_count() -> None:
-    mixed = samples(1.5, 0.75)[:-1] + [Sample(at=40.0, run_ns=int(60 * NS), wait_ns=int(30 * NS),
-                                              vms=frozenset({"a"}))]
+    mixed = [*samples(1.5, 0.75)[:-1], Sample(at=40.0, run_ns=int(60 * NS), wait_ns=int(30 * NS), vms=frozenset({"a"}))]
     assert cpu_health(mixed).severity is Severity.OK
 
 

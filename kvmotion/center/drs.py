@@ -1,0 +1,300 @@
+"""DRS as a pure planner: the moves that keep the cluster within its rules and balanced, each with a
+sentence why, its gain and its cost.
+
+First the mandatory moves, whatever the threshold: VMs off hosts entering maintenance, VMs breaking a
+must rule, then a should rule, then VMs off quarantined hosts where that overloads no other host. Then,
+while the imbalance (standard deviation of the connected hosts' load, kvmotion.center.cluster) is above
+the threshold's tolerance, greedy cost-benefit: of the moves off hosts loaded above the mean, the ones
+removing the most imbalance are priced, and the move with the best gain x lifetime - cost is taken,
+where cost = `migration_cost` x its predicted seconds. Every such move lowers the imbalance, so one
+plan cannot cycle; hysteresis across plans: a move must remove `min_gain` at least, and a VM that moved
+within the snapshot's `recent` seconds (or in this plan) is not moved again for balance. Balancing never
+breaks a rule, should rules included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from kvmotion.api.center import Candidate
+from kvmotion.center.cluster import (
+    Estimate,
+    Layout,
+    MigrationCost,
+    Move,
+    MoveKind,
+    Plan,
+    RuleKind,
+    Snapshot,
+    Stuck,
+    Weights,
+    default_cost,
+    mib,
+)
+from kvmotion.center.maintenance import order, place
+from kvmotion.center.placement import Status
+from kvmotion.center.rules import check, refusals, units
+from kvmotion.core.errors import InvalidInput
+
+
+class Automation(str, Enum):
+    MANUAL = "manual"  # recommendations only
+    PARTIAL = "partial"  # initial placement automatic, moves recommended
+    FULL = "full"  # moves applied on its own
+
+
+# Tolerated imbalance per threshold level (1: none of it is acted on, only mandatory moves).
+TOLERANCE = {1: math.inf, 2: 0.2, 3: 0.1, 4: 0.05, 5: 0.02}
+
+
+@dataclass(frozen=True)
+class DrsConfig:
+    automation: Automation = Automation.MANUAL
+    threshold: int = 3
+    weights: Weights = field(default_factory=Weights)
+    lifetime: float = 1800.0  # s a balance gain is expected to last before demand shifts again
+    migration_cost: float = 0.02  # imbalance-seconds charged per second a migration takes
+    min_gain: float = 0.002  # a balance move removes at least this much imbalance
+    quarantine_cpu: float = 0.8  # VMs leave a quarantined host only for hosts whose CPU load stays under this
+    max_moves: int | None = None  # balance moves per plan (None: until balanced)
+    priced: int = 16  # moves (by gain) priced and checked against the rules each step
+
+    def __post_init__(self) -> None:
+        if self.threshold not in TOLERANCE:
+            raise InvalidInput(f"invalid DRS threshold {self.threshold}: use 1 to 5")
+        if self.lifetime <= 0 or self.migration_cost < 0 or self.min_gain < 0 or self.priced < 1:
+            raise InvalidInput("DRS lifetime must be positive, migration cost and minimum gain >= 0, priced >= 1")
+        if self.max_moves is not None and self.max_moves < 0:
+            raise InvalidInput(f"invalid DRS move limit {self.max_moves}: use 0 or more")
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.threshold]
+
+
+DEFAULT = DrsConfig()
+
+
+def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCost = default_cost) -> Plan:
+    """The moves DRS recommends now, mandatory first, and what it could not fix."""
+    layout = Layout(snapshot, config.weights)
+    before = layout.imbalance()
+    groups = units(snapshot)
+    moves: list[Move] = []
+    stuck: dict[str, Stuck] = {}
+    notes: dict[str, None] = {}
+    balanced = 0
+    while True:
+        # Balance moves can make room for a mandatory one that failed: repeat until neither finds any.
+        got = _mandatory(layout, groups, cost, config, stuck, notes)
+        limit = None if config.max_moves is None else config.max_moves - balanced
+        more = _balance(layout, groups, cost, config, limit)
+        balanced += len(more)
+        moves += got + more
+        if not got and not more:
+            break
+    for m in moves:
+        stuck.pop(m.vm, None)
+    return Plan(moves=tuple(moves), stuck=tuple(stuck.values()), imbalance_before=before,
+                imbalance_after=layout.imbalance(), notes=tuple(notes))
+
+
+def _mandatory(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationCost, config: DrsConfig,
+               stuck: dict[str, Stuck], notes: dict[str, None]) -> list[Move]:
+    snap = layout.snapshot
+    out: list[Move] = []
+
+    def off(host: str, kind: MoveKind, reason: str, cpu_limit: float | None) -> None:
+        here = [tuple(v for v in g if layout.where[v] == host and v not in layout.moved) for g in groups]
+        for unit in order(layout, here):
+            got, why, note = place(layout, unit, kind, reason, cost, cpu_limit)
+            out.extend(got)
+            if why:
+                stuck[why.vm] = why
+            if note:
+                notes[note] = None
+
+    for h in snap.hosts:
+        if h.state is Status.ENTERING_MAINTENANCE:
+            off(h.name, MoveKind.EVACUATE, f"{h.name} enters maintenance", None)
+    for must in (True, False):
+        for v in check([r for r in snap.rules if r.must is must], layout.where, snap.vm):
+            out.extend(_fix(layout, groups, v.rule, v.sentence, cost, stuck))
+    for h in snap.hosts:
+        if h.state is Status.QUARANTINE:
+            off(h.name, MoveKind.QUARANTINE, f"{h.name} is in quarantine (health {h.health.value})",
+                config.quarantine_cpu)
+    return out
+
+
+def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sentence: str, cost: MigrationCost,
+         stuck: dict[str, Stuck]) -> list[Move]:
+    """Moves that mend one violated rule (re-checked first: an earlier fix may have mended it), or a Stuck."""
+    snap = layout.snapshot
+    rule = next(r for r in snap.rules if r.name == rule_name)
+    now = check([rule], layout.where, snap.vm)
+    if not now:
+        return []
+    sentence = now[0].sentence
+    group_of = {v: g for g in groups for v in g}
+    out: list[Move] = []
+    if rule.kind is RuleKind.KEEP_TOGETHER:
+        members = [v for v in rule.vms if snap.vm[v].on]
+        group = group_of[members[0]]
+        count: dict[str, int] = {}
+        for v in group:
+            count[layout.where[v]] = count.get(layout.where[v], 0) + 1
+        candidates = []
+        for target in sorted(count, key=lambda h: (-count[h], h)):
+            moving = tuple(v for v in group if layout.where[v] != target)
+            reasons = refusals(layout, moving, target, should=rule.must is False)
+            candidates.append(Candidate(host=target, reasons=tuple(reasons)))
+            if not reasons:
+                reason = f"{sentence}: {target} already runs {count[target]} of them and has room for the rest"
+                for v in moving:
+                    src = layout.where[v]
+                    out.append(Move(vm=v, source=src, destination=target, kind=MoveKind.RULE, why=reason,
+                                    estimate=cost(snap.vm[v], snap.host[src], snap.host[target], snap.rate(src, target))))
+                    layout.move(v, target)
+                return out
+        stuck[members[0]] = Stuck(members[0], layout.where[members[0]], f"{sentence}; no host takes them all: "
+                                  + "; ".join(r for c in candidates for r in c.reasons), tuple(candidates))
+        return out
+    # vm-host: each VM away from its hosts moves (with its keep-together unit); keep-apart: all but the
+    # biggest VM of each shared host move.
+    if rule.kind is RuleKind.VM_HOST:
+        away = list(now[0].vms)
+    else:
+        by_host: dict[str, list[str]] = {}
+        for v in now[0].vms:
+            by_host.setdefault(layout.where[v], []).append(v)
+        away = [v for vs in by_host.values() for v in sorted(vs, key=lambda n: (-snap.vm[n].memory, n))[1:]]
+    for v in away:
+        still = check([rule], layout.where, snap.vm)
+        if not still or v not in still[0].vms:
+            continue  # mended by an earlier move
+        unit = tuple(u for u in group_of[v] if layout.where[u] == layout.where[v])
+        got, why, note = place(layout, unit, MoveKind.RULE, sentence, cost)
+        if note and not rule.must:
+            # Mending a should rule by breaking another one is no mend: undo, and say so.
+            for m in got:
+                layout.move(m.vm, m.source)
+                layout.moved.discard(m.vm)
+            got = []
+            why = Stuck(v, layout.where[v], f"{sentence}; no host takes {v} without breaking another rule")
+        out.extend(got)
+        if why:
+            stuck[why.vm] = why
+    return out
+
+
+def _balance(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationCost, config: DrsConfig,
+             limit: int | None) -> list[Move]:
+    snap = layout.snapshot
+    active = sorted(h.name for h in snap.hosts if h.accepts)
+    n = len(active)
+    if n < 2 or not math.isfinite(config.tolerance) or (limit is not None and limit <= 0):
+        return []
+    index = {h: i for i, h in enumerate(active)}
+    capc = np.array([snap.host[h].cpus for h in active], dtype=float)
+    capm = np.array([snap.host[h].memory for h in active], dtype=float)
+    wc, wm = config.weights.cpu, config.weights.memory
+    # The units balancing may move: all powered on, on one connected host, no local disk, not moved lately.
+    cand: list[tuple[str, ...]] = []
+    for g in groups:
+        vms = [snap.vm[v] for v in g]
+        hosts = {layout.where[v] for v in g}
+        if (len(hosts) == 1 and next(iter(hosts)) in index and all(v.on and not v.local_disk for v in vms)
+                and not any(v.moved_at is not None and snap.now - v.moved_at < snap.recent for v in vms)
+                and not any(v in layout.moved for v in g)):
+            cand.append(g)
+    if not cand:
+        return []
+    ucpu = np.array([sum(snap.vm[v].cpu_demand for v in g) for g in cand])
+    umem = np.array([sum(snap.vm[v].memory for v in g) for g in cand], dtype=float)
+    uhost = np.array([index[layout.where[g[0]]] for g in cand])
+    alive = np.ones(len(cand), dtype=bool)
+    allowed = np.ones((len(cand), n), dtype=bool)  # never: barred hosts, hosts a vm-host rule excludes
+    row = {v: i for i, g in enumerate(cand) for v in g}
+    for i, g in enumerate(cand):
+        for v in g:
+            for h in snap.vm[v].barred:
+                if h in index:
+                    allowed[i, index[h]] = False
+    for r in snap.rules:
+        if r.kind is RuleKind.VM_HOST:
+            cols = np.array([h not in r.hosts for h in active])
+            for v in r.vms:
+                if v in row:
+                    allowed[row[v], cols] = False
+    estimates: dict[tuple[int, int], Estimate] = {}
+    out: list[Move] = []
+    while limit is None or len(out) < limit:
+        x = np.array([layout.load(h) for h in active])
+        free = np.array([layout.free(h) for h in active], dtype=float)
+        imb = float(x.std())
+        if imb <= config.tolerance:
+            break
+        mean = float(x.mean())
+        sel = np.flatnonzero(alive & (x[uhost] > mean))
+        if sel.size == 0:
+            break
+        src = uhost[sel]
+        da = wc * ucpu[sel] / capc[src] + wm * umem[sel] / capm[src]
+        db = wc * ucpu[sel, None] / capc[None, :] + wm * umem[sel, None] / capm[None, :]
+        xa = x[src][:, None]
+        s1 = x.sum() - da[:, None] + db
+        s2 = (x * x).sum() - xa * xa + (xa - da[:, None]) ** 2 - x[None, :] ** 2 + (x[None, :] + db) ** 2
+        after = np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0))
+        gain = imb - after
+        ok = allowed[sel] & (umem[sel, None] <= free[None, :]) & (np.arange(n)[None, :] != src[:, None])
+        gain = np.where(ok, gain, -np.inf)
+        flat = gain.ravel()
+        k = min(config.priced, flat.size)
+        top = np.argpartition(-flat, k - 1)[:k]
+        top = top[np.argsort(-flat[top], kind="stable")]
+        best: tuple[float, int, int, float, Estimate, float, float] | None = None
+        for f in top:
+            gain_f = float(flat[f])
+            if not gain_f >= max(config.min_gain, 1e-12):
+                break
+            row_i, d = divmod(int(f), n)
+            u = int(sel[row_i])
+            key = (u, d)
+            if key not in estimates:
+                s = active[int(uhost[u])]
+                parts = [cost(snap.vm[v], snap.host[s], snap.host[active[d]], snap.rate(s, active[d])) for v in cand[u]]
+                estimates[key] = Estimate(sum(p.seconds for p in parts), max(p.downtime for p in parts),
+                                          sum(p.bytes for p in parts))
+            est = estimates[key]
+            benefit = gain_f * config.lifetime
+            charge = config.migration_cost * est.seconds
+            net = benefit - charge
+            if net <= 0 or (best is not None and net <= best[0]):
+                continue
+            if refusals(layout, cand[u], active[d], should=True):
+                continue
+            best = (net, u, d, gain_f, est, benefit, charge)
+        if best is None:
+            break
+        net, u, d, gain_f, est, benefit, charge = best
+        s, t = active[int(uhost[u])], active[d]
+        unit = cand[u]
+        desc = " and ".join(unit)
+        why = (f"{s} is at {layout.load(s):.0%} load against a mean of {mean:.0%}: moving {desc} "
+               f"({float(ucpu[u]):.1f} cores, {mib(float(umem[u]))}) to {t} (at {layout.load(t):.0%}) cuts the "
+               f"imbalance from {imb:.3f} to {imb - gain_f:.3f}, worth {benefit:.0f} against {charge:.0f} for "
+               f"a {est.seconds:.0f} s migration")
+        for v in unit:
+            vm = snap.vm[v]
+            e = cost(vm, snap.host[s], snap.host[t], snap.rate(s, t)) if len(unit) > 1 else est
+            out.append(Move(vm=v, source=s, destination=t, kind=MoveKind.BALANCE, why=why, estimate=e,
+                            gain=gain_f, benefit=benefit, cost=charge))
+            layout.move(v, t)
+        alive[u] = False
+    return out
