@@ -121,12 +121,15 @@ def evaluate(cases: Sequence[Case], leave: str) -> list[dict]:
             act = actual(o, m)
             row[f"actual_{m}_ms"] = None if act is None else round(act * 1000, 1)
             row[f"error_{m}"] = rel_error(getattr(p, m), act)
+            # Baseline: the median of the same history, no model.
+            past = median([actual(h, m) for h in history])
+            row[f"baseline_error_{m}"] = rel_error(past, act) if past is not None else None
         rows.append(row)
     return rows
 
 
-def summarize(rows: Sequence[dict]) -> dict:
-    return {m: median([r[f"error_{m}"] for r in rows]) for m in METRICS}
+def summarize(rows: Sequence[dict], kind: str = "error") -> dict:
+    return {m: median([r[f"{kind}_{m}"] for r in rows]) for m in METRICS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrations": len(rows),
         "seconds": round(time.monotonic() - t0, 1),
         "median_rel_error": summarize(rows),
+        "baseline_median_rel_error": summarize(rows, "baseline_error"),  # predicting the history's median
         "by_cell": {k: {"runs": len(v), **summarize(v)} for k, v in sorted(by_cell_kind.items())},
         "by_source_cell": {k: {"runs": len(v), **summarize(v)} for k, v in sorted(cells.items())},
         "runs": rows,
@@ -167,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
-        print(json.dumps({"migrations": len(rows), "median_rel_error": report["median_rel_error"]}, indent=1))
+        print(json.dumps({k: report[k] for k in ("migrations", "median_rel_error", "baseline_median_rel_error")}, indent=1))
     else:
         print(text)
     return 0

@@ -107,11 +107,11 @@ def stream_class(route: Route) -> StreamClass:
 
 
 def _link_class(rate: int | None) -> int | None:
-    """Link rates to 2 significant digits: a shaper's 1gbit and a NIC's 1000Mb/s are one class."""
+    """Link rates to 3 significant digits: a shaper's 1gbit and a NIC's 1000Mb/s are one class."""
     if rate is None:
         return None
-    digits = math.floor(math.log10(rate)) - 1
-    return int(round(rate, -digits))
+    unit = 10 ** max(0, math.floor(math.log10(rate)) - 2)
+    return math.floor(rate / unit + 0.5) * unit
 
 
 # ------------------------------------------------------------------------------------- parameters
@@ -151,6 +151,7 @@ class FixedCosts:
     setup: float = 0.005  # QEMU's setup-time (plain); the TLS handshake adds to it
     setup_tls: float = 0.08
     switchover: float = 0.005  # the pause beyond sending what is pending: device state, resume
+    pending_share: float = 1.0  # share of the replay's pending-at-switchover time seen in QEMU's downtime
     resume: float = 0.01  # kvmotion's pause (source STOP -> destination RESUME) beyond QEMU's downtime
     prepare: float = 0.15  # request -> `migrate`: checks, the shadow VM, the hooks
     finish: float = 0.05  # QEMU completed -> done: lease hand-over, commit
@@ -219,7 +220,8 @@ def predict(guest: Guest, route: Route, params: ModelParams | None = None,
     setup = fixed.setup_tls if route.encrypted else fixed.setup
     sim = _Replay(guest, th, config)
     sim.run(setup)
-    downtime = sim.final_pending / th.page_rate + fixed.switchover if sim.converged or sim.postcopy else 0.0
+    sent = fixed.pending_share * sim.final_pending / th.page_rate
+    downtime = sent + fixed.switchover if sim.converged or sim.postcopy else 0.0
     total = sim.t + downtime
     if sim.postcopy:  # the rest moves once, on demand and in the background, after a short pause
         total += sim.left / th.page_rate
@@ -231,8 +233,8 @@ def predict(guest: Guest, route: Route, params: ModelParams | None = None,
         downtime=downtime,
         pause=downtime + fixed.resume if sim.converged or sim.postcopy else 0.0,
         rounds=sim.round,
-        page_bytes=int(page_bytes),
-        bytes=int(page_bytes * th.wire_ratio),
+        page_bytes=round(page_bytes),
+        bytes=round(page_bytes * th.wire_ratio),
         throttle_max=sim.throttle_max,
         reason=sim.reason,
         guest=guest,
@@ -414,13 +416,15 @@ def theil_sen(points: Sequence[tuple[float, float]]) -> tuple[float, float] | No
     return slope, statistics.median(y - slope * x for x, y in points)
 
 
-def _fit_class(cls: StreamClass, obs: Sequence[Observed]) -> Throughput:
+def _fit_class(cls: StreamClass, obs: Sequence[Observed], paused: Callable[[Observed], float]) -> Throughput:
     """Page rate and walk cost from pre-copy time = walk x GiB + page bytes / rate, fitted per GiB
-    of guest (so guests of several sizes line up); the compression ratio as a median."""
+    of guest (so guests of several sizes line up); the compression ratio as a median. `paused(o)`:
+    the share of o's page bytes sent in its pause (not in the pre-copy time)."""
     base = default_throughput(cls)
     ratios = [o.wire_bytes / o.page_bytes for o in obs if o.page_bytes > 0 and o.wire_bytes > 0]
     ratio = statistics.median(ratios) if ratios else base.wire_ratio
-    pts = [(o.page_bytes / (o.guest.memory / GIB), o.precopy / (o.guest.memory / GIB)) for o in obs if o.precopy > 0]
+    pts = [((o.page_bytes - paused(o)) / (o.guest.memory / GIB), o.precopy / (o.guest.memory / GIB))
+           for o in obs if o.precopy > 0]
     line = theil_sen(pts) if len(pts) >= 2 else None
     if line is not None and line[0] > 0:
         slope, walk = line
@@ -440,7 +444,10 @@ def _median(xs: Iterable[float | None], default: float) -> float:
 
 
 def calibrate(history: Iterable[Observed], config: pol.PolicyConfig | None = None) -> ModelParams:
-    """Fit the model's free numbers to past migrations (defaults for whatever history lacks)."""
+    """Fit the model's free numbers to past migrations (defaults for whatever history lacks).
+
+    Twice: the page rate is fitted on the pre-copy time, which excludes the pause, so the page
+    bytes sent in the pause ((downtime - switchover) x page rate) come off once both are known."""
     obs = list(history)
     if not obs:
         return ModelParams()
@@ -448,7 +455,6 @@ def calibrate(history: Iterable[Observed], config: pol.PolicyConfig | None = Non
     by_class: dict[StreamClass, list[Observed]] = {}
     for o in obs:
         by_class.setdefault(o.stream_class, []).append(o)
-    classes = tuple((c, _fit_class(c, os)) for c, os in sorted(by_class.items(), key=lambda kv: str(kv[0])))
     plain = [o.setup for o in obs if not o.route.encrypted]
     tls = [o.setup for o in obs if o.route.encrypted]
     fixed = dataclasses.replace(
@@ -460,12 +466,30 @@ def calibrate(history: Iterable[Observed], config: pol.PolicyConfig | None = Non
         finish=_median((o.duration - o.prepare - o.total if o.duration is not None and o.prepare is not None
                         else None for o in obs), d.finish),
         switchover=0.0,
+        pending_share=1.0,
     )
-    params = ModelParams(fixed=fixed, classes=classes, samples=len(obs))
-    # The switchover's fixed part: what the observed pauses were beyond what the model sends in them.
-    sent_in_pause = [predict(o.guest, o.route, params, config).downtime for o in obs]
-    switchover = _median((o.downtime - s for o, s in zip(obs, sent_in_pause, strict=True)), d.switchover)
-    return dataclasses.replace(params, fixed=dataclasses.replace(fixed, switchover=switchover))
+    params = ModelParams(fixed=fixed, classes=(), samples=len(obs))
+    for _ in range(2):
+        rates = {c: params.throughput(c).page_rate for c in by_class} if params.classes else {}
+        switchover = params.fixed.switchover
+
+        def paused(o: Observed, rates: dict[StreamClass, float] = rates, sw: float = switchover) -> float:
+            rate = rates.get(o.stream_class)
+            return max(0.0, o.downtime - sw) * rate if rate else 0.0
+
+        classes = tuple((c, _fit_class(c, os, paused)) for c, os in sorted(by_class.items(), key=lambda kv: str(kv[0])))
+        bare = dataclasses.replace(params.fixed, switchover=0.0, pending_share=1.0)
+        params = dataclasses.replace(params, classes=classes, fixed=bare)
+        # The pause: a fixed part plus a share of the time the replay says the pending pages take,
+        # as a median line through (replayed, observed) downtimes; just the median with no relation.
+        pts = [(predict(o.guest, o.route, params, config).downtime, o.downtime) for o in obs]
+        line = theil_sen(pts) if len(pts) >= 2 else None
+        if line is not None and 0 < line[0] <= 2 and line[1] >= 0:  # >1: the pause sends slower than pre-copy
+            share, switchover = line
+        else:
+            share, switchover = 0.0, _median((y for _, y in pts), d.switchover)
+        params = dataclasses.replace(params, fixed=dataclasses.replace(bare, switchover=switchover, pending_share=share))
+    return params
 
 
 # ------------------------------------------------------------------------------------ planner API
