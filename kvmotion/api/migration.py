@@ -108,6 +108,26 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Forecast:
+    """What kvmotion.migration.predict expected before the move, and the inputs it assumed: kept
+    beside the summary so that predicted and actual can be compared, and the model recalibrated."""
+
+    duration_ms: float  # request -> done
+    total_ms: float  # QEMU total-time
+    downtime_ms: float
+    rounds: int
+    bytes: int
+    converged: bool
+    memory: int
+    zero_fraction: float
+    dirty_rate: float  # bytes/s measured on the source before the move
+    working_set: int | None
+    link_rate: int | None  # bytes/s, the source's egress towards the destination
+    compression: str
+    samples: int  # past migrations the calibration drew on (0: the model's defaults)
+
+
+@dataclass(frozen=True)
 class MigrationRecord:
     id: str
     vm: str
@@ -124,6 +144,8 @@ class MigrationRecord:
     phase_times: tuple[tuple[str, float], ...] = ()  # (phase, wall time entered)
     rounds: tuple[dict, ...] = ()  # per-round statistics (RoundStats JSON)
     encrypted: bool = True  # the stream went over TLS: the cluster's policy when the migration started
+    link_rate: int | None = None  # bytes/s the source measured towards the destination (None: unknown)
+    forecast: Forecast | None = None
 
 
 def record_from_json(d: dict) -> MigrationRecord:
@@ -138,6 +160,8 @@ def record_from_json(d: dict) -> MigrationRecord:
         rounds=tuple(d.get("rounds", ())),
         # Older records kept it among the options (then the caller's choice).
         encrypted=bool(d.get("encrypted", d["options"].get("encrypted", True))),
+        link_rate=d.get("link_rate"),
+        forecast=Forecast(**d["forecast"]) if d.get("forecast") else None,
     )
 
 
