@@ -100,6 +100,7 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     control = controller or HeartbeatController(center.store, clock=center.clock)
     ops = Tasks(center.store, center.clock)
     operations = Operations(center.store, ops, center.clock)
+    ops.predict = operations.predict  # a user's migration task records its prediction too
     stop = asyncio.Event()  # set when the app shuts down: followed event streams end too
 
     @contextlib.asynccontextmanager

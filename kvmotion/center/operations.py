@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -40,10 +41,12 @@ from kvmotion.api.operations import (
     RuleSpec,
     RuleView,
 )
+from kvmotion.api.spec import VmSpec
 from kvmotion.center import planning
 from kvmotion.center.store import HostRow, Store
 from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Conflict, InvalidInput, KvmotionError, NotFound
+from kvmotion.migration.predict import Guest, Route
 
 log = logging.getLogger("kvmotion.center")
 
@@ -53,6 +56,7 @@ HEALTH = "health"  # the reason of a maintenance that health caused
 CENTER_MAINTENANCE = "center:maintenance"  # who asked, in tasks and events
 CENTER_DRS = "center:drs"
 CENTER_HEALTH = "center:health"
+PREDICTOR_TTL = 60.0  # seconds a calibrated predictor is used before it learns the newest migrations
 RETRY_AFTER = 60.0  # seconds before a failed evacuation of a VM is tried again
 
 
@@ -64,10 +68,34 @@ class Operations:
         self.tasks = tasks
         self.clock = clock
         self._last_drs = float("-inf")
+        self._predictor: tuple[float, planning.Predictor] | None = None  # when calibrated, the predictor
 
     # ---- the picture ----
     def snapshot(self) -> planning.Snapshot:
         return planning.snapshot(self.store, self.clock())
+
+    def cost(self) -> planning.cluster.MigrationCost:
+        """The planners' cost of a move, from a predictor calibrated on this cluster's migrations
+        (again every PREDICTOR_TTL seconds)."""
+        now = self.clock()
+        if self._predictor is None or now - self._predictor[0] > PREDICTOR_TTL:
+            self._predictor = (now, planning.predictor(self.store))
+        return planning.cost_function(self._predictor[1], self.store.settings().encrypted)
+
+    def predict(self, vm: str, source: str, destination: str) -> tuple[float | None, float | None]:
+        """A user's migration's predicted seconds and downtime (ms), for its task (None: unknown)."""
+        row, src, dst = self.store.vm(vm), self.store.host(source), self.store.host(destination)
+        if row is None or row.spec is None or src is None or dst is None:
+            return None, None
+        spec = VmSpec.from_json(json.loads(row.spec))
+        link = min((h.facts.link_bps if h.facts and h.facts.link_bps else self.store.settings().link_bps)
+                   for h in (src, dst)) / 8
+        if self._predictor is None or self.clock() - self._predictor[0] > PREDICTOR_TTL:
+            self.cost()
+        assert self._predictor is not None
+        p = self._predictor[1].predict(Guest(memory=spec.memory), Route(link_rate=int(link),
+                                                                          encrypted=self.store.settings().encrypted))
+        return (round(p.duration, 2), round(p.downtime * 1000, 1)) if p.converged else (None, None)
 
     def _host(self, name: str) -> HostRow:
         host = self.store.host(name)
@@ -79,7 +107,7 @@ class Operations:
     def enter_maintenance(self, name: str, request: MaintenanceRequest, who: Identity | str,
                           reason: str = "") -> MaintenanceAnswer:
         host = self._host(name)
-        plan = planning.evacuation(self.snapshot(), name)
+        plan = planning.evacuation(self.snapshot(), name, self.cost())
         if request.dry_run:
             return MaintenanceAnswer(plan=plan, mode=host.mode)
         if host.mode is HostMode.NORMAL:
@@ -96,7 +124,8 @@ class Operations:
         if host.mode is HostMode.NORMAL:
             raise InvalidInput(f"host {name} is not in maintenance")
         snap = planning.without_maintenance(self.snapshot(), name)
-        plan = planning.move_back(snap, name, self.store.homes(name)) if request.move_back else Plan(host=name)
+        plan = planning.move_back(snap, name, self.store.homes(name), self.cost()) if request.move_back \
+            else Plan(host=name)
         if request.dry_run:
             return MaintenanceAnswer(plan=plan, mode=host.mode)
         for task in self.store.tasks(open_only=True, limit=100_000):  # its evacuation stops
@@ -183,7 +212,7 @@ class Operations:
 
     # ---- DRS ----
     def drs(self) -> DrsStatus:
-        return planning.recommend(self.snapshot(), self.store.drs_config())
+        return planning.recommend(self.snapshot(), self.store.drs_config(), self.cost())
 
     def configure_drs(self, config: DrsConfig, who: Identity) -> DrsConfig:
         self.store.save_drs_config(config, str(who), self.clock())
@@ -210,7 +239,7 @@ class Operations:
             self._apply_health(host)
         for host in self.store.hosts():
             if host.mode is HostMode.ENTERING_MAINTENANCE:
-                plan = planning.evacuation(self.snapshot(), host.name)
+                plan = planning.evacuation(self.snapshot(), host.name, self.cost())
                 failed = self._recently_failed(host.name, now)
                 self._queue([m for m in plan.moves if m.vm not in failed], CENTER_MAINTENANCE)
                 self._settle(self._host(host.name))

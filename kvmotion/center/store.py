@@ -229,6 +229,9 @@ class Store(Protocol):
 
     def migration(self, task_id: str) -> MigrationRow | None: ...
 
+    # the newest migrations whose task is done, with the source's last record (what predictions learn from)
+    def finished_migrations(self, limit: int = 500) -> list[MigrationRow]: ...
+
     # queued -> running; False if it is no longer queued (cancelled meanwhile)
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool: ...
 
@@ -771,6 +774,12 @@ class SqliteStore:
     def migration(self, task_id: str) -> MigrationRow | None:
         row = self._conn().execute("SELECT * FROM migrations WHERE task_id = ?", (task_id,)).fetchone()
         return _migration(row) if row else None
+
+    def finished_migrations(self, limit: int = 500) -> list[MigrationRow]:
+        rows = self._conn().execute("SELECT m.* FROM migrations m JOIN tasks t ON t.id = m.task_id WHERE t.state = "
+                                    "'done' AND t.kind = 'migrate' AND m.record != '{}' ORDER BY t.ended DESC LIMIT ?",
+                                    (limit,))
+        return [_migration(r) for r in rows]
 
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool:
         with self._write() as conn:

@@ -65,9 +65,11 @@ def refuse_maintenance(host: HostRow, vm: str) -> None:
 class Tasks:
     """VM and task operations over `store`; `clock`: wall-clock seconds."""
 
-    def __init__(self, store: Store, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float],
+                 predict: Callable[[str, str, str], tuple[float | None, float | None]] | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.predict = predict  # (vm, source, destination) -> predicted seconds, downtime ms: for its task
 
     # ---- VMs ----
     def vm_list_json(self) -> str:
@@ -146,8 +148,10 @@ class Tasks:
                 raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
             destination = placement.chosen
         options = request.model_dump_json(include=MIGRATION_OPTIONS)
+        seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
         try:
-            queued = self.queue_move(request.vm, source, destination, str(who), options=options)
+            queued = self.queue_move(request.vm, source, destination, str(who), options=options, predicted_s=seconds,
+                                     predicted_downtime_ms=downtime)
         except Conflict as exc:  # a migration requested in between
             raise InvalidInput(str(exc)) from None
         return TaskStarted(task=queued, placement=placement)

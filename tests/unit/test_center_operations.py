@@ -230,3 +230,15 @@ def test_powered_off_vms_are_rehomed(cluster: Cluster) -> None:
     assert cluster.store.vm("cold1").desired_host == task.destination
     ops(cluster).tick_sync()
     assert cluster.store.host("host-a").mode is HostMode.MAINTENANCE
+
+
+def test_a_users_migration_records_its_prediction_beside_the_actual(cluster: Cluster) -> None:
+    running(cluster, "host-a", "web1")
+    r = cluster.client(OPERATOR).post("/v1/migrations", json={"vm": "web1", "destination": "host-b"})
+    assert r.status_code == 202, r.text
+    task = r.json()["task"]
+    assert task["predicted_s"] > 0 and task["predicted_downtime_ms"] > 0
+    asyncio.run(drive(cluster.store, Agents(), lambda: not cluster.store.tasks(open_only=True)))
+    done = cluster.store.task(task["id"])
+    assert done is not None and done.state is TaskState.DONE
+    assert done.predicted_s == task["predicted_s"] and done.result is not None and done.result.total_ms is not None
