@@ -161,6 +161,7 @@ class DrsStatus(Wire):
     target: float | None  # the imbalance the threshold tolerates (None: any; only mandatory moves)
     recommendations: tuple[Recommendation, ...] = ()
     loads: tuple[tuple[str, float], ...] = ()  # each host's normalized load
+    notes: tuple[str, ...] = ()  # what it cannot fix, and why
 
 
 class DrsApply(Wire):

@@ -183,7 +183,8 @@ def recommend(snap: Snapshot, config: DrsConfig, cost: cluster.MigrationCost = c
     loads = tuple((h.name, round(by[h.name].total(settings.weights), 4)) for h in snap.hosts)
     tolerated = drs.TOLERANCE[config.threshold]
     return DrsStatus(config=config, imbalance=round(cluster.imbalance(snap, settings.weights), 4),
-                     target=None if math.isinf(tolerated) else tolerated, recommendations=recs, loads=loads)
+                     target=None if math.isinf(tolerated) else tolerated, recommendations=recs, loads=loads,
+                     notes=tuple(f"{s.vm} stays on {s.host}: {s.why}" for s in plan.stuck) + plan.notes)
 
 
 __all__ = ["RuleKind", "Snapshot", "evacuation", "move_back", "recommend", "snapshot", "violations"]

@@ -23,7 +23,8 @@ from kvmotion.api.operations import (
     RuleSpec,
     Strength,
 )
-from kvmotion.cli.centerops import client, when
+from kvmotion.cli import centerops
+from kvmotion.cli.centerops import when
 from kvmotion.cli.common import console
 
 
@@ -66,7 +67,7 @@ def maintenance_enter(host: str,
                       json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Evacuate HOST: its running VMs migrate away (in the plan's order), powered-off ones are re-homed;
     it stays "entering maintenance" until no VM runs there, and takes no new VMs."""
-    with client() as center:
+    with centerops.client() as center:
         answer = center.call(ops.enter_maintenance(host, MaintenanceRequest(dry_run=dry_run)))
     _print_plan(answer, json_out, "dry run, nothing changed" if dry_run else f"{len(answer.tasks)} migration(s) queued")
 
@@ -77,7 +78,7 @@ def maintenance_exit(host: str,
                      dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan."),
                      json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """HOST takes VMs again; with --move-back the VMs it held when it entered maintenance return."""
-    with client() as center:
+    with centerops.client() as center:
         answer = center.call(ops.exit_maintenance(host, MaintenanceExit(move_back=move_back, dry_run=dry_run)))
     _print_plan(answer, json_out, "dry run, nothing changed" if dry_run else f"{len(answer.tasks)} migration(s) queued")
 
@@ -112,7 +113,7 @@ def _print_health(h: HostHealth, json_out: bool) -> None:
 @health_app.command("show")
 def health_show(host: str, json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """What each health provider says of HOST."""
-    with client() as center:
+    with centerops.client() as center:
         _print_health(center.call(ops.health(host)), json_out)
 
 
@@ -126,7 +127,7 @@ def health_report(host: str,
                   json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Report a component of HOST as ok, moderate or severe (a vendor plug-in's word)."""
     report = HealthReport(provider=provider, component=component, severity=severity, reason=reason)
-    with client() as center:
+    with centerops.client() as center:
         _print_health(center.call(ops.report_health(host, report)), json_out)
 
 
@@ -142,7 +143,7 @@ def drs_config(automation: Automation | None = typer.Option(None, "--automation"
                interval: float | None = typer.Option(None, "--interval", help="Seconds between full automation's passes."),
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show DRS's configuration, or change what is given."""
-    with client() as center:
+    with centerops.client() as center:
         config = center.call(ops.drs()).config
         changes = {k: v for k, v in (("automation", automation), ("threshold", threshold), ("interval", interval))
                    if v is not None}
@@ -158,7 +159,7 @@ def drs_config(automation: Automation | None = typer.Option(None, "--automation"
 @drs_app.command("recommend")
 def drs_recommend(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The moves DRS recommends now, each with its gain, cost and why."""
-    with client() as center:
+    with centerops.client() as center:
         status = center.call(ops.drs())
     if json_out:
         print(status.model_dump_json(indent=2))
@@ -166,6 +167,8 @@ def drs_recommend(json_out: bool = typer.Option(False, "--json", help="Print JSO
     loads = ", ".join(f"{h} {load:.2f}" for h, load in status.loads)
     tolerated = "any: mandatory moves only" if status.target is None else f"{status.target:.3f}"
     console.print(f"imbalance {status.imbalance:.3f} (tolerated {tolerated}); load: {loads}")
+    for note in status.notes:
+        console.print(f"[yellow]note[/]: {note}")
     if not status.recommendations:
         console.print("no recommendation")
         return
@@ -182,7 +185,7 @@ def drs_apply(ids: list[str] = typer.Argument(None, help="Recommendation ids (fr
               json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Queue the migrations of the named recommendations (or of all of them)."""
     request = DrsApply(ids=tuple(ids or ()), all=all_)
-    with client() as center:
+    with centerops.client() as center:
         applied = center.call(ops.apply_drs(request))
     if json_out:
         print(applied.model_dump_json(indent=2))
@@ -204,7 +207,7 @@ def _add(name: str | None, kind: RuleKind, vms: list[str], host: str | None, mus
         raise typer.BadParameter("--must or --should, not both")
     rule = RuleSpec(name=name or f"{kind.value}-{'-'.join(vms)}"[:63], kind=kind, vms=tuple(vms), host=host,
                     strength=Strength.SHOULD if should else Strength.MUST)
-    with client() as center:
+    with centerops.client() as center:
         view = center.call(ops.add_rule(rule))
     broken = f"; violated now: {'; '.join(view.violations)}" if view.violations else ""
     console.print(f"rule {rule.name}: {kind.value} {', '.join(vms)}{' on ' + host if host else ''} "
@@ -239,7 +242,7 @@ def rule_vm_host(vm: str, host: str, name: str | None = _NAME, must: bool = _MUS
 @rule_app.command("ls")
 def rule_ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Rules, and what breaks them now."""
-    with client() as center:
+    with centerops.client() as center:
         rules = center.call(ops.rules())
     if json_out:
         print("[" + ",".join(r.model_dump_json() for r in rules) + "]")
@@ -254,6 +257,6 @@ def rule_ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
 @rule_app.command("rm")
 def rule_rm(name: str) -> None:
     """Remove a rule."""
-    with client() as center:
+    with centerops.client() as center:
         center.call(ops.remove_rule(name))
     console.print(f"rule {name} removed")
