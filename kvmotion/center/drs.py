@@ -33,6 +33,7 @@ from kvmotion.center.cluster import (
     Snapshot,
     Stuck,
     Weights,
+    collapse,
     default_cost,
     mib,
 )
@@ -46,6 +47,8 @@ class Automation(str, Enum):
     PARTIAL = "partial"  # initial placement automatic, moves recommended
     FULL = "full"  # moves applied on its own
 
+
+AGAIN = 2  # a rule mend may move a VM a plan moved already (then collapsed into one move), not more often
 
 # Tolerated imbalance per threshold level (1: none of it is acted on, only mandatory moves).
 TOLERANCE = {1: math.inf, 2: 0.2, 3: 0.1, 4: 0.05, 5: 0.02}
@@ -99,7 +102,7 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
             break
     for m in moves:
         stuck.pop(m.vm, None)
-    return Plan(moves=tuple(moves), stuck=tuple(stuck.values()), imbalance_before=before,
+    return Plan(moves=tuple(collapse(snapshot, moves, cost)), stuck=tuple(stuck.values()), imbalance_before=before,
                 imbalance_after=layout.imbalance(), notes=tuple(notes))
 
 
@@ -151,7 +154,9 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         candidates = []
         for target in sorted(count, key=lambda h: (-count[h], h)):
             moving = tuple(v for v in group if layout.where[v] != target)
-            reasons = refusals(layout, moving, target, should=rule.must is False)
+            again = [v for v in moving if layout.times.get(v, 0) >= AGAIN]
+            reasons = ([f"{', '.join(again)} moved twice in this plan already"] if again
+                       else refusals(layout, moving, target, should=rule.must is False))
             candidates.append(Candidate(host=target, reasons=tuple(reasons)))
             if not reasons:
                 reason = f"{sentence}: {target} already runs {count[target]} of them and has room for the rest"
@@ -172,18 +177,25 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         by_host: dict[str, list[str]] = {}
         for v in now[0].vms:
             by_host.setdefault(layout.where[v], []).append(v)
-        away = [v for vs in by_host.values() for v in sorted(vs, key=lambda n: (-snap.vm[n].memory, n))[1:]]
+        # The VM that stays: one this plan moved already if any (a VM moves once per plan), else the biggest.
+        def stays(n: str) -> tuple[bool, int, str]:
+            return (not any(u in layout.moved for u in group_of[n]), -snap.vm[n].memory, n)
+
+        away = [v for vs in by_host.values() for v in sorted(vs, key=stays)[1:]]
     for v in away:
         still = check([rule], layout.where, snap.vm)
         if not still or v not in still[0].vms:
             continue  # mended by an earlier move
         unit = tuple(u for u in group_of[v] if layout.where[u] == layout.where[v])
+        again = [u for u in unit if layout.times.get(u, 0) >= AGAIN]
+        if again:
+            stuck[v] = Stuck(v, layout.where[v], f"{sentence}; {', '.join(again)} moved twice in this plan already")
+            continue
         got, why, note = place(layout, unit, MoveKind.RULE, sentence, cost)
         if note and not rule.must:
             # Mending a should rule by breaking another one is no mend: undo, and say so.
             for m in got:
-                layout.move(m.vm, m.source)
-                layout.moved.discard(m.vm)
+                layout.undo(m.vm, m.source)
             got = []
             why = Stuck(v, layout.where[v], f"{sentence}; no host takes {v} without breaking another rule")
         out.extend(got)
