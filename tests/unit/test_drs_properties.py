@@ -28,8 +28,11 @@ def check_plan(s: Snapshot, plan: Plan) -> Snapshot:
         assert m.why
         assert (m.kind is MoveKind.REHOME) == (not s.vm[m.vm].on)
         assert not s.vm[m.vm].local_disk
+    step = s
+    for m in plan.moves:  # run one after the other, no host is ever short of memory
+        step = apply(step, [m])
+        assert not overcommitted(step), f"{m.vm} to {m.destination} before room was made there"
     after = apply(s, plan.moves)
-    assert not overcommitted(after)
     assert must_broken(after) <= must_broken(s), "a plan broke a must rule"
     return after
 
