@@ -64,7 +64,8 @@ def test_evacuation_biggest_first_onto_the_least_loaded_host() -> None:
         ("big", "c", MoveKind.EVACUATE), ("mid", "b", MoveKind.EVACUATE), ("small", "c", MoveKind.EVACUATE),
         ("off", "c", MoveKind.REHOME)]
     assert plan.moves[0].why == "a enters maintenance: c is the least loaded of 2 host(s) that can take it, at 38% load after"
-    assert plan.moves[3].why == "a enters maintenance: powered off, its home moves to c (3.0 GiB free, enough to start it there), no migration"
+    assert plan.moves[3].why == ("a enters maintenance: powered off, its home moves to c (3.0 GiB free, enough to start it "
+                                 "there), no migration")
     assert plan.moves[3].estimate.seconds == 0 and plan.moves[0].estimate.seconds > 0
     assert plan.stuck == () and plan.complete
     assert plan.seconds == sum(m.estimate.seconds for m in plan.moves)
