@@ -225,13 +225,13 @@ def sequence(snapshot: Snapshot, moves: Iterable[Move]) -> list[Move]:
     for v in snapshot.vms:
         if v.on:
             free[v.host] -= v.memory
-    pending, out = list(moves), []
+    pending = [(m, snapshot.vm[m.vm].memory if snapshot.vm[m.vm].on else 0) for m in moves]
+    out = []
     while pending:
-        need = [snapshot.vm[m.vm].memory if snapshot.vm[m.vm].on else 0 for m in pending]
-        i = next((i for i, m in enumerate(pending) if need[i] <= free[m.destination]), 0)
-        m = pending.pop(i)
-        free[m.source] += need[i]
-        free[m.destination] -= need[i]
+        i = next((i for i, (m, need) in enumerate(pending) if need <= free[m.destination]), 0)
+        m, need = pending.pop(i)
+        free[m.source] += need
+        free[m.destination] -= need
         out.append(m)
     return out
 
@@ -292,8 +292,8 @@ class Move:
     kind: MoveKind
     why: str  # one sentence
     estimate: Estimate
-    gain: float = 0.0  # imbalance removed (DRS)
-    benefit: float = 0.0  # gain x its expected lifetime (imbalance-seconds)
+    gain: float = 0.0  # DRS: spread removed, n x the drop in the variance of the n connected hosts' load
+    benefit: float = 0.0  # gain x its expected lifetime (spread-seconds)
     cost: float = 0.0  # what the migration is charged, same unit
 
 

@@ -131,8 +131,9 @@ def test_drs_balances_with_a_reason_and_hysteresis() -> None:
                                                                    ("v1", "b", MoveKind.BALANCE)]
     first = plan.moves[0]
     assert first.why == ("a is at 75% load against a mean of 38%: moving v0 (1.0 cores, 1.0 GiB) to b (at 0%) cuts "
-                         "the imbalance from 0.375 to 0.188, worth 338 against 0 for a 10 s migration")
-    assert first.gain == pytest.approx(0.1875) and first.benefit == pytest.approx(0.1875 * 1800)
+                         "the imbalance from 0.375 to 0.188, worth 380 against 0 for a 10 s migration")
+    spread = 2 * (0.375**2 - 0.1875**2)  # 2 hosts x the drop in the variance of their load
+    assert first.gain == pytest.approx(spread) and first.benefit == pytest.approx(spread * 1800)
     assert first.cost == pytest.approx(0.02 * first.estimate.seconds)
     assert plan.imbalance_after == 0.0 < plan.imbalance_before
     # Moved a minute ago: not moved again (hysteresis); long ago: it may be.
