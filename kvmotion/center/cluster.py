@@ -299,12 +299,16 @@ class Move:
 
 @dataclass(frozen=True)
 class Stuck:
-    """A VM a plan leaves where it is, why, and every host's reasons."""
+    """VMs a plan leaves where they are (one, or a keep-together group), why, and every host's reasons."""
 
-    vm: str
+    vms: tuple[str, ...]
     host: str
     why: str
     candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def vm(self) -> str:
+        return self.vms[0]
 
 
 @dataclass(frozen=True)

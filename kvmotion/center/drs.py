@@ -155,22 +155,28 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         count: dict[str, int] = {}
         for v in group:
             count[layout.where[v]] = count.get(layout.where[v], 0) + 1
-        candidates = []
-        for target in sorted(count, key=lambda h: (-count[h], h)):
-            moving = tuple(v for v in group if layout.where[v] != target)
-            again = [v for v in moving if layout.times.get(v, 0) >= AGAIN]
-            reasons = ([f"{', '.join(again)} moved twice in this plan already"] if again
-                       else refusals(layout, moving, target, should=rule.must is False))
-            candidates.append(Candidate(host=target, reasons=tuple(reasons)))
-            if not reasons:
+        candidates: list[Candidate] = []
+        # Keep every should rule if any target allows it; a must rule may break a should one (said so).
+        for should in (True, False) if rule.must else (True,):
+            candidates = []
+            for target in sorted(count, key=lambda h: (-count[h], h)):
+                moving = tuple(v for v in group if layout.where[v] != target)
+                again = [v for v in moving if layout.times.get(v, 0) >= AGAIN]
+                reasons = ([f"{', '.join(again)} moved twice in this plan already"] if again
+                           else refusals(layout, moving, target, should=should))
+                candidates.append(Candidate(host=target, reasons=tuple(reasons)))
+                if reasons:
+                    continue
                 reason = f"{sentence}: {target} already runs {count[target]} of them and has room for the rest"
+                if not should:
+                    reason += " (breaking a should rule: " + "; ".join(refusals(layout, moving, target)) + ")"
                 for v in moving:
                     src = layout.where[v]
                     out.append(Move(vm=v, source=src, destination=target, kind=MoveKind.RULE, why=reason,
                                     estimate=cost(snap.vm[v], snap.host[src], snap.host[target], snap.rate(src, target))))
                     layout.move(v, target)
                 return out
-        stuck[members[0]] = Stuck(members[0], layout.where[members[0]], f"{sentence}; no host takes them all: "
+        stuck[members[0]] = Stuck(tuple(members), layout.where[members[0]], f"{sentence}; no host takes them all: "
                                   + "; ".join(r for c in candidates for r in c.reasons), tuple(candidates))
         return out
     # vm-host: each VM away from its hosts moves (with its keep-together unit); keep-apart: all but the
@@ -193,7 +199,7 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         unit = tuple(u for u in group_of[v] if layout.where[u] == layout.where[v])
         again = [u for u in unit if layout.times.get(u, 0) >= AGAIN]
         if again:
-            stuck[v] = Stuck(v, layout.where[v], f"{sentence}; {', '.join(again)} moved twice in this plan already")
+            stuck[v] = Stuck(unit, layout.where[v], f"{sentence}; {', '.join(again)} moved twice in this plan already")
             continue
         got, why, note = place(layout, unit, MoveKind.RULE, sentence, cost)
         if note and not rule.must:
@@ -201,7 +207,7 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
             for m in got:
                 layout.undo(m.vm, m.source)
             got = []
-            why = Stuck(v, layout.where[v], f"{sentence}; no host takes {v} without breaking another rule")
+            why = Stuck(unit, layout.where[v], f"{sentence}; no host takes {v} without breaking another rule")
         out.extend(got)
         if why:
             stuck[why.vm] = why

@@ -86,7 +86,7 @@ def test_what_cannot_leave_is_listed_with_why() -> None:
     plan = plan_evacuation(s, "a")
     why = {x.vm: x.why for x in plan.stuck}
     assert why == {
-        "local": "local cannot leave a: a disk is local to it, a migration needs every disk on a datastore",
+        "local": "local cannot leave a: local has a disk on it, and a migration needs every disk on a datastore",
         "pinned": "pinned cannot leave a: b has 0 MiB free, pinned needs 1.0 GiB; vm-host rule pin (must): pinned "
                   "may run only on a; q is in quarantine (a health fault)",
         "huge": "huge cannot leave a: b has 2.0 GiB free, huge needs 4.0 GiB; q is in quarantine (a health fault)",
