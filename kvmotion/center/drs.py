@@ -96,7 +96,9 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
     notes: dict[str, None] = {}
     balanced = 0
     while True:
-        # Balance moves can make room for a mandatory one that failed: repeat until neither finds any.
+        # Balance moves can make room for a mandatory one that failed: repeat until neither finds any
+        # (the last round, which moves nothing, says what stays stuck).
+        stuck.clear()
         got = _mandatory(layout, groups, cost, config, stuck, notes)
         limit = None if config.max_moves is None else config.max_moves - balanced
         more = _balance(layout, groups, cost, config, limit)
@@ -104,8 +106,6 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
         moves += got + more
         if not got and not more:
             break
-    for m in moves:
-        stuck.pop(m.vm, None)
     return Plan(moves=tuple(collapse(snapshot, moves, cost)), stuck=tuple(stuck.values()), imbalance_before=before,
                 imbalance_after=layout.imbalance(), notes=tuple(notes))
 
