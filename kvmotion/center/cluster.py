@@ -199,6 +199,44 @@ def apply(snapshot: Snapshot, moves: Iterable[Move]) -> Snapshot:
     return replace(snapshot, vms=vms)
 
 
+def collapse(snapshot: Snapshot, moves: Iterable[Move], cost: MigrationCost) -> list[Move]:
+    """One move per VM: a VM a plan moved twice (a rule mended after an evacuation) goes straight from
+    where it is to where it ends (none if that is where it is), then `sequence`."""
+    moves = list(moves)
+    first: dict[str, str] = {}
+    last: dict[str, Move] = {}
+    for m in moves:
+        first.setdefault(m.vm, m.source)
+        last[m.vm] = m
+    out = []
+    for m in moves:
+        if last[m.vm] is not m or first[m.vm] == m.destination:
+            continue
+        if first[m.vm] != m.source:
+            src, dst = snapshot.host[first[m.vm]], snapshot.host[m.destination]
+            m = replace(m, source=src.name, estimate=cost(snapshot.vm[m.vm], src, dst, snapshot.rate(src.name, dst.name)))
+        out.append(m)
+    return sequence(snapshot, out)
+
+
+def sequence(snapshot: Snapshot, moves: Iterable[Move]) -> list[Move]:
+    """The moves in their order, except that a move whose destination lacks the memory when its turn comes
+    waits for the first one that frees it (none ever overcommits a host while the plan runs)."""
+    free = {h.name: h.memory for h in snapshot.hosts}
+    for v in snapshot.vms:
+        if v.on:
+            free[v.host] -= v.memory
+    pending = [(m, snapshot.vm[m.vm].memory if snapshot.vm[m.vm].on else 0) for m in moves]
+    out = []
+    while pending:
+        i = next((i for i, (m, need) in enumerate(pending) if need <= free[m.destination]), 0)
+        m, need = pending.pop(i)
+        free[m.source] += need
+        free[m.destination] -= need
+        out.append(m)
+    return out
+
+
 # ---- load -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Load:
@@ -255,19 +293,23 @@ class Move:
     kind: MoveKind
     why: str  # one sentence
     estimate: Estimate
-    gain: float = 0.0  # imbalance removed (DRS)
-    benefit: float = 0.0  # gain x its expected lifetime (imbalance-seconds)
+    gain: float = 0.0  # DRS: spread removed, n x the drop in the variance of the n connected hosts' load
+    benefit: float = 0.0  # gain x its expected lifetime (spread-seconds)
     cost: float = 0.0  # what the migration is charged, same unit
 
 
 @dataclass(frozen=True)
 class Stuck:
-    """A VM a plan leaves where it is, why, and every host's reasons."""
+    """VMs a plan leaves where they are (one, or a keep-together group), why, and every host's reasons."""
 
-    vm: str
+    vms: tuple[str, ...]
     host: str
     why: str
     candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def vm(self) -> str:
+        return self.vms[0]
 
 
 @dataclass(frozen=True)
@@ -314,6 +356,7 @@ class Layout:
         self.cpu = dict.fromkeys(snapshot.host, 0.0)
         self.mem = dict.fromkeys(snapshot.host, 0)
         self.moved: set[str] = set()  # moved by this plan
+        self.times: dict[str, int] = {}  # how often each moved in this plan
         for v in snapshot.vms:
             self.on_host[v.host].add(v.name)
             if v.on:
@@ -327,11 +370,20 @@ class Layout:
         self.on_host[destination].add(name)
         self.where[name] = destination
         self.moved.add(name)
+        self.times[name] = self.times.get(name, 0) + 1
         if vm.on:
             self.cpu[source] -= vm.cpu_demand
             self.mem[source] -= vm.memory
             self.cpu[destination] += vm.cpu_demand
             self.mem[destination] += vm.memory
+
+    def undo(self, name: str, source: str) -> None:
+        """Take back the last move of `name` (it returns to `source`, as if it had not moved)."""
+        self.move(name, source)
+        self.times[name] -= 2
+        if not self.times[name]:
+            del self.times[name]
+            self.moved.discard(name)
 
     def free(self, host: str) -> int:
         return self.snapshot.host[host].memory - self.mem[host]

@@ -4,12 +4,15 @@ sentence why, its gain and its cost.
 First the mandatory moves, whatever the threshold: VMs off hosts entering maintenance, VMs breaking a
 must rule, then a should rule, then VMs off quarantined hosts where that overloads no other host. Then,
 while the imbalance (standard deviation of the connected hosts' load, kvmotion.center.cluster) is above
-the threshold's tolerance, greedy cost-benefit: of the moves off hosts loaded above the mean, the ones
-removing the most imbalance are priced, and the move with the best gain x lifetime - cost is taken,
-where cost = `migration_cost` x its predicted seconds. Every such move lowers the imbalance, so one
-plan cannot cycle; hysteresis across plans: a move must remove `min_gain` at least, and a VM that moved
-within the snapshot's `recent` seconds (or in this plan) is not moved again for balance. Balancing never
-breaks a rule, should rules included.
+the threshold's tolerance, greedy cost-benefit: of the moves off hosts loaded above the mean, those
+removing the most imbalance are priced, and the one with the best gain x lifetime - cost is taken,
+where cost = `migration_cost` x its predicted seconds. The gain is the imbalance removed counted over
+the whole cluster: n x the drop in the variance of the n hosts' load (the drop in their summed squared
+distance from the mean), so a move's worth does not shrink as the cluster grows, as the standard
+deviation's drop does (1/n). Every such move lowers the imbalance, so one plan cannot cycle; hysteresis
+across plans: a move must gain `min_gain` at least, and a VM that moved within the snapshot's `recent`
+seconds (or in this plan) is not moved again for balance. Balancing never breaks a rule, should rules
+included.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from kvmotion.center.cluster import (
     Snapshot,
     Stuck,
     Weights,
+    collapse,
     default_cost,
     mib,
 )
@@ -48,6 +52,8 @@ class Automation(str, Enum):
     FULL = "full"  # moves applied on its own
 
 
+AGAIN = 2  # a rule mend may move a VM a plan moved already (then collapsed into one move), not more often
+
 # Tolerated imbalance per threshold level (1: none of it is acted on, only mandatory moves).
 TOLERANCE = {1: math.inf, 2: 0.2, 3: 0.1, 4: 0.05, 5: 0.02}
 
@@ -59,16 +65,17 @@ class DrsConfig:
     weights: Weights = field(default_factory=Weights)
     lifetime: float = 1800.0  # s a balance gain is expected to last before demand shifts again
     migration_cost: float = 0.02  # imbalance-seconds charged per second a migration takes
-    min_gain: float = 0.002  # a balance move removes at least this much imbalance
+    min_gain: float = 0.001  # a balance move removes at least this much spread (see `_balance`)
     quarantine_cpu: float = 0.8  # VMs leave a quarantined host only for hosts whose CPU load stays under this
     max_moves: int | None = None  # balance moves per plan (None: until balanced)
     priced: int = 16  # moves (by gain) priced and checked against the rules each step
+    sources: int = 2  # the most loaded hosts whose VMs each step considers moving
 
     def __post_init__(self) -> None:
         if self.threshold not in TOLERANCE:
             raise InvalidInput(f"invalid DRS threshold {self.threshold}: use 1 to 5")
-        if self.lifetime <= 0 or self.migration_cost < 0 or self.min_gain < 0 or self.priced < 1:
-            raise InvalidInput("DRS lifetime must be positive, migration cost and minimum gain >= 0, priced >= 1")
+        if self.lifetime <= 0 or self.migration_cost < 0 or self.min_gain < 0 or min(self.priced, self.sources) < 1:
+            raise InvalidInput("DRS lifetime must be positive, migration cost and minimum gain >= 0, priced and sources >= 1")
         if self.max_moves is not None and self.max_moves < 0:
             raise InvalidInput(f"invalid DRS move limit {self.max_moves}: use 0 or more")
 
@@ -90,7 +97,9 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
     notes: dict[str, None] = {}
     balanced = 0
     while True:
-        # Balance moves can make room for a mandatory one that failed: repeat until neither finds any.
+        # Balance moves can make room for a mandatory one that failed: repeat until neither finds any
+        # (the last round, which moves nothing, says what stays stuck).
+        stuck.clear()
         got = _mandatory(layout, groups, cost, config, stuck, notes)
         limit = None if config.max_moves is None else config.max_moves - balanced
         more = _balance(layout, groups, cost, config, limit)
@@ -98,9 +107,7 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
         moves += got + more
         if not got and not more:
             break
-    for m in moves:
-        stuck.pop(m.vm, None)
-    return Plan(moves=tuple(moves), stuck=tuple(stuck.values()), imbalance_before=before,
+    return Plan(moves=tuple(collapse(snapshot, moves, cost)), stuck=tuple(stuck.values()), imbalance_before=before,
                 imbalance_after=layout.imbalance(), notes=tuple(notes))
 
 
@@ -149,20 +156,28 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         count: dict[str, int] = {}
         for v in group:
             count[layout.where[v]] = count.get(layout.where[v], 0) + 1
-        candidates = []
-        for target in sorted(count, key=lambda h: (-count[h], h)):
-            moving = tuple(v for v in group if layout.where[v] != target)
-            reasons = refusals(layout, moving, target, should=rule.must is False)
-            candidates.append(Candidate(host=target, reasons=tuple(reasons)))
-            if not reasons:
+        candidates: list[Candidate] = []
+        # Keep every should rule if any target allows it; a must rule may break a should one (said so).
+        for should in (True, False) if rule.must else (True,):
+            candidates = []
+            for target in sorted(count, key=lambda h: (-count[h], h)):
+                moving = tuple(v for v in group if layout.where[v] != target)
+                again = [v for v in moving if layout.times.get(v, 0) >= AGAIN]
+                reasons = ([f"{', '.join(again)} moved twice in this plan already"] if again
+                           else refusals(layout, moving, target, should=should))
+                candidates.append(Candidate(host=target, reasons=tuple(reasons)))
+                if reasons:
+                    continue
                 reason = f"{sentence}: {target} already runs {count[target]} of them and has room for the rest"
+                if not should:
+                    reason += " (breaking a should rule: " + "; ".join(refusals(layout, moving, target)) + ")"
                 for v in moving:
                     src = layout.where[v]
                     out.append(Move(vm=v, source=src, destination=target, kind=MoveKind.RULE, why=reason,
                                     estimate=cost(snap.vm[v], snap.host[src], snap.host[target], snap.rate(src, target))))
                     layout.move(v, target)
                 return out
-        stuck[members[0]] = Stuck(members[0], layout.where[members[0]], f"{sentence}; no host takes them all: "
+        stuck[members[0]] = Stuck(tuple(members), layout.where[members[0]], f"{sentence}; no host takes them all: "
                                   + "; ".join(r for c in candidates for r in c.reasons), tuple(candidates))
         return out
     # vm-host: each VM away from its hosts moves (with its keep-together unit); keep-apart: all but the
@@ -173,20 +188,27 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         by_host: dict[str, list[str]] = {}
         for v in now[0].vms:
             by_host.setdefault(layout.where[v], []).append(v)
-        away = [v for vs in by_host.values() for v in sorted(vs, key=lambda n: (-snap.vm[n].memory, n))[1:]]
+        # The VM that stays: one this plan moved already if any (a VM moves once per plan), else the biggest.
+        def stays(n: str) -> tuple[bool, int, str]:
+            return (not any(u in layout.moved for u in group_of[n]), -snap.vm[n].memory, n)
+
+        away = [v for vs in by_host.values() for v in sorted(vs, key=stays)[1:]]
     for v in away:
         still = check([rule], layout.where, snap.vm)
         if not still or v not in still[0].vms:
             continue  # mended by an earlier move
         unit = tuple(u for u in group_of[v] if layout.where[u] == layout.where[v])
+        again = [u for u in unit if layout.times.get(u, 0) >= AGAIN]
+        if again:
+            stuck[v] = Stuck(unit, layout.where[v], f"{sentence}; {', '.join(again)} moved twice in this plan already")
+            continue
         got, why, note = place(layout, unit, MoveKind.RULE, sentence, cost)
         if note and not rule.must:
             # Mending a should rule by breaking another one is no mend: undo, and say so.
             for m in got:
-                layout.move(m.vm, m.source)
-                layout.moved.discard(m.vm)
+                layout.undo(m.vm, m.source)
             got = []
-            why = Stuck(v, layout.where[v], f"{sentence}; no host takes {v} without breaking another rule")
+            why = Stuck(unit, layout.where[v], f"{sentence}; no host takes {v} without breaking another rule")
         out.extend(got)
         if why:
             stuck[why.vm] = why
@@ -234,25 +256,33 @@ def _balance(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationC
                     allowed[row[v], cols] = False
     estimates: dict[tuple[int, int], Estimate] = {}
     out: list[Move] = []
+    x = np.array([layout.load(h) for h in active])
+    free = np.array([layout.free(h) for h in active], dtype=float)
     while limit is None or len(out) < limit:
-        x = np.array([layout.load(h) for h in active])
-        free = np.array([layout.free(h) for h in active], dtype=float)
-        imb = float(x.std())
+        mean = float(x.sum()) / n
+        imb = math.sqrt(max(float((x * x).sum()) / n - mean * mean, 0.0))
         if imb <= config.tolerance:
             break
-        mean = float(x.mean())
-        sel = np.flatnonzero(alive & (x[uhost] > mean))
-        if sel.size == 0:
+        # Moves from the most loaded hosts above the mean to hosts below it: where the gains are.
+        hot = np.zeros(n, dtype=bool)
+        for h in np.argsort(-x, kind="stable")[:config.sources]:
+            hot[h] = x[h] > mean
+        cold = np.flatnonzero(x < mean)
+        sel = np.flatnonzero(alive & hot[uhost])
+        if sel.size == 0 or cold.size == 0:
             break
         src = uhost[sel]
+        xc = x[cold]
         da = wc * ucpu[sel] / capc[src] + wm * umem[sel] / capm[src]
-        db = wc * ucpu[sel, None] / capc[None, :] + wm * umem[sel, None] / capm[None, :]
+        db = wc * ucpu[sel, None] / capc[None, cold] + wm * umem[sel, None] / capm[None, cold]
         xa = x[src][:, None]
         s1 = x.sum() - da[:, None] + db
-        s2 = (x * x).sum() - xa * xa + (xa - da[:, None]) ** 2 - x[None, :] ** 2 + (x[None, :] + db) ** 2
-        after = np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0))
-        gain = imb - after
-        ok = allowed[sel] & (umem[sel, None] <= free[None, :]) & (np.arange(n)[None, :] != src[:, None])
+        s2 = (x * x).sum() - xa * xa + (xa - da[:, None]) ** 2 - xc[None, :] ** 2 + (xc[None, :] + db) ** 2
+        # Spread removed: n x the drop in variance, the drop in the hosts' summed squared distance from
+        # the mean load (about 2 x load moved x the two hosts' load difference, whatever the cluster's size).
+        var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
+        gain = n * (imb * imb - var)
+        ok = allowed[np.ix_(sel, cold)] & (umem[sel, None] <= free[None, cold])
         gain = np.where(ok, gain, -np.inf)
         flat = gain.ravel()
         k = min(config.priced, flat.size)
@@ -263,7 +293,8 @@ def _balance(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationC
             gain_f = float(flat[f])
             if not gain_f >= max(config.min_gain, 1e-12):
                 break
-            row_i, d = divmod(int(f), n)
+            row_i, col = divmod(int(f), cold.size)
+            d = int(cold[col])
             u = int(sel[row_i])
             key = (u, d)
             if key not in estimates:
@@ -288,7 +319,7 @@ def _balance(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationC
         desc = " and ".join(unit)
         why = (f"{s} is at {layout.load(s):.0%} load against a mean of {mean:.0%}: moving {desc} "
                f"({float(ucpu[u]):.1f} cores, {mib(float(umem[u]))}) to {t} (at {layout.load(t):.0%}) cuts the "
-               f"imbalance from {imb:.3f} to {imb - gain_f:.3f}, worth {benefit:.0f} against {charge:.0f} for "
+               f"imbalance from {imb:.3f} to {math.sqrt(max(imb * imb - gain_f / n, 0)):.3f}, worth {benefit:.0f} against {charge:.0f} for "
                f"a {est.seconds:.0f} s migration")
         for v in unit:
             vm = snap.vm[v]
@@ -297,4 +328,7 @@ def _balance(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationC
                             gain=gain_f, benefit=benefit, cost=charge))
             layout.move(v, t)
         alive[u] = False
+        for h in (s, t):
+            x[index[h]] = layout.load(h)
+            free[index[h]] = layout.free(h)
     return out

@@ -61,8 +61,9 @@ def place(layout: Layout, unit: Sequence[str], kind: MoveKind, reason: str, cost
     source = layout.where[unit[0]]
     local = [v.name for v in vms if v.local_disk]
     if local:
-        return [], Stuck(unit[0], source, f"{', '.join(local)} cannot leave {source}: a disk is local to it, "
-                                          "a migration needs every disk on a datastore"), None
+        return [], Stuck(tuple(unit), source, f"{' and '.join(unit)} cannot leave {source}: {' and '.join(local)} "
+                                              f"{'has' if len(local) == 1 else 'have'} a disk on it, and a migration "
+                                              "needs every disk on a datastore"), None
     running = [v for v in vms if v.on]
     cpu = sum(v.cpu_demand for v in running)
     mem = sum(v.memory for v in running)
@@ -89,7 +90,7 @@ def place(layout: Layout, unit: Sequence[str], kind: MoveKind, reason: str, cost
             break
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
-        return [], Stuck(unit[0], source, f"{' and '.join(unit)} cannot leave {source}: {summarize(candidates)}",
+        return [], Stuck(tuple(unit), source, f"{' and '.join(unit)} cannot leave {source}: {summarize(candidates)}",
                          tuple(candidates)), None
     best = min(eligible, key=lambda c: (c.score, c.host))
     dest = best.host
@@ -155,7 +156,7 @@ def plan_move_back(snapshot: Snapshot, host: str, vms: Iterable[str], *, cost: M
         vmobjs = [snapshot.vm[v] for v in unit]
         reasons = refusals(layout, unit, host, should=True)
         if reasons:
-            stuck.append(Stuck(unit[0], source, f"{' and '.join(unit)} stay(s) on {source}: {'; '.join(reasons)}",
+            stuck.append(Stuck(tuple(unit), source, f"{' and '.join(unit)} stay(s) on {source}: {'; '.join(reasons)}",
                                (Candidate(host=host, reasons=tuple(reasons)),)))
             continue
         why = f"{' and '.join(unit)} ran on {host} before its maintenance and fit(s) there again"
