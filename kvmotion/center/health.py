@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kvmotion.api.center import HostState
 from kvmotion.center.cluster import Health
+from kvmotion.center.placement import Status
 
 RANK = {Health.OK: 0, Health.MODERATE: 1, Health.SEVERE: 2}
 
@@ -37,30 +37,30 @@ def overall(reports: Iterable[Report]) -> tuple[Health, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Transition:
-    state: HostState
+    state: Status
     by_health: bool  # the new state is health's doing (recovery may clear it)
     sentence: str  # for the event; empty when nothing changes
 
 
-def next_state(host: str, state: HostState, by_health: bool, health: Health) -> Transition:
+def next_state(host: str, state: Status, by_health: bool, health: Health) -> Transition:
     """The state `host` should take for `health`; `by_health`: its present state was set by health."""
     stay = Transition(state, by_health, "")
-    if state is HostState.NOT_RESPONDING:
+    if state is Status.NOT_RESPONDING:
         return stay  # liveness owns it: a silent host reports no health
-    admin = state in (HostState.MAINTENANCE, HostState.ENTERING_MAINTENANCE) and not by_health
+    admin = state in (Status.MAINTENANCE, Status.ENTERING_MAINTENANCE) and not by_health
     if admin:
         return stay
     if health is Health.SEVERE:
-        if state in (HostState.CONNECTED, HostState.QUARANTINE):
-            return Transition(HostState.ENTERING_MAINTENANCE, True,
+        if state in (Status.CONNECTED, Status.QUARANTINE):
+            return Transition(Status.ENTERING_MAINTENANCE, True,
                               f"{host} reports a severe health fault: it enters maintenance (its VMs are evacuated)")
         return stay
     if health is Health.MODERATE:
-        if state is HostState.QUARANTINE:
+        if state is Status.QUARANTINE:
             return stay
-        return Transition(HostState.QUARANTINE, True,
+        return Transition(Status.QUARANTINE, True,
                           f"{host} reports a moderate health fault: quarantined (no new VMs; DRS moves VMs off "
                           "where other hosts have room)")
-    if state is HostState.CONNECTED:
+    if state is Status.CONNECTED:
         return stay
-    return Transition(HostState.CONNECTED, False, f"{host} is healthy again: back from {state.value.replace('_', ' ')}")
+    return Transition(Status.CONNECTED, False, f"{host} is healthy again: back from {state.value.replace('_', ' ')}")

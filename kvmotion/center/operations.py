@@ -43,6 +43,9 @@ from kvmotion.api.operations import (
 )
 from kvmotion.api.spec import VmSpec
 from kvmotion.center import planning
+from kvmotion.center.cluster import Health
+from kvmotion.center.health import next_state
+from kvmotion.center.placement import Status, status_of
 from kvmotion.center.store import HostRow, Store
 from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Conflict, InvalidInput, KvmotionError, NotFound
@@ -180,13 +183,16 @@ class Operations:
         return self.health(name)
 
     def _apply_health(self, host: HostRow) -> None:
-        """Severe: maintenance (evacuate). Recovered from severe: out of the maintenance health caused."""
-        if host.health is Severity.SEVERE and host.mode is HostMode.NORMAL:
+        """The pure policy (kvmotion.center.health) applied: severe -> maintenance (evacuate), recovered
+        -> out of a maintenance health caused; moderate quarantines by itself (HostRow.quarantined)."""
+        by_health = host.mode_reason.startswith(f"{HEALTH}:") or host.mode is HostMode.NORMAL
+        status = status_of(host.state, host.mode, host.quarantined)
+        change = next_state(host.name, status, by_health, Health(host.health.value))
+        if change.state is Status.ENTERING_MAINTENANCE and host.mode is HostMode.NORMAL:
             worst = [e for e in self.store.health(host.name) if e.severity is Severity.SEVERE]
             why = "; ".join(f"{e.component}: {e.reason or e.severity.value}" for e in worst)
             self.enter_maintenance(host.name, MaintenanceRequest(), CENTER_HEALTH, reason=f"{HEALTH}: {why}")
-        elif host.health is not Severity.SEVERE and host.mode is not HostMode.NORMAL \
-                and host.mode_reason.startswith(f"{HEALTH}:"):
+        elif change.state in (Status.CONNECTED, Status.QUARANTINE) and host.mode is not HostMode.NORMAL and by_health:
             self.exit_maintenance(host.name, MaintenanceExit(), CENTER_HEALTH)
 
     # ---- rules ----

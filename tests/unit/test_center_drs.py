@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmotion.api.center import HostState, PowerState
+from kvmotion.api.center import PowerState
 from kvmotion.center.cluster import (
     GIB,
     Health,
@@ -20,13 +20,14 @@ from kvmotion.center.cluster import (
 )
 from kvmotion.center.drs import Automation, DrsConfig, recommend
 from kvmotion.center.maintenance import plan_evacuation, plan_move_back
+from kvmotion.center.placement import Status
 from kvmotion.center.rules import violations
 from kvmotion.core.errors import InvalidInput, NotFound
 
 ON, OFF = PowerState.ON, PowerState.OFF
 
 
-def host(name: str, state: HostState = HostState.CONNECTED, cpus: float = 4, memory: int = 8 * GIB) -> Host:
+def host(name: str, state: Status = Status.CONNECTED, cpus: float = 4, memory: int = 8 * GIB) -> Host:
     return Host(name, state, cpus=cpus, memory=memory)
 
 
@@ -56,7 +57,7 @@ def test_violations_are_sentences() -> None:
 
 def test_evacuation_biggest_first_onto_the_least_loaded_host() -> None:
     s = Snapshot(
-        hosts=(host("a"), host("b"), host("c"), host("m", HostState.MAINTENANCE), host("q", HostState.QUARANTINE)),
+        hosts=(host("a"), host("b"), host("c"), host("m", Status.MAINTENANCE), host("q", Status.QUARANTINE)),
         vms=(vm("small", "a", GIB), vm("big", "a", 4 * GIB, demand=1.0), vm("mid", "a", 2 * GIB),
              vm("off", "a", 2 * GIB, power=OFF), vm("busy", "b", 2 * GIB, demand=2.0)))
     plan = plan_evacuation(s, "a")
@@ -78,7 +79,7 @@ def test_evacuation_biggest_first_onto_the_least_loaded_host() -> None:
 
 def test_what_cannot_leave_is_listed_with_why() -> None:
     s = Snapshot(
-        hosts=(host("a"), host("b", memory=3 * GIB), host("q", HostState.QUARANTINE)),
+        hosts=(host("a"), host("b", memory=3 * GIB), host("q", Status.QUARANTINE)),
         vms=(vm("local", "a", local_disk=True), vm("pinned", "a"), vm("huge", "a", 4 * GIB),
              vm("t1", "a"), vm("t2", "a"), vm("filler", "b", GIB)),
         rules=(Rule("pin", RuleKind.VM_HOST, ("pinned",), ("a",)),
@@ -88,8 +89,8 @@ def test_what_cannot_leave_is_listed_with_why() -> None:
     assert why == {
         "local": "local cannot leave a: local has a disk on it, and a migration needs every disk on a datastore",
         "pinned": "pinned cannot leave a: b has 0 MiB free, pinned needs 1.0 GiB; vm-host rule pin (must): pinned "
-                  "may run only on a; q is in quarantine (a health fault)",
-        "huge": "huge cannot leave a: b has 2.0 GiB free, huge needs 4.0 GiB; q is in quarantine (a health fault)",
+                  "may run only on a; q is quarantined (a health fault)",
+        "huge": "huge cannot leave a: b has 2.0 GiB free, huge needs 4.0 GiB; q is quarantined (a health fault)",
     }
     # The keep-together pair goes as one unit, to the one host that can take both.
     assert [(m.vm, m.destination) for m in plan.moves] == [("t1", "b"), ("t2", "b")]
@@ -149,7 +150,7 @@ def test_drs_balances_with_a_reason_and_hysteresis() -> None:
 
 def test_drs_mandatory_moves_come_first_and_quarantine_overloads_no_one() -> None:
     s = Snapshot(
-        hosts=(host("a"), host("b", cpus=2), Host("q", HostState.QUARANTINE, cpus=4, memory=8 * GIB,
+        hosts=(host("a"), host("b", cpus=2), Host("q", Status.QUARANTINE, cpus=4, memory=8 * GIB,
                                                  health=Health.MODERATE)),
         vms=(vm("db1", "a"), vm("db2", "a"), vm("sick1", "q", demand=1.0), vm("sick2", "q", demand=3.5)),
         rules=(Rule("dbs", RuleKind.KEEP_APART, ("db1", "db2")),))

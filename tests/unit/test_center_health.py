@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kvmotion.api.center import HostState
 from kvmotion.center.cluster import Health
 from kvmotion.center.health import Report, next_state, overall
+from kvmotion.center.placement import Status
 
-C, Q, E, M, N = (HostState.CONNECTED, HostState.QUARANTINE, HostState.ENTERING_MAINTENANCE, HostState.MAINTENANCE,
-                 HostState.NOT_RESPONDING)
+C, Q, E, M, N = (Status.CONNECTED, Status.QUARANTINE, Status.ENTERING_MAINTENANCE, Status.MAINTENANCE,
+                 Status.NOT_RESPONDING)
 
 
 def test_the_worst_report_counts_with_its_reasons() -> None:
