@@ -36,6 +36,7 @@ from pydantic import (
     field_validator,
 )
 
+from kvmotion.api.address import NBD_PORT
 from kvmotion.api.identity import Role
 from kvmotion.api.spec import (
     NAME_PATTERN,  # host, VM and datastore names: the VM spec's rule
@@ -201,6 +202,18 @@ class JoinRequest(Wire):
     qemu_csr: Pem  # its QEMUs' own key: qemu:NAME
 
 
+class DatastoreJoinRequest(Wire):
+    """A datastore joins with a token: its CSR signed as datastore:NAME for `address`, and it is
+    recorded at the center (NBD at `nbd_port`, its control API at `nbd_port` + 1)."""
+
+    _what: ClassVar[str] = "datastore join request"
+    token: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Name
+    address: HostAddress  # where hosts' QEMUs and agents reach the datastore
+    nbd_port: Annotated[StrictInt, Field(ge=1, le=65534)] = NBD_PORT
+    csr: Pem
+
+
 class LoginRequest(Wire):
     _what: ClassVar[str] = "login request"
     user: UserName
@@ -324,6 +337,12 @@ class DatastoreView(Wire):
     nbd_url: str
     control_url: str
     added: float
+
+
+class DatastoreJoinAnswer(Wire):
+    datastore: DatastoreView
+    ca_cert: Pem
+    cert: Pem
 
 
 class UserAdd(Wire):
@@ -689,6 +708,10 @@ class _Calls:
         return _Call("POST", "/v1/join", JoinAnswer, request)
 
     @staticmethod
+    def join_datastore(request: DatastoreJoinRequest) -> _Call:
+        return _Call("POST", "/v1/datastores/join", DatastoreJoinAnswer, request)
+
+    @staticmethod
     def login(request: LoginRequest) -> _Call:
         return _Call("POST", "/v1/login", LoginAnswer, request)
 
@@ -817,6 +840,9 @@ class CenterClient:
 
     def join(self, request: JoinRequest) -> JoinAnswer:
         return self.call(_Calls.join(request))
+
+    def join_datastore(self, request: DatastoreJoinRequest) -> DatastoreJoinAnswer:
+        return self.call(_Calls.join_datastore(request))
 
     def login(self, request: LoginRequest) -> LoginAnswer:
         return self.call(_Calls.login(request))

@@ -33,14 +33,13 @@ from kvmotion.api.center import (
     Port,
     Wire,
 )
+from kvmotion.api.enroll import CONFIG_FILE, TLS_DIR
 from kvmotion.core import paths
 from kvmotion.core.errors import SetupError
 from kvmotion.core.files import write_atomic
 
 HOST_STATE_ENV = "KVMOTION_HOST_STATE"
-CONFIG_FILE = "config.json"
 CACHE_FILE = "cache.json"
-TLS_DIR = "tls"
 M = TypeVar("M", bound=Wire)
 LOCAL_DIRS = ("vms", "disks")  # what the agent fills; made at join so the root is complete from the start
 

@@ -1,6 +1,6 @@
 """A CLI logged in to a center (a login config): its host inventory and datastore registry are the
 center's, its TLS identity the login's user certificate; the lab reads the center's first-start
-lines; `center cert datastore` issues a datastore certificate with the center's CA."""
+lines."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from kvmotion.api import userconfig
 from kvmotion.api.center import CenterClient, Credentials, DatastoreSpec, JoinRequest, LoginRequest, pinned_ca, trusting
-from kvmotion.api.identity import Identity, Kind, identity_of
 from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.joined import StateRoot
 from kvmotion.api.pki import new_key_and_csr
@@ -71,31 +69,6 @@ def test_inventory_registry_and_identity_come_from_the_login(logged_in, tmp_path
     assert ctx is userconfig.user_ssl_context() and len(ctx.get_ca_certs()) == 1
     assert userconfig.load_credentials() == creds
     assert not (tmp_path / "no-cluster-folder").exists()
-
-
-def test_center_cert_datastore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    served = Served(tmp_path / "data")
-    try:
-        out = tmp_path / "ds1-tls"
-        monkeypatch.setattr(sys, "argv", ["kvmotion", "center", "cert", "datastore", "ds1", "--ip", "10.0.0.2",
-                                          "--out", str(out), "--data", str(tmp_path / "data")])
-        with pytest.raises(SystemExit) as done:
-            main.main()
-        assert done.value.code == 0, capsys.readouterr().err
-        cert = x509.load_pem_x509_certificate((out / "server-cert.pem").read_bytes())
-        assert identity_of(cert) == Identity(Kind.DATASTORE, "ds1")
-        assert (out / "ca-cert.pem").read_text().strip() == served.prepared.center.ca_pem.strip()
-        assert "datastore:ds1 for 10.0.0.2" in capsys.readouterr().out
-        # No center data there: one line, nothing written.
-        monkeypatch.setattr(sys, "argv", ["kvmotion", "center", "cert", "datastore", "ds1", "--ip", "10.0.0.2",
-                                          "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nothing")])
-        with pytest.raises(SystemExit) as done:
-            main.main()
-        err = capsys.readouterr().err
-        assert done.value.code != 0 and err.count("\n") == 1 and "no center data in" in err
-        assert not (tmp_path / "x").exists()
-    finally:
-        served.close()
 
 
 def test_first_start_lines_missing(tmp_path: Path) -> None:
