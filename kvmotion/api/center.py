@@ -203,13 +203,15 @@ class JoinRequest(Wire):
 
 
 class DatastoreJoinRequest(Wire):
-    """A datastore joins with a token: its CSR signed as datastore:NAME for `address`, and it is
-    recorded at the center (NBD at `nbd_port`, its control API at `nbd_port` + 1)."""
+    """A datastore joins with a token: its CSR signed as datastore:NAME for `address` (and any
+    `more_addresses` it is also reached at), and it is recorded at the center at `address` (NBD at
+    `nbd_port`, its control API at `nbd_port` + 1)."""
 
     _what: ClassVar[str] = "datastore join request"
     token: Annotated[str, Field(min_length=1, max_length=200)]
     name: Name
     address: HostAddress  # where hosts' QEMUs and agents reach the datastore
+    more_addresses: Annotated[tuple[HostAddress, ...], Field(max_length=15)] = ()  # e.g. one per storage network
     nbd_port: Annotated[StrictInt, Field(ge=1, le=65534)] = NBD_PORT
     csr: Pem
 

@@ -145,7 +145,8 @@ class Center:
         auth.check_token(parts, self.ca_sha256, self.store.token(parts.id), now)  # before any signing
         if any(d.name == request.name for d in self.store.datastores()):
             raise Conflict(f"datastore {request.name} exists already: remove it first (`kvmotion datastore rm {request.name}`)")
-        cert = sign_csr(self.ca, csr, Identity(Kind.DATASTORE, request.name), (request.address,), server=True)
+        ips = tuple(dict.fromkeys((request.address, *request.more_addresses)))
+        cert = sign_csr(self.ca, csr, Identity(Kind.DATASTORE, request.name), ips, server=True)
         nbd, control = datastore_urls(request.address, request.nbd_port, not self.insecure)
         view = DatastoreView(name=request.name, nbd_url=nbd, control_url=control, added=now)
         self.store.join_datastore(parts.id, lambda token: auth.check_token(parts, self.ca_sha256, token, now), view,

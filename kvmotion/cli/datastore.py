@@ -31,7 +31,8 @@ def join(
     url: str = typer.Argument(..., help="The center, e.g. https://10.0.0.5:7700."),
     token: str = typer.Option(..., "--token", help="A join token (`kvmotion center token create`, or the center's first start)."),
     name: str = typer.Option(..., "--name", help="The datastore's name in the cluster, e.g. ds1."),
-    address: str = typer.Option(..., "--address", help="Its address: where hosts reach it (its certificate names it)."),
+    address: list[str] = typer.Option(..., "--address", help="Its address: where hosts reach it (its certificate names "
+                                      "it); repeat for more networks, the first is the one the center records."),
     port: int = typer.Option(NBD_PORT, "--port", help="Its NBD port (the control API listens on the next one)."),
     state_dir: Path | None = typer.Option(None, help="The datastore's state root (default $KVMOTION_DATASTORE_STATE "
                                           "or /var/lib/kvmotion/datastore)."),
@@ -43,7 +44,7 @@ def join(
     from kvmotion.storage.join import join as run
 
     root = DatastoreRoot(state_dir or default_root())
-    answer = run(url, token, name, address, root, nbd_port=port, force=force)
+    answer = run(url, token, name, address[0], root, nbd_port=port, more_addresses=tuple(address[1:]), force=force)
     typer.echo(f"joined {url} as datastore {answer.datastore.name} ({answer.datastore.nbd_url}, control "
                f"{answer.datastore.control_url}); state in {root.path}; start it with `kvmotion datastore serve`")
 

@@ -96,8 +96,9 @@ class DatastoreRoot:
 
 
 def join(url: str, token: str, name: str, address: str, root: DatastoreRoot, *, nbd_port: int = NBD_PORT,
-         force: bool = False, timeout: float = 30.0) -> DatastoreJoinAnswer:
-    """Join the center at `url` as datastore `name`, served at `address`:`nbd_port`, into `root`."""
+         more_addresses: tuple[str, ...] = (), force: bool = False, timeout: float = 30.0) -> DatastoreJoinAnswer:
+    """Join the center at `url` as datastore `name`, served at `address`:`nbd_port` (its certificate
+    naming `more_addresses` too), into `root`."""
     url = check_center_url(url)
     parts = parse_token(token)
     check_name(name, "datastore")
@@ -109,12 +110,14 @@ def join(url: str, token: str, name: str, address: str, root: DatastoreRoot, *, 
             what = "(its config.json is damaged)"
         raise Conflict(f"{root.path} is joined already {what}: give --force to join again (its disks stay)")
     # Refused before a key is made or anything sent: a wrong name, address or port.
-    DatastoreJoinRequest(token=str(parts), name=name, address=address, nbd_port=nbd_port, csr="-")
+    DatastoreJoinRequest(token=str(parts), name=name, address=address, more_addresses=more_addresses, nbd_port=nbd_port,
+                         csr="-")
     now = time.time()
 
     def ask(client: CenterClient, parts: TokenParts, csrs: tuple[str, ...]) -> DatastoreJoinAnswer:
         return client.join_datastore(DatastoreJoinRequest(token=str(parts), name=name, address=address,
-                                                          nbd_port=nbd_port, csr=csrs[0]))
+                                                          more_addresses=more_addresses, nbd_port=nbd_port,
+                                                          csr=csrs[0]))
 
     def write(stage: Path, signed: Signed[DatastoreJoinAnswer]) -> None:
         write_credentials(stage / TLS_DIR, signed.ca_pem.encode(), signed.answer.cert.encode(), signed.keys[0],

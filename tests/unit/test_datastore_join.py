@@ -43,7 +43,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str,
 def test_join_writes_the_root_and_records_the_datastore(served: Served, tmp_path: Path, monkeypatch, capsys) -> None:
     root = DatastoreRoot(tmp_path / "ds1")
     code, out, err = _cli(monkeypatch, capsys, "datastore", "join", served.url, "--token", _token(served), "--name", "ds1",
-                          "--address", "127.0.0.2", "--port", "20000", "--state-dir", str(root.path))
+                          "--address", "127.0.0.2", "--address", "127.0.0.3", "--port", "20000", "--state-dir", str(root.path))
     assert code == 0, err
     assert "joined" in out and "as datastore ds1 (nbds://127.0.0.2:20000" in out
     config = root.config()
@@ -51,7 +51,7 @@ def test_join_writes_the_root_and_records_the_datastore(served: Served, tmp_path
     cert = x509.load_pem_x509_certificate((root.tls_dir / SERVER_CERT).read_bytes())
     assert identity_of(cert) == Identity(Kind.DATASTORE, "ds1")
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.2"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.2", "127.0.0.3"]  # the first recorded
     key = serialization.load_pem_private_key((root.tls_dir / SERVER_KEY).read_bytes(), None)
     assert cert.public_key() == key.public_key()  # the key made here is the one the center signed
     assert stat.S_IMODE(os.stat(root.tls_dir / SERVER_KEY).st_mode) == 0o600
