@@ -117,11 +117,12 @@ def load_ca(ca_dir: Path | str) -> CA:
         cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
     except FileNotFoundError as exc:
-        raise NotFound(f"no cluster CA in {d} ({Path(exc.filename).name} missing): run `kvmotion cluster init`") from exc
+        raise NotFound(f"no cluster CA in {d} ({Path(exc.filename).name} missing): the center makes it at its first start "
+                       "(`kvmotion center serve`)") from exc
     except PermissionError as exc:
         raise SetupError(f"cannot read the cluster CA in {d}: {exc.strerror}; run as root") from exc
     except ValueError as exc:
-        raise SetupError(f"the cluster CA in {d} is damaged ({exc}): restore it or run `kvmotion cluster init` in a new folder") from exc
+        raise SetupError(f"the cluster CA in {d} is damaged ({exc}): restore it from a backup of the center's data") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise SetupError(f"the cluster CA key in {d} does not match its certificate: restore the pair")
     return CA(dir=d, cert=cert, key=key)

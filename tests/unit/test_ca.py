@@ -111,7 +111,7 @@ def test_bad_names_and_addresses_are_refused(cluster: Path) -> None:
         issue_host_cert(cluster / "ca", "host2", ["10.0.0.300"], cluster / "x", qemu_key_gid=confine.qemu_gid())
     with pytest.raises(Conflict):
         issue_host_cert(cluster / "ca", "host2", [], cluster / "ca", qemu_key_gid=confine.qemu_gid())
-    with pytest.raises(NotFound, match="kvmotion cluster init"):
+    with pytest.raises(NotFound, match="the center makes it at its first start"):
         issue_host_cert(cluster / "nope", "host2", [], cluster / "x", qemu_key_gid=confine.qemu_gid())
 
 
