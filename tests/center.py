@@ -11,7 +11,9 @@ from kvmotion.api.center import CenterClient, Credentials, DatastoreSpec, LoginR
 from kvmotion.api.identity import Role
 from kvmotion.api.joined import StateRoot
 from kvmotion.api.pki import new_key_and_csr, write_credentials
+from kvmotion.api.tls import client_context
 from kvmotion.center.app import create_app
+from kvmotion.center.dispatcher import Dispatcher, HttpAgents
 from kvmotion.center.serve import Listen, prepare
 from kvmotion.cli.login import save_credentials
 from kvmotion.core.listen import listening_socket
@@ -29,10 +31,14 @@ class CenterInThread(ServedApp):
 
     __test__ = False
 
-    def __init__(self, data: Path, ip: str = "127.0.0.1") -> None:
+    def __init__(self, data: Path, ip: str = "127.0.0.1", dispatch: bool = False) -> None:
+        """`dispatch`: run tasks (create, start, stop VMs; migrate) on the agents, as `center serve` does."""
         sock = listening_socket(ip, 0, "the center")
         self.prepared = prepare(data, Listen(ip, sock.getsockname()[1]), insecure=False, password_cost=PASSWORD_COST)
-        super().__init__(create_app(self.prepared.center), self.prepared.security, "center", lifespan="on", sock=sock)
+        center = self.prepared.center
+        dispatcher = Dispatcher(center.store, HttpAgents(client_context(data / "tls")), clock=center.clock) if dispatch else None
+        super().__init__(create_app(center, dispatcher=dispatcher), self.prepared.security, "center", lifespan="on",
+                         sock=sock)
         self.url = f"https://{ip}:{self.port}"
         self._passwords: dict[str, str] = {}
 

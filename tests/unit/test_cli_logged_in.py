@@ -18,7 +18,7 @@ from kvmotion.api.registry import DatastoreRef, Registry
 from kvmotion.api.tls import cli_ssl_context
 from kvmotion.cli import main
 from kvmotion.cli.login import save_credentials
-from kvmotion.core.errors import Conflict, SetupError
+from kvmotion.core.errors import NotFound, SetupError
 from kvmotion.host.join import join
 from kvmotion.lab.cluster import read_first_start
 from tests.unit.test_center_serve import Served
@@ -46,8 +46,6 @@ def logged_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     config = tmp_path / "config"
     save_credentials(creds, config)
     monkeypatch.setenv("KVMOTION_CONFIG", str(config))
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "no-cluster-folder"))
-    monkeypatch.delenv("KVMOTION_CREDENTIALS", raising=False)
     userconfig.forget()
     yield served, creds
     userconfig.forget()
@@ -58,17 +56,21 @@ def test_inventory_registry_and_identity_come_from_the_login(logged_in, tmp_path
     _served, creds = logged_in
     assert Inventory().hosts() == [HostEntry(name="host-a", url="https://127.0.0.1:7701")]
     assert Registry().get("ds1") == DatastoreRef("ds1", "nbds://127.0.0.2:10809", "https://127.0.0.2:10810")
-    with pytest.raises(Conflict, match="the center keeps the inventory"):
-        Inventory().add(HostEntry(name="host-b", url="https://127.0.0.3:7701"))
-    with pytest.raises(Conflict, match="the center keeps the datastores"):
-        Registry().add(DatastoreRef.make("ds2", "nbds://127.0.0.4:10809"))
-    # The shared folder stays what an explicit folder names.
-    assert Inventory(tmp_path / "folder").hosts() == []
     # The CLI presents the login's certificate, trusting the center's CA only.
     ctx = cli_ssl_context()
     assert ctx is userconfig.user_ssl_context() and len(ctx.get_ca_certs()) == 1
     assert userconfig.load_credentials() == creds
-    assert not (tmp_path / "no-cluster-folder").exists()
+
+
+def test_without_a_login_there_is_no_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMOTION_CONFIG", str(tmp_path / "config"))
+    userconfig.forget()
+    for lookup in (Inventory().hosts, Registry().all):
+        with pytest.raises(SetupError, match=r"not logged in to a center \(no .*config\): run `kvmotion login URL"):
+            lookup()
+    with pytest.raises(NotFound, match="no login config at"):
+        cli_ssl_context()
+    assert not (tmp_path / "config").exists()
 
 
 def test_first_start_lines_missing(tmp_path: Path) -> None:
