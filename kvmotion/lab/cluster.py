@@ -367,5 +367,6 @@ def load_cluster(name: str) -> LabCluster:
     topo = labmod.load_lab(name)
     folder = labmod.lab_dir(name)
     ds1 = DatastoreRoot(folder / "machines" / DATASTORE / "state")
-    encrypted = ds1.config().center.startswith("https:")  # the lab's center, as ds1 joined it
+    # The lab's center, as ds1 joined it (a lab whose set-up stopped before: taken as encrypted).
+    encrypted = not ds1.is_joined() or ds1.config().center.startswith("https:")
     return LabCluster(topology=topo, folder=folder, encrypted=encrypted)
