@@ -78,6 +78,9 @@ def serve(
         joined_as = state.config()
         if name is not None and name != joined_as.name:
             raise InvalidInput(f"{state.path} is joined as datastore {joined_as.name}, not {name}: drop the name")
+        if insecure and not joined_as.center.startswith("http:"):
+            raise InvalidInput(f"datastore {joined_as.name} is joined to {joined_as.center}: it serves with its "
+                               "certificate, not --insecure (only a datastore of an --insecure center may)")
         name, nbd, disks = joined_as.name, parse_listen(listen) if listen else joined_as.listen, root or state.disks
     elif not insecure:
         raise SetupError(f"{state.path} holds no joined datastore (no config.json): join the center with "

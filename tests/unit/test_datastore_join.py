@@ -60,6 +60,9 @@ def test_join_writes_the_root_and_records_the_datastore(served: Served, tmp_path
     store = served.prepared.center.store
     assert [(d.name, d.nbd_url, d.control_url) for d in store.datastores()] == [
         ("ds1", "nbds://127.0.0.2:20000", "https://127.0.0.2:20001")]
+    # Joined to a TLS center: it serves with its certificate, never --insecure.
+    code, _, err = _cli(monkeypatch, capsys, "datastore", "serve", "--insecure", "--state-dir", str(root.path))
+    assert code != 0 and err.count("\n") == 1 and "only a datastore of an --insecure center may" in err, err
     # Joined already: refused without --force, the root untouched.
     before = (root.tls_dir / SERVER_KEY).read_bytes()
     with pytest.raises(Conflict, match="is joined already as datastore ds1"):
