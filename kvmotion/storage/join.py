@@ -16,9 +16,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import ValidationError
+from pydantic import Field, StrictInt, ValidationError
 
 from kvmotion.api.address import NBD_PORT, Endpoint
 from kvmotion.api.center import (
@@ -56,7 +56,7 @@ class DatastoreConfig(Wire):
     center: str  # https://ADDRESS:PORT
     name: Name
     address: HostAddress  # where hosts reach it; its certificate names this address
-    nbd_port: int
+    nbd_port: Annotated[StrictInt, Field(ge=1, le=65534)]  # the control API listens on the next one
     joined: float
 
     @property
