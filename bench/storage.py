@@ -8,8 +8,9 @@ One guest (kvmotion's VM runtime, the agent's VmManager) with two disks of the s
 same host file system, both pre-filled with the same data:
   /dev/vda  on a datastore: `kvmotion datastore serve` on loopback (nbdkit + kvmotion's Python
             plugin with fenced leases), attached through QEMU's NBD client as for any VM: over
-            TLS through the datastore's front end, with certificates from a throw-away cluster
-            CA (host "bench", its QEMU identity), or in plain text with --plain (--insecure)
+            TLS through the datastore's front end, ds1 and host "bench" (this process, its QEMU
+            identity) joined to a throw-away center on loopback, or in plain text with --plain
+            (an --insecure center and datastore)
   /dev/vdb  a local raw file (QEMU's file driver, aio=threads, the host's page cache)
 Inside the guest, kvm-fio (src/kvm-fio.c, run through the serial console) does sequential 64 KiB
 and random 4 KiB reads and writes with O_DIRECT at queue depth 1 for --seconds each. Rounds
@@ -38,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kvmotion.api.joined import StateRoot
 from kvmotion.api.registry import DatastoreRef
 from kvmotion.api.spec import DiskSpec, VmSpec, Workload
 from kvmotion.core.units import format_size, parse_size
@@ -78,28 +80,99 @@ def free_port_pair() -> int:
 
 
 HOST = "bench"  # the VmManager's host name: its certificate is the one the datastore sees
+STEP_TIMEOUT = 60.0
 
 
-def issue_certificates(cluster: Path) -> None:
-    """A cluster CA of our own: datastore ds1 on loopback, host `bench` (and its QEMUs), user admin."""
-    from kvmotion.api.identity import Role
-    from kvmotion.api.pki import init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
-
-    init_ca(cluster / "ca")
-    issue_datastore_cert(cluster / "ca", "ds1", ["127.0.0.1"], cluster / "datastores" / "ds1")
-    issue_host_cert(cluster / "ca", HOST, ["127.0.0.1"], cluster / "hosts" / HOST, qemu_key_gid=confine.qemu_gid())
-    issue_user_cert(cluster / "ca", "admin", Role.ADMIN, cluster / "users" / "admin")
+def _kvmotion(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvmotion.cli.main", *args]
 
 
 @dataclass
-class Datastore:
-    """`kvmotion datastore serve ds1` on loopback, as its own process group."""
+class Center:
+    """`kvmotion center serve` on loopback (--insecure with --plain), as its own process group."""
 
-    root: Path
+    data: Path
     port: int
     log: Path
     tls: bool = True
     proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from kvmotion.api.center import pinned_ca
+
+        argv = _kvmotion("center", "serve", "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data),
+                         *(() if self.tls else ("--insecure",)))
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            try:
+                pinned_ca(self.url, None, timeout=1)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the center did not start: {self.log.read_text()[-500:]}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def join_all(center: Center, ds: Datastore, tmp: Path) -> StateRoot:
+    """As a user with separate machines would: the admin logs in (this process's CLI identity, by
+    KVMOTION_CONFIG), ds1 joins with the first start's token, and so does host `bench`, whose
+    joined root this process then serves (its identity, and ds1 from the center)."""
+    from kvmotion.api import joined, userconfig
+    from kvmotion.api.joined import ClusterCache
+    from kvmotion.host.join import join
+    from kvmotion.lab.cluster import read_first_start
+
+    secrets = read_first_start(center.log)
+    os.environ["KVMOTION_CONFIG"] = str(tmp / "admin" / "config")
+    login = subprocess.run(_kvmotion("login", center.url, "--user", "admin", "--ca-sha256", secrets.ca_sha256,
+                                     "--password-stdin"), input=secrets.password + "\n", capture_output=True, text=True,
+                           timeout=STEP_TIMEOUT)
+    if login.returncode != 0:
+        raise RuntimeError(f"the admin's login failed: {login.stderr.strip()}")
+    userconfig.forget()
+    ds_join = subprocess.run(_kvmotion("datastore", "join", center.url, "--token", secrets.token, "--name", "ds1",
+                                       "--address", "127.0.0.1", "--port", str(ds.port), "--state-dir", str(ds.state)),
+                             capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    if ds_join.returncode != 0:
+        raise RuntimeError(f"ds1's join failed: {ds_join.stderr.strip()}")
+    root = join(center.url, secrets.token, HOST, "127.0.0.1", StateRoot(tmp / "host"), qemu_key_gid=confine.qemu_gid())
+    # What the host's first heartbeat would bring: the center's datastores.
+    datastores = tuple(userconfig.center_datastores())
+    root.root.save_cache(ClusterCache(settings=root.answer.settings, hosts=(root.answer.host,), datastores=datastores,
+                                      updated=time.time()))
+    joined.activate(root.root)
+    return root.root
+
+
+@dataclass
+class Datastore:
+    """`kvmotion datastore serve` of ds1 joined into `state`, on loopback, as its own process group."""
+
+    state: Path
+    port: int
+    log: Path
+    tls: bool = True
+    proc: subprocess.Popen | None = None
+
+    @property
+    def root(self) -> Path:
+        """The disk files (the joined root's disks/)."""
+        return self.state / "disks"
 
     @property
     def ref(self) -> DatastoreRef:
@@ -108,8 +181,7 @@ class Datastore:
     def start(self) -> None:
         from kvmotion.api.datastore import client_for
 
-        argv = [sys.executable, "-m", "kvmotion.cli.main", "datastore", "serve", "ds1", "--root", str(self.root),
-                "--listen", f"127.0.0.1:{self.port}", *(() if self.tls else ("--insecure",))]
+        argv = _kvmotion("datastore", "serve", "--state-dir", str(self.state), *(() if self.tls else ("--insecure",)))
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
         with client_for(self.ref, timeout=1) as client:
@@ -193,25 +265,28 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
     from kvmotion.host.vms import HostConfig, VmManager
 
     size = parse_size(args.size)
-    local = tmp / "state" / "disks" / "local.img"  # a local disk is a file in the host's disk folder
-    local.parent.mkdir(parents=True)
-    with open(local, "wb") as f:  # noqa: ASYNC230 - set-up, before anything runs
-        f.truncate(size)
     from kvmotion.api.datastore import client_for
     from kvmotion.api.registry import Registry
 
-    ds = Datastore(root=tmp / "ds1", port=free_port_pair(), log=tmp / "datastore.log", tls=not args.plain)
-    ds.root.mkdir()
-    if ds.tls:
-        issue_certificates(tmp / "cluster")
-    ds.start()
-    mgr = VmManager(HostConfig(name=HOST, state_dir=tmp / "state", run_dir=tmp / "run", portgroups={},
+    center = Center(data=tmp / "center", port=free_port_pair(), log=tmp / "center.log", tls=not args.plain)
+    ds = Datastore(state=tmp / "ds1", port=free_port_pair(), log=tmp / "datastore.log", tls=not args.plain)
+    center.start()
+    try:
+        root = join_all(center, ds, tmp)
+        ds.start()
+    except BaseException:
+        center.stop()
+        raise
+    local = root.path / "disks" / "local.img"  # a local disk is a file in the host's disk folder
+    with open(local, "wb") as f:  # noqa: ASYNC230 - set-up, before anything runs
+        f.truncate(size)
+    mgr = VmManager(HostConfig(name=HOST, state_dir=root.path, run_dir=tmp / "run", portgroups={},
                                accel=accel_mod.choose(ensure_image)))
     runs: dict[str, dict[str, list[FioResult]]] = {m.value: {t: [] for t in TARGETS} for m, _ in CASES}
     spec = VmSpec(name="stbench", memory=parse_size(args.memory), workloads=(Workload.IDLE,),
                   disks=(DiskSpec(source=DISK, datastore="ds1"), DiskSpec(source=local.name)))
     try:
-        Registry().add(ds.ref)
+        assert Registry().get("ds1") == ds.ref  # recorded by ds1's join
         with client_for(ds.ref) as client:  # as user admin
             client.create_disk(DISK, size)
         prefill([ds.root / DISK, local], size)
@@ -241,6 +316,7 @@ async def measure(tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, li
             await mgr.shutdown()
         finally:
             ds.stop()
+            center.stop()
     return runs
 
 
@@ -271,8 +347,7 @@ def main() -> int:
     args = ap.parse_args()
     ensure_image()
     tmp = Path(tempfile.mkdtemp(prefix="kvmotion-stbench-"))
-    tmp.chmod(0o711)  # an unprivileged QEMU reaches its certificate in tmp/cluster (and nothing else: no listing)
-    os.environ["KVMOTION_CLUSTER_DIR"] = str(tmp / "cluster")  # a registry of our own, not the cluster's
+    tmp.chmod(0o711)  # an unprivileged QEMU reaches its certificate in tmp/host (and nothing else: no listing)
     load_before = os.getloadavg()[0]
     try:
         runs = asyncio.run(measure(tmp, args))

@@ -36,6 +36,7 @@ from pydantic import (
     field_validator,
 )
 
+from kvmotion.api.address import NBD_PORT
 from kvmotion.api.identity import Role
 from kvmotion.api.spec import (
     NAME_PATTERN,  # host, VM and datastore names: the VM spec's rule
@@ -223,6 +224,20 @@ class JoinRequest(Wire):
     qemu_csr: Pem  # its QEMUs' own key: qemu:NAME
 
 
+class DatastoreJoinRequest(Wire):
+    """A datastore joins with a token: its CSR signed as datastore:NAME for `address` (and any
+    `more_addresses` it is also reached at), and it is recorded at the center at `address` (NBD at
+    `nbd_port`, its control API at `nbd_port` + 1)."""
+
+    _what: ClassVar[str] = "datastore join request"
+    token: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Name
+    address: HostAddress  # where hosts' QEMUs and agents reach the datastore
+    more_addresses: Annotated[tuple[HostAddress, ...], Field(max_length=15)] = ()  # e.g. one per storage network
+    nbd_port: Annotated[StrictInt, Field(ge=1, le=65534)] = NBD_PORT
+    csr: Pem
+
+
 class LoginRequest(Wire):
     _what: ClassVar[str] = "login request"
     user: UserName
@@ -350,6 +365,12 @@ class DatastoreView(Wire):
     nbd_url: str
     control_url: str
     added: float
+
+
+class DatastoreJoinAnswer(Wire):
+    datastore: DatastoreView
+    ca_cert: Pem
+    cert: Pem
 
 
 class UserAdd(Wire):
@@ -719,6 +740,10 @@ class _Calls:
         return Call("POST", "/v1/join", JoinAnswer, request)
 
     @staticmethod
+    def join_datastore(request: DatastoreJoinRequest) -> Call:
+        return Call("POST", "/v1/datastores/join", DatastoreJoinAnswer, request)
+
+    @staticmethod
     def login(request: LoginRequest) -> Call:
         return Call("POST", "/v1/login", LoginAnswer, request)
 
@@ -847,6 +872,9 @@ class CenterClient:
 
     def join(self, request: JoinRequest) -> JoinAnswer:
         return self.call(_Calls.join(request))
+
+    def join_datastore(self, request: DatastoreJoinRequest) -> DatastoreJoinAnswer:
+        return self.call(_Calls.join_datastore(request))
 
     def login(self, request: LoginRequest) -> LoginAnswer:
         return self.call(_Calls.login(request))

@@ -1,15 +1,11 @@
-"""Cluster-wide settings (a JSON file in the cluster folder), e.g. whether migration streams are encrypted."""
+"""Cluster-wide settings as a host agent sees them, e.g. whether migration streams are encrypted:
+the center's (kvmotion.api.center.ClusterSettings), from a joined agent's cache."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 from kvmotion.api import joined
-from kvmotion.api.inventory import cluster_dir
-from kvmotion.core.errors import InvalidInput
-from kvmotion.core.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -19,26 +15,11 @@ class ClusterConfig:
     version: int = 1
 
 
-CONFIG_FILE = "cluster.json"
-
-
-def load_config(folder: Path | None = None) -> ClusterConfig:
-    """The cluster's settings (defaults when `kvmotion cluster init` was never run); in an agent
-    joined to the center (kvmotion.api.joined), the center's from the agent's cache."""
-    root = joined.active() if folder is None else None
-    if root is not None:
-        settings = root.cache().settings
-        return ClusterConfig(encrypted=settings.encrypted, cpu_baseline=settings.cpu_baseline)
-    path = (folder or cluster_dir()) / CONFIG_FILE
-    try:
-        return ClusterConfig(**json.loads(path.read_text()))
-    except FileNotFoundError:
+def load_config() -> ClusterConfig:
+    """The center's settings from the joined agent's cache (defaults in a process serving no joined
+    root, e.g. a test's VM manager)."""
+    root = joined.active()
+    if root is None:
         return ClusterConfig()
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"cluster config {path} is damaged: {exc}") from exc
-
-
-def save_config(config: ClusterConfig, folder: Path | None = None) -> Path:
-    path = (folder or cluster_dir()) / CONFIG_FILE
-    write_atomic(path, json.dumps(asdict(config), indent=1))
-    return path
+    settings = root.cache().settings
+    return ClusterConfig(encrypted=settings.encrypted, cpu_baseline=settings.cpu_baseline)

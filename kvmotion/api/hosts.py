@@ -14,21 +14,6 @@ def client_for(entry: HostEntry) -> AgentClient:
     return AgentClient(entry.url, ssl_context=cli_ssl_context())
 
 
-def host_client(name: str | None) -> tuple[HostEntry, AgentClient]:
-    """The named host's agent; with no name, the only host of the cluster."""
-    inv = Inventory()
-    if name:
-        entry = inv.host(name)
-    else:
-        hosts = inv.hosts()
-        if not hosts:
-            raise NotFound("no host agent is known: start one with `kvmotion host serve` or add one with `kvmotion host add`")
-        if len(hosts) > 1:
-            raise NotFound(f"several hosts in the cluster ({', '.join(h.name for h in hosts)}): say which with --host")
-        entry = hosts[0]
-    return entry, client_for(entry)
-
-
 def all_vms() -> tuple[list[VmStatus], list[str]]:
     """Every VM of every reachable host, and the hosts that did not answer."""
     vms: list[VmStatus] = []

@@ -131,7 +131,7 @@ def identity_of(cert: x509.Certificate) -> Identity:
     if org != ORGANIZATION or unit is None or cn is None:
         raise Unauthorized(
             f"certificate {subject.rfc4514_string()!r} names no kvmotion identity: re-issue it "
-            "(`kvmotion cluster cert` for hosts, `kvmotion cluster user add` for users)"
+            "(`kvmotion host join` for hosts, `kvmotion login` for users)"
         )
     try:
         kind = Kind(unit)

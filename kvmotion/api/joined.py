@@ -10,9 +10,7 @@
     vms/ disks/     VM definitions and local disks (kvmotion.host), audit.log, incoming/, migrations/
 
 A root with config.json is joined. An agent serving one `activate`s it: the cluster inventory,
-the datastore registry, the cluster settings and the host's own TLS folder are then read from
-here instead of the shared cluster folder (KVMOTION_CLUSTER_DIR), which stays as it was for
-agents run the old way.
+the datastore registry, the cluster settings and the host's own TLS folder are then read from here.
 """
 
 from __future__ import annotations
@@ -33,14 +31,13 @@ from kvmotion.api.center import (
     Port,
     Wire,
 )
+from kvmotion.api.enroll import CONFIG_FILE, TLS_DIR
 from kvmotion.core import paths
 from kvmotion.core.errors import SetupError
 from kvmotion.core.files import write_atomic
 
 HOST_STATE_ENV = "KVMOTION_HOST_STATE"
-CONFIG_FILE = "config.json"
 CACHE_FILE = "cache.json"
-TLS_DIR = "tls"
 M = TypeVar("M", bound=Wire)
 LOCAL_DIRS = ("vms", "disks")  # what the agent fills; made at join so the root is complete from the start
 
@@ -119,14 +116,21 @@ def _read(path: Path, model: type[M], fix: str) -> M:
 
 # ---- the root this process serves (set by the agent at start) ------------------------------------------
 _active: StateRoot | None = None
+_active_name: str | None = None
 
 
 def activate(root: StateRoot | None) -> None:
-    """Make `root` the source of the cluster's inventory, datastores and settings in this process
-    (None: back to the shared cluster folder)."""
-    global _active
+    """Make `root` the source of the cluster's inventory, datastores and settings, and of the host's
+    identity, in this process (None: none; a process serving no joined root has no cluster)."""
+    global _active, _active_name
+    _active_name = root.config().name if root is not None else None
     _active = root
 
 
 def active() -> StateRoot | None:
     return _active
+
+
+def active_name() -> str | None:
+    """The name of the host whose root is active (read once, at activate)."""
+    return _active_name

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kvmotion.api.identity import Identity, Kind, Role, check_identity_name, check_user_name, identity_of
+from kvmotion.api.identity import Identity, Kind, check_identity_name, identity_of
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.core.files import write_atomic
 
@@ -39,7 +39,6 @@ CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
 
 CA_VALIDITY = dt.timedelta(days=3652)  # 10 years
 HOST_VALIDITY = dt.timedelta(days=1826)  # 5 years: an expired host certificate stops migrations
-USER_VALIDITY = dt.timedelta(days=365)
 QEMU_DIR = "qemu"  # a host folder's subfolder with its QEMUs' identity
 # Hosts' clocks differ a little; a certificate born "in the future" would be refused for that long.
 BACKDATE = dt.timedelta(hours=1)
@@ -117,11 +116,12 @@ def load_ca(ca_dir: Path | str) -> CA:
         cert = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), password=None)
     except FileNotFoundError as exc:
-        raise NotFound(f"no cluster CA in {d} ({Path(exc.filename).name} missing): run `kvmotion cluster init`") from exc
+        raise NotFound(f"no cluster CA in {d} ({Path(exc.filename).name} missing): the center makes it at its first start "
+                       "(`kvmotion center serve`)") from exc
     except PermissionError as exc:
         raise SetupError(f"cannot read the cluster CA in {d}: {exc.strerror}; run as root") from exc
     except ValueError as exc:
-        raise SetupError(f"the cluster CA in {d} is damaged ({exc}): restore it or run `kvmotion cluster init` in a new folder") from exc
+        raise SetupError(f"the cluster CA in {d} is damaged ({exc}): restore it from a backup of the center's data") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise SetupError(f"the cluster CA key in {d} does not match its certificate: restore the pair")
     return CA(dir=d, cert=cert, key=key)
@@ -355,13 +355,3 @@ def issue_host_cert(
     issued = issue_cert(ca_dir, Identity(Kind.HOST, host_name), ips, out_dir, server=True)
     issue_cert(ca_dir, Identity(Kind.QEMU, host_name), ips, Path(out_dir) / QEMU_DIR, server=True, key_gid=qemu_key_gid)
     return HostCredentials(dir=issued.dir, host=host_name, ips=issued.ips, expires=issued.expires)
-
-
-def issue_datastore_cert(ca_dir: Path | str, name: str, ips: list[str] | tuple[str, ...], out_dir: Path | str) -> Issued:
-    return issue_cert(ca_dir, Identity(Kind.DATASTORE, check_identity_name(Kind.DATASTORE, name)), ips, out_dir, server=True)
-
-
-def issue_user_cert(ca_dir: Path | str, name: str, role: Role, out_dir: Path | str) -> Issued:
-    """A user's client certificate (its role inside), for the CLI: ca-cert.pem, client-cert.pem, client-key.pem."""
-    return issue_cert(ca_dir, Identity(Kind.USER, check_user_name(name), role), (), out_dir, server=False,
-                      validity=USER_VALIDITY)

@@ -1,46 +1,33 @@
-"""Where the cluster's TLS material lives and how agents and the CLI use it.
+"""Where an agent's and the CLI's TLS material lives and how they use it.
 
-Layout under the cluster folder (see kvmotion.api.inventory.cluster_dir), each identity's
-folder in QEMU's tls-creds-x509 layout (ca-cert.pem, {server,client}-{cert,key}.pem):
-    ca/ca-cert.pem, ca/ca-key.pem   the cluster CA (`kvmotion cluster init`)
-    hosts/<host>/                   host:<host>, the agent (API, calls to peers and datastores)
-    hosts/<host>/qemu/              qemu:<host>, its QEMUs (NBD and migration streams)
-    datastores/<name>/              datastore:<name>
-    users/<user>/                   user:<user> with a role, client only (the CLI)
-
-An agent joined to the center (kvmotion.api.joined) keeps its own identities in its state root
-(tls/ and tls/qemu/, the same layout) instead.
+An agent joined to the center (kvmotion.api.joined) keeps its identities in its state root, each
+in QEMU's tls-creds-x509 layout (ca-cert.pem, {server,client}-{cert,key}.pem):
+    tls/        host:<host>, the agent (API, calls to peers and datastores)
+    tls/qemu/   qemu:<host>, its QEMUs (NBD and migration streams)
+The CLI presents the user certificate of its login (kvmotion.api.userconfig).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import ssl
 from pathlib import Path
 
 from kvmotion.api import joined, userconfig
 from kvmotion.api.agent import AsyncAgentClient
-from kvmotion.api.inventory import cluster_dir
 from kvmotion.api.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, QEMU_DIR, SERVER_CERT, SERVER_KEY
 from kvmotion.core.errors import SetupError
 
-DEFAULT_USER = "admin"  # `kvmotion cluster init` creates it, like vCenter's administrator
-
 
 def host_dir(host: str) -> Path:
-    root = joined.active()
-    if root is not None and root.config().name == host:
-        return root.tls_dir
-    return cluster_dir() / "hosts" / host
-
-
-def datastore_dir(name: str) -> Path:
-    return cluster_dir() / "datastores" / name
-
-
-def user_dir(user: str) -> Path:
-    return cluster_dir() / "users" / user
+    """The identity folder of `host`, whose joined state root this process serves."""
+    root, name = joined.active(), joined.active_name()
+    if root is None:
+        raise SetupError(f"no joined state root is served in this process: host {host}'s certificate comes from "
+                         "`kvmotion host join`")
+    if name != host:
+        raise SetupError(f"this process serves host {name}, not {host}: a host's keys stay on that host")
+    return root.tls_dir
 
 
 def _need(d: Path, *names: str, hint: str) -> Path:
@@ -53,14 +40,14 @@ def _need(d: Path, *names: str, hint: str) -> Path:
 def migration_creds_dir(host: str) -> Path:
     """The host's own folder (agent identity)."""
     return _need(host_dir(host), CA_CERT, SERVER_CERT, SERVER_KEY,
-                 hint=f"issue the host's certificate with `kvmotion cluster cert {host} --ip ADDRESS`, "
-                      "or run the agent with --insecure on a trusted network")
+                 hint="join the host again with `kvmotion host join --force`, or run the agent with --insecure "
+                      "under an --insecure center")
 
 
 def qemu_creds_dir(host: str) -> Path:
     """The folder the host's QEMUs read their certificate from (tls-creds-x509 dir)."""
     return _need(host_dir(host) / QEMU_DIR, CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY,
-                 hint=f"re-issue the host's certificate with `kvmotion cluster cert {host} --ip ADDRESS`")
+                 hint="join the host again with `kvmotion host join --force`")
 
 
 def host_tls_files(host: str) -> tuple[Path, Path, Path]:
@@ -84,26 +71,9 @@ def client_context(cert_dir: Path) -> ssl.SSLContext:
     return _client_context(d, (d / CLIENT_CERT).stat().st_mtime)
 
 
-def user_creds_dir() -> Path:
-    """The CLI's credentials: $KVMOTION_CREDENTIALS (a folder), else the cluster folder's
-    users/$KVMOTION_USER (default admin). Never a host's key."""
-    explicit = os.environ.get("KVMOTION_CREDENTIALS")
-    if explicit:
-        d = Path(explicit)
-    else:
-        user = os.environ.get("KVMOTION_USER") or DEFAULT_USER
-        d = user_dir(user)
-    return _need(d, CA_CERT, CLIENT_CERT, CLIENT_KEY,
-                 hint="issue a user's certificate with `kvmotion cluster user add NAME --role ROLE` and set "
-                      "KVMOTION_USER=NAME (or KVMOTION_CREDENTIALS=FOLDER)")
-
-
 def cli_ssl_context() -> ssl.SSLContext:
-    """The CLI authenticates as a user: $KVMOTION_CREDENTIALS if set, else the login config's user
-    when logged in to a center (kvmotion.api.userconfig), else the cluster folder's (user_creds_dir)."""
-    if not os.environ.get("KVMOTION_CREDENTIALS") and userconfig.logged_in():
-        return userconfig.user_ssl_context()
-    return client_context(user_creds_dir())
+    """The CLI authenticates as the user of its login (`kvmotion login`)."""
+    return userconfig.user_ssl_context()
 
 
 def host_ssl_context(host: str) -> ssl.SSLContext:

@@ -3,7 +3,7 @@
 The config (~/.config/kvmotion/config, or $KVMOTION_CONFIG) is one JSON file, mode 0600, holding
 the center's URL, its CA, the user's certificate and key. When it exists the CLI is "logged in":
 its host inventory and datastore registry are the center's (GET /v1/hosts, GET /v1/datastores),
-and it calls agents and datastores with the user's certificate, never with a cluster folder.
+and it calls agents and datastores with the user's certificate. Without it the CLI has no cluster.
 """
 
 from __future__ import annotations

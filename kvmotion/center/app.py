@@ -1,9 +1,9 @@
 """The center's HTTP API (FastAPI), served by kvmotion.api.serving: TLS with client certificates
 optional at the handshake (Security.optional_client_cert), so that a host without a certificate
 can join and a user without one can log in. Every route needs an identity from a certificate of
-the cluster CA, but three: GET /v1/ca (the CA certificate, public: a client checks it against its
-pin before it sends any secret), POST /v1/join (a join token) and POST /v1/login (a password).
-The OpenAPI document and /docs need an identity too.
+the cluster CA, but four: GET /v1/ca (the CA certificate, public: a client checks it against its
+pin before it sends any secret), POST /v1/join and POST /v1/datastores/join (a join token) and
+POST /v1/login (a password). The OpenAPI document and /docs need an identity too.
 
 Handlers are plain `def`s: FastAPI runs them in worker threads, where the store's calls block.
 Every mutating call is in the audit log (kvmotion.api.serving.Guard) and changes of state are
@@ -28,6 +28,8 @@ from kvmotion.api.center import (
     TOKEN_ID_PATTERN,
     CaInfo,
     ClusterSettings,
+    DatastoreJoinAnswer,
+    DatastoreJoinRequest,
     DatastoreSpec,
     DatastoreView,
     EventPage,
@@ -140,6 +142,11 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     @app.get("/v1/ca", summary="The cluster CA's certificate (public: check it against your pin)")
     def ca() -> CaInfo:
         return center.ca_info()
+
+    @app.post("/v1/datastores/join", status_code=201, summary="A datastore joins with a token: its CSR signed")
+    def join_datastore(body: DatastoreJoinRequest, request: Request) -> DatastoreJoinAnswer:
+        _note_caller(request, f"joining datastore:{body.name}")
+        return center.join_datastore(body)
 
     @app.post("/v1/join", status_code=201, summary="A host joins with a token: its CSRs signed")
     def join(body: JoinRequest, request: Request) -> JoinAnswer:

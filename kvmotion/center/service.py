@@ -14,6 +14,8 @@ from kvmotion.api.center import (
     PROTOCOL_VERSION,
     CaInfo,
     ClusterSettings,
+    DatastoreJoinAnswer,
+    DatastoreJoinRequest,
     DatastoreSpec,
     DatastoreView,
     EventPage,
@@ -62,6 +64,14 @@ def _token_view(row: TokenRow) -> TokenView:
 
 def _user_view(row: UserRow) -> UserView:
     return UserView(name=row.name, role=row.role, created=row.created)
+
+
+def datastore_urls(address: str, nbd_port: int, secure: bool) -> tuple[str, str]:
+    """(NBD URL, control URL) of a datastore at `address`: nbds:// and https:// unless insecure."""
+    shown = f"[{address}]" if ":" in address else address
+    if secure:
+        return f"nbds://{shown}:{nbd_port}", f"https://{shown}:{nbd_port + 1}"
+    return f"nbd://{shown}:{nbd_port}", f"http://{shown}:{nbd_port + 1}"
 
 
 def agent_url(address: str, port: int, secure: bool) -> str:
@@ -125,6 +135,23 @@ class Center:
                                  f"host:{request.name}")
         return JoinAnswer(host=joined.view(), ca_cert=self.ca_pem, host_cert=cert_pem(host_cert),
                           qemu_cert=cert_pem(qemu_cert), settings=self.store.settings())
+
+    def join_datastore(self, request: DatastoreJoinRequest) -> DatastoreJoinAnswer:
+        """A datastore's certificate (datastore:NAME for its address) for the key of its CSR, if its
+        token may join now; the datastore is recorded in the same transaction that spends the token."""
+        parts = parse_token(request.token)
+        csr = load_csr(request.csr, "datastore CSR")
+        now = self.clock()
+        auth.check_token(parts, self.ca_sha256, self.store.token(parts.id), now)  # before any signing
+        if any(d.name == request.name for d in self.store.datastores()):
+            raise Conflict(f"datastore {request.name} exists already: remove it first (`kvmotion datastore rm {request.name}`)")
+        ips = tuple(dict.fromkeys((request.address, *request.more_addresses)))
+        cert = sign_csr(self.ca, csr, Identity(Kind.DATASTORE, request.name), ips, server=True)
+        nbd, control = datastore_urls(request.address, request.nbd_port, not self.insecure)
+        view = DatastoreView(name=request.name, nbd_url=nbd, control_url=control, added=now)
+        self.store.join_datastore(parts.id, lambda token: auth.check_token(parts, self.ca_sha256, token, now), view,
+                                  f"datastore:{request.name}")
+        return DatastoreJoinAnswer(datastore=view, ca_cert=self.ca_pem, cert=cert_pem(cert))
 
     def login(self, request: LoginRequest) -> LoginAnswer:
         """A user certificate carrying the role the store gives the user, for the key of the CSR."""

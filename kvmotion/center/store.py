@@ -249,6 +249,10 @@ class Store(Protocol):
 
     def add_datastore(self, datastore: DatastoreView, who: str) -> None: ...
 
+    # a datastore joining with a token (see `join`): the token spent and the datastore recorded together
+    def join_datastore(self, token_id: str, verify: Callable[[TokenRow | None], None], datastore: DatastoreView,
+                       who: str) -> None: ...
+
     def datastores(self) -> list[DatastoreView]: ...
 
     def remove_datastore(self, name: str, who: str, at: float) -> None: ...
@@ -860,6 +864,23 @@ class SqliteStore:
             self._add_event(conn, datastore.added, EventKind.DATASTORE_ADDED, f"datastore:{datastore.name}",
                             f"datastore {datastore.name} added: {datastore.nbd_url}, control {datastore.control_url}",
                             who)
+
+    def join_datastore(self, token_id: str, verify: Callable[[TokenRow | None], None], datastore: DatastoreView,
+                       who: str) -> None:
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM join_tokens WHERE id = ?", (token_id,)).fetchone()
+            verify(_token(row) if row else None)
+            try:
+                conn.execute("INSERT INTO datastores (name, nbd_url, control_url, added) VALUES (?, ?, ?, ?)",
+                             (datastore.name, datastore.nbd_url, datastore.control_url, datastore.added))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"datastore {datastore.name} exists already: remove it first "
+                               f"(`kvmotion datastore rm {datastore.name}`)") from None
+            conn.execute("UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ? AND uses_left IS NOT NULL",
+                         (token_id,))
+            self._add_event(conn, datastore.added, EventKind.DATASTORE_ADDED, f"datastore:{datastore.name}",
+                            f"datastore {datastore.name} joined with token {token_id}: {datastore.nbd_url}, "
+                            f"control {datastore.control_url}", who)
 
     def datastores(self) -> list[DatastoreView]:
         return [DatastoreView(name=r["name"], nbd_url=r["nbd_url"], control_url=r["control_url"], added=r["added"])

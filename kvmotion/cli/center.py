@@ -15,8 +15,6 @@ from kvmotion.core.units import parse_duration
 app = typer.Typer(no_args_is_help=True, help="The control plane: serve it, make join tokens for hosts.")
 token = typer.Typer(no_args_is_help=True, help="Join tokens: what a host presents to join the cluster.")
 app.add_typer(token, name="token")
-cert = typer.Typer(no_args_is_help=True, help="Certificates signed with the center's CA, on the center's machine.")
-app.add_typer(cert, name="cert")
 
 
 @app.command()
@@ -50,24 +48,3 @@ def token_create(
     uses_text = "any number of joins" if created.info.uses_left is None else f"{created.info.uses_left} join(s)"
     print(f"join token {created.info.id}: valid until {expires:%Y-%m-%d %H:%M} UTC for {uses_text}", file=sys.stderr)
     print(created.token)
-
-
-@cert.command("datastore")
-def cert_datastore(
-    name: str = typer.Argument(..., help="The datastore's name, e.g. ds1."),
-    ip: list[str] = typer.Option(..., "--ip", help="An address the datastore serves at (its certificate names it); repeat."),
-    out: Path = typer.Option(..., "--out", help="Folder for its credentials (ca-cert.pem, server-*.pem, client-*.pem)."),
-    data: Path | None = typer.Option(None, "--data", help="The center's data folder (default /var/lib/kvmotion/center)."),
-) -> None:
-    """Issue datastore NAME's certificate with the cluster CA (run where the center's data is, as
-    root). Give the folder to the datastore (`kvmotion datastore serve NAME --cert-dir DIR`) over a
-    channel you trust: it holds the datastore's private key. No host ever needs it."""
-    from kvmotion.api.pki import CA_CERT, issue_datastore_cert
-    from kvmotion.center.serve import default_data_dir
-    from kvmotion.core.errors import NotFound
-
-    folder = data or default_data_dir()
-    if not (folder / "ca" / CA_CERT).exists():
-        raise NotFound(f"no center data in {folder} (no ca/{CA_CERT}): start `kvmotion center serve` once, or give --data")
-    issued = issue_datastore_cert(folder / "ca", name, ip, out)
-    print(f"datastore:{name} for {', '.join(issued.ips)} in {issued.dir}, valid until {issued.expires:%Y-%m-%d}")

@@ -1,6 +1,5 @@
-"""CLI commands through the center, used when a login config exists (`kvmotion login` wrote it):
-VMs, migrations, tasks, events, hosts and datastores as the center knows them. Without a login
-config the commands keep working on the shared cluster folder, as before."""
+"""CLI commands through the center, with the login config `kvmotion login` wrote: VMs, migrations,
+tasks, events, hosts and datastores as the center knows them."""
 
 from __future__ import annotations
 

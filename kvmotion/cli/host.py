@@ -8,10 +8,9 @@ import typer
 from rich.table import Table
 
 from kvmotion.api.hosts import client_for
-from kvmotion.api.inventory import HostEntry, Inventory
-from kvmotion.api.spec import check_name
+from kvmotion.api.inventory import Inventory
 from kvmotion.cli.common import console, print_json
-from kvmotion.core.errors import InvalidInput, Unreachable
+from kvmotion.core.errors import InvalidInput, SetupError, Unreachable
 from kvmotion.core.units import format_size, parse_size
 
 app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, inspect one.")
@@ -19,51 +18,36 @@ app = typer.Typer(no_args_is_help=True, help="Host agents: run one, list them, i
 
 @app.command()
 def serve(
-    name: str | None = typer.Option(None, "--name", help="This host's name (shared-folder mode; a joined host knows its own)."),
-    listen: str | None = typer.Option(None, help="ADDRESS:PORT of the agent's API (default: the joined address:7701, "
-                                      "or 127.0.0.1:7701)."),
+    listen: str | None = typer.Option(None, help="ADDRESS:PORT of the agent's API (default: the joined address:7701)."),
     portgroup: list[str] = typer.Option([], "--portgroup", help="NAME[=BRIDGE]; repeat. Default: vm-net."),
-    state_dir: Path | None = typer.Option(None, help="The host's state root: joined mode if it holds config.json "
-                                          "(default $KVMOTION_HOST_STATE or /var/lib/kvmotion/host); else VM "
-                                          "definitions (default /var/lib/kvmotion/hosts/NAME)."),
+    state_dir: Path | None = typer.Option(None, help="The host's joined state root (default $KVMOTION_HOST_STATE or "
+                                          "/var/lib/kvmotion/host)."),
     run_dir: Path | None = typer.Option(None, help="Sockets and logs (default /run/kvmotion/hosts/NAME)."),
     accel: str | None = typer.Option(None, help="Force kvm or tcg (default: decided by CPU flags and a probe)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no authentication: anyone who reaches the port "
-                                  "owns the host (trusted networks and benchmarks only; a joined host only with an --insecure center)."),
+                                  "owns the host (only a host of an --insecure center; trusted networks and benchmarks)."),
     max_body: str = typer.Option("1M", "--max-body", help="Largest request body."),
     max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", help="Open connections from one address."),
     migration_limit: int = typer.Option(4, "--migration-limit", help="Migrations in and out of this host at once."),
 ) -> None:
-    """Run the host agent in the foreground (its VMs keep running if it stops).
-
-    Joined to the center (`kvmotion host join`): no flags needed; the agent serves mutual TLS with
-    the certificate of the join and reports to the center every 2 s. Otherwise (the shared cluster
-    folder, KVMOTION_CLUSTER_DIR): give --name; the API is served with the host's certificate from
-    `kvmotion cluster cert NAME --ip ADDRESS`. Callers are identified by their certificates.
-    """
+    """Run the host agent in the foreground (its VMs keep running if it stops). The host joins the
+    center first (`kvmotion host join`); the agent then serves mutual TLS with the certificate of
+    the join, identifies callers by their certificates and reports to the center every 2 s."""
     from kvmotion.api.joined import StateRoot, default_root
     from kvmotion.api.serving import Limits  # fastapi and uvicorn: loaded only to serve (CLI start-up time)
-    from kvmotion.migration.agent import serve as run  # the whole agent: loaded only to serve (CLI start-up time)
-    from kvmotion.migration.agent import serve_joined
+    from kvmotion.migration.agent import serve_joined  # the whole agent: loaded only to serve (CLI start-up time)
 
     limits = Limits(max_body=parse_size(max_body), max_connections_per_client=max_connections_per_client)
     root = StateRoot(state_dir or default_root())
-    if root.is_joined():
-        joined_as = root.config()
-        if name is not None and name != joined_as.name:
-            raise InvalidInput(f"{root.path} is joined as host {joined_as.name}, not {name}: drop --name")
-        if insecure and not joined_as.center.startswith("http:"):
-            raise InvalidInput(f"host {joined_as.name} is joined to {joined_as.center}: it serves with its certificate, "
-                               "not --insecure (only a host of an --insecure center may)")
-        serve_joined(root, listen, portgroup, run_dir, accel, migration_limit=migration_limit, limits=limits,
-                     insecure=insecure)
-        return
-    if name is None:
-        raise InvalidInput(f"{root.path} holds no joined host (no config.json): join with `kvmotion host join`, "
-                           "or give --name to serve from the shared cluster folder")
-    check_name(name, "host")
-    run(name, listen or "127.0.0.1:7701", portgroup, state_dir, run_dir, accel, insecure=insecure,
-        migration_limit=migration_limit, limits=limits)
+    if not root.is_joined():
+        raise SetupError(f"{root.path} holds no joined host (no config.json): join the center with `kvmotion host "
+                         "join`, or give --state-dir")
+    joined_as = root.config()
+    if insecure and not joined_as.center.startswith("http:"):
+        raise InvalidInput(f"host {joined_as.name} is joined to {joined_as.center}: it serves with its certificate, "
+                           "not --insecure (only a host of an --insecure center may)")
+    serve_joined(root, listen, portgroup, run_dir, accel, migration_limit=migration_limit, limits=limits,
+                 insecure=insecure)
 
 
 @app.command()
@@ -123,16 +107,3 @@ def info(name: str, json_out: bool = typer.Option(False, "--json", help="Print J
     else:
         for key, value in data.__dict__.items():
             console.print(f"[bold]{key}[/]: {value}")
-
-
-@app.command()
-def add(name: str, url: str) -> None:
-    """Add a remote host's agent to the cluster inventory."""
-    check_name(name, "host")
-    Inventory().add(HostEntry(name=name, url=url))
-
-
-@app.command()
-def remove(name: str) -> None:
-    """Remove a host from the cluster inventory (its VMs are not touched)."""
-    Inventory().remove(name)

@@ -102,8 +102,8 @@ def app(
     no_wait: bool = typer.Option(False, help="Start and return at once with the migration id."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Live-migrate a running VM to another host. The stream is encrypted unless the cluster was set
-    up plain (`kvmotion cluster init --plain`): that is the cluster's policy, not a per-migration choice."""
+    """Live-migrate a running VM to another host. The stream is encrypted unless the center runs
+    --insecure: that is the cluster's policy, not a per-migration choice."""
     if vm == "history":
         _history(json_out)
         return

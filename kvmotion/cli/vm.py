@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kvmotion.api.config import load_config
-from kvmotion.api.hosts import all_vms, host_client, locate_vm
+from kvmotion.api.hosts import all_vms, locate_vm
 from kvmotion.api.spec import NIC_SYNTAX, DiskSpec, NicSpec, VmSpec, Workload, WorkloadParams
 from kvmotion.cli import centerops
 from kvmotion.cli.common import console, err_console, print_json, vm_table
@@ -42,71 +41,39 @@ def create(
     wait: bool = typer.Option(True, help="Through a center: follow the task until it ends."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Define a VM on a host (it does not start). The spec is checked here, and again by the agent."""
-    if cpu_model is None and centerops.logged_in():
-        cpu_model = "qemu64"  # the center's placement checks hosts against the cluster's baseline
-    if cpu_model is None:
-        # Like EVC: one baseline model for the cluster lets any VM move to any host.
-        cpu_model = load_config().cpu_baseline or "qemu64"
+    """Define a VM through the center (it does not start). The spec is checked here, by the center
+    and again by the agent."""
     spec = VmSpec(
         name=name,
         memory=parse_size(memory),
         vcpus=vcpus,
-        cpu_model=cpu_model,
+        cpu_model=cpu_model or "qemu64",  # the center's placement checks hosts against the cluster's baseline
         disks=tuple(DiskSpec.parse(d) for d in disk),
         nics=tuple(NicSpec.parse(n) for n in nic),
         workloads=_workloads(workload),
         params=WorkloadParams(mem_wss=parse_size(mem_wss), mem_rate=parse_rate(mem_rate), mem_stride=mem_stride),
     )
-    if centerops.logged_in():
-        centerops.vm_create(spec, host, wait, json_out)
-        return
-    _, client = host_client(host)
-    status = client.create(spec)
-    if json_out:
-        print_json(status)
-    else:
-        console.print(f"VM {status.name} defined on host {status.host}")
+    centerops.vm_create(spec, host, wait, json_out)
 
 
 @app.command()
 def start(
     name: str,
-    wait: bool = typer.Option(True, help="Wait for the guest's ready line."),
-    timeout: float = typer.Option(60.0, help="Seconds to wait for ready."),
+    wait: bool = typer.Option(True, help="Follow the task until it ends."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Start a VM on the host it is defined on."""
-    if centerops.logged_in():
-        centerops.vm_power(name, True, wait, json_out)
-        return
-    _, client, _ = locate_vm(name)
-    status = client.start(name, wait_ready=wait, timeout=timeout)
-    if json_out:
-        print_json(status)
-    else:
-        console.print(f"VM {name} {status.state.value} on host {status.host} (pid {status.pid}){', guest ready' if status.ready else ''}")
+    """Start a VM on the host it is defined on (a task of the center)."""
+    centerops.vm_power(name, True, wait, json_out)
 
 
 @app.command()
 def stop(
     name: str,
-    force: bool = typer.Option(False, help="Kill QEMU instead of a clean stop."),
-    wait: bool = typer.Option(True, help="Through a center: follow the task until it ends."),
+    wait: bool = typer.Option(True, help="Follow the task until it ends."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Stop a VM: vCPUs stop, disks are flushed, QEMU exits."""
-    if centerops.logged_in():
-        if force:
-            raise InvalidInput("--force is not available through the center: stop the VM cleanly")
-        centerops.vm_power(name, False, wait, json_out)
-        return
-    _, client, _ = locate_vm(name)
-    status = client.stop(name, force=force)
-    if json_out:
-        print_json(status)
-    else:
-        console.print(f"VM {name} stopped on host {status.host}")
+    """Stop a VM (a task of the center): vCPUs stop, disks are flushed, QEMU exits."""
+    centerops.vm_power(name, False, wait, json_out)
 
 
 @app.command()
@@ -132,12 +99,8 @@ def list_vms(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 
 @app.command("ls")
 def ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Every VM of the cluster: through a center, as the center knows them (desired and observed);
-    otherwise as `vm list`."""
-    if centerops.logged_in():
-        centerops.vm_ls(json_out)
-        return
-    list_vms(json_out)
+    """Every VM of the cluster as the center knows them (desired and observed)."""
+    centerops.vm_ls(json_out)
 
 
 @app.command()

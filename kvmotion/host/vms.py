@@ -457,7 +457,7 @@ class VmManager:
             return ()
         objects = storage_host.qemu_objects(spec, self.config.name)
         if self.confinement.user is not None:
-            fix = (f"issue {self.config.name}'s certificate again (kvmotion cluster cert) now that the user exists, "
+            fix = (f"join {self.config.name} again (`kvmotion host join --force`) now that the user exists, "
                    f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
             for obj in objects:
                 for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):

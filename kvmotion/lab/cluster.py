@@ -2,7 +2,7 @@
 user with separate machines would, through the center:
 
     machines/center/   the center's machine: `center serve --data data/` in the center namespace
-    machines/ds1/      the datastore's: its disks (disks/) and its certificate (tls/)
+    machines/ds1/      the datastore's: its joined state root (state/: config.json, tls/, disks/)
     machines/host-X/   each host's: its joined state root (state/: config.json, tls/, vms/, disks/)
                        and runtime folder (run/: sockets, serial logs)
     admin/config       the lab admin's login config (`kvmotion login`): the CLI's identity
@@ -11,16 +11,15 @@ user with separate machines would, through the center:
 Each process runs in its machine's namespace with every other machine's folder (and admin/, logs/)
 covered by an empty read-only tmpfs (kvmotion.net.lab.spawn_in_ns hide=): no machine reads
 another's files. The center prints user admin's password and a join token on its first start;
-the lab reads them from its log, logs the admin in, issues the datastore's certificate on the
-center's machine (`kvmotion center cert datastore`), registers ds1 at the center, then joins each
-host with the token from inside its namespace and runs its agent joined (`kvmotion host serve`).
+the lab reads them from its log, logs the admin in, joins ds1 with the token from inside its
+namespace (`kvmotion datastore join`: its key made there, the center signs it and records ds1) and
+serves it, then joins each host the same way and runs its agent joined (`kvmotion host serve`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from kvmotion.api.joined import StateRoot
 from kvmotion.api.registry import DatastoreRef
 from kvmotion.core.errors import SetupError
 from kvmotion.net import lab as labmod
+from kvmotion.storage.join import DATASTORE_STATE_ENV, DatastoreRoot
 
 AGENT_PORT = 7701
 CENTER_PORT = 7700
@@ -46,8 +46,7 @@ CENTER = "center"
 STEP_TIMEOUT = 60.0  # seconds a lab process may take to come up
 # What identifies a cluster to a kvmotion process: none of it leaks from the caller into the lab's
 # processes or the lab's CLI, which get their own.
-_CLUSTER_ENV = ("KVMOTION_CLUSTER_DIR", "KVMOTION_CREDENTIALS", "KVMOTION_USER", "KVMOTION_CONFIG",
-                "KVMOTION_HOST_STATE", "KVMOTION_STATE")
+_CLUSTER_ENV = ("KVMOTION_CONFIG", "KVMOTION_HOST_STATE", DATASTORE_STATE_ENV, "KVMOTION_STATE")
 
 
 @dataclass(frozen=True)
@@ -89,12 +88,18 @@ class LabCluster:
         return self.machine(CENTER) / "data"
 
     @property
+    def datastore_state(self) -> DatastoreRoot:
+        """ds1's joined state root (config.json, tls/, disks/)."""
+        return DatastoreRoot(self.machine(DATASTORE) / "state")
+
+    @property
     def datastore_root(self) -> Path:
-        return self.machine(DATASTORE) / "disks"
+        """ds1's disk files."""
+        return self.datastore_state.disks
 
     @property
     def datastore_tls(self) -> Path:
-        return self.machine(DATASTORE) / "tls"
+        return self.datastore_state.tls_dir
 
     @property
     def admin_config(self) -> Path:
@@ -127,7 +132,7 @@ class LabCluster:
     # ---- environments --------------------------------------------------------------------------
     @property
     def env(self) -> dict[str, str]:
-        """The lab admin's CLI: logged in to the lab's center (KVMOTION_CONFIG), no cluster folder."""
+        """The lab admin's CLI: logged in to the lab's center (KVMOTION_CONFIG), nothing of the caller's."""
         env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ENV}
         env["KVMOTION_CONFIG"] = str(self.admin_config)
         return env
@@ -137,7 +142,9 @@ class LabCluster:
         env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ENV}
         env["KVMOTION_STATE"] = str(self.machine(machine) / "var")
         env["KVMOTION_RUN"] = str(self.machine(machine) / "run")
-        if machine not in (CENTER, DATASTORE):
+        if machine == DATASTORE:
+            env[DATASTORE_STATE_ENV] = str(self.datastore_state.path)
+        elif machine != CENTER:
             env["KVMOTION_HOST_STATE"] = str(self.host_state(machine))
         return env
 
@@ -168,8 +175,7 @@ def _wait(what: str, probe: Callable[[], bool], proc: subprocess.Popen | None, l
 @contextmanager
 def cluster_env(cluster: LabCluster) -> Iterator[None]:
     """Within this block, this process is the lab's admin CLI: logged in to the lab's center, with
-    no cluster folder or credentials of the caller's (the run folder, where labs are registered,
-    stays the caller's)."""
+    no login or state root of the caller's (the run folder, where labs are registered, stays the caller's)."""
     old = {k: os.environ.get(k) for k in _CLUSTER_ENV}
     for k in _CLUSTER_ENV:
         os.environ.pop(k, None)
@@ -253,21 +259,18 @@ def login_admin(cluster: LabCluster, secrets: CenterSecrets) -> None:
 
 
 def datastore_argv(cluster: LabCluster) -> list[str]:
-    """How the lab runs datastore ds1: TLS with the certificate the center's CA issued it, or --insecure."""
-    argv = _kvmotion("datastore", "serve", DATASTORE, "--root", str(cluster.datastore_root),
-                     "--listen", f"{cluster.topology.datastore.ip}:{NBD_PORT}")
-    return [*argv, "--cert-dir", str(cluster.datastore_tls)] if cluster.encrypted else [*argv, "--insecure"]
+    """How the lab runs datastore ds1, joined: TLS with the certificate of its join, or --insecure."""
+    argv = _kvmotion("datastore", "serve", "--state-dir", str(cluster.datastore_state.path))
+    return argv if cluster.encrypted else [*argv, "--insecure"]
 
 
-def issue_datastore_certificate(cluster: LabCluster) -> None:
-    """On the center's machine, with its CA: ds1's certificate; then carried to the datastore's
-    machine (as an admin would copy it over a trusted channel), and gone from the center's."""
-    out = cluster.machine(CENTER) / "outbox" / DATASTORE
-    argv = _kvmotion("center", "cert", "datastore", DATASTORE, "--ip", cluster.topology.datastore.ip,
-                     "--out", str(out), "--data", str(cluster.center_data))
-    _run_on(cluster, CENTER, cluster.topology.center.ns, argv, "issuing ds1's certificate")
-    shutil.copytree(out, cluster.datastore_tls)
-    shutil.rmtree(out.parent)
+def join_datastore(cluster: LabCluster, token: str) -> None:
+    """`kvmotion datastore join` from inside ds1's namespace, into its own state root: its key is
+    made there, the center signs its CSR and records ds1 for the cluster."""
+    argv = _kvmotion("datastore", "join", cluster.center_url, "--token", token, "--name", DATASTORE,
+                     "--address", cluster.topology.datastore.ip, "--port", str(NBD_PORT),
+                     "--state-dir", str(cluster.datastore_state.path))
+    _run_on(cluster, DATASTORE, cluster.topology.datastore.ns, argv, "ds1 joining the center")
 
 
 def start_datastore(cluster: LabCluster) -> subprocess.Popen:
@@ -347,18 +350,12 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
         cluster.machine(m).mkdir(parents=True, exist_ok=True)
     for d in ("admin", "logs"):
         (folder / d).mkdir(mode=0o700, exist_ok=True)
-    cluster.datastore_root.mkdir(exist_ok=True)
 
     start_center(cluster)
     secrets = read_first_start(cluster.log(CENTER))
     login_admin(cluster, secrets)
-    if encrypted:
-        issue_datastore_certificate(cluster)
+    join_datastore(cluster, secrets.token)
     start_datastore(cluster)
-    r = subprocess.run(_kvmotion("datastore", "add", DATASTORE, cluster.nbd_url), env=cluster.env,
-                       capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    if r.returncode != 0:
-        raise SetupError(f"registering ds1 at the center failed: {r.stderr.strip()}")
     for h in topo.hosts:
         join_host(cluster, h.name, secrets.token)
         start_agent(cluster, h.name)
@@ -369,5 +366,7 @@ def start_cluster(topo: labmod.LabTopology, encrypted: bool = True) -> LabCluste
 def load_cluster(name: str) -> LabCluster:
     topo = labmod.load_lab(name)
     folder = labmod.lab_dir(name)
-    encrypted = (folder / "machines" / DATASTORE / "tls").exists()
+    ds1 = DatastoreRoot(folder / "machines" / DATASTORE / "state")
+    # The lab's center, as ds1 joined it (a lab whose set-up stopped before: taken as encrypted).
+    encrypted = not ds1.is_joined() or ds1.config().center.startswith("https:")
     return LabCluster(topology=topo, folder=folder, encrypted=encrypted)

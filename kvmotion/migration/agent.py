@@ -1,6 +1,6 @@
-"""The host agent process: the VM API of kvmotion.host with the migration routes mounted, bound,
-registered in the inventory and served until signalled; or, for a host joined to the center
-(kvmotion.api.joined), served from its own state root and heartbeating to the center.
+"""The host agent process of a host joined to the center (kvmotion.api.joined): the VM API of
+kvmotion.host with the migration routes mounted, served from the host's own state root until
+signalled, heartbeating to the center.
 
 It lives at the migration level, the lowest that sees both packages: host knows nothing of
 migrations, and the migration routes need the host's VM manager.
@@ -16,7 +16,6 @@ from pathlib import Path
 from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
 from kvmotion.api.center import ClusterSettings
-from kvmotion.api.inventory import HostEntry, Inventory, cluster_dir
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
 from kvmotion.core import paths
@@ -50,51 +49,6 @@ def parse_portgroups(items: list[str]) -> dict[str, str]:
             raise InvalidInput(f"invalid bridge name {bridge!r} for port group {name}: 1-15 characters")
         out[name] = bridge
     return out
-
-
-def serve(
-    name: str,
-    listen: str,
-    portgroups: list[str],
-    state_dir: Path | None = None,
-    run_dir: Path | None = None,
-    accel: str | None = None,
-    insecure: bool = False,
-    register: bool = True,
-    migration_limit: int = 4,
-    limits: Limits | None = None,
-) -> None:
-    """Serve the agent's API: mutual TLS with the host's certificate from the cluster CA, or plain
-    HTTP with `insecure` (a warning on every start)."""
-    host, port = parse_listen(listen)
-    if is_wildcard(host) and register:
-        raise InvalidInput(f"cannot register {listen} in the inventory: peers need an address, not {host}; "
-                           "listen on the host's own address")
-    if not 1 <= migration_limit <= 64:
-        raise InvalidInput(f"invalid migration limit {migration_limit}: use 1 to 64")
-    choice = accel_mod.choose(guest_image.ensure_image, accel)
-    accel_mod.say_once(choice)
-    config = HostConfig(
-        name=name,
-        state_dir=state_dir or paths.state_dir() / "hosts" / name,
-        run_dir=run_dir or paths.run_dir() / "hosts" / name,
-        portgroups=parse_portgroups(portgroups or ["vm-net"]),
-        accel=choice,
-    )
-    set_own_host(name)
-    security = Security(tls_files=None if insecure else host_tls_files(name), audit_log=config.state_dir / "audit.log",
-                        limits=limits or Limits(), insecure=insecure)
-    if insecure:
-        print(insecure_warning(f"host agent {name} on {listen}"), file=sys.stderr, flush=True)
-    app = create_app(config, extra_routers=(partial(migration_router, listen_ip=host, limit=migration_limit),))
-    server = make_server(app, security, f"agent {name}", lifespan="on")
-    sock = listening_socket(host, port, "the host agent")
-    scheme = "http" if insecure else "https"
-    if register:
-        shown = f"[{host}]" if ":" in host else host
-        # The shared folder's inventory explicitly: a login config in this process's environment is the CLI's.
-        Inventory(cluster_dir()).add(HostEntry(name=name, url=f"{scheme}://{shown}:{port}"))
-    asyncio.run(server.serve(sockets=[sock]))
 
 
 def serve_joined(

@@ -82,7 +82,7 @@ async def add_stream_tls(qmp: Any, host: str, endpoint: str, peer: str | None = 
     would not say why."""
     creds = qemu_creds_dir(host)
     if user is not None:
-        fix = (f"issue {host}'s certificate again (kvmotion cluster cert) now that the user exists, "
+        fix = (f"join {host} again (`kvmotion host join --force`) now that the user exists, "
                f"or chgrp {confine.QEMU_USER} and chmod 0640 the key")
         for name in ("ca-cert.pem", f"{endpoint}-cert.pem", f"{endpoint}-key.pem"):
             confine.check_readable(creds / name, user, fix)

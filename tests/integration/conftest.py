@@ -8,6 +8,7 @@ def host():
     h = AgentHarness()
     try:
         h.start_agent()
+        h.wait_connected()  # the test's CLI goes through the center: placement needs the host's report
         yield h
     finally:
         h.close()

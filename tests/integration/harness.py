@@ -1,7 +1,11 @@
-"""Test harness: a host agent in its own network namespace, reachable from the test over a veth.
+"""Test harness: a host agent in its own network namespace, reachable from the test over a veth,
+joined to a center that runs in the test process (tests/center.py) on the veth's root-side address.
 
-Each harness has unique names (namespace, links, subnets, folders) and removes everything it made,
-QEMU processes included, even when the test fails.
+The host joins with the center's token (`kvmotion host join`'s code, its state root at
+STATE/hosts/NAME); the agent serves that root; the test's CLI is logged in to the center as admin
+(KVMOTION_CONFIG) and calls the agent with the admin's certificate. Each harness has unique names
+(namespace, links, subnets, folders) and removes everything it made, QEMU processes included,
+even when the test fails.
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmotion.api.agent import AgentClient
-from kvmotion.api.identity import Role
-from kvmotion.api.pki import init_ca, issue_host_cert, issue_user_cert
+from kvmotion.api.center import HostState
 from kvmotion.api.tls import client_context
 from kvmotion.net import links, netns
-from kvmotion.qemu import confine
+from tests.center import CenterInThread
 
 
 def _free_port() -> int:
@@ -46,16 +49,11 @@ class AgentHarness:
         self.vm_net = f"10.214.{k}"
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="kvt"))
-        self.env = dict(
-            os.environ,
-            KVMOTION_STATE=str(self.dir / "state"),
-            KVMOTION_RUN=str(self.dir / "run"),
-            KVMOTION_CLUSTER_DIR=str(self.dir / "cluster"),
-        )
-        cluster = self.dir / "cluster"  # the agent serves mutual TLS; the test calls it as user admin
-        init_ca(cluster / "ca")
-        issue_host_cert(cluster / "ca", self.name, [self.mgmt_ns], cluster / "hosts" / self.name, qemu_key_gid=confine.qemu_gid())
-        issue_user_cert(cluster / "ca", "admin", Role.ADMIN, cluster / "users" / "admin")
+        self.state = self.dir / "state" / "hosts" / self.name  # the host's joined state root
+        self.center: CenterInThread | None = None
+        self.env = {k: v for k, v in os.environ.items() if k not in ("KVMOTION_CONFIG", "KVMOTION_HOST_STATE")}
+        self.env.update(KVMOTION_STATE=str(self.dir / "state"), KVMOTION_RUN=str(self.dir / "run"),
+                        KVMOTION_CONFIG=str(self.dir / "admin" / "config"))
         netns.create_ns(self.ns)
         netns.set_up(self.ns, "lo")
         netns.create_veth(self.root_if, None, self.ns_if, self.ns)
@@ -63,6 +61,15 @@ class AgentHarness:
         netns.add_address(self.ns, self.ns_if, f"{self.mgmt_ns}/30")
         netns.run_in_ns(self.ns, links.ensure_bridge, self.bridge)
         netns.add_address(self.ns, self.bridge, f"{self.vm_net}.1/24")
+        try:
+            # The center on the root side of the veth: the agent reaches it from its namespace.
+            self.center = CenterInThread(self.dir / "center", ip=self.mgmt_root, dispatch=True)
+            self.center.join_host(self.name, self.mgmt_ns, self.state, agent_port=self.port)
+            self.center.login_config(self.dir / "admin" / "config")  # the test's CLI: user admin
+            self.admin = self.center.user_dir(self.dir / "admin" / "tls")  # the test's own calls to the agent
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def url(self) -> str:
@@ -72,8 +79,8 @@ class AgentHarness:
         log = open(self.dir / "agent.log", "ab")
         self.agent = netns.popen_in_ns(
             self.ns,
-            [sys.executable, "-m", "kvmotion.cli.main", "host", "serve", "--name", self.name,
-             "--listen", f"{self.mgmt_ns}:{self.port}", "--portgroup", f"vm-net={self.bridge}"],
+            [sys.executable, "-m", "kvmotion.cli.main", "host", "serve", "--state-dir", str(self.state),
+             "--portgroup", f"vm-net={self.bridge}"],
             env=self.env, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()
@@ -87,13 +94,27 @@ class AgentHarness:
                     raise RuntimeError(f"agent did not come up: {(self.dir / 'agent.log').read_text()[-2000:]}") from None
                 time.sleep(0.1)
 
+    def wait_connected(self, timeout: float = 60) -> None:
+        """Until the center sees the host connected, with its load and facts (what placement needs)."""
+        assert self.center is not None
+        store = self.center.prepared.center.store
+        deadline = time.monotonic() + timeout
+        while True:
+            row = store.host(self.name)
+            if row is not None and row.state is HostState.CONNECTED and row.load is not None and row.facts is not None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the center did not see {self.name} connected: {row}; agent log: "
+                                   f"{(self.dir / 'agent.log').read_text()[-1500:]}")
+            time.sleep(0.2)
+
     def kill_agent(self) -> None:
         if self.agent and self.agent.poll() is None:
             self.agent.send_signal(signal.SIGKILL)
             self.agent.wait()
 
     def tls(self):
-        return client_context(self.dir / "cluster" / "users" / "admin")
+        return client_context(self.admin)
 
     def client(self) -> AgentClient:
         return AgentClient(self.url, ssl_context=self.tls())
@@ -118,6 +139,8 @@ class AgentHarness:
 
     def close(self) -> None:
         self.kill_agent()
+        if self.center is not None:
+            self.center.close()
         netns.kill_ns_processes(self.ns)
         netns.delete_link_in(None, self.root_if)
         netns.delete_ns(self.ns)

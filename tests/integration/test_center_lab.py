@@ -102,7 +102,7 @@ def test_hosts_joined_by_token_share_no_folder(clab: MigrationLab) -> None:
     (c_pid,) = _pids(lab.topo.center.ns, b"center", b"serve")
     assert os.listdir(f"/proc/{c_pid}/root{cluster.machine('host-a')}") == []  # nor the center host-a's
 
-    # ds1's key exists on the datastore's machine only (issued on the center's, carried over).
+    # ds1's key exists on the datastore's machine only (made there at its join; the center signed its CSR).
     ds_key = (cluster.datastore_tls / "server-key.pem").read_bytes()
     holders = [p for p in cluster.folder.rglob("*.pem") if p.read_bytes() == ds_key]
     assert holders and all(p.parent == cluster.datastore_tls for p in holders), holders

@@ -119,8 +119,9 @@ def test_vm_runs_unprivileged_and_sandboxed(qemu_user, host):
 
     # A clean stop: QMP stop + quit, QEMU exits by itself (the agent kills only after 15 s).
     t0 = time.monotonic()
-    r = host.cli("vm", "stop", "conf1", "--json")
+    r = host.cli("vm", "stop", "conf1", "--json")  # a task of the center: it asks the agent to stop
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["state"] == "stopped" and time.monotonic() - t0 < 10
+    assert json.loads(r.stdout)["state"] == "done" and time.monotonic() - t0 < 10
+    assert host.client().vm("conf1").state.value == "stopped"
     assert host.qemu_pids() == []
     assert "error" not in (run / "qemu.log").read_text().lower()

@@ -1,7 +1,9 @@
 """The datastore service for real: nbdkit + plugin + TLS front end + control API, clients playing hosts.
 
-Each test starts `kvmotion datastore serve` on its own ports and root, with certificates from its
-own cluster CA (as `kvmotion cluster` lays them out), and kills its process group at the end.
+Each test starts `kvmotion datastore serve` on its own ports and root, joined (`kvmotion datastore
+join`) to a center of its own run in the test process, and kills its process group at the end.
+The identities the test plays come from that center too: hosts joined (host:HOST, qemu:HOST), users
+logged in.
 Hosts are NBD connections over TLS presenting host:HOST or qemu:HOST certificates and asking for
 DISK@HOST; the lab test puts them in two network namespaces, and the QEMU tests use QEMU's own NBD
 client with the options attach.nbd_blockdev gives (a `-M none` QEMU: no guest, no CPU cost).
@@ -24,19 +26,22 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
 
 from kvmotion.api.datastore import DatastoreClient
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.pki import QEMU_DIR, init_ca, issue_datastore_cert, issue_host_cert, issue_user_cert
+from kvmotion.api.pki import CA_CERT, QEMU_DIR, init_ca, issue_host_cert
 from kvmotion.api.tls import client_context
 from kvmotion.core.errors import Forbidden, InsufficientResources, LeaseError
 from kvmotion.qemu import confine
 from kvmotion.storage.attach import nbd_blockdev, nbd_tls_object, reattach_commands
+from kvmotion.storage.join import DatastoreRoot
 from kvmotion.storage.lease import ExportName
 from kvmotion.storage.nbd_client import NbdConnection, NbdError
+from tests.center import CenterInThread
 
 DISK = "web1.img"
 SIZE = 16 << 20
@@ -63,7 +68,10 @@ def _free_port_pair() -> int:
 
 class Service:
     """One `kvmotion datastore serve` process group (serve + its nbdkit child), TLS unless `secure`
-    is off; its cluster folder (next to the root) holds the CA and every identity's certificates."""
+    is off. Secure: ds1 joined to a center in this process (its data and every joined identity's
+    state in the cluster folder, next to the root unless given), reachable at `ips`."""
+
+    opened: ClassVar[list[CenterInThread]] = []  # closed after each test (the fixture below)
 
     def __init__(self, root: Path, ttl: float, host: str = "127.0.0.1", port: int | None = None,
                  secure: bool = True, ips: tuple[str, ...] = ("127.0.0.1",), cluster: Path | None = None) -> None:
@@ -76,9 +84,18 @@ class Service:
         self.log = root.parent / f"serve-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.cluster = cluster or root.parent / "cluster"
+        self.center: CenterInThread | None = None
+        self.state: DatastoreRoot | None = None
         if secure:
-            init_ca(self.cluster / "ca")
-            issue_datastore_cert(self.cluster / "ca", "ds1", list(ips), self.cluster / "datastores" / "ds1")
+            self.center = CenterInThread(self.cluster / "center")
+            Service.opened.append(self.center)
+            self.state = self.center.join_datastore("ds1", ips, self.port, self.cluster / "datastore")
+
+    @property
+    def ca_cert(self) -> Path:
+        """The cluster CA's certificate, as the datastore's join wrote it."""
+        assert self.state is not None
+        return self.state.tls_dir / CA_CERT
 
     @property
     def control_url(self) -> str:
@@ -89,17 +106,18 @@ class Service:
         return f"{'nbds' if self.secure else 'nbd'}://{self.dial}:{self.port}"
 
     def creds(self, who: Identity) -> Path:
-        """`who`'s certificate folder in the cluster layout (issued on first use)."""
-        ca = self.cluster / "ca"
+        """`who`'s certificate folder (QEMU's x509 layout), from the center on first use: a host's
+        (and its QEMUs') from its join, a user's from its login."""
+        assert self.center is not None, "an --insecure datastore has no certificates"
         if who.kind in (Kind.HOST, Kind.QEMU):
-            d = self.cluster / "hosts" / who.name
-            if not d.exists():
-                issue_host_cert(ca, who.name, ["127.0.0.1"], d, qemu_key_gid=confine.qemu_gid())
-            return d / QEMU_DIR if who.kind is Kind.QEMU else d
+            root = self.cluster / "hosts" / who.name
+            if not root.exists():
+                self.center.join_host(who.name, "127.0.0.1", root)
+            return root / "tls" / QEMU_DIR if who.kind is Kind.QEMU else root / "tls"
         d = self.cluster / "users" / who.name
         if not d.exists():
             assert who.role is not None
-            issue_user_cert(ca, who.name, who.role, d)
+            self.center.user_dir(d, who.name, who.role)
         return d
 
     def tls(self, who: Identity) -> ssl.SSLContext:
@@ -116,7 +134,7 @@ class Service:
     def start(self) -> None:
         argv = [sys.executable, "-m", "kvmotion.cli.main", "datastore", "serve", "ds1", "--root", str(self.root),
                 "--listen", f"{self.host}:{self.port}", "--lease-ttl", f"{self.ttl}s"]  # fmt: skip
-        argv += ["--cert-dir", str(self.cluster / "datastores" / "ds1")] if self.secure else ["--insecure"]
+        argv += ["--state-dir", str(self.state.path)] if self.state is not None else ["--insecure"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 20
@@ -137,6 +155,13 @@ class Service:
         self.proc.wait(10)
         self.proc = None
 
+    def close(self) -> None:
+        """Kill the service, and stop its center."""
+        self.kill()
+        if self.center is not None and self.center in Service.opened:
+            Service.opened.remove(self.center)
+            self.center.close()
+
     def connect(self, export: str, who: Identity | None = None) -> NbdConnection:
         """An NBD connection to `export`, over TLS as `who` (default: the QEMU of the export's host,
         or of host-r for a read-only export)."""
@@ -144,6 +169,13 @@ class Service:
             return NbdConnection.connect(self.dial, self.port, export)
         who = who or Identity(Kind.QEMU, ExportName.parse(export).host or "host-r")
         return NbdConnection.connect(self.dial, self.port, export, tls=self.tls(who))
+
+
+@pytest.fixture(autouse=True)
+def _close_centers() -> Iterator[None]:
+    yield
+    while Service.opened:
+        Service.opened.pop().close()
 
 
 @pytest.fixture
@@ -295,7 +327,7 @@ def _qemu_img(service: Service, creds: Path, export: str, command: str, *options
 
 
 def test_nbdinfo_and_qemu_img_read_exports_with_cluster_certificates(service: Service, tmp_path: Path) -> None:
-    """The certificate folders `kvmotion cluster cert` writes (QEMU's x509 layout) work as they are
+    """The certificate folders `kvmotion host join` and `login` give (QEMU's x509 layout) work as they are
     with libnbd (`nbds://...?tls-certificates=DIR`) and qemu-img (`--object tls-creds-x509`)."""
     for tool in ("nbdinfo", "qemu-img"):
         if shutil.which(tool) is None:
@@ -366,7 +398,7 @@ def test_clients_without_the_right_certificate_are_refused(service: Service, tmp
     # The control API: plain HTTP, no certificate, another CA's.
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://{service.dial}:{service.port + 1}/v1/info", timeout=5)
-    anonymous = ssl.create_default_context(cafile=str(service.cluster / "ca" / "ca-cert.pem"))
+    anonymous = ssl.create_default_context(cafile=str(service.ca_cert))
     for ctx in (anonymous, client_context(rogue_ca / "host-a")):
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{service.control_url}/v1/info", verify=ctx, timeout=5)
@@ -403,7 +435,7 @@ def test_full_datastore_is_one_line_error(tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    svc = Service(mnt / "ds1", ttl=30)
+    svc = Service(mnt / "ds1", ttl=30, cluster=tmp_path / "cluster")  # the center's data beside, not in, the tmpfs
     try:
         svc.start()
         with svc.client() as c:

@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kvmotion.api import joined
 from kvmotion.api.identity import Identity, Kind
-from kvmotion.api.pki import init_ca, issue_host_cert
+from kvmotion.api.joined import StateRoot
 from kvmotion.api.tls import host_dir
 from kvmotion.core.errors import VmFailed
 from kvmotion.migration.engine import TLS_ID, add_stream_tls
-from kvmotion.qemu import confine
 from kvmotion.qemu.qmp import Qmp
+from tests.center import CenterInThread
 
 pytestmark = [pytest.mark.qemu]
 
@@ -53,25 +55,31 @@ class Qemu:
 
 
 @pytest.fixture
-def cluster(tmp_path, monkeypatch) -> Path:
-    """A cluster CA and hosts host-a, host-b, host-c (each with its agent's and its QEMUs' identity)."""
-    folder = tmp_path / "cluster"
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(folder))
-    init_ca(folder / "ca")
-    for name in ("host-a", "host-b", "host-c"):
-        issue_host_cert(folder / "ca", name, ["127.0.0.1"], folder / "hosts" / name, qemu_key_gid=confine.qemu_gid())
-    return folder
+def cluster(tmp_path) -> Iterator[dict[str, StateRoot]]:
+    """A center, and hosts host-a, host-b, host-c joined to it (each state root with its agent's and
+    its QEMUs' identity, as `kvmotion host join` writes it)."""
+    center = CenterInThread(tmp_path / "center")
+    try:
+        yield {name: center.join_host(name, "127.0.0.1", tmp_path / name) for name in ("host-a", "host-b", "host-c")}
+    finally:
+        joined.activate(None)
+        center.close()
 
 
-async def _migrate(folder: Path, *, source: str, sender: str, receiver: str, agent_identity: bool = False) -> dict:
+async def _migrate(roots: dict[str, StateRoot], *, source: str, sender: str, receiver: str,
+                   agent_identity: bool = False) -> dict:
     """Migrate a QEMU of `sender` (its agent's certificate instead of its QEMUs' with `agent_identity`)
-    to a QEMU of `receiver` that expects `source`; the source QEMU expects host-b. The outcome on both ends."""
+    to a QEMU of `receiver` that expects `source`; the source QEMU expects host-b. The outcome on both ends.
+    Each end's credentials are read as its agent reads them: from its own joined root."""
+    folder = roots[receiver].path.parent
     dst, src = Qemu(folder, "dst", incoming=True), Qemu(folder, "src", incoming=False)
     try:
         dq, sq = await dst.connect(), await src.connect()
+        joined.activate(roots[receiver])
         await dq.execute("migrate-set-parameters", **await add_stream_tls(dq, receiver, "server", source))
         await dq.execute("migrate-incoming", uri="tcp:127.0.0.1:0")
         port = (await dq.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]
+        joined.activate(roots[sender])
         params = await add_stream_tls(sq, sender, "client", "host-b")
         if agent_identity:  # the same sender, presenting its agent's certificate (host:NAME)
             await sq.execute("object-del", id=TLS_ID)

@@ -313,13 +313,14 @@ def test_rollback_after_lease_handoff_keeps_writing_on_source(make_lab, record_p
     record_property("figures", line)
 
 
-def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_property):
+def test_hook_rollback_reattaches_a_running_guest(tmp_path, record_property):
     """DiskLeaseHook against a real guest, without a lab: the source pauses as at pre-switchover,
     the hook hands the lease to host-b, then rolls back while the lease is still live there (a
     transfer back, generation 3): the old NBD connection is fenced for good, so the hook puts a
     new one under the guest's disk, and once resumed the writer acknowledges new records."""
+    from kvmotion.api import joined
     from kvmotion.api.identity import Identity, Kind
-    from kvmotion.api.registry import DatastoreRef
+    from kvmotion.api.joined import StateRoot
     from kvmotion.api.spec import DiskSpec, VmSpec, Workload
     from kvmotion.guest.image import ensure_image
     from kvmotion.host.vms import HostConfig, VmManager
@@ -327,15 +328,18 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
     from kvmotion.qemu import accel
     from tests.integration.test_datastore import Service
 
-    # The cluster folder outside pytest's private tmp: an unprivileged QEMU reads its certificate there.
+    # The center's and host-a's state outside pytest's private tmp: an unprivileged QEMU reads its certificate there.
     cluster = Path(tempfile.mkdtemp(prefix="kvmotion-hook-"))
     cluster.chmod(0o711)
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(cluster))
-    svc = Service(tmp_path / "ds1", ttl=15, cluster=cluster)
-    svc.creds(Identity(Kind.HOST, "host-a"))  # host-a's certificate, and its QEMUs'
+    svc = Service(tmp_path / "ds1", ttl=15, cluster=cluster)  # ds1 joined to a center of the test's
+    host_a = StateRoot(svc.creds(Identity(Kind.HOST, "host-a")).parent)  # host-a joined: its certificate, its QEMUs'
+    assert svc.center is not None
+    # What host-a's first heartbeat would bring: the center's datastores (ds1, recorded by its join).
+    host_a.save_cache(host_a.cache().model_copy(update={"datastores": tuple(svc.center.prepared.center.datastores())}))
+    joined.activate(host_a)  # this process is host-a's agent: its registry and identity from its root
     svc.start()
     try:
-        Registry().add(DatastoreRef.make("ds1", svc.nbd_url))
+        assert Registry().get("ds1").nbd_url == svc.nbd_url
         with svc.client() as c:
             c.create_disk("hook.img", 64 << 20)
         spec = VmSpec(name="hook1", memory=256 << 20, disks=(DiskSpec(source="hook.img", datastore="ds1"),),
@@ -388,7 +392,8 @@ def test_hook_rollback_reattaches_a_running_guest(tmp_path, monkeypatch, record_
         check = verify_image(svc.root / "hook.img", acked)
         assert check.ok and (check.missing, check.duplicate, check.corrupt) == (0, 0, 0), check.summary()
     finally:
-        svc.kill()
+        joined.activate(None)
+        svc.close()
         shutil.rmtree(cluster, ignore_errors=True)
     line = f"FIGURES hook rollback (lease live at host-b): acks {at_resume} at resume -> {acked} at stop; {check.summary()}"
     print(line)

@@ -13,10 +13,11 @@ from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration.engine import MigrationService
 from kvmotion.migration.protocol import ShadowPhase, ShadowState
 from kvmotion.qemu.accel import Accel, AccelChoice
+from tests.joinedroot import make_root, serve_in_test
 
 
 def test_active_migrations(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    serve_in_test(monkeypatch, make_root(tmp_path / "host-a", "host-a"))  # joined, no peers yet
     manager = VmManager(HostConfig(name="host-a", state_dir=tmp_path / "state", run_dir=tmp_path / "run",
                                    portgroups={"vm-net": "br0"}, accel=AccelChoice(Accel.TCG, "test")))
     svc = MigrationService(manager, "127.0.0.1")

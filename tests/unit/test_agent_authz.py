@@ -20,6 +20,7 @@ from kvmotion.host.vms import HostConfig
 from kvmotion.migration.api import migration_router
 from kvmotion.qemu.accel import Accel, AccelChoice
 from tests.certs import TestCA, as_caller
+from tests.joinedroot import make_root, serve_in_test
 
 SPEC = {"name": "web1", "memory": 256 << 20}
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
@@ -31,7 +32,7 @@ PEER = Identity(Kind.HOST, "host-b")
 def agent(tmp_path, monkeypatch):
     """The agent's app (both routers) with authentication on (no TLS in-process: tests/certs.as_caller presents
     the certificate), auditing to tmp_path/audit.log."""
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    serve_in_test(monkeypatch, make_root(tmp_path / "host-a", "host-a"))  # joined, no peers yet
     config = HostConfig(name="host-a", state_dir=tmp_path / "state", run_dir=tmp_path / "run",
                         portgroups={"vm-net": "br0"}, accel=AccelChoice(Accel.TCG, "test"))
     router = partial(migration_router, listen_ip="127.0.0.1", limit=4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import queue
 import shutil
 import socket
@@ -17,10 +16,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from typer.testing import CliRunner
 
 from kvmotion.api import pki as camod
-from kvmotion.api.identity import Identity, Kind, Role, identity_of
+from kvmotion.api.identity import Identity, Kind, identity_of
 from kvmotion.api.pki import init_ca, issue_host_cert, load_ca
 from kvmotion.api.tls import client_context
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
@@ -111,7 +109,7 @@ def test_bad_names_and_addresses_are_refused(cluster: Path) -> None:
         issue_host_cert(cluster / "ca", "host2", ["10.0.0.300"], cluster / "x", qemu_key_gid=confine.qemu_gid())
     with pytest.raises(Conflict):
         issue_host_cert(cluster / "ca", "host2", [], cluster / "ca", qemu_key_gid=confine.qemu_gid())
-    with pytest.raises(NotFound, match="kvmotion cluster init"):
+    with pytest.raises(NotFound, match="the center makes it at its first start"):
         issue_host_cert(cluster / "nope", "host2", [], cluster / "x", qemu_key_gid=confine.qemu_gid())
 
 
@@ -284,76 +282,13 @@ def test_client_refuses_a_server_from_another_ca_or_wrong_name(cluster: Path, tm
         genuine.close()
 
 
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def cli(*args: str, env: dict[str, str]):
-    from kvmotion.cli.main import app
-
-    return CliRunner().invoke(app, ["cluster", *args], env=env)
-
-
-def test_cli_init_and_cert(tmp_path: Path) -> None:
-    env = {"KVMOTION_CLUSTER_DIR": str(tmp_path / "c")}
-    r = cli("init", "--cpu-baseline", "Haswell-v4", env=env)
-    assert r.exit_code == 0, r.output
-    assert "created cluster CA" in r.output
-    assert mode(tmp_path / "c" / "ca" / "ca-key.pem") == 0o600
-    assert json.loads((tmp_path / "c" / "cluster.json").read_text()) == {"encrypted": True, "cpu_baseline": "Haswell-v4", "version": 1}
-    r = cli("cert", "host1", "--ip", "10.0.0.1", "--ip", "10.0.1.1", env=env)
-    assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "c" / "hosts" / "host1").iterdir()) == sorted([*LAYOUT, "qemu"])
-    r = cli("init", env=env)
-    assert "kept existing cluster CA" in r.output
-    r = cli("cert", "ds1", "--datastore", "--ip", "10.0.0.9", env=env)
-    assert r.exit_code == 0, r.output
-    r = cli("show", env=env)
-    assert r.exit_code == 0 and "host host1: host1, 10.0.0.1, 10.0.1.1" in r.output
-    assert "datastore ds1: ds1, 10.0.0.9" in r.output
-
-
-def test_cli_users(tmp_path: Path) -> None:
-    env = {"KVMOTION_CLUSTER_DIR": str(tmp_path / "c")}
-    r = cli("init", env=env)
-    assert "created user admin (role admin)" in r.output
-    admin = tmp_path / "c" / "users" / "admin"
-    assert sorted(p.name for p in admin.iterdir()) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
-    assert mode(admin / "client-key.pem") == 0o600
-    assert cli("user", "add", "alice", "--role", "operator", env=env).exit_code == 0
-    r = cli("user", "add", "alice", "--role", "viewer", env=env)
-    assert isinstance(r.exception, Conflict)
-    assert cli("user", "add", "alice", "--role", "viewer", "--replace", env=env).exit_code == 0
-    assert isinstance(cli("user", "add", "bob", "--role", "root", env=env).exception, InvalidInput)
-    assert isinstance(cli("user", "add", "Bob!", "--role", "viewer", env=env).exception, InvalidInput)
-    r = cli("user", "list", env=env)
-    assert "admin: admin;" in r.output and "alice: viewer;" in r.output
-    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "users" / "alice" / "client-cert.pem").read_bytes())
-    assert identity_of(cert) == Identity(Kind.USER, "alice", Role.VIEWER)
-    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH}  # a user's certificate cannot serve
-
-
-def test_cli_plain_and_dir(tmp_path: Path) -> None:
-    r = cli("init", "--plain", "--dir", str(tmp_path / "p"), env={"KVMOTION_CLUSTER_DIR": str(tmp_path / "unused")})
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "p" / "cluster.json").read_text())["encrypted"] is False
-    assert not (tmp_path / "p" / "ca").exists() and not (tmp_path / "unused").exists()
-    r = cli("cert", "host1", "--dir", str(tmp_path / "p"), env={})
-    assert r.exit_code != 0 and isinstance(r.exception, NotFound)
-
-
-def test_cli_errors_are_kvmotion_errors(tmp_path: Path) -> None:
-    env = {"KVMOTION_CLUSTER_DIR": str(tmp_path)}
-    assert isinstance(cli("init", "--cpu-baseline", "bad model!", env=env).exception, InvalidInput)
-    cli("init", env=env)
-    assert isinstance(cli("cert", "host_1", env=env).exception, InvalidInput)
-
-
-def test_cluster_config_reads_what_init_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cluster_config_is_the_joined_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmotion.api.center import ClusterSettings
     from kvmotion.api.config import ClusterConfig, load_config
+    from tests.joinedroot import make_root, serve_in_test
 
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path))
-    assert load_config() == ClusterConfig()  # nothing written yet: defaults, encrypted
-    cli("init", "--plain", env={"KVMOTION_CLUSTER_DIR": str(tmp_path)})
-    assert load_config() == ClusterConfig(encrypted=False)
+    assert load_config() == ClusterConfig()  # no joined root served: defaults, encrypted
+    serve_in_test(monkeypatch, make_root(tmp_path / "h1", "h1", settings=ClusterSettings(encrypted=False,
+                                                                                         cpu_baseline="Haswell-v4")))
+    assert load_config() == ClusterConfig(encrypted=False, cpu_baseline="Haswell-v4")
     assert camod.CA_KEY == "ca-key.pem"

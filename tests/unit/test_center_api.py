@@ -162,6 +162,49 @@ def test_join_needs_two_keys_and_good_csrs(cluster: Cluster) -> None:
     assert state(cluster) == before
 
 
+def test_datastore_join_signs_its_csr_and_records_it(cluster: Cluster) -> None:
+    key, csr = new_key_and_csr()
+    body = {"token": cluster.token, "name": "ds1", "address": "10.0.0.9", "csr": csr}
+    r = cluster.client(None).post("/v1/datastores/join", json=body)
+    assert r.status_code == 201, r.text
+    answer = r.json()
+    cert = x509.load_pem_x509_certificate(answer["cert"].encode())
+    cert.verify_directly_issued_by(cluster.center.ca.cert)
+    assert x509.load_pem_x509_certificate(answer["ca_cert"].encode()) == cluster.center.ca.cert
+    assert identity_of(cert) == Identity(Kind.DATASTORE, "ds1")
+    assert cert.public_key() == serialization.load_pem_private_key(key, None).public_key()
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.9"]
+    assert (answer["datastore"]["nbd_url"], answer["datastore"]["control_url"]) == ("nbds://10.0.0.9:10809",
+                                                                                  "https://10.0.0.9:10810")
+    assert [(d.name, d.nbd_url) for d in cluster.store.datastores()] == [("ds1", "nbds://10.0.0.9:10809")]
+    event = cluster.store.events()[-1]
+    assert event.kind is EventKind.DATASTORE_ADDED and "joined with token" in event.message
+    assert cluster.audit()[-1]["who"] == "joining datastore:ds1"
+    # The name is taken now; a bad token and a bad CSR: refused, nothing issued or changed.
+    before = state(cluster)
+    again = cluster.client(None).post("/v1/datastores/join", json={**body, "csr": new_key_and_csr()[1]})
+    assert again.status_code == 409 and "datastore ds1 exists already" in again.json()["error"]["message"]
+    prefix, ca_hash, token_id, _secret = cluster.token.split(".")
+    forged = ".".join((prefix, ca_hash, token_id, "0" * 32))
+    r = cluster.client(None).post("/v1/datastores/join", json={**body, "name": "ds2", "token": forged})
+    assert r.status_code == 401 and "is forged" in r.json()["error"]["message"] and "BEGIN CERTIFICATE" not in r.text
+    bad = cluster.client(None).post("/v1/datastores/join", json={**body, "name": "ds2", "csr": "not a csr"})
+    assert bad.json()["error"]["message"] == "invalid datastore CSR: not a PEM certificate signing request"
+    assert state(cluster) == before
+
+
+def test_datastore_join_spends_the_token(cluster: Cluster) -> None:
+    token = _token(cluster, ttl=3600, uses=1)
+    body = {"token": token, "name": "ds1", "address": "10.0.0.9", "nbd_port": 20000, "csr": new_key_and_csr()[1]}
+    r = cluster.client(None).post("/v1/datastores/join", json=body)
+    assert r.status_code == 201 and r.json()["datastore"]["control_url"] == "https://10.0.0.9:20001", r.text
+    before = state(cluster)
+    r = cluster.client(None).post("/v1/join", json=join_body(token)[0])
+    assert r.status_code == 401 and "is used up" in r.json()["error"]["message"]
+    assert state(cluster) == before
+
+
 def test_login_gives_the_stored_role(cluster: Cluster) -> None:
     r = cluster.client(ADMIN).post("/v1/users", json={"name": "otto", "role": "operator"})
     assert r.status_code == 201

@@ -16,7 +16,7 @@ import pytest
 ])
 def test_usage_errors_are_one_line(args, says, tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmotion.cli.main", *args], capture_output=True, text=True,
-                       env={"KVMOTION_CLUSTER_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+                       env={"KVMOTION_CONFIG": str(tmp_path / "config"), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert r.returncode == 2
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
@@ -25,5 +25,5 @@ def test_usage_errors_are_one_line(args, says, tmp_path):
 
 def test_help_still_works(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvmotion.cli.main", "vm", "--help"], capture_output=True, text=True,
-                       env={"KVMOTION_CLUSTER_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+                       env={"KVMOTION_CONFIG": str(tmp_path / "config"), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert r.returncode == 0 and "Usage: " in r.stdout and "Virtual machines." in r.stdout

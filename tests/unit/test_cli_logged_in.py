@@ -1,6 +1,6 @@
 """A CLI logged in to a center (a login config): its host inventory and datastore registry are the
 center's, its TLS identity the login's user certificate; the lab reads the center's first-start
-lines; `center cert datastore` issues a datastore certificate with the center's CA."""
+lines."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from kvmotion.api import userconfig
 from kvmotion.api.center import CenterClient, Credentials, DatastoreSpec, JoinRequest, LoginRequest, pinned_ca, trusting
-from kvmotion.api.identity import Identity, Kind, identity_of
 from kvmotion.api.inventory import HostEntry, Inventory
 from kvmotion.api.joined import StateRoot
 from kvmotion.api.pki import new_key_and_csr
@@ -20,7 +18,7 @@ from kvmotion.api.registry import DatastoreRef, Registry
 from kvmotion.api.tls import cli_ssl_context
 from kvmotion.cli import main
 from kvmotion.cli.login import save_credentials
-from kvmotion.core.errors import Conflict, SetupError
+from kvmotion.core.errors import NotFound, SetupError
 from kvmotion.host.join import join
 from kvmotion.lab.cluster import read_first_start
 from tests.unit.test_center_serve import Served
@@ -48,8 +46,6 @@ def logged_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     config = tmp_path / "config"
     save_credentials(creds, config)
     monkeypatch.setenv("KVMOTION_CONFIG", str(config))
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "no-cluster-folder"))
-    monkeypatch.delenv("KVMOTION_CREDENTIALS", raising=False)
     userconfig.forget()
     yield served, creds
     userconfig.forget()
@@ -60,42 +56,21 @@ def test_inventory_registry_and_identity_come_from_the_login(logged_in, tmp_path
     _served, creds = logged_in
     assert Inventory().hosts() == [HostEntry(name="host-a", url="https://127.0.0.1:7701")]
     assert Registry().get("ds1") == DatastoreRef("ds1", "nbds://127.0.0.2:10809", "https://127.0.0.2:10810")
-    with pytest.raises(Conflict, match="the center keeps the inventory"):
-        Inventory().add(HostEntry(name="host-b", url="https://127.0.0.3:7701"))
-    with pytest.raises(Conflict, match="the center keeps the datastores"):
-        Registry().add(DatastoreRef.make("ds2", "nbds://127.0.0.4:10809"))
-    # The shared folder stays what an explicit folder names.
-    assert Inventory(tmp_path / "folder").hosts() == []
     # The CLI presents the login's certificate, trusting the center's CA only.
     ctx = cli_ssl_context()
     assert ctx is userconfig.user_ssl_context() and len(ctx.get_ca_certs()) == 1
     assert userconfig.load_credentials() == creds
-    assert not (tmp_path / "no-cluster-folder").exists()
 
 
-def test_center_cert_datastore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    served = Served(tmp_path / "data")
-    try:
-        out = tmp_path / "ds1-tls"
-        monkeypatch.setattr(sys, "argv", ["kvmotion", "center", "cert", "datastore", "ds1", "--ip", "10.0.0.2",
-                                          "--out", str(out), "--data", str(tmp_path / "data")])
-        with pytest.raises(SystemExit) as done:
-            main.main()
-        assert done.value.code == 0, capsys.readouterr().err
-        cert = x509.load_pem_x509_certificate((out / "server-cert.pem").read_bytes())
-        assert identity_of(cert) == Identity(Kind.DATASTORE, "ds1")
-        assert (out / "ca-cert.pem").read_text().strip() == served.prepared.center.ca_pem.strip()
-        assert "datastore:ds1 for 10.0.0.2" in capsys.readouterr().out
-        # No center data there: one line, nothing written.
-        monkeypatch.setattr(sys, "argv", ["kvmotion", "center", "cert", "datastore", "ds1", "--ip", "10.0.0.2",
-                                          "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nothing")])
-        with pytest.raises(SystemExit) as done:
-            main.main()
-        err = capsys.readouterr().err
-        assert done.value.code != 0 and err.count("\n") == 1 and "no center data in" in err
-        assert not (tmp_path / "x").exists()
-    finally:
-        served.close()
+def test_without_a_login_there_is_no_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMOTION_CONFIG", str(tmp_path / "config"))
+    userconfig.forget()
+    for lookup in (Inventory().hosts, Registry().all):
+        with pytest.raises(SetupError, match=r"not logged in to a center \(no .*config\): run `kvmotion login URL"):
+            lookup()
+    with pytest.raises(NotFound, match="no login config at"):
+        cli_ssl_context()
+    assert not (tmp_path / "config").exists()
 
 
 def test_first_start_lines_missing(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ MAC = "52:54:00:12:34:56"
 
 
 def _run(args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    for var, sub in (("KVMOTION_CLUSTER_DIR", "cluster"), ("KVMOTION_STATE", "state"), ("KVMOTION_RUN", "run")):
+    for var, sub in (("KVMOTION_CONFIG", "config"), ("KVMOTION_STATE", "state"), ("KVMOTION_RUN", "run")):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setattr(sys, "argv", ["kvmotion", "vm", "create", *args])
     with pytest.raises(SystemExit) as exit_:
@@ -42,8 +42,8 @@ def test_bad_input_is_one_line_and_creates_nothing(args: list[str], says: str, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_good_spec_gets_as_far_as_looking_for_a_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_good_spec_gets_as_far_as_asking_the_center(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture) -> None:
     code, err = _run(["web1", "--disk", "web1.img:1G", "--nic", f"pg=vm-net,mac={MAC},ip=10.0.0.2/24"],
                      tmp_path, monkeypatch, capsys)
-    assert code == 3 and "no host agent is known" in err, err
+    assert code == 3 and "no login config at" in err and "kvmotion login" in err, err

@@ -36,6 +36,7 @@ from kvmotion.qemu.accel import Accel, AccelChoice
 from kvmotion.qemu.process import QemuProcess
 from tests.certs import TestCA
 from tests.fuzz import FuzzReport, changes_refused, fuzz, label_of
+from tests.joinedroot import make_root, serve_in_test
 
 ADMIN = Identity(Kind.USER, "ada", Role.ADMIN)
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
@@ -90,7 +91,7 @@ class Agent:
 
 @pytest.fixture
 def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Agent:
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    serve_in_test(monkeypatch, make_root(tmp_path / "host-a", "host-a"))  # joined, no peers yet
     monkeypatch.setattr(cpus, "listed_models", lambda binary=cpus.QEMU: frozenset({"qemu64", "max"}))
     monkeypatch.setitem(facts._cpu_cache, "tcg", {"qemu64": (), "max": ()})  # no QEMU probe for the facts
     monkeypatch.setattr(QemuProcess, "start", staticmethod(_no_qemu))

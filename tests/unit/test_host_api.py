@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from kvmotion.api.agent import raise_for_error
+from kvmotion.api.center import ClusterSettings
+from kvmotion.api.joined import StateRoot
 from kvmotion.api.migration import PROTOCOL
 from kvmotion.api.serving import Security, secure
 from kvmotion.core.errors import InvalidInput
@@ -22,6 +24,7 @@ from kvmotion.host.vms import HostConfig
 from kvmotion.migration.api import migration_router
 from kvmotion.qemu import cpus
 from kvmotion.qemu.accel import Accel, AccelChoice
+from tests.joinedroot import make_root, save_cache, serve_in_test
 
 MAC = "52:54:00:12:34:56"
 QEMU_MODELS = frozenset({"qemu64", "qemu64-v1", "Haswell-v4", "max", "host"})
@@ -51,7 +54,7 @@ class Agent:
 
 @pytest.fixture
 def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Agent:
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    serve_in_test(monkeypatch, make_root(tmp_path / "host-a", "host-a"))
     monkeypatch.setattr(cpus, "listed_models", lambda binary=cpus.QEMU: QEMU_MODELS)
     return Agent(tmp_path)
 
@@ -135,14 +138,13 @@ def test_cpu_model_must_run_on_this_host(agent: Agent, tmp_path: Path) -> None:
     message = _refused(agent, agent.request("POST", "/v1/vms", json=_spec(cpu_model="host")), before)
     assert message.startswith("CPU model host needs KVM")
     # The cluster's baseline is accepted, as is a model QEMU lists.
-    (tmp_path / "cluster").mkdir()
-    (tmp_path / "cluster" / "cluster.json").write_text(json.dumps({"cpu_baseline": "Nehalem-v9"}))
+    save_cache(StateRoot(tmp_path / "host-a"), settings=ClusterSettings(cpu_baseline="Nehalem-v9"))  # the center's word
     assert agent.request("POST", "/v1/vms", json=_spec(cpu_model="Nehalem-v9")).status_code == 201
     assert agent.request("POST", "/v1/vms", json=_spec(name="web2", cpu_model="Haswell-v4")).status_code == 201
 
 
 def test_host_cpu_model_under_kvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+    serve_in_test(monkeypatch, make_root(tmp_path / "host-a", "host-a"))
     monkeypatch.setattr(cpus, "listed_models", lambda binary=cpus.QEMU: QEMU_MODELS)
     assert Agent(tmp_path, Accel.KVM).request("POST", "/v1/vms", json=_spec(cpu_model="host")).status_code == 201
 

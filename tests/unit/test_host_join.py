@@ -88,14 +88,14 @@ def test_join_writes_the_state_root(served: Served, tmp_path: Path) -> None:
     cache = root.cache()
     assert cache.settings.heartbeat_interval == 2.0 and [h.name for h in cache.hosts] == ["host-a"]
 
-    # Activated (as `host serve` does), the cluster's lookups read the root instead of the shared folder.
+    # Activated (as `host serve` does), the cluster's lookups read the root.
     joined.activate(root)
     try:
         assert [(h.name, h.url) for h in Inventory().hosts()] == [("host-a", "https://127.0.0.1:7801")]
         assert Registry().all() == [] and load_config().encrypted
-        assert host_dir("host-a") == root.tls_dir and host_dir("host-b").name == "host-b"
-        with pytest.raises(Conflict, match="the center keeps the inventory"):
-            Inventory().remove("host-a")
+        assert host_dir("host-a") == root.tls_dir
+        with pytest.raises(SetupError, match="serves host host-a, not host-b: a host's keys stay on that host"):
+            host_dir("host-b")
         with _admin(served) as admin:
             admin.add_datastore(DatastoreSpec(name="ds1", nbd_url="nbds://127.0.0.1:10809",
                                               control_url="https://127.0.0.1:10810"))
@@ -103,7 +103,8 @@ def test_join_writes_the_state_root(served: Served, tmp_path: Path) -> None:
         assert [r.name for r in Registry().all()] == ["ds1"]
     finally:
         joined.activate(None)
-    assert Inventory(tmp_path / "cluster").hosts() == []
+    with pytest.raises(SetupError, match="no joined state root is served in this process"):
+        host_dir("host-a")
 
 
 def test_refusals_leave_nothing(served: Served, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def test_joined_agent_heartbeats_until_killed(tmp_path: Path) -> None:
     state = tmp_path / "host-state"
     env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
            "HOME": str(tmp_path / "home"), "KVMOTION_HOST_STATE": str(state), "KVMOTION_RUN": str(tmp_path / "run"),
-           "KVMOTION_CACHE": str(tmp_path / "cache"), "KVMOTION_CLUSTER_DIR": str(tmp_path / "no-cluster"),
+           "KVMOTION_CACHE": str(tmp_path / "cache"),
            "KVMOTION_ACCEL": "tcg", "KVMOTION_CONFIG": str(tmp_path / "home" / "config")}
     center = Center(center_port, tmp_path / "center", env)
     agent: subprocess.Popen | None = None

@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from kvmotion.api.config import ClusterConfig, save_config
+from kvmotion.api.center import ClusterSettings
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.inventory import HostEntry, Inventory
+from kvmotion.api.joined import StateRoot
 from kvmotion.api.migration import PROTOCOL, Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
 from kvmotion.api.serving import Security, secure
 from kvmotion.api.spec import VmSpec
@@ -30,6 +31,7 @@ from kvmotion.migration.api import routes
 from kvmotion.migration.engine import MigrationService
 from kvmotion.qemu.accel import Accel, AccelChoice
 from tests.certs import TestCA, as_caller
+from tests.joinedroot import make_root, save_cache, served
 
 MID = "0123456789ab"
 VM = "web1"
@@ -42,14 +44,13 @@ def _closed_port() -> int:
 
 
 @pytest.fixture
-def cluster(tmp_path, monkeypatch) -> Path:
-    """A cluster folder whose inventory has host-a (this agent) and host-b (nobody listening)."""
-    folder = tmp_path / "cluster"
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(folder))
-    inv = Inventory(folder)
-    inv.add(HostEntry("host-a", f"http://127.0.0.1:{_closed_port()}"))
-    inv.add(HostEntry("host-b", f"http://127.0.0.1:{_closed_port()}"))
-    return folder
+def cluster(tmp_path) -> Iterator[StateRoot]:
+    """host-a's joined root (this agent), served in this process: the center's inventory has host-a
+    and host-b (nobody listening)."""
+    root = make_root(tmp_path / "host-a", "host-a", hosts={"host-a": f"http://127.0.0.1:{_closed_port()}",
+                                                           "host-b": f"http://127.0.0.1:{_closed_port()}"})
+    with served(root):
+        yield root
 
 
 @pytest.fixture
@@ -348,7 +349,7 @@ def test_the_record_carries_the_cluster_policy(svc, monkeypatch, cluster):
         stub.finish.set()
         seen = []
         for encrypted in (True, False):
-            save_config(ClusterConfig(encrypted=encrypted), cluster)
+            save_cache(cluster, settings=ClusterSettings(encrypted=encrypted))  # the center's word, as a heartbeat brings it
             seen.append((await stub.start()).encrypted)
             await stub.settle()
         return seen

@@ -248,24 +248,24 @@ class _RecordingQmp:
 def test_migration_tls_checks_qemu_can_read_its_key(open_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                      qemu_group: int | None) -> None:
     # QEMU's own error for an unreadable key is "Error while reading file": the engine says why first.
-    from kvmotion.api.pki import init_ca, issue_host_cert
     from kvmotion.host.vms import HostConfig, VmManager
     from kvmotion.migration.engine import add_stream_tls
     from kvmotion.qemu.accel import AccelChoice
+    from tests.certs import TestCA
+    from tests.joinedroot import make_root, serve_in_test
 
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(open_dir / "cluster"))
     monkeypatch.setattr(confine, "qemu_gid", lambda: qemu_group)
-    init_ca(open_dir / "cluster" / "ca")
-    issue_host_cert(open_dir / "cluster" / "ca", "h1", [], open_dir / "cluster" / "hosts" / "h1", qemu_key_gid=confine.qemu_gid())
+    root = serve_in_test(monkeypatch, make_root(open_dir / "h1", "h1", ca=TestCA(open_dir / "ca"),
+                                                qemu_key_gid=confine.qemu_gid()))
     nobody = QemuUser(name="nobody", uid=65534, gid=65534, groups=())
     conf = confine.decide(nobody, 0, "root", Accel.TCG, None)
     mgr = VmManager(HostConfig(name="h1", state_dir=open_dir / "s", run_dir=open_dir / "r", portgroups={},
                                accel=AccelChoice(Accel.TCG, "test"), confinement=conf))
     qmp = _RecordingQmp()
     if qemu_group is None:
-        with pytest.raises(SetupError, match=r"cannot read .*server-key.pem: issue h1's certificate again"):
+        with pytest.raises(SetupError, match=r"cannot read .*server-key.pem: join h1 again"):
             asyncio.run(add_stream_tls(qmp, "h1", "server", "h2", mgr.confinement.user))
         assert qmp.commands == []
     else:
         asyncio.run(add_stream_tls(qmp, "h1", "server", "h2", mgr.confinement.user))
-        assert qmp.commands[-2][1]["dir"] == str(open_dir / "cluster" / "hosts" / "h1" / "qemu")
+        assert qmp.commands[-2][1]["dir"] == str(root.tls_dir / "qemu")

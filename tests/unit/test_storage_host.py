@@ -191,22 +191,20 @@ def test_current_proto_nodes_are_found_by_export() -> None:
 
 def test_vms_on_a_tls_datastore_get_their_hosts_qemu_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tls-creds-x509 object is on the command line, ahead of the disk nodes that name it."""
-    from kvmotion.api.pki import init_ca, issue_host_cert
-    from kvmotion.api.registry import DatastoreRef, Registry
     from kvmotion.qemu import confine
     from kvmotion.qemu.accel import Accel
     from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv
     from kvmotion.storage.attach import NBD_TLS_ID
+    from tests.certs import TestCA
+    from tests.joinedroot import datastore_view, make_root, save_cache, serve_in_test
 
-    cluster = tmp_path / "cluster"
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(cluster))
-    init_ca(cluster / "ca")
-    issue_host_cert(cluster / "ca", "host-a", ["10.77.0.11"], cluster / "hosts" / "host-a", qemu_key_gid=confine.qemu_gid())
-    Registry().add(DatastoreRef.make("ds1", "nbd://10.77.0.2:10809"))
+    root = serve_in_test(monkeypatch, make_root(tmp_path / "host-a", "host-a", ca=TestCA(tmp_path / "ca"),
+                                                 qemu_key_gid=confine.qemu_gid()))
+    save_cache(root, datastores=(datastore_view("ds1", "nbd://10.77.0.2:10809"),))
     assert storage_host.qemu_objects(SPEC, "host-a") == ()  # an --insecure datastore: plain NBD
-    Registry().add(DatastoreRef.make("ds1", "nbds://10.77.0.2:10809"), replace=True)
+    save_cache(root, datastores=(datastore_view("ds1", "nbds://10.77.0.2:10809"),))
     [obj] = storage_host.qemu_objects(SPEC, "host-a")
-    assert obj["id"] == NBD_TLS_ID and obj["dir"] == str(cluster / "hosts" / "host-a" / "qemu")
+    assert obj["id"] == NBD_TLS_ID and obj["dir"] == str(root.tls_dir / "qemu")
     node = storage_host.blockdev_for(SPEC.disks[0], "host-a", "disk0-proto")
     assert node["tls-creds"] == NBD_TLS_ID and node["export"] == "web1.img@host-a"
     ctx = HostContext(accel=Accel.TCG, kernel=Path("/k"), initramfs=Path("/i"), kernel_cmdline="quiet",

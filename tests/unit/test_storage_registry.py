@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from kvmotion.api.address import Endpoint, parse_listen, parse_nbd_url
-from kvmotion.api.registry import DatastoreRef, Registry, cluster_dir
-from kvmotion.core.errors import Conflict, InvalidInput, NotFound
+from kvmotion.api.registry import DatastoreRef, Registry
+from kvmotion.core.errors import InvalidInput, NotFound, SetupError
 from kvmotion.storage.attach import nbd_blockdev, reattach_commands
+from tests.joinedroot import datastore_view, make_root, save_cache, served
 
 
 def test_addresses() -> None:
@@ -26,27 +27,23 @@ def test_addresses() -> None:
         parse_listen("host:port")
 
 
-def test_registry_add_get_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
-    assert cluster_dir() == tmp_path / "cluster"
-    reg = Registry()
+def test_registry_is_the_centers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A joined agent's registry is its cache of the center's datastores; with no joined root and no
+    login there is no cluster (adding and removing are the center's: test_center_api)."""
+    monkeypatch.setenv("KVMOTION_CONFIG", str(tmp_path / "no-login"))
+    with pytest.raises(SetupError, match="not logged in to a center"):
+        Registry().all()
     ref = DatastoreRef.make("ds1", "nbd://10.77.0.1:10809")
     assert ref.control_url == "http://10.77.0.1:10810"
-    reg.add(ref)
-    reg.add(ref)  # same entry again: fine
-    assert Registry().get("ds1") == ref
-    doc = json.loads((tmp_path / "cluster" / "datastores.json").read_text())
-    assert doc["datastores"]["ds1"]["nbd_url"] == "nbd://10.77.0.1:10809"
-    other = DatastoreRef.make("ds1", "nbd://10.77.0.9", "http://10.77.0.9:8080")
-    with pytest.raises(Conflict, match="--replace"):
-        reg.add(other)
-    reg.add(other, replace=True)
-    assert reg.get("ds1").control_url == "http://10.77.0.9:8080"
-    reg.remove("ds1")
-    with pytest.raises(NotFound, match="datastore add"):
-        reg.get("ds1")
-    with pytest.raises(NotFound):
-        reg.remove("ds1")
+    root = make_root(tmp_path / "host-a", "host-a", datastores=(datastore_view("ds1", "nbd://10.77.0.1:10809"),))
+    with served(root):
+        assert Registry().get("ds1") == ref and Registry().all() == [ref]
+        other = DatastoreRef.make("ds1", "nbd://10.77.0.9", "http://10.77.0.9:8080")
+        save_cache(root, datastores=(datastore_view("ds1", other.nbd_url, other.control_url),))  # the center's new word
+        assert Registry().get("ds1").control_url == "http://10.77.0.9:8080"
+        save_cache(root, datastores=())
+        with pytest.raises(NotFound, match="datastore join"):
+            Registry().get("ds1")
 
 
 def test_registry_rejects_bad_names(tmp_path: Path) -> None:
@@ -79,8 +76,7 @@ def test_reattach_commands_swap_the_nbd_node_under_the_format_node() -> None:
     assert fmt["file"] == "disk0-proto"  # the caller's dict is not modified
 
 
-def test_tls_datastores_are_nbds_and_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMOTION_CLUSTER_DIR", str(tmp_path / "cluster"))
+def test_tls_datastores_are_nbds_and_https(tmp_path: Path) -> None:
     ref = DatastoreRef.make("ds1", "nbds://10.77.0.1:10809")
     assert (ref.nbd_url, ref.control_url, ref.tls) == ("nbds://10.77.0.1:10809", "https://10.77.0.1:10810", True)
     assert not DatastoreRef.make("ds1", "nbd://10.77.0.1").tls
@@ -88,8 +84,8 @@ def test_tls_datastores_are_nbds_and_https(tmp_path: Path, monkeypatch: pytest.M
     for nbd, control in (("nbds://h", "http://h:1"), ("nbd://h", "https://h:1")):
         with pytest.raises(InvalidInput, match="disagree on TLS"):
             DatastoreRef.make("ds1", nbd, control)
-    Registry().add(ref)
-    assert Registry().get("ds1").tls  # the scheme is what the registry keeps
+    with served(make_root(tmp_path / "host-a", "host-a", datastores=(datastore_view("ds1", ref.nbd_url),))):
+        assert Registry().get("ds1").tls  # the scheme is what the registry keeps
 
 
 def test_blockdev_over_tls_names_the_credentials_object(tmp_path: Path) -> None:
