@@ -209,6 +209,12 @@ class Store(Protocol):
 
     def migration(self, task_id: str) -> MigrationRow | None: ...
 
+    # (kind, state) -> how many tasks (for metrics: tasks are kept, so the ended ones only grow)
+    def task_counts(self) -> dict[tuple[TaskKind, TaskState], int]: ...
+
+    # (total_ms, downtime_ms) of every migrate task that ended done, oldest first (None: not reported)
+    def migration_times(self) -> list[tuple[float | None, float | None]]: ...
+
     # queued -> running; False if it is no longer queued (cancelled meanwhile)
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool: ...
 
@@ -697,6 +703,16 @@ class SqliteStore:
     def migration(self, task_id: str) -> MigrationRow | None:
         row = self._conn().execute("SELECT * FROM migrations WHERE task_id = ?", (task_id,)).fetchone()
         return _migration(row) if row else None
+
+    def task_counts(self) -> dict[tuple[TaskKind, TaskState], int]:
+        rows = self._conn().execute("SELECT kind, state, count(*) AS n FROM tasks GROUP BY kind, state")
+        return {(TaskKind(r["kind"]), TaskState(r["state"])): r["n"] for r in rows}
+
+    def migration_times(self) -> list[tuple[float | None, float | None]]:
+        rows = self._conn().execute(
+            "SELECT json_extract(result, '$.total_ms') AS total, json_extract(result, '$.downtime_ms') AS downtime "
+            "FROM tasks WHERE state = 'done' AND kind = 'migrate' AND result IS NOT NULL ORDER BY ended")
+        return [(r["total"], r["downtime"]) for r in rows]
 
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool:
         with self._write() as conn:
