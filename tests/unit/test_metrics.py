@@ -5,6 +5,8 @@ VMs; migrations ended; lease calls and refused writes)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
 import warnings
 from functools import partial
@@ -345,3 +347,30 @@ def test_datastore_metrics_count_lease_calls_and_fenced_writes(tmp_path: Path) -
     # Expired: no longer a live lease.
     metrics.clock = lambda: time.time() + 60
     assert "kvmotion_datastore_disk_lease" not in {k[0] for k in parse(scrape(viewer))}
+
+
+# ---- the Grafana dashboard ----------------------------------------------------------------------------------------
+DASHBOARD = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "kvmotion.json"
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def _served(text: str) -> set[str]:
+    """Every series name a scrape can carry, samples or not (families are listed even when empty)."""
+    return {f.name + suffix for f in text_string_to_metric_families(text) for suffix in SUFFIXES.get(f.type, ("",))}
+
+
+def test_the_dashboard_uses_only_served_metrics(cluster: Cluster, agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client, _ = agent
+    root = tmp_path / "ds-dash"
+    root.mkdir()
+    ds_app = secure(datastore_app(Datastore("ds1", root, 30.0)), Security(tls_files=None, audit_log=None, insecure=True),
+                    "datastore ds1")
+    served = (_served(scrape(cluster.client(VIEWER))) | _served(scrape(client(VIEWER)))
+              | _served(scrape(TestClient(ds_app))))
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    assert len(exprs) >= 20 and all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"] if "targets" in p)
+    used = {m for e in exprs for m in re.findall(r"\bkvmotion_[a-z_]+", e)}
+    assert used and used <= served, sorted(used - served)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
