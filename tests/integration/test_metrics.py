@@ -71,7 +71,7 @@ def _wait(what: str, probe, timeout: float = 60.0, every: float = 0.5):
     return value
 
 
-def test_metrics_move_with_a_migration(mlab: MigrationLab) -> None:
+def test_metrics_move_with_a_migration(mlab: MigrationLab, record_property) -> None:
     lab = mlab
     scrape = Scraper(lab)
     try:
@@ -149,6 +149,11 @@ def test_metrics_move_with_a_migration(mlab: MigrationLab) -> None:
             sum(val for (name, _), val in ds.items() if name == "kvmotion_datastore_lease_operations_total")
         assert v(ds2, "kvmotion_datastore_disk_lease", datastore=DATASTORE, disk=DISK, host="host-b", vm=VM) == 1
         assert v(ds2, "kvmotion_datastore_disk_lease_generation", datastore=DATASTORE, disk=DISK) > generation
+        for key, name, where in (("sent_bytes", "kvmotion_agent_migration_sent_bytes_total", a2),
+                                 ("duration_s", "kvmotion_agent_migration_duration_seconds_sum", a2),
+                                 ("downtime_s", "kvmotion_agent_migration_downtime_seconds_sum", a2),
+                                 ("pause_s", "kvmotion_agent_migration_pause_seconds_sum", a2)):
+            record_property(key, round(v(where, name, host="host-a"), 3))
         lab.cli_ok("vm", "stop", VM, timeout=90)
     finally:
         scrape.close()
