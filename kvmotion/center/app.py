@@ -3,7 +3,7 @@ optional at the handshake (Security.optional_client_cert), so that a host withou
 can join and a user without one can log in. Every route needs an identity from a certificate of
 the cluster CA, but four: GET /v1/ca (the CA certificate, public: a client checks it against its
 pin before it sends any secret), POST /v1/join and POST /v1/datastores/join (a join token) and
-POST /v1/login (a password). The OpenAPI document and /docs need an identity too.
+POST /v1/login (a password). The OpenAPI document, /docs and /metrics (Prometheus) need an identity too.
 
 Handlers are plain `def`s: FastAPI runs them in worker threads, where the store's calls block.
 Every mutating call is in the audit log (kvmotion.api.serving.Guard) and changes of state are
@@ -20,6 +20,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry
 
 from kvmotion import __version__
 from kvmotion.api.center import (
@@ -55,6 +56,7 @@ from kvmotion.api.center import (
     VmView,
 )
 from kvmotion.api.identity import ADMINISTER, HOSTS, INSECURE, OPERATE, VIEW, Identity
+from kvmotion.api.metrics import CONTENT_TYPE, new_registry, render
 from kvmotion.api.operations import (
     RULE_PATTERN,
     DrsApplied,
@@ -72,6 +74,7 @@ from kvmotion.api.operations import (
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.center.dispatcher import Dispatcher
 from kvmotion.center.heartbeat import HeartbeatController
+from kvmotion.center.metrics import CenterCollector
 from kvmotion.center.operations import Operations
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import Tasks
@@ -95,10 +98,12 @@ def _note_caller(request: Request, text: str) -> None:
 
 
 def create_app(center: Center, controller: HeartbeatController | None = None,
-               dispatcher: Dispatcher | None = None, operations_interval: float | None = 2.0) -> FastAPI:
+               dispatcher: Dispatcher | None = None, operations_interval: float | None = 2.0,
+               registry: CollectorRegistry | None = None) -> FastAPI:
     """The app; `controller` (default: one over center.store with center.clock), `dispatcher`
     (none by default: tasks then stay queued) and the operations controller (maintenance, health,
-    DRS; every `operations_interval` seconds, None: not run) run in its lifespan."""
+    DRS; every `operations_interval` seconds, None: not run) run in its lifespan. GET /metrics serves
+    `registry` (default: a new one) with the center's collector in it."""
     control = controller or HeartbeatController(center.store, clock=center.clock)
     ops = Tasks(center.store, center.clock)
     operations = Operations(center.store, ops, center.clock)
@@ -125,6 +130,9 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     app.state.center = center
     app.state.controller = control
     app.state.dispatcher = dispatcher
+    metrics_registry = registry or new_registry()
+    metrics_registry.register(CenterCollector(center))
+    app.state.metrics = metrics_registry
     view = Depends(allow(VIEW, "read the cluster's state"))
     admin = Depends(allow(ADMINISTER, "manage the cluster"))
     operate = Depends(allow(OPERATE, "change VMs and migrate them"))
@@ -137,6 +145,10 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     @app.get("/docs", include_in_schema=False, dependencies=[view])
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="kvmotion center")
+
+    @app.get("/metrics", include_in_schema=False, dependencies=[view])
+    def metrics() -> Response:
+        return Response(render(metrics_registry), media_type=CONTENT_TYPE)
 
     # ---- public ----
     @app.get("/v1/ca", summary="The cluster CA's certificate (public: check it against your pin)")

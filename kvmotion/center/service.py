@@ -198,6 +198,10 @@ class Center:
         settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
 
+    def last_loads(self) -> dict[str, tuple[HostLoad, float]]:
+        """Each host's load as its last heartbeat to this center reported it (its VMs' too), and when."""
+        return dict(self._samples)
+
     def _settings(self, now: float) -> ClusterSettings:
         """The settings, read again at most every SETTINGS_TTL seconds (every heartbeat answers with them)."""
         cached = self._settings_cache

@@ -231,6 +231,11 @@ class Store(Protocol):
 
     # the newest migrations whose task is done, with the source's last record (what predictions learn from)
     def finished_migrations(self, limit: int = 500) -> list[MigrationRow]: ...
+    # (kind, state) -> how many tasks (for metrics: tasks are kept, so the ended ones only grow)
+    def task_counts(self) -> dict[tuple[TaskKind, TaskState], int]: ...
+
+    # (total_ms, downtime_ms) of every migrate task that ended done, oldest first (None: not reported)
+    def migration_times(self) -> list[tuple[float | None, float | None]]: ...
 
     # queued -> running; False if it is no longer queued (cancelled meanwhile)
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool: ...
@@ -784,6 +789,15 @@ class SqliteStore:
                                     "'done' AND t.kind = 'migrate' AND m.record != '{}' ORDER BY t.ended DESC LIMIT ?",
                                     (limit,))
         return [_migration(r) for r in rows]
+    def task_counts(self) -> dict[tuple[TaskKind, TaskState], int]:
+        rows = self._conn().execute("SELECT kind, state, count(*) AS n FROM tasks GROUP BY kind, state")
+        return {(TaskKind(r["kind"]), TaskState(r["state"])): r["n"] for r in rows}
+
+    def migration_times(self) -> list[tuple[float | None, float | None]]:
+        rows = self._conn().execute(
+            "SELECT json_extract(result, '$.total_ms') AS total, json_extract(result, '$.downtime_ms') AS downtime "
+            "FROM tasks WHERE state = 'done' AND kind = 'migrate' AND result IS NOT NULL ORDER BY ended")
+        return [(r["total"], r["downtime"]) for r in rows]
 
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool:
         with self._write() as conn:

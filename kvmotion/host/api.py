@@ -1,7 +1,7 @@
 """The host agent's HTTP JSON API (FastAPI; OpenAPI document at /openapi.json, docs at /docs).
 
 Served by kvmotion.api.serving (mutual TLS, identities, limits, audit log). Each route says who
-may call it: viewers and peer hosts read, operators change VMs. Errors are JSON
+may call it: viewers and peer hosts read (Prometheus' /metrics too), operators change VMs. Errors are JSON
 `{"error": {"kind": <KvmotionError subclass>, "message": <one line>}}` so the client can re-raise
 the same error class the agent raised.
 """
@@ -14,16 +14,19 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, WebSocket
+from fastapi import Depends, FastAPI, Path, Query, Response, WebSocket
+from prometheus_client import CollectorRegistry
 
 from kvmotion import __version__
 from kvmotion.api.agent import HostInfo
 from kvmotion.api.identity import OPERATE, VIEW, authorize
+from kvmotion.api.metrics import CONTENT_TYPE, new_registry, render
 from kvmotion.api.serving import AuthorizedRoute, allow, caller
 from kvmotion.api.spec import NAME_PATTERN, VmSpec
 from kvmotion.core import errors
 from kvmotion.core.jsonio import as_json
 from kvmotion.host import resources
+from kvmotion.host.metrics import HostCollector
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.qemu import accel as accel_mod
 from kvmotion.storage.host import reachable_datastores
@@ -44,8 +47,14 @@ class _ConsoleClosed(Exception):
 Background = Callable[[VmManager, asyncio.Event], Awaitable[None]]
 
 
-def create_app(config: HostConfig, extra_routers=(), background: Sequence[Background] = ()) -> FastAPI:
+def create_app(config: HostConfig, extra_routers=(), background: Sequence[Background] = (),
+               registry: CollectorRegistry | None = None) -> FastAPI:
+    """The agent's app; GET /metrics serves `registry` (default: a new one; pass the one the
+    extra routers register their collectors in) with the host's and its VMs' figures added."""
     manager = VmManager(config)
+    metrics_registry = registry or new_registry()
+    host_metrics = HostCollector(manager)
+    metrics_registry.register(host_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,6 +77,12 @@ def create_app(config: HostConfig, extra_routers=(), background: Sequence[Backgr
     operate = [Depends(allow(OPERATE, "change VMs"))]
     app.state.manager = manager
     app.state.config = config
+    app.state.metrics = metrics_registry
+
+    @app.get("/metrics", include_in_schema=False, dependencies=view)
+    async def metrics() -> Response:
+        await host_metrics.refresh()
+        return Response(render(metrics_registry), media_type=CONTENT_TYPE)
 
     @app.get("/v1/host", dependencies=view)
     async def host_info() -> dict:

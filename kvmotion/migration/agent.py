@@ -16,6 +16,7 @@ from pathlib import Path
 from kvmotion.api import joined
 from kvmotion.api.address import is_wildcard
 from kvmotion.api.center import ClusterSettings
+from kvmotion.api.metrics import new_registry
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
 from kvmotion.api.tls import host_tls_files, set_own_host
 from kvmotion.core import paths
@@ -89,14 +90,15 @@ def serve_joined(
         print(insecure_warning(f"host agent {name} on {listen or config_file.listen}"), file=sys.stderr, flush=True)
     # The migration address is the joined one unless --listen says otherwise: peers learn it from the center.
     services: list[MigrationService] = []
+    registry = new_registry()  # /metrics: the host's collector and the migration service's
 
     migrations = partial(migration_router, listen_ip=host if not is_wildcard(host) else config_file.address,
-                         limit=migration_limit, keep=services.append)
+                         limit=migration_limit, keep=services.append, registry=registry)
 
     async def heartbeats(manager: VmManager, stop: asyncio.Event) -> None:
         await Heartbeats(root, manager.list, lambda: [m for svc in services for m in svc.active_migrations()]).run(stop)
 
-    app = create_app(config, extra_routers=(migrations,), background=(heartbeats,))
+    app = create_app(config, extra_routers=(migrations,), background=(heartbeats,), registry=registry)
     server = make_server(app, security, f"agent {name}", lifespan="on")
     sock = listening_socket(host, port, "the host agent")
     print(f"kvmotion host agent {name} serving {'http' if insecure else 'https'}://{config_file.listen if listen is None else listen}, "

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity, Kind, Rule
@@ -30,6 +31,7 @@ from kvmotion.core.errors import Forbidden
 from kvmotion.core.jsonio import as_json
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration.engine import MigrationService, as_record_json, facts_to_json
+from kvmotion.migration.metrics import MigrationCollector
 from kvmotion.migration.policy import PRESETS, preset
 
 _DEFAULTS = MigrationOptions()
@@ -75,11 +77,15 @@ def _peer_host(what: str):
 
 
 def migration_router(manager: VmManager, config: HostConfig, listen_ip: str, limit: int,
-                     keep: Callable[[MigrationService], None] | None = None) -> APIRouter:
-    """The routes over a new MigrationService; `keep` is handed the service (the heartbeats report its migrations)."""
+                     keep: Callable[[MigrationService], None] | None = None,
+                     registry: CollectorRegistry | None = None) -> APIRouter:
+    """The routes over a new MigrationService; `keep` is handed the service (the heartbeats report its
+    migrations); its metrics go into `registry` (the agent app's, served at /metrics)."""
     svc = MigrationService(manager, listen_ip, limit)
     if keep is not None:
         keep(svc)
+    if registry is not None:
+        registry.register(MigrationCollector(svc))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:

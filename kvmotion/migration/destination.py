@@ -4,6 +4,7 @@ migration/protocol.py's shadow_step decides (one ShadowState per incoming migrat
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -58,6 +59,8 @@ class DestinationSide:
         self.limit = limit
         self.shadows: dict[str, p.ShadowState] = {}
         self.incoming_sources = IncomingSources(manager.config.state_dir / "incoming")
+        # How incoming migrations ended since this agent started ("committed", "destroyed"): for metrics.
+        self.ended: collections.Counter[str] = collections.Counter()
 
     def running(self) -> int:
         return sum(1 for s in self.shadows.values() if s.phase.active)
@@ -172,6 +175,7 @@ class DestinationSide:
         await qmp.execute_within(QMP_TIMEOUT, "cont")
         resumed = await events.wait_for("RESUME", timeout=RESUME_TIMEOUT)
         self.manager.set_resumed(name, resumed.timestamp)
+        self.ended["committed"] += 1
         try:
             # More announce rounds than QEMU's automatic ones at incoming completion (which ran
             # while the VM was still paused): switches re-learn the MAC now that it runs here.
@@ -238,6 +242,7 @@ class DestinationSide:
                 pass  # the manager forgets a shadow by itself once its QEMU has exited
         self.shadows.pop(mid, None)
         self.incoming_sources.forget(mid)
+        self.ended["destroyed"] += 1
 
     async def _guard(self, mid: str, source: str) -> None:
         """Destroy an uncommitted shadow whose source gave up without telling us (a cut link loses

@@ -1,7 +1,7 @@
 """The datastore's control API (JSON over mutual TLS), served next to the NBD port by `datastore serve`.
 
 Who may do what (kvmotion.api.identity):
-- info, list and show disks: VIEW (users with any role, hosts);
+- info, list and show disks, /metrics (Prometheus): VIEW (users with any role, hosts);
 - create and delete disks: users with role operator or higher;
 - acquire, renew, release a lease: hosts only, always for the host named in their own
   certificate (no body names a host);
@@ -27,9 +27,11 @@ from starlette.requests import HTTPConnection
 from kvmotion.api.address import API_PREFIX, INSECURE_HOST_HEADER
 from kvmotion.api.disks import DiskInfo, Lease
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
+from kvmotion.api.metrics import CONTENT_TYPE, render
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.datastore import Datastore
+from kvmotion.storage.metrics import DatastoreMetrics
 
 RENEW_SUFFIX = "/renew"  # left out of the audit log when it succeeds: every host renews every few seconds
 
@@ -110,10 +112,17 @@ def lease_caller(conn: HTTPConnection) -> Identity:
 lease_caller.checks_caller = True  # type: ignore[attr-defined]  # AuthorizedRoute runs it before the body is read
 
 
-def create_app(ds: Datastore) -> FastAPI:
+def create_app(ds: Datastore, metrics: DatastoreMetrics | None = None) -> FastAPI:
+    """The control API; GET /metrics serves `metrics`' registry (default: new ones for `ds`)."""
     app = FastAPI(title=f"kvmotion datastore {ds.name}", docs_url=None, redoc_url=None)
     app.router.route_class = AuthorizedRoute  # callers checked before their bodies are read
     view = allow(VIEW, "read the datastore")
+    counted = metrics or DatastoreMetrics(ds)
+    app.state.metrics = counted
+
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(view)])
+    def metrics_text() -> Response:
+        return Response(render(counted.registry), media_type=CONTENT_TYPE)
 
     @app.get(f"{API_PREFIX}/info", dependencies=[Depends(view)])
     def info() -> InfoOut:
@@ -138,19 +147,20 @@ def create_app(ds: Datastore) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/acquire")
     def acquire(disk: str, body: Acquire, who: Identity = Depends(lease_caller)) -> LeaseOut:
-        return LeaseOut.of(ds.acquire(disk, who.name, body.vm))
+        return LeaseOut.of(counted.lease_call("acquire", lambda: ds.acquire(disk, who.name, body.vm)))
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}{RENEW_SUFFIX}")
     def renew(disk: str, body: NoBody | None = None, who: Identity = Depends(lease_caller)) -> LeaseOut:
-        return LeaseOut.of(ds.renew(disk, who.name))
+        return LeaseOut.of(counted.lease_call("renew", lambda: ds.renew(disk, who.name)))
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/transfer")
     def transfer(disk: str, body: Transfer, who: Identity = Depends(lease_caller)) -> LeaseOut:
-        return LeaseOut.of(ds.transfer(disk, body.from_host, body.to_host, body.vm, body.generation, by=who.name))
+        return LeaseOut.of(counted.lease_call(
+            "transfer", lambda: ds.transfer(disk, body.from_host, body.to_host, body.vm, body.generation, by=who.name)))
 
     @app.post(f"{API_PREFIX}/disks/{{disk}}/release", status_code=204)
     def release(disk: str, body: NoBody | None = None, who: Identity = Depends(lease_caller)) -> Response:
-        ds.release(disk, who.name)
+        counted.lease_call("release", lambda: ds.release(disk, who.name))
         return Response(status_code=204)
 
     return app

@@ -66,6 +66,21 @@ class WriteRefusal(str, Enum):
     STALE = "the connection was authorized under an older lease generation; reconnect"
 
 
+REFUSED_PREFIX = "kvmotion-datastore: refused "  # the NBD server's line for a refused write (stderr, once per connection and reason)
+
+
+def refusal_line(op: str, disk: str, host: str | None, bound: int | None, refusal: WriteRefusal, holder: str) -> str:
+    return f"{REFUSED_PREFIX}{op} to {disk} from {host} (bound to {bound}): {refusal.value}; lease holder: {holder}"
+
+
+def parse_refusal_line(line: str) -> tuple[str, WriteRefusal] | None:
+    """(operation, reason) of a `refusal_line`; None for any other line."""
+    if not line.startswith(REFUSED_PREFIX):
+        return None
+    op = line[len(REFUSED_PREFIX):].split(" ", 1)[0]
+    return next(((op, r) for r in WriteRefusal if f": {r.value}; lease holder: " in line), None)
+
+
 @dataclass(frozen=True)
 class WriteCheck:
     """Outcome of `check_write`: a refusal, or the generation the connection is (now) bound to."""

@@ -36,7 +36,14 @@ _PROJECT = str(Path(__file__).resolve().parents[2])
 if _PROJECT not in sys.path:
     sys.path.insert(0, _PROJECT)
 
-from kvmotion.storage.lease import ExportName, WriteCheck, WriteRefusal, check_flush, check_write  # noqa: E402
+from kvmotion.storage.lease import (  # noqa: E402
+    ExportName,
+    WriteCheck,
+    WriteRefusal,
+    check_flush,
+    check_write,
+    refusal_line,
+)
 from kvmotion.storage.leasefile import META_DIR, LeaseGate  # noqa: E402
 
 API_VERSION = 2
@@ -185,12 +192,7 @@ def _fence(h: _Conn, op: str, check: Callable[..., WriteCheck] = check_write) ->
     if verdict.refusal not in h.logged:  # once per connection and reason
         h.logged.add(verdict.refusal)
         holder = f"{lease.host} generation {lease.generation}" if lease else "nobody"
-        print(
-            f"kvmotion-datastore: refused {op} to {h.export.disk} from {h.export.host} "
-            f"(bound to {h.bound}): {verdict.refusal.value}; lease holder: {holder}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(refusal_line(op, h.export.disk, h.export.host, h.bound, verdict.refusal, holder), file=sys.stderr, flush=True)
     _fail(errno.EPERM, f"{op} refused: {verdict.refusal.value}")
     raise AssertionError("unreachable")
 

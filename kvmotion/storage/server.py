@@ -43,6 +43,7 @@ from kvmotion.storage import nbd_plugin_path
 from kvmotion.storage.api import RENEW_SUFFIX, create_app
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.leasefile import META_DIR
+from kvmotion.storage.metrics import DatastoreMetrics
 
 READY_TIMEOUT = 15.0
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
@@ -137,9 +138,11 @@ class _StderrFilter:
         return [line]
 
 
-async def _pump(stream: asyncio.StreamReader, filt: _StderrFilter) -> None:
+async def _pump(stream: asyncio.StreamReader, filt: _StderrFilter, metrics: DatastoreMetrics) -> None:
     while line := await stream.readline():
-        for out in filt.feed(line.decode(errors="replace")):
+        text = line.decode(errors="replace")
+        metrics.nbd_log_line(text)  # refused writes are counted from nbdkit's log line
+        for out in filt.feed(text):
             sys.stderr.write(out)
         sys.stderr.flush()
 
@@ -166,6 +169,7 @@ async def _heartbeat(ds: Datastore) -> None:
 
 async def _serve(cfg: ServeConfig) -> None:
     ds = Datastore(cfg.name, cfg.root, cfg.lease_ttl)
+    metrics = DatastoreMetrics(ds)
     tls_files = cfg.tls_files
     security = Security(tls_files=tls_files, audit_log=cfg.root / META_DIR / AUDIT_LOG, limits=cfg.limits,
                         quiet=(RENEW_SUFFIX,), insecure=cfg.insecure)  # checks the certificate files first
@@ -201,14 +205,14 @@ async def _serve(cfg: ServeConfig) -> None:
         try:
             # The pump ends at nbdkit's EOF: the children are stopped before the group is left.
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_pump(proc.stderr, filt))
+                tasks.create_task(_pump(proc.stderr, filt, metrics))
                 try:
                     await _wait_ready(proc, pidfile, filt, cfg.listen)
                     for line in filt.started():
                         sys.stderr.write(line)
                     if nbd_sock is not None and unix is not None and tls_files is not None:
                         front = await _start_front(nbd_sock, tls_files, unix, security.audit_log)
-                    server = make_server(create_app(ds), security, f"datastore {cfg.name}", lifespan="off",
+                    server = make_server(create_app(ds, metrics), security, f"datastore {cfg.name}", lifespan="off",
                                          access_log=False, timeout_keep_alive=int(KEEP_ALIVE),
                                          server_class=_QuietServer)
                     stop = asyncio.Event()
