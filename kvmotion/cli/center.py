@@ -1,4 +1,4 @@
-"""`kvmotion center …`: run the control plane, make join tokens."""
+"""`kvmotion center …`: run the control plane, make join tokens, add users."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from kvmotion.api.center import TokenCreate
+from kvmotion.api.center import TokenCreate, UserAdd
+from kvmotion.api.identity import Role
 from kvmotion.api.userconfig import load_credentials
 from kvmotion.core.units import parse_duration
 
@@ -48,3 +49,35 @@ def token_create(
     uses_text = "any number of joins" if created.info.uses_left is None else f"{created.info.uses_left} join(s)"
     print(f"join token {created.info.id}: valid until {expires:%Y-%m-%d %H:%M} UTC for {uses_text}", file=sys.stderr)
     print(created.token)
+
+
+users = typer.Typer(no_args_is_help=True, help="The center's users and their roles (admins only).")
+app.add_typer(users, name="user")
+
+
+@users.command("add")
+def user_add(
+    name: str,
+    role: Role = typer.Option(..., "--role", help="viewer: reads; operator: also changes VMs and migrates; admin: all."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin's first line "
+                                        "(default: the center makes one and it is printed once)."),
+) -> None:
+    """Add a user, who then logs in with `kvmotion login URL --user NAME`."""
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    with load_credentials().client() as client:
+        added = client.add_user(UserAdd(name=name, role=role, password=password))
+    print(f"user {added.user.name} added with role {added.user.role.value}", file=sys.stderr)
+    if added.password is not None:
+        print(added.password)  # the one the center made: shown this once
+
+
+@users.command("ls")
+def user_ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The center's users and their roles."""
+    with load_credentials().client() as client:
+        listed = client.users()
+    if json_out:
+        print("[" + ",".join(u.model_dump_json() for u in listed) + "]")
+        return
+    for u in listed:
+        print(f"{u.name:<20} {u.role.value:<9} since {dt.datetime.fromtimestamp(u.created, dt.UTC):%Y-%m-%d %H:%M} UTC")

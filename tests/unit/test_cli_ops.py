@@ -47,3 +47,32 @@ def test_maintenance_health_rules_and_drs_commands(cli, capsys, monkeypatch) -> 
     assert code == 2 and err.startswith("kvmotion: error: ") and "awful" in err
     code, out, err = run(capsys, monkeypatch, "rule", "add", "keep-apart", "db1", "--must", "--should")
     assert code != 0 and err.count("\n") == 1
+
+
+def test_center_user_add_and_ls(cli, capsys, monkeypatch) -> None:  # noqa: F811
+    from types import SimpleNamespace
+
+    from kvmotion.cli import center as center_cli
+    from kvmotion.cli import centerops
+    monkeypatch.setattr(center_cli, "load_credentials", lambda: SimpleNamespace(client=centerops.client))
+    code, out, err = run(capsys, monkeypatch, "center", "user", "add", "alice", "--role", "viewer")
+    # the fixture's caller is an operator: adding users is an admin's
+    assert code != 0 and "may not" in err and err.count("\n") == 1
+    cluster, _ = cli
+    monkeypatch.setattr(center_cli, "load_credentials", lambda: SimpleNamespace(client=lambda: _as_admin(cluster)))
+    code, out, err = run(capsys, monkeypatch, "center", "user", "add", "alice", "--role", "viewer")
+    assert code == 0, err
+    assert err == "user alice added with role viewer\n" and len(out.strip()) >= 12  # the password, once
+    code, out, err = run(capsys, monkeypatch, "center", "user", "ls", "--json")
+    assert code == 0 and {u["name"]: u["role"] for u in json.loads(out)}["alice"] == "viewer"
+    code, out, err = run(capsys, monkeypatch, "center", "user", "add", "alice", "--role", "viewer")
+    assert code != 0 and "exists already" in err
+
+
+def _as_admin(cluster):  # type: ignore[no-untyped-def]
+    from kvmotion.api.center import CenterClient
+    from tests.unit.test_center_api import ADMIN
+    client = CenterClient("http://testserver")
+    client._http.close()
+    client._http = cluster.client(ADMIN)
+    return client
