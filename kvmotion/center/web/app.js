@@ -18,7 +18,7 @@ function el(tag, props = {}, ...children) {
     else if (key === "data") for (const [k, v] of Object.entries(value)) node.dataset[k] = v;
     else node.setAttribute(key, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
   }
   return node;
@@ -36,11 +36,11 @@ const when = (t) => new Date(t * 1000).toLocaleTimeString();
 const words = (text) => String(text).replaceAll("_", " ");
 const badge = (text) => el("span", { class: `badge ${text}` }, words(text));
 
-function bar(fraction, label) {
+function bar(fraction, label, load = true) {
   const f = Math.max(0, Math.min(1, fraction || 0));
   const inner = el("span");
   inner.style.width = `${(f * 100).toFixed(1)}%`;  // CSSOM: allowed under the page's CSP
-  return el("span", { class: `bar${f > 0.85 ? " high" : ""}`, role: "img", "aria-label": label }, inner);
+  return el("span", { class: `bar${load && f > 0.85 ? " high" : ""}`, role: "img", "aria-label": label }, inner);
 }
 
 function status(text) { $("status").textContent = text; }
@@ -117,7 +117,6 @@ async function start() {
     showSignin();
   });
   $("dialog-close").addEventListener("click", () => $("dialog").close());
-  $("drs-apply-all").addEventListener("click", () => applyDrs({ all: true }));
 
   const token = new URLSearchParams(location.hash.slice(1)).get("signin");
   if (token) {
@@ -205,7 +204,7 @@ function renderTasks(tasks) {
     return el("tr", { data: { task: t.id } },
       el("td", {}, name, t.why ? el("div", { class: "figure" }, t.why) : null),
       el("td", {}, badge(t.state)),
-      el("td", {}, bar(t.progress.fraction, `${Math.round(t.progress.fraction * 100)}%`),
+      el("td", {}, bar(t.state === "done" ? 1 : t.progress.fraction, t.state === "done" ? "100%" : `${Math.round(t.progress.fraction * 100)}%`, false),
          el("div", { class: "figure" }, t.error || t.progress.message || t.progress.phase)),
       el("td", { class: "figure" }, t.requested_by));
   }));
@@ -224,7 +223,9 @@ function renderDrs(drs) {
                                    ms(r.move.predicted_downtime_ms)),
     canOperate() ? el("button", { type: "button", class: "mutating", on: { click: () => applyDrs({ ids: [r.id] }) } },
                       "Apply") : null)));
-  $("drs-apply-all").hidden = !(canOperate() && recs.length > 0);
+  $("drs-actions").replaceChildren(canOperate() && recs.length > 0  // absent, not hidden, for a viewer
+    ? el("button", { type: "button", id: "drs-apply-all", class: "mutating", on: { click: () => applyDrs({ all: true }) } },
+         "Apply all") : "");
 }
 
 async function applyDrs(body) {
