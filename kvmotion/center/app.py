@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -85,7 +85,7 @@ from kvmotion.center.operations import Operations
 from kvmotion.center.service import Center
 from kvmotion.center.sessions import Sessions
 from kvmotion.center.tasks import Tasks
-from kvmotion.core.errors import Forbidden, Unauthorized
+from kvmotion.core.errors import Forbidden, NotFound
 
 HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
 
@@ -180,8 +180,8 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     @app.get("/v1/sessions/current", dependencies=[view], summary="Who the session's cookie names")
     def session(request: Request) -> SessionInfo:
         row = sessions.view(request)
-        if row is None or row.role is None:
-            raise Unauthorized("no session: sign in at /")
+        if row is None or row.role is None:  # a caller known by its certificate
+            raise NotFound("no session: this caller is known by its certificate (sign in at / for one)")
         return SessionInfo(user=row.user, role=row.role, expires=row.expires)
 
     @app.delete("/v1/sessions/current", status_code=204, dependencies=[view], summary="Sign out")
@@ -219,9 +219,10 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     def events(since: Annotated[int, Query(ge=0, le=1 << 62, description="the `next` of the page before")] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                follow: Annotated[bool, Query(include_in_schema=False)] = False,
+               last_event_id: Annotated[int | None, Header(ge=0, le=1 << 62, include_in_schema=False)] = None,
                ) -> EventPage | StreamingResponse:
-        if follow:
-            return StreamingResponse(_follow(since), media_type="text/event-stream",
+        if follow:  # a browser's EventSource reconnecting says where it was (Last-Event-ID)
+            return StreamingResponse(_follow(max(since, last_event_id or 0)), media_type="text/event-stream",
                                      headers={"cache-control": "no-store"})
         return center.events(since, limit)
 

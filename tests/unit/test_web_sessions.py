@@ -146,3 +146,13 @@ def test_destinations_and_migration_detail(cluster: Cluster) -> None:
         task_id = started.json()["task"]["id"]
         detail = http.get(f"/v1/tasks/{task_id}/migration").json()
         assert detail["task"]["id"] == task_id and detail["phase"] == "" and detail["rounds"] == []
+
+
+def test_event_stream_resumes_after_last_event_id(cluster: Cluster) -> None:
+    with browser(cluster) as http:
+        sign_in(http, "vera")
+        newest = http.get("/v1/events", params={"limit": 1000}).json()["next"]
+        with http.stream("GET", "/v1/events", params={"follow": 1}, headers={"last-event-id": str(newest - 1)}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            first = next(line for line in r.iter_lines() if line.startswith("id: "))
+        assert first == f"id: {newest}"  # only what came after the id the browser had
