@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from kvmotion.api.agent import VmState
-from kvmotion.api.center import UserAdd
+from kvmotion.api.center import Severity, UserAdd
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.migration import MigrationRecord, Phase, Progress
+from kvmotion.api.operations import HealthReport
 from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Security
 from kvmotion.center.app import create_app
@@ -227,3 +228,19 @@ def test_viewer_sees_no_controls_and_forged_requests_are_refused(web: Web, page:
         status, message = page.evaluate(post, ["/v1/migrations", token])
         assert status == 403 and "X-KVMotion-CSRF" in message, message
     assert web.cluster.store.open_task("web1") is None  # nothing was queued
+
+
+def test_drs_recommendation_applied_from_the_page(web: Web, page: Any, tmp_path: Path) -> None:
+    # host-a quarantined (a moderate fan fault): DRS recommends moving web1 off, with its reason
+    web.cluster.store.report_health("host-a", HealthReport(component="fan", severity=Severity.MODERATE, reason="fan 3"),
+                                    "test", web.cluster.clock())
+    sign_in(page, web, "otto")
+    card = page.locator("#drs-list li", has_text="web1: host-a → host-b")
+    card.wait_for()
+    assert "mandatory" in card.inner_text() and "quarantine" in card.inner_text().lower(), card.inner_text()
+    assert page.locator("#drs-apply-all").count() == 1
+    page.screenshot(path=tmp_path / "drs.png", full_page=True)
+    card.locator("button", has_text="Apply").click()
+    page.locator("#status", has_text="DRS: 1 migration(s) queued").wait_for()
+    page.locator("#vms tr[data-vm=web1] .host", has_text="host-b").wait_for(timeout=30_000)
+    page.locator("#drs-summary", has_text="nothing to recommend").wait_for()

@@ -217,7 +217,7 @@ function renderDrs(drs) {
     (recs.length ? "" : ": nothing to recommend") + (drs.notes.length ? `. ${drs.notes.join("; ")}` : "");
   $("drs-list").replaceChildren(...recs.map((r) => el("li", { data: { recommendation: r.id } },
     el("strong", {}, `${r.move.vm}: ${r.move.source} → ${r.move.destination}`),
-    r.mandatory ? el("span", { class: "badge warning" }, "mandatory") : null,
+    r.mandatory ? [" ", el("span", { class: "badge warning" }, "mandatory")] : null,
     el("div", {}, r.why),
     el("div", { class: "figure" }, `gain ${r.gain.toFixed(2)}, cost ${seconds(r.cost)}, predicted downtime ` +
                                    ms(r.move.predicted_downtime_ms)),
