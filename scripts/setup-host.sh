@@ -11,7 +11,7 @@ fi
 
 BACKPORTS=/etc/apt/sources.list.d/kvmotion-backports.sources
 BP_PKGS="qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios"
-PKGS="busybox-static gcc libc6-dev lz4 iproute2 kmod python3-venv nbdkit nbdkit-plugin-python libnbd-bin"
+PKGS="busybox-static gcc libc6-dev lz4 iproute2 kmod python3-venv nbdkit nbdkit-plugin-python libnbd-bin chromium"
 
 missing=""
 for p in $BP_PKGS $PKGS; do

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -133,9 +133,28 @@ def identity_from_scope(scope: Scope, security: Security) -> Identity:
     return _identity_of_pem(chain[0])
 
 
+class SessionAuth(Protocol):
+    """Callers known by a session cookie (the center's browser sessions), when they show no certificate."""
+
+    def identify(self, conn: HTTPConnection) -> Identity | None:
+        """The caller (None: no session named); raises Unauthorized or Forbidden to refuse it."""
+        ...
+
+
+def _has_certificate(scope: Scope) -> bool:
+    return bool((scope.get("extensions") or {}).get("tls", {}).get("client_cert_chain"))
+
+
 def caller(conn: HTTPConnection) -> Identity:
-    """The identity of the caller of this request or websocket."""
-    return identity_from_scope(conn.scope, conn.app.state.security)
+    """The identity of the caller of this request or websocket: its certificate's, or (an app with
+    `app.state.sessions`, a caller without a certificate) its session's."""
+    security: Security = conn.app.state.security
+    sessions: SessionAuth | None = getattr(conn.app.state, "sessions", None)
+    if sessions is not None and not security.insecure and not _has_certificate(conn.scope):
+        who = sessions.identify(conn)
+        if who is not None:
+            return who
+    return identity_from_scope(conn.scope, security)
 
 
 def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:

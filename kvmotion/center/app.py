@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
@@ -72,13 +72,25 @@ from kvmotion.api.operations import (
     RuleView,
 )
 from kvmotion.api.serving import AuthorizedRoute, allow
+from kvmotion.api.web import (
+    SESSION_COOKIE,
+    SESSION_TTL,
+    Destinations,
+    MigrationDetail,
+    SessionInfo,
+    SessionLogin,
+    SessionView,
+    SigninToken,
+)
+from kvmotion.center import static, webviews
 from kvmotion.center.dispatcher import Dispatcher
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.metrics import CenterCollector
 from kvmotion.center.operations import Operations
 from kvmotion.center.service import Center
+from kvmotion.center.sessions import Sessions
 from kvmotion.center.tasks import Tasks
-from kvmotion.core.errors import Forbidden
+from kvmotion.core.errors import Forbidden, NotFound
 
 HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
 
@@ -112,7 +124,8 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop.clear()
+        nonlocal stop
+        stop = asyncio.Event()  # this loop's (an app served again runs in another loop)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(control.run(stop), name="heartbeat controller")
             if dispatcher is not None:
@@ -133,6 +146,7 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     metrics_registry = registry or new_registry()
     metrics_registry.register(CenterCollector(center))
     app.state.metrics = metrics_registry
+    sessions = app.state.sessions = Sessions(center.store, center.passwords, center.clock)  # browsers' callers
     view = Depends(allow(VIEW, "read the cluster's state"))
     admin = Depends(allow(ADMINISTER, "manage the cluster"))
     operate = Depends(allow(OPERATE, "change VMs and migrate them"))
@@ -170,6 +184,35 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
         _note_caller(request, f"logging in user:{body.user}")
         return center.login(body)
 
+    # ---- the web client: its files (public: they hold no data) and its sessions ----
+    static.install(app)
+
+    @app.post("/v1/sessions", summary="Sign in to the web client (a password, or a one-time sign-in token): "
+                                      "a session cookie and its CSRF token")
+    def sign_in(body: SessionLogin, request: Request, response: Response) -> SessionView:
+        _note_caller(request, f"signing in user:{body.user}" if body.user else "signing in with a token")
+        view, cookie = sessions.sign_in(body)
+        response.set_cookie(SESSION_COOKIE, cookie, max_age=int(SESSION_TTL), path="/", secure=not center.insecure,
+                            httponly=True, samesite="strict")
+        return view
+
+    @app.get("/v1/sessions/current", dependencies=[view], summary="Who the session's cookie names")
+    def session(request: Request) -> SessionInfo:
+        row = sessions.view(request)
+        if row is None or row.role is None:  # a caller known by its certificate
+            raise NotFound("no session: this caller is known by its certificate (sign in at / for one)")
+        return SessionInfo(user=row.user, role=row.role, expires=row.expires)
+
+    @app.delete("/v1/sessions/current", status_code=204, dependencies=[view], summary="Sign out")
+    def sign_out(request: Request, response: Response) -> None:
+        sessions.sign_out(request)
+        response.delete_cookie(SESSION_COOKIE, path="/", secure=not center.insecure, httponly=True, samesite="strict")
+
+    @app.post("/v1/sessions/signin", status_code=201,
+              summary="A one-time sign-in token (5 min) for the caller's own user: `kvmotion center web-token`")
+    def signin_token(who: Identity = view) -> SigninToken:
+        return sessions.signin_token(who)
+
     # ---- reads ----
     @app.get("/v1/settings", dependencies=[view])
     def settings() -> ClusterSettings:
@@ -195,9 +238,10 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     def events(since: Annotated[int, Query(ge=0, le=1 << 62, description="the `next` of the page before")] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                follow: Annotated[bool, Query(include_in_schema=False)] = False,
+               last_event_id: Annotated[int | None, Header(ge=0, le=1 << 62, include_in_schema=False)] = None,
                ) -> EventPage | StreamingResponse:
-        if follow:
-            return StreamingResponse(_follow(since), media_type="text/event-stream",
+        if follow:  # a browser's EventSource reconnecting says where it was (Last-Event-ID)
+            return StreamingResponse(_follow(max(since, last_event_id or 0)), media_type="text/event-stream",
                                      headers={"cache-control": "no-store"})
         return center.events(since, limit)
 
@@ -230,6 +274,11 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     def vm(name: VmName) -> VmView:
         return ops.vm(name)
 
+    @app.get("/v1/vms/{name}/destinations", dependencies=[view],
+             summary="Where the VM could migrate: each host's verdict, reasons and predicted time and downtime")
+    def destinations(name: VmName) -> Destinations:
+        return webviews.destinations(ops, center.store, name, operations.predict)
+
     @app.post("/v1/vms", status_code=201, summary="Define a VM on a host (named, or chosen by placement)")
     def create_vm(body: VmCreate, who: Identity = operate) -> VmCreated:
         return ops.create_vm(body, who)
@@ -253,6 +302,36 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     @app.get("/v1/tasks/{task_id}", dependencies=[view])
     def task(task_id: TaskIdPath) -> TaskView:
         return ops.task(task_id)
+
+    @app.get("/v1/tasks/{task_id}/migration", dependencies=[view], response_model=MigrationDetail,
+             summary="A migration task with the source agent's last record; with ?follow=1 a stream of it "
+                     "(server-sent events, a `data:` line at each change) until the task ends")
+    def migration_detail(task_id: TaskIdPath, follow: Annotated[bool, Query(include_in_schema=False)] = False,
+                         ) -> MigrationDetail | StreamingResponse:
+        first = webviews.migration_detail(ops, center.store, task_id)
+        if follow:
+            return StreamingResponse(_follow_migration(task_id, first), media_type="text/event-stream",
+                                     headers={"cache-control": "no-store"})
+        return first
+
+    async def _follow_migration(task_id: str, detail: MigrationDetail) -> AsyncIterator[str]:
+        last = ""
+        quiet = 0.0
+        while True:
+            text = detail.model_dump_json()
+            if text != last:
+                yield f"data: {text}\n\n"
+                last, quiet = text, 0.0
+            elif quiet >= KEEPALIVE:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+            if detail.task.state.terminal or stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FOLLOW_POLL):
+                    await stop.wait()
+            quiet += FOLLOW_POLL
+            detail = await asyncio.to_thread(webviews.migration_detail, ops, center.store, task_id)
 
     @app.post("/v1/tasks/{task_id}/cancel")
     def cancel_task(task_id: TaskIdPath, who: Identity = operate) -> TaskView:

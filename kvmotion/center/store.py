@@ -149,6 +149,20 @@ class TokenRow:
     created_by: str
 
 
+@dataclass(frozen=True)
+class SessionRow:
+    """A browser session (kind "session") or a one-time sign-in token (kind "signin"): both known by
+    the sha256 of their secret; `role` is the user's role now (read from users), not stored."""
+
+    id_hash: str
+    user: str
+    kind: str
+    csrf_hash: str
+    created: float
+    expires: float
+    role: Role | None = None
+
+
 class _Activity(BaseModel):
     """A host's last reported figures, as stored in hosts.load."""
 
@@ -180,6 +194,16 @@ class Store(Protocol):
     def record_login(self, name: str, who: str, at: float) -> None: ...
 
     def add_token(self, token: TokenRow, who: str) -> None: ...
+
+    # sessions and sign-in tokens: expired ones are dropped when another is added
+    def add_session(self, session: SessionRow, who: str) -> None: ...
+
+    def session(self, id_hash: str) -> SessionRow | None: ...
+
+    def delete_session(self, id_hash: str) -> None: ...
+
+    # a sign-in token spent (deleted) and, if it was unexpired, the session `make` builds for its user, at once
+    def redeem_signin(self, token_hash: str, at: float, make: Callable[[str], SessionRow]) -> SessionRow | None: ...
 
     def token(self, token_id: str) -> TokenRow | None: ...
 
@@ -345,6 +369,10 @@ UPGRADES: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE tasks ADD COLUMN predicted_s REAL",
         "ALTER TABLE tasks ADD COLUMN predicted_downtime_ms REAL",
     ),
+    (  # 5: browser sessions and one-time sign-in tokens, hashed
+        """CREATE TABLE sessions (id_hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            kind TEXT NOT NULL, csrf_hash TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL) STRICT""",
+    ),
 )
 SCHEMA_VERSION = len(UPGRADES)
 
@@ -364,6 +392,11 @@ _SEVERITIES = tuple(Severity)  # by rank
 
 _TASKS = ("SELECT t.*, m.source AS m_source, m.destination AS m_destination FROM tasks t "
           "LEFT JOIN migrations m ON m.task_id = t.id")
+
+
+def _session(row: sqlite3.Row) -> SessionRow:
+    return SessionRow(id_hash=row["id_hash"], user=row["user"], kind=row["kind"], csrf_hash=row["csrf_hash"],
+                      created=row["created"], expires=row["expires"], role=Role(row["role"]))
 
 
 def _task(row: sqlite3.Row) -> TaskView:
@@ -575,6 +608,46 @@ class SqliteStore:
     def record_login(self, name: str, who: str, at: float) -> None:
         with self._write() as conn:
             self._add_event(conn, at, EventKind.USER_LOGGED_IN, f"user:{name}", f"user {name} logged in", who)
+
+    # ---- browser sessions ----
+    @staticmethod
+    def _insert_session(conn: sqlite3.Connection, session: SessionRow) -> None:
+        conn.execute("DELETE FROM sessions WHERE expires < ?", (session.created,))
+        conn.execute("INSERT INTO sessions (id_hash, user, kind, csrf_hash, created, expires) VALUES (?, ?, ?, ?, ?, ?)",
+                     (session.id_hash, session.user, session.kind, session.csrf_hash, session.created,
+                      session.expires))
+
+    def _session_event(self, conn: sqlite3.Connection, session: SessionRow, who: str) -> None:
+        if session.kind == "session":
+            self._add_event(conn, session.created, EventKind.USER_LOGGED_IN, f"user:{session.user}",
+                            f"user {session.user} signed in to the web client", who)
+
+    def add_session(self, session: SessionRow, who: str) -> None:
+        with self._write() as conn:
+            self._insert_session(conn, session)
+            self._session_event(conn, session, who)
+
+    def session(self, id_hash: str) -> SessionRow | None:
+        row = self._conn().execute("SELECT s.*, u.role FROM sessions s JOIN users u ON u.name = s.user "
+                                   "WHERE s.id_hash = ?", (id_hash,)).fetchone()
+        return _session(row) if row else None
+
+    def delete_session(self, id_hash: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,))
+
+    def redeem_signin(self, token_hash: str, at: float, make: Callable[[str], SessionRow]) -> SessionRow | None:
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM sessions WHERE id_hash = ? AND kind = 'signin'", (token_hash,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM sessions WHERE id_hash = ?", (token_hash,))
+            if row["expires"] <= at:
+                return None
+            session = make(row["user"])
+            self._insert_session(conn, session)
+            self._session_event(conn, session, f"user:{session.user}")
+            return session
 
     # ---- join tokens ----
     @staticmethod

@@ -81,7 +81,7 @@ class Tasks:
             raise NotFound(f"no VM {name} in the cluster")
         return vm_view(row)
 
-    def _placement(self, spec: VmSpec, source: str | None) -> Placement:
+    def placement(self, spec: VmSpec, source: str | None) -> Placement:
         return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
                      baseline=self.store.settings().cpu_baseline)
 
@@ -96,7 +96,7 @@ class Tasks:
             refuse_maintenance(named, spec.name)
             host = request.host
         else:
-            placement = self._placement(spec, None)
+            placement = self.placement(spec, None)
             if placement.chosen is None:
                 raise InsufficientResources(f"cannot place VM {spec.name}: {summary(placement)}")
             host = placement.chosen
@@ -143,7 +143,7 @@ class Tasks:
         else:
             if row.spec is None:
                 raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
-            placement = self._placement(VmSpec.from_json(json.loads(row.spec)), source)
+            placement = self.placement(VmSpec.from_json(json.loads(row.spec)), source)
             if placement.chosen is None:
                 raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
             destination = placement.chosen

@@ -11,6 +11,7 @@ import typer
 from kvmotion.api.center import TokenCreate, UserAdd
 from kvmotion.api.identity import Role
 from kvmotion.api.userconfig import load_credentials
+from kvmotion.api.web import SigninToken, create_signin_token
 from kvmotion.core.units import parse_duration
 
 app = typer.Typer(no_args_is_help=True, help="The control plane: serve it, make join tokens for hosts.")
@@ -49,6 +50,23 @@ def token_create(
     uses_text = "any number of joins" if created.info.uses_left is None else f"{created.info.uses_left} join(s)"
     print(f"join token {created.info.id}: valid until {expires:%Y-%m-%d %H:%M} UTC for {uses_text}", file=sys.stderr)
     print(created.token)
+
+
+@app.command("web-token")
+def web_token(
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Sign in to the web client without typing a password: a one-time link for your own user
+    (as logged in with `kvmotion login`), valid 5 minutes. Open it in a browser; the link goes to stdout."""
+    credentials = load_credentials()
+    with credentials.client() as client:
+        made: SigninToken = client.call(create_signin_token())
+    if json_out:
+        print(made.model_dump_json(indent=2))
+        return
+    expires = dt.datetime.fromtimestamp(made.expires, dt.UTC)
+    print(f"one-time sign-in link for the web client, valid until {expires:%H:%M:%S} UTC:", file=sys.stderr)
+    print(credentials.center.rstrip("/") + made.path)
 
 
 users = typer.Typer(no_args_is_help=True, help="The center's users and their roles (admins only).")

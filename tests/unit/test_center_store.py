@@ -69,7 +69,7 @@ def test_create(tmp_path: Path) -> None:
     path = tmp_path / "center.db"
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         assert s.settings() == ClusterSettings()
         assert s.users() == [] and s.hosts() == [] and s.events() == []
         assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -142,10 +142,10 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
 
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == 4
+        assert s.schema_version() == 5
         host = s.host("host-a")
         assert host is not None and host.state is HostState.CONNECTED and host.last_heartbeat == 20.0 and host.vms == 1
-        assert host.mode is HostMode.NORMAL and s.rules() == [] and s.health() == []
+        assert host.mode is HostMode.NORMAL and s.rules() == [] and s.health() == [] and s.session("0" * 64) is None
         old = s.host("host-m")  # maintenance was a state: now a mode, its state known again at its next beat
         assert old is not None and old.mode is HostMode.MAINTENANCE and old.state is HostState.NOT_RESPONDING
         assert s.vm("web1").observed_state is ObservedState.RUNNING
@@ -161,7 +161,7 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
                         "VALUES ('0123456789ab', 't1', 'web1', 'host-a', 'host-b')")
     finally:
         s.close()
-    assert SqliteStore(path).schema_version() == 4  # reopening applies nothing twice
+    assert SqliteStore(path).schema_version() == 5  # reopening applies nothing twice
 
 
 def test_newer_or_foreign_files_are_refused(tmp_path: Path) -> None:

@@ -31,7 +31,9 @@ ADMIN = Identity(Kind.USER, "admin", Role.ADMIN)
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
 HOST = Identity(Kind.HOST, "host-a")
 HEARTBEAT = "POST /v1/hosts/{name}/heartbeat"
-PUBLIC = frozenset({"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login"})
+PUBLIC = frozenset({"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login", "POST /v1/sessions"})
+# Any user may sign itself out and ask for its own one-time sign-in link to the web client.
+OWN_SESSION = frozenset({"DELETE /v1/sessions/current", "POST /v1/sessions/signin"})
 ADMIN_READS = frozenset({"GET /v1/users", "GET /v1/tokens"})
 ADMIN_EXAMPLES = 110  # per operation and generation mode
 MIN_ADMIN_REQUESTS = 2000
@@ -92,6 +94,7 @@ class CenterUnderTest:
                             "POST /v1/datastores/join": {"token": self.token, "name": "ds2", "address": "127.0.0.3",
                                                          "csr": new_key_and_csr()[1]},
                             "POST /v1/login": {"user": "admin", "password": self.password, "csr": new_key_and_csr()[1]},
+                            "POST /v1/sessions": {"user": "admin", "password": self.password},
                             "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION}})
 
 
@@ -125,12 +128,12 @@ def test_admin_fuzz(center: CenterUnderTest) -> None:
     document = center.unsecured.openapi()["paths"]
     assert len(report.per_operation) == sum(len(methods) for methods in document.values())  # every one was called
     ok = {op for (op, status), n in report.by_operation_status.items() if 200 <= status < 300}
-    assert {"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login", HEARTBEAT, "POST /v1/users", "POST /v1/tokens",
-            "POST /v1/datastores", "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
+    assert {"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login", "POST /v1/sessions", HEARTBEAT,
+            "POST /v1/users", "POST /v1/tokens", "POST /v1/datastores", "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
 
 
 def test_viewer_changes_refused_fuzz(center: CenterUnderTest) -> None:
-    refused = changes_refused(PUBLIC)
+    refused = changes_refused(PUBLIC | OWN_SESSION)
 
     def expect(case, response) -> str | None:  # type: ignore[no-untyped-def]
         if label_of(case.operation) in ADMIN_READS:
