@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
@@ -138,16 +138,20 @@ def caller(conn: HTTPConnection) -> Identity:
     return identity_from_scope(conn.scope, conn.app.state.security)
 
 
-def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
+def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Awaitable[Identity]]:
     """A FastAPI dependency: the caller, if `rule` allows it to `what`; 403 otherwise. On an
     --insecure listener every caller is INSECURE and may do everything."""
 
-    def dependency(conn: HTTPConnection) -> Identity:
+    def check(conn: HTTPConnection) -> Identity:
         who = caller(conn)
         conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
         return who if who is INSECURE else authorize(who, rule, what)
 
-    dependency.checks_caller = True  # type: ignore[attr-defined]  # a marker on the function: AuthorizedRoute runs it first
+    # async: FastAPI runs a plain def dependency in a worker thread, a hop that costs more than the check
+    async def dependency(conn: HTTPConnection) -> Identity:
+        return check(conn)
+
+    dependency.checks_caller = check  # type: ignore[attr-defined]  # AuthorizedRoute runs it first
     return dependency
 
 
@@ -159,12 +163,15 @@ class AuthorizedRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        checks = []
+        checks: list[Callable[[Request], Any]] = []
         pending = list(self.dependant.dependencies)
         while pending:
             dep = pending.pop()
-            if dep.call is not None and getattr(dep.call, "checks_caller", False):
+            marker = getattr(dep.call, "checks_caller", None) if dep.call is not None else None
+            if marker is True and dep.call is not None:  # a plain check
                 checks.append(dep.call)
+            elif callable(marker):  # the check an async dependency wraps
+                checks.append(marker)
             pending.extend(dep.dependencies)
         if not checks:
             return handler
@@ -389,7 +396,7 @@ def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
 
 
 def _protocols(connections: _Connections) -> tuple[type, type]:
-    class Http(H11Protocol):
+    class Http(HttpToolsProtocol):  # httptools (C) parses requests for a fraction of h11's CPU
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn hands it TCP transports
             if not connections.admit(transport):
                 transport.abort()
@@ -434,4 +441,5 @@ def make_server(app: FastAPI, security: Security, service: str, server_class: ty
         tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca),
                    ssl_cert_reqs=ssl.CERT_OPTIONAL if security.optional_client_cert else ssl.CERT_REQUIRED)
     config.setdefault("log_level", "warning")
+    config.setdefault("access_log", False)  # the audit log records what matters; a line per heartbeat does not
     return server_class(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))

@@ -26,6 +26,7 @@ from kvmotion.api.center import (
     NAME_PATTERN,
     TASK_ID_PATTERN,
     TOKEN_ID_PATTERN,
+    Alive,
     CaInfo,
     ClusterSettings,
     DatastoreSpec,
@@ -39,6 +40,7 @@ from kvmotion.api.center import (
     LoginAnswer,
     LoginRequest,
     MigrateRequest,
+    SettingsUpdate,
     TaskStarted,
     TaskState,
     TaskView,
@@ -60,7 +62,7 @@ from kvmotion.center.service import Center
 from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Forbidden
 
-HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
+QUIET_SUFFIXES = ("/heartbeat", "/alive")  # Security.quiet for the center's listener: a host's beats
 
 HostName = Annotated[str, Path(pattern=NAME_PATTERN)]
 DatastoreName = Annotated[str, Path(pattern=NAME_PATTERN)]
@@ -226,7 +228,18 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
             raise Forbidden(f"{who} may not send host {name}'s heartbeats: a host reports only for itself")
         return center.heartbeat(name, beat)
 
+    @app.post("/v1/hosts/{name}/alive", summary="A host's beat between its full reports (answer.report: send one now)")
+    async def alive(name: HostName, beat: Alive,
+                    who: Identity = Depends(allow(HOSTS, "send heartbeats"))) -> HeartbeatAnswer:
+        if who is not INSECURE and not who.is_host(name):
+            raise Forbidden(f"{who} may not send host {name}'s heartbeats: a host reports only for itself")
+        return await asyncio.to_thread(center.alive, name, beat)
+
     # ---- the admin's ----
+    @app.patch("/v1/settings", summary="Change cluster settings (fields left out keep their values)")
+    def update_settings(body: SettingsUpdate, who: Identity = admin) -> ClusterSettings:
+        return center.update_settings(body, who)
+
     @app.delete("/v1/hosts/{name}", status_code=204)
     def remove_host(name: HostName, who: Identity = admin) -> None:
         center.remove_host(name, who)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kvmotion.api.center import (
     PROTOCOL_VERSION,
+    Alive,
     CaInfo,
     ClusterSettings,
     DatastoreSpec,
@@ -26,6 +27,7 @@ from kvmotion.api.center import (
     JoinRequest,
     LoginAnswer,
     LoginRequest,
+    SettingsUpdate,
     TokenCreate,
     TokenCreated,
     TokenView,
@@ -37,7 +39,6 @@ from kvmotion.api.center import (
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import CA, cert_pem, load_csr, sha256_hex, sign_csr
 from kvmotion.center import auth
-from kvmotion.center.placement import cpu_demand
 from kvmotion.center.store import HostRow, Store, TokenRow, UserRow
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
@@ -64,6 +65,15 @@ def _user_view(row: UserRow) -> UserView:
     return UserView(name=row.name, role=row.role, created=row.created)
 
 
+def host_demand(load: HostLoad) -> float | None:
+    """CPUs the host's VMs kept busy, as its agent measured them over its sampling interval: the
+    sum of its VMs' figures; None while none of its running VMs has one yet (a first sample)."""
+    measured = [vm.cpu_demand for vm in load.vms if vm.cpu_demand is not None]
+    if load.vms and not measured:
+        return None
+    return sum(measured)
+
+
 def agent_url(address: str, port: int, secure: bool) -> str:
     shown = f"[{address}]" if ":" in address else address
     return f"{'https' if secure else 'http'}://{shown}:{port}"
@@ -80,7 +90,7 @@ class Center:
         self.clock = clock
         self.passwords = auth.Passwords(password_cost)
         self.ca_pem = cert_pem(ca.cert)
-        self._samples: dict[str, tuple[HostLoad, float]] = {}  # host -> its last load and when (CPU demand)
+        self._digests: dict[str, str] = {}  # host -> the digest of its last full report
         self._settings_cache: tuple[float, ClusterSettings] | None = None
         self.ca_sha256 = sha256_hex(ca.cert)
 
@@ -153,23 +163,42 @@ class Center:
     def remove_host(self, name: str, who: Identity) -> None:
         self.store.remove_host(name, str(who), self.clock())
 
-    def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
-        if beat.version != PROTOCOL_VERSION:
-            raise Conflict(f"host {name} speaks center protocol {beat.version}; this center speaks {PROTOCOL_VERSION}: "
+    @staticmethod
+    def _check_version(name: str, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            raise Conflict(f"host {name} speaks center protocol {version}; this center speaks {PROTOCOL_VERSION}: "
                            "run the same kvmotion version on both")
+
+    def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
+        """A full report: the host's VMs, load and migrations."""
+        self._check_version(name, beat.version)
         now = self.clock()
-        measured = [vm.cpu_demand for vm in beat.load.vms]
-        if all(d is not None for d in measured):  # the agent's own figures over its sampling interval
-            demand: float | None = sum(d for d in measured if d is not None)
-        else:  # an agent that sends run-time totals only: the demand between two of its heartbeats
-            before = self._samples.get(name)
-            demand = cpu_demand(before[0], before[1], beat.load, now) if before is not None else None
-        # The store keeps the host's totals; its VMs' run times stay here, for the next demand.
+        # The store keeps the host's totals and their CPU demand as the agent measured it.
         row = self.store.record_heartbeat(name, now, beat.vms, beat.load.model_copy(update={"vms": ()}),
-                                          beat.migrations, demand)
-        self._samples[name] = (beat.load, now)
+                                          beat.migrations, host_demand(beat.load))
+        if beat.digest is None:
+            self._digests.pop(name, None)
+        else:
+            self._digests[name] = beat.digest
         settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
+
+    def alive(self, name: str, beat: Alive) -> HeartbeatAnswer:
+        """A beat between full reports. The full report is asked for when this center does not know
+        the digest (it restarted, or the report was lost) or the host is not responding (its VMs are
+        unknown until it reports them)."""
+        self._check_version(name, beat.version)
+        now = self.clock()
+        settings = self._settings(now)
+        known = self._digests.get(name) == beat.digest
+        state = self.store.record_alive(name, now) if known else None
+        if state is None:
+            row = self.store.host(name)
+            if row is None:
+                raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
+            return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings,
+                                   report=True)
+        return HeartbeatAnswer(state=state, interval=settings.heartbeat_interval, now=now, settings=settings)
 
     def _settings(self, now: float) -> ClusterSettings:
         """The settings, read again at most every SETTINGS_TTL seconds (every heartbeat answers with them)."""
@@ -177,6 +206,18 @@ class Center:
         if cached is None or not 0 <= now - cached[0] < SETTINGS_TTL:
             cached = self._settings_cache = (now, self.store.settings())
         return cached[1]
+
+    def update_settings(self, update: SettingsUpdate, who: Identity) -> ClusterSettings:
+        """The settings with `update`'s fields changed, in one transaction with an event."""
+        changes = update.changes()
+        if not changes:
+            raise InvalidInput("no setting to change: name at least one")
+        before = self.store.settings()
+        after = ClusterSettings(**(before.model_dump() | changes))
+        what = ", ".join(f"{k} {getattr(before, k)} -> {v}" for k, v in changes.items())
+        self.store.change_settings(after, what, str(who), self.clock())
+        self._settings_cache = None
+        return after
 
     # ---- datastores ----
     def datastores(self) -> list[DatastoreView]:

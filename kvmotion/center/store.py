@@ -76,7 +76,7 @@ class HostRow:
     load: HostLoad | None = None
     migrations: tuple[ActiveMigration, ...] = ()
     vms: int = 0  # VMs last observed there (computed when read)
-    cpu_demand: float | None = None  # cores busy between its last two heartbeats
+    cpu_demand: float | None = None  # CPUs busy, as the agent measured them (its last full report)
     facts: HostFacts | None = None
 
     def view(self) -> HostView:
@@ -151,6 +151,9 @@ class Store(Protocol):
 
     def save_settings(self, settings: ClusterSettings) -> None: ...
 
+    # the settings changed by an admin, with an event saying what changed
+    def change_settings(self, settings: ClusterSettings, what: str, who: str, at: float) -> None: ...
+
     def add_user(self, user: UserRow, who: str) -> None: ...
 
     def user(self, name: str) -> UserRow | None: ...
@@ -178,6 +181,10 @@ class Store(Protocol):
 
     def record_heartbeat(self, name: str, at: float, vms: Sequence[VmReport], load: HostLoad,
                          migrations: Sequence[ActiveMigration], cpu_demand: float | None = None) -> HostRow: ...
+
+    # a beat between full reports: the host's last heartbeat, unless it is not responding (then its
+    # full report brings it back); its state, None if it is not responding. NotFound if it never joined.
+    def record_alive(self, name: str, at: float) -> HostState | None: ...
 
     def set_host_facts(self, name: str, facts: HostFacts) -> None: ...
 
@@ -467,6 +474,11 @@ class SqliteStore:
         with self._write() as conn:
             self._save_settings(conn, settings)
 
+    def change_settings(self, settings: ClusterSettings, what: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            self._save_settings(conn, settings)
+            self._add_event(conn, at, EventKind.SETTINGS_CHANGED, "settings", f"settings changed: {what}", who)
+
     # ---- users ----
     @staticmethod
     def _insert_user(conn: sqlite3.Connection, user: UserRow) -> None:
@@ -591,6 +603,16 @@ class SqliteStore:
                     conn.execute("UPDATE vms SET observed_state = ?, updated = ? WHERE name = ?",
                                  (ObservedState.ABSENT.value, at, vm))
             return _host(conn.execute(_HOSTS + " WHERE h.name = ?", (name,)).fetchone())
+
+    def record_alive(self, name: str, at: float) -> HostState | None:
+        with self._write() as conn:
+            row = conn.execute("UPDATE hosts SET last_heartbeat = ? WHERE name = ? AND state != ? RETURNING state",
+                               (at, name, HostState.NOT_RESPONDING.value)).fetchone()
+            if row is not None:
+                return HostState(row["state"])
+            if conn.execute("SELECT 1 FROM hosts WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
+            return None
 
     def mark_not_responding(self, name: str, seen: float | None, at: float) -> bool:
         with self._write() as conn:

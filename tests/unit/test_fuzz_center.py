@@ -3,8 +3,8 @@ errors, nothing written outside the center's data folder, no process started; a 
 every change and the admin's reads (users, tokens).
 
 In process, secured as `center serve` serves it, callers presenting certificates of the center's
-own CA. The admin calls every route but the heartbeat, which host-a (joined before the run) sends
-for itself. Half of the generated bodies carry what gets past the first refusals: a join token
+own CA. The admin calls every route but the heartbeats (full and Alive), which host-a (joined
+before the run) sends for itself. Half of the generated bodies carry what gets past the first refusals: a join token
 that may join any number of hosts, an address and two good CSRs, the admin's password and a CSR, the
 protocol version of a heartbeat, a datastore's URLs. Passwords are hashed at a low scrypt cost to keep the run short.
 """
@@ -21,7 +21,7 @@ from kvmotion.api.center import PROTOCOL_VERSION, ClusterSettings, DatastoreSpec
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import init_ca, new_key_and_csr
 from kvmotion.api.serving import Security, secure
-from kvmotion.center.app import create_app
+from kvmotion.center.app import QUIET_SUFFIXES, create_app
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
 from tests.certs import TestCA
@@ -31,6 +31,7 @@ ADMIN = Identity(Kind.USER, "admin", Role.ADMIN)
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
 HOST = Identity(Kind.HOST, "host-a")
 HEARTBEAT = "POST /v1/hosts/{name}/heartbeat"
+ALIVE = "POST /v1/hosts/{name}/alive"
 PUBLIC = frozenset({"POST /v1/join", "POST /v1/login"})
 ADMIN_READS = frozenset({"GET /v1/users", "GET /v1/tokens"})
 ADMIN_EXAMPLES = 110  # per operation and generation mode
@@ -79,7 +80,7 @@ class CenterUnderTest:
         center.add_datastore(DatastoreSpec(name="ds1", **DATASTORE), ADMIN)
         self.token_id = center.tokens()[0].id
         self.app = secure(create_app(center), Security(tls_files=None, audit_log=self.data / "audit.log",
-                                                       quiet=("/heartbeat",), optional_client_cert=True), "center")
+                                                       quiet=QUIET_SUFFIXES, optional_client_cert=True), "center")
 
     def pem(self, who: Identity) -> str:
         return self.ca.creds(who).pem
@@ -89,7 +90,8 @@ class CenterUnderTest:
                     expect=expect, known={"name": ["host-a", "ds1"], "token_id": [self.token_id]},
                     bodies={"POST /v1/join": {**self.join_fields, "address": "127.0.0.2"},
                             "POST /v1/login": {"user": "admin", "password": self.password, "csr": new_key_and_csr()[1]},
-                            "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION}})
+                            "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION},
+                            ALIVE: {"version": PROTOCOL_VERSION, "seq": 1, "digest": "0" * 64}})
 
 
 @pytest.fixture
@@ -106,23 +108,23 @@ def test_admin_fuzz(center: CenterUnderTest) -> None:
     def expect(case, response) -> str | None:  # type: ignore[no-untyped-def]
         if response.status_code != 403:
             return None
-        if case.operation.path.endswith("/heartbeat") and case.path_parameters.get("name") != HOST.name:
+        if case.operation.path.endswith(QUIET_SUFFIXES) and case.path_parameters.get("name") != HOST.name:
             return None  # host-a sending another host's heartbeat: refused, as it must be
         return "the admin (or host-a for its own heartbeat) refused"
 
     _databases = []
     try:
-        report = center.fuzz(ADMIN_EXAMPLES, caller=lambda label: host if label == HEARTBEAT else admin, expect=expect)
+        report = center.fuzz(ADMIN_EXAMPLES, caller=lambda label: host if label in (HEARTBEAT, ALIVE) else admin, expect=expect)
         opened = set(_databases)
     finally:
         _databases = None
     assert opened == {os.path.realpath(center.data / "center.db")}
     print(report.summary(), report.table(), sep="\n")
     report.assert_clean(min_requests=MIN_ADMIN_REQUESTS)
-    assert len(report.per_operation) == 26  # every operation of the document was called
+    assert len(report.per_operation) == 28  # every operation of the document was called
     ok = {op for (op, status), n in report.by_operation_status.items() if 200 <= status < 300}
-    assert {"POST /v1/join", "POST /v1/login", HEARTBEAT, "POST /v1/users", "POST /v1/tokens", "POST /v1/datastores",
-            "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
+    assert {"POST /v1/join", "POST /v1/login", HEARTBEAT, ALIVE, "PATCH /v1/settings", "POST /v1/users", "POST /v1/tokens",
+            "POST /v1/datastores", "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
 
 
 def test_viewer_changes_refused_fuzz(center: CenterUnderTest) -> None:
