@@ -19,7 +19,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,14 +138,21 @@ def caller(conn: HTTPConnection) -> Identity:
     return identity_from_scope(conn.scope, conn.app.state.security)
 
 
-def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Awaitable[Identity]]:
-    """A FastAPI dependency: the caller, if `rule` allows it to `what`; 403 otherwise. On an
-    --insecure listener every caller is INSECURE and may do everything."""
+def caller_check(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
+    """The caller, if `rule` allows it to `what`; 403 otherwise. On an --insecure listener every
+    caller is INSECURE and may do everything. (As a dependency: `allow`.)"""
 
     def check(conn: HTTPConnection) -> Identity:
         who = caller(conn)
         conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
         return who if who is INSECURE else authorize(who, rule, what)
+
+    return check
+
+
+def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Awaitable[Identity]]:
+    """A FastAPI dependency: caller_check's answer."""
+    check = caller_check(rule, what)
 
     # async: FastAPI runs a plain def dependency in a worker thread, a hop that costs more than the check
     async def dependency(conn: HTTPConnection) -> Identity:
@@ -370,6 +377,7 @@ class _Connections:
         return True
 
     def release(self, transport: asyncio.BaseTransport) -> None:
+        transport = getattr(transport, "raw", transport)  # the one admitted, under a _Coalescing
         client = self.by_transport.pop(id(transport), None)
         if client is not None:
             left = self.per_client[client] - 1
@@ -377,6 +385,43 @@ class _Connections:
                 self.per_client[client] = left
             else:
                 del self.per_client[client]
+
+
+class _Coalescing:
+    """A connection's transport whose writes within one step of the event loop leave together (a
+    response's head and body: one TLS record and one send instead of two). Everything else is the
+    transport's own; close() sends what waits first, abort() drops it."""
+
+    def __init__(self, raw: asyncio.Transport) -> None:
+        self.raw = raw
+        self._waiting: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._waiting.append(bytes(data))
+
+    def writelines(self, lines: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._waiting:
+            data = b"".join(self._waiting)
+            self._waiting.clear()
+            if not self.raw.is_closing():
+                self.raw.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self._waiting.clear()
+        self.raw.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
@@ -396,13 +441,14 @@ def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
 
 
 def _protocols(connections: _Connections) -> tuple[type, type]:
-    class Http(HttpToolsProtocol):  # httptools (C) parses requests for a fraction of h11's CPU
+    class Http(HttpToolsProtocol):  # httptools: uvicorn's C parser
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn hands it TCP transports
             if not connections.admit(transport):
                 transport.abort()
                 return
             super().connection_made(transport)
             self.app = _with_certificate(self.app, transport)
+            self.transport = _Coalescing(transport)  # type: ignore[assignment]  # a transport in all it does
 
         def connection_lost(self, exc: Exception | None) -> None:
             connections.release(self.transport)

@@ -6,6 +6,7 @@ them in worker threads, asyncio code through asyncio.to_thread.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ class Center:
         self.passwords = auth.Passwords(password_cost)
         self.ca_pem = cert_pem(ca.cert)
         self._digests: dict[str, str] = {}  # host -> the digest of its last full report
+        self._states: dict[str, HostState] = {}  # host -> its state after its last full report
+        self._heard: dict[str, float] = {}  # host -> its last Alive beat not yet in the store (take_heard)
+        self._heard_lock = threading.Lock()
         self._settings_cache: tuple[float, ClusterSettings] | None = None
         self.ca_sha256 = sha256_hex(ca.cert)
 
@@ -162,6 +166,7 @@ class Center:
 
     def remove_host(self, name: str, who: Identity) -> None:
         self.store.remove_host(name, str(who), self.clock())
+        self.forget(name)
 
     @staticmethod
     def _check_version(name: str, version: int) -> None:
@@ -180,13 +185,42 @@ class Center:
             self._digests.pop(name, None)
         else:
             self._digests[name] = beat.digest
+        self._states[name] = row.state
         settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
 
+    def alive_in_memory(self, name: str, beat: Alive) -> HeartbeatAnswer | None:
+        """The common Alive beat without I/O (the HTTP layer calls it in its event loop): the digest
+        is the one of the host's last full report and the settings were read lately. The beat is
+        noted here and written to the store by the heartbeat controller's next tick (take_heard),
+        before it looks for silent hosts. None: `alive` must answer."""
+        self._check_version(name, beat.version)
+        now = self.clock()
+        cached = self._settings_cache
+        state = self._states.get(name)
+        if (state is None or self._digests.get(name) != beat.digest or cached is None
+                or not 0 <= now - cached[0] < SETTINGS_TTL):
+            return None
+        with self._heard_lock:
+            self._heard[name] = now
+        return HeartbeatAnswer(state=state, interval=cached[1].heartbeat_interval, now=now, settings=cached[1])
+
+    def take_heard(self) -> dict[str, float]:
+        """The Alive beats noted since the last call (host -> when), for the store."""
+        with self._heard_lock:
+            heard, self._heard = self._heard, {}
+        return heard
+
+    def forget(self, name: str) -> None:
+        """The host became not responding: its next Alive beat is answered with a request for its
+        full report (its VMs are unknown until then)."""
+        self._digests.pop(name, None)
+        self._states.pop(name, None)
+
     def alive(self, name: str, beat: Alive) -> HeartbeatAnswer:
-        """A beat between full reports. The full report is asked for when this center does not know
-        the digest (it restarted, or the report was lost) or the host is not responding (its VMs are
-        unknown until it reports them)."""
+        """A beat between full reports, through the store. The full report is asked for when this
+        center does not know the digest (it restarted, or the report was lost) or the host is not
+        responding (its VMs are unknown until it reports them)."""
         self._check_version(name, beat.version)
         now = self.clock()
         settings = self._settings(now)

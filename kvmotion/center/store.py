@@ -28,7 +28,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +185,9 @@ class Store(Protocol):
     # a beat between full reports: the host's last heartbeat, unless it is not responding (then its
     # full report brings it back); its state, None if it is not responding. NotFound if it never joined.
     def record_alive(self, name: str, at: float) -> HostState | None: ...
+
+    # record_alive for several hosts (host -> when) in one transaction; hosts gone meanwhile are skipped
+    def record_alive_many(self, heard: Mapping[str, float]) -> None: ...
 
     def set_host_facts(self, name: str, facts: HostFacts) -> None: ...
 
@@ -613,6 +616,12 @@ class SqliteStore:
             if conn.execute("SELECT 1 FROM hosts WHERE name = ?", (name,)).fetchone() is None:
                 raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
             return None
+
+    def record_alive_many(self, heard: Mapping[str, float]) -> None:
+        with self._write() as conn:
+            conn.executemany("UPDATE hosts SET last_heartbeat = ? WHERE name = ? AND state != ? "
+                             "AND (last_heartbeat IS NULL OR last_heartbeat < ?)",
+                             [(at, name, HostState.NOT_RESPONDING.value, at) for name, at in heard.items()])
 
     def mark_not_responding(self, name: str, seen: float | None, at: float) -> bool:
         with self._write() as conn:

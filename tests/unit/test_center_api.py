@@ -279,7 +279,13 @@ def test_alive_beats_between_full_reports(cluster: Cluster) -> None:
     assert state(cluster) == before
     assert host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"),)) | {"digest": D1}).json()["state"] \
         == "connected"
-    cluster.clock.now = T0 + 8
+    cluster.clock.now = T0 + 1  # within the settings' cache: answered from memory
+    r = host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=2))
+    assert r.status_code == 200 and r.json()["report"] is False and r.json()["state"] == "connected"
+    assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0  # the store learns it at the next tick
+    assert cluster.app.state.controller.tick_sync() == []
+    assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0 + 1
+    cluster.clock.now = T0 + 8  # the settings read again: through the store
     r = host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=2))
     assert r.status_code == 200 and r.json()["report"] is False and r.json()["state"] == "connected"
     assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0 + 8
@@ -287,15 +293,16 @@ def test_alive_beats_between_full_reports(cluster: Cluster) -> None:
     assert host_a.post("/v1/hosts/host-a/alive", json=_alive(D2, seq=3)).json()["report"] is True  # something changed
     assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0 + 8
     # Not responding: Alive does not bring it back (its VMs are unknown); the full report does.
-    assert cluster.store.mark_not_responding("host-a", T0 + 8, T0 + 20)
-    cluster.clock.now = T0 + 21
+    cluster.clock.now = T0 + 18.5
+    assert cluster.app.state.controller.tick_sync() == ["host-a"]
+    cluster.clock.now = T0 + 19
     r = host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=4))
     assert r.json()["report"] is True and r.json()["state"] == "not_responding"
     assert cluster.store.vm("web1").observed_state.value == "unknown"
     host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"),)) | {"digest": D1})
     assert cluster.store.vm("web1").observed_state.value == "running"
     assert host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=5)).json() | {"settings": None} == {
-        "state": "connected", "interval": 2.0, "now": T0 + 21, "report": False, "settings": None}
+        "state": "connected", "interval": 2.0, "now": T0 + 19, "report": False, "settings": None}
     gone = cluster.client(Identity(Kind.HOST, "host-c")).post("/v1/hosts/host-c/alive", json=_alive())
     assert gone.status_code == 404 and "has not joined" in gone.json()["error"]["message"]
     assert not [e for e in cluster.audit() if e["path"].endswith("/alive") and e["status"] == 200]
