@@ -212,8 +212,8 @@ class Center:
         return heard
 
     def forget(self, name: str) -> None:
-        """The host became not responding: its next Alive beat is answered with a request for its
-        full report (its VMs are unknown until then)."""
+        """The host became not responding (or was removed): its next Alive beat is answered with a
+        request for its full report (its VMs are unknown until then)."""
         self._digests.pop(name, None)
         self._states.pop(name, None)
 
