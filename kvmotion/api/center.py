@@ -19,7 +19,7 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, ClassVar
@@ -182,6 +182,7 @@ class EventKind(str, Enum):
     USER_LOGGED_IN = "user_logged_in"
     TOKEN_CREATED = "token_created"
     TOKEN_DELETED = "token_deleted"
+    SETTINGS_CHANGED = "settings_changed"
     VM_CREATED = "vm_created"
     TASK_QUEUED = "task_queued"
     TASK_STARTED = "task_started"
@@ -200,6 +201,9 @@ class ClusterSettings(Wire):
     encrypted: StrictBool = True  # migration streams and APIs over TLS (false: a --insecure cluster)
     cpu_baseline: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
     heartbeat_interval: Annotated[float, Field(ge=0.1, le=60)] = 2.0  # seconds between an agent's heartbeats
+    # Seconds between an agent's full reports (VMs, per-VM load) when nothing changed: its load is
+    # averaged over this interval (vSphere samples every 20 s); a change is reported at the next beat.
+    report_interval: Annotated[float, Field(ge=1, le=600)] = 20.0
     not_responding_after: Annotated[float, Field(ge=1, le=3600)] = 10.0  # seconds of silence
     # Migration admission, like vSphere's vMotion costs: each migration costs 1 on its source and
     # its destination; a host's budget depends on its migration link's speed.
@@ -207,6 +211,22 @@ class ClusterSettings(Wire):
     migration_budget_slow: Annotated[StrictInt, Field(ge=1, le=128)] = 4  # links under 10 Gbit/s
     migration_budget_fast: Annotated[StrictInt, Field(ge=1, le=128)] = 8  # links of 10 Gbit/s or more
     cluster_migrations: Annotated[StrictInt, Field(ge=1, le=10000)] = 32  # running at once in the cluster
+
+
+class SettingsUpdate(Wire):
+    """What an admin may change at run time (PATCH /v1/settings); a field left out keeps its value."""
+
+    _what: ClassVar[str] = "settings update"
+    heartbeat_interval: Annotated[float, Field(ge=0.1, le=60)] | None = None
+    not_responding_after: Annotated[float, Field(ge=1, le=3600)] | None = None
+    report_interval: Annotated[float, Field(ge=1, le=600)] | None = None
+    link_bps: Annotated[StrictInt, Field(ge=1_000_000, le=10**13)] | None = None
+    migration_budget_slow: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    migration_budget_fast: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    cluster_migrations: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 class CaInfo(Wire):
@@ -261,11 +281,9 @@ class VmReport(Wire):
 
 
 class VmLoad(Wire):
-    """One VM's figures: cumulative vCPU run and run-queue wait (ready) time, its memory."""
+    """One VM's figures as its agent measured them: CPU demand and ready time, its memory."""
 
     name: Name
-    cpu_run_ns: Count = 0
-    cpu_ready_ns: Count = 0
     memory: Count = 0  # resident bytes of its QEMU process
     # Over the agent's last sampling interval, in CPUs (1.0: one CPU's worth): vCPU threads running,
     # and runnable but waiting for a CPU (vSphere's "ready"). None on the first sample of a process.
@@ -292,10 +310,14 @@ class ActiveMigration(Wire):
 
 
 class Heartbeat(Wire):
-    """What an agent reports every few seconds: what it observes, not what it wants."""
+    """An agent's full report: what it observes, not what it wants. Sent when what it observes
+    changed (its digest), when the center asks, and every `report_interval` seconds; between
+    them a small `Alive` beat every `heartbeat_interval` seconds (Kubernetes' node Lease beside
+    its NodeStatus)."""
 
     _what: ClassVar[str] = "heartbeat"
     version: StrictInt
+    digest: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = None  # report_digest of vms and migrations
     vms: Annotated[tuple[VmReport, ...], Field(max_length=MAX_VMS)] = ()
     load: HostLoad
     migrations: Annotated[tuple[ActiveMigration, ...], Field(max_length=MAX_MIGRATIONS)] = ()
@@ -311,11 +333,29 @@ class Heartbeat(Wire):
         return vms
 
 
+class Alive(Wire):
+    """An agent's beat between full reports: it is alive, and what it observes is still what its
+    full report with `digest` said."""
+
+    _what: ClassVar[str] = "heartbeat"
+    version: StrictInt
+    seq: Annotated[StrictInt, Field(ge=0, le=1 << 62)]  # counts the agent's beats since it started
+    digest: Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+
+def report_digest(vms: Sequence[VmReport], migrations: Sequence[ActiveMigration]) -> str:
+    """What an Alive beat stands for: the SHA-256 of the VMs and migrations a full report lists."""
+    text = "\n".join([*(f"{v.name} {v.state.value} {v.spec_hash or '-'}" for v in vms),
+                      *(f"m {m.id} {m.vm} {m.role.value} {m.peer} {m.phase}" for m in migrations)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class HeartbeatAnswer(Wire):
     state: HostState
     interval: float  # seconds until the next heartbeat is due
     now: float  # the center's clock, for the agent to see skew
     settings: ClusterSettings | None = None  # the cluster's settings, for the agent's local cache
+    report: bool = False  # the center wants the full report now (it does not know the digest, or the host was silent)
 
 
 class HostFacts(Wire):
@@ -339,7 +379,7 @@ class HostView(Wire):
     load: HostLoad | None
     migrations: tuple[ActiveMigration, ...] = ()
     vms: int = 0  # VMs last observed there
-    cpu_demand: float | None = None  # cores its VMs kept busy between its last two heartbeats
+    cpu_demand: float | None = None  # CPUs its VMs kept busy, as its agent measured them (last full report)
     facts: HostFacts | None = None
     mode: HostMode = HostMode.NORMAL
     mode_reason: str = ""  # who or what put it there
@@ -396,7 +436,7 @@ class UserAdded(Wire):
 
 class TokenCreate(Wire):
     _what: ClassVar[str] = "token request"
-    ttl: Annotated[float, Field(ge=60, le=30 * 86400)] = 86400.0  # seconds
+    ttl: Annotated[float, Field(ge=1, le=30 * 86400)] = 86400.0  # seconds
     uses: Annotated[StrictInt, Field(ge=1, le=100000)] | None = None  # None: any number within the TTL
 
 
@@ -771,6 +811,14 @@ class _Calls:
         return Call("POST", f"/v1/hosts/{name}/heartbeat", HeartbeatAnswer, beat)
 
     @staticmethod
+    def alive(name: str, beat: Alive) -> Call:
+        return Call("POST", f"/v1/hosts/{name}/alive", HeartbeatAnswer, beat)
+
+    @staticmethod
+    def update_settings(update: SettingsUpdate) -> Call:
+        return Call("PATCH", "/v1/settings", ClusterSettings, update)
+
+    @staticmethod
     def datastores() -> Call:
         return Call("GET", "/v1/datastores", list[DatastoreView])
 
@@ -897,6 +945,12 @@ class CenterClient:
     def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
         return self.call(_Calls.heartbeat(path_name(name, NAME_PATTERN, "host name"), beat))
 
+    def alive(self, name: str, beat: Alive) -> HeartbeatAnswer:
+        return self.call(_Calls.alive(path_name(name, NAME_PATTERN, "host name"), beat))
+
+    def update_settings(self, update: SettingsUpdate) -> ClusterSettings:
+        return self.call(_Calls.update_settings(update))
+
     def datastores(self) -> list[DatastoreView]:
         return self.call(_Calls.datastores())
 
@@ -1020,6 +1074,12 @@ class AsyncCenterClient:
 
     async def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
         return await self.call(_Calls.heartbeat(path_name(name, NAME_PATTERN, "host name"), beat))
+
+    async def alive(self, name: str, beat: Alive) -> HeartbeatAnswer:
+        return await self.call(_Calls.alive(path_name(name, NAME_PATTERN, "host name"), beat))
+
+    async def update_settings(self, update: SettingsUpdate) -> ClusterSettings:
+        return await self.call(_Calls.update_settings(update))
 
     async def datastores(self) -> list[DatastoreView]:
         return await self.call(_Calls.datastores())

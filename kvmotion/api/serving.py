@@ -19,7 +19,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from kvmotion.api.identity import INSECURE, Identity, Rule, authorize, identity_of_der
@@ -157,16 +157,27 @@ def caller(conn: HTTPConnection) -> Identity:
     return identity_from_scope(conn.scope, security)
 
 
-def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
-    """A FastAPI dependency: the caller, if `rule` allows it to `what`; 403 otherwise. On an
-    --insecure listener every caller is INSECURE and may do everything."""
+def caller_check(rule: Rule, what: str) -> Callable[[HTTPConnection], Identity]:
+    """The caller, if `rule` allows it to `what`; 403 otherwise. On an --insecure listener every
+    caller is INSECURE and may do everything. (As a dependency: `allow`.)"""
 
-    def dependency(conn: HTTPConnection) -> Identity:
+    def check(conn: HTTPConnection) -> Identity:
         who = caller(conn)
         conn.scope.setdefault("state", {})["kvmotion_caller"] = str(who)
         return who if who is INSECURE else authorize(who, rule, what)
 
-    dependency.checks_caller = True  # type: ignore[attr-defined]  # a marker on the function: AuthorizedRoute runs it first
+    return check
+
+
+def allow(rule: Rule, what: str) -> Callable[[HTTPConnection], Awaitable[Identity]]:
+    """A FastAPI dependency: caller_check's answer."""
+    check = caller_check(rule, what)
+
+    # async: FastAPI runs a plain def dependency in a worker thread, a hop that costs more than the check
+    async def dependency(conn: HTTPConnection) -> Identity:
+        return check(conn)
+
+    dependency.checks_caller = check  # type: ignore[attr-defined]  # AuthorizedRoute runs it first
     return dependency
 
 
@@ -178,12 +189,15 @@ class AuthorizedRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        checks = []
+        checks: list[Callable[[Request], Any]] = []
         pending = list(self.dependant.dependencies)
         while pending:
             dep = pending.pop()
-            if dep.call is not None and getattr(dep.call, "checks_caller", False):
+            marker = getattr(dep.call, "checks_caller", None) if dep.call is not None else None
+            if marker is True and dep.call is not None:  # a plain check
                 checks.append(dep.call)
+            elif callable(marker):  # the check an async dependency wraps
+                checks.append(marker)
             pending.extend(dep.dependencies)
         if not checks:
             return handler
@@ -382,6 +396,7 @@ class _Connections:
         return True
 
     def release(self, transport: asyncio.BaseTransport) -> None:
+        transport = getattr(transport, "raw", transport)  # the one admitted, under a _Coalescing
         client = self.by_transport.pop(id(transport), None)
         if client is not None:
             left = self.per_client[client] - 1
@@ -389,6 +404,43 @@ class _Connections:
                 self.per_client[client] = left
             else:
                 del self.per_client[client]
+
+
+class _Coalescing:
+    """A connection's transport whose writes within one step of the event loop leave together (a
+    response's head and body: one TLS record and one send instead of two). Everything else is the
+    transport's own; close() sends what waits first, abort() drops it."""
+
+    def __init__(self, raw: asyncio.Transport) -> None:
+        self.raw = raw
+        self._waiting: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._waiting.append(bytes(data))
+
+    def writelines(self, lines: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._waiting:
+            data = b"".join(self._waiting)
+            self._waiting.clear()
+            if not self.raw.is_closing():
+                self.raw.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self._waiting.clear()
+        self.raw.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
@@ -408,13 +460,14 @@ def _with_certificate(app: Asgi, transport: asyncio.BaseTransport) -> Asgi:
 
 
 def _protocols(connections: _Connections) -> tuple[type, type]:
-    class Http(H11Protocol):
+    class Http(HttpToolsProtocol):  # httptools: uvicorn's C parser
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn hands it TCP transports
             if not connections.admit(transport):
                 transport.abort()
                 return
             super().connection_made(transport)
             self.app = _with_certificate(self.app, transport)
+            self.transport = _Coalescing(transport)  # type: ignore[assignment]  # a transport in all it does
 
         def connection_lost(self, exc: Exception | None) -> None:
             connections.release(self.transport)
@@ -453,4 +506,5 @@ def make_server(app: FastAPI, security: Security, service: str, server_class: ty
         tls = dict(ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca),
                    ssl_cert_reqs=ssl.CERT_OPTIONAL if security.optional_client_cert else ssl.CERT_REQUIRED)
     config.setdefault("log_level", "warning")
+    config.setdefault("access_log", False)  # the audit log records what matters; a line per heartbeat does not
     return server_class(uvicorn.Config(secure(app, security, service), http=http, ws=ws, **tls, **config))

@@ -27,6 +27,7 @@ from kvmotion.api.center import (
     NAME_PATTERN,
     TASK_ID_PATTERN,
     TOKEN_ID_PATTERN,
+    Alive,
     CaInfo,
     ClusterSettings,
     DatastoreJoinAnswer,
@@ -42,6 +43,7 @@ from kvmotion.api.center import (
     LoginAnswer,
     LoginRequest,
     MigrateRequest,
+    SettingsUpdate,
     TaskStarted,
     TaskState,
     TaskView,
@@ -92,7 +94,7 @@ from kvmotion.center.sessions import Sessions
 from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import Forbidden, NotFound
 
-HEARTBEAT_SUFFIX = "/heartbeat"  # Security.quiet for the center's listener
+QUIET_SUFFIXES = ("/heartbeat", "/alive")  # Security.quiet for the center's listener: a host's beats
 
 HostName = Annotated[str, Path(pattern=NAME_PATTERN)]
 DatastoreName = Annotated[str, Path(pattern=NAME_PATTERN)]
@@ -117,6 +119,7 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     DRS; every `operations_interval` seconds, None: not run) run in its lifespan. GET /metrics serves
     `registry` (default: a new one) with the center's collector in it."""
     control = controller or HeartbeatController(center.store, clock=center.clock)
+    control.liveness = center  # Alive beats noted in memory reach the store through its ticks
     ops = Tasks(center.store, center.clock)
     operations = Operations(center.store, ops, center.clock)
     ops.predict = operations.predict  # a user's migration task records its prediction too
@@ -379,14 +382,30 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
         return operations.apply_drs(body, who)
 
     # ---- a host's own ----
-    @app.post("/v1/hosts/{name}/heartbeat")
-    def heartbeat(name: HostName, beat: Heartbeat,
-                  who: Identity = Depends(allow(HOSTS, "send heartbeats"))) -> HeartbeatAnswer:
+    # A host's beats answer with the model's JSON as it is (response_model: the document only), not
+    # validated again by FastAPI: every host, every few seconds.
+    @app.post("/v1/hosts/{name}/heartbeat", response_model=HeartbeatAnswer,
+              summary="A host's full report: its VMs, their load, its migrations")
+    def heartbeat(name: HostName, beat: Heartbeat, who: Identity = Depends(allow(HOSTS, "send heartbeats"))) -> Response:
         if who is not INSECURE and not who.is_host(name):
             raise Forbidden(f"{who} may not send host {name}'s heartbeats: a host reports only for itself")
-        return center.heartbeat(name, beat)
+        return Response(center.heartbeat(name, beat).model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/hosts/{name}/alive", response_model=HeartbeatAnswer,
+              summary="A host's beat between its full reports (answer.report: send one now)")
+    async def alive(name: HostName, beat: Alive, who: Identity = Depends(allow(HOSTS, "send heartbeats"))) -> Response:
+        if who is not INSECURE and not who.is_host(name):
+            raise Forbidden(f"{who} may not send host {name}'s heartbeats: a host reports only for itself")
+        answer = center.alive_in_memory(name, beat)  # the common case: no I/O, no worker thread
+        if answer is None:
+            answer = await asyncio.to_thread(center.alive, name, beat)
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     # ---- the admin's ----
+    @app.patch("/v1/settings", summary="Change cluster settings (fields left out keep their values)")
+    def update_settings(body: SettingsUpdate, who: Identity = admin) -> ClusterSettings:
+        return center.update_settings(body, who)
+
     @app.delete("/v1/hosts/{name}", status_code=204)
     def remove_host(name: HostName, who: Identity = admin) -> None:
         center.remove_host(name, who)

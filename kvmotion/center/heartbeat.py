@@ -1,6 +1,7 @@
 """The heartbeat controller: every tick, hosts silent for longer than the settings allow become
-not responding (with an event; their VMs' observed state becomes unknown). Heartbeats themselves
-bring hosts back (Store.record_heartbeat). The decision is liveness.silent; this is its loop.
+not responding (with an event; their VMs' observed state becomes unknown). Full reports bring hosts
+back (Store.record_heartbeat). The decision is liveness.silent; this is its loop. Alive beats the
+center noted in memory (Center.alive_in_memory) are written to the store first, in one transaction.
 
 Run under the center's TaskGroup (app.lifespan) until `stop` is set: every wait is bounded (a tick
 by `tick_timeout`, the pause between ticks by `interval`), a failed tick is logged and the next
@@ -14,11 +15,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from kvmotion.center.liveness import Seen, silent
 from kvmotion.center.store import Store
 
 log = logging.getLogger("kvmotion.center")
+
+
+class Liveness(Protocol):
+    """Where Alive beats wait for the store (kvmotion.center.service.Center)."""
+
+    def take_heard(self) -> dict[str, float]: ...
+
+    def forget(self, name: str) -> None: ...
 
 
 class HeartbeatController:
@@ -29,6 +39,7 @@ class HeartbeatController:
         self.interval = interval
         self.tick_timeout = tick_timeout
         self.listening_since = clock()  # silence counts from here, not from before this center ran
+        self.liveness: Liveness | None = None  # create_app sets it
 
     def decide(self, now: float) -> list[Seen]:
         hosts = [Seen(h.name, h.state, h.last_heartbeat) for h in self.store.hosts()]
@@ -36,8 +47,16 @@ class HeartbeatController:
 
     def tick_sync(self) -> list[str]:
         """One pass: the hosts this tick marked not responding."""
+        if self.liveness is not None:
+            heard = self.liveness.take_heard()
+            if heard:
+                self.store.record_alive_many(heard)
         now = self.clock()
-        return [h.name for h in self.decide(now) if self.store.mark_not_responding(h.name, h.last_heartbeat, now)]
+        marked = [h.name for h in self.decide(now) if self.store.mark_not_responding(h.name, h.last_heartbeat, now)]
+        for name in marked:
+            if self.liveness is not None:
+                self.liveness.forget(name)
+        return marked
 
     async def tick(self) -> list[str]:
         async with asyncio.timeout(self.tick_timeout):

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from kvmotion.api.center import HostLoad, HostState, MigrationRole, ObservedState, TaskKind, TaskState
+from kvmotion.api.center import HostState, MigrationRole, ObservedState, TaskKind, TaskState
 from kvmotion.api.metrics import DOWNTIME_BUCKETS, DURATION_BUCKETS, histogram
 from kvmotion.center.service import Center
 from kvmotion.center.store import HostRow, VmRow
@@ -48,7 +48,7 @@ def task_families(counts: Mapping[tuple[TaskKind, TaskState], int],
                     [], [((), [d / 1000 for _, d in times if d is not None])], DOWNTIME_BUCKETS)
 
 
-def host_families(now: float, hosts: Sequence[HostRow], loads: Mapping[str, tuple[HostLoad, float]]) -> Iterator[Metric]:
+def host_families(now: float, hosts: Sequence[HostRow]) -> Iterator[Metric]:
     by_state = GaugeMetricFamily("kvmotion_center_hosts", "Hosts by state", labels=["state"])
     for each in HostState:
         by_state.add_metric([each.value], sum(1 for h in hosts if h.state is each))
@@ -87,13 +87,12 @@ def host_families(now: float, hosts: Sequence[HostRow], loads: Mapping[str, tupl
             mem_available.add_metric([host.name], host.load.memory_available)
         if host.cpu_demand is not None:
             demand.add_metric([host.name], host.cpu_demand)
-        last = loads.get(host.name)
-        if last is None:
+        if host.load is None:
             continue
-        readies = [vm.cpu_ready for vm in last[0].vms]
+        readies = [vm.cpu_ready for vm in host.load.vms]
         if all(r is not None for r in readies):
             ready.add_metric([host.name], sum(r for r in readies if r is not None))
-        for vm in last[0].vms:
+        for vm in host.load.vms:
             if vm.cpu_demand is not None:
                 vm_demand.add_metric([host.name, vm.name], vm.cpu_demand)
             if vm.cpu_ready is not None:
@@ -118,5 +117,5 @@ class CenterCollector:
     def collect(self) -> Iterator[Metric]:
         store = self.center.store
         yield from task_families(store.task_counts(), store.migration_times())
-        yield from host_families(self.center.clock(), store.hosts(), self.center.last_loads())
+        yield from host_families(self.center.clock(), store.hosts())
         yield from vm_families(store.vms())

@@ -3,8 +3,9 @@
 Ganeti style: every host considered gets every reason it was refused for (not just the first), and
 an eligible host a score; the least loaded eligible host wins (ties: by name, so the choice is
 stable). The score is the host's memory use and CPU demand after the VM arrives, each as a fraction
-of the host's capacity, weighted equally; CPU demand is what its VMs kept busy between its last two
-heartbeats (`cpu_demand`), the VM's own demand estimated as its vCPUs' share when it has no history.
+of the host's capacity, weighted equally; CPU demand is what its VMs kept busy as its agent measured
+it (the sum of their figures in its last full report), the VM's own demand estimated as half its
+vCPUs (it has no history there).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class HostSnapshot:
     state: HostState
     load: HostLoad | None = None
     facts: HostFacts | None = None
-    cpu_demand: float | None = None  # cores busy, from heartbeats
+    cpu_demand: float | None = None  # cores busy, as the host's agent measured them
     reserved_memory: int = 0  # bytes promised to VMs on their way there (queued or running tasks)
     reserved_cpus: float = 0.0
     mode: HostMode = HostMode.NORMAL
@@ -54,16 +55,6 @@ class HostSnapshot:
     @property
     def status(self) -> Status:
         return status_of(self.state, self.mode, self.quarantined)
-
-
-def cpu_demand(before: HostLoad | None, before_at: float | None, after: HostLoad, after_at: float) -> float | None:
-    """Cores the host's VMs kept busy between two heartbeats (run time of the VMs reported in both),
-    or None without two samples."""
-    if before is None or before_at is None or after_at <= before_at:
-        return None
-    earlier = {vm.name: vm.cpu_run_ns for vm in before.vms}
-    busy = sum(max(0, vm.cpu_run_ns - earlier[vm.name]) for vm in after.vms if vm.name in earlier)
-    return busy / 1e9 / (after_at - before_at)
 
 
 def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str | None,

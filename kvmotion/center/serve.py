@@ -28,7 +28,7 @@ from kvmotion.api.identity import Identity, Kind
 from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY, init_ca, issue_cert
 from kvmotion.api.serving import Security, insecure_warning, make_server
 from kvmotion.api.tls import client_context
-from kvmotion.center.app import HEARTBEAT_SUFFIX, create_app
+from kvmotion.center.app import QUIET_SUFFIXES, create_app
 from kvmotion.center.auth import SCRYPT_LOG2_N
 from kvmotion.center.dispatcher import Dispatcher, HttpAgents
 from kvmotion.center.service import Center
@@ -131,7 +131,7 @@ def prepare(data: Path, listen: Listen, insecure: bool, *, password_cost: int | 
         ]
     lines.append(f"kvmotion center serving {url} (CA SHA-256 {center.ca_sha256}), data in {data}")
     security = Security(tls_files=None if insecure else (tls / SERVER_CERT, tls / SERVER_KEY, data / "ca" / CA_CERT),
-                        audit_log=data / "audit.log", quiet=(HEARTBEAT_SUFFIX,), insecure=insecure,
+                        audit_log=data / "audit.log", quiet=QUIET_SUFFIXES, insecure=insecure,
                         optional_client_cert=not insecure)
     return Prepared(center=center, security=security, lines=tuple(lines), first=first is not None)
 

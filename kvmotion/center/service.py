@@ -6,12 +6,14 @@ them in worker threads, asyncio code through asyncio.to_thread.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmotion.api.center import (
     PROTOCOL_VERSION,
+    Alive,
     CaInfo,
     ClusterSettings,
     DatastoreJoinAnswer,
@@ -28,6 +30,7 @@ from kvmotion.api.center import (
     JoinRequest,
     LoginAnswer,
     LoginRequest,
+    SettingsUpdate,
     TokenCreate,
     TokenCreated,
     TokenView,
@@ -39,7 +42,6 @@ from kvmotion.api.center import (
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import CA, cert_pem, load_csr, sha256_hex, sign_csr
 from kvmotion.center import auth
-from kvmotion.center.placement import cpu_demand
 from kvmotion.center.store import HostRow, Store, TokenRow, UserRow
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
 
@@ -74,6 +76,15 @@ def datastore_urls(address: str, nbd_port: int, secure: bool) -> tuple[str, str]
     return f"nbd://{shown}:{nbd_port}", f"http://{shown}:{nbd_port + 1}"
 
 
+def host_demand(load: HostLoad) -> float | None:
+    """CPUs the host's VMs kept busy, as its agent measured them over its sampling interval: the
+    sum of its VMs' figures; None while none of its running VMs has one yet (a first sample)."""
+    measured = [vm.cpu_demand for vm in load.vms if vm.cpu_demand is not None]
+    if load.vms and not measured:
+        return None
+    return sum(measured)
+
+
 def agent_url(address: str, port: int, secure: bool) -> str:
     shown = f"[{address}]" if ":" in address else address
     return f"{'https' if secure else 'http'}://{shown}:{port}"
@@ -90,7 +101,10 @@ class Center:
         self.clock = clock
         self.passwords = auth.Passwords(password_cost)
         self.ca_pem = cert_pem(ca.cert)
-        self._samples: dict[str, tuple[HostLoad, float]] = {}  # host -> its last load and when (CPU demand)
+        self._digests: dict[str, str] = {}  # host -> the digest of its last full report
+        self._states: dict[str, HostState] = {}  # host -> its state after its last full report
+        self._heard: dict[str, float] = {}  # host -> its last Alive beat not yet in the store (take_heard)
+        self._heard_lock = threading.Lock()
         self._settings_cache: tuple[float, ClusterSettings] | None = None
         self.ca_sha256 = sha256_hex(ca.cert)
 
@@ -179,28 +193,73 @@ class Center:
 
     def remove_host(self, name: str, who: Identity) -> None:
         self.store.remove_host(name, str(who), self.clock())
+        self.forget(name)
+
+    @staticmethod
+    def _check_version(name: str, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            raise Conflict(f"host {name} speaks center protocol {version}; this center speaks {PROTOCOL_VERSION}: "
+                           "run the same kvmotion version on both")
 
     def heartbeat(self, name: str, beat: Heartbeat) -> HeartbeatAnswer:
-        if beat.version != PROTOCOL_VERSION:
-            raise Conflict(f"host {name} speaks center protocol {beat.version}; this center speaks {PROTOCOL_VERSION}: "
-                           "run the same kvmotion version on both")
+        """A full report: the host's VMs, load and migrations."""
+        self._check_version(name, beat.version)
         now = self.clock()
-        measured = [vm.cpu_demand for vm in beat.load.vms]
-        if all(d is not None for d in measured):  # the agent's own figures over its sampling interval
-            demand: float | None = sum(d for d in measured if d is not None)
-        else:  # an agent that sends run-time totals only: the demand between two of its heartbeats
-            before = self._samples.get(name)
-            demand = cpu_demand(before[0], before[1], beat.load, now) if before is not None else None
-        # The store keeps the host's totals; its VMs' run times stay here, for the next demand.
-        row = self.store.record_heartbeat(name, now, beat.vms, beat.load.model_copy(update={"vms": ()}),
-                                          beat.migrations, demand)
-        self._samples[name] = (beat.load, now)
+        # The store keeps the host's load with each VM's figures (what placement, DRS and metrics read)
+        # and their CPU demand as the agent measured it: a full report comes every report_interval.
+        row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations, host_demand(beat.load))
+        if beat.digest is None:
+            self._digests.pop(name, None)
+        else:
+            self._digests[name] = beat.digest
+        self._states[name] = row.state
         settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
 
-    def last_loads(self) -> dict[str, tuple[HostLoad, float]]:
-        """Each host's load as its last heartbeat to this center reported it (its VMs' too), and when."""
-        return dict(self._samples)
+    def alive_in_memory(self, name: str, beat: Alive) -> HeartbeatAnswer | None:
+        """The common Alive beat without I/O (the HTTP layer calls it in its event loop): the digest
+        is the one of the host's last full report and the settings were read lately. The beat is
+        noted here and written to the store by the heartbeat controller's next tick (take_heard),
+        before it looks for silent hosts. None: `alive` must answer."""
+        self._check_version(name, beat.version)
+        now = self.clock()
+        cached = self._settings_cache
+        state = self._states.get(name)
+        if (state is None or self._digests.get(name) != beat.digest or cached is None
+                or not 0 <= now - cached[0] < SETTINGS_TTL):
+            return None
+        with self._heard_lock:
+            self._heard[name] = now
+        return HeartbeatAnswer(state=state, interval=cached[1].heartbeat_interval, now=now, settings=cached[1])
+
+    def take_heard(self) -> dict[str, float]:
+        """The Alive beats noted since the last call (host -> when), for the store."""
+        with self._heard_lock:
+            heard, self._heard = self._heard, {}
+        return heard
+
+    def forget(self, name: str) -> None:
+        """The host became not responding (or was removed): its next Alive beat is answered with a
+        request for its full report (its VMs are unknown until then)."""
+        self._digests.pop(name, None)
+        self._states.pop(name, None)
+
+    def alive(self, name: str, beat: Alive) -> HeartbeatAnswer:
+        """A beat between full reports, through the store. The full report is asked for when this
+        center does not know the digest (it restarted, or the report was lost) or the host is not
+        responding (its VMs are unknown until it reports them)."""
+        self._check_version(name, beat.version)
+        now = self.clock()
+        settings = self._settings(now)
+        known = self._digests.get(name) == beat.digest
+        state = self.store.record_alive(name, now) if known else None
+        if state is None:
+            row = self.store.host(name)
+            if row is None:
+                raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
+            return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings,
+                                   report=True)
+        return HeartbeatAnswer(state=state, interval=settings.heartbeat_interval, now=now, settings=settings)
 
     def _settings(self, now: float) -> ClusterSettings:
         """The settings, read again at most every SETTINGS_TTL seconds (every heartbeat answers with them)."""
@@ -208,6 +267,18 @@ class Center:
         if cached is None or not 0 <= now - cached[0] < SETTINGS_TTL:
             cached = self._settings_cache = (now, self.store.settings())
         return cached[1]
+
+    def update_settings(self, update: SettingsUpdate, who: Identity) -> ClusterSettings:
+        """The settings with `update`'s fields changed, in one transaction with an event."""
+        changes = update.changes()
+        if not changes:
+            raise InvalidInput("no setting to change: name at least one")
+        before = self.store.settings()
+        after = ClusterSettings(**(before.model_dump() | changes))
+        what = ", ".join(f"{k} {getattr(before, k)} -> {v}" for k, v in changes.items())
+        self.store.change_settings(after, what, str(who), self.clock())
+        self._settings_cache = None
+        return after
 
     # ---- datastores ----
     def datastores(self) -> list[DatastoreView]:

@@ -28,7 +28,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +79,7 @@ class HostRow:
     load: HostLoad | None = None
     migrations: tuple[ActiveMigration, ...] = ()
     vms: int = 0  # VMs last observed there (computed when read)
-    cpu_demand: float | None = None  # cores busy between its last two heartbeats
+    cpu_demand: float | None = None  # CPUs busy, as the agent measured them (its last full report)
     facts: HostFacts | None = None
     mode: HostMode = HostMode.NORMAL
     mode_reason: str = ""
@@ -185,6 +185,9 @@ class Store(Protocol):
 
     def save_settings(self, settings: ClusterSettings) -> None: ...
 
+    # the settings changed by an admin, with an event saying what changed
+    def change_settings(self, settings: ClusterSettings, what: str, who: str, at: float) -> None: ...
+
     def add_user(self, user: UserRow, who: str) -> None: ...
 
     def user(self, name: str) -> UserRow | None: ...
@@ -222,6 +225,13 @@ class Store(Protocol):
 
     def record_heartbeat(self, name: str, at: float, vms: Sequence[VmReport], load: HostLoad,
                          migrations: Sequence[ActiveMigration], cpu_demand: float | None = None) -> HostRow: ...
+
+    # a beat between full reports: the host's last heartbeat, unless it is not responding (then its
+    # full report brings it back); its state, None if it is not responding. NotFound if it never joined.
+    def record_alive(self, name: str, at: float) -> HostState | None: ...
+
+    # record_alive for several hosts (host -> when) in one transaction; hosts gone meanwhile are skipped
+    def record_alive_many(self, heard: Mapping[str, float]) -> None: ...
 
     def set_host_facts(self, name: str, facts: HostFacts) -> None: ...
 
@@ -583,6 +593,11 @@ class SqliteStore:
         with self._write() as conn:
             self._save_settings(conn, settings)
 
+    def change_settings(self, settings: ClusterSettings, what: str, who: str, at: float) -> None:
+        with self._write() as conn:
+            self._save_settings(conn, settings)
+            self._add_event(conn, at, EventKind.SETTINGS_CHANGED, "settings", f"settings changed: {what}", who)
+
     # ---- users ----
     @staticmethod
     def _insert_user(conn: sqlite3.Connection, user: UserRow) -> None:
@@ -747,6 +762,22 @@ class SqliteStore:
                     conn.execute("UPDATE vms SET observed_state = ?, updated = ? WHERE name = ?",
                                  (ObservedState.ABSENT.value, at, vm))
             return _host(conn.execute(_HOSTS + " WHERE h.name = ?", (name,)).fetchone())
+
+    def record_alive(self, name: str, at: float) -> HostState | None:
+        with self._write() as conn:
+            row = conn.execute("UPDATE hosts SET last_heartbeat = ? WHERE name = ? AND state != ? RETURNING state",
+                               (at, name, HostState.NOT_RESPONDING.value)).fetchone()
+            if row is not None:
+                return HostState(row["state"])
+            if conn.execute("SELECT 1 FROM hosts WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
+            return None
+
+    def record_alive_many(self, heard: Mapping[str, float]) -> None:
+        with self._write() as conn:
+            conn.executemany("UPDATE hosts SET last_heartbeat = ? WHERE name = ? AND state != ? "
+                             "AND (last_heartbeat IS NULL OR last_heartbeat < ?)",
+                             [(at, name, HostState.NOT_RESPONDING.value, at) for name, at in heard.items()])
 
     def mark_not_responding(self, name: str, seen: float | None, at: float) -> bool:
         with self._write() as conn:

@@ -1,17 +1,21 @@
-"""`kvmotion center …`: run the control plane, make join tokens, add users."""
+"""`kvmotion center …`: run the control plane, manage join tokens, add users."""
 
 from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from kvmotion.api.center import TokenCreate, UserAdd
 from kvmotion.api.identity import Role
 from kvmotion.api.userconfig import load_credentials
 from kvmotion.api.web import SigninToken, create_signin_token
+from kvmotion.cli import centerops
+from kvmotion.cli.common import console
 from kvmotion.core.units import parse_duration
 
 app = typer.Typer(no_args_is_help=True, help="The control plane: serve it, make join tokens for hosts.")
@@ -35,13 +39,13 @@ def serve(
 
 @token.command("create")
 def token_create(
-    ttl: str = typer.Option("24h", "--ttl", help="How long it may be used, e.g. 30m, 24h (1m to 30 days)."),
+    ttl: str = typer.Option("24h", "--ttl", help="How long it may be used, e.g. 30m, 24h (1s to 30 days)."),
     uses: int | None = typer.Option(None, "--uses", help="How many hosts may join with it (default: any number until it expires)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Make a join token (as an admin logged in with `kvmotion login`). The token goes to stdout."""
     request = TokenCreate(ttl=parse_duration(ttl), uses=uses)
-    with load_credentials().client() as client:
+    with centerops.client() as client:
         created = client.create_token(request)
     if json_out:
         print(created.model_dump_json(indent=2))
@@ -50,6 +54,30 @@ def token_create(
     uses_text = "any number of joins" if created.info.uses_left is None else f"{created.info.uses_left} join(s)"
     print(f"join token {created.info.id}: valid until {expires:%Y-%m-%d %H:%M} UTC for {uses_text}", file=sys.stderr)
     print(created.token)
+
+
+@token.command("ls")
+def token_ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The join tokens (ids, expiry, joins left; never their secrets), as an admin."""
+    with centerops.client() as client:
+        tokens = client.tokens()
+    if json_out:
+        print("[" + ",".join(t.model_dump_json() for t in tokens) + "]")
+        return
+    now = time.time()
+    table = Table("id", "expires (UTC)", "joins left", "created by")
+    for t in tokens:
+        expires = f"{dt.datetime.fromtimestamp(t.expires, dt.UTC):%Y-%m-%d %H:%M:%S}" + (" (expired)" if t.expires <= now else "")
+        table.add_row(t.id, expires, "any" if t.uses_left is None else str(t.uses_left), t.created_by)
+    console.print(table)
+
+
+@token.command("revoke")
+def token_revoke(token_id: str = typer.Argument(..., help="The token's id (`kvmotion center token ls`).")) -> None:
+    """Delete a join token, as an admin: no host joins with it any more (hosts that joined stay)."""
+    with centerops.client() as client:
+        client.delete_token(token_id)
+    print(f"join token {token_id} revoked", file=sys.stderr)
 
 
 @app.command("web-token")

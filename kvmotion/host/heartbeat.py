@@ -1,7 +1,12 @@
-"""A joined agent's heartbeats: every interval (2 s by default, the center's setting) it reports what
-it observes (its VMs, their CPU and memory load, the host's memory, its active migrations) and keeps
-the center's picture of the cluster (peers, datastores, settings) in its state root's cache, from
-which it works while the center is down.
+"""A joined agent's heartbeats: every interval (2 s by default, the center's setting) it tells the
+center it is alive, and keeps the center's picture of the cluster (peers, datastores, settings) in
+its state root's cache, from which it works while the center is down.
+
+A beat is small (`Alive`: a sequence number and the digest of what the agent last reported) unless
+a full report is due (`Cadence`): what it observes changed (its VMs, their states and specs, its
+migrations), the center asks for one, or `report_interval` (20 s) passed. The full report lists
+its VMs, their CPU demand and ready time averaged since the previous full report (from
+/proc/PID/task/TID/schedstat), their memory, the host's memory and its active migrations.
 
 Runs under the agent's lifespan TaskGroup until `stop` is set: each beat is bounded (`tick_timeout`),
 a failed beat is logged (once per kind of failure, not every 2 s) and the next one tries again,
@@ -14,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from kvmotion.api.agent import VmStatus
 from kvmotion.api.center import (
     PROTOCOL_VERSION,
     ActiveMigration,
+    Alive,
     AsyncCenterClient,
     ClusterSettings,
     Heartbeat,
@@ -29,6 +35,7 @@ from kvmotion.api.center import (
     ReportedState,
     VmLoad,
     VmReport,
+    report_digest,
     trusting,
 )
 from kvmotion.api.joined import ClusterCache, StateRoot
@@ -78,22 +85,64 @@ class LoadSampler:
                 continue
             rate = cpu_load(self.previous.get(o.status.name), o.sample)
             current[o.status.name] = o.sample
-            loads.append(VmLoad(name=o.status.name, cpu_run_ns=o.sample.run_ns, cpu_ready_ns=o.sample.wait_ns,
-                                memory=o.memory, cpu_demand=None if rate is None else rate.demand,
+            loads.append(VmLoad(name=o.status.name, memory=o.memory, cpu_demand=None if rate is None else rate.demand,
                                 cpu_ready=None if rate is None else rate.ready))
         self.previous = current  # VMs that stopped are forgotten
         return tuple(loads)
 
 
-def build_heartbeat(vms: Sequence[VmStatus], loads: tuple[VmLoad, ...], memory: resources.MemInfo, cpus: int,
+def vm_reports(vms: Sequence[VmStatus]) -> tuple[VmReport, ...]:
+    return tuple(VmReport(name=vm.name, state=ReportedState(vm.state.value), spec_hash=spec_hash(vm.spec)) for vm in vms)
+
+
+def build_heartbeat(reports: tuple[VmReport, ...], loads: tuple[VmLoad, ...], memory: resources.MemInfo, cpus: int,
                     migrations: Sequence[ActiveMigration], cpu_capacity: float | None = None) -> Heartbeat:
     return Heartbeat(
         version=PROTOCOL_VERSION,
-        vms=tuple(VmReport(name=vm.name, state=ReportedState(vm.state.value), spec_hash=spec_hash(vm.spec)) for vm in vms),
+        digest=report_digest(reports, migrations),
+        vms=reports,
         load=HostLoad(cpus=cpus, cpu_capacity=cpu_capacity, memory_total=memory.total, memory_available=memory.available,
                       vms=loads),
         migrations=tuple(migrations),
     )
+
+
+class Cadence:
+    """Which beat carries the full report: the first, any after what it reports changed, and one
+    every `report_interval` seconds (monotonic clock, passed in)."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.reported: str | None = None  # the digest of the last full report the center took
+        self.reported_at: float | None = None
+
+    def full_due(self, digest: str, now: float, report_interval: float) -> bool:
+        return (self.reported != digest or self.reported_at is None
+                or now - self.reported_at >= report_interval)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def sent(self, digest: str, now: float) -> None:
+        self.reported, self.reported_at = digest, now
+
+
+async def beat(client: AsyncCenterClient, name: str, cadence: Cadence, reports: tuple[VmReport, ...],
+               migrations: Sequence[ActiveMigration], full: Callable[[], Awaitable[Heartbeat]],
+               report_interval: float, now: float) -> tuple[HeartbeatAnswer, bool]:
+    """One beat: `Alive`, or the full report (`full` builds it) when due or when the center asks
+    for it. The answer, and whether the full report went."""
+    digest = report_digest(reports, migrations)
+    seq = cadence.next_seq()
+    if not cadence.full_due(digest, now, report_interval):
+        answer = await client.alive(name, Alive(version=PROTOCOL_VERSION, seq=seq, digest=digest))
+        if not answer.report:
+            return answer, False
+    report = await full()
+    answer = await client.heartbeat(name, report)
+    cadence.sent(report.digest or digest, now)
+    return answer, True
 
 
 def client_for(root: StateRoot) -> AsyncCenterClient:
@@ -118,9 +167,12 @@ class Heartbeats:
         self.tick_timeout = tick_timeout
         self.refresh_every = refresh_every
         self.sampler = LoadSampler()
+        self.cadence = Cadence()
         self.last_refresh: float | None = None  # monotonic
         self.failing: str | None = None  # the last failure logged (the next success says so)
-        self.interval = self._cached_settings().heartbeat_interval
+        cached = self._cached_settings()
+        self.interval = cached.heartbeat_interval
+        self.report_interval = cached.report_interval
 
     def _cached_settings(self) -> ClusterSettings:
         try:
@@ -129,14 +181,23 @@ class Heartbeats:
             return ClusterSettings()
 
     async def beat(self, client: AsyncCenterClient) -> HeartbeatAnswer:
-        """One heartbeat, and the cache refreshed when due (or when the settings changed)."""
+        """One heartbeat (`Alive`, or the full report when due), and the cache refreshed when due
+        (or when the settings changed)."""
         vms = self.vms()
-        observed = await asyncio.to_thread(self.sampler.observe, vms)
-        memory = await asyncio.to_thread(resources.meminfo)
-        beat = build_heartbeat(vms, self.sampler.loads(observed), memory, resources.cpu_count(), self.migrations(),
-                               resources.cpu_capacity())
-        answer = await client.heartbeat(self.name, beat)
+        reports = vm_reports(vms)
+        migrations = tuple(self.migrations())
+
+        async def full() -> Heartbeat:  # the load averaged since the previous full report
+            observed = await asyncio.to_thread(self.sampler.observe, vms)
+            memory = await asyncio.to_thread(resources.meminfo)
+            return build_heartbeat(reports, self.sampler.loads(observed), memory, resources.cpu_count(), migrations,
+                                   resources.cpu_capacity())
+
+        answer, _ = await beat(client, self.name, self.cadence, reports, migrations, full,
+                               self.report_interval, time.monotonic())
         self.interval = answer.interval
+        if answer.settings is not None:
+            self.report_interval = answer.settings.report_interval
         now = time.monotonic()
         settings_changed = answer.settings is not None and answer.settings != self._cached_settings()
         if settings_changed or self.last_refresh is None or now - self.last_refresh >= self.refresh_every:

@@ -28,7 +28,7 @@ from kvmotion.api.address import API_PREFIX, INSECURE_HOST_HEADER
 from kvmotion.api.disks import DiskInfo, Lease
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
 from kvmotion.api.metrics import CONTENT_TYPE, render
-from kvmotion.api.serving import AuthorizedRoute, allow
+from kvmotion.api.serving import AuthorizedRoute, allow, caller_check
 from kvmotion.core.errors import InvalidInput
 from kvmotion.storage.datastore import Datastore
 from kvmotion.storage.metrics import DatastoreMetrics
@@ -93,7 +93,7 @@ class InfoOut(_Body):
     now: float
 
 
-_hosts_only = allow(HOSTS, "change disk leases")
+_hosts_only = caller_check(HOSTS, "change disk leases")
 
 
 def lease_caller(conn: HTTPConnection) -> Identity:

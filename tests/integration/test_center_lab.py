@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -209,10 +208,9 @@ def test_expired_or_forged_join_token_refused(clab: MigrationLab, tmp_path: Path
     first = labcluster.read_first_start(lab.cluster.log(CENTER)).token
     prefix, secret = first.rsplit(".", 1)
     forged = f"{prefix}.{'0' * len(secret) if secret != '0' * len(secret) else '1' * len(secret)}"
-    created = lab.cli_json("center", "token", "create", "--ttl", "1h")
+    created = lab.cli_json("center", "token", "create", "--ttl", "2s")
     token = created["token"]  # type: ignore[index]
-    with sqlite3.connect(lab.cluster.center_data / "center.db") as db:  # an hour passes, for this token only
-        db.execute("UPDATE join_tokens SET expires = ? WHERE id = ?", (time.time() - 1, created["info"]["id"]))  # type: ignore[index]
+    time.sleep(max(0.0, created["info"]["expires"] - time.time()) + 0.5)  # type: ignore[index]  # it expires
     for bad, says in ((forged, "is forged"), (token, "expired")):
         r = _join(lab, bad, tmp_path)
         assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
@@ -228,10 +226,8 @@ def test_migrations_queue_under_the_host_budget(clab: MigrationLab) -> None:
     vms = [("q1", "host-a"), ("q2", "host-b")]
     for k, (vm, host) in enumerate(vms, start=3):
         lab.create_vm(vm, host, k=k)
-    db_path = lab.cluster.center_data / "center.db"
-    with sqlite3.connect(db_path) as db:
-        old = db.execute("SELECT value FROM settings WHERE key = 'migration_budget_slow'").fetchone()
-        db.execute("UPDATE settings SET value = '1' WHERE key IN ('migration_budget_slow', 'migration_budget_fast')")
+    old = lab.cli_json("cluster", "settings")
+    lab.cli_ok("cluster", "settings", "--migration-budget-slow", "1", "--migration-budget-fast", "1")
     try:
         # Each CLI moves its VM three hops in a row (a VM has one migration at a time); the two
         # chains compete for host-c, which both pass through.
@@ -257,9 +253,8 @@ def test_migrations_queue_under_the_host_budget(clab: MigrationLab) -> None:
         assert [t["state"] for t in done] == ["done"] * 6, done
         assert lab.running_hosts("q1") == ["host-a"] and lab.running_hosts("q2") == ["host-b"]
     finally:
-        with sqlite3.connect(db_path) as db:
-            db.execute("UPDATE settings SET value = ? WHERE key IN ('migration_budget_slow', 'migration_budget_fast')",
-                       (old[0] if old else "4",))
+        lab.cli_ok("cluster", "settings", "--migration-budget-slow", str(old["migration_budget_slow"]),  # type: ignore[index]
+                   "--migration-budget-fast", str(old["migration_budget_fast"]))  # type: ignore[index]
         for vm, _ in vms:
             lab.cli("vm", "stop", vm, timeout=90)
 

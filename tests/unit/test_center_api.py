@@ -20,7 +20,7 @@ from kvmotion.api.center import (
 from kvmotion.api.identity import Identity, Kind, Role, identity_of
 from kvmotion.api.pki import init_ca, new_key_and_csr
 from kvmotion.api.serving import Security, secure
-from kvmotion.center.app import create_app
+from kvmotion.center.app import QUIET_SUFFIXES, create_app
 from kvmotion.center.heartbeat import HeartbeatController
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
@@ -30,6 +30,7 @@ T0 = 1_800_000_000.0
 ADMIN = Identity(Kind.USER, "admin", Role.ADMIN)
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
 LOAD = {"cpus": 2, "memory_total": 1 << 30, "memory_available": 1 << 29}
+D1, D2 = "a" * 64, "b" * 64  # report digests
 
 
 class Clock:
@@ -53,7 +54,7 @@ class Cluster:
         assert first is not None
         self.admin_password, self.token = first.admin_password, first.token
         self.app = create_app(self.center, HeartbeatController(self.store, clock=self.clock, interval=0.01))
-        self.secured = secure(self.app, Security(tls_files=None, audit_log=self.data / "audit.log", quiet=("/heartbeat",),
+        self.secured = secure(self.app, Security(tls_files=None, audit_log=self.data / "audit.log", quiet=QUIET_SUFFIXES,
                                                  optional_client_cert=True), "center")
         self.ca = TestCA(self.data)  # issues from the center's CA (data/ca)
 
@@ -286,7 +287,7 @@ def test_a_host_heartbeats_only_for_itself(cluster: Cluster) -> None:
     assert cluster.client(ADMIN).post("/v1/hosts/host-a/heartbeat", json=_beat()).status_code == 403
     assert state(cluster) == before
     r = host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"),)))
-    assert r.status_code == 200 and r.json() == {"state": "connected", "interval": 2.0, "now": T0,
+    assert r.status_code == 200 and r.json() == {"state": "connected", "interval": 2.0, "now": T0, "report": False,
                                                  "settings": cluster.client(VIEWER).get("/v1/settings").json()}
     assert cluster.client(VIEWER).get("/v1/hosts/host-a").json()["vms"] == 1
     assert host_a.post("/v1/hosts/host-a/heartbeat", json=_beat(version=2)).status_code == 409
@@ -297,6 +298,83 @@ def test_a_host_heartbeats_only_for_itself(cluster: Cluster) -> None:
     # Successful heartbeats stay out of the audit log; refused ones are in it.
     beats = [(e["who"], e["status"]) for e in cluster.audit() if e["path"].endswith("/heartbeat")]
     assert ("host:host-b", 403) in beats and ("host:host-a", 200) not in beats
+
+
+def _alive(digest: str = D1, version: int = PROTOCOL_VERSION, seq: int = 1) -> dict:
+    return {"version": version, "seq": seq, "digest": digest}
+
+
+def test_alive_beats_between_full_reports(cluster: Cluster) -> None:
+    """An Alive beat keeps a host connected while its digest is the one of its last full report;
+    otherwise (never reported, another digest, not responding) the center asks for the report and
+    changes nothing."""
+    for name in ("host-a", "host-b"):
+        assert cluster.client(None).post("/v1/join", json=join_body(cluster.token, name)[0]).status_code == 201
+    host_a, host_b = cluster.client(Identity(Kind.HOST, "host-a")), cluster.client(Identity(Kind.HOST, "host-b"))
+    viewer = cluster.client(VIEWER)
+    before = state(cluster)
+    r = host_a.post("/v1/hosts/host-a/alive", json=_alive())
+    assert r.status_code == 200 and r.json()["report"] is True and r.json()["state"] == "not_responding"
+    assert host_b.post("/v1/hosts/host-a/alive", json=_alive()).status_code == 403
+    assert host_a.post("/v1/hosts/host-a/alive", json=_alive(version=2)).status_code == 409
+    bad = host_a.post("/v1/hosts/host-a/alive", json=_alive(digest="x"))
+    assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("invalid heartbeat")
+    assert state(cluster) == before
+    assert host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"),)) | {"digest": D1}).json()["state"] \
+        == "connected"
+    cluster.clock.now = T0 + 1  # within the settings' cache: answered from memory
+    r = host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=2))
+    assert r.status_code == 200 and r.json()["report"] is False and r.json()["state"] == "connected"
+    assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0  # the store learns it at the next tick
+    assert cluster.app.state.controller.tick_sync() == []
+    assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0 + 1
+    cluster.clock.now = T0 + 8  # the settings read again: through the store
+    r = host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=2))
+    assert r.status_code == 200 and r.json()["report"] is False and r.json()["state"] == "connected"
+    assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0 + 8
+    cluster.clock.now = T0 + 9
+    assert host_a.post("/v1/hosts/host-a/alive", json=_alive(D2, seq=3)).json()["report"] is True  # something changed
+    assert viewer.get("/v1/hosts/host-a").json()["last_heartbeat"] == T0 + 8
+    # Not responding: Alive does not bring it back (its VMs are unknown); the full report does.
+    cluster.clock.now = T0 + 18.5
+    assert cluster.app.state.controller.tick_sync() == ["host-a"]
+    cluster.clock.now = T0 + 19
+    r = host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=4))
+    assert r.json()["report"] is True and r.json()["state"] == "not_responding"
+    assert cluster.store.vm("web1").observed_state.value == "unknown"
+    host_a.post("/v1/hosts/host-a/heartbeat", json=_beat((("web1", "running"),)) | {"digest": D1})
+    assert cluster.store.vm("web1").observed_state.value == "running"
+    assert host_a.post("/v1/hosts/host-a/alive", json=_alive(seq=5)).json() | {"settings": None} == {
+        "state": "connected", "interval": 2.0, "now": T0 + 19, "report": False, "settings": None}
+    gone = cluster.client(Identity(Kind.HOST, "host-c")).post("/v1/hosts/host-c/alive", json=_alive())
+    assert gone.status_code == 404 and "has not joined" in gone.json()["error"]["message"]
+    assert not [e for e in cluster.audit() if e["path"].endswith("/alive") and e["status"] == 200]
+    assert ("host:host-b", 403) in [(e["who"], e["status"]) for e in cluster.audit() if e["path"].endswith("/alive")]
+
+
+def test_admin_changes_settings(cluster: Cluster) -> None:
+    admin, viewer = cluster.client(ADMIN), cluster.client(VIEWER)
+    before = state(cluster)
+    r = viewer.patch("/v1/settings", json={"migration_budget_slow": 1})
+    assert r.status_code == 403
+    for body, says in (({}, "no setting to change: name at least one"),
+                       ({"migration_budget_slow": 0}, "migration_budget_slow"),
+                       ({"cluster_migrations": "many"}, "cluster_migrations"),
+                       ({"encrypted": False}, "encrypted")):  # not changed at run time
+        r = admin.patch("/v1/settings", json=body)
+        assert r.status_code == 422 and says in r.json()["error"]["message"], (body, r.text)
+        assert "\n" not in r.json()["error"]["message"]
+    assert state(cluster) == before and viewer.get("/v1/settings").json() == ClusterSettings().model_dump()
+    r = admin.patch("/v1/settings", json={"migration_budget_slow": 1, "cluster_migrations": 3})
+    assert r.status_code == 200, r.text
+    want = ClusterSettings(migration_budget_slow=1, cluster_migrations=3).model_dump()
+    assert r.json() == want and viewer.get("/v1/settings").json() == want
+    assert cluster.store.settings() == ClusterSettings(migration_budget_slow=1, cluster_migrations=3)
+    event = cluster.store.events(limit=1000)[-1]
+    assert event.kind is EventKind.SETTINGS_CHANGED and event.who == "user:admin (admin)"
+    assert event.message == "settings changed: migration_budget_slow 4 -> 1, cluster_migrations 32 -> 3"
+    assert ("user:admin (admin)", "PATCH", "/v1/settings", 200) in [
+        (e["who"], e["method"], e["path"], e["status"]) for e in cluster.audit()]
 
 
 def test_not_responding_after_ten_seconds_of_silence(cluster: Cluster) -> None:
@@ -331,7 +409,7 @@ def test_tokens_and_hosts_admin(cluster: Cluster) -> None:
     assert admin.delete(f"/v1/tokens/{made['info']['id']}").status_code == 204
     r = cluster.client(None).post("/v1/join", json=join_body(made["token"])[0])
     assert r.status_code == 401 and "unknown join token" in r.json()["error"]["message"]
-    assert admin.post("/v1/tokens", json={"ttl": 10}).status_code == 422
+    assert admin.post("/v1/tokens", json={"ttl": 0.5}).status_code == 422
     assert cluster.client(None).post("/v1/join", json=join_body(cluster.token)[0]).status_code == 201
     assert admin.delete("/v1/hosts/host-a").status_code == 204
     assert cluster.client(None).post("/v1/join", json=join_body(cluster.token)[0]).status_code == 201  # joins again

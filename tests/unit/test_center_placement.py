@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmotion.api.center import ClusterSettings, HostFacts, HostLoad, HostMode, HostState, VmLoad
+from kvmotion.api.center import ClusterSettings, HostFacts, HostLoad, HostMode, HostState
 from kvmotion.api.spec import DiskSpec, NicSpec, VmSpec
 from kvmotion.center.admission import Move, admit, host_budget
-from kvmotion.center.placement import HostSnapshot, cpu_demand, place, summary
+from kvmotion.center.placement import HostSnapshot, place, summary
 
 GIB = 1 << 30
 FACTS = HostFacts(accel="tcg", cpu_models=("qemu64", "Haswell-v4"), portgroups=("vm-net",), datastores=("ds1",))
@@ -79,15 +79,6 @@ def test_cpu_model_baseline_and_local_disks() -> None:
     assert summary(place(SPEC, [])) == "no host has joined the cluster"
     # Creating a VM with a local disk is fine: it is made on the chosen host.
     assert place(local.replace(cpu_model="qemu64"), [host("host-b")]).chosen == "host-b"
-
-
-def test_cpu_demand_from_two_heartbeats() -> None:
-    before = HostLoad(cpus=4, memory_total=GIB, memory_available=GIB, vms=(VmLoad(name="a", cpu_run_ns=1_000_000_000),))
-    after = HostLoad(cpus=4, memory_total=GIB, memory_available=GIB,
-                     vms=(VmLoad(name="a", cpu_run_ns=4_000_000_000), VmLoad(name="b", cpu_run_ns=9 * 10**9)))
-    assert cpu_demand(before, 10.0, after, 12.0) == 1.5  # b is new: no history, not counted
-    assert cpu_demand(None, None, after, 12.0) is None
-    assert cpu_demand(before, 12.0, after, 12.0) is None
 
 
 def test_budgets_follow_the_link_speed() -> None:

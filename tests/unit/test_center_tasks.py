@@ -439,12 +439,20 @@ def test_reconcile_reports_drift_once(cluster: Cluster) -> None:
 
 
 def test_heartbeats_give_cpu_demand(cluster: Cluster) -> None:
-    host = Identity(Kind.HOST, "host-a")
-    client = cluster.client(host)
-    for at, ns in ((T0 + 10, 10**9), (T0 + 12, 4 * 10**9)):
-        cluster.clock.now = at
+    """The host's CPU demand is what its agent measured: the sum of its VMs' figures; none while
+    no VM has one yet (the agent's first sample)."""
+    client = cluster.client(Identity(Kind.HOST, "host-a"))
+    view = cluster.client(ADMIN)
+
+    def report(*vms: dict) -> float | None:
         beat = {"version": PROTOCOL_VERSION, "load": {"cpus": 4, "memory_total": GIB, "memory_available": GIB,
-                                                       "vms": [{"name": "x", "cpu_run_ns": ns}]}}
+                                                       "vms": list(vms)}}
         assert client.post("/v1/hosts/host-a/heartbeat", json=beat).status_code == 200
-    view = cluster.client(ADMIN).get("/v1/hosts/host-a").json()
-    assert view["cpu_demand"] == 1.5 and view["facts"]["cpu_models"] == ["qemu64"]
+        return view.get("/v1/hosts/host-a").json()["cpu_demand"]
+
+    assert report({"name": "x", "memory": GIB}, {"name": "y"}) is None
+    assert report({"name": "x", "cpu_demand": 1.25, "cpu_ready": 0.5},
+                  {"name": "y"}) == 1.25  # y just started: its figure comes next time
+    assert report({"name": "x", "cpu_demand": 1.25}, {"name": "y", "cpu_demand": 0.25}) == 1.5
+    assert report() == 0.0  # no VMs: nothing busy
+    assert view.get("/v1/hosts/host-a").json()["facts"]["cpu_models"] == ["qemu64"]

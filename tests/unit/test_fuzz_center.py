@@ -3,8 +3,8 @@ errors, nothing written outside the center's data folder, no process started; a 
 every change and the admin's reads (users, tokens).
 
 In process, secured as `center serve` serves it, callers presenting certificates of the center's
-own CA. The admin calls every route but the heartbeat, which host-a (joined before the run) sends
-for itself. Half of the generated bodies carry what gets past the first refusals: a join token
+own CA. The admin calls every route but the heartbeats (full and Alive), which host-a (joined
+before the run) sends for itself. Half of the generated bodies carry what gets past the first refusals: a join token
 that may join any number of hosts, an address and two good CSRs, the admin's password and a CSR, the
 protocol version of a heartbeat, a datastore's URLs. Passwords are hashed at a low scrypt cost to keep the run short.
 """
@@ -21,7 +21,7 @@ from kvmotion.api.center import PROTOCOL_VERSION, ClusterSettings, DatastoreSpec
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.pki import init_ca, new_key_and_csr
 from kvmotion.api.serving import Security, secure
-from kvmotion.center.app import create_app
+from kvmotion.center.app import QUIET_SUFFIXES, create_app
 from kvmotion.center.service import Center
 from kvmotion.center.store import SqliteStore
 from tests.certs import TestCA
@@ -31,6 +31,7 @@ ADMIN = Identity(Kind.USER, "admin", Role.ADMIN)
 VIEWER = Identity(Kind.USER, "vera", Role.VIEWER)
 HOST = Identity(Kind.HOST, "host-a")
 HEARTBEAT = "POST /v1/hosts/{name}/heartbeat"
+ALIVE = "POST /v1/hosts/{name}/alive"
 PUBLIC = frozenset({"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login", "POST /v1/sessions"})
 # Any user may sign itself out and ask for its own one-time sign-in link to the web client.
 OWN_SESSION = frozenset({"DELETE /v1/sessions/current", "POST /v1/sessions/signin"})
@@ -82,7 +83,7 @@ class CenterUnderTest:
         self.token_id = center.tokens()[0].id
         self.unsecured = create_app(center)
         self.app = secure(self.unsecured, Security(tls_files=None, audit_log=self.data / "audit.log",
-                                                       quiet=("/heartbeat",), optional_client_cert=True), "center")
+                                                   quiet=QUIET_SUFFIXES, optional_client_cert=True), "center")
 
     def pem(self, who: Identity) -> str:
         return self.ca.creds(who).pem
@@ -95,7 +96,8 @@ class CenterUnderTest:
                                                          "csr": new_key_and_csr()[1]},
                             "POST /v1/login": {"user": "admin", "password": self.password, "csr": new_key_and_csr()[1]},
                             "POST /v1/sessions": {"user": "admin", "password": self.password},
-                            "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION}})
+                            "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION},
+                            ALIVE: {"version": PROTOCOL_VERSION, "seq": 1, "digest": "0" * 64}})
 
 
 @pytest.fixture
@@ -112,13 +114,13 @@ def test_admin_fuzz(center: CenterUnderTest) -> None:
     def expect(case, response) -> str | None:  # type: ignore[no-untyped-def]
         if response.status_code != 403:
             return None
-        if case.operation.path.endswith("/heartbeat") and case.path_parameters.get("name") != HOST.name:
+        if case.operation.path.endswith(QUIET_SUFFIXES) and case.path_parameters.get("name") != HOST.name:
             return None  # host-a sending another host's heartbeat: refused, as it must be
         return "the admin (or host-a for its own heartbeat) refused"
 
     _databases = []
     try:
-        report = center.fuzz(ADMIN_EXAMPLES, caller=lambda label: host if label == HEARTBEAT else admin, expect=expect)
+        report = center.fuzz(ADMIN_EXAMPLES, caller=lambda label: host if label in (HEARTBEAT, ALIVE) else admin, expect=expect)
         opened = set(_databases)
     finally:
         _databases = None
@@ -128,8 +130,9 @@ def test_admin_fuzz(center: CenterUnderTest) -> None:
     document = center.unsecured.openapi()["paths"]
     assert len(report.per_operation) == sum(len(methods) for methods in document.values())  # every one was called
     ok = {op for (op, status), n in report.by_operation_status.items() if 200 <= status < 300}
-    assert {"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login", "POST /v1/sessions", HEARTBEAT,
-            "POST /v1/users", "POST /v1/tokens", "POST /v1/datastores", "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
+    assert {"POST /v1/join", "POST /v1/datastores/join", "POST /v1/login", "POST /v1/sessions", HEARTBEAT, ALIVE,
+            "PATCH /v1/settings", "POST /v1/users", "POST /v1/tokens", "POST /v1/datastores",
+            "DELETE /v1/datastores/{name}"} <= ok  # past the first refusals
 
 
 def test_viewer_changes_refused_fuzz(center: CenterUnderTest) -> None:

@@ -183,6 +183,8 @@ def _vm(name: str, pid: int | None) -> VmStatus:
 def test_heartbeats_report_vms_load_and_migrations(served: Served, tmp_path: Path, caplog) -> None:
     root = StateRoot(tmp_path / "root")
     join(served.url, _token(served), "host-a", "127.0.0.1", root)
+    store = served.prepared.center.store  # full reports every 2 s: the second brings the demand
+    store.save_settings(store.settings().model_copy(update={"report_interval": 1.0}))
     vms = [_vm("web1", 4321), _vm("db1", None)]
     moving = ActiveMigration(id="0123456789ab", vm="web1", role=MigrationRole.SOURCE, peer="host-b", phase="precopy")
     beats = Heartbeats(root, lambda: vms, lambda: [moving], tick_timeout=5)

@@ -139,7 +139,7 @@ def test_center_metrics_follow_the_task_queue_and_migrations(cluster: Cluster) -
 
 def test_center_metrics_give_heartbeat_age_and_loads(cluster: Cluster) -> None:
     viewer = cluster.client(VIEWER)
-    vm_load = {"name": "web1", "cpu_run_ns": 10**9, "cpu_ready_ns": 10**8, "memory": 300 << 20,
+    vm_load = {"name": "web1", "memory": 300 << 20,
                "cpu_demand": 0.75, "cpu_ready": 0.125}
     beat = {"version": PROTOCOL_VERSION, "vms": [{"name": "web1", "state": "running"}],
             "load": {"cpus": 4, "memory_total": 16 << 30, "memory_available": 9 << 30, "vms": [vm_load]}}
