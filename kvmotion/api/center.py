@@ -138,6 +138,21 @@ class Severity(str, Enum):
         return ("ok", "moderate", "severe").index(self.value)
 
 
+Component = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,31}$")]
+AGENT_PROVIDER = "agent"  # an agent's built-in health providers (kvmotion.host.health), in its heartbeats
+
+
+class HealthReport(Wire):
+    """What one provider says of one component of a host."""
+
+    _what: ClassVar[str] = "health report"
+    provider: Component = "external"
+    component: Component
+    severity: Severity
+    reason: Annotated[str, Field(max_length=300)] = ""
+
+
+
 class ReportedState(str, Enum):
     """A VM's state as its agent reports it (the agent's own VmState)."""
 
@@ -204,7 +219,7 @@ class ClusterSettings(Wire):
     # Seconds between an agent's full reports (VMs, per-VM load) when nothing changed: its load is
     # averaged over this interval (vSphere samples every 20 s); a change is reported at the next beat.
     report_interval: Annotated[float, Field(ge=1, le=600)] = 20.0
-    not_responding_after: Annotated[float, Field(ge=1, le=3600)] = 10.0  # seconds of silence
+    not_responding_after: Annotated[float, Field(ge=1, le=3600)] = 8.0  # seconds of silence: four missed beats
     # Migration admission, like vSphere's vMotion costs: each migration costs 1 on its source and
     # its destination; a host's budget depends on its migration link's speed.
     link_bps: Annotated[StrictInt, Field(ge=1_000_000, le=10**13)] = 1_000_000_000  # unless a host reports its own
@@ -321,6 +336,7 @@ class Heartbeat(Wire):
     vms: Annotated[tuple[VmReport, ...], Field(max_length=MAX_VMS)] = ()
     load: HostLoad
     migrations: Annotated[tuple[ActiveMigration, ...], Field(max_length=MAX_MIGRATIONS)] = ()
+    health: Annotated[tuple[HealthReport, ...], Field(max_length=64)] = ()  # its built-in health providers' word
 
     @field_validator("vms")
     @classmethod
@@ -343,10 +359,13 @@ class Alive(Wire):
     digest: Annotated[str, Field(pattern=SHA256_PATTERN)]
 
 
-def report_digest(vms: Sequence[VmReport], migrations: Sequence[ActiveMigration]) -> str:
-    """What an Alive beat stands for: the SHA-256 of the VMs and migrations a full report lists."""
+def report_digest(vms: Sequence[VmReport], migrations: Sequence[ActiveMigration],
+                  health: Sequence[HealthReport] = ()) -> str:
+    """What an Alive beat stands for: the SHA-256 of the VMs, migrations and health severities a
+    full report lists (a health provider's reason alone changing does not call for a report)."""
     text = "\n".join([*(f"{v.name} {v.state.value} {v.spec_hash or '-'}" for v in vms),
-                      *(f"m {m.id} {m.vm} {m.role.value} {m.peer} {m.phase}" for m in migrations)])
+                      *(f"m {m.id} {m.vm} {m.role.value} {m.peer} {m.phase}" for m in migrations),
+                      *(f"h {h.provider} {h.component} {h.severity.value}" for h in health)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

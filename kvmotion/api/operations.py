@@ -11,13 +11,12 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
-from kvmotion.api.center import Call, HostMode, Name, Severity, TaskView, Wire, path_name
+from kvmotion.api.center import Call, HealthReport, HostMode, Name, Severity, TaskView, Wire, path_name
 from kvmotion.api.spec import NAME_PATTERN
 
 RULE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 RuleName = Annotated[str, Field(pattern=RULE_PATTERN)]
 Text = Annotated[str, Field(min_length=1, max_length=300)]
-Component = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,31}$")]
 RECOMMENDATION_PATTERN = r"^[0-9a-f]{12}$"
 
 
@@ -64,16 +63,6 @@ class MaintenanceAnswer(Wire):
 
 
 # ---- health -------------------------------------------------------------------------------------------------
-class HealthReport(Wire):
-    """What one provider says of one component of a host."""
-
-    _what: ClassVar[str] = "health report"
-    provider: Component = "external"
-    component: Component
-    severity: Severity
-    reason: Annotated[str, Field(max_length=300)] = ""
-
-
 class HealthEntry(Wire):
     host: str
     provider: str

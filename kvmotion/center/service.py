@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvmotion.api.center import (
+    AGENT_PROVIDER,
     PROTOCOL_VERSION,
     Alive,
     CaInfo,
@@ -21,6 +22,7 @@ from kvmotion.api.center import (
     DatastoreSpec,
     DatastoreView,
     EventPage,
+    HealthReport,
     Heartbeat,
     HeartbeatAnswer,
     HostLoad,
@@ -31,6 +33,7 @@ from kvmotion.api.center import (
     LoginAnswer,
     LoginRequest,
     SettingsUpdate,
+    Severity,
     TokenCreate,
     TokenCreated,
     TokenView,
@@ -208,6 +211,7 @@ class Center:
         # The store keeps the host's load with each VM's figures (what placement, DRS and metrics read)
         # and their CPU demand as the agent measured it: a full report comes every report_interval.
         row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations, host_demand(beat.load))
+        self._agent_health(name, beat.health, now)
         if beat.digest is None:
             self._digests.pop(name, None)
         else:
@@ -215,6 +219,18 @@ class Center:
         self._states[name] = row.state
         settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)
+
+    def _agent_health(self, name: str, reports: Sequence[HealthReport], now: float) -> None:
+        """The agent's built-in providers' word, written where it changed (an event each); a
+        component they no longer report is ok again. The operations controller acts on it."""
+        stored = {(e.provider, e.component): e.severity for e in self.store.health(name) if e.provider == AGENT_PROVIDER}
+        told = {(r.provider, r.component): r for r in reports if r.provider == AGENT_PROVIDER}
+        for key, report in told.items():
+            if stored.get(key, Severity.OK) is not report.severity:
+                self.store.report_health(name, report, f"host:{name}", now)
+        for provider, component in stored.keys() - told.keys():
+            self.store.report_health(name, HealthReport(provider=provider, component=component, severity=Severity.OK,
+                                                        reason="no longer reported"), f"host:{name}", now)
 
     def alive_in_memory(self, name: str, beat: Alive) -> HeartbeatAnswer | None:
         """The common Alive beat without I/O (the HTTP layer calls it in its event loop): the digest

@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.api.center import Severity
-from kvmotion.api.operations import HealthReport
+from kvmotion.api.center import AGENT_PROVIDER as PROVIDER
+from kvmotion.api.center import HealthReport, Severity
 
-PROVIDER = "agent"
 NS = 1_000_000_000
 _PSI_RE = re.compile(r"^(some|full) avg10=(\d+(?:\.\d+)?)", re.MULTILINE)
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvmotion.api.agent import VmStatus
@@ -29,6 +29,7 @@ from kvmotion.api.center import (
     Alive,
     AsyncCenterClient,
     ClusterSettings,
+    HealthReport,
     Heartbeat,
     HeartbeatAnswer,
     HostLoad,
@@ -43,6 +44,7 @@ from kvmotion.api.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY
 from kvmotion.api.spec import spec_hash
 from kvmotion.core.errors import KvmotionError
 from kvmotion.host import resources
+from kvmotion.host.health import HealthSampler
 from kvmotion.host.schedstat import VcpuSample, cpu_load, read_vcpu_threads, resident_memory
 
 log = logging.getLogger("kvmotion.agent")
@@ -96,10 +98,12 @@ def vm_reports(vms: Sequence[VmStatus]) -> tuple[VmReport, ...]:
 
 
 def build_heartbeat(reports: tuple[VmReport, ...], loads: tuple[VmLoad, ...], memory: resources.MemInfo, cpus: int,
-                    migrations: Sequence[ActiveMigration], cpu_capacity: float | None = None) -> Heartbeat:
+                    migrations: Sequence[ActiveMigration], cpu_capacity: float | None = None,
+                    health: tuple[HealthReport, ...] = ()) -> Heartbeat:
     return Heartbeat(
         version=PROTOCOL_VERSION,
-        digest=report_digest(reports, migrations),
+        digest=report_digest(reports, migrations, health),
+        health=health,
         vms=reports,
         load=HostLoad(cpus=cpus, cpu_capacity=cpu_capacity, memory_total=memory.total, memory_available=memory.available,
                       vms=loads),
@@ -130,10 +134,10 @@ class Cadence:
 
 async def beat(client: AsyncCenterClient, name: str, cadence: Cadence, reports: tuple[VmReport, ...],
                migrations: Sequence[ActiveMigration], full: Callable[[], Awaitable[Heartbeat]],
-               report_interval: float, now: float) -> tuple[HeartbeatAnswer, bool]:
+               report_interval: float, now: float, health: tuple[HealthReport, ...] = ()) -> tuple[HeartbeatAnswer, bool]:
     """One beat: `Alive`, or the full report (`full` builds it) when due or when the center asks
     for it. The answer, and whether the full report went."""
-    digest = report_digest(reports, migrations)
+    digest = report_digest(reports, migrations, health)
     seq = cadence.next_seq()
     if not cadence.full_due(digest, now, report_interval):
         answer = await client.alive(name, Alive(version=PROTOCOL_VERSION, seq=seq, digest=digest))
@@ -158,7 +162,9 @@ def client_for(root: StateRoot) -> AsyncCenterClient:
 class Heartbeats:
     def __init__(self, root: StateRoot, vms: Callable[[], list[VmStatus]],
                  migrations: Callable[[], Sequence[ActiveMigration]], *, clock: Callable[[], float] = time.time,
-                 tick_timeout: float = 10.0, refresh_every: float = REFRESH_EVERY) -> None:
+                 tick_timeout: float = 10.0, refresh_every: float = REFRESH_EVERY,
+                 portgroups: Callable[[], Mapping[str, str]] | None = None) -> None:
+        """`portgroups`: port group -> bridge, for the link health provider."""
         self.root = root
         self.name = root.config().name
         self.vms = vms
@@ -167,6 +173,7 @@ class Heartbeats:
         self.tick_timeout = tick_timeout
         self.refresh_every = refresh_every
         self.sampler = LoadSampler()
+        self.health = HealthSampler(portgroups or dict)
         self.cadence = Cadence()
         self.last_refresh: float | None = None  # monotonic
         self.failing: str | None = None  # the last failure logged (the next success says so)
@@ -186,15 +193,19 @@ class Heartbeats:
         vms = self.vms()
         reports = vm_reports(vms)
         migrations = tuple(self.migrations())
+        # Every beat samples the vCPU counters for the CPU-contention provider (a window of beats).
+        observed = await asyncio.to_thread(self.sampler.observe, vms)
+        self.health.add(time.monotonic(), [(o.status.name, o.sample.run_ns, o.sample.wait_ns) for o in observed
+                                           if o.sample is not None])
+        health = await asyncio.to_thread(self.health.reports)
 
         async def full() -> Heartbeat:  # the load averaged since the previous full report
-            observed = await asyncio.to_thread(self.sampler.observe, vms)
             memory = await asyncio.to_thread(resources.meminfo)
             return build_heartbeat(reports, self.sampler.loads(observed), memory, resources.cpu_count(), migrations,
-                                   resources.cpu_capacity())
+                                   resources.cpu_capacity(), health)
 
         answer, _ = await beat(client, self.name, self.cadence, reports, migrations, full,
-                               self.report_interval, time.monotonic())
+                               self.report_interval, time.monotonic(), health)
         self.interval = answer.interval
         if answer.settings is not None:
             self.report_interval = answer.settings.report_interval

@@ -96,7 +96,8 @@ def serve_joined(
                          limit=migration_limit, keep=services.append, registry=registry)
 
     async def heartbeats(manager: VmManager, stop: asyncio.Event) -> None:
-        await Heartbeats(root, manager.list, lambda: [m for svc in services for m in svc.active_migrations()]).run(stop)
+        await Heartbeats(root, manager.list, lambda: [m for svc in services for m in svc.active_migrations()],
+                         portgroups=lambda: config.portgroups).run(stop)
 
     app = create_app(config, extra_routers=(migrations,), background=(heartbeats,), registry=registry)
     server = make_server(app, security, f"agent {name}", lifespan="on")

@@ -83,13 +83,13 @@ def test_the_loop_marks_silent_hosts_and_stops(store: SqliteStore) -> None:
         stop = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
             loop = tasks.create_task(controller.run(stop))
-            clock.now = 1009.0
+            clock.now = 1007.0
             await asyncio.sleep(0.1)  # several ticks: nothing is silent yet
             assert {h.state for h in store.hosts()} == {C}
-            store.record_heartbeat("host-b", 1009.0, (), load, ())
-            clock.now = 1010.5
+            store.record_heartbeat("host-b", 1007.0, (), load, ())
+            clock.now = 1008.5
             await _until(lambda: store.host("host-a").state is N)
-            assert store.host("host-b").state is C  # heard at 1009
+            assert store.host("host-b").state is C  # heard at 1007
             assert store.vm("web1").observed_state is ObservedState.UNKNOWN  # not lost, not deleted
             store.record_heartbeat("host-a", 1011.0, (VmReport(name="web1", state=ReportedState.RUNNING),), load, ())
             assert store.host("host-a").state is C and store.vm("web1").observed_state is ObservedState.RUNNING

@@ -242,3 +242,27 @@ def test_a_users_migration_records_its_prediction_beside_the_actual(cluster: Clu
     done = cluster.store.task(task["id"])
     assert done is not None and done.state is TaskState.DONE
     assert done.predicted_s == task["predicted_s"] and done.result is not None and done.result.total_ms is not None
+
+
+def test_an_agents_own_health_providers_act_through_its_heartbeats(cluster: Cluster) -> None:
+    from kvmotion.api.center import PROTOCOL_VERSION
+    from kvmotion.api.identity import Identity, Kind
+    running(cluster, "host-c", "web1")
+    host_c = cluster.client(Identity(Kind.HOST, "host-c"))
+    base = {"version": PROTOCOL_VERSION, "vms": [{"name": "web1", "state": "running"}],
+            "load": {"cpus": 4, "memory_total": 16 * GIB, "memory_available": 12 * GIB}}
+    lost = {"provider": "agent", "component": "net.vm-net", "severity": "severe",
+            "reason": "port group vm-net lost its link (eth1 down)"}
+    assert host_c.post("/v1/hosts/host-c/heartbeat", json={**base, "health": [lost]}).status_code == 200
+    host = cluster.store.host("host-c")
+    assert host.health is Severity.SEVERE
+    ops(cluster).tick_sync()  # the controller acts: evacuate
+    host = cluster.store.host("host-c")
+    assert host.mode is HostMode.ENTERING_MAINTENANCE and "vm-net lost its link" in host.mode_reason
+    # The provider no longer reports it: ok again, out of the maintenance health caused.
+    assert host_c.post("/v1/hosts/host-c/heartbeat", json=base).status_code == 200
+    assert cluster.store.health("host-c") == []
+    ops(cluster).tick_sync()
+    assert cluster.store.host("host-c").mode is HostMode.NORMAL
+    events = [e.message for e in cluster.store.events() if e.kind is EventKind.HOST_HEALTH]
+    assert events[0].startswith("agent says net.vm-net of host-c is severe: port group vm-net lost its link")
