@@ -13,7 +13,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Live migration of running QEMU/KVM VMs.")
 
 # Each sub-app lives in kvmotion/cli/<module>.py and exposes `app`.
-_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "center", "login", "demo", "task", "events")
+_SUBAPPS = ("vm", "host", "migrate", "lab", "datastore", "disk", "cluster", "center", "login", "demo", "task", "events")
 for _mod in _SUBAPPS:
     try:
         _sub = importlib.import_module(f"kvmotion.cli.{_mod}")

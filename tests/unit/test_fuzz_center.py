@@ -96,7 +96,9 @@ class CenterUnderTest:
                                                          "csr": new_key_and_csr()[1]},
                             "POST /v1/login": {"user": "admin", "password": self.password, "csr": new_key_and_csr()[1]},
                             "POST /v1/sessions": {"user": "admin", "password": self.password},
-                            "POST /v1/datastores": DATASTORE, HEARTBEAT: {"version": PROTOCOL_VERSION},
+                            "POST /v1/datastores": DATASTORE,
+                            HEARTBEAT: {"version": PROTOCOL_VERSION, "vms": [], "migrations": [], "health": [],
+                                        "load": {"cpus": 1, "memory_total": 1 << 30, "memory_available": 1 << 29}},
                             ALIVE: {"version": PROTOCOL_VERSION, "seq": 1, "digest": "0" * 64}})
 
 
