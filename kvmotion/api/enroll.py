@@ -15,12 +15,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from kvmotion.api.center import CenterClient, TokenParts, is_base_url, parse_token, pinned_ca, trusting
 from kvmotion.api.identity import Identity
 from kvmotion.api.pki import check_issued, new_key_and_csr
-from kvmotion.core.errors import InvalidInput, SetupError
+from kvmotion.core.errors import Conflict, InvalidInput, SetupError
 
 CONFIG_FILE = "config.json"  # what makes a state root joined: written last
 TLS_DIR = "tls"  # the machine's identity (tls-creds-x509 layout, kvmotion.api.pki); replaced by a re-join
@@ -34,6 +34,28 @@ class Signed(Generic[A]):
     answer: A
     ca_pem: str
     keys: tuple[bytes, ...]
+
+
+class JoinedRoot(Protocol):
+    """A state root a join writes (a host's, a datastore's)."""
+
+    path: Path
+
+    def is_joined(self) -> bool: ...
+
+    def config(self) -> Any: ...  # its config.json, with .name and .center
+
+
+def refuse_rejoin(root: JoinedRoot, what: str, keeps: str, force: bool) -> None:
+    """A joined root is joined again only with --force (Conflict naming what it is joined as)."""
+    if not root.is_joined() or force:
+        return
+    try:
+        was = root.config()
+        joined = f"as {what} {was.name} to {was.center}"
+    except SetupError:
+        joined = "(its config.json is damaged)"
+    raise Conflict(f"{root.path} is joined already {joined}: give --force to join again ({keeps} stay)")
 
 
 def check_center_url(url: str) -> str:

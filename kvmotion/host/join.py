@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmotion.api.center import AGENT_PORT, CenterClient, JoinAnswer, JoinRequest, TokenParts, parse_token
-from kvmotion.api.enroll import CONFIG_FILE, TLS_DIR, Signed, check_center_url, enroll
+from kvmotion.api.enroll import CONFIG_FILE, TLS_DIR, Signed, check_center_url, enroll, refuse_rejoin
 from kvmotion.api.identity import Identity, Kind
 from kvmotion.api.joined import LOCAL_DIRS, ClusterCache, JoinedConfig, StateRoot
 from kvmotion.api.pki import QEMU_DIR, write_credentials
 from kvmotion.api.spec import check_name
-from kvmotion.core.errors import Conflict, SetupError
 from kvmotion.core.files import write_atomic
 
 
@@ -34,13 +33,7 @@ def join(url: str, token: str, name: str, address: str, root: StateRoot, *, agen
     url = check_center_url(url)
     parts = parse_token(token)
     check_name(name, "host")
-    if root.is_joined() and not force:
-        try:
-            was = root.config()
-            what = f"as host {was.name} to {was.center}"
-        except SetupError:
-            what = "(its config.json is damaged)"
-        raise Conflict(f"{root.path} is joined already {what}: give --force to join again (its VMs stay)")
+    refuse_rejoin(root, "host", "its VMs", force)
     # Refused before any key is made or anything sent: a wrong name or address, an unwritable root.
     JoinRequest(token=str(parts), name=name, address=address, agent_port=agent_port, host_csr="-", qemu_csr="-")
 

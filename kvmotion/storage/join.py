@@ -31,12 +31,12 @@ from kvmotion.api.center import (
     Wire,
     parse_token,
 )
-from kvmotion.api.enroll import CONFIG_FILE, TLS_DIR, Signed, check_center_url, enroll
+from kvmotion.api.enroll import CONFIG_FILE, TLS_DIR, Signed, check_center_url, enroll, refuse_rejoin
 from kvmotion.api.identity import Identity, Kind
 from kvmotion.api.pki import write_credentials
 from kvmotion.api.spec import check_name
 from kvmotion.core import paths
-from kvmotion.core.errors import Conflict, SetupError
+from kvmotion.core.errors import SetupError
 from kvmotion.core.files import write_atomic
 
 DATASTORE_STATE_ENV = "KVMOTION_DATASTORE_STATE"
@@ -102,13 +102,7 @@ def join(url: str, token: str, name: str, address: str, root: DatastoreRoot, *, 
     url = check_center_url(url)
     parts = parse_token(token)
     check_name(name, "datastore")
-    if root.is_joined() and not force:
-        try:
-            was = root.config()
-            what = f"as datastore {was.name} to {was.center}"
-        except SetupError:
-            what = "(its config.json is damaged)"
-        raise Conflict(f"{root.path} is joined already {what}: give --force to join again (its disks stay)")
+    refuse_rejoin(root, "datastore", "its disks", force)
     # Refused before a key is made or anything sent: a wrong name, address or port.
     DatastoreJoinRequest(token=str(parts), name=name, address=address, more_addresses=more_addresses, nbd_port=nbd_port,
                          csr="-")
