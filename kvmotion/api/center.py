@@ -260,6 +260,9 @@ class VmLoad(Wire):
 
 class HostLoad(Wire):
     cpus: Annotated[StrictInt, Field(ge=1, le=65536)]
+    # CPUs' worth of time the host's processes may use: its cgroup's CPU limit if it has one (a lab
+    # host's --host-cpu), else `cpus`. None from an agent that predates it.
+    cpu_capacity: Annotated[float, Field(gt=0, le=65536)] | None = None
     memory_total: Count
     memory_available: Count
     vms: Annotated[tuple[VmLoad, ...], Field(max_length=MAX_VMS)] = ()

@@ -63,6 +63,7 @@ class Workload(str, Enum):
     MEMWRITER = "mem"
     ECHO = "echo"
     DISKWRITER = "disk"
+    CPU = "cpu"  # a busy worker per vCPU that reports the work it got done each second
 
 
 def check_name(name: str, what: str = "VM") -> str:

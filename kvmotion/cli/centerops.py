@@ -241,7 +241,8 @@ def host_ls(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
         if h.load is not None:
             used = h.load.memory_total - h.load.memory_available
             mem = f"{format_size(used)} / {format_size(h.load.memory_total)}"
-        cpu = f"{h.cpu_demand:.2f} / {h.load.cpus}" if h.cpu_demand is not None and h.load else "-"
+        capacity = h.load.cpu_capacity if h.load and h.load.cpu_capacity is not None else h.load.cpus if h.load else 0
+        cpu = f"{h.cpu_demand:.2f} / {capacity:g}" if h.cpu_demand is not None and h.load else "-"
         t.add_row(h.name, h.state.value, h.address, cpu, mem, str(h.vms), str(len(h.migrations)),
                   when(h.last_heartbeat))
     console.print(t)

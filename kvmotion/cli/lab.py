@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from kvmotion.core.errors import InvalidInput
 from kvmotion.core.units import parse_rate
 from kvmotion.lab.cluster import start_cluster
 from kvmotion.net import lab as labmod
@@ -15,13 +16,25 @@ def _link_rate(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "", "0") else parse_rate(text)
 
 
+def _host_cpu(text: str | None) -> float | None:
+    """--host-cpu: a number of cores, or none (unlimited)."""
+    if text is None or text.strip().lower() in ("none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"invalid --host-cpu {text!r}: use a number of cores, e.g. 1 or 0.5, or none") from None
+
+
 def _describe(topo: labmod.LabTopology) -> str:
     rate = f"{topo.link_rate * 8 / 1e9:g} Gbit/s (tbf)" if topo.link_rate else "unshaped"
+    cpu = f"{topo.host_cpu:g} cores each (cpu cgroup)" if topo.host_cpu is not None else "unlimited (the machine's)"
     health = labmod.lab_health(topo)
     state = "up" if health.ok else f"DAMAGED (missing: {', '.join(health.missing_namespaces) or topo.root_if})"
     lines = [
         f"lab {topo.name}: {state}",
         f"  mgmt {topo.mgmt_subnet} ({rate}), VM subnet {topo.vm_subnet}, port group {topo.portgroup}",
+        f"  host CPU capacity {cpu}",
         f"  root namespace    {topo.root_ip:<15} via {topo.root_if}",
     ]
     for h in topo.hosts:
@@ -39,9 +52,12 @@ def up(
     link: str = typer.Option("none", "--link", help="Shape mgmt/vMotion uplinks: 1gbit, 10gbit, any rate, or none."),
     agents: bool = typer.Option(True, help="Start the center, datastore ds1 and a joined host agent per host."),
     plain: bool = typer.Option(False, help="Center, agents, datastore and migration streams in plain text (--insecure)."),
+    host_cpu: str = typer.Option("none", "--host-cpu",
+                                 help="CPU capacity of each host in cores (e.g. 1 or 0.5): a cgroup limit on everything "
+                                      "the host runs; none = the machine's."),
 ) -> None:
     """Build a lab (refuses if one of that name is up)."""
-    topo = labmod.lab_up(name, hosts, _link_rate(link))
+    topo = labmod.lab_up(name, hosts, _link_rate(link), _host_cpu(host_cpu))
     typer.echo(_describe(topo))
     if agents:
         try:

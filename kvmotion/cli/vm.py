@@ -21,7 +21,7 @@ def _workloads(text: str) -> tuple[Workload, ...]:
     try:
         return tuple(Workload({"memwriter": "mem", "diskwriter": "disk"}.get(w, w)) for w in names) or (Workload.IDLE,)
     except ValueError:
-        raise InvalidInput(f"unknown workload in {text!r}: use idle, echo, mem, disk (comma-separated)") from None
+        raise InvalidInput(f"unknown workload in {text!r}: use idle, echo, mem, disk, cpu (comma-separated)") from None
 
 
 @app.command()
@@ -32,7 +32,7 @@ def create(
     cpu_model: str | None = typer.Option(None, help="QEMU CPU model (default: the cluster's baseline, else qemu64)."),
     disk: list[str] = typer.Option([], "--disk", help="FILE[:SIZE] (a file in the host's disk folder) or DATASTORE/DISK; repeat."),
     nic: list[str] = typer.Option([], "--nic", help=f"{NIC_SYNTAX}; repeat."),
-    workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk."),
+    workload: str = typer.Option("idle", help="Comma-separated: idle, echo, mem, disk, cpu."),
     mem_wss: str = typer.Option("256M", help="Memory writer's working set."),
     mem_rate: str = typer.Option("100M", help="Memory writer's dirty rate in bytes/s (0 = flat out)."),
     mem_stride: int = typer.Option(1, help="Memory writer rewrites every Nth word of a page (power of two): "

@@ -70,6 +70,7 @@ for w in $(echo "$workloads" | tr ',' ' '); do
 	mem) kvm-mem -b -s "$mem_stride" "$mem_wss" "$mem_rate" || failed="$failed mem" ;;
 	echo) kvm-echo -b "$echo_port" || failed="$failed echo" ;;
 	disk) kvm-disk -b /dev/vda || failed="$failed disk" ;;
+	cpu) kvm-cpu -b || failed="$failed cpu" ;;
 	*) fail "$w" "unknown workload" ;;
 	esac
 done

@@ -68,7 +68,23 @@ class DiskError:
     message: str
 
 
-GuestEvent = Ready | Failed | MemStatus | MemCorrupt | MemVerified | DiskAck | DiskError
+@dataclass(frozen=True)
+class CpuStatus:
+    """Once a second from the CPU worker: work units all its workers finished over the last `ms`
+    milliseconds of the guest's clock (which stops while the VM is paused), and in all."""
+
+    units: int
+    ms: int
+    total: int
+    workers: int
+
+    @property
+    def rate(self) -> float | None:
+        """Units per guest-second (None over an empty interval)."""
+        return self.units * 1000 / self.ms if self.ms > 0 else None
+
+
+GuestEvent = Ready | Failed | MemStatus | MemCorrupt | MemVerified | DiskAck | DiskError | CpuStatus
 
 _FIELDS_RE = re.compile(r"(\w+)=(\d+)")
 
@@ -95,6 +111,12 @@ def parse_line(line: str) -> GuestEvent | None:
             return DiskError(message=words[2] if len(words) > 2 else "")
         f = _fields(rest)
         return DiskAck(seq=f["ack"]) if "ack" in f else None
+    if kind == "CPU" and len(words) >= 2:
+        f = _fields(rest)
+        try:
+            return CpuStatus(units=f["units"], ms=f["ms"], total=f["total"], workers=f["workers"])
+        except KeyError:
+            return None
     if kind == "MEM" and len(words) >= 2:
         f = _fields(rest)
         try:

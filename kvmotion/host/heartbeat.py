@@ -86,11 +86,12 @@ class LoadSampler:
 
 
 def build_heartbeat(vms: Sequence[VmStatus], loads: tuple[VmLoad, ...], memory: resources.MemInfo, cpus: int,
-                    migrations: Sequence[ActiveMigration]) -> Heartbeat:
+                    migrations: Sequence[ActiveMigration], cpu_capacity: float | None = None) -> Heartbeat:
     return Heartbeat(
         version=PROTOCOL_VERSION,
         vms=tuple(VmReport(name=vm.name, state=ReportedState(vm.state.value), spec_hash=spec_hash(vm.spec)) for vm in vms),
-        load=HostLoad(cpus=cpus, memory_total=memory.total, memory_available=memory.available, vms=loads),
+        load=HostLoad(cpus=cpus, cpu_capacity=cpu_capacity, memory_total=memory.total, memory_available=memory.available,
+                      vms=loads),
         migrations=tuple(migrations),
     )
 
@@ -132,7 +133,8 @@ class Heartbeats:
         vms = self.vms()
         observed = await asyncio.to_thread(self.sampler.observe, vms)
         memory = await asyncio.to_thread(resources.meminfo)
-        beat = build_heartbeat(vms, self.sampler.loads(observed), memory, resources.cpu_count(), self.migrations())
+        beat = build_heartbeat(vms, self.sampler.loads(observed), memory, resources.cpu_count(), self.migrations(),
+                               resources.cpu_capacity())
         answer = await client.heartbeat(self.name, beat)
         self.interval = answer.interval
         now = time.monotonic()

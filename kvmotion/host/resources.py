@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmotion.core import cgroups
+
 
 @dataclass(frozen=True)
 class MemInfo:
@@ -32,3 +34,11 @@ def cpu_model_name() -> str:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def cpu_capacity() -> float:
+    """CPUs' worth of time this process (and what it starts) may use: the limit of its cpu cgroup
+    and those above it, else its CPU count."""
+    count = cpu_count()
+    limit = cgroups.own_cpu_limit()
+    return count if limit is None else round(min(limit.cores, count), 3)

@@ -29,10 +29,21 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
+from kvmotion.core.cgroups import (
+    CgroupVersion,
+    CpuHierarchy,
+    CpuLimit,
+    cgroup_of,
+    detect_hierarchy,
+    effective_limit,
+    parse_mountinfo,
+)
 from kvmotion.core.errors import InvalidInput, KvmotionError, NotFound, SetupError
+
+__all__ = ["Bandwidth", "CgroupFs", "CgroupVersion", "CpuHierarchy", "VcpuThrottle", "bandwidth_for", "cgroup_of",
+           "clamp_bandwidth", "detect_hierarchy", "parse_mountinfo"]
 
 VCPU_SHARES = 8192  # cgroup v1 cpu.shares of a throttled VM's vCPU group (default 1024)
 VCPU_WEIGHT = VCPU_SHARES * 100 // 1024  # the same priority as cgroup v2 cpu.weight (default 100)
@@ -41,77 +52,6 @@ MIN_PERIOD_US = 1000
 MAX_PERIOD_US = 1_000_000
 MAX_FRACTION = 0.99  # 100 ms periods; beyond that stalls approach QEMU's own
 GROUP_PREFIX = "kvmotion-vcpu"
-
-
-class CgroupVersion(str, Enum):
-    V1 = "v1"
-    V2 = "v2"
-
-
-@dataclass(frozen=True)
-class CpuHierarchy:
-    """Where the cpu controller is mounted. `root` is the hierarchy path shown at `mount`."""
-
-    version: CgroupVersion
-    mount: Path
-    root: str = "/"
-
-    def path_of(self, cgroup_path: str) -> Path:
-        """Directory of a cgroup path as /proc/<pid>/cgroup spells it."""
-        rel = cgroup_path
-        if self.root != "/":
-            if not (rel == self.root or rel.startswith(self.root.rstrip("/") + "/")):
-                raise SetupError(f"cgroup {cgroup_path} is outside the cpu hierarchy mounted at {self.mount}")
-            rel = rel[len(self.root.rstrip("/")):]
-        return self.mount / rel.lstrip("/")
-
-
-def parse_mountinfo(text: str, fs_root: Path = Path("/")) -> CpuHierarchy | None:
-    """The cpu controller's mount: a v1 `cgroup` mount with the cpu option wins (then cpu is not in v2)."""
-    v2: CpuHierarchy | None = None
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        root, mountpoint = fields[3], fields[4].replace("\\040", " ")
-        fstype, options = tail[0], tail[2].split(",")
-        if fstype == "cgroup" and "cpu" in options:
-            return CpuHierarchy(CgroupVersion.V1, fs_root / mountpoint.lstrip("/"), root)
-        if fstype == "cgroup2" and v2 is None:
-            controllers = fs_root / mountpoint.lstrip("/") / "cgroup.controllers"
-            try:
-                if "cpu" in controllers.read_text().split():
-                    v2 = CpuHierarchy(CgroupVersion.V2, fs_root / mountpoint.lstrip("/"), root)
-            except OSError:
-                continue
-    return v2
-
-
-def detect_hierarchy() -> CpuHierarchy:
-    found = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    if found is None:
-        raise SetupError(
-            "no cgroup cpu controller is mounted (neither a v1 'cpu' hierarchy nor cpu in cgroup v2): "
-            "vCPU throttling needs CONFIG_CFS_BANDWIDTH and a mounted cpu controller"
-        )
-    return found
-
-
-def cgroup_of(proc_cgroup: str, version: CgroupVersion) -> str:
-    """The cpu cgroup path in a /proc/<tid>/cgroup text."""
-    for line in proc_cgroup.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, controllers, path = parts
-        if version is CgroupVersion.V2 and hid == "0" and controllers == "":
-            return path
-        if version is CgroupVersion.V1 and "cpu" in controllers.split(","):
-            return path
-    raise SetupError(f"no {version.value} cpu cgroup in /proc/<tid>/cgroup")
 
 
 @dataclass(frozen=True)
@@ -140,6 +80,17 @@ def bandwidth_for(fraction: float) -> Bandwidth:
     fraction = min(fraction, MAX_FRACTION)
     period = round(MIN_QUOTA_US / (1 - fraction))
     return Bandwidth(period_us=max(MIN_PERIOD_US, min(MAX_PERIOD_US, period)), quota_us=MIN_QUOTA_US)
+
+
+def clamp_bandwidth(bw: Bandwidth, ceiling: CpuLimit | None) -> Bandwidth:
+    """`bw` no larger than `ceiling`, the tightest limit of the groups above (a lab host's capacity,
+    a container's): cgroup v1 refuses a child whose quota/period exceeds it (EINVAL), v2 caps it
+    silently. The quota stays the smallest burst and the period grows, so the vCPU gets the share
+    its host can give at most, never more than `bw` gives."""
+    if ceiling is None or bw.quota_us is None or bw.quota_us * ceiling.period_us <= ceiling.quota_us * bw.period_us:
+        return bw
+    period = -(-bw.quota_us * ceiling.period_us // ceiling.quota_us)  # ceil: ratio <= the ceiling's exactly
+    return Bandwidth(period_us=max(MIN_PERIOD_US, min(MAX_PERIOD_US, period)), quota_us=bw.quota_us)
 
 
 class CgroupFs:
@@ -210,6 +161,7 @@ class VcpuThrottle:
         self.fraction = 0.0
         self.released = False
         self._origin: dict[int, Path] = {}  # tid (v1) or the pid (v2) -> where it came from
+        self.ceiling: CpuLimit | None = None  # the tightest CPU limit above the vCPU groups
         self._created: list[Path] = []  # groups we use, parents first; removed in reverse at release
         try:
             self.pid = self._tgid(self.thread_ids[0])
@@ -266,6 +218,7 @@ class VcpuThrottle:
         # Under the thread's own cpu cgroup, so limits set above it (a slice, a container) still apply.
         base = self._current(self.thread_ids[0])
         group = base / name
+        self.ceiling = effective_limit(self.hierarchy, base, self.fs.read)
         self._mkdir(group)
         # Capped by the quota, but first in line while under it: beside a migration's busy threads
         # (compressing, on a small host) the vCPUs otherwise wait their turn on top of the quota.
@@ -284,6 +237,7 @@ class VcpuThrottle:
         if "cpu" not in self.fs.read(controls).split():
             self._write(controls, "+cpu", f"enabling the cpu controller in {parent}")
         group = parent / name
+        self.ceiling = effective_limit(self.hierarchy, parent, self.fs.read)
         self._mkdir(group)
         self._origin[self.pid] = current
         self._write(group / "cgroup.procs", str(self.pid), f"moving QEMU process {self.pid} into {group}")
@@ -303,7 +257,8 @@ class VcpuThrottle:
 
     @property
     def bandwidth(self) -> Bandwidth:
-        return bandwidth_for(self.fraction)
+        """What each vCPU group gets: the fraction's bandwidth, within the limit of the groups above."""
+        return clamp_bandwidth(bandwidth_for(self.fraction), self.ceiling)
 
     def set_throttle(self, fraction: float) -> None:
         """Take `fraction` of CPU time from every vCPU (0 = none; capped at 0.99)."""
@@ -313,6 +268,7 @@ class VcpuThrottle:
         self.fraction = min(fraction, MAX_FRACTION)
 
     def _apply(self, bw: Bandwidth) -> None:
+        bw = clamp_bandwidth(bw, self.ceiling)
         for i in range(len(self.thread_ids)):
             child = self.group / f"vcpu{i}"
             what = f"setting the CPU bandwidth of {child}"

@@ -35,6 +35,7 @@ from kvmotion.api.center import HostState
 from kvmotion.api.datastore import client_for
 from kvmotion.api.joined import StateRoot
 from kvmotion.api.registry import DatastoreRef
+from kvmotion.core import cgroups
 from kvmotion.core.errors import SetupError
 from kvmotion.net import lab as labmod
 
@@ -312,7 +313,16 @@ def lab_agent_client(cluster: LabCluster, host: str, timeout: float = 5.0) -> Ag
 def start_agent(cluster: LabCluster, host: str, timeout: float = STEP_TIMEOUT) -> subprocess.Popen:
     """Start `host`'s joined agent on its machine (also to restart one); returns once it answers."""
     h = cluster.topology.host(host)
+    group = labmod.host_cpu_group(cluster.topology, h.name)
     proc = _spawn(cluster, h.name, h.ns, agent_argv(cluster, h.name))
+    if group is not None:
+        # At once, while the agent is still starting Python: the QEMUs it starts later inherit the group.
+        try:
+            cgroups.move_process(group, proc.pid)
+        except SetupError:
+            proc.kill()
+            proc.wait()
+            raise
     client = lab_agent_client(cluster, h.name, timeout=2)
     _wait(f"agent {h.name}", lambda: client.host() is not None, proc, cluster.log(h.name), timeout)
     return proc

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.core import paths
+from kvmotion.core import cgroups, paths
 from kvmotion.core.errors import Conflict, InvalidInput, NotFound, SetupError
 from kvmotion.net import links, netns
 
@@ -89,6 +89,7 @@ class LabTopology:
     client: LabEndpoint
     portgroup: str = PORTGROUP
     link_rate: int | None = None  # bytes/s of the shaped mgmt uplinks; None = unshaped
+    host_cpu: float | None = None  # cores each host may use (a cpu cgroup limit); None = unlimited
     version: int = LAB_VERSION
 
     @property
@@ -131,10 +132,13 @@ class LabTopology:
         return LabTopology(**raw)
 
 
-def plan_lab(name: str, index: int, hosts: int = 3, link_rate: int | None = None) -> LabTopology:
+def plan_lab(name: str, index: int, hosts: int = 3, link_rate: int | None = None,
+             host_cpu: float | None = None) -> LabTopology:
     """Every name and address of a lab (pure): lab `index` gets 10.77.(2i).0/24 for mgmt and
     10.77.(2i+1).0/24 for VMs."""
     check_lab_name(name)
+    if host_cpu is not None:
+        cgroups.limit_for(host_cpu)  # InvalidInput unless a usable number of cores
     if not 1 <= hosts <= MAX_HOSTS:
         raise InvalidInput(f"invalid host count {hosts}: use 1-{MAX_HOSTS}")
     if not 0 <= index < MAX_LABS:
@@ -177,6 +181,7 @@ def plan_lab(name: str, index: int, hosts: int = 3, link_rate: int | None = None
             name="client", ns=f"{base}client", ip=str(vm.network_address + 2), ifname="eth0", switch_port="client"
         ),
         link_rate=link_rate,
+        host_cpu=host_cpu,
     )
 
 
@@ -259,23 +264,68 @@ def _quiet_namespace() -> None:
             pass
 
 
+def host_cpu_group(topo: LabTopology, host: str) -> cgroups.HostGroup | None:
+    """Where `host`'s processes go when the lab limits its CPU (None: it does not)."""
+    if topo.host_cpu is None:
+        return None
+    return cgroups.host_group(cgroups.usable_hierarchy("--host-cpu"), topo.name, topo.host(host).name)
+
+
+def _lab_cgroup(name: str) -> Path | None:
+    """The lab's cpu cgroup folder if one exists (from `lab up --host-cpu`)."""
+    hierarchy = cgroups.find_hierarchy()
+    if hierarchy is None:
+        return None
+    path = cgroups.lab_group(hierarchy, name)
+    return path if path.is_dir() else None
+
+
+def _create_cgroups(topo: LabTopology) -> None:
+    if topo.host_cpu is None:
+        return
+    hierarchy = cgroups.usable_hierarchy("--host-cpu")
+    limit = cgroups.limit_for(topo.host_cpu)
+    for h in topo.hosts:
+        cgroups.create_host_group(hierarchy, topo.name, h.name, limit)
+
+
+def _remove_cgroups(name: str) -> list[str]:
+    """The lab's cpu cgroups (its processes killed first), and the shared parent if no lab uses it."""
+    path = _lab_cgroup(name)
+    if path is None:
+        return []
+    problems = cgroups.remove_tree(path)
+    try:
+        path.parent.rmdir()  # kvmotion-lab/: under the labs lock, so no `lab up` is filling it now
+    except OSError:
+        pass  # another lab's groups are in it
+    return problems
+
+
 def _leftover_namespaces(name: str) -> list[str]:
     prefix = f"{NS_PREFIX}{name}-"
     return [ns for ns in netns.list_ns() if ns.startswith(prefix)]
 
 
-def lab_up(name: str, hosts: int = 3, link_rate: int | None = None) -> LabTopology:
-    """Build a lab and persist its description; Conflict if one of that name exists."""
+def lab_up(name: str, hosts: int = 3, link_rate: int | None = None, host_cpu: float | None = None) -> LabTopology:
+    """Build a lab and persist its description; Conflict if one of that name exists. `host_cpu`:
+    each host's processes (its agent, and the QEMUs it starts) share that many cores."""
     check_lab_name(name)
     _require_root()
+    if host_cpu is not None:
+        cgroups.limit_for(host_cpu)
+        cgroups.usable_hierarchy("--host-cpu")  # refused before anything is made
     with _labs_lock():
-        if lab_file(name).exists() or _leftover_namespaces(name) or netns.link_exists_in(None, f"{NS_PREFIX}{name}"):
+        if (lab_file(name).exists() or _leftover_namespaces(name) or netns.link_exists_in(None, f"{NS_PREFIX}{name}")
+                or _lab_cgroup(name)):
             raise Conflict(f"lab {name} is already up (or half built): run `kvmotion lab down --name {name}` first")
-        topo = plan_lab(name, _free_index(), hosts, link_rate)
+        topo = plan_lab(name, _free_index(), hosts, link_rate, host_cpu)
         lab_dir(name).mkdir(parents=True, exist_ok=True)
         # Written before building so that `lab down` can clean up a build that died half way.
         lab_file(name).write_text(topo.to_json())
     try:
+        with _labs_lock():  # kvmotion-lab/ is shared with other labs' `lab down`
+            _create_cgroups(topo)
         _build(topo)
     except BaseException:
         try:
@@ -353,9 +403,13 @@ def lab_down(name: str) -> LabDownReport:
         if netns.ns_exists(ns):
             netns.delete_ns(ns)
             removed.append(ns)
+    with _labs_lock():
+        cgroup_problems = _remove_cgroups(name)
     shutil.rmtree(lab_dir(name), ignore_errors=True)
     if _leftover_namespaces(name):
         raise SetupError(f"lab {name}: namespaces {', '.join(_leftover_namespaces(name))} could not be removed")
+    if cgroup_problems:
+        raise SetupError(f"lab {name}: cpu cgroups could not be removed: {'; '.join(cgroup_problems)}")
     return LabDownReport(name=name, killed_pids=tuple(sorted(killed)), namespaces_removed=tuple(removed))
 
 

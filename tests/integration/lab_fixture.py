@@ -394,14 +394,16 @@ LabFactory = Callable[..., MigrationLab]
 
 
 def lab_factory() -> Iterator[LabFactory]:
-    """Generator behind the `make_lab` fixture: make_lab(hosts=2, link_rate=None, encrypted=True)
-    builds a lab and starts its cluster; every lab made is torn down at the end, whatever happened."""
+    """Generator behind the `make_lab` fixture: make_lab(hosts=2, link_rate=None, encrypted=True,
+    host_cpu=None) builds a lab and starts its cluster; every lab made is torn down at the end,
+    whatever happened."""
     made: list[str] = []
     clusters: list[LabCluster] = []
 
-    def make(hosts: int = 2, link_rate: int | None = None, encrypted: bool = True) -> MigrationLab:
+    def make(hosts: int = 2, link_rate: int | None = None, encrypted: bool = True,
+             host_cpu: float | None = None) -> MigrationLab:
         name = unique_lab_name()
-        topo = labmod.lab_up(name, hosts, link_rate)  # tears a half-built lab down itself
+        topo = labmod.lab_up(name, hosts, link_rate, host_cpu)  # tears a half-built lab down itself
         made.append(name)
         cluster = start_cluster(topo, encrypted=encrypted)
         clusters.append(cluster)

@@ -6,6 +6,7 @@ between two consecutive clock reads (its scheduling stall). Run with -s to see t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmotion.core import cgroups
 from kvmotion.core.errors import InvalidInput, NotFound
 from kvmotion.host import throttle as thr
 from kvmotion.host.throttle import VcpuThrottle
@@ -244,3 +246,45 @@ def test_a_leftover_group_is_reused_and_removed(busy) -> None:
     second.release()
     assert not first.group.exists()
     first.release()  # nothing left to do, no error
+
+
+@needs_root_cgroup
+def test_throttle_inside_a_cpu_limited_host_is_clamped_to_its_limit(busy) -> None:
+    """A VM on a lab host limited to half a CPU: throttling it below that share would ask the kernel
+    for a child group allowed more than its parent, which cgroup v1 refuses; the throttle clamps."""
+    proc, tids = busy
+    h = thr.detect_hierarchy()
+    lab = f"thr{os.getpid()}"
+    group = cgroups.create_host_group(h, lab, "host-a", cgroups.limit_for(0.5))
+    try:
+        cgroups.move_process(group, proc.pid)
+        if h.version is cgroups.CgroupVersion.V1:
+            probe = group.procs / "probe"
+            probe.mkdir()
+            try:
+                (probe / "cpu.cfs_period_us").write_text("1250")
+                with pytest.raises(OSError) as refused:
+                    (probe / "cpu.cfs_quota_us").write_text("1000")  # 0.8 CPU under a 0.5 CPU parent
+                assert refused.value.errno == errno.EINVAL
+            finally:
+                probe.rmdir()
+        with VcpuThrottle("limited", tids) as t:
+            assert t.ceiling == cgroups.CpuLimit(50_000, 100_000)
+            assert t.group.parent == group.procs
+            for fraction, period in ((0.2, 2000), (0.9, 10_000), (0.1, 2000)):
+                t.set_throttle(fraction)
+                assert t.fraction == fraction and t.bandwidth == thr.Bandwidth(period_us=period, quota_us=1000)
+                if h.version is cgroups.CgroupVersion.V1:
+                    child = t.group / "vcpu0"
+                    assert (child / "cpu.cfs_period_us").read_text().strip() == str(period)
+                    assert (child / "cpu.cfs_quota_us").read_text().strip() == "1000"
+            t.set_throttle(0.0)
+        assert not list(group.procs.glob(f"{thr.GROUP_PREFIX}-*")), "the throttle left its groups behind"
+    finally:
+        (h.mount / "cgroup.procs").write_text(str(proc.pid))  # back to the root group, then the groups go
+        problems = cgroups.remove_tree(cgroups.lab_group(h, lab))
+        try:
+            cgroups.lab_group(h, lab).parent.rmdir()
+        except OSError:
+            pass  # a lab's groups are in it
+        assert not problems, problems

@@ -207,6 +207,31 @@ def test_background_mode_returns_once_set_up(bins: Path, tmp_path: Path) -> None
             os.kill(pid, signal.SIGKILL)
 
 
+# ---- kvm-cpu ----
+
+
+def test_cpu_worker_reports_its_work_each_second_and_ends_with_its_reporter(bins: Path, run) -> None:  # type: ignore[no-untyped-def]
+    prog = run(str(bins / "kvm-cpu"), "-n", "1")
+    first = prog.read_until(lambda e: isinstance(e, serial.CpuStatus))
+    second = prog.read_until(lambda e: isinstance(e, serial.CpuStatus))
+    assert isinstance(first, serial.CpuStatus) and isinstance(second, serial.CpuStatus)
+    assert first.workers == second.workers == 1
+    assert second.units > 0 and second.total == first.total + second.units
+    assert 900 <= second.ms <= 1500, second.ms  # about a second of the clock (slack for a loaded machine)
+    prog.stop()  # SIGKILL to the reporter: its worker follows it (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 5
+    while subprocess.run(["pgrep", "-f", "-x", f"{bins / 'kvm-cpu'} -n 1"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a kvm-cpu worker outlived its reporter"
+        time.sleep(0.05)
+
+
+def test_cpu_worker_rejects_bad_arguments(bins: Path) -> None:
+    for argv in (["-n", "0"], ["-n", "x"], ["-n", "999"]):
+        proc = subprocess.run([str(bins / "kvm-cpu"), *argv], capture_output=True, text=True, timeout=5)
+        assert proc.returncode == 2, argv
+        assert isinstance(serial.parse_line(proc.stdout), serial.Failed), argv
+
+
 # ---- kvm-echo ----
 
 

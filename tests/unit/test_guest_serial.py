@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmotion.guest.serial import (
+    CpuStatus,
     DiskAck,
     DiskError,
     Failed,
@@ -29,6 +30,8 @@ from kvmotion.guest.serial import (
         ("KVMOTION MEM CORRUPT page=3 expected=9 found=4", MemCorrupt(page=3, expected=9, found=4, word=None)),
         ("KVMOTION MEM VERIFIED pages=16384 errors=2", MemVerified(pages=16384, errors=2)),
         ("KVMOTION DISK ack=1023", DiskAck(seq=1023)),
+        ("KVMOTION CPU units=412 ms=1001 total=9000 workers=1", CpuStatus(units=412, ms=1001, total=9000, workers=1)),
+        ("KVMOTION CPU units=412 ms=1001", None),  # a line cut short
         (
             "KVMOTION DISK ERROR fsync at seq 64: Input/output error",
             DiskError(message="fsync at seq 64: Input/output error"),
@@ -39,6 +42,12 @@ from kvmotion.guest.serial import (
 )
 def test_parses_guest_lines(line: str, event: object) -> None:
     assert parse_line(line) == event
+
+
+def test_cpu_status_rate_is_per_guest_second() -> None:
+    assert CpuStatus(units=500, ms=1000, total=500, workers=2).rate == 500
+    assert CpuStatus(units=300, ms=1500, total=800, workers=1).rate == 200
+    assert CpuStatus(units=0, ms=0, total=800, workers=1).rate is None
 
 
 def test_marker_after_prompt_and_escape_codes() -> None:

@@ -1,6 +1,7 @@
 """Pure lab planning: names, subnets and the JSON description."""
 
 import ipaddress
+import json
 
 import pytest
 
@@ -39,6 +40,21 @@ def test_two_labs_have_disjoint_subnets_and_names():
 def test_json_roundtrip():
     topo = plan_lab("dc1", 5, hosts=2, link_rate=None)
     assert LabTopology.from_json(topo.to_json()) == topo
+    limited = plan_lab("dc1", 5, hosts=2, host_cpu=0.5)
+    assert limited.host_cpu == 0.5
+    assert LabTopology.from_json(limited.to_json()) == limited
+
+
+def test_a_description_from_before_host_cpu_loads_unlimited():
+    raw = json.loads(plan_lab("dc1", 5, hosts=2).to_json())
+    del raw["host_cpu"]
+    assert LabTopology.from_json(json.dumps(raw)).host_cpu is None
+
+
+@pytest.mark.parametrize("cores", [0, -1, 0.005, float("nan"), 5000])
+def test_bad_host_cpu(cores):
+    with pytest.raises(InvalidInput, match="CPU capacity"):
+        plan_lab("dc1", 0, host_cpu=cores)
 
 
 @pytest.mark.parametrize("name", ["", "UP", "a-b", "x" * 11, "a b"])
