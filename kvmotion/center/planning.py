@@ -119,7 +119,8 @@ def snapshot(store: Store, now: float) -> Snapshot:
     links: dict[tuple[str, str], float] = {}
     default_link = store.settings().link_bps
     for h in hosts.values():
-        cpus = float(h.load.cpus) if h.load else 1.0
+        # CPUs' worth the host may use: its cgroup limit when the agent reports one, else its CPU count
+        cpus = (h.load.cpu_capacity or float(h.load.cpus)) if h.load else 1.0
         memory = h.load.memory_total if h.load and h.load.memory_total > 0 else 1
         snap_hosts.append(cluster.Host(name=h.name, state=_status(h), cpus=cpus, memory=memory,
                                        health=_health(h.health)))

@@ -10,6 +10,7 @@ import pytest
 
 from kvmotion.api.agent import VmState
 from kvmotion.api.center import EventKind, HostLoad, HostMode, ReportedState, Severity, TaskKind, TaskState, VmLoad, VmReport
+from kvmotion.center import planning
 from kvmotion.center.operations import Operations
 from kvmotion.center.store import SqliteStore
 from kvmotion.center.tasks import Tasks
@@ -242,3 +243,12 @@ def test_a_users_migration_records_its_prediction_beside_the_actual(cluster: Clu
     done = cluster.store.task(task["id"])
     assert done is not None and done.state is TaskState.DONE
     assert done.predicted_s == task["predicted_s"] and done.result is not None and done.result.total_ms is not None
+
+
+def test_planning_counts_a_hosts_cpu_capacity_not_its_cpu_count(cluster: Cluster) -> None:
+    """A host whose agent reports a cgroup CPU limit (lab --host-cpu) is as big as the limit."""
+    base = load(12 * GIB)
+    cluster.store.record_heartbeat("host-b", cluster.clock() + 1, (), HostLoad(
+        cpus=base.cpus, cpu_capacity=0.5, memory_total=base.memory_total, memory_available=base.memory_available), ())
+    cpus = {h.name: h.cpus for h in planning.snapshot(cluster.store, cluster.clock()).hosts}
+    assert cpus["host-b"] == 0.5 and cpus["host-a"] == float(base.cpus)
