@@ -80,7 +80,7 @@ def _mark(ok: bool) -> str:
 def _route(m: MigrationResult) -> str:
     hop = f"{m.source.removeprefix('host-')} → {m.destination.removeprefix('host-')}"
     if m.step != ACT1:
-        hop += f" ({m.step})"
+        hop += f"\n[dim]{m.step}[/]"  # which step of act 2 moved it, below its hop
     return hop if m.phase == Phase.DONE.value else f"{hop} [red]{m.phase}[/]"
 
 
