@@ -124,7 +124,7 @@ def score(spec: VmSpec, host: HostSnapshot) -> float:
         return float("inf")
     total = max(host.load.memory_total, 1)
     used = host.load.memory_total - host.load.memory_available + host.reserved_memory + spec.memory
-    cpus = max(host.load.cpus, 1)
+    cpus = host.load.cpu_capacity or max(host.load.cpus, 1)  # a limited host's cores, when its agent reports them
     demand = (host.cpu_demand or 0.0) + host.reserved_cpus + spec.vcpus * 0.5  # a new VM: half its vCPUs busy
     return round(used / total + demand / cpus, 6)
 

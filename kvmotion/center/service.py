@@ -164,9 +164,9 @@ class Center:
         else:  # an agent that sends run-time totals only: the demand between two of its heartbeats
             before = self._samples.get(name)
             demand = cpu_demand(before[0], before[1], beat.load, now) if before is not None else None
-        # The store keeps the host's totals; its VMs' run times stay here, for the next demand.
-        row = self.store.record_heartbeat(name, now, beat.vms, beat.load.model_copy(update={"vms": ()}),
-                                          beat.migrations, demand)
+        # The store keeps the host's load with each VM's figures (CPU demand and ready: what DRS reads),
+        # its VMs' run times stay here too, for the next demand.
+        row = self.store.record_heartbeat(name, now, beat.vms, beat.load, beat.migrations, demand)
         self._samples[name] = (beat.load, now)
         settings = self._settings(now)
         return HeartbeatAnswer(state=row.state, interval=settings.heartbeat_interval, now=now, settings=settings)

@@ -122,7 +122,7 @@ class CpuLimit:
 def limit_for(cores: float, period_us: int = LIMIT_PERIOD_US) -> CpuLimit:
     """The limit giving `cores` CPUs' worth of time (0.5: half a CPU), at the kernel's default period."""
     if not 0 < cores <= 4096:  # NaN fails too
-        raise InvalidInput(f"invalid CPU capacity {cores!r}: use a number of cores above 0, e.g. 1 or 0.5")
+        raise InvalidInput(f"invalid CPU capacity {cores:g}: use a number of cores above 0, e.g. 1 or 0.5")
     quota = round(cores * period_us)
     if quota < MIN_QUOTA_US:
         raise InvalidInput(f"invalid CPU capacity {cores:g}: at least {MIN_QUOTA_US / period_us:g} cores (the kernel's 1 ms quota)")

@@ -11,6 +11,9 @@ Measured on this HZ=250 kernel (tests/integration/test_throttle.py, 2 busy threa
 exactly 1 - f; largest stall 2-8 ms at 50 %, 8-28 ms at 80 %, 10-38 ms at 90 %, 20-76 ms at
 95 % (short stalls when other load preempts the thread often, long ones on an idle CPU).
 
+Under a group with a CPU limit of its own (a lab host's --host-cpu, a container) each vCPU group's
+bandwidth is clamped to that limit's ratio (clamp_bandwidth): cgroup v1 refuses a larger one.
+
 One cgroup per vCPU (not one for all) because a group's quota is handed to CPUs in 5 ms
 slices: with several vCPUs sharing a 1-2 ms quota one of them could take all of it for periods
 on end.

@@ -56,6 +56,14 @@ def test_cpu_demand_and_reserved_memory_count() -> None:
     assert "host-c has 512 MiB free, the VM needs 1024 MiB" in dict((c.host, c.reasons) for c in p.candidates)["host-c"]
 
 
+def test_cpu_demand_counts_against_the_reported_capacity() -> None:
+    # Same demand, same memory: the host whose cgroup allows fewer cores is the busier one.
+    small = HostSnapshot(**{**host("host-b", demand=1.0).__dict__,
+                            "load": HostLoad(cpus=8, cpu_capacity=1.5, memory_total=16 * GIB, memory_available=8 * GIB)})
+    big = host("host-c", demand=1.0)
+    assert place(SPEC, [small, big]).chosen == "host-c"
+
+
 def test_cpu_model_baseline_and_local_disks() -> None:
     local = SPEC.replace(cpu_model="Skylake-Server", disks=(DiskSpec(source="web1.img"),))
     p = place(local, [host("host-a"), host("host-b")], source="host-a", baseline="Cascadelake-Server")

@@ -92,3 +92,18 @@ def test_throttle_bandwidth_clamped_to_the_host_limit() -> None:
         for limit in (half, third, CpuLimit(1_000, 1_000_000), CpuLimit(200_000, 100_000)):
             out = clamp_bandwidth(bandwidth_for(f), limit)
             assert out.quota_us is not None and out.share <= min(bandwidth_for(f).share, limit.cores) + 1e-12
+
+
+def test_heartbeat_carries_the_host_capacity() -> None:
+    from kvmotion.api.center import HostLoad
+    from kvmotion.host import resources
+    from kvmotion.host.heartbeat import build_heartbeat
+
+    beat = build_heartbeat([], (), resources.MemInfo(total=1 << 30, available=1 << 29), 2, [], cpu_capacity=0.5)
+    assert beat.load.cpus == 2 and beat.load.cpu_capacity == 0.5
+    assert HostLoad.model_validate_json(beat.load.model_dump_json()) == beat.load
+    old = HostLoad.model_validate_json('{"cpus": 2, "memory_total": 1, "memory_available": 1}')  # an older agent
+    assert old.cpu_capacity is None
+    with pytest.raises(InvalidInput, match="cpu_capacity"):
+        HostLoad(cpus=2, cpu_capacity=0, memory_total=1, memory_available=1)
+    assert 0 < resources.cpu_capacity() <= resources.cpu_count()
