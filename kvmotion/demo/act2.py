@@ -224,7 +224,8 @@ def drs(lab: Lab) -> rpt.Step:
             view.detail(f"note: {note}")
         if not status.recommendations:
             return rpt.Step("drs", "DRS relieves a contended host", host, False,
-                            f"DRS recommended nothing within {DRS_WAIT_S:.0f} s", began, time.time(),
+                            f"DRS recommended nothing within {DRS_WAIT_S:.0f} s (imbalance {status.imbalance:.3f}, "
+                            f"load {loads})", began, time.time(),
                             rates=tuple(rpt.WorkRate(vm, host, before[vm], host, None) for vm in BUSY))
         since = time.time()
         applied = lab.center.call(ops.apply_drs(DrsApply(ids=tuple(r.id for r in status.recommendations))))
