@@ -19,6 +19,7 @@ from kvmotion.net.probe import UdpSample
 WIDTH, HEIGHT = 1200, 480
 LEFT, RIGHT, TOP, BOTTOM = 72, 24, 86, 44
 NOREPLY_BAND = 14  # px above the plot where unanswered probes are ticked
+LABEL_W, LABEL_ROWS = 130, 3  # px a migration's label needs; rows its labels may stagger into
 LANE_H, LANE_GAP, LANES_TOP = 22, 4, 28  # host lanes: height, spacing, room for their caption
 VM_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#eeca3b", "#9d755d")
 
@@ -107,7 +108,8 @@ def render_svg(samples: Sequence[UdpSample], marks: Sequence[MigrationMark], tit
         f'<text x="{LEFT}" y="22" font-size="16" font-weight="bold">{escape(title)}</text>',
         f'<text x="{LEFT}" y="40" fill="#444">{escape(subtitle)}</text>',
     ]
-    # migration phases behind everything
+    # migration phases behind everything; labels closer than LABEL_W apart go one row lower
+    label_x, row = -math.inf, 0
     for m in marks:
         for phase, a, b in m.phases:
             w = max(x(b) - x(a), 1.0)
@@ -117,9 +119,11 @@ def render_svg(samples: Sequence[UdpSample], marks: Sequence[MigrationMark], tit
             )
         if m.phases:
             a = min(p[1] for p in m.phases)
-            out.append(f'<text x="{x(a) + 3:.1f}" y="{TOP + 14}" font-weight="bold">{escape(m.label)}</text>')
+            row = (row + 1) % LABEL_ROWS if x(a) - label_x < LABEL_W else 0
+            label_x, ly = x(a), TOP + 14 + row * 30
+            out.append(f'<text x="{x(a) + 3:.1f}" y="{ly}" font-weight="bold">{escape(m.label)}</text>')
             if m.gap_ms is not None:
-                out.append(f'<text x="{x(a) + 3:.1f}" y="{TOP + 28}" fill="#b00">client gap {m.gap_ms:.0f} ms</text>')
+                out.append(f'<text x="{x(a) + 3:.1f}" y="{ly + 14}" fill="#b00">client gap {m.gap_ms:.0f} ms</text>')
     # axes and grid
     for d in range(d_lo, d_hi + 1):
         v = 10.0**d
