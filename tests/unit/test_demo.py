@@ -305,3 +305,12 @@ def test_picture_has_a_lane_per_host_below_the_chart():
     a = [r for r in stays if "host-a" in (r.find(f"{ns}title").text or "")]
     assert len({r.get("y") for r in a}) == 2
     assert int(ET.fromstring(render_svg(samples, [], "t", "s")).get("height")) == 480
+
+
+def test_labels_of_migrations_close_together_stagger():
+    samples = _samples(100.0, (3.0, 3.2))
+    marks = [MigrationMark(f"{k}  a→b", (("precopy", t, t + 1.0),), gap_start=None, gap_ms=None)
+             for k, t in ((1, 2.0), (2, 4.0), (3, 60.0))]
+    root = ET.fromstring(render_svg(samples, marks, "t", "s"))
+    ys = {t.text: float(t.get("y")) for t in root.iter("{http://www.w3.org/2000/svg}text") if t.text and "a→b" in t.text}
+    assert ys["1  a→b"] != ys["2  a→b"] and ys["3  a→b"] == ys["1  a→b"]
