@@ -109,7 +109,6 @@ def render_svg(samples: Sequence[UdpSample], marks: Sequence[MigrationMark], tit
         f'<text x="{LEFT}" y="40" fill="#444">{escape(subtitle)}</text>',
     ]
     # migration phases behind everything; labels closer than LABEL_W apart go one row lower
-    label_x, row = -math.inf, 0
     for m in marks:
         for phase, a, b in m.phases:
             w = max(x(b) - x(a), 1.0)
@@ -117,6 +116,8 @@ def render_svg(samples: Sequence[UdpSample], marks: Sequence[MigrationMark], tit
                 f'<rect x="{x(a):.1f}" y="{TOP}" width="{w:.1f}" height="{ph}" fill="{PHASE_COLOURS.get(phase, "#eee")}">'
                 f"<title>{escape(m.label)}: {phase} {(b - a) * 1000:.0f} ms</title></rect>"
             )
+    label_x, row = -math.inf, 0
+    for m in marks:  # labels over every shading
         if m.phases:
             a = min(p[1] for p in m.phases)
             row = (row + 1) % LABEL_ROWS if x(a) - label_x < LABEL_W else 0
