@@ -377,6 +377,18 @@ def test_admin_changes_settings(cluster: Cluster) -> None:
         (e["who"], e["method"], e["path"], e["status"]) for e in cluster.audit()]
 
 
+def test_the_hosts_view_shows_each_vms_load_and_the_capacity(cluster: Cluster) -> None:
+    assert cluster.client(None).post("/v1/join", json=join_body(cluster.token, "host-a")[0]).status_code == 201
+    load = {**LOAD, "cpu_capacity": 0.5,
+            "vms": [{"name": "web1", "cpu_demand": 0.17, "cpu_ready": 0.8}]}
+    beat = {**_beat((("web1", "running"),)), "load": load}
+    assert cluster.client(Identity(Kind.HOST, "host-a")).post("/v1/hosts/host-a/heartbeat", json=beat).status_code == 200
+    view = cluster.client(VIEWER).get("/v1/hosts/host-a").json()
+    assert view["load"]["cpu_capacity"] == 0.5
+    assert [(v["name"], v["cpu_ready"]) for v in view["load"]["vms"]] == [("web1", 0.8)]  # what DRS weighs
+    assert view["cpu_demand"] == 0.17
+
+
 def test_not_responding_after_eight_seconds_of_silence(cluster: Cluster) -> None:
     assert cluster.client(None).post("/v1/join", json=join_body(cluster.token)[0]).status_code == 201
     host, viewer = cluster.client(Identity(Kind.HOST, "host-a")), cluster.client(VIEWER)

@@ -10,6 +10,7 @@ import pytest
 
 from kvmotion.api.agent import VmState
 from kvmotion.api.center import EventKind, HostLoad, HostMode, ReportedState, Severity, TaskKind, TaskState, VmLoad, VmReport
+from kvmotion.center import planning
 from kvmotion.center.operations import Operations
 from kvmotion.center.store import SqliteStore
 from kvmotion.center.tasks import Tasks
@@ -266,3 +267,12 @@ def test_an_agents_own_health_providers_act_through_its_heartbeats(cluster: Clus
     assert cluster.store.host("host-c").mode is HostMode.NORMAL
     events = [e.message for e in cluster.store.events() if e.kind is EventKind.HOST_HEALTH]
     assert events[0].startswith("agent says net.vm-net of host-c is severe: port group vm-net lost its link")
+
+
+def test_planning_counts_a_hosts_cpu_capacity_not_its_cpu_count(cluster: Cluster) -> None:
+    """A host whose agent reports a cgroup CPU limit (lab --host-cpu) is as big as the limit."""
+    base = load(12 * GIB)
+    cluster.store.record_heartbeat("host-b", cluster.clock() + 1, (), HostLoad(
+        cpus=base.cpus, cpu_capacity=0.5, memory_total=base.memory_total, memory_available=base.memory_available), ())
+    cpus = {h.name: h.cpus for h in planning.snapshot(cluster.store, cluster.clock()).hosts}
+    assert cpus["host-b"] == 0.5 and cpus["host-a"] == float(base.cpus)
