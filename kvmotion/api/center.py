@@ -130,7 +130,7 @@ class HostMode(str, Enum):
 
 class Severity(str, Enum):
     OK = "ok"
-    MODERATE = "moderate"  # quarantine: no new VMs, DRS moves VMs off when others can take them
+    MODERATE = "moderate"  # quarantine: new VMs only where nothing else fits, DRS moves VMs off
     SEVERE = "severe"  # maintenance: evacuate
 
     @property
@@ -403,7 +403,7 @@ class HostView(Wire):
     mode: HostMode = HostMode.NORMAL
     mode_reason: str = ""  # who or what put it there
     health: Severity = Severity.OK  # the worst its health providers say
-    quarantined: bool = False  # no new VMs; DRS moves VMs off
+    quarantined: bool = False  # placed on last; DRS moves VMs off
 
 
 class JoinAnswer(Wire):

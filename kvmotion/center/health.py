@@ -2,7 +2,7 @@
 
 Each provider (an external one through the API, built-in ones from run-queue wait, PSI, links) reports
 per component ok / moderate / severe; the host's health is the worst report. Cluster policy, as
-vSphere's Proactive HA: moderate -> quarantine (no new placements; DRS moves VMs off where others have
+vSphere's Proactive HA: moderate -> quarantine (placed on last; DRS moves VMs off where others have
 room), severe -> maintenance (evacuate: the host enters maintenance). Recovery clears what health set,
 never what an admin set (an admin's maintenance stays until the admin ends it).
 """
@@ -59,7 +59,7 @@ def next_state(host: str, state: Status, by_health: bool, health: Health) -> Tra
         if state is Status.QUARANTINE:
             return stay
         return Transition(Status.QUARANTINE, True,
-                          f"{host} reports a moderate health fault: quarantined (no new VMs; DRS moves VMs off "
+                          f"{host} reports a moderate health fault: quarantined (placed on last; DRS moves VMs off "
                           "where other hosts have room)")
     if state is Status.CONNECTED:
         return stay

@@ -25,7 +25,7 @@ class Status(str, Enum):
     NOT_RESPONDING = "not_responding"
     ENTERING_MAINTENANCE = "entering_maintenance"
     MAINTENANCE = "maintenance"
-    QUARANTINE = "quarantine"  # a moderate health fault: no new placements; DRS moves VMs off where others have room
+    QUARANTINE = "quarantine"  # a moderate health fault: placed on last; planners move nothing there
 
 
 def status_of(state: HostState, mode: HostMode, quarantined: bool) -> Status:
@@ -36,6 +36,9 @@ def status_of(state: HostState, mode: HostMode, quarantined: bool) -> Status:
     if mode is HostMode.ENTERING_MAINTENANCE:
         return Status.ENTERING_MAINTENANCE
     return Status.QUARANTINE if quarantined else Status.CONNECTED
+
+
+QUARANTINE_PENALTY = 100.0  # added to a quarantined host's score: chosen only when no other host can take it
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str
     if host.name == source:
         return [f"VM {spec.name} is already on {host.name}"]
     out: list[str] = []
-    refused = state_refusal(host.name, host.status)
+    # Quarantine is soft for placement (vSphere's Proactive HA): a quarantined host scores last
+    # (QUARANTINE_PENALTY) but takes the VM when no healthy host can.
+    refused = state_refusal(host.name, host.status) if host.status is not Status.QUARANTINE else None
     if refused:
         out.append(refused)
     if host.load is None:
@@ -76,7 +81,7 @@ def refusals(spec: VmSpec, host: HostSnapshot, source: str | None, baseline: str
 
 
 def state_refusal(name: str, status: Status) -> str | None:
-    """Why a host takes no VM (None: connected, it does). Quarantine too: no new placements."""
+    """Why a host takes no VM (None: connected, it does); the planners refuse quarantine too."""
     if status is Status.CONNECTED:
         return None
     if status is Status.MAINTENANCE:
@@ -117,7 +122,8 @@ def score(spec: VmSpec, host: HostSnapshot) -> float:
     used = host.load.memory_total - host.load.memory_available + host.reserved_memory + spec.memory
     cpus = host.load.cpu_capacity or max(host.load.cpus, 1)  # a limited host's cores, when its agent reports them
     demand = (host.cpu_demand or 0.0) + host.reserved_cpus + spec.vcpus * 0.5  # a new VM: half its vCPUs busy
-    return round(used / total + demand / cpus, 6)
+    penalty = QUARANTINE_PENALTY if host.status is Status.QUARANTINE else 0.0
+    return round(used / total + demand / cpus + penalty, 6)
 
 
 def place(spec: VmSpec, hosts: Sequence[HostSnapshot], *, source: str | None = None,

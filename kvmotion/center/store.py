@@ -87,7 +87,7 @@ class HostRow:
 
     @property
     def quarantined(self) -> bool:
-        """Moderate health or worse: no new VMs (severe also sends it into maintenance)."""
+        """Moderate health or worse: placed on last (severe also sends it into maintenance)."""
         return self.health is not Severity.OK
 
     def view(self) -> HostView:

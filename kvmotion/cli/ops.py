@@ -101,7 +101,7 @@ def _print_health(h: HostHealth, json_out: bool) -> None:
     if json_out:
         print(h.model_dump_json(indent=2))
         return
-    state = " (quarantined: no new VMs)" if h.quarantined else ""
+    state = " (quarantined: new VMs only when no other host can take them)" if h.quarantined else ""
     console.print(f"{h.host}: {h.severity.value}{state}")
     if h.entries:
         t = Table("provider", "component", "severity", "reason", "since")

@@ -1,13 +1,14 @@
 """The agent's built-in health providers, from real signals, as pure functions of samples.
 
-- cpu: sustained CPU contention of the host's VMs. Over the last `window` seconds, the time their
+- cpu: sustained CPU contention of the host's VMs. Over the last `window` seconds (60), the time their
   vCPU threads waited on a run queue (schedstat's wait: vSphere's "ready") against the time they
-  ran: moderate when they waited `contention` (25 %) of their run time or more, with at least
+  ran: moderate when they waited `contention` (50 %) of their run time or more, with at least
   `min_busy` cores busy (an idle host is not contended). Moderate only: the host works, slowly.
 - memory: pressure stall information (/proc/pressure/memory, avg10): moderate when some task was
   stalled on memory 10 % of the time or more, severe when all were ("full") 10 % or more.
-- net:PORTGROUP: the VM network's link: severe when the port group's bridge is down or none of
-  its ports other than the VMs' TAPs is up (the host's VMs are cut off: evacuate them).
+- net.PORTGROUP: the VM network's link: severe when the port group's bridge has uplinks (ports
+  other than the VMs' TAPs) and none of them is up, or it is down while they are (the host's VMs
+  are cut off: evacuate them). A bridge with no uplink (a host-only network) has no link to lose.
 
 `HealthSampler` is the thin I/O shell: it reads /proc and /sys and keeps the window of samples.
 """
@@ -29,8 +30,8 @@ _PSI_RE = re.compile(r"^(some|full) avg10=(\d+(?:\.\d+)?)", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Thresholds:
-    window: float = 30.0  # seconds a CPU contention must last
-    contention: float = 0.25  # waited / ran
+    window: float = 60.0  # seconds a CPU contention must last
+    contention: float = 0.5  # waited / ran
     min_busy: float = 0.2  # cores the VMs kept busy over the window, at least
     psi_moderate: float = 10.0  # % of time some task stalled on memory (avg10)
     psi_severe: float = 10.0  # % of time all tasks stalled on memory (avg10, "full")
@@ -105,15 +106,15 @@ class Bridge:
 
 def link_health(portgroup: str, bridge_name: str, bridge: Bridge | None) -> HealthReport:
     component = f"net.{portgroup}"[:32]
+    ok = HealthReport(provider=PROVIDER, component=component, severity=Severity.OK)
     if bridge is None:
-        return HealthReport(provider=PROVIDER, component=component, severity=Severity.SEVERE,
-                            reason=f"bridge {bridge_name} of port group {portgroup} is gone")
+        return ok  # not made yet (the agent makes it for its first VM): nothing is lost
     uplinks = {p: up for p, up in bridge.ports.items() if not p.startswith("tap") and not p.startswith("kvm")}
-    if not bridge.up or (uplinks and not any(uplinks.values())):
-        down = ", ".join(sorted(uplinks)) or bridge_name
+    if uplinks and (not bridge.up or not any(uplinks.values())):
+        down = ", ".join(sorted(p for p, up in uplinks.items() if not up)) or bridge_name
         return HealthReport(provider=PROVIDER, component=component, severity=Severity.SEVERE,
                             reason=f"port group {portgroup} lost its link ({down} down)")
-    return HealthReport(provider=PROVIDER, component=component, severity=Severity.OK)
+    return ok
 
 
 # ---- the I/O shell ----

@@ -39,7 +39,9 @@ def test_the_least_loaded_host_is_chosen_and_every_host_has_its_reasons() -> Non
     assert by["host-b"].eligible and by["host-c"].eligible
     assert by["host-c"].score is not None and by["host-b"].score is not None and by["host-c"].score < by["host-b"].score
     assert by["host-d"].reasons == ("host-d is in maintenance",)
-    assert by["host-g"].reasons == ("host-g is quarantined (a health fault)",)
+    assert by["host-g"].eligible and by["host-g"].score > 100  # quarantined: only if no other host can
+    alone = place(SPEC, [host("host-a"), host("host-g", quarantined=True)], source="host-a")
+    assert alone.chosen == "host-g"
     assert by["host-e"].reasons == ("host-e has 512 MiB free, the VM needs 1024 MiB", "host-e lacks port group vm-net",
                                     "host-e does not reach datastore ds1")
     assert by["host-f"].reasons == ("host-f's CPU models, port groups and datastores are not known yet",)

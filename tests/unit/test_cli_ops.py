@@ -32,7 +32,7 @@ def test_maintenance_health_rules_and_drs_commands(cli, capsys, monkeypatch) -> 
     code, out, err = run(capsys, monkeypatch, "host", "health", "report", "host-b", "--severity", "moderate",
                          "--component", "fan", "--reason", "fan 2 slow")
     assert code == 0, err
-    assert "host-b: moderate (quarantined: no new VMs)" in out
+    assert "host-b: moderate (quarantined: new VMs only when no other host can take them)" in out
     code, out, err = run(capsys, monkeypatch, "host", "health", "host-b")  # `show` by default
     assert code == 0 and "fan 2 slow" in out
 
