@@ -24,6 +24,7 @@ schema_version is a key and upgrade steps rewrite keys in Txns; controllers may 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -387,8 +388,15 @@ UPGRADES: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(UPGRADES)
 
 
+@functools.lru_cache(maxsize=4096)
+def _activity(raw: str) -> _Activity:
+    """A host's stored load, parsed once per report (a full report, each VM's figures in it, comes
+    every 20 s; the hosts are read at every placement and liveness tick)."""
+    return _Activity.model_validate_json(raw)
+
+
 def _host(row: sqlite3.Row) -> HostRow:
-    activity = _Activity.model_validate_json(row["load"]) if row["load"] else None
+    activity = _activity(row["load"]) if row["load"] else None
     facts = HostFacts.model_validate_json(row["facts"]) if row["facts"] not in (None, "", "{}") else None
     return HostRow(name=row["name"], address=row["address"], agent_url=row["agent_url"], state=HostState(row["state"]),
                    joined=row["joined"], last_heartbeat=row["last_heartbeat"],
