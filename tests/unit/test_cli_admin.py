@@ -15,7 +15,7 @@ from kvmotion.center.app import create_app
 from kvmotion.cli import centerops
 from tests.certs import as_caller
 from tests.unit.test_center_api import ADMIN, T0, Cluster, join_body
-from tests.unit.test_cli_center import run
+from tests.unit.test_cli_center import in_process, run
 
 
 @pytest.fixture
@@ -24,12 +24,7 @@ def admin_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     secured = secure(create_app(c.center), Security(tls_files=None, audit_log=c.data / "audit.log",
                                                     optional_client_cert=True), "center")
     with TestClient(as_caller(secured, c.ca.creds(ADMIN).pem)) as http:
-        def client() -> CenterClient:
-            center = CenterClient("http://testserver")
-            center._http.close()
-            center._http = http
-            return center
-        monkeypatch.setattr(centerops, "client", client)
+        monkeypatch.setattr(centerops, "client", lambda: in_process(http))
         monkeypatch.setattr(CenterClient, "close", lambda self: None)  # the TestClient outlives each command
         yield c
     c.store.close()

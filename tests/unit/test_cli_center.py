@@ -20,6 +20,14 @@ from tests.unit.test_center_api import Cluster
 from tests.unit.test_center_tasks import OPERATOR, FakeAgents, add_host
 
 
+def in_process(http: TestClient) -> CenterClient:
+    """A CenterClient whose HTTP goes to the center's app in process (`http`)."""
+    center = CenterClient("http://testserver")
+    center._http.close()
+    center._http = http
+    return center
+
+
 @pytest.fixture
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     c = Cluster(tmp_path)
@@ -34,12 +42,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("KVMOTION_CONFIG", str(config))
     monkeypatch.setattr(centerops, "FOLLOW_POLL", 0.02)
     with TestClient(as_caller(secured, c.ca.creds(OPERATOR).pem)) as http:
-        def client() -> CenterClient:
-            center = CenterClient("http://testserver")
-            center._http.close()
-            center._http = http
-            return center
-        monkeypatch.setattr(centerops, "client", client)
+        monkeypatch.setattr(centerops, "client", lambda: in_process(http))
         monkeypatch.setattr(CenterClient, "close", lambda self: None)  # the TestClient outlives each command
         yield c, agents
     c.store.close()

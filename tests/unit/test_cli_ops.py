@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.unit.test_center_operations import running
-from tests.unit.test_cli_center import cli, run  # noqa: F401 (the fixture)
+from tests.unit.test_cli_center import cli, in_process, run  # noqa: F401 (the fixture)
 
 
 def test_maintenance_health_rules_and_drs_commands(cli, capsys, monkeypatch) -> None:  # noqa: F811
@@ -70,9 +70,5 @@ def test_center_user_add_and_ls(cli, capsys, monkeypatch) -> None:  # noqa: F811
 
 
 def _as_admin(cluster):  # type: ignore[no-untyped-def]
-    from kvmotion.api.center import CenterClient
     from tests.unit.test_center_api import ADMIN
-    client = CenterClient("http://testserver")
-    client._http.close()
-    client._http = cluster.client(ADMIN)
-    return client
+    return in_process(cluster.client(ADMIN))
