@@ -24,7 +24,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import uvicorn
 from kvmotion.api.address import Endpoint
 from kvmotion.api.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from kvmotion.api.serving import Limits, Security, insecure_warning, make_server
+from kvmotion.core import paths
 from kvmotion.core.errors import SetupError
 from kvmotion.core.listen import listening_socket
 from kvmotion.core.tasks import sole_error
@@ -46,6 +46,7 @@ from kvmotion.storage.leasefile import META_DIR
 from kvmotion.storage.metrics import DatastoreMetrics
 
 READY_TIMEOUT = 15.0
+UNIX_PATH_MAX = 108  # bytes of sun_path, its terminating NUL included
 HEARTBEAT = 1.0  # s between marks of "the service is up" (Datastore.heartbeat)
 KEEP_ALIVE = 30.0  # s an idle API connection stays open (hosts renew every 5 s: theirs stay warm)
 STOP_GRACE = 3  # s for API calls in flight at a stop (a TLS connection's close waits for its peer)
@@ -191,9 +192,9 @@ async def _serve(cfg: ServeConfig) -> None:
         )
     # The NBD port is bound here, now (a busy port fails the start); the TLS front end inherits it.
     nbd_sock = None if cfg.insecure else listening_socket(cfg.listen.host, cfg.listen.port, "NBD")
-    with tempfile.TemporaryDirectory(prefix="kvmotion-ds-") as tmp:  # mode 0700: nbdkit's socket is ours alone
-        pidfile = Path(tmp) / "nbdkit.pid"
-        unix = None if cfg.insecure else Path(tmp) / "nbdkit.sock"
+    with _runtime_dir(cfg.name) as tmp:
+        pidfile = tmp / "nbdkit.pid"
+        unix = None if cfg.insecure else tmp / "nbdkit.sock"
         proc = await asyncio.create_subprocess_exec(
             *nbdkit_command(cfg, pidfile, unix), stdin=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -245,6 +246,21 @@ async def _serve(cfg: ServeConfig) -> None:
                 nbd_sock.close()
         if died:
             raise SetupError(f"{died} exited unexpectedly; datastore stopped")
+
+
+@contextlib.contextmanager
+def _runtime_dir(name: str) -> Iterator[Path]:
+    """nbdkit's pid file and socket, mode 0700 (the socket is ours alone), under the machine's
+    runtime folder: what a killed datastore leaves there is cleared at its next start."""
+    path = paths.run_dir() / f"datastore-{name}"
+    if len(str(path / "nbdkit.sock").encode()) >= UNIX_PATH_MAX:
+        raise SetupError(f"runtime folder {path} is too long for a unix socket path (KVMOTION_RUN)")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700, parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _serve_until_stopped(server: uvicorn.Server, sock: socket.socket, ds: Datastore, stop: asyncio.Event,

@@ -18,7 +18,6 @@ import signal
 import string
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -375,13 +374,13 @@ class MigrationLab:
         return labmod.spawn_in_ns(self.topo.client.ns, argv, log, self.env)
 
 
-def _keep_logs(cluster: LabCluster) -> None:
-    """Copy the lab's logs to /tmp before lab_down removes its folder (post-mortems)."""
+def _keep_logs(cluster: LabCluster, folder: Path) -> None:
+    """Copy the lab's logs into `folder` before lab_down removes the lab's (post-mortems)."""
     logs = cluster.folder / "logs"
     if logs.is_dir():
-        dest = Path(tempfile.gettempdir()) / f"kvmotion-lab-{cluster.topology.name}"
-        shutil.rmtree(dest, ignore_errors=True)
+        dest = folder / cluster.topology.name
         shutil.copytree(logs, dest, dirs_exist_ok=True)
+        print(f"lab {cluster.topology.name}: logs kept in {dest}", file=sys.stderr)
         for h in cluster.topology.hosts:
             for vm_dir in (cluster.host_run(h.name) / "vms").glob("*"):
                 for name in ("serial.log", "qemu.log"):
@@ -393,10 +392,10 @@ def _keep_logs(cluster: LabCluster) -> None:
 LabFactory = Callable[..., MigrationLab]
 
 
-def lab_factory() -> Iterator[LabFactory]:
+def lab_factory(keep_logs: Callable[[], Path | None] = lambda: None) -> Iterator[LabFactory]:
     """Generator behind the `make_lab` fixture: make_lab(hosts=2, link_rate=None, encrypted=True,
     host_cpu=None) builds a lab and starts its cluster; every lab made is torn down at the end,
-    whatever happened."""
+    whatever happened. `keep_logs()` says, at the end, where to keep the labs' logs (None: nowhere)."""
     made: list[str] = []
     clusters: list[LabCluster] = []
 
@@ -412,11 +411,12 @@ def lab_factory() -> Iterator[LabFactory]:
     try:
         yield make
     finally:
-        for cluster in clusters:
+        folder = keep_logs() if clusters else None
+        for cluster in clusters if folder is not None else ():
             try:
-                _keep_logs(cluster)
-            except OSError:
-                pass
+                _keep_logs(cluster, folder)
+            except OSError as exc:
+                print(f"lab {cluster.topology.name}: logs not kept: {exc}", file=sys.stderr)
         errors = []
         for name in made:
             try:
