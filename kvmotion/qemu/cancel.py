@@ -11,6 +11,11 @@ stream that is only cancelled stays "cancelling" until the destination dies; its
 fail one after the other, the first failure wakes the migration thread, and the cleanup's bye
 races the senders still blocked.
 
+A stream still moving when it is cancelled fails at once (migrate_cancel shuts its main channel
+down), and the cleanup's bye then races senders still inside writes to a slow link. So a cancel
+first quiesces the stream: max-bandwidth 1 byte/s stops the migration thread queueing pages, and
+once no migration thread is inside a write (or QUIESCE_TIMEOUT has passed), migrate_cancel.
+
 A cancelled migration ("cancelling") says bye on channel 0 first and stops at the first bye that
 fails. So once the cancelled stream is seen to make no progress: shut down channel 0's socket
 first; its sender fails and leaves its write before it wakes the migration thread, whose cleanup's
@@ -42,6 +47,9 @@ CANCEL_STALL = 1.0  # s a cancelled stream may make no progress before it is bro
 LEAVE_TIMEOUT = 2.0  # s channel 0's sender may take to leave its write once its socket is shut down
 LEAVE_POLL = 0.001  # s; it takes ~0.1 ms
 CANCEL_POLL = 0.025  # s between queries while the cancel settles
+QUIESCE_RATE = 1  # bytes/s: max-bandwidth while a stream is quiesced (0 would mean unlimited)
+QUIESCE_TIMEOUT = 1.5  # s the senders may take to finish the writes under way (a stalled one never does)
+QUIESCE_POLL = 0.005  # s
 
 
 @dataclass(frozen=True)
@@ -119,10 +127,30 @@ def break_stalled_stream(pid: int) -> Broken:
 Ask = Callable[..., Awaitable[Any]]  # one QMP command: its decoded JSON answer
 
 
+def stream_writes(pid: int) -> list[BlockedWrite]:
+    """The source QEMU's migration threads inside a write to a socket."""
+    return [w for w in blocked_writes(pid) if w.thread.startswith(MIGRATION_THREADS)]
+
+
+async def quiesce(ask: Ask, pid: int) -> bool:
+    """Stop the stream queueing pages and wait until none of its threads is inside a write; False
+    when some still is after QUIESCE_TIMEOUT (a stalled stream)."""
+    await ask("migrate-set-parameters", **{"max-bandwidth": QUIESCE_RATE})
+    deadline = time.monotonic() + QUIESCE_TIMEOUT
+    while await asyncio.to_thread(stream_writes, pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(QUIESCE_POLL)
+    return True
+
+
 async def cancel_migration(ask: Ask, pid: int | None, wait: float) -> MigrationStatus:
-    """migrate_cancel, then wait up to `wait` s for QEMU to end the stream; a stream that makes no
-    progress while cancelling is broken off (break_stalled_stream). `ask` runs one QMP command.
-    Returns the last status seen."""
+    """Quiesce the stream, migrate_cancel, then wait up to `wait` s for QEMU to end it; a stream
+    that makes no progress while cancelling is broken off (break_stalled_stream). `ask` runs one
+    QMP command. Returns the last status seen."""
+    if pid is not None and not await quiesce(ask, pid):
+        log.warning("QEMU %s: its migration stream was still writing %.1f s after it was slowed to a stop; "
+                    "cancelling all the same", pid, QUIESCE_TIMEOUT)
     await ask("migrate_cancel")
     watch = CancelWatch()
     broken = pid is None

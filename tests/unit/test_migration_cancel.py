@@ -4,6 +4,7 @@ counts as stalled, and the order the sockets are shut down in."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -114,9 +115,11 @@ class FakeMonitor:
     def __init__(self, answers: list[dict]) -> None:
         self.answers = answers
         self.commands: list[str] = []
+        self.arguments: list[dict] = []
 
     async def ask(self, command: str, **arguments) -> object:
         self.commands.append(command)
+        self.arguments.append(arguments)
         if command == "query-migrate":
             return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         return {}
@@ -128,6 +131,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(cancel, "CANCEL_POLL", 0.005)
     broken: list[int] = []
     monkeypatch.setattr(cancel, "break_stalled_stream", lambda pid: broken.append(pid) or cancel.Broken(4, True))
+    monkeypatch.setattr(cancel, "stream_writes", lambda pid: [])
     return broken
 
 
@@ -136,7 +140,33 @@ def test_a_stream_that_ends_by_itself_is_not_broken(fast):
                           + [{"status": "cancelled"}])
     status = asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 5.0))
     assert status.value == "cancelled" and fast == []
-    assert monitor.commands[0] == "migrate_cancel"
+    assert monitor.commands[:2] == ["migrate-set-parameters", "migrate_cancel"]
+    assert monitor.arguments[0] == {"max-bandwidth": cancel.QUIESCE_RATE}
+
+
+def test_cancel_waits_until_no_sender_is_inside_a_write(fast, monkeypatch):
+    """The cleanup migrate_cancel starts says bye on each TLS session: only once no sender writes to one."""
+    looks: list[str] = []
+
+    def writes(pid: int) -> list:
+        looks.append(monitor.commands[-1])
+        return [_w("mig/src/send_0", 21)] if len(looks) < 3 else []
+
+    monkeypatch.setattr(cancel, "stream_writes", writes)
+    monitor = FakeMonitor([{"status": "cancelled"}])
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
+    assert looks == ["migrate-set-parameters"] * 3  # every look came before migrate_cancel
+    assert monitor.commands[1] == "migrate_cancel"
+
+
+def test_a_stream_that_keeps_writing_is_cancelled_after_the_quiesce_bound(fast, monkeypatch):
+    monkeypatch.setattr(cancel, "QUIESCE_TIMEOUT", 0.05)
+    monkeypatch.setattr(cancel, "stream_writes", lambda pid: [_w("mig/src/send_0", 21)])
+    monitor = FakeMonitor([{"status": "cancelled"}])
+    t0 = time.monotonic()
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
+    assert 0.05 <= time.monotonic() - t0 < 1.0
+    assert monitor.commands[:2] == ["migrate-set-parameters", "migrate_cancel"]
 
 
 def test_a_cancelled_stream_that_stalls_is_broken_once(fast):
