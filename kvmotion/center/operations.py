@@ -91,13 +91,13 @@ class Operations:
         if row is None or row.spec is None or src is None or dst is None:
             return None, None
         spec = VmSpec.from_json(json.loads(row.spec))
-        link = min((h.facts.link_bps if h.facts and h.facts.link_bps else self.store.settings().link_bps)
-                   for h in (src, dst)) / 8
+        settings = self.store.settings()
+        link = min((h.facts.link_bps if h.facts and h.facts.link_bps else settings.link_bps) for h in (src, dst)) / 8
         if self._predictor is None or self.clock() - self._predictor[0] > PREDICTOR_TTL:
             self.cost()
         assert self._predictor is not None
         p = self._predictor[1].predict(Guest(memory=spec.memory), Route(link_rate=int(link),
-                                                                          encrypted=self.store.settings().encrypted))
+                                                                          encrypted=settings.encrypted))
         return (round(p.duration, 2), round(p.downtime * 1000, 1)) if p.converged else (None, None)
 
     def _host(self, name: str) -> HostRow:

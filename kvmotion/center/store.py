@@ -384,6 +384,14 @@ UPGRADES: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE sessions (id_hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
             kind TEXT NOT NULL, csrf_hash TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL) STRICT""",
     ),
+    (  # 6: what a migration reserves on its destination, kept beside it (placement sums it at every request)
+        "ALTER TABLE migrations ADD COLUMN memory INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE migrations ADD COLUMN vcpus INTEGER NOT NULL DEFAULT 0",
+        """UPDATE migrations SET memory = coalesce((SELECT json_extract(v.spec, '$.memory') FROM vms v
+            WHERE v.name = migrations.vm), 0), vcpus = coalesce((SELECT json_extract(v.spec, '$.vcpus') FROM vms v
+            WHERE v.name = migrations.vm), 0)""",
+        "CREATE INDEX tasks_open ON tasks (state, created) WHERE state IN ('queued', 'running')",
+    ),
 )
 SCHEMA_VERSION = len(UPGRADES)
 
@@ -494,7 +502,7 @@ class SqliteStore:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                     raise SetupError(f"cannot use write-ahead logging for {self.path}: is it on a network file system?")
-                conn.execute("PRAGMA synchronous = FULL")  # a committed join or user survives a power cut
+                conn.execute("PRAGMA synchronous = NORMAL")  # _write(durable=True) asks for FULL
                 conn.execute("PRAGMA foreign_keys = ON")
             except sqlite3.DatabaseError as exc:
                 raise SetupError(f"{self.path} is not a usable center store: {exc}") from None
@@ -503,12 +511,17 @@ class SqliteStore:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it, or (on any exception) nothing. This process's writers
         queue on a lock first: SQLite's busy handler polls with sleeps of up to 100 ms, so threads
-        contending for its write lock would wait far longer than the transactions take."""
+        contending for its write lock would wait far longer than the transactions take.
+        `durable`: on disk when this returns (synchronous FULL, an fsync). Not durable: what agents
+        report again and task progress, at the rate they come; a power cut may lose the last
+        seconds of those (write-ahead log, synchronous NORMAL), never leave the store inconsistent."""
         conn = self._conn()
         with self._writer:
+            if durable:
+                conn.execute("PRAGMA synchronous = FULL")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -517,6 +530,9 @@ class SqliteStore:
                 if conn.in_transaction:  # SQLite rolls back by itself on a few errors (a full disk)
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")
 
     def close(self) -> None:
         with self._lock:
@@ -743,7 +759,7 @@ class SqliteStore:
         migration's destination reports it once it runs there). Shadows of incoming migrations are
         not the VM's home and change nothing. Only rows whose observation changed are written."""
         activity = _Activity(load=load, migrations=tuple(migrations), cpu_demand=cpu_demand).model_dump_json()
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             row = conn.execute("SELECT state, last_heartbeat FROM hosts WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"host {name} has not joined this center: join it with `kvmotion host join`")
@@ -772,7 +788,7 @@ class SqliteStore:
             return _host(conn.execute(_HOSTS + " WHERE h.name = ?", (name,)).fetchone())
 
     def record_alive(self, name: str, at: float) -> HostState | None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             row = conn.execute("UPDATE hosts SET last_heartbeat = ? WHERE name = ? AND state != ? RETURNING state",
                                (at, name, HostState.NOT_RESPONDING.value)).fetchone()
             if row is not None:
@@ -782,7 +798,7 @@ class SqliteStore:
             return None
 
     def record_alive_many(self, heard: Mapping[str, float]) -> None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.executemany("UPDATE hosts SET last_heartbeat = ? WHERE name = ? AND state != ? "
                              "AND (last_heartbeat IS NULL OR last_heartbeat < ?)",
                              [(at, name, HostState.NOT_RESPONDING.value, at) for name, at in heard.items()])
@@ -841,9 +857,11 @@ class SqliteStore:
                      (task.id, task.kind.value, task.target, task.state.value, task.progress.model_dump_json(),
                       task.created, task.requested_by, task.why, task.predicted_s, task.predicted_downtime_ms))
         if migration is not None:
-            conn.execute("INSERT INTO migrations (id, task_id, vm, source, destination, options, record) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (migration.id, task.id, migration.vm, migration.source,
-                                                          migration.destination, migration.options, migration.record))
+            conn.execute("INSERT INTO migrations (id, task_id, vm, source, destination, options, record, memory, vcpus) "
+                         "SELECT ?, ?, ?, ?, ?, ?, ?, coalesce(json_extract(spec, '$.memory'), 0), "
+                         "coalesce(json_extract(spec, '$.vcpus'), 0) FROM vms WHERE name = ?",
+                         (migration.id, task.id, migration.vm, migration.source, migration.destination,
+                          migration.options, migration.record, migration.vm))
         what = f"{task.kind.value} {task.target}"
         if migration is not None:
             what += f" from {migration.source} to {migration.destination}"
@@ -875,10 +893,8 @@ class SqliteStore:
 
     def reservations(self) -> dict[str, tuple[int, int]]:
         rows = self._conn().execute(
-            "SELECT m.destination, sum(json_extract(v.spec, '$.memory')) AS memory, "
-            "sum(json_extract(v.spec, '$.vcpus')) AS vcpus FROM tasks t JOIN migrations m ON m.task_id = t.id "
-            "JOIN vms v ON v.name = t.target WHERE t.state IN ('queued', 'running') AND v.spec IS NOT NULL "
-            "GROUP BY m.destination")
+            "SELECT m.destination, sum(m.memory) AS memory, sum(m.vcpus) AS vcpus FROM tasks t "
+            "JOIN migrations m ON m.task_id = t.id WHERE t.state IN ('queued', 'running') GROUP BY m.destination")
         return {r["destination"]: (int(r["memory"] or 0), int(r["vcpus"] or 0)) for r in rows}
 
     def tasks(self, state: TaskState | None = None, limit: int = 100, open_only: bool = False) -> list[TaskView]:
@@ -912,7 +928,7 @@ class SqliteStore:
         return [(r["total"], r["downtime"]) for r in rows]
 
     def start_task(self, task_id: str, at: float, progress: TaskProgress) -> bool:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             row = conn.execute("SELECT kind, target FROM tasks WHERE id = ? AND state = 'queued'", (task_id,)).fetchone()
             if row is None:
                 return False
@@ -924,7 +940,7 @@ class SqliteStore:
 
     def update_task(self, task_id: str, progress: TaskProgress, *, agent_id: str | None = None,
                     record: str | None = None) -> None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.execute("UPDATE tasks SET progress = ? WHERE id = ?", (progress.model_dump_json(), task_id))
             if agent_id is not None:
                 conn.execute("UPDATE migrations SET agent_id = ? WHERE task_id = ?", (agent_id, task_id))

@@ -69,7 +69,7 @@ def test_create(tmp_path: Path) -> None:
     path = tmp_path / "center.db"
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 5
+        assert s.schema_version() == SCHEMA_VERSION == 6
         assert s.settings() == ClusterSettings()
         assert s.users() == [] and s.hosts() == [] and s.events() == []
         assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -134,6 +134,31 @@ INSERT INTO events (at, kind, object, message, who) VALUES (1.0, 'center_initial
 """
 
 
+def test_upgrade_to_6_keeps_what_open_migrations_reserve(tmp_path: Path) -> None:
+    """Step 6 moves a migration's reservation beside it: one queued before the upgrade still counts."""
+    path = tmp_path / "center.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT")
+        conn.execute("INSERT INTO schema_version VALUES (5)")
+        for step in store_mod.UPGRADES[:5]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("INSERT INTO vms (name, spec, observed_state, updated) VALUES "
+                     "('web1', '{\"memory\": 536870912, \"vcpus\": 2}', 'running', 1.0), "
+                     "('web2', '{\"memory\": 268435456, \"vcpus\": 1}', 'running', 1.0)")
+        for task, vm, state in (("t1", "web1", "queued"), ("t2", "web2", "done")):
+            conn.execute("INSERT INTO tasks (id, kind, target, state, created, requested_by) "
+                         "VALUES (?, 'migrate', ?, ?, 3.0, 'user:admin')", (task, vm, state))
+            conn.execute("INSERT INTO migrations (id, task_id, vm, source, destination) "
+                         "VALUES (?, ?, ?, 'host-a', 'host-b')", (task, task, vm))
+    s = SqliteStore(path)
+    try:
+        assert s.schema_version() == 6
+        assert s.reservations() == {"host-b": (512 << 20, 2)}  # the ended one reserves nothing
+    finally:
+        s.close()
+
+
 def test_upgrade_from_version_1(tmp_path: Path) -> None:
     path = tmp_path / "center.db"
     conn = sqlite3.connect(path)
@@ -142,7 +167,7 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
 
     s = SqliteStore(path)
     try:
-        assert s.schema_version() == 5
+        assert s.schema_version() == 6
         host = s.host("host-a")
         assert host is not None and host.state is HostState.CONNECTED and host.last_heartbeat == 20.0 and host.vms == 1
         assert host.mode is HostMode.NORMAL and s.rules() == [] and s.health() == [] and s.session("0" * 64) is None
@@ -161,7 +186,7 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
                         "VALUES ('0123456789ab', 't1', 'web1', 'host-a', 'host-b')")
     finally:
         s.close()
-    assert SqliteStore(path).schema_version() == 5  # reopening applies nothing twice
+    assert SqliteStore(path).schema_version() == 6  # reopening applies nothing twice
 
 
 def test_newer_or_foreign_files_are_refused(tmp_path: Path) -> None:
