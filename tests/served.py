@@ -12,6 +12,10 @@ from typing import Any
 from kvmotion.api.serving import Security, make_server
 from kvmotion.core.listen import listening_socket
 
+# s a stopping server waits for its connections to close before it closes them itself (an idle
+# keep-alive client of a test never does)
+GRACE = 1.0
+
 
 class ServedApp:
     def __init__(self, app: Any, security: Security, what: str, lifespan: str = "auto",
@@ -30,7 +34,7 @@ class ServedApp:
 
     def close(self) -> None:
         self.server.should_exit = True  # a lifespan ends before the app's resources close
-        self.thread.join(10)
+        self.thread.join(GRACE)
         if self.thread.is_alive():  # a client left a connection open (TLS close waits for its answer)
             self.server.force_exit = True
             self.thread.join(10)
