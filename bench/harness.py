@@ -12,7 +12,6 @@ kvmotion's stream takes. At most two guests run at once (a migration's source an
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import secrets
 import signal
@@ -221,7 +220,7 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
                  dst: str = "host-b", policy: str = "balanced", boot: bool = True) -> KvmotionRun:
     """Boot (unless `boot` is False: the VM runs on `src` already), probe, migrate src -> dst through
     the agents' API with the default policy. The VM is left on whichever host runs it."""
-    from kvmotion.api.migration import MigrationOptions
+    from kvmotion.api.migration import MigrationRequest, OptionsBody
     from kvmotion.host.store import VmStore
 
     spec = guest_spec(cell, lab.topo)
@@ -236,8 +235,8 @@ def run_kvmotion(lab: BenchLab, cell: Cell, timeout: float, folder: Path, src: s
     try:
         time.sleep(PROBE_LEAD_S)
         # Encrypted or not is the lab cluster's policy; the agent finds `dst` in the lab's inventory.
-        body = {"vm": VM, "destination": dst, "options": dataclasses.asdict(MigrationOptions(policy=policy))}
-        rec = a.request("POST", "/v1/migrations", json=body, timeout=60)
+        body = MigrationRequest(vm=VM, destination=dst, options=OptionsBody(policy=policy))
+        rec = a.request("POST", "/v1/migrations", body=body, timeout=60)
         mid = rec["id"]  # type: ignore[index]
         deadline = time.monotonic() + timeout + 60  # the policy's own completion timeout acts first
         cancelled = False

@@ -10,11 +10,11 @@ from enum import Enum
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from kvmotion.api.spec import VmSpec
 from kvmotion.core import errors
 from kvmotion.core.httpclient import default_ssl_context
-from kvmotion.core.jsonio import as_json
 
 
 class VmState(str, Enum):
@@ -100,6 +100,13 @@ def raise_for_error(response: httpx.Response, agent: str) -> None:
         raise errors.KvmotionError(f"agent {agent} answered HTTP {response.status_code}: {response.text[:200]}") from None
 
 
+def _body(body: BaseModel | None) -> dict[str, Any]:
+    """A request's body: a wire model as JSON (its own serialization), never a hand-made dict."""
+    if body is None:
+        return {}
+    return {"content": body.model_dump_json(), "headers": {"content-type": "application/json"}}
+
+
 def _unreachable(url: str, exc: Exception) -> errors.Unreachable:
     return errors.Unreachable(f"host agent at {url} is not reachable ({type(exc).__name__}: {exc or 'no answer'})")
 
@@ -111,11 +118,11 @@ class AgentClient:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, verify=ssl_context or default_ssl_context(), timeout=timeout)
 
-    def request(self, method: str, path: str, *, json: object = None, params: dict | None = None,
+    def request(self, method: str, path: str, *, body: BaseModel | None = None, params: dict | None = None,
                 timeout: float | None = None) -> Any:
         """The decoded JSON answer (None for an empty one); the agent's error re-raised."""
         try:
-            r = self._http.request(method, path, json=json, params=params, timeout=timeout or self._http.timeout)
+            r = self._http.request(method, path, params=params, timeout=timeout or self._http.timeout, **_body(body))
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from exc
         raise_for_error(r, self.url)
@@ -131,7 +138,7 @@ class AgentClient:
         return status_from_json(self.request("GET", f"/v1/vms/{name}"))
 
     def create(self, spec: VmSpec) -> VmStatus:
-        return status_from_json(self.request("POST", "/v1/vms", json=as_json(spec)))
+        return status_from_json(self.request("POST", "/v1/vms", body=spec))
 
     def start(self, name: str, wait_ready: bool = False, timeout: float = 60.0) -> VmStatus:
         data = self.request(
@@ -156,11 +163,11 @@ class AsyncAgentClient:
         self.url = url.rstrip("/")
         self._http = httpx.AsyncClient(base_url=self.url, verify=ssl_context or default_ssl_context(), timeout=timeout)
 
-    async def request(self, method: str, path: str, *, json: object = None, params: dict | None = None,
+    async def request(self, method: str, path: str, *, body: BaseModel | None = None, params: dict | None = None,
                       timeout: float | None = None) -> Any:
         """The decoded JSON answer (None for an empty one); the agent's error re-raised."""
         try:
-            r = await self._http.request(method, path, json=json, params=params, timeout=timeout or self._http.timeout)
+            r = await self._http.request(method, path, params=params, timeout=timeout or self._http.timeout, **_body(body))
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from exc
         raise_for_error(r, self.url)

@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.api.address import API_PREFIX, INSECURE_HOST_HEADER
 from kvmotion.api.disks import DiskInfo, Lease, check_disk_name
@@ -37,6 +38,32 @@ _ERRORS: dict[str, type[KvmotionError]] = {
 # under a request; renewals every few seconds keep one warm, so a switchover's lease transfer
 # needs no TLS handshake.
 KEEPALIVE_EXPIRY = 20.0
+
+
+# ---- request bodies (the datastore's routes take them; kvmotion.storage.api) ----
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateDisk(_Body):
+    name: str
+    size: int = Field(gt=0)
+    prealloc: bool = False
+
+
+class Acquire(_Body):
+    vm: str
+
+
+class NoBody(_Body):
+    """Renew and release carry nothing (an old client's {"host": ...} is refused, not ignored)."""
+
+
+class Transfer(_Body):
+    from_host: str
+    to_host: str
+    vm: str
+    generation: int | None = None  # only if the lease is still this generation
 
 
 @dataclass(frozen=True)
@@ -77,9 +104,11 @@ class DatastoreClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, body: dict[str, object] | None = None) -> object:
+    def _call(self, method: str, path: str, body: BaseModel | None = None) -> object:
+        content = None if body is None else body.model_dump_json()  # a wire model, never a hand-made dict
         try:
-            resp = self._http.request(method, f"{API_PREFIX}{path}", json=body)
+            resp = self._http.request(method, f"{API_PREFIX}{path}", content=content,
+                                      headers=None if body is None else {"content-type": "application/json"})
         except httpx.TimeoutException:
             raise Unreachable(f"datastore at {self.control_url} did not answer in time") from None
         except httpx.TransportError as exc:
@@ -113,7 +142,7 @@ class DatastoreClient:
         return True
 
     def create_disk(self, name: str, size: int, prealloc: bool = False) -> DiskInfo:
-        d = self._call("POST", "/disks", {"name": name, "size": size, "prealloc": prealloc})
+        d = self._call("POST", "/disks", CreateDisk(name=name, size=size, prealloc=prealloc))
         assert isinstance(d, dict)
         return DiskInfo.from_dict(d)
 
@@ -130,14 +159,14 @@ class DatastoreClient:
         assert isinstance(d, list)
         return [DiskInfo.from_dict(x) for x in d]
 
-    def _lease(self, disk: str, op: str, body: dict[str, object] | None = None) -> Lease:
+    def _lease(self, disk: str, op: str, body: BaseModel | None = None) -> Lease:
         d = self._call("POST", f"/disks/{check_disk_name(disk)}/{op}", body)
         assert isinstance(d, dict)
         return Lease.from_dict(d)
 
     def acquire(self, disk: str, vm: str) -> Lease:
         """The write lease on `disk` for VM `vm` of the calling host."""
-        return self._lease(disk, "acquire", {"vm": vm})
+        return self._lease(disk, "acquire", Acquire(vm=vm))
 
     def renew(self, disk: str) -> Lease:
         return self._lease(disk, "renew")
@@ -146,8 +175,7 @@ class DatastoreClient:
         """Move the write lease at switchover (the caller is `from_host`), or take it back in a
         rollback (the caller is `to_host`, and handed it over); once this returns, `from_host`
         can no longer write. With `generation`, only if the lease is still that generation."""
-        return self._lease(disk, "transfer", {"from_host": from_host, "to_host": to_host, "vm": vm,
-                                              "generation": generation})
+        return self._lease(disk, "transfer", Transfer(from_host=from_host, to_host=to_host, vm=vm, generation=generation))
 
     def release(self, disk: str) -> None:
         self._call("POST", f"/disks/{check_disk_name(disk)}/release")

@@ -1,5 +1,6 @@
 """Migration records: phases, options, check results, progress — the typed state both agents share;
-and the versioned messages the source and destination agents exchange."""
+the versioned messages the source and destination agents exchange; and the request that starts (or
+checks) a migration at its source agent, as the center and the CLI send it."""
 
 from __future__ import annotations
 
@@ -254,3 +255,35 @@ class IncomingAnswer(_Wire):
 
 class CommitAnswer(_Wire):
     resumed_at: float = Field(description="When the VM resumed here (QMP RESUME event, wall clock)")
+
+
+# ---- a user (the CLI, the center as center:NAME) -> the source agent ---------------------------------
+_DEFAULTS = MigrationOptions()
+
+
+class OptionsBody(_Wire):
+    """What a user may ask of a migration (MigrationOptions on the wire). Not encryption: that is the
+    cluster's policy."""
+
+    max_downtime_ms: int = Field(_DEFAULTS.max_downtime_ms, ge=1, le=60_000, description="Downtime budget (ms)")
+    bandwidth: int = Field(_DEFAULTS.bandwidth, ge=0, description="Cap on the stream in bytes/s; 0: the link's speed")
+    policy: str = Field(_DEFAULTS.policy, description="Convergence policy, by name; the agent refuses one it does not know")
+    allow_postcopy: bool = Field(_DEFAULTS.allow_postcopy, description="Switch to post-copy if pre-copy cannot converge")
+
+    @staticmethod
+    def of(options: MigrationOptions) -> OptionsBody:
+        return OptionsBody(max_downtime_ms=options.max_downtime_ms, bandwidth=options.bandwidth, policy=options.policy,
+                           allow_postcopy=options.allow_postcopy)
+
+    def options(self) -> MigrationOptions:
+        return MigrationOptions(max_downtime_ms=self.max_downtime_ms, bandwidth=self.bandwidth, policy=self.policy,
+                                allow_postcopy=self.allow_postcopy)
+
+
+class MigrationRequest(_Wire):
+    """Migrate (or check migrating) a VM of this host to another host of the cluster inventory. Sent by
+    users, not peers: it carries no protocol version (the agent's API is versioned with kvmotion)."""
+
+    vm: str = Field(pattern=NAME_PATTERN, description="VM on this host")
+    destination: str = Field(pattern=NAME_PATTERN, description="Destination host, as named in the cluster inventory")
+    options: OptionsBody = Field(default_factory=OptionsBody)

@@ -123,14 +123,17 @@ class RuleView(Wire):
 
 # ---- DRS --------------------------------------------------------------------------------------------------------
 class Automation(str, Enum):
-    MANUAL = "manual"  # recommendations only
+    """Who acts on DRS's decisions (as vSphere's levels): the center, or an operator."""
+
+    MANUAL = "manual"  # recommendations only: a VM created without a host is refused, naming the host recommended
     PARTIAL = "partial"  # new VMs placed on their own; moves recommended
-    FULL = "full"  # moves applied on their own, every interval
+    FULL = "full"  # new VMs placed and moves applied on their own, every interval
 
 
 class DrsConfig(Wire):
     _what: ClassVar[str] = "DRS configuration"
-    automation: Automation = Automation.MANUAL
+    # Partial by default: `vm create` without --host places the VM, and no VM moves unasked.
+    automation: Automation = Automation.PARTIAL
     threshold: Annotated[StrictInt, Field(ge=1, le=5)] = 3  # 1: mandatory moves only; 5: the most aggressive
     interval: Annotated[float, Field(ge=10, le=86400)] = 300.0  # seconds between full automation's passes
 

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from kvmotion.api.agent import AsyncAgentClient, VmState
 from kvmotion.api.center import (
     EventKind,
@@ -41,7 +43,7 @@ from kvmotion.api.center import (
     TaskState,
     TaskView,
 )
-from kvmotion.api.migration import MigrationRecord, Phase, record_from_json
+from kvmotion.api.migration import MigrationRecord, MigrationRequest, OptionsBody, Phase, record_from_json
 from kvmotion.api.spec import VmSpec
 from kvmotion.center.admission import Move, admit, host_budget
 from kvmotion.center.store import HostRow, Store, VmRow
@@ -59,7 +61,7 @@ RECOVERY_SKEW = 60.0  # seconds: how much earlier than the task's start an adopt
 
 # ---- the agents, as the dispatcher needs them -----------------------------------------------------------------
 class Agents(Protocol):
-    async def start_migration(self, host: HostRow, vm: str, destination: str, options: dict[str, Any]) -> MigrationRecord: ...
+    async def start_migration(self, host: HostRow, request: MigrationRequest) -> MigrationRecord: ...
 
     async def migration(self, host: HostRow, migration_id: str) -> MigrationRecord: ...
 
@@ -97,9 +99,8 @@ class HttpAgents:
             client = self._clients[host.agent_url] = AsyncAgentClient(host.agent_url, self.ssl_context, self.timeout)
         return client
 
-    async def start_migration(self, host: HostRow, vm: str, destination: str, options: dict[str, Any]) -> MigrationRecord:
-        body = {"vm": vm, "destination": destination, "options": options}
-        return record_from_json(await self._client(host).request("POST", "/v1/migrations", json=body))
+    async def start_migration(self, host: HostRow, request: MigrationRequest) -> MigrationRecord:
+        return record_from_json(await self._client(host).request("POST", "/v1/migrations", body=request))
 
     async def migration(self, host: HostRow, migration_id: str) -> MigrationRecord:
         return record_from_json(await self._client(host).request("GET", f"/v1/migrations/{migration_id}"))
@@ -125,7 +126,7 @@ class HttpAgents:
         return VmState(d["state"])
 
     async def create_vm(self, host: HostRow, spec: VmSpec) -> None:
-        await self._client(host).request("POST", "/v1/vms", json=as_json(spec))
+        await self._client(host).request("POST", "/v1/vms", body=spec)
 
     async def start_vm(self, host: HostRow, name: str) -> None:
         await self._client(host).request("POST", f"/v1/vms/{name}/start")
@@ -392,8 +393,14 @@ class Dispatcher:
                 await self._end(task, TaskState.CANCELLED, error="cancelled before the source agent was asked")
                 return
             try:
-                rec = await self._call(self.agents.start_migration(source, mig.vm, mig.destination,
-                                                                   json.loads(mig.options)))
+                request = MigrationRequest(vm=mig.vm, destination=mig.destination,
+                                           options=OptionsBody.model_validate_json(mig.options))
+            except ValidationError as exc:  # the center wrote them itself: a damaged store
+                await self._end(task, TaskState.FAILED, error=f"the task's migration options are damaged: "
+                                                               f"{exc.errors()[0]['msg']}")
+                return
+            try:
+                rec = await self._call(self.agents.start_migration(source, request))
             except TimeoutError:
                 # It may have started after all: the next life of this worker adopts it or ends the task.
                 log.warning("source agent %s did not answer the start of task %s in time", source.name, task.id)

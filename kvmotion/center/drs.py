@@ -13,6 +13,10 @@ deviation's drop does (1/n). Every such move lowers the imbalance, so one plan c
 across plans: a move must gain `min_gain` at least, and a VM that moved within the snapshot's `recent`
 seconds (or in this plan) is not moved again for balance. Balancing never breaks a rule, should rules
 included.
+
+The automation level (kvmotion.api.operations.Automation) decides who acts on the plan, and where a VM
+created without a host goes (`initial_host`): manual only recommends, partial places new VMs itself,
+full also applies the moves every interval (kvmotion.center.operations).
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 
-from kvmotion.api.center import Candidate
+from kvmotion.api.center import Candidate, Placement
+from kvmotion.api.operations import Automation
 from kvmotion.center.cluster import (
     Estimate,
     Layout,
@@ -41,16 +45,9 @@ from kvmotion.center.cluster import (
     mib,
 )
 from kvmotion.center.maintenance import order, place
-from kvmotion.center.placement import Status
+from kvmotion.center.placement import Status, summary
 from kvmotion.center.rules import check, refusals, units
-from kvmotion.core.errors import InvalidInput
-
-
-class Automation(str, Enum):
-    MANUAL = "manual"  # recommendations only
-    PARTIAL = "partial"  # initial placement automatic, moves recommended
-    FULL = "full"  # moves applied on its own
-
+from kvmotion.core.errors import InsufficientResources, InvalidInput
 
 AGAIN = 2  # a rule mend may move a VM a plan moved already (then collapsed into one move), not more often
 
@@ -60,7 +57,8 @@ TOLERANCE = {1: math.inf, 2: 0.2, 3: 0.1, 4: 0.05, 5: 0.02}
 
 @dataclass(frozen=True)
 class DrsConfig:
-    automation: Automation = Automation.MANUAL
+    """The planner's settings (who acts on its plans is the automation level's business, not the planner's)."""
+
     threshold: int = 3
     weights: Weights = field(default_factory=Weights)
     lifetime: float = 1800.0  # s a balance gain is expected to last before demand shifts again
@@ -85,6 +83,24 @@ class DrsConfig:
 
 
 DEFAULT = DrsConfig()
+
+
+def initial_host(automation: Automation, vm: str, placement: Placement) -> str:
+    """The host a VM created without one is defined on: placement's choice under partial and full
+    automation; under manual (as vSphere's: recommendations only) a refusal that names the host
+    recommended, why, and how to go on. InsufficientResources when no host can take it, whatever the level."""
+    chosen = placement.chosen
+    if chosen is None:
+        raise InsufficientResources(f"cannot place VM {vm}: {summary(placement)}")
+    if automation is not Automation.MANUAL:
+        return chosen
+    best = next(c for c in placement.candidates if c.host == chosen)
+    why = [f"the least loaded host that can take it, score {best.score:.3f}"]
+    why += [f"{c.host} scores {c.score:.3f}" for c in placement.candidates if c.eligible and c.host != chosen]
+    why += [r for c in placement.candidates for r in c.reasons]
+    raise InvalidInput(f"DRS automation is manual: the center recommends {chosen} for VM {vm} ({'; '.join(why)}) "
+                       f"but places nothing itself; create it with --host {chosen}, or let DRS place new VMs: "
+                       "`kvmotion drs config --automation partial`")
 
 
 def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCost = default_cost) -> Plan:

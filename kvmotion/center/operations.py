@@ -12,7 +12,8 @@ The controller is level-triggered and idempotent: every tick it looks at the who
   evacuation plan says; it becomes "maintenance" only when no VM runs there and none of its
   tasks is open. VMs that cannot move keep it "entering maintenance", and say why in its reason.
 - DRS in full automation applies its recommendations every `interval`; mandatory moves (rules,
-  quarantine) too. Manual and partial only recommend.
+  quarantine) too. Manual and partial only recommend moves; partial and full place a VM created
+  without a host, manual refuses it naming the host it recommends (kvmotion.center.drs.initial_host).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from kvmotion.api.center import HostMode, HostState, ObservedState, Severity, TaskState, TaskView
 from kvmotion.api.identity import Identity
 from kvmotion.api.operations import (
+    Automation,
     DrsApplied,
     DrsApply,
     DrsConfig,
@@ -250,7 +252,7 @@ class Operations:
                 self._queue([m for m in plan.moves if m.vm not in failed], CENTER_MAINTENANCE)
                 self._settle(self._host(host.name))
         config = self.store.drs_config()
-        if config.automation.value == "full" and now - self._last_drs >= config.interval:
+        if config.automation is Automation.FULL and now - self._last_drs >= config.interval:
             self._last_drs = now
             applied = self.apply_drs(DrsApply(all=True), CENTER_DRS)
             if applied.tasks:

@@ -28,6 +28,7 @@ from kvmotion.api.center import (
 )
 from kvmotion.api.identity import Identity
 from kvmotion.api.spec import VmSpec
+from kvmotion.center.drs import initial_host
 from kvmotion.center.placement import HostSnapshot, place, summary
 from kvmotion.center.store import HostRow, MigrationRow, Store, VmRow
 from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, NotFound
@@ -86,7 +87,8 @@ class Tasks:
                      baseline=self.store.settings().cpu_baseline)
 
     def create_vm(self, request: VmCreate, who: Identity) -> VmCreated:
-        """The VM defined on its host (named, or chosen by placement) and a create task queued."""
+        """The VM defined on its host (named, or chosen by placement as DRS's automation level allows:
+        drs.initial_host) and a create task queued."""
         spec = request.spec
         placement = None
         if request.host is not None:
@@ -97,9 +99,7 @@ class Tasks:
             host = request.host
         else:
             placement = self.placement(spec, None)
-            if placement.chosen is None:
-                raise InsufficientResources(f"cannot place VM {spec.name}: {summary(placement)}")
-            host = placement.chosen
+            host = initial_host(self.store.drs_config().automation, spec.name, placement)
         now = self.clock()
         row = VmRow(name=spec.name, observed_state=ObservedState.ABSENT, updated=now, spec=spec.dumps(),
                     desired_host=host, desired_power=PowerState.OFF)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import typer
@@ -11,7 +10,16 @@ from rich.table import Table
 
 from kvmotion.api.hosts import client_for, locate_vm
 from kvmotion.api.inventory import Inventory
-from kvmotion.api.migration import Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
+from kvmotion.api.migration import (
+    Check,
+    Level,
+    MigrationOptions,
+    MigrationRecord,
+    MigrationRequest,
+    OptionsBody,
+    Phase,
+    record_from_json,
+)
 from kvmotion.cli import centerops
 from kvmotion.cli.common import console, print_json
 from kvmotion.core.errors import InvalidInput, MigrationError, Unreachable
@@ -125,9 +133,9 @@ def app(
         allow_postcopy=allow_postcopy,
     )
     # The source's agent finds the destination in the cluster inventory.
-    body = {"vm": vm, "destination": to, "options": dataclasses.asdict(options)}
+    body = MigrationRequest(vm=vm, destination=to, options=OptionsBody.of(options))
     if check:
-        checks = [Check(c["name"], Level(c["level"]), c["reason"]) for c in client.request("POST", "/v1/migrations/check", json=body)]  # type: ignore[union-attr]
+        checks = [Check(c["name"], Level(c["level"]), c["reason"]) for c in client.request("POST", "/v1/migrations/check", body=body)]  # type: ignore[union-attr]
         if json_out:
             print_json(checks)
         else:
@@ -135,7 +143,7 @@ def app(
         if any(c.level is Level.ERROR for c in checks):
             raise typer.Exit(1)
         return
-    rec = record_from_json(client.request("POST", "/v1/migrations", json=body, timeout=60))  # type: ignore[arg-type]
+    rec = record_from_json(client.request("POST", "/v1/migrations", body=body, timeout=60))  # type: ignore[arg-type]
     if no_wait:
         print_json(rec) if json_out else console.print(rec.id)
         return

@@ -136,8 +136,9 @@ drs_app = typer.Typer(no_args_is_help=True, help="DRS: keep the cluster's load b
 
 
 @drs_app.command("config")
-def drs_config(automation: Automation | None = typer.Option(None, "--automation", help="manual: recommend only; "
-                                                            "partial: also place new VMs; full: also apply moves."),
+def drs_config(automation: Automation | None = typer.Option(None, "--automation", help="manual: recommend only (vm "
+                                                            "create needs --host); partial (default): also place new "
+                                                            "VMs; full: also apply moves."),
                threshold: int | None = typer.Option(None, "--threshold", min=1, max=5,
                                                     help="1: mandatory moves only ... 5: the most aggressive."),
                interval: float | None = typer.Option(None, "--interval", help="Seconds between full automation's passes."),

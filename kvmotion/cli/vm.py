@@ -37,7 +37,7 @@ def create(
     mem_stride: int = typer.Option(1, help="Memory writer rewrites every Nth word of a page (power of two): "
                                    "more dirty pages per CPU second."),
     host: str | None = typer.Option(None, help="Host to define it on (default: the only host; through a center: "
-                                    "the one placement chooses)."),
+                                    "the one placement chooses, unless DRS is manual)."),
     wait: bool = typer.Option(True, help="Through a center: follow the task until it ends."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -7,10 +7,12 @@
 - memory: pressure stall information (/proc/pressure/memory, avg10): moderate when some task was
   stalled on memory 10 % of the time or more, severe when all were ("full") 10 % or more.
 - net.PORTGROUP: the VM network's link: severe when the port group's bridge has uplinks (ports
-  other than the VMs' TAPs) and none of them is up, or it is down while they are (the host's VMs
-  are cut off: evacuate them). A bridge with no uplink (a host-only network) has no link to lose.
+  other than the VMs' TAPs) and none of them is up, or the bridge is set down while they are (the
+  host's VMs are cut off: evacuate them). A bridge with no uplink (a host-only network) has no link
+  to lose.
 
-`HealthSampler` is the thin I/O shell: it reads /proc and /sys and keeps the window of samples.
+`HealthSampler` is the thin I/O shell: it reads /proc, and the bridges through netlink in the
+agent's own network namespace (kvmotion.net.links.read_bridge), and keeps the window of samples.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from kvmotion.api.center import AGENT_PROVIDER as PROVIDER
 from kvmotion.api.center import HealthReport, Severity
+from kvmotion.net.links import TAP_KIND, Bridge, read_bridge
 
 NS = 1_000_000_000
 _PSI_RE = re.compile(r"^(some|full) avg10=(\d+(?:\.\d+)?)", re.MULTILINE)
@@ -96,20 +99,13 @@ def memory_health(psi: Psi | None, t: Thresholds = Thresholds()) -> HealthReport
     return HealthReport(provider=PROVIDER, component="memory", severity=Severity.OK)
 
 
-@dataclass(frozen=True)
-class Bridge:
-    """A port group's bridge as sysfs shows it: None when it does not exist."""
-
-    up: bool
-    ports: Mapping[str, bool]  # port -> its operstate is up
-
-
 def link_health(portgroup: str, bridge_name: str, bridge: Bridge | None) -> HealthReport:
     component = f"net.{portgroup}"[:32]
     ok = HealthReport(provider=PROVIDER, component=component, severity=Severity.OK)
     if bridge is None:
         return ok  # not made yet (the agent makes it for its first VM): nothing is lost
-    uplinks = {p: up for p, up in bridge.ports.items() if not p.startswith("tap") and not p.startswith("kvm")}
+    # Uplinks: every port but the VMs' TAPs (told by their link kind, whatever their names).
+    uplinks = {p: port.up for p, port in bridge.ports.items() if port.kind != TAP_KIND}
     if uplinks and (not bridge.up or not any(uplinks.values())):
         down = ", ".join(sorted(p for p, up in uplinks.items() if not up)) or bridge_name
         return HealthReport(provider=PROVIDER, component=component, severity=Severity.SEVERE,
@@ -118,17 +114,6 @@ def link_health(portgroup: str, bridge_name: str, bridge: Bridge | None) -> Heal
 
 
 # ---- the I/O shell ----
-def read_bridge(name: str, sys_net: Path = Path("/sys/class/net")) -> Bridge | None:
-    base = sys_net / name
-    try:
-        up = (base / "operstate").read_text().strip() != "down"
-        ports = {p.name: (sys_net / p.name / "operstate").read_text().strip() in ("up", "unknown")
-                 for p in (base / "brif").iterdir()}
-    except OSError:
-        return None
-    return Bridge(up=up, ports=ports)
-
-
 def read_psi(path: Path = Path("/proc/pressure/memory")) -> Psi | None:
     try:
         return parse_psi(path.read_text())
@@ -156,7 +141,7 @@ class HealthSampler:
             self.samples.popleft()
 
     def reports(self) -> tuple[HealthReport, ...]:
-        """Blocking reads of /proc and /sys: run in a worker thread."""
+        """Blocking reads of /proc and netlink: run in a worker thread."""
         out = [cpu_health(list(self.samples), self.thresholds), memory_health(self.psi(), self.thresholds)]
         for portgroup, bridge in sorted(self.portgroups().items()):
             out.append(link_health(portgroup, bridge, self.bridge(bridge)))

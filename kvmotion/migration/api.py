@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
 
 from kvmotion.api.identity import HOSTS, INSECURE, OPERATE, VIEW, Identity, Kind, Rule
 from kvmotion.api.migration import (
@@ -25,6 +24,7 @@ from kvmotion.api.migration import (
     IncomingAnswer,
     IncomingRequest,
     MigrationOptions,
+    MigrationRequest,
 )
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.core.errors import Forbidden
@@ -32,39 +32,17 @@ from kvmotion.core.jsonio import as_json
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration.engine import MigrationService, as_record_json, facts_to_json
 from kvmotion.migration.metrics import MigrationCollector
-from kvmotion.migration.policy import PRESETS, preset
+from kvmotion.migration.policy import preset
 
-_DEFAULTS = MigrationOptions()
 OPERATE_OR_HOSTS = Rule(OPERATE.role, HOSTS.kinds)  # operators; a destination for its own migrations
 MigrationId = Annotated[str, Path(pattern=MID_PATTERN, description="Migration id")]
 VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM on this host")]
 
 
-class OptionsBody(BaseModel):
-    """What a user may ask of a migration. Not encryption: that is the cluster's policy."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_downtime_ms: int = Field(_DEFAULTS.max_downtime_ms, ge=1, le=60_000, description="Downtime budget (ms)")
-    bandwidth: int = Field(_DEFAULTS.bandwidth, ge=0, description="Cap on the stream in bytes/s; 0: the link's speed")
-    policy: str = Field(_DEFAULTS.policy, description=f"Convergence policy: {', '.join(PRESETS)}")
-    allow_postcopy: bool = Field(_DEFAULTS.allow_postcopy, description="Switch to post-copy if pre-copy cannot converge")
-
-    def options(self) -> MigrationOptions:
-        """The options (InvalidInput: an unknown policy)."""
-        preset(self.policy)
-        return MigrationOptions(max_downtime_ms=self.max_downtime_ms, bandwidth=self.bandwidth, policy=self.policy,
-                                allow_postcopy=self.allow_postcopy)
-
-
-class MigrationRequest(BaseModel):
-    """Migrate (or check migrating) a VM of this host to another host of the cluster inventory."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vm: str = Field(pattern=NAME_PATTERN, description="VM on this host")
-    destination: str = Field(pattern=NAME_PATTERN, description="Destination host, as named in the cluster inventory")
-    options: OptionsBody = Field(default_factory=OptionsBody)
+def _options(body: MigrationRequest) -> MigrationOptions:
+    """The request's options (InvalidInput: an unknown policy)."""
+    preset(body.options.policy)
+    return body.options.options()
 
 
 def _peer_host(what: str):
@@ -109,12 +87,12 @@ def routes(svc: MigrationService, lifespan: Any = None) -> APIRouter:
 
     @router.post("/migrations/check", dependencies=operate)
     async def check(body: MigrationRequest) -> list:
-        body.options.options()  # refuse bad options here too, as the migration itself would
+        _options(body)  # refuse bad options here too, as the migration itself would
         return [as_json(c) for c in await svc.check(body.vm, body.destination)]
 
     @router.post("/migrations", status_code=201, dependencies=operate)
     async def start(body: MigrationRequest) -> dict:
-        return as_record_json(await svc.start(body.vm, body.destination, body.options.options()))
+        return as_record_json(await svc.start(body.vm, body.destination, _options(body)))
 
     @router.get("/migrations", dependencies=view)
     async def history() -> list:

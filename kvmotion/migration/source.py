@@ -169,7 +169,7 @@ class SourceSide:
                                   postcopy=rec.options.allow_postcopy, offer=offer)
         try:
             answer = IncomingAnswer.model_validate(await run.dest.request(
-                "POST", "/v1/incoming", json=request.model_dump(mode="json"), timeout=PREPARE_TIMEOUT))
+                "POST", "/v1/incoming", body=request, timeout=PREPARE_TIMEOUT))
         except KvmotionError as exc:  # the destination's own words, said about its shadow
             raise MigrationError(f"preparing the shadow VM on {rec.destination} failed: {exc}") from exc
         except ValueError as exc:

@@ -14,7 +14,10 @@ import fcntl
 import hashlib
 import os
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -27,6 +30,8 @@ TUNSETIFF = 0x400454CA  # linux/if_tun.h: _IOW('T', 202, int)
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux: name[16], flags, padding
 BRIDGE_AGEING_S = 300  # Linux's default; migration relies on RARP to re-teach, not on ageing
+IFF_UP = 0x1  # linux/if.h: the link is administratively up
+TAP_KIND = "tun"  # a TAP's link kind (IFLA_INFO_KIND): a VM's NIC, never an uplink
 
 
 def check_ifname(name: str) -> str:
@@ -225,3 +230,44 @@ def master_of(name: str) -> str | None:
         if not master:
             return None
         return ipr.get_links(master)[0].get("ifname")
+
+
+@dataclass(frozen=True)
+class Port:
+    """A bridge port as netlink shows it."""
+
+    up: bool  # administratively up, with carrier, operstate up (or unknown: a driver that keeps none)
+    kind: str | None  # link kind: TAP_KIND for a VM's TAP, "veth", "bond", ...; None for a NIC
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """A bridge and its ports, in the caller's network namespace."""
+
+    up: bool  # administratively up (a bridge set down forwards nothing)
+    ports: Mapping[str, Port]
+
+
+def _port(link: Any) -> Port:
+    up = bool(link["flags"] & IFF_UP) and link.get("carrier") == 1 and link.get("operstate") in ("UP", "UNKNOWN")
+    return Port(up=up, kind=link.get(("linkinfo", "kind")))
+
+
+@off_event_loop
+def read_bridge(name: str) -> Bridge | None:
+    """Bridge `name` and its ports (the links whose master it is) through netlink, so in the calling
+    thread's network namespace (sysfs shows the namespace of whoever mounted it). None if there is
+    no such bridge, or it went while being read."""
+    with IPRoute() as ipr:
+        try:
+            idx = _index(ipr, name)
+            if idx is None:
+                return None
+            links = ipr.get_links()
+        except NetlinkError:
+            return None
+        bridge = next((link for link in links if link["index"] == idx), None)
+        if bridge is None or bridge.get(("linkinfo", "kind")) != "bridge":
+            return None
+        ports = {link.get("ifname"): _port(link) for link in links if link.get("master") == idx}
+        return Bridge(up=bool(bridge["flags"] & IFF_UP), ports=ports)

@@ -21,10 +21,11 @@ from __future__ import annotations
 import time
 
 from fastapi import Depends, FastAPI, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from starlette.requests import HTTPConnection
 
 from kvmotion.api.address import API_PREFIX, INSECURE_HOST_HEADER
+from kvmotion.api.datastore import Acquire, CreateDisk, NoBody, Transfer
 from kvmotion.api.disks import DiskInfo, Lease
 from kvmotion.api.identity import HOSTS, OPERATE, VIEW, Identity, Kind
 from kvmotion.api.metrics import CONTENT_TYPE, render
@@ -38,27 +39,6 @@ RENEW_SUFFIX = "/renew"  # left out of the audit log when it succeeds: every hos
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CreateDisk(_Body):
-    name: str
-    size: int = Field(gt=0)
-    prealloc: bool = False
-
-
-class Acquire(_Body):
-    vm: str
-
-
-class NoBody(_Body):
-    """Renew and release carry nothing (an old client's {"host": ...} is refused, not ignored)."""
-
-
-class Transfer(_Body):
-    from_host: str
-    to_host: str
-    vm: str
-    generation: int | None = None  # only if the lease is still this generation
 
 
 class LeaseOut(_Body):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvmotion.api.center import PowerState
+from kvmotion.api.center import Candidate, Placement, PowerState
+from kvmotion.api.operations import Automation
+from kvmotion.api.operations import DrsConfig as DrsSettings
 from kvmotion.center.cluster import (
     GIB,
     Health,
@@ -18,11 +20,11 @@ from kvmotion.center.cluster import (
     default_cost,
     imbalance,
 )
-from kvmotion.center.drs import Automation, DrsConfig, recommend
+from kvmotion.center.drs import DrsConfig, initial_host, recommend
 from kvmotion.center.maintenance import plan_evacuation, plan_move_back
 from kvmotion.center.placement import Status
 from kvmotion.center.rules import violations
-from kvmotion.core.errors import InvalidInput, NotFound
+from kvmotion.core.errors import InsufficientResources, InvalidInput, NotFound
 
 ON, OFF = PowerState.ON, PowerState.OFF
 
@@ -168,10 +170,37 @@ def test_drs_mandatory_moves_come_first_and_quarantine_overloads_no_one() -> Non
 def test_config_and_cost() -> None:
     with pytest.raises(InvalidInput, match="invalid DRS threshold 6: use 1 to 5"):
         DrsConfig(threshold=6)
-    assert DrsConfig().automation is Automation.MANUAL and Automation("full") is Automation.FULL
+    assert DrsSettings().automation is Automation.PARTIAL and Automation("full") is Automation.FULL
     a, b = host("a"), host("b")
     idle = default_cost(vm("v", "a", 4 * GIB), a, b, 125e6)
     busy = default_cost(vm("v", "a", 4 * GIB, dirty_rate=60e6), a, b, 125e6)
     assert idle.bytes == 4 * GIB and idle.downtime == pytest.approx(0.02)
     assert busy.seconds > idle.seconds and busy.bytes > idle.bytes
     assert default_cost(vm("v", "a", power=OFF), a, b, 125e6).seconds == 0
+
+
+PLACED = Placement(chosen="b", candidates=(
+    Candidate(host="a", score=0.75), Candidate(host="b", score=0.5),
+    Candidate(host="c", reasons=("c is in maintenance",)),
+))
+
+
+@pytest.mark.parametrize("level", [Automation.PARTIAL, Automation.FULL])
+def test_partial_and_full_automation_place_a_new_vm(level: Automation) -> None:
+    assert initial_host(level, "web1", PLACED) == "b"
+
+
+def test_manual_automation_refuses_to_place_and_says_where_and_how_to_go_on() -> None:
+    with pytest.raises(InvalidInput) as refused:
+        initial_host(Automation.MANUAL, "web1", PLACED)
+    message = str(refused.value)
+    assert message == ("DRS automation is manual: the center recommends b for VM web1 (the least loaded host that "
+                       "can take it, score 0.500; a scores 0.750; c is in maintenance) but places nothing itself; "
+                       "create it with --host b, or let DRS place new VMs: `kvmotion drs config --automation partial`")
+
+
+@pytest.mark.parametrize("level", list(Automation))
+def test_no_host_to_recommend_is_the_same_refusal_at_every_level(level: Automation) -> None:
+    full = Placement(chosen=None, candidates=(Candidate(host="a", reasons=("a has 0 MiB free, the VM needs 1024 MiB",)),))
+    with pytest.raises(InsufficientResources, match=r"^cannot place VM web1: no host can take it: a has 0 MiB free"):
+        initial_host(level, "web1", full)

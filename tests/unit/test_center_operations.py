@@ -204,7 +204,10 @@ def test_drs_recommends_relief_of_a_busy_host_and_full_automation_applies_it(clu
                                              for r in status["recommendations"])
     assert all(r["move"]["source"] == "host-a" for r in status["recommendations"])
     o = ops(cluster)
-    o.tick_sync()  # manual: nothing moves
+    o.tick_sync()  # partial (the default): nothing moves
+    assert cluster.store.tasks(open_only=True) == []
+    cluster.client(ADMIN).put("/v1/drs/config", json={"automation": "manual"}).raise_for_status()
+    o.tick_sync()  # manual: nothing moves either
     assert cluster.store.tasks(open_only=True) == []
     cluster.client(ADMIN).put("/v1/drs/config", json={"automation": "full", "threshold": 3, "interval": 60})
     o.tick_sync()
@@ -212,6 +215,30 @@ def test_drs_recommends_relief_of_a_busy_host_and_full_automation_applies_it(clu
     assert queued and all(t.requested_by == "center:drs" and t.source == "host-a" for t in queued)
     o.tick_sync()  # within the interval, and the VMs have tasks: nothing more
     assert len([t for t in cluster.store.tasks(open_only=True)]) == len(queued)
+
+
+@pytest.mark.parametrize("level", ["manual", "partial", "full"])
+def test_drs_automation_decides_where_a_vm_created_without_a_host_goes(cluster: Cluster, level: str) -> None:
+    cluster.store.record_heartbeat("host-a", cluster.clock() + 1, (), load(2 * GIB), ())  # the fullest: not chosen
+    if level != "partial":  # partial is the default
+        cluster.client(ADMIN).put("/v1/drs/config", json={"automation": level}).raise_for_status()
+    assert cluster.client(VIEWER).get("/v1/drs").json()["config"]["automation"] == level
+    op = cluster.client(OPERATOR)
+    tasks = len(cluster.store.tasks(limit=1000))
+    r = op.post("/v1/vms", json={"spec": {"name": "new1", "memory": GIB}})
+    if level == "manual":  # refused in one line naming the host recommended; nothing created
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "\n" not in message and message.startswith("DRS automation is manual: the center recommends host-b for VM new1 (")
+        assert "host-a scores" in message and "host-c scores" in message  # the reasons: every host's score
+        assert "--host host-b" in message and "`kvmotion drs config --automation partial`" in message
+        assert cluster.store.vm("new1") is None and len(cluster.store.tasks(limit=1000)) == tasks
+        r = op.post("/v1/vms", json={"spec": {"name": "new1", "memory": GIB}, "host": "host-b"})  # as it says
+        assert r.status_code == 201 and r.json()["placement"] is None, r.text
+    else:
+        assert r.status_code == 201, r.text
+        assert r.json()["vm"]["desired_host"] == r.json()["placement"]["chosen"] == "host-b"
+    assert cluster.store.vm("new1").desired_host == "host-b"
 
 
 def test_powered_off_vms_are_rehomed(cluster: Cluster) -> None:

@@ -28,7 +28,7 @@ from kvmotion.api.center import (
     VmReport,
 )
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.migration import MigrationOptions, MigrationRecord, Phase, Progress, Summary
+from kvmotion.api.migration import MigrationOptions, MigrationRecord, MigrationRequest, Phase, Progress, Summary
 from kvmotion.api.spec import VmSpec
 from kvmotion.center.dispatcher import Dispatcher, drift_of
 from kvmotion.center.store import HostRow, MigrationRow, SqliteStore, VmRow
@@ -213,8 +213,9 @@ class FakeAgents:
         self.calls: list[str] = []
         self.count = 0
 
-    async def start_migration(self, host, vm, destination, options):
-        self.calls.append(f"start {vm} {host.name}->{destination} {options['max_downtime_ms']}")
+    async def start_migration(self, host, request: MigrationRequest):
+        vm, destination = request.vm, request.destination
+        self.calls.append(f"start {vm} {host.name}->{destination} {request.options.max_downtime_ms}")
         if self.refuse:
             raise PrecheckFailed(self.refuse)
         self.count += 1
@@ -378,7 +379,7 @@ def test_a_restarted_center_ends_running_migrations_truthfully(cluster: Cluster)
     adopted = migrate(cluster, {"vm": "web3", "destination": "host-b"})
     assert cluster.store.start_task(adopted, time.time() - 1, TaskProgress(phase="starting"))
     host_a = cluster.store.host("host-a")
-    asyncio.run(agents.start_migration(host_a, "web3", "host-b", {"max_downtime_ms": 500}))
+    asyncio.run(agents.start_migration(host_a, MigrationRequest(vm="web3", destination="host-b")))
     task = asyncio.run(run_until(cluster.store, agents, adopted, lambda t: t.state.terminal))
     assert task.state is TaskState.DONE and task.result is not None and task.result.migration == "000000000002"
 

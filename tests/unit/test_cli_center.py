@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kvmotion.api.center import CenterClient
+from kvmotion.api.operations import Automation, DrsConfig
 from kvmotion.api.serving import Security, secure
 from kvmotion.center.app import create_app
 from kvmotion.center.dispatcher import Dispatcher
@@ -94,3 +95,15 @@ def test_one_line_errors_through_the_center(cli, capsys, monkeypatch) -> None:
         code, out, err = run(capsys, monkeypatch, *args)
         lines = err.strip().splitlines()
         assert code == want_code and out == "" and len(lines) == 1 and lines[0].startswith(want), (args, err)
+
+
+def test_vm_create_without_a_host_under_manual_drs(cli, capsys, monkeypatch) -> None:
+    cluster, agents = cli
+    cluster.store.save_drs_config(DrsConfig(automation=Automation.MANUAL), "user:admin", cluster.clock())
+    code, out, err = run(capsys, monkeypatch, "vm", "create", "web1", "--memory", "1G", "--disk", "ds1/web1.img")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("kvmotion: error: DRS automation is manual: the center recommends host-b for VM web1 (")
+    assert "create it with --host host-b" in err and agents.calls == [] and cluster.store.vm("web1") is None
+    code, out, err = run(capsys, monkeypatch, "vm", "create", "web1", "--memory", "1G", "--disk", "ds1/web1.img",
+                         "--host", "host-b")
+    assert code == 0 and "done: create web1 on host-b" in out, err

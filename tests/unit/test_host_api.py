@@ -13,11 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvmotion.api.agent import raise_for_error
-from kvmotion.api.center import ClusterSettings
+from kvmotion.api.agent import VmState, raise_for_error
+from kvmotion.api.center import ClusterSettings, HostState
 from kvmotion.api.joined import StateRoot
 from kvmotion.api.migration import PROTOCOL
 from kvmotion.api.serving import Security, secure
+from kvmotion.api.spec import DiskSpec, VmSpec
+from kvmotion.center.dispatcher import HttpAgents
+from kvmotion.center.store import HostRow
 from kvmotion.core.errors import InvalidInput
 from kvmotion.host.api import create_app
 from kvmotion.host.vms import HostConfig
@@ -25,6 +28,7 @@ from kvmotion.migration.api import migration_router
 from kvmotion.qemu import cpus
 from kvmotion.qemu.accel import Accel, AccelChoice
 from tests.joinedroot import make_root, save_cache, serve_in_test
+from tests.unit.test_migration_api import wired
 
 MAC = "52:54:00:12:34:56"
 QEMU_MODELS = frozenset({"qemu64", "qemu64-v1", "Haswell-v4", "max", "host"})
@@ -141,6 +145,24 @@ def test_cpu_model_must_run_on_this_host(agent: Agent, tmp_path: Path) -> None:
     save_cache(StateRoot(tmp_path / "host-a"), settings=ClusterSettings(cpu_baseline="Nehalem-v9"))  # the center's word
     assert agent.request("POST", "/v1/vms", json=_spec(cpu_model="Nehalem-v9")).status_code == 201
     assert agent.request("POST", "/v1/vms", json=_spec(name="web2", cpu_model="Haswell-v4")).status_code == 201
+
+
+def test_the_centers_create_sends_the_spec_model(agent: Agent) -> None:
+    """HttpAgents.create_vm sends the VmSpec model itself (its own JSON); the agent defines it as given."""
+    row = HostRow(name="host-a", address="127.0.0.1", agent_url="http://agent", state=HostState.CONNECTED, joined=0.0)
+    spec = VmSpec(name="web1", memory=256 << 20, vcpus=2, disks=(DiskSpec(source="web1.img", size=1 << 20),))
+
+    async def go() -> VmState | None:
+        agents = HttpAgents(None)
+        wired(agents, row.agent_url, agent.app)
+        try:
+            await agents.create_vm(row, spec)
+            return await agents.vm_state(row, "web1")
+        finally:
+            await agents.aclose()
+
+    assert asyncio.run(go()) is VmState.STOPPED
+    assert VmSpec.from_json(agent.request("GET", "/v1/vms/web1").json()["spec"]) == spec
 
 
 def test_host_cpu_model_under_kvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,12 +3,14 @@ group's link; and the sampler's window."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import secrets
+
+import pytest
+from pyroute2 import IPRoute
 
 from kvmotion.api.center import Severity
 from kvmotion.host.health import (
     NS,
-    Bridge,
     HealthSampler,
     Psi,
     Sample,
@@ -17,8 +19,9 @@ from kvmotion.host.health import (
     link_health,
     memory_health,
     parse_psi,
-    read_bridge,
 )
+from kvmotion.net import links, netns
+from kvmotion.net.links import TAP_KIND, Bridge, Port, read_bridge
 
 VMS = frozenset({"a", "b"})
 
@@ -54,31 +57,75 @@ def test_memory_pressure() -> None:
     assert memory_health(None).severity is Severity.OK
 
 
+UP, DOWN, TAP_UP = Port(up=True, kind="veth"), Port(up=False, kind=None), Port(up=True, kind=TAP_KIND)
+
+
 def test_link_lost() -> None:
-    assert link_health("vm-net", "br0", Bridge(up=True, ports={"eth1": True, "tap3": True})).severity is Severity.OK
-    lost = link_health("vm-net", "br0", Bridge(up=True, ports={"eth1": False, "tap3": True}))
+    assert link_health("vm-net", "br0", Bridge(up=True, ports={"eth1": UP, "kv0n0": TAP_UP})).severity is Severity.OK
+    lost = link_health("vm-net", "br0", Bridge(up=True, ports={"eth1": DOWN, "kv0n0": TAP_UP}))
     assert lost.severity is Severity.SEVERE and lost.reason == "port group vm-net lost its link (eth1 down)"
-    assert link_health("vm-net", "br0", Bridge(up=False, ports={"eth1": True})).severity is Severity.SEVERE
-    # No uplink to lose: a host-only bridge, one with only the VMs' TAPs, one not made yet.
+    one_left = Bridge(up=True, ports={"eth1": DOWN, "eth2": UP})  # a bond's worth: one uplink is enough
+    assert link_health("vm-net", "br0", one_left).severity is Severity.OK
+    set_down = link_health("vm-net", "br0", Bridge(up=False, ports={"eth1": UP}))
+    assert set_down.severity is Severity.SEVERE and set_down.reason == "port group vm-net lost its link (br0 down)"
+    # No uplink to lose: a host-only bridge, one with only the VMs' TAPs (whatever their names, up or
+    # not), one not made yet.
     assert link_health("vm-net", "br0", Bridge(up=False, ports={})).severity is Severity.OK
-    assert link_health("vm-net", "br0", Bridge(up=True, ports={"tap0": True})).severity is Severity.OK
+    only_taps = Bridge(up=True, ports={"eth9": Port(up=False, kind=TAP_KIND), "tap0": TAP_UP})
+    assert link_health("vm-net", "br0", only_taps).severity is Severity.OK
     assert link_health("vm-net", "br0", None).severity is Severity.OK
 
 
-def test_read_bridge_from_a_sysfs_tree(tmp_path: Path) -> None:
-    for name, state in (("br0", "up"), ("eth1", "down"), ("tap0", "up")):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "operstate").write_text(state + "\n")
-    (tmp_path / "br0" / "brif").mkdir()
-    for port in ("eth1", "tap0"):
-        (tmp_path / "br0" / "brif" / port).mkdir()
-    assert read_bridge("br0", tmp_path) == Bridge(up=True, ports={"eth1": False, "tap0": True})
-    assert read_bridge("nope", tmp_path) is None
+@pytest.fixture
+def namespace():
+    """A throwaway network namespace of a unique name, deleted (with its links) whatever happens."""
+    ns = f"kvt-health-{secrets.token_hex(4)}"
+    netns.create_ns(ns)
+    try:
+        yield ns
+    finally:
+        netns.kill_ns_processes(ns)
+        netns.delete_ns(ns)
+    assert not netns.ns_exists(ns)
+
+
+def test_read_bridge_through_netlink_in_the_callers_namespace(namespace: str) -> None:
+    """A bridge with a veth uplink (its peer in the same namespace) and a TAP, read from inside the
+    namespace (a forked child that entered it, as the agent lives in a lab host's)."""
+    tag = secrets.token_hex(3)
+    br, up, peer, tap = f"kvb{tag}", f"kvu{tag}", f"kvp{tag}", f"kvt{tag}"
+    netns.run_in_ns(namespace, links.ensure_bridge, br)
+    netns.create_veth(up, namespace, peer, namespace)
+    netns.run_in_ns(namespace, links.enslave, up, br)
+    netns.run_in_ns(namespace, links.create_tap, tap, br)  # no VM attached: no carrier
+
+    def health() -> tuple[Bridge | None, Severity]:
+        bridge = netns.run_in_ns(namespace, read_bridge, br)
+        return bridge, link_health("vm-net", br, bridge).severity
+
+    bridge, severity = health()
+    assert bridge == Bridge(up=True, ports={up: Port(up=True, kind="veth"), tap: Port(up=False, kind=TAP_KIND)})
+    assert severity is Severity.OK
+    assert read_bridge(br) is None  # this namespace has no such bridge: the reader looks where it runs
+    netns.run_in_ns(namespace, _set, peer, "down")  # the far end goes: the uplink loses its carrier
+    bridge, severity = health()
+    assert bridge is not None and bridge.ports[up] == Port(up=False, kind="veth") and severity is Severity.SEVERE
+    netns.run_in_ns(namespace, _set, peer, "up")
+    netns.run_in_ns(namespace, _set, br, "down")  # the bridge set down: its VMs are cut off as well
+    bridge, severity = health()
+    assert bridge is not None and not bridge.up and bridge.ports[up].up and severity is Severity.SEVERE
+    assert netns.run_in_ns(namespace, read_bridge, up) is None  # not a bridge
+    assert netns.run_in_ns(namespace, read_bridge, f"kvn{tag}") is None  # no such link
+
+
+def _set(name: str, state: str) -> None:
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state=state)
 
 
 def test_sampler_keeps_a_window_and_reports_every_provider() -> None:
     sampler = HealthSampler(lambda: {"vm-net": "br0"}, Thresholds(window=10),
-                            psi=lambda: Psi(0.0, 0.0), bridge=lambda _b: Bridge(up=True, ports={"eth1": True}))
+                            psi=lambda: Psi(0.0, 0.0), bridge=lambda _b: Bridge(up=True, ports={"eth1": UP}))
     for t in range(0, 61, 2):
         sampler.add(float(t), [("a", int(t * NS), int(t * NS))])  # waits as long as it runs
     assert sampler.samples[-1].at - sampler.samples[0].at < 14  # the window, not the whole history

@@ -18,13 +18,26 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from kvmotion.api.center import ClusterSettings
+from kvmotion.api.agent import AsyncAgentClient
+from kvmotion.api.center import ClusterSettings, HostState
 from kvmotion.api.identity import Identity, Kind, Role
 from kvmotion.api.joined import StateRoot
-from kvmotion.api.migration import PROTOCOL, Check, Level, MigrationOptions, MigrationRecord, Phase, record_from_json
+from kvmotion.api.migration import (
+    PROTOCOL,
+    Check,
+    Level,
+    MigrationOptions,
+    MigrationRecord,
+    MigrationRequest,
+    OptionsBody,
+    Phase,
+    record_from_json,
+)
 from kvmotion.api.serving import Security, secure
 from kvmotion.api.spec import VmSpec
-from kvmotion.core.errors import Conflict, NotFound, PrecheckFailed, Unreachable
+from kvmotion.center.dispatcher import HttpAgents
+from kvmotion.center.store import HostRow
+from kvmotion.core.errors import Conflict, InvalidInput, NotFound, PrecheckFailed, Unreachable
 from kvmotion.host.vms import HostConfig, VmManager
 from kvmotion.migration import engine
 from kvmotion.migration.api import routes
@@ -373,3 +386,38 @@ def test_background_tasks_belong_to_the_service(svc, monkeypatch):
         assert svc.tasks == {} and svc.migrating == {}
 
     asyncio.run(scenario())
+
+
+# ---- the center's request, as its dispatcher sends it ---------------------------------------------------
+def wired(agents: HttpAgents, url: str, asgi) -> None:  # type: ignore[no-untyped-def]
+    """`agents`' client for `url` sends to the ASGI app `asgi` in process."""
+    client = AsyncAgentClient(url)
+    client._http = httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url=url)
+    agents._clients[url] = client
+
+
+def test_the_centers_typed_request_starts_a_migration(svc, ca, monkeypatch):
+    """HttpAgents sends MigrationRequest (no hand-made dict) as the center's certificate; the route
+    reads it as the CLI's: options kept, an unknown policy refused in one line."""
+    agent = Agent(svc, ca)
+    row = HostRow(name="host-a", address="127.0.0.1", agent_url="http://agent", state=HostState.CONNECTED, joined=0.0)
+
+    async def scenario() -> MigrationRecord:
+        stub = Stubbed(svc, monkeypatch)
+        stub.finish.set()
+        agents = HttpAgents(None)
+        wired(agents, row.agent_url, as_caller(agent.asgi, ca.creds(Identity(Kind.CENTER, "center")).pem))
+        try:
+            asked = OptionsBody(max_downtime_ms=300, policy="fast")
+            rec = await agents.start_migration(row, MigrationRequest(vm=VM, destination="host-b", options=asked))
+            await stub.settle()
+            with pytest.raises(InvalidInput, match=r"^unknown policy 'nope': use one of balanced"):
+                await agents.start_migration(row, MigrationRequest(vm=VM, destination="host-b",
+                                                                   options=OptionsBody(policy="nope")))
+        finally:
+            await agents.aclose()
+        return rec
+
+    rec = in_service(svc, scenario)
+    assert (rec.vm, rec.source, rec.destination) == (VM, "host-a", "host-b")
+    assert rec.options == MigrationOptions(max_downtime_ms=300, policy="fast")
