@@ -124,6 +124,11 @@ def evaluate(cases: Sequence[Case], leave: str) -> list[dict]:
             # Baseline: the median of the same history, no model.
             past = median([actual(h, m) for h in history])
             row[f"baseline_error_{m}"] = rel_error(past, act) if past is not None else None
+            # Noise floor: the median of the other runs of the same cell and file (same guest,
+            # link and build): what a predictor that knew the conditions exactly would miss by.
+            twins = median([actual(c.observed, m) for j, c in enumerate(cases)
+                            if j != i and (c.source, c.cell) == (case.source, case.cell)])
+            row[f"twins_error_{m}"] = rel_error(twins, act) if twins is not None else None
         rows.append(row)
     return rows
 
@@ -164,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(time.monotonic() - t0, 1),
         "median_rel_error": summarize(rows),
         "baseline_median_rel_error": summarize(rows, "baseline_error"),  # predicting the history's median
+        "twins_median_rel_error": summarize(rows, "twins_error"),  # predicting the same cell's other runs' median
         "by_cell": {k: {"runs": len(v), **summarize(v)} for k, v in sorted(by_cell_kind.items())},
         "by_source_cell": {k: {"runs": len(v), **summarize(v)} for k, v in sorted(cells.items())},
         "runs": rows,
@@ -171,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
-        print(json.dumps({k: report[k] for k in ("migrations", "median_rel_error", "baseline_median_rel_error")}, indent=1))
+        print(json.dumps({k: report[k] for k in ("migrations", "median_rel_error", "baseline_median_rel_error",
+                                                        "twins_median_rel_error")}, indent=1))
     else:
         print(text)
     return 0
