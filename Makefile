@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/kvmotion demo
 
 test: setup lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 # Import layers and cycles (import-linter, contracts in pyproject.toml), ruff, mypy: seconds, before any test.
 lint: $(STAMP)
