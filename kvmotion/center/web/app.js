@@ -340,8 +340,8 @@ function dialog(title, body, confirm) {
 
 // ---- maintenance ----------------------------------------------------------------------------------------
 function planView(plan) {
-  const moves = plan.moves.map((m) => el("li", {},
-    `${m.order}. ${m.vm}: ${m.source} → ${m.destination} — ${m.why}`,
+  const moves = plan.moves.map((m) => el("li", { value: m.order },  // the list numbers the moves in their order
+    `${m.vm}: ${m.source} → ${m.destination} — ${m.why}`,
     el("span", { class: "figure" }, m.powered_off ? "powered off: only its home changes"
                                                   : `predicted ${seconds(m.predicted_s)}, downtime ${ms(m.predicted_downtime_ms)}`)));
   const stuck = plan.unmovable.map((u) => el("li", { class: "error" }, `${u.vm}: ${u.reason}`));
