@@ -1,6 +1,7 @@
 """Wire models of the center's browser routes: sessions (sign in with a password or a one-time
 sign-in token the CLI issues), a VM's destinations with their prechecks and predictions, and a
-migration task's detail (the source agent's last record: rounds, rates, throttle, summary).
+migration task's detail (the source agent's last record: rounds, rates, throttle, summary), and the
+hosts' loads the page's event stream carries (`loads` messages) as the hosts report them.
 
 A session is a cookie (HttpOnly, SameSite=Strict) plus a CSRF token the page sends back in the
 CSRF_HEADER of every mutating call; the center keeps both hashed. The calls below serve both
@@ -68,6 +69,24 @@ class SigninToken(Wire):
     token: str
     path: str  # "/#signin=TOKEN": the fragment never reaches a server or a log
     expires: float
+
+
+# ---- the hosts' loads, on the page's event stream -------------------------------------------------------
+LOADS_EVENT = "loads"  # the SSE event name of a HostLoads message (GET /v1/events?follow=1&loads=1)
+
+
+class HostLoadView(Wire):
+    """What a host's CPU and memory bars show, from its last full report (None: no report yet)."""
+
+    host: str
+    cpus: int | None = None
+    cpu_demand: float | None = None  # CPUs its VMs kept busy
+    memory_total: int | None = None
+    memory_available: int | None = None
+
+
+class HostLoads(Wire):
+    hosts: tuple[HostLoadView, ...]
 
 
 # ---- a VM's destinations -----------------------------------------------------------------------------

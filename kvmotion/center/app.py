@@ -75,6 +75,7 @@ from kvmotion.api.operations import (
 )
 from kvmotion.api.serving import AuthorizedRoute, allow
 from kvmotion.api.web import (
+    LOADS_EVENT,
     SESSION_COOKIE,
     SESSION_TTL,
     Destinations,
@@ -92,7 +93,7 @@ from kvmotion.center.operations import Operations
 from kvmotion.center.service import Center
 from kvmotion.center.sessions import Sessions
 from kvmotion.center.tasks import Tasks
-from kvmotion.core.errors import Forbidden, NotFound
+from kvmotion.core.errors import Forbidden, InvalidInput, NotFound
 
 QUIET_SUFFIXES = ("/heartbeat", "/alive")  # Security.quiet for the center's listener: a host's beats
 
@@ -233,30 +234,43 @@ def create_app(center: Center, controller: HeartbeatController | None = None,
     def datastores() -> list[DatastoreView]:
         return center.datastores()
 
-    # follow=1 is left out of the OpenAPI document: a generated client (or fuzzer) reading the whole
-    # answer would wait for ever; the summary says it is there.
+    # follow=1 (and loads=1 with it) is left out of the OpenAPI document: a generated client (or
+    # fuzzer) reading the whole answer would wait for ever; the summary says it is there.
     @app.get("/v1/events", dependencies=[view], response_model=EventPage,
              summary="A page of events; with ?follow=1 a stream of them (server-sent events: a `data:` line "
-                     "with each event's JSON, a comment at least every 15 s)")
+                     "with each event's JSON and its `id:`, a comment at least every 15 s; with &loads=1 also a "
+                     "`loads` event with the hosts' CPU and memory figures whenever a host's report changes them)")
     def events(since: Annotated[int, Query(ge=0, le=1 << 62, description="the `next` of the page before")] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               newest: Annotated[bool, Query(description="the newest `limit` events instead of those after `since`; "
+                                                         "`next` is then where to follow from")] = False,
                follow: Annotated[bool, Query(include_in_schema=False)] = False,
+               loads: Annotated[bool, Query(include_in_schema=False)] = False,
                last_event_id: Annotated[int | None, Header(ge=0, le=1 << 62, include_in_schema=False)] = None,
                ) -> EventPage | StreamingResponse:
         if follow:  # a browser's EventSource reconnecting says where it was (Last-Event-ID)
-            return StreamingResponse(_follow(max(since, last_event_id or 0)), media_type="text/event-stream",
+            if newest:
+                raise InvalidInput("newest is for a page of events: follow from that page's next (since=NEXT)")
+            return StreamingResponse(_follow(max(since, last_event_id or 0), loads), media_type="text/event-stream",
                                      headers={"cache-control": "no-store"})
-        return center.events(since, limit)
+        return center.events(since, limit, newest)
 
-    async def _follow(since: int) -> AsyncIterator[str]:
-        """Each new event as one `data:` line; a comment line at least every KEEPALIVE seconds (so a
-        client and any proxy see the stream alive); ends when the center stops."""
+    async def _follow(since: int, loads: bool) -> AsyncIterator[str]:
+        """Each new event as one `data:` line with its id; with `loads`, the hosts' loads (a `loads`
+        event, no id) at the start and whenever a report changed them; a comment line at least every
+        KEEPALIVE seconds (so a client and any proxy see the stream alive); ends when the center stops."""
         quiet = 0.0
+        sent_loads = ""
         while not stop.is_set():
             page = await asyncio.to_thread(center.events, since, 1000)
             for event in page.events:
                 yield f"id: {event.id}\ndata: {event.model_dump_json()}\n\n"
             since = page.next
+            if loads:
+                text = (await asyncio.to_thread(lambda: webviews.host_loads(center.hosts()))).model_dump_json()
+                if text != sent_loads:
+                    yield f"event: {LOADS_EVENT}\ndata: {text}\n\n"
+                    sent_loads, quiet = text, 0.0
             if page.events:
                 quiet = 0.0
                 continue

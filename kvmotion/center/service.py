@@ -335,6 +335,8 @@ class Center:
         self.store.delete_token(token_id, str(who), self.clock())
 
     # ---- events ----
-    def events(self, since: int, limit: int) -> EventPage:
-        events = self.store.events(since, limit)
+    def events(self, since: int, limit: int, newest: bool = False) -> EventPage:
+        """The `limit` events after `since`, or (newest) the last `limit` events; `next` is the id to
+        follow from."""
+        events = self.store.newest_events(limit) if newest else self.store.events(since, limit)
         return EventPage(events=tuple(events), next=events[-1].id if events else since)

@@ -301,6 +301,8 @@ class Store(Protocol):
 
     def events(self, since: int = 0, limit: int = 100) -> list[Event]: ...
 
+    def newest_events(self, limit: int) -> list[Event]: ...  # the last `limit`, oldest first
+
     # ---- maintenance, health, rules, DRS (kvmotion.center.operations) ----
     # the host's mode; entering maintenance records the VMs it holds (their homes, for a move back)
     def set_host_mode(self, name: str, mode: HostMode, reason: str, who: str, at: float,
@@ -585,6 +587,10 @@ class SqliteStore:
     def events(self, since: int = 0, limit: int = 100) -> list[Event]:
         rows = self._conn().execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (since, limit))
         return [_event(r) for r in rows]
+
+    def newest_events(self, limit: int) -> list[Event]:
+        rows = self._conn().execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_event(r) for r in reversed(rows)]
 
     # ---- first start, settings ----
     def bootstrap(self, admin: UserRow, token: TokenRow, settings: ClusterSettings, at: float) -> bool:

@@ -1,6 +1,7 @@
 """What the web client reads beside the CLI's routes: a VM's possible destinations (placement's
-reasons and the predicted time and downtime of each) and a migration task's detail (the source
-agent's last record, which the dispatcher keeps in the store: rounds, rates, throttle, summary).
+reasons and the predicted time and downtime of each), a migration task's detail (the source
+agent's last record, which the dispatcher keeps in the store: rounds, rates, throttle, summary)
+and the hosts' loads its event stream carries.
 """
 
 from __future__ import annotations
@@ -9,16 +10,34 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from kvmotion.api.center import MigrateRequest
+from kvmotion.api.center import HostView, MigrateRequest
 from kvmotion.api.migration import Level
 from kvmotion.api.spec import VmSpec
-from kvmotion.api.web import CheckView, Destination, Destinations, LiveProgress, MigrationDetail, MigrationSummary, RoundView
+from kvmotion.api.web import (
+    CheckView,
+    Destination,
+    Destinations,
+    HostLoads,
+    HostLoadView,
+    LiveProgress,
+    MigrationDetail,
+    MigrationSummary,
+    RoundView,
+)
 from kvmotion.center.store import Store
 from kvmotion.center.tasks import Tasks
 from kvmotion.core.errors import NotFound
 
 Predict = Callable[[str, str, str], tuple[float | None, float | None]]
 DEFAULT_DOWNTIME_MS = MigrateRequest.model_fields["max_downtime_ms"].default
+
+
+def host_loads(hosts: list[HostView]) -> HostLoads:
+    """Each host's CPU and memory figures as its last full report gave them."""
+    return HostLoads(hosts=tuple(
+        HostLoadView(host=h.name, cpus=h.load.cpus, cpu_demand=h.cpu_demand, memory_total=h.load.memory_total,
+                     memory_available=h.load.memory_available) if h.load else HostLoadView(host=h.name)
+        for h in hosts))
 
 
 def destination(host: str, reasons: tuple[str, ...], score: float | None, predicted: tuple[float | None, float | None],

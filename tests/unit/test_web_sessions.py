@@ -1,6 +1,7 @@
 """Browser sessions on the center's API: sign in with a password or a one-time sign-in token, the
 cookie's flags, CSRF and cross-site refusals, roles applied as to certificates, sign out; the web
-client's files and their headers; a VM's destinations and a migration's detail."""
+client's files and their headers; a VM's destinations and a migration's detail; the newest events
+and the event stream's host loads."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from kvmotion.api.center import UserAdd
+from kvmotion.api.center import EventKind, UserAdd
 from kvmotion.api.identity import Identity, Kind, Role
-from kvmotion.api.web import CSRF_HEADER, SESSION_COOKIE, SIGNIN_TTL
+from kvmotion.api.web import CSRF_HEADER, LOADS_EVENT, SESSION_COOKIE, SIGNIN_TTL, HostLoads
 from tests.certs import as_caller
 from tests.unit.test_center_api import ADMIN, Cluster
-from tests.unit.test_center_tasks import add_host, run_vm
+from tests.unit.test_center_tasks import add_host, load, run_vm
 
 PASSWORD = "correct horse battery"
 
@@ -156,3 +157,30 @@ def test_event_stream_resumes_after_last_event_id(cluster: Cluster) -> None:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             first = next(line for line in r.iter_lines() if line.startswith("id: "))
         assert first == f"id: {newest}"  # only what came after the id the browser had
+
+
+def test_newest_events_and_the_hosts_loads_on_the_stream(cluster: Cluster) -> None:
+    for i in range(40):
+        cluster.store.add_event(cluster.clock(), EventKind.DRIFT, "vm:web1", f"drift {i}", "center")
+    with browser(cluster) as http:
+        sign_in(http, "vera")
+        every = http.get("/v1/events", params={"limit": 1000}).json()
+        page = http.get("/v1/events", params={"newest": 1, "limit": 5}).json()
+        assert [e["id"] for e in page["events"]] == [e["id"] for e in every["events"][-5:]]
+        assert page["next"] == every["next"] and page["events"][-2]["message"] == "drift 39"  # then the sign-in
+        one_line_error(http.get("/v1/events", params={"follow": 1, "newest": 1}), 422, "newest is for a page of events")
+
+        # followed from the newest with loads=1: the hosts' figures first, no event before a new one
+        with http.stream("GET", "/v1/events", params={"follow": 1, "loads": 1, "since": page["next"]}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == f"event: {LOADS_EVENT}"
+            loads = HostLoads.model_validate_json(next(lines).removeprefix("data: "))
+            assert [(h.host, h.memory_total, h.memory_available) for h in loads.hosts] == [
+                ("host-a", 16 << 30, 8 << 30), ("host-b", 16 << 30, 12 << 30)]
+            # a host's report that changes its figures (no event: its state stays) is the next message
+            cluster.store.record_heartbeat("host-b", cluster.clock(), (), load(3 << 30), ())
+            assert next(line for line in lines if line) == f"event: {LOADS_EVENT}"
+            changed = HostLoads.model_validate_json(next(lines).removeprefix("data: "))
+            assert changed.hosts[1].memory_available == 3 << 30 and changed.hosts[0] == loads.hosts[0]
+            cluster.store.add_event(cluster.clock(), EventKind.DRIFT, "vm:web1", "drift 40", "center")
+            assert next(line for line in lines if line) == f"id: {page['next'] + 1}"

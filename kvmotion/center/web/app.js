@@ -1,12 +1,18 @@
 // The kvmotion web client: the center's public API (/v1/...) from the signed-in session, no build step.
-// Lists refresh when the center's event stream (server-sent events) says something happened; a
-// migration's progress comes from its own stream. Data goes into the page as text, never as HTML.
+// The page reads the cluster's state once, then follows the center's event stream (server-sent
+// events) from the newest event: lists refresh when an event says something happened, the hosts'
+// CPU and memory bars when the stream's `loads` message says a host's report changed them; a
+// reconnect resumes after the last event seen. A migration's progress comes from its own stream.
+// Data goes into the page as text, never as HTML.
 
 const CSRF_HEADER = "X-KVMotion-CSRF";
 const ROLES = ["viewer", "operator", "admin"];
 const MiB = 1 << 20;
+const FEED = 30;  // events the feed shows from before the page was opened
+const RECONNECT_MS = 3000;  // after the browser gave the event stream up (it retries network errors itself)
 
-const state = { session: null, csrf: sessionStorage.getItem("kvmotion-csrf"), events: null, refreshTimer: null };
+const state = { session: null, csrf: sessionStorage.getItem("kvmotion-csrf"), events: null, refreshTimer: null,
+                lastEvent: 0, reconnectTimer: null };
 const $ = (id) => document.getElementById(id);
 
 // ---- small DOM helpers -------------------------------------------------------------------------
@@ -79,7 +85,7 @@ async function act(what, fn) {
 // ---- signing in ------------------------------------------------------------------------------------
 function showSignin() {
   state.session = null;
-  if (state.events) state.events.close();
+  stopFollowing();
   $("main").hidden = true;
   $("who").hidden = true;
   $("signin").hidden = false;
@@ -98,7 +104,6 @@ function signedIn(session) {
   $("signin").hidden = true;
   $("main").hidden = false;
   document.body.dataset.role = session.role;
-  refresh();
   follow();
 }
 
@@ -149,12 +154,38 @@ async function refresh() {
   });
 }
 
+// A host's CPU and memory cells from its figures ({cpus, cpu_demand, memory_total, memory_available},
+// null where it has not reported): from the host list, or from the event stream's `loads` message.
+function loadCells(f) {
+  const reported = f.memory_total !== null;
+  const cpu = f.cpus && f.cpu_demand !== null ? f.cpu_demand / f.cpus : 0;
+  const used = reported ? (f.memory_total - f.memory_available) / Math.max(f.memory_total, 1) : 0;
+  return [
+    el("td", { class: "cpu" }, bar(cpu, `CPU ${Math.round(cpu * 100)}%`),
+       el("span", { class: "figure" }, f.cpus ? `${(f.cpu_demand || 0).toFixed(1)}/${f.cpus}` : "–")),
+    el("td", { class: "memory" }, bar(used, `memory ${Math.round(used * 100)}%`),
+       el("span", { class: "figure" }, reported ? `${Math.round(used * 100)}% of ${mib(f.memory_total)}` : "–")),
+  ];
+}
+
+const figuresOf = (h) => ({ cpus: h.load ? h.load.cpus : null, cpu_demand: h.cpu_demand,
+                            memory_total: h.load ? h.load.memory_total : null,
+                            memory_available: h.load ? h.load.memory_available : null });
+
+function updateLoads(loads) {
+  const rows = new Map([...$("hosts").tBodies[0].rows].map((row) => [row.dataset.host, row]));
+  for (const f of loads.hosts) {
+    const row = rows.get(f.host);
+    if (!row) continue;  // a host the next refresh adds (its join is an event)
+    const [cpu, memory] = loadCells(f);
+    row.querySelector("td.cpu").replaceWith(cpu);
+    row.querySelector("td.memory").replaceWith(memory);
+  }
+}
+
 function renderHosts(hosts) {
   const body = $("hosts").tBodies[0];
   body.replaceChildren(...hosts.map((h) => {
-    const cpus = h.load ? h.load.cpus : 0;
-    const cpu = cpus && h.cpu_demand !== null ? h.cpu_demand / cpus : 0;
-    const used = h.load ? (h.load.memory_total - h.load.memory_available) / Math.max(h.load.memory_total, 1) : 0;
     const actions = el("td", { class: "actions" });
     if (canOperate()) {
       actions.append(h.mode === "normal"
@@ -166,10 +197,7 @@ function renderHosts(hosts) {
       el("td", {}, badge(h.state), " ", h.mode !== "normal" ? badge(h.mode) : null,
          h.mode_reason && h.mode !== "normal" ? el("div", { class: "figure" }, h.mode_reason) : null),
       el("td", {}, badge(h.health), h.quarantined ? " quarantined" : ""),
-      el("td", {}, bar(cpu, `CPU ${Math.round(cpu * 100)}%`),
-         el("span", { class: "figure" }, cpus ? `${(h.cpu_demand || 0).toFixed(1)}/${cpus}` : "–")),
-      el("td", {}, bar(used, `memory ${Math.round(used * 100)}%`),
-         el("span", { class: "figure" }, h.load ? `${Math.round(used * 100)}% of ${mib(h.load.memory_total)}` : "–")),
+      loadCells(figuresOf(h)),
       el("td", { class: "vmcount" }, h.vms),
       actions);
   }));
@@ -235,21 +263,63 @@ async function applyDrs(body) {
 }
 
 // ---- the event feed (server-sent events) ----------------------------------------------------------
-function follow() {
+const eventItem = (e) => el("li", { data: { kind: e.kind, event: e.id } }, el("time", {}, when(e.at)), `${e.message} `,
+                            el("span", { class: "figure" }, e.who));
+
+function stopFollowing() {
+  clearTimeout(state.reconnectTimer);
   if (state.events) state.events.close();
-  const list = $("events");
-  list.replaceChildren();
-  const source = new EventSource("/v1/events?follow=1");
+  state.events = null;
+}
+
+async function follow() {
+  // The newest events first (the feed's history and the id to follow from), then the state, then
+  // the stream from that id: whatever changes after the state was read arrives as an event.
+  stopFollowing();
+  const page = await act("reading the events", () => api("GET", `/v1/events?newest=1&limit=${FEED}`));
+  if (!page) return;
+  state.lastEvent = page.next;
+  $("events").replaceChildren(...page.events.slice().reverse().map(eventItem));
+  await refresh();
+  if (state.session) listen();
+}
+
+function reconnect() {
+  clearTimeout(state.reconnectTimer);
+  state.reconnectTimer = setTimeout(async () => {
+    try {
+      await api("GET", "/v1/sessions/current");
+    } catch (err) {
+      if (err.status === 401) showSignin();
+      else reconnect();  // the center not answering yet: once more later
+      return;
+    }
+    if (state.session) listen();
+  }, RECONNECT_MS);
+}
+
+function listen() {
+  // The browser resumes a dropped stream itself, sending the last id it saw (Last-Event-ID); when
+  // it gives up (an answer that is no stream: a session ended, a center restarting) the page opens
+  // a new one after the last event it showed, or asks to sign in again.
+  const source = new EventSource(`/v1/events?follow=1&loads=1&since=${state.lastEvent}`);
   state.events = source;
+  const list = $("events");
   source.onopen = () => { $("live").textContent = "live"; $("live").className = "badge pass"; };
-  source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = "badge warning"; };
+  source.onerror = () => {
+    $("live").textContent = "reconnecting";
+    $("live").className = "badge warning";
+    if (source.readyState === EventSource.CLOSED && state.events === source) reconnect();
+  };
   source.onmessage = (message) => {
     const e = JSON.parse(message.data);
-    list.prepend(el("li", { data: { kind: e.kind } }, el("time", {}, when(e.at)), `${e.message} `,
-                    el("span", { class: "figure" }, e.who)));
+    if (e.id <= state.lastEvent) return;  // shown already
+    state.lastEvent = e.id;
+    list.prepend(eventItem(e));
     while (list.children.length > 100) list.lastElementChild.remove();
     refreshSoon();
   };
+  source.addEventListener("loads", (message) => updateLoads(JSON.parse(message.data)));
 }
 
 // ---- dialogs ------------------------------------------------------------------------------------------
@@ -270,8 +340,8 @@ function dialog(title, body, confirm) {
 
 // ---- maintenance ----------------------------------------------------------------------------------------
 function planView(plan) {
-  const moves = plan.moves.map((m) => el("li", {},
-    `${m.order}. ${m.vm}: ${m.source} → ${m.destination} — ${m.why}`,
+  const moves = plan.moves.map((m) => el("li", { value: m.order },  // the list numbers the moves in their order
+    `${m.vm}: ${m.source} → ${m.destination} — ${m.why}`,
     el("span", { class: "figure" }, m.powered_off ? "powered off: only its home changes"
                                                   : `predicted ${seconds(m.predicted_s)}, downtime ${ms(m.predicted_downtime_ms)}`)));
   const stuck = plan.unmovable.map((u) => el("li", { class: "error" }, `${u.vm}: ${u.reason}`));
