@@ -966,6 +966,9 @@ class SqliteStore:
                 return False
             conn.execute("UPDATE tasks SET state = ?, ended = ?, error = ?, result = ? WHERE id = ?",
                          (state.value, at, error, result.model_dump_json() if result else None, task_id))
+            if state is TaskState.DONE:  # what it was doing last ("starting") is over
+                conn.execute("UPDATE tasks SET progress = json_set(progress, '$.phase', 'done', '$.fraction', 1.0, "
+                             "'$.message', '') WHERE id = ?", (task_id,))
             if state is TaskState.DONE and desired_host is not None:
                 conn.execute("UPDATE vms SET desired_host = ?, updated = ? WHERE name = ?",
                              (desired_host, at, row["target"]))

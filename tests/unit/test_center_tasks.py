@@ -103,6 +103,7 @@ def test_store_tasks_one_open_task_per_vm_and_truthful_ends(cluster: Cluster) ->
     assert vm is not None and (vm.desired_host, vm.observed_host) == ("host-b", "host-b")
     done = s.task(t.id)
     assert done is not None and done.state is TaskState.DONE and done.ended == T0 + 5
+    assert (done.progress.phase, done.progress.fraction, done.progress.message) == ("done", 1.0, "")
     with pytest.raises(Conflict, match="has ended already"):
         s.request_cancel(t.id, "user:otto", T0 + 7)
     kinds = [e.kind for e in s.events(limit=1000)]
