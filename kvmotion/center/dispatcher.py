@@ -239,6 +239,7 @@ class Dispatcher:
         budgets = {name: host_budget(h.facts.link_bps if h.facts else None, settings)
                    for name, h in hosts.items() if h.state is HostState.CONNECTED}
         by_id = {t.id: t for t in open_tasks}
+        waiting: dict[str, TaskProgress] = {}
         for decision in admit(queued_moves, running_moves, budgets, settings.cluster_migrations):
             if decision.admitted:
                 if len(self._workers) < self.max_workers:
@@ -249,8 +250,9 @@ class Dispatcher:
                 last = self._waiting.get(decision.task)
                 if last is None or (last[0] != decision.reason and self.clock() - last[1] >= WAITING_REFRESH):
                     self._waiting[decision.task] = (decision.reason, self.clock())
-                    await asyncio.to_thread(self.store.update_task, decision.task,
-                                            TaskProgress(phase="queued", message=f"waiting: {decision.reason}"))
+                    waiting[decision.task] = TaskProgress(phase="queued", message=f"waiting: {decision.reason}")
+        if waiting:
+            await asyncio.to_thread(self.store.update_progress, waiting)
         queued_ids = {m.task for m in queued_moves}
         for gone in [t for t in self._waiting if t not in queued_ids]:
             del self._waiting[gone]

@@ -278,6 +278,9 @@ class Store(Protocol):
     def update_task(self, task_id: str, progress: TaskProgress, *, agent_id: str | None = None,
                     record: str | None = None) -> None: ...
 
+    # several tasks' progress in one transaction (the dispatcher's waiting reasons of a tick)
+    def update_progress(self, progress: Mapping[str, TaskProgress]) -> None: ...
+
     # the end, once: False if it had ended already. A done task moves the VM's desired (and observed) host/power.
     def end_task(self, task_id: str, state: TaskState, at: float, *, error: str | None = None,
                  result: TaskResult | None = None, desired_host: str | None = None,
@@ -952,6 +955,11 @@ class SqliteStore:
                 conn.execute("UPDATE migrations SET agent_id = ? WHERE task_id = ?", (agent_id, task_id))
             if record is not None:
                 conn.execute("UPDATE migrations SET record = ? WHERE task_id = ?", (record, task_id))
+
+    def update_progress(self, progress: Mapping[str, TaskProgress]) -> None:
+        with self._write(durable=False) as conn:
+            conn.executemany("UPDATE tasks SET progress = ? WHERE id = ?",
+                             [(p.model_dump_json(), task_id) for task_id, p in progress.items()])
 
     def end_task(self, task_id: str, state: TaskState, at: float, *, error: str | None = None,
                  result: TaskResult | None = None, desired_host: str | None = None,
