@@ -1,12 +1,12 @@
 """kvmotion.net.links against the real kernel, inside a throwaway namespace."""
 
 import os
-import uuid
 
 import pytest
 
 from kvmotion.core.errors import Conflict, NotFound
 from kvmotion.net import links, netns
+from tests.namespaces import throwaway_namespace
 
 pytestmark = pytest.mark.lab
 
@@ -16,14 +16,8 @@ if os.geteuid() != 0:
 
 @pytest.fixture
 def ns():
-    name = f"kvtl{os.getpid()}{uuid.uuid4().hex[:4]}"
-    netns.create_ns(name)
-    try:
+    with throwaway_namespace("kvtl") as name:
         yield name
-    finally:
-        netns.kill_ns_processes(name)
-        netns.delete_ns(name)
-    assert not netns.ns_exists(name)
 
 
 def _bridge_and_tap_state(bridge: str, tap: str):

@@ -14,7 +14,6 @@ host-b too. Guests are 256 MiB, booted two at once. Each test saves screenshots 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,10 @@ import pytest
 from kvmotion.api.migration import Phase
 from kvmotion.center.dispatcher import _PHASE_FRACTION
 from tests.integration.lab_fixture import MigrationLab, lab_factory
+from tests.webpage import CHROMIUM, choose_destination, confirm_migration, follow_migration
 
 pytestmark = [pytest.mark.qemu, pytest.mark.lab]
 
-CHROMIUM = Path("/usr/bin/chromium")
 SLOW_LINK = 20_000_000  # bytes/s: pre-copy of a busy guest lasts seconds, long enough to watch
 MIB = 1 << 20
 # a migration task's progress while pre-copy runs lies between these (dispatcher.progress_of)
@@ -36,9 +35,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in t
 if not CHROMIUM.exists():
     pytest.skip("Debian's chromium is not installed (make setup installs it)", allow_module_level=True)
 
-# the migration dialog's progress bar and state, read together (one render)
-PROGRESS = """(() => { const m = document.querySelector('#dialog .migration');
-    return [m && m.querySelector('progress') ? m.querySelector('progress').value : null, m ? m.dataset.state : ''] })()"""
 # a POST from the page's session, its CSRF token as given (null: none)
 POST = """async ([path, csrf, body]) => {
     const headers = {"content-type": "application/json"};
@@ -130,22 +126,15 @@ def test_migration_from_the_page(wlab: MigrationLab, admin: Any, tmp_path: Path)
     page = admin
     vm = page.locator("#vms tr[data-vm=w1]")
     vm.locator("button", has_text="Migrate").click()
-    choice = page.locator("#dialog .choice[data-host=host-b]")
-    choice.wait_for()
+    choice = choose_destination(page, "host-b", tmp_path / "lab-destinations.png")
     assert choice.get_attribute("data-verdict") in ("pass", "warning"), choice.inner_text()
-    page.screenshot(path=tmp_path / "lab-destinations.png")
-    page.locator("#dialog-confirm").click()
-    page.locator("#dialog .migration").wait_for()
-    seen: list[float] = []
-    state = ""
-    deadline = time.monotonic() + 180
-    while state not in ("done", "failed", "cancelled") and time.monotonic() < deadline:
-        value, state = page.evaluate(PROGRESS)
-        if value is not None and (not seen or value != seen[-1]):
-            seen.append(value)
-            if PRECOPY[0] < value < 1 and not (tmp_path / "lab-progress.png").exists():
-                page.screenshot(path=tmp_path / "lab-progress.png")
-        time.sleep(0.05)
+    confirm_migration(page)
+
+    def midway(seen: list[float]) -> None:
+        if PRECOPY[0] < seen[-1] < 1 and not (tmp_path / "lab-progress.png").exists():
+            page.screenshot(path=tmp_path / "lab-progress.png")
+
+    seen, state = follow_migration(page, 180, midway)
     body = page.locator("#dialog-body").inner_text()
     page.screenshot(path=tmp_path / "lab-migration-done.png", full_page=True)
     assert state == "done", body

@@ -22,6 +22,7 @@ from kvmotion.host.health import (
 )
 from kvmotion.net import links, netns
 from kvmotion.net.links import TAP_KIND, Bridge, Port, read_bridge
+from tests.namespaces import throwaway_namespace
 
 VMS = frozenset({"a", "b"})
 
@@ -78,15 +79,8 @@ def test_link_lost() -> None:
 
 @pytest.fixture
 def namespace():
-    """A throwaway network namespace of a unique name, deleted (with its links) whatever happens."""
-    ns = f"kvt-health-{secrets.token_hex(4)}"
-    netns.create_ns(ns)
-    try:
+    with throwaway_namespace("kvt-health-") as ns:
         yield ns
-    finally:
-        netns.kill_ns_processes(ns)
-        netns.delete_ns(ns)
-    assert not netns.ns_exists(ns)
 
 
 def test_read_bridge_through_netlink_in_the_callers_namespace(namespace: str) -> None:

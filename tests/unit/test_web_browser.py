@@ -7,7 +7,6 @@ Each test saves screenshots in its tmp_path."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,11 @@ from kvmotion.center.heartbeat import HeartbeatController
 from tests.served import ServedApp
 from tests.unit.test_center_api import ADMIN, Cluster
 from tests.unit.test_center_tasks import FakeAgents, Plan, add_host, load, run_vm
+from tests.webpage import CHROMIUM, choose_destination, confirm_migration, follow_migration
 
-CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
 MIB = 1 << 20
 PRECOPY_ROUNDS = 6
-# the migration dialog's progress bar and state, read together (read apart, a render between the
-# two reads showed a finished migration with the bar of the render before)
-PROGRESS = """(() => { const m = document.querySelector('#dialog .migration');
-    return [m && m.querySelector('progress') ? m.querySelector('progress').value : null, m ? m.dataset.state : ''] })()"""
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras: pip install -e '.[test]'")
 if not CHROMIUM.exists():
@@ -186,22 +181,15 @@ def test_migration_from_the_page(web: Web, page: Any, tmp_path: Path) -> None:
     button = page.locator("#vms tr[data-vm=web1] button", has_text="Migrate")
     button.focus()
     page.keyboard.press("Enter")
-    choice = page.locator("#dialog .choice[data-host=host-b]")
-    choice.wait_for()
+    choice = choose_destination(page, "host-b", tmp_path / "destinations.png")
     assert choice.get_attribute("data-verdict") in ("pass", "warning") and "predicted" in choice.inner_text()
-    page.screenshot(path=tmp_path / "destinations.png")
-    page.locator("#dialog-confirm").click()
-    page.locator("#dialog .migration").wait_for()
-    seen: list[float] = []
-    state = ""
-    deadline = time.monotonic() + 30
-    while state != "done" and time.monotonic() < deadline:
-        value, state = page.evaluate(PROGRESS)  # the bar and the state of the same render
-        if value is not None and (not seen or value != seen[-1]):
-            seen.append(value)
-            if len(seen) == 4:
-                page.screenshot(path=tmp_path / "migration-progress.png")
-        time.sleep(0.05)
+    confirm_migration(page)
+
+    def midway(seen: list[float]) -> None:
+        if len(seen) == 4:
+            page.screenshot(path=tmp_path / "migration-progress.png")
+
+    seen, state = follow_migration(page, 30, midway)
     assert state == "done", seen
     assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] == 1.0, seen  # the bar moved, forward only
     body = page.locator("#dialog-body").inner_text()
