@@ -140,7 +140,8 @@ def test_rules_give_mandatory_moves(olab: MigrationLab, center: CenterClient) ->
 
     applied = lab.cli_json("drs", "apply", rec["id"])
     assert [t["target"] for t in applied["tasks"]] == [rec["move"]["vm"]] and not applied["skipped"], applied  # type: ignore[index]
-    _wait_tasks(center, [t["id"] for t in applied["tasks"]])  # type: ignore[index]
+    (task,) = _wait_tasks(center, [t["id"] for t in applied["tasks"]])  # type: ignore[index]
+    assert task.requested_by.startswith("user:admin") and "keep-apart rule apart" in task.why, task
     moved, stayed = rec["move"]["vm"], ({VM1, VM2} - {rec["move"]["vm"]}).pop()
     where = _wait_where(lab, "the center sees the VMs apart",
                         lambda w: w.get(moved) == rec["move"]["destination"] and w.get(stayed) == "host-a")
@@ -190,7 +191,10 @@ def test_maintenance_dry_run_enter_and_move_back(olab: MigrationLab, center: Cen
     shown = _host(lab, host)
     assert shown["mode"] == "maintenance" and shown["mode_reason"].startswith("asked by user:admin"), shown
 
-    # A new VM, placed by the center: not on the host in maintenance, which says why.
+    # No new VM there: named, it is refused (nothing made); placed by the center, it goes elsewhere.
+    refused = _error(lab.cli("vm", "create", "opbad", "--host", host, "--memory", "256M", "--nic", _nic(lab, 5)))
+    assert f"host {host} is maintenance: it takes no VM (opbad)" in refused, refused
+    assert "opbad" not in {v["name"] for v in lab.cli_json("vm", "ls")}  # type: ignore[union-attr]
     placed, out = _create_placed(lab, "opnew", 3)
     assert placed != host and "in maintenance" in _candidate_line(out, host), out
     lab.cli_ok("vm", "start", "opnew", timeout=90)
