@@ -58,7 +58,8 @@ def snapshots(hosts: Sequence[HostRow], reserved: Mapping[str, tuple[int, int]])
 def refuse_maintenance(host: HostRow, vm: str) -> None:
     """A named host in (or entering) maintenance takes no VM, as vSphere's."""
     if host.mode is not HostMode.NORMAL:
-        raise InvalidInput(f"host {host.name} is {host.mode.value.replace('_', ' ')}: it takes no VM ({vm}); "
+        state = "in maintenance" if host.mode is HostMode.MAINTENANCE else "entering maintenance"
+        raise InvalidInput(f"host {host.name} is {state}: it takes no VM ({vm}); "
                            f"`kvmotion host maintenance exit {host.name}` first")
 
 

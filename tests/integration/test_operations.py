@@ -193,7 +193,7 @@ def test_maintenance_dry_run_enter_and_move_back(olab: MigrationLab, center: Cen
 
     # No new VM there: named, it is refused (nothing made); placed by the center, it goes elsewhere.
     refused = _error(lab.cli("vm", "create", "opbad", "--host", host, "--memory", "256M", "--nic", _nic(lab, 5)))
-    assert f"host {host} is maintenance: it takes no VM (opbad)" in refused, refused
+    assert f"host {host} is in maintenance: it takes no VM (opbad)" in refused, refused
     assert "opbad" not in {v["name"] for v in lab.cli_json("vm", "ls")}  # type: ignore[union-attr]
     placed, out = _create_placed(lab, "opnew", 3)
     assert placed != host and "in maintenance" in _candidate_line(out, host), out

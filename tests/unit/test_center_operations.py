@@ -101,6 +101,9 @@ def test_maintenance_enter_evacuates_then_settles_and_move_back(cluster: Cluster
     beat(cluster.store, "host-a", {}, cluster.clock() + 1)  # host-a no longer runs them
     o.tick_sync()
     assert cluster.store.host("host-a").mode is HostMode.MAINTENANCE
+    created = cluster.client(OPERATOR).post("/v1/vms", json={"spec": {"name": "new3", "memory": GIB}, "host": "host-a"})
+    assert created.status_code == 422
+    assert created.json()["error"]["message"].startswith("host host-a is in maintenance: it takes no VM (new3); ")
     kinds = [e.message for e in cluster.store.events() if e.kind is EventKind.HOST_MODE]
     assert kinds[-2:] == [f"host host-a: normal -> entering maintenance (asked by {OPERATOR})",
                           f"host host-a: entering maintenance -> maintenance (asked by {OPERATOR})"]
