@@ -1,6 +1,6 @@
 """What live migration is for, on real VMs through the center and the CLI: placement rules with DRS's
 mandatory moves, a host's maintenance (dry run, evacuation, no new VMs, move-back) and host health
-(severe evacuates, moderate quarantines, ok clears).
+(moderate quarantines and DRS recommends moving off, severe evacuates, ok clears).
 
 One three-host lab is shared by the tests of this module (they run in file order, each starting
 from where the one before left the VMs); guests are 256 MiB and boot one at a time. DRS under real
@@ -212,37 +212,52 @@ def test_maintenance_dry_run_enter_and_move_back(olab: MigrationLab, center: Cen
 
 
 # ---- 3: host health ----
-def test_health_severe_evacuates_moderate_quarantines_ok_clears(olab: MigrationLab, center: CenterClient) -> None:
-    lab = olab
-    host = _where(lab)[VM2]
-    held = sorted(vm for vm, h in _where(lab).items() if h == host)
-    reason = "PSU 1 failed, PSU 2 carries the host alone"
+def _report(lab: MigrationLab, host: str, severity: str, reason: str) -> str:
+    return lab.cli_ok("host", "health", "report", host, "--severity", severity, "--component", "psu",
+                      "--reason", reason).stdout
 
-    out = lab.cli_ok("host", "health", "report", host, "--severity", "severe", "--component", "psu",
-                     "--reason", reason).stdout
-    assert out.startswith(f"{host}: severe"), out
+
+def _mode(lab: MigrationLab, host: str) -> tuple[str, str, bool]:
+    shown = _host(lab, host)
+    return shown["mode"], shown["health"], shown["quarantined"]
+
+
+def test_health_moderate_quarantines_severe_evacuates_ok_clears(olab: MigrationLab, center: CenterClient) -> None:
+    lab = olab
+    before = _where(lab)
+    host = before[VM2]
+    held = sorted(vm for vm, h in before.items() if h == host)
+
+    # Moderate: quarantined; DRS (manual) recommends moving its VMs off, and moves nothing itself;
+    # a new VM is placed elsewhere.
+    out = _report(lab, host, "moderate", "PSU 1 degraded")
+    assert out.startswith(f"{host}: moderate (quarantined"), out
+    assert _mode(lab, host) == ("normal", "moderate", True)
+    status = lab.cli_json("drs", "recommend")
+    off = sorted(r["move"]["vm"] for r in status["recommendations"]  # type: ignore[index]
+                 if r["mandatory"] and r["move"]["source"] == host and "quarantine" in r["why"] and r["move"]["vm"] in before)
+    assert off == held, status  # (a powered-off VM homed there may be re-homed too)
+    placed, out = _create_placed(lab, "opq", 4)
+    assert placed != host, out  # defined only: placement is what is checked
+    assert _where(lab) == before
+
+    # Severe: it enters maintenance (health's reason) and its VMs are evacuated.
+    reason = "PSU 1 failed, PSU 2 carries the host alone"
+    assert _report(lab, host, "severe", reason).startswith(f"{host}: severe")
     _wait(f"{host} in maintenance", lambda: center.host(host).mode is HostMode.MAINTENANCE, MOVE_TIMEOUT, 0.5)
     where = _wait_where(lab, f"the center sees {host} empty", lambda w: set(held) <= set(w) and host not in w.values())
     assert all(lab.running_hosts(vm) == [where[vm]] for vm in held)
     shown = _host(lab, host)
     assert shown["mode"] == "maintenance" and shown["health"] == "severe", shown
     assert shown["mode_reason"].startswith("health: ") and "psu" in shown["mode_reason"] and reason in shown["mode_reason"], shown
-
-    # Moderate: out of the maintenance health caused, into quarantine (no new VM placed there).
-    out = lab.cli_ok("host", "health", "report", host, "--severity", "moderate", "--component", "psu",
-                     "--reason", "PSU 1 degraded").stdout
-    assert out.startswith(f"{host}: moderate (quarantined"), out
-    shown = _host(lab, host)
-    assert (shown["mode"], shown["health"], shown["quarantined"]) == ("normal", "moderate", True), shown
-    placed, out = _create_placed(lab, "opq", 4)
-    assert placed != host, out  # defined only: placement is what is checked
     health = lab.cli_json("host", "health", host)
-    assert health["quarantined"] and [(e["component"], e["severity"]) for e in health["entries"]  # type: ignore[index]
-                                      if e["provider"] == "external"] == [("psu", "moderate")], health
+    assert [(e["component"], e["severity"]) for e in health["entries"] if e["provider"] == "external"] == [  # type: ignore[index]
+        ("psu", "severe")], health
 
-    out = lab.cli_ok("host", "health", "report", host, "--severity", "ok", "--component", "psu",
-                     "--reason", "PSU 1 replaced").stdout
+    # Better, then ok: out of the maintenance health caused, into quarantine, then back to normal.
+    assert _report(lab, host, "moderate", "PSU 1 degraded").startswith(f"{host}: moderate (quarantined")
+    assert _mode(lab, host) == ("normal", "moderate", True)
+    out = _report(lab, host, "ok", "PSU 1 replaced")
     assert out.strip().splitlines()[0] == f"{host}: ok", out
-    shown = _host(lab, host)
-    assert (shown["mode"], shown["health"], shown["quarantined"]) == ("normal", "ok", False), shown
-    assert not set(held) & {vm for vm, h in _where(lab).items() if h == host}  # the VMs that left stay away
+    assert _mode(lab, host) == ("normal", "ok", False)
+    assert all(_where(lab).get(vm) == where[vm] for vm in held)  # the VMs that left stay where they went
