@@ -56,10 +56,14 @@ def snapshots(hosts: Sequence[HostRow], reserved: Mapping[str, tuple[int, int]])
                          quarantined=h.quarantined) for h in hosts]
 
 
+ON_ALREADY = (ObservedState.RUNNING, ObservedState.STARTING, ObservedState.PAUSED, ObservedState.MIGRATING)
+
+
 def refuse_maintenance(host: HostRow, vm: str) -> None:
     """A named host in (or entering) maintenance takes no VM, as vSphere's."""
     if host.mode is not HostMode.NORMAL:
-        raise InvalidInput(f"host {host.name} is {host.mode.value.replace('_', ' ')}: it takes no VM ({vm}); "
+        state = "in maintenance" if host.mode is HostMode.MAINTENANCE else "entering maintenance"
+        raise InvalidInput(f"host {host.name} is {state}: it takes no VM ({vm}); "
                            f"`kvmotion host maintenance exit {host.name}` first")
 
 
@@ -114,6 +118,10 @@ class Tasks:
             raise NotFound(f"no VM {name} in the cluster")
         if row.desired_host is None and row.observed_host is None:
             raise Conflict(f"VM {name} has no host to {'start' if on else 'stop'} it on")
+        if on and row.observed_state not in ON_ALREADY:  # powered on where the dispatcher starts it
+            home = self.store.host(row.observed_host or row.desired_host or "")
+            if home is not None:
+                refuse_maintenance(home, name)
         task = TaskView(id=new_task_id(), kind=TaskKind.START if on else TaskKind.STOP, target=name,
                         state=TaskState.QUEUED, created=self.clock(), requested_by=str(who))
         return self.store.add_task(task, str(who))

@@ -101,6 +101,9 @@ def test_maintenance_enter_evacuates_then_settles_and_move_back(cluster: Cluster
     beat(cluster.store, "host-a", {}, cluster.clock() + 1)  # host-a no longer runs them
     o.tick_sync()
     assert cluster.store.host("host-a").mode is HostMode.MAINTENANCE
+    created = cluster.client(OPERATOR).post("/v1/vms", json={"spec": {"name": "new3", "memory": GIB}, "host": "host-a"})
+    assert created.status_code == 422
+    assert created.json()["error"]["message"].startswith("host host-a is in maintenance: it takes no VM (new3); ")
     kinds = [e.message for e in cluster.store.events() if e.kind is EventKind.HOST_MODE]
     assert kinds[-2:] == [f"host host-a: normal -> entering maintenance (asked by {OPERATOR})",
                           f"host host-a: entering maintenance -> maintenance (asked by {OPERATOR})"]
@@ -123,6 +126,15 @@ def test_maintenance_lists_what_cannot_move(cluster: Cluster) -> None:
     assert "pin" in r.json()["plan"]["unmovable"][0]["reason"]
     ops(cluster).tick_sync()
     assert cluster.store.host("host-a").mode is HostMode.ENTERING_MAINTENANCE  # never "in maintenance" with a VM
+    # Stopped there, it stays (the rule pins it), but is not powered on there while the host evacuates.
+    beat(cluster.store, "host-a", {}, cluster.clock() + 1)
+    cluster.store.record_heartbeat("host-a", cluster.clock() + 2, (VmReport(name="web1", state=ReportedState.STOPPED),),
+                                   load(12 * GIB), ())
+    before = cluster.store.tasks()
+    r = cluster.client(OPERATOR).post("/v1/vms/web1/start")
+    assert r.status_code == 422 and r.json()["error"]["message"] == (
+        "host host-a is entering maintenance: it takes no VM (web1); `kvmotion host maintenance exit host-a` first")
+    assert cluster.store.tasks() == before
 
 
 def test_refusals_are_one_line_and_change_nothing(cluster: Cluster) -> None:
