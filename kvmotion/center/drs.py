@@ -22,7 +22,7 @@ full also applies the moves every interval (kvmotion.center.operations).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,7 @@ from kvmotion.center.cluster import (
     Move,
     MoveKind,
     Plan,
+    Rule,
     RuleKind,
     Snapshot,
     Stuck,
@@ -46,7 +47,7 @@ from kvmotion.center.cluster import (
 )
 from kvmotion.center.maintenance import order, place
 from kvmotion.center.placement import Status, summary
-from kvmotion.center.rules import check, refusals, units
+from kvmotion.center.rules import check, refusals, rule_refusals, units
 from kvmotion.core.errors import InsufficientResources, InvalidInput
 
 AGAIN = 2  # a rule mend may move a VM a plan moved already (then collapsed into one move), not more often
@@ -110,7 +111,7 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
     groups = units(snapshot)
     moves: list[Move] = []
     stuck: dict[str, Stuck] = {}
-    notes: dict[str, None] = {}
+    notes: dict[str, tuple[Move, ...]] = {}  # a should rule broken -> the moves that broke it
     balanced = 0
     while True:
         # Balance moves can make room for a mandatory one that failed: repeat until neither finds any
@@ -124,11 +125,20 @@ def recommend(snapshot: Snapshot, config: DrsConfig = DEFAULT, cost: MigrationCo
         if not got and not more:
             break
     return Plan(moves=tuple(collapse(snapshot, moves, cost)), stuck=tuple(stuck.values()), imbalance_before=before,
-                imbalance_after=layout.imbalance(), notes=tuple(notes))
+                imbalance_after=layout.imbalance(),
+                notes=tuple(n for n, ms in notes.items() if _still_broken(layout, ms)))
+
+
+def _still_broken(layout: Layout, moves: Sequence[Move]) -> bool:
+    """Whether the unit these moves took somewhere still breaks a should rule there at the end of the plan
+    (a rule mend may have moved it on, or moved away the VM it shared the host with)."""
+    dest = moves[0].destination
+    unit = [m.vm for m in moves]
+    return all(layout.where[v] == dest for v in unit) and bool(rule_refusals(layout, unit, dest, should=True))
 
 
 def _mandatory(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationCost, config: DrsConfig,
-               stuck: dict[str, Stuck], notes: dict[str, None]) -> list[Move]:
+               stuck: dict[str, Stuck], notes: dict[str, tuple[Move, ...]]) -> list[Move]:
     snap = layout.snapshot
     out: list[Move] = []
 
@@ -140,7 +150,7 @@ def _mandatory(layout: Layout, groups: Sequence[tuple[str, ...]], cost: Migratio
             if why:
                 stuck[why.vm] = why
             if note:
-                notes[note] = None
+                notes[note] = tuple(got)
 
     for h in snap.hosts:
         if h.state is Status.ENTERING_MAINTENANCE:
@@ -196,19 +206,49 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         stuck[members[0]] = Stuck(tuple(members), layout.where[members[0]], f"{sentence}; no host takes them all: "
                                   + "; ".join(r for c in candidates for r in c.reasons), tuple(candidates))
         return out
-    # vm-host: each VM away from its hosts moves (with its keep-together unit); keep-apart: all but the
-    # biggest VM of each shared host move.
+    # vm-host: each VM away from its hosts moves (with its keep-together unit); keep-apart: all but one VM
+    # of each shared host move.
     if rule.kind is RuleKind.VM_HOST:
-        away = list(now[0].vms)
-    else:
-        by_host: dict[str, list[str]] = {}
-        for v in now[0].vms:
-            by_host.setdefault(layout.where[v], []).append(v)
-        # The VM that stays: one this plan moved already if any (a VM moves once per plan), else the biggest.
-        def stays(n: str) -> tuple[bool, int, str]:
-            return (not any(u in layout.moved for u in group_of[n]), -snap.vm[n].memory, n)
+        got, left = _leave(layout, group_of, rule, sentence, now[0].vms, cost)
+        stuck.update(left)
+        return got
+    by_host: dict[str, list[str]] = {}
+    for v in now[0].vms:
+        by_host.setdefault(layout.where[v], []).append(v)
 
-        away = [v for vs in by_host.values() for v in sorted(vs, key=stays)[1:]]
+    def size(n: str) -> tuple[int, str]:
+        return (-snap.vm[n].memory, n)
+
+    def stays(n: str) -> tuple[bool, int, str]:
+        # One this plan moved already if any (a VM moves once per plan), else the biggest.
+        return (not any(u in layout.moved for u in group_of[n]), *size(n))
+
+    for vs in by_host.values():
+        # The first VM whose staying lets all the others leave stays; if none does (a VM with a local disk,
+        # no room), the biggest stays and whoever can leaves. Which VMs can leave depends on the layout
+        # only, never on what this plan moved, so planning again on the result finds nothing more to do.
+        for keep in sorted(vs, key=stays):
+            got, left = _leave(layout, group_of, rule, sentence, sorted((v for v in vs if v != keep), key=size), cost)
+            if not left:
+                out.extend(got)
+                break
+            for m in reversed(got):
+                layout.undo(m.vm, m.source)
+        else:
+            keep = min(vs, key=size)
+            got, left = _leave(layout, group_of, rule, sentence, sorted((v for v in vs if v != keep), key=size), cost)
+            out.extend(got)
+            stuck.update(left)
+    return out
+
+
+def _leave(layout: Layout, group_of: Mapping[str, tuple[str, ...]], rule: Rule, sentence: str, away: Iterable[str],
+           cost: MigrationCost) -> tuple[list[Move], dict[str, Stuck]]:
+    """Each of `away` (with its keep-together unit) off its host to mend `rule`, unless an earlier move
+    mended it for that VM: the moves, and the VMs that could not leave (why)."""
+    snap = layout.snapshot
+    out: list[Move] = []
+    stuck: dict[str, Stuck] = {}
     for v in away:
         still = check([rule], layout.where, snap.vm)
         if not still or v not in still[0].vms:
@@ -228,7 +268,7 @@ def _fix(layout: Layout, groups: Sequence[tuple[str, ...]], rule_name: str, sent
         out.extend(got)
         if why:
             stuck[why.vm] = why
-    return out
+    return out, stuck
 
 
 def _balance(layout: Layout, groups: Sequence[tuple[str, ...]], cost: MigrationCost, config: DrsConfig,

@@ -204,3 +204,26 @@ def test_no_host_to_recommend_is_the_same_refusal_at_every_level(level: Automati
     full = Placement(chosen=None, candidates=(Candidate(host="a", reasons=("a has 0 MiB free, the VM needs 1024 MiB",)),))
     with pytest.raises(InsufficientResources, match=r"^cannot place VM web1: no host can take it: a has 0 MiB free"):
         initial_host(level, "web1", full)
+
+
+def test_drs_keep_apart_moves_the_vms_that_can_leave_so_planning_again_moves_nothing() -> None:
+    # db (a local disk) cannot leave b. Keeping web together brings web3 to b, and web2 must then leave db:
+    # the whole web group goes to a (web3 stays where it was), not db, which would be stuck.
+    s = Snapshot(hosts=(host("a"), host("b")),
+                 vms=(vm("db", "b", 2 * GIB, local_disk=True), vm("web1", "b"), vm("web2", "b"), vm("web3", "a")),
+                 rules=(Rule("web", RuleKind.KEEP_TOGETHER, ("web1", "web2", "web3"), must=False),
+                        Rule("apart", RuleKind.KEEP_APART, ("db", "web2"), must=False)))
+    plan = recommend(s, DrsConfig(threshold=1))
+    assert sorted((m.vm, m.source, m.destination) for m in plan.moves) == [("web1", "b", "a"), ("web2", "b", "a")]
+    assert plan.stuck == () and violations(apply(s, plan.moves)) == []
+    assert recommend(apply(s, plan.moves), DrsConfig(threshold=1)).moves == ()
+    # A VM leaving quarantine lands beside db (breaking the should rule: b would pass the CPU limit); the
+    # rule is then mended in the same plan by moving sick on, not by trying to move db.
+    q = Snapshot(hosts=(host("a"), host("b", cpus=2), Host("q", Status.QUARANTINE, cpus=4, memory=8 * GIB,
+                                                           health=Health.MODERATE)),
+                 vms=(vm("db", "a", 2 * GIB, local_disk=True), vm("busy", "b", demand=1.0), vm("sick", "q", demand=1.0)),
+                 rules=(Rule("apart", RuleKind.KEEP_APART, ("db", "sick"), must=False),))
+    plan = recommend(q, DrsConfig(threshold=1))
+    assert [(m.vm, m.destination, m.kind) for m in plan.moves] == [("sick", "b", MoveKind.RULE)]
+    assert plan.stuck == () and plan.notes == () and violations(apply(q, plan.moves)) == []
+    assert recommend(apply(q, plan.moves), DrsConfig(threshold=1)).moves == ()
