@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test unit lint bench clean-lab
+.PHONY: setup demo test test-slow unit lint bench clean-lab
 
 setup: $(STAMP)
 	@bash scripts/setup-host.sh
@@ -20,7 +20,11 @@ demo: setup
 	$(VENV)/bin/kvmotion demo
 
 test: setup lint
-	$(VENV)/bin/pytest -q --durations=25
+	$(VENV)/bin/pytest -q -m "not slow" --durations=25
+
+# The soak runs and variants `make test` leaves out to stay within 30 minutes (about 7 more).
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow --durations=25
 
 # Import layers and cycles (import-linter, contracts in pyproject.toml), ruff, mypy: seconds, before any test.
 lint: $(STAMP)

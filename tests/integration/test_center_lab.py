@@ -259,6 +259,7 @@ def test_migrations_queue_under_the_host_budget(clab: MigrationLab) -> None:
             lab.cli("vm", "stop", vm, timeout=90)
 
 
+@pytest.mark.slow
 def test_plain_lab_through_the_center(make_lab) -> None:
     """`lab up --plain`: center, agents and datastore --insecure; hosts still join by token."""
     lab = make_lab(hosts=2, encrypted=False)

@@ -81,6 +81,7 @@ def _cpu_cgroup(pid: int) -> str:
     return str(h.path_of(cgroups.cgroup_of(Path(f"/proc/{pid}/cgroup").read_text(), h.version)))
 
 
+@pytest.mark.slow  # the demo's act 2 shows the same gain through DRS
 def test_moving_vms_off_a_contended_host_raises_their_work_rate() -> None:
     factory = lab_factory()
     make = next(factory)

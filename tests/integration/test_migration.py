@@ -75,6 +75,7 @@ class ProbeRun:
             self.proc.wait(5)
 
 
+@pytest.mark.slow
 def test_memory_writer_ten_migrations(lab, record_property):
     """512 MiB guest rewriting 256 MiB at 100 MB/s, a->b->a ... ten times: its counter keeps
     increasing on whichever host runs it, its self-check finds no corrupt page, one copy runs."""
@@ -132,6 +133,7 @@ def test_memory_writer_ten_migrations(lab, record_property):
     record_property("figures", line)
 
 
+@pytest.mark.slow
 def test_client_tcp_stream_survives_migrations(lab, tmp_path, record_property):
     """A client's numbered TCP stream to the guest's echo service comes through ten migrations in a
     row, back and forth (guest dirtying 64 MiB at 20 MB/s), without a lost, duplicated, reordered or

@@ -123,6 +123,7 @@ def stop_and_verify(lab: MigrationLab, vm: str, disk: str) -> tuple[int, str]:
 
 
 @pytest.mark.lab
+@pytest.mark.slow
 def test_disk_writer_ten_migrations(lab, record_property):
     """a->b->a ... ten times: the lease follows the VM with a new generation each time, the
     writer keeps acknowledging on each destination, and the disk holds every acknowledged record."""
@@ -219,7 +220,7 @@ SERIAL_LAG = 0.5  # s: a guest's line reaches its serial log file within this, e
 # gives it back; 40 s: longer than NBD's reconnect-delay (35 s), so QEMU fails the queued writes
 # and werror=stop pauses the VM until its agent resumes it.
 @pytest.mark.lab
-@pytest.mark.parametrize("outage", [0.0, 12.0, 40.0])
+@pytest.mark.parametrize("outage", [0.0, 12.0, pytest.param(40.0, marks=pytest.mark.slow)])
 def test_datastore_restart_during_writes(lab, outage, record_property):
     """The datastore service is killed while the guest writes and started again after `outage`
     seconds: the writer goes on, on the same host under the same lease generation, and the disk
