@@ -4,14 +4,14 @@ from tests.integration.harness import AgentHarness
 
 
 @pytest.fixture
-def host():
+def host(request, tmp_path_factory):
     h = AgentHarness()
     try:
         h.start_agent()
         h.wait_connected()  # the test's CLI goes through the center: placement needs the host's report
         yield h
     finally:
-        h.close()
+        h.close(tmp_path_factory.mktemp("agent-log") if failed(request) else None)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -137,14 +137,15 @@ class AgentHarness:
                 out.append(pid)
         return out
 
-    def close(self) -> None:
+    def close(self, keep_log: Path | None = None) -> None:
+        """Everything torn down; the agent's log copied into `keep_log` first if given (a failed test's)."""
         self.kill_agent()
         if self.center is not None:
             self.center.close()
         netns.kill_ns_processes(self.ns)
         netns.delete_link_in(None, self.root_if)
         netns.delete_ns(self.ns)
-        # Keep the last agent log for post-mortems of failed runs.
-        if (self.dir / "agent.log").exists():
-            shutil.copy(self.dir / "agent.log", Path(tempfile.gettempdir()) / f"kvmotion-agent-{self.name}.log")
+        if keep_log is not None and (self.dir / "agent.log").exists():
+            shutil.copy(self.dir / "agent.log", keep_log / f"agent-{self.name}.log")
+            print(f"agent {self.name}: log kept in {keep_log}", file=sys.stderr)
         shutil.rmtree(self.dir, ignore_errors=True)

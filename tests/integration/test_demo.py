@@ -66,7 +66,8 @@ def _assert_act2(doc: dict) -> None:
     assert {("busy1", enter["host"]), ("busy2", enter["host"])} & on  # booted beside web1
 
 
-@pytest.mark.parametrize(("link", "compression", "act2"), [("none", "none", True), pytest.param("1gbit", "zstd", False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("link", "compression", "act2"),
+                         [("none", "none", True), pytest.param("1gbit", "zstd", False, marks=pytest.mark.slow)])
 def test_demo_two_migrations(tmp_path: Path, link: str, compression: str, act2: bool) -> None:
     """Over a 1 Gbit/s link act 1 only (act 2 is the same whatever the link), to keep the time down."""
     report = tmp_path / "r.json"
