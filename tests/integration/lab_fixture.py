@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from socket import AF_BRIDGE
+from typing import TypeVar
 
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
@@ -390,6 +391,16 @@ def _keep_logs(cluster: LabCluster, folder: Path) -> None:
 
 
 LabFactory = Callable[..., MigrationLab]
+T = TypeVar("T")
+
+
+def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 30.0, every: float = 0.3) -> T:
+    """`probe()`'s first true value, asked every `every` s; the test fails after `timeout` s, saying `what`."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(every)
+    return value
 
 
 def lab_factory(keep_logs: Callable[[], Path | None] = lambda: None) -> Iterator[LabFactory]:

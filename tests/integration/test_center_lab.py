@@ -21,7 +21,7 @@ import pytest
 from kvmotion.lab import cluster as labcluster
 from kvmotion.lab.cluster import CENTER, DATASTORE
 from kvmotion.net import netns
-from tests.integration.lab_fixture import MigrationLab, lab_factory
+from tests.integration.lab_fixture import MigrationLab, lab_factory, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.lab]
 
@@ -33,17 +33,7 @@ def clab():
     try:
         yield make(hosts=3)
     finally:
-        factory.close()  # tears the lab down (and keeps its logs in /tmp)
-
-
-def _wait(what: str, probe, timeout: float = 30.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(every)
+        factory.close()  # tears the lab down
 
 
 def _hosts(lab: MigrationLab) -> dict[str, dict]:
@@ -113,8 +103,8 @@ def test_create_start_migrate_through_the_center(clab: MigrationLab) -> None:
     lab = clab
     lab.cli_ok("disk", "create", f"{DATASTORE}/c1.img", "64M")
     lab.create_vm("c1", "host-a", k=1, disks=(f"{DATASTORE}/c1.img",))
-    _wait("the center sees c1 running on host-a",
-          lambda: (v := _center_vm(lab, "c1")) and (v["observed_host"], v["observed_state"]) == ("host-a", "running"))
+    wait_until("the center sees c1 running on host-a",
+               lambda: (v := _center_vm(lab, "c1")) and (v["observed_host"], v["observed_state"]) == ("host-a", "running"))
 
     rec = lab.migrate("c1", "host-b")
     assert rec["_returncode"] == 0 and rec.get("phase") == "done", (rec.get("error"), rec["_stderr"])
@@ -148,27 +138,27 @@ def test_center_killed_during_a_migration(clab: MigrationLab) -> None:
     center ends the task as done, with the VM on the destination."""
     lab = clab
     lab.create_vm("c2", "host-a", k=2, workload="echo,mem", mem_wss="64M", mem_rate="10M")
-    _wait("the center sees c2 on host-a", lambda: (v := _center_vm(lab, "c2")) and v["observed_state"] == "running")
+    wait_until("the center sees c2 on host-a", lambda: (v := _center_vm(lab, "c2")) and v["observed_state"] == "running")
     started = json.loads(lab.cli_ok("migrate", "c2", "--to", "host-c", "--bandwidth", "24M", "--no-wait", "--json").stdout)
     task_id = started["task"]["id"]
     lab.wait_precopy("host-a", "c2", min_bytes=2 << 20)
     pids = _pids(lab.topo.center.ns, b"center", b"serve")
     assert len(pids) == 1
     netns._signal(pids[0], signal.SIGKILL)
-    _wait("the center is gone", lambda: not netns._alive(pids[0]), 5)
+    wait_until("the center is gone", lambda: not netns._alive(pids[0]), 5)
     assert lab.migration_of("host-a", "c2")["phase"] in ("precopy", "switchover", "commit")  # type: ignore[index]
-    final = _wait("the migration ends without the center",
-                  lambda: (r := lab.migration_of("host-a", "c2")) and r["phase"] in ("done", "failed", "cancelled") and r,
-                  120)
+    final = wait_until("the migration ends without the center",
+                       lambda: (r := lab.migration_of("host-a", "c2")) and r["phase"] in ("done", "failed", "cancelled") and r,
+                       120)
     assert final["phase"] == "done", final
     labcluster.start_center(lab.cluster)
-    task = _wait("the restarted center ends the task",
-                 lambda: (t := lab.cli_json("task", "show", task_id)) and t["state"] not in ("queued", "running") and t,  # type: ignore[index]
-                 60, 0.5)
+    task = wait_until("the restarted center ends the task",
+                      lambda: (t := lab.cli_json("task", "show", task_id)) and t["state"] not in ("queued", "running") and t,  # type: ignore[index]
+                      60, 0.5)
     assert task["state"] == "done" and task["result"]["host"] == "host-c", task
     assert task["result"]["migration"] == final["id"]
-    _wait("the center sees c2 on host-c",
-          lambda: (v := _center_vm(lab, "c2")) and (v["observed_host"], v["observed_state"]) == ("host-c", "running"), 30)
+    wait_until("the center sees c2 on host-c",
+               lambda: (v := _center_vm(lab, "c2")) and (v["observed_host"], v["observed_state"]) == ("host-c", "running"), 30)
     assert lab.running_hosts("c2") == ["host-c"] and lab.wait_qemu_hosts("c2", ["host-c"]) == ["host-c"]
 
 
@@ -180,10 +170,10 @@ def test_agent_killed_host_not_responding_vms_unknown(clab: MigrationLab, record
     if lab.running_hosts(vm) != ["host-c"]:  # the test before did not leave it there: one of this test's own
         vm = "c3"
         lab.create_vm(vm, "host-c", k=5)
-        _wait("the center sees c3 running", lambda: (v := _center_vm(lab, vm)) and v["observed_state"] == "running")
+        wait_until("the center sees c3 running", lambda: (v := _center_vm(lab, vm)) and v["observed_state"] == "running")
     lab.kill_agent("host-c")
     t0 = time.monotonic()
-    _wait("host-c not responding", lambda: _hosts(lab)["host-c"]["state"] == "not_responding", 25, 0.5)
+    wait_until("host-c not responding", lambda: _hosts(lab)["host-c"]["state"] == "not_responding", 25, 0.5)
     took = time.monotonic() - t0
     record_property("not_responding_after_s", round(took, 1))
     assert took < 10, f"host-c was reported not responding only after {took:.1f} s"
@@ -191,8 +181,8 @@ def test_agent_killed_host_not_responding_vms_unknown(clab: MigrationLab, record
     assert seen is not None and seen["observed_state"] == "unknown", seen
     assert lab.qemu_hosts(vm) == ["host-c"]  # the VM itself runs on
     lab.start_agent("host-c")
-    _wait("host-c connected again", lambda: _hosts(lab)["host-c"]["state"] == "connected", 30, 0.5)
-    _wait(f"{vm} running again at the center", lambda: (v := _center_vm(lab, vm)) and v["observed_state"] == "running", 30)
+    wait_until("host-c connected again", lambda: _hosts(lab)["host-c"]["state"] == "connected", 30, 0.5)
+    wait_until(f"{vm} running again at the center", lambda: (v := _center_vm(lab, vm)) and v["observed_state"] == "running", 30)
     _stop(lab, vm)
 
 

@@ -6,7 +6,6 @@ counters and histograms move as the migration does.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmotion.api import userconfig
 from kvmotion.lab.cluster import DATASTORE, cluster_env
-from tests.integration.lab_fixture import MigrationLab, lab_factory
+from tests.integration.lab_fixture import MigrationLab, lab_factory, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.lab]
 
@@ -29,7 +28,7 @@ def mlab():
     try:
         yield make(hosts=2)
     finally:
-        factory.close()  # tears the lab down (and keeps its logs in /tmp)
+        factory.close()  # tears the lab down
 
 
 class Scraper:
@@ -63,14 +62,6 @@ def v(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def _wait(what: str, probe, timeout: float = 60.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(every)
-    return value
-
-
 def test_metrics_move_with_a_migration(mlab: MigrationLab, record_property) -> None:
     lab = mlab
     scrape = Scraper(lab)
@@ -80,8 +71,8 @@ def test_metrics_move_with_a_migration(mlab: MigrationLab, record_property) -> N
         lab.cli_ok("disk", "create", f"{DATASTORE}/{DISK}", "64M")
         lab.create_vm(VM, "host-a", k=1, workload="echo,mem", mem_wss="64M", mem_rate="10M",
                       disks=(f"{DATASTORE}/{DISK}",))
-        _wait("the center sees m1 running on host-a", lambda: v(scrape("center"), "kvmotion_center_vm_memory_bytes",
-                                                                  host="host-a", vm=VM) > 0)
+        wait_until("the center sees m1 running on host-a", lambda: v(scrape("center"), "kvmotion_center_vm_memory_bytes",
+                                                                      host="host-a", vm=VM) > 0, 60)
         before = scrape.all()
         c, a, b, ds = before["center"], before["host-a"], before["host-b"], before[DATASTORE]
         for host in ("host-a", "host-b"):
@@ -109,11 +100,11 @@ def test_metrics_move_with_a_migration(mlab: MigrationLab, record_property) -> N
         assert v(b1, "kvmotion_agent_vms", host="host-b", state="incoming") == 1
         assert v(c1, "kvmotion_center_tasks", kind="migrate", state="running") == 1
 
-        task = _wait("the migration's task ends", lambda: (t := lab.cli_json("task", "show", task_id))
-                     and t["state"] not in ("queued", "running") and t, 180)  # type: ignore[index]
+        task = wait_until("the migration's task ends", lambda: (t := lab.cli_json("task", "show", task_id))
+                          and t["state"] not in ("queued", "running") and t, 180)  # type: ignore[index]
         assert task["state"] == "done", task
-        _wait("host-b's heartbeat reports m1 running",
-              lambda: v(scrape("center"), "kvmotion_center_vm_memory_bytes", host="host-b", vm=VM) > 0)
+        wait_until("host-b's heartbeat reports m1 running",
+                   lambda: v(scrape("center"), "kvmotion_center_vm_memory_bytes", host="host-b", vm=VM) > 0, 60)
         after = scrape.all()
         a2, b2, c2, ds2 = after["host-a"], after["host-b"], after["center"], after[DATASTORE]
         # The source: one more done, its histograms one more observation, bytes and rounds grown.

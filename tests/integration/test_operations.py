@@ -9,22 +9,19 @@ CPU load is the demo's (tests/integration/test_demo.py): not repeated here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
 
 import pytest
 
 from kvmotion.api.center import CenterClient, HostMode, TaskState
 from kvmotion.api.userconfig import load_credentials
-from tests.integration.lab_fixture import MigrationLab, lab_factory
+from tests.integration.lab_fixture import MigrationLab, lab_factory, wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.lab]
 
 HOSTS = ("host-a", "host-b", "host-c")
 VM1, VM2 = "op1", "op2"  # booted on host-a, kept apart by a rule, then moved about by the operations
 MOVE_TIMEOUT = 120.0  # seconds for the center's migration tasks of one step (idle 256 MiB guests)
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +43,6 @@ def center(olab: MigrationLab):
 
 
 # ---- helpers ----
-def _wait(what: str, probe: Callable[[], T | None], timeout: float = 30.0, every: float = 0.3) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(every)
-
-
 def _where(lab: MigrationLab) -> dict[str, str]:
     """The running VMs' hosts, as `kvmotion vm ls` (the center's view) shows them."""
     return {v["name"]: v["observed_host"] for v in lab.cli_json("vm", "ls")  # type: ignore[union-attr]
@@ -67,7 +54,7 @@ def _wait_where(lab: MigrationLab, what: str, ok: Callable[[dict[str, str]], boo
         w = _where(lab)
         return w if ok(w) else None
 
-    return _wait(what, probe, timeout, 0.5)
+    return wait_until(what, probe, timeout, 0.5)
 
 
 def _host(lab: MigrationLab, name: str) -> dict:
@@ -89,7 +76,7 @@ def _wait_tasks(center: CenterClient, ids: Iterable[str], timeout: float = MOVE_
         tasks = [center.task(i) for i in ids]
         return tasks if all(t.state.terminal for t in tasks) else None
 
-    tasks = _wait(f"tasks {ids} end", probe, timeout, 0.5)
+    tasks = wait_until(f"tasks {ids} end", probe, timeout, 0.5)
     for t in tasks:
         assert t.state is TaskState.DONE, f"task {t.id} ({t.kind.value} {t.target}) {t.state.value}: {t.error}"
     return tasks
@@ -185,7 +172,7 @@ def test_maintenance_dry_run_enter_and_move_back(olab: MigrationLab, center: Cen
 
     out = lab.cli_ok("host", "maintenance", "enter", host).stdout
     assert f"{len(held)} migration(s) queued" in out, out
-    _wait(f"{host} in maintenance", lambda: center.host(host).mode is HostMode.MAINTENANCE, MOVE_TIMEOUT, 0.5)
+    wait_until(f"{host} in maintenance", lambda: center.host(host).mode is HostMode.MAINTENANCE, MOVE_TIMEOUT, 0.5)
     where = _wait_where(lab, f"the center sees {host} empty", lambda w: set(held) <= set(w) and host not in w.values())
     assert all(lab.running_hosts(vm) == [where[vm]] for vm in held)
     shown = _host(lab, host)
@@ -244,7 +231,7 @@ def test_health_moderate_quarantines_severe_evacuates_ok_clears(olab: MigrationL
     # Severe: it enters maintenance (health's reason) and its VMs are evacuated.
     reason = "PSU 1 failed, PSU 2 carries the host alone"
     assert _report(lab, host, "severe", reason).startswith(f"{host}: severe")
-    _wait(f"{host} in maintenance", lambda: center.host(host).mode is HostMode.MAINTENANCE, MOVE_TIMEOUT, 0.5)
+    wait_until(f"{host} in maintenance", lambda: center.host(host).mode is HostMode.MAINTENANCE, MOVE_TIMEOUT, 0.5)
     where = _wait_where(lab, f"the center sees {host} empty", lambda w: set(held) <= set(w) and host not in w.values())
     assert all(lab.running_hosts(vm) == [where[vm]] for vm in held)
     shown = _host(lab, host)
