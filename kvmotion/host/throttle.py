@@ -130,6 +130,51 @@ class CgroupFs:
         return int(m.group(1))
 
 
+def lift_leftover(pid: int, *, hierarchy: CpuHierarchy | None = None, fs: CgroupFs | None = None,
+                  proc: Path = Path("/proc")) -> int:
+    """Threads of process `pid` still in a throttle group of ours (its agent was killed while
+    the VM was throttled): moved back to where the group was made, and the group removed. How many
+    threads were moved (0: none was held)."""
+    hierarchy = hierarchy or detect_hierarchy()
+    fs = fs or CgroupFs(proc)
+    groups: set[Path] = set()
+    moved = 0
+    try:
+        tids = [int(t.name) for t in (proc / str(pid) / "task").iterdir()]
+    except OSError:
+        return 0  # gone
+    for tid in tids:
+        try:
+            path = hierarchy.path_of(cgroup_of(fs.proc_cgroup(tid), hierarchy.version))
+        except OSError:
+            continue  # the thread exited meanwhile
+        parts = path.relative_to(hierarchy.mount).parts
+        ours = next((i for i, part in enumerate(parts) if part.startswith(GROUP_PREFIX)), None)
+        if ours is None:
+            continue
+        group = hierarchy.mount.joinpath(*parts[: ours + 1])
+        groups.add(group)
+        target, value = ((group.parent / "tasks", str(tid)) if hierarchy.version is CgroupVersion.V1
+                         else (group.parent / "cgroup.procs", str(pid)))  # v2: the process moves as a whole
+        try:
+            fs.write(target, value)
+            moved += 1
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise _os_error(exc, f"moving thread {tid} of process {pid} out of {group}") from exc
+    for group in groups:
+        for d in [*sorted((d for d in group.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)), group]:
+            for attempt in range(20):  # the kernel may need a moment to see a moved thread gone
+                try:
+                    fs.rmdir(d)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or attempt == 19:
+                        raise _os_error(exc, f"removing cgroup {d}") from exc
+                    time.sleep(0.01)
+    return moved
+
+
 def _os_error(exc: OSError, what: str) -> KvmotionError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return SetupError(f"{what}: permission denied (vCPU throttling needs root)")

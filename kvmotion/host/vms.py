@@ -22,7 +22,7 @@ from kvmotion.api.spec import DiskSpec, VmSpec
 from kvmotion.core.errors import Conflict, InsufficientResources, InvalidInput, KvmotionError, LeaseError, NotFound, VmFailed
 from kvmotion.guest import image as guest_image
 from kvmotion.guest.cmdline import kernel_cmdline
-from kvmotion.host import resources
+from kvmotion.host import resources, throttle
 from kvmotion.host.store import VmRecord, VmStore
 from kvmotion.net import links
 from kvmotion.qemu import confine, cpus
@@ -208,7 +208,20 @@ class VmManager:
                 continue
             await self._find_proto_nodes(vm)
             await self._cancel_orphan_migration(vm)
+            await asyncio.to_thread(self._lift_leftover_throttle, vm.name, proc.pid)
             vm.state = await self._qemu_state(vm)
+
+    @staticmethod
+    def _lift_leftover_throttle(name: str, pid: int) -> None:
+        """A migration this agent drove before it was killed may have left the VM's vCPUs throttled."""
+        try:
+            moved = throttle.lift_leftover(pid)
+        except KvmotionError as exc:
+            log.warning("VM %s: cannot lift a throttle left by a migration before this agent restarted: %s", name, exc)
+            return
+        if moved:
+            log.warning("VM %s: lifted the vCPU throttle a migration left before this agent restarted (%d threads)",
+                        name, moved)
 
     async def _find_proto_nodes(self, vm: _Vm) -> None:
         """A rolled-back migration gave a datastore disk a new NBD node; a restarted agent asks

@@ -19,7 +19,7 @@ import pytest
 from kvmotion.core import cgroups
 from kvmotion.core.errors import InvalidInput, NotFound
 from kvmotion.host import throttle as thr
-from kvmotion.host.throttle import VcpuThrottle
+from kvmotion.host.throttle import GROUP_PREFIX, VcpuThrottle, lift_leftover
 
 BUSY_C = r"""
 #define _GNU_SOURCE
@@ -246,6 +246,19 @@ def test_a_leftover_group_is_reused_and_removed(busy) -> None:
     second.release()
     assert not first.group.exists()
     first.release()  # nothing left to do, no error
+
+
+@needs_root_cgroup
+def test_a_restarted_agent_lifts_a_throttle_left_behind(busy) -> None:
+    # The agent was killed while the VM was throttled: its threads stay in our group, capped, until lifted.
+    proc, tids = busy
+    left = VcpuThrottle(f"t{os.getpid()}", tids)
+    left.set_throttle(0.5)
+    assert all(GROUP_PREFIX in Path(f"/proc/{tid}/cgroup").read_text() for tid in tids)
+    assert lift_leftover(proc.pid) == len(tids)  # the vCPU threads, back where they came from
+    assert not left.group.exists()
+    assert not any(GROUP_PREFIX in Path(f"/proc/{tid}/cgroup").read_text() for tid in tids)
+    assert lift_leftover(proc.pid) == 0  # nothing held any more
 
 
 @needs_root_cgroup
