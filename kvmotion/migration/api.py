@@ -110,7 +110,7 @@ def routes(svc: MigrationService, lifespan: Any = None) -> APIRouter:
         # A destination gives up its side (its agent restarted): only for migrations to itself.
         if svc.get(mid).destination != who.name:
             raise Forbidden(f"host {who.name} may cancel only migrations to itself, not {mid}")
-        return as_record_json(svc.cancel(mid, by=f"{who.name}, which gave up its shadow VM"))
+        return as_record_json(svc.cancel(mid, by=f"{who.name}, which gave up its shadow VM", stream_healthy=False))
 
     @router.post("/vms/{name}/migration/cancel", dependencies=operate)
     async def cancel_vm(name: VmName) -> dict:

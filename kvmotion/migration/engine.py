@@ -231,8 +231,8 @@ class MigrationService:
     def _update(self, mid: str, **changes: Any) -> MigrationRecord:
         return self.records.update(mid, **changes)
 
-    def cancel(self, mid: str, by: str = "the user") -> MigrationRecord:
-        return self.source.cancel(mid, by)
+    def cancel(self, mid: str, by: str = "the user", stream_healthy: bool = True) -> MigrationRecord:
+        return self.source.cancel(mid, by, stream_healthy)
 
     def cancel_vm(self, vm: str) -> MigrationRecord:
         rec = self.records.running_of(vm)

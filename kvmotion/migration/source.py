@@ -128,6 +128,7 @@ class SourceSide:
         self.spawn = spawn
         self.cancels: dict[str, asyncio.Event] = {}
         self.cancelled_by: dict[str, str] = {}
+        self.healthy_cancels: set[str] = set()  # cancelled by a user, the stream still sound: quiesced first
 
     # ---- the migration ------------------------------------------------------------------------------
     async def run(self, mid: str, dest: AsyncAgentClient) -> None:
@@ -392,7 +393,8 @@ class SourceSide:
             status = MigrationSample.from_qmp(await ask("query-migrate")).status
             if not status.is_terminal and status is not MigrationStatus.NONE:
                 # A stalled stream is broken off in the order QEMU 10.0 survives (qemu/cancel.py).
-                await cancel_migration(ask, self.manager.status(run.vm).pid, CANCEL_WAIT)
+                await cancel_migration(ask, self.manager.status(run.vm).pid, CANCEL_WAIT,
+                                       healthy=run.mid in self.healthy_cancels)
             if (await ask("query-status"))["status"] != "running":
                 await ask("cont")
             run.resumed = True
@@ -496,10 +498,13 @@ class SourceSide:
             await client.aclose()
 
     # ---- cancel -----------------------------------------------------------------------------------------
-    def cancel(self, mid: str, by: str) -> MigrationRecord:
+    def cancel(self, mid: str, by: str, stream_healthy: bool = True) -> MigrationRecord:
+        """`stream_healthy`: false when the destination gave up (its end of the stream is failing)."""
         rec = self.records.get(mid)
         if not rec.phase.cancellable or mid not in self.cancels:
             raise Conflict(f"migration {mid} is in phase {rec.phase.value}: too late to cancel")
+        if stream_healthy and mid not in self.cancelled_by:
+            self.healthy_cancels.add(mid)
         self.cancelled_by.setdefault(mid, by)
         self.cancels[mid].set()
         return rec

@@ -11,9 +11,9 @@ stream that is only cancelled stays "cancelling" until the destination dies; its
 fail one after the other, the first failure wakes the migration thread, and the cleanup's bye
 races the senders still blocked.
 
-A stream still moving when it is cancelled fails at once (migrate_cancel shuts its main channel
-down), and the cleanup's bye then races senders still inside writes to a slow link. So a cancel
-first quiesces the stream: max-bandwidth 1 byte/s stops the migration thread queueing pages, and
+A stream still moving when the user cancels it fails at once (migrate_cancel shuts its main
+channel down), and the cleanup's bye then races senders still inside writes to a slow link. So a
+user's cancel first quiesces the stream: max-bandwidth 1 byte/s stops the migration thread queueing pages, and
 once no migration thread is inside a write (or QUIESCE_TIMEOUT has passed), migrate_cancel.
 
 A cancelled migration ("cancelling") says bye on channel 0 first and stops at the first bye that
@@ -144,11 +144,14 @@ async def quiesce(ask: Ask, pid: int) -> bool:
     return True
 
 
-async def cancel_migration(ask: Ask, pid: int | None, wait: float) -> MigrationStatus:
-    """Quiesce the stream, migrate_cancel, then wait up to `wait` s for QEMU to end it; a stream
-    that makes no progress while cancelling is broken off (break_stalled_stream). `ask` runs one
-    QMP command. Returns the last status seen."""
-    if pid is not None and not await quiesce(ask, pid):
+async def cancel_migration(ask: Ask, pid: int | None, wait: float, *, healthy: bool = False) -> MigrationStatus:
+    """migrate_cancel (a `healthy` stream, one the user cancels, quiesced first), then wait up to
+    `wait` s for QEMU to end it; a stream that makes no progress while cancelling is broken off
+    (break_stalled_stream). `ask` runs one QMP command. Returns the last status seen.
+
+    A stream rolled back because its destination failed is cancelled at once: its sockets are
+    failing, and a migration QEMU sees fail before it is cancelled says bye on every channel."""
+    if healthy and pid is not None and not await quiesce(ask, pid):
         log.warning("QEMU %s: its migration stream was still writing %.1f s after it was slowed to a stop; "
                     "cancelling all the same", pid, QUIESCE_TIMEOUT)
     await ask("migrate_cancel")

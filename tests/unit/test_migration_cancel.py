@@ -138,10 +138,18 @@ def fast(monkeypatch):
 def test_a_stream_that_ends_by_itself_is_not_broken(fast):
     monitor = FakeMonitor([{"status": "cancelling", "ram": {"transferred": n}} for n in range(1, 4)]
                           + [{"status": "cancelled"}])
-    status = asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 5.0))
+    status = asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 5.0, healthy=True))
     assert status.value == "cancelled" and fast == []
     assert monitor.commands[:2] == ["migrate-set-parameters", "migrate_cancel"]
     assert monitor.arguments[0] == {"max-bandwidth": cancel.QUIESCE_RATE}
+
+
+def test_a_failing_stream_is_cancelled_at_once(fast, monkeypatch):
+    """A rollback after the destination failed: no quiesce (the stream's sockets are failing)."""
+    monkeypatch.setattr(cancel, "stream_writes", lambda pid: [_w("mig/src/send_0", 21)])
+    monitor = FakeMonitor([{"status": "cancelled"}])
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
+    assert monitor.commands[0] == "migrate_cancel"
 
 
 def test_cancel_waits_until_no_sender_is_inside_a_write(fast, monkeypatch):
@@ -154,7 +162,7 @@ def test_cancel_waits_until_no_sender_is_inside_a_write(fast, monkeypatch):
 
     monkeypatch.setattr(cancel, "stream_writes", writes)
     monitor = FakeMonitor([{"status": "cancelled"}])
-    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0, healthy=True)).value == "cancelled"
     assert looks == ["migrate-set-parameters"] * 3  # every look came before migrate_cancel
     assert monitor.commands[1] == "migrate_cancel"
 
@@ -164,7 +172,7 @@ def test_a_stream_that_keeps_writing_is_cancelled_after_the_quiesce_bound(fast, 
     monkeypatch.setattr(cancel, "stream_writes", lambda pid: [_w("mig/src/send_0", 21)])
     monitor = FakeMonitor([{"status": "cancelled"}])
     t0 = time.monotonic()
-    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0, healthy=True)).value == "cancelled"
     assert 0.05 <= time.monotonic() - t0 < 1.0
     assert monitor.commands[:2] == ["migrate-set-parameters", "migrate_cancel"]
 
