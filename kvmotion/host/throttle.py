@@ -164,15 +164,26 @@ def lift_leftover(pid: int, *, hierarchy: CpuHierarchy | None = None, fs: Cgroup
                 raise _os_error(exc, f"moving thread {tid} of process {pid} out of {group}") from exc
     for group in groups:
         for d in [*sorted((d for d in group.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)), group]:
-            for attempt in range(20):  # the kernel may need a moment to see a moved thread gone
-                try:
-                    fs.rmdir(d)
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY or attempt == 19:
-                        raise _os_error(exc, f"removing cgroup {d}") from exc
-                    time.sleep(0.01)
+            failed = _rmdir(fs, d)
+            if failed is not None:
+                raise _os_error(failed, f"removing cgroup {d}") from failed
     return moved
+
+
+def _rmdir(fs: CgroupFs, path: Path) -> OSError | None:
+    """Remove an emptied cgroup (gone already is fine); the kernel may need a moment to see an
+    exiting or moved thread gone. The error if it stays."""
+    for attempt in range(20):
+        try:
+            fs.rmdir(path)
+            return None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or attempt == 19:
+                return exc
+            time.sleep(0.01)
+    return None
 
 
 def _os_error(exc: OSError, what: str) -> KvmotionError:
@@ -384,18 +395,9 @@ class VcpuThrottle:
         return next(iter(self._origin.values()), self.hierarchy.mount)
 
     def _remove(self, group: Path, problems: list[str]) -> None:
-        # The kernel may need a moment to see an exiting thread gone before rmdir succeeds.
-        for attempt in range(20):
-            try:
-                self.fs.rmdir(group)
-                return
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or attempt == 19:
-                    problems.append(f"removing {group}: {exc.strerror}")
-                    return
-                time.sleep(0.01)
+        failed = _rmdir(self.fs, group)
+        if failed is not None:
+            problems.append(f"removing {group}: {failed.strerror}")
 
     def __enter__(self) -> VcpuThrottle:
         return self
