@@ -131,7 +131,8 @@ class LiveProgress(Wire):
 
 class MigrationSummary(Wire):
     total_ms: float
-    downtime_ms: float | None
+    downtime_ms: float | None  # QEMU's: the source's part of the pause
+    pause_ms: float | None = None  # the guest's downtime: source stopped -> destination resumed
     rounds: int
     bytes: int
     mean_link_rate: float

@@ -105,7 +105,7 @@ class Estimate:
     """A migration's predicted duration, downtime and bytes sent."""
 
     seconds: float
-    downtime: float
+    downtime: float  # the guest's: source stopped -> destination resumed
     bytes: int
 
 

@@ -487,7 +487,8 @@ class Dispatcher:
     async def _finish(self, task: TaskView, rec: MigrationRecord) -> None:
         s = rec.summary
         result = TaskResult(host=rec.destination if rec.phase is Phase.DONE else rec.source, migration=rec.id,
-                            downtime_ms=s.downtime_ms if s else None, total_ms=s.total_ms if s else None)
+                            downtime_ms=s.downtime_ms if s else None, pause_ms=s.pause_ms if s else None,
+                            total_ms=s.total_ms if s else None)
         if rec.phase is Phase.DONE:
             await self._end(task, TaskState.DONE, result=result, desired_host=rec.destination,
                             observed_host=rec.destination, observed_state=ObservedState.RUNNING)

@@ -100,7 +100,7 @@ class Operations:
         assert self._predictor is not None
         p = self._predictor[1].predict(Guest(memory=spec.memory), Route(link_rate=int(link),
                                                                           encrypted=settings.encrypted))
-        return (round(p.duration, 2), round(p.downtime * 1000, 1)) if p.converged else (None, None)
+        return (round(p.duration, 2), round(p.pause * 1000, 1)) if p.converged else (None, None)
 
     def _host(self, name: str) -> HostRow:
         host = self.store.host(name)

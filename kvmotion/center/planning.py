@@ -97,7 +97,7 @@ def cost_function(predict: Predictor, encrypted: bool) -> cluster.MigrationCost:
                             Route(link_rate=max(1, int(link_rate)), encrypted=encrypted))
         if not p.converged:
             return cluster.Estimate(math.inf, math.inf, p.bytes)
-        return cluster.Estimate(p.duration, p.downtime, p.bytes)
+        return cluster.Estimate(p.duration, p.pause, p.bytes)  # the guest's downtime, not QEMU's part of it
     return cost
 
 

@@ -76,7 +76,8 @@ def follow(center: CenterClient, task: TaskView, json_out: bool = False) -> Task
         r = task.result
         extra = ""
         if r is not None and r.total_ms is not None:
-            extra = f" in {r.total_ms / 1000:.1f} s" + (f", downtime {r.downtime_ms:.0f} ms" if r.downtime_ms is not None else "")
+            down = r.pause_ms if r.pause_ms is not None else r.downtime_ms  # the guest's, else QEMU's part
+            extra = f" in {r.total_ms / 1000:.1f} s" + (f", downtime {down:.0f} ms" if down is not None else "")
         console.print(f"task {task.id} done: {task.kind.value} {task.target}"
                       + (f" on {r.host}" if r and r.host else "") + extra, highlight=False)
     return task

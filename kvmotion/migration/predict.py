@@ -17,7 +17,7 @@ guest and the stream, and lets the real convergence policy (kvmotion.migration.p
 Calibration (`calibrate`) fits the few free numbers from past migrations with medians:
 per stream class (link rate, compression, TLS), the page rate and the per-GiB walk cost as a
 Theil–Sen line through (page bytes, pre-copy time) per GiB of guest; the compression ratio; the
-fixed setup, switchover, resume, prepare and commit costs. Without history, `ModelParams()`
+fixed setup, switchover, pause, prepare and commit costs. Without history, `ModelParams()`
 holds defaults taken from bench/README.md's runs on 2-core TCG hosts.
 """
 
@@ -152,9 +152,40 @@ class FixedCosts:
     setup_tls: float = 0.08
     switchover: float = 0.005  # the pause beyond sending what is pending: device state, resume
     pending_share: float = 1.0  # share of the replay's pending-at-switchover time seen in QEMU's downtime
-    resume: float = 0.01  # kvmotion's pause (source STOP -> destination RESUME) beyond QEMU's downtime
+    # The guest's own downtime (source STOP -> destination RESUME) as its own line: QEMU's downtime
+    # ends once the source has written its last byte, while the destination still reads and loads
+    # the stream's tail (10-30 ms on the lab's TCG hosts), longer the more was pending.
+    pause_base: float = 0.015
+    pause_share: float = 1.0
     prepare: float = 0.15  # request -> `migrate`: checks, the shadow VM, the hooks
     finish: float = 0.05  # QEMU completed -> done: lease hand-over, commit
+
+
+# What a prediction reports, in seconds: request -> done, QEMU's total-time, the guest's pause, QEMU's downtime.
+TIMES = ("duration", "total", "pause", "downtime")
+MIN_ALIKE = 3  # past migrations alike a new one before their outcome corrects the replay's
+ALIKE_RATIO = 1.5  # alike: the same stream class, memory and dirty rate within this factor
+IDLE_RATE = 1e6  # bytes/s: dirty rates below this are alike whatever their ratio
+
+
+@dataclass(frozen=True)
+class Past:
+    """A past migration beside what the calibrated replay says of it."""
+
+    stream: StreamClass
+    memory: int
+    dirty_rate: float
+    throttleable: bool
+    replayed: tuple[float, ...] | None  # TIMES as replayed; None when the replay did not converge
+    actual: tuple[float | None, ...]  # TIMES as measured (None: not recorded)
+
+    def alike(self, guest: Guest, stream: StreamClass) -> bool:
+        def near(a: float, b: float) -> bool:
+            return max(a, b) <= ALIKE_RATIO * min(a, b)
+        idle = self.dirty_rate < IDLE_RATE and guest.dirty_rate < IDLE_RATE
+        rates = idle or near(self.dirty_rate, guest.dirty_rate)
+        return (self.stream == stream and self.throttleable == guest.throttleable and near(self.memory, guest.memory)
+                and rates)
 
 
 @dataclass(frozen=True)
@@ -162,6 +193,7 @@ class ModelParams:
     fixed: FixedCosts = field(default_factory=FixedCosts)
     classes: tuple[tuple[StreamClass, Throughput], ...] = ()
     samples: int = 0  # migrations the calibration used
+    past: tuple[Past, ...] = ()  # the history, for corrections by alike migrations
 
     def throughput(self, cls: StreamClass) -> Throughput:
         """The fitted figures of `cls`, else of a class with the same compression and TLS (the
@@ -203,6 +235,12 @@ class Prediction:
     throughput: Throughput
     fixed: FixedCosts
     policy: str
+    alike: int = 0  # past migrations alike this one whose outcome corrected the replay's times
+
+    @property
+    def basis(self) -> str:
+        """Where the times come from, in a few words."""
+        return f"replay corrected by {self.alike} alike past migrations" if self.alike else "replay of the policy"
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -210,8 +248,42 @@ class Prediction:
 
 def predict(guest: Guest, route: Route, params: ModelParams | None = None,
             config: pol.PolicyConfig | None = None) -> Prediction:
-    """Replay the migration of `guest` over `route` under `config` (the balanced preset by default)."""
+    """Replay the migration of `guest` over `route` under `config` (the balanced preset by default);
+    when at least MIN_ALIKE past migrations were alike it, their outcome corrects the replay's."""
     params = params or ModelParams()
+    return corrected(replay(guest, route, params, config), params.past)
+
+
+def corrected(p: Prediction, past: Sequence[Past]) -> Prediction:
+    """Each time as the median over alike past migrations of their actual x (this replay / theirs):
+    what the replay misses for such a migration (a writer the throttle slows more than linearly, pages
+    that compress less than the class's median) it misses alike for all of them. If the replay says
+    it will not converge but alike migrations did, they are the better evidence."""
+    stream = stream_class(p.route)
+    alike = [x for x in past if x.alike(p.guest, stream)]
+    if len(alike) < MIN_ALIKE:
+        return p
+    mine = _times(p) if p.converged else None
+    times = []
+    for i in range(len(TIMES)):
+        vals = []
+        for x in alike:
+            a, r = x.actual[i], x.replayed
+            if a is not None:
+                vals.append(a * mine[i] / r[i] if mine and r and r[i] > 0 else a)
+        times.append(statistics.median(vals) if vals else (mine[i] if mine else 0.0))
+    duration, total, pause, downtime = times
+    return dataclasses.replace(p, converged=True, reason=p.reason if p.converged else None, alike=len(alike),
+                               duration=duration, total=total, pause=pause, downtime=downtime)
+
+
+def _times(p: Prediction) -> tuple[float, float, float, float]:
+    """A prediction's TIMES."""
+    return p.duration, p.total, p.pause, p.downtime
+
+
+def replay(guest: Guest, route: Route, params: ModelParams, config: pol.PolicyConfig | None = None) -> Prediction:
+    """The replay alone (no correction by past migrations)."""
     config = config or pol.preset("balanced")
     if route.postcopy != config.allow_postcopy:
         config = dataclasses.replace(config, allow_postcopy=route.postcopy)
@@ -220,8 +292,9 @@ def predict(guest: Guest, route: Route, params: ModelParams | None = None,
     setup = fixed.setup_tls if route.encrypted else fixed.setup
     sim = _Replay(guest, th, config)
     sim.run(setup)
-    sent = fixed.pending_share * sim.final_pending / th.page_rate
-    downtime = sent + fixed.switchover if sim.converged or sim.postcopy else 0.0
+    pending = sim.final_pending / th.page_rate  # s to send what is pending at the switchover
+    stopped = sim.converged or sim.postcopy
+    downtime = fixed.pending_share * pending + fixed.switchover if stopped else 0.0
     total = sim.t + downtime
     if sim.postcopy:  # the rest moves once, on demand and in the background, after a short pause
         total += sim.left / th.page_rate
@@ -231,7 +304,7 @@ def predict(guest: Guest, route: Route, params: ModelParams | None = None,
         duration=fixed.prepare + total + fixed.finish,
         total=total,
         downtime=downtime,
-        pause=downtime + fixed.resume if sim.converged or sim.postcopy else 0.0,
+        pause=fixed.pause_share * pending + fixed.pause_base if stopped else 0.0,
         rounds=sim.round,
         page_bytes=round(page_bytes),
         bytes=round(page_bytes * th.wire_ratio),
@@ -461,7 +534,6 @@ def calibrate(history: Iterable[Observed], config: pol.PolicyConfig | None = Non
         d,
         setup=_median(plain, d.setup),
         setup_tls=_median(tls, d.setup_tls),
-        resume=_median((o.pause - o.downtime if o.pause is not None else None for o in obs), d.resume),
         prepare=_median((o.prepare for o in obs), d.prepare),
         finish=_median((o.duration - o.prepare - o.total if o.duration is not None and o.prepare is not None
                         else None for o in obs), d.finish),
@@ -480,16 +552,30 @@ def calibrate(history: Iterable[Observed], config: pol.PolicyConfig | None = Non
         classes = tuple((c, _fit_class(c, os, paused)) for c, os in sorted(by_class.items(), key=lambda kv: str(kv[0])))
         bare = dataclasses.replace(params.fixed, switchover=0.0, pending_share=1.0)
         params = dataclasses.replace(params, classes=classes, fixed=bare)
-        # The pause: a fixed part plus a share of the time the replay says the pending pages take,
-        # as a median line through (replayed, observed) downtimes; just the median with no relation.
-        pts = [(predict(o.guest, o.route, params, config).downtime, o.downtime) for o in obs]
-        line = theil_sen(pts) if len(pts) >= 2 else None
-        if line is not None and 0 < line[0] <= 2 and line[1] >= 0:  # >1: the pause sends slower than pre-copy
-            share, switchover = line
-        else:
-            share, switchover = 0.0, _median((y for _, y in pts), d.switchover)
-        params = dataclasses.replace(params, fixed=dataclasses.replace(bare, switchover=switchover, pending_share=share))
-    return params
+        # QEMU's downtime and the guest's pause: each a fixed part plus a share of the time the
+        # replay says the pending pages take (bare: exactly that time).
+        pending = [replay(o.guest, o.route, params, config).downtime for o in obs]
+        share, switchover = _pending_line([(x, o.downtime) for x, o in zip(pending, obs, strict=True)], d.switchover)
+        pause_share, pause_base = _pending_line(
+            [(x, o.pause) for x, o in zip(pending, obs, strict=True) if o.pause is not None], d.pause_base)
+        params = dataclasses.replace(params, fixed=dataclasses.replace(
+            bare, switchover=switchover, pending_share=share, pause_base=pause_base, pause_share=pause_share))
+    past = []
+    for o in obs:
+        r = replay(o.guest, o.route, params, config)
+        past.append(Past(o.stream_class, o.guest.memory, o.guest.dirty_rate, o.guest.throttleable,
+                         _times(r) if r.converged else None,
+                         (o.duration, o.total, o.pause, o.downtime)))
+    return dataclasses.replace(params, past=tuple(past))
+
+
+def _pending_line(pts: Sequence[tuple[float, float]], default: float) -> tuple[float, float]:
+    """(share, fixed) of a median line through (replayed pending time, observed); with no rising
+    relation (or a share over 2: the pause sends slower than pre-copy) just the median, no share."""
+    line = theil_sen(pts) if len(pts) >= 2 else None
+    if line is not None and 0 < line[0] <= 2 and line[1] >= 0:
+        return line
+    return 0.0, _median((y for _, y in pts), default)
 
 
 # ------------------------------------------------------------------------------------ planner API

@@ -310,6 +310,7 @@ def test_dispatcher_runs_a_migration_to_the_end(cluster: Cluster) -> None:
     task = asyncio.run(run_until(cluster.store, agents, task_id, lambda t: t.state.terminal))
     assert task.state is TaskState.DONE and task.error is None
     assert task.result is not None and task.result.host == "host-b" and task.result.downtime_ms == 40
+    assert task.result.pause_ms == 45
     assert task.progress.phase == "done" and task.progress.fraction == 1.0
     assert agents.calls == ["start web1 host-a->host-b 300"]
     vm = cluster.store.vm("web1")

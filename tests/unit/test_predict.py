@@ -28,6 +28,8 @@ from kvmotion.migration.predict import (
     Guest,
     ModelParams,
     Observed,
+    Past,
+    Prediction,
     Predictor,
     Route,
     StreamClass,
@@ -35,6 +37,7 @@ from kvmotion.migration.predict import (
     calibrate,
     observed_from_record,
     predict,
+    replay,
     stream_class,
     theil_sen,
 )
@@ -108,7 +111,7 @@ def test_a_faster_link_is_never_slower_even_throttled(memory: int, zero: float, 
 
 
 def test_an_idle_guest_goes_in_one_pass_and_pauses_for_the_fixed_cost() -> None:
-    fixed = FixedCosts(setup=0.01, switchover=0.004, resume=0.02, prepare=0.1, finish=0.03)
+    fixed = FixedCosts(setup=0.01, switchover=0.004, pause_base=0.024, prepare=0.1, finish=0.03)
     cls = StreamClass(GBIT, Compression.ZSTD, False)
     th = Throughput(page_rate=200e6, wire_ratio=0.25, walk_per_gib=0.1)
     p = predict(Guest(memory=GIB, zero_fraction=0.75), Route(GBIT, encrypted=False), ModelParams(fixed, ((cls, th),)))
@@ -174,7 +177,8 @@ def test_theil_sen_ignores_an_outlier() -> None:
 # ---------------------------------------------------------------------------------- calibration
 
 
-TRUE_FIXED = FixedCosts(setup=0.004, setup_tls=0.09, switchover=0.006, resume=0.011, prepare=0.14, finish=0.045)
+TRUE_FIXED = FixedCosts(setup=0.004, setup_tls=0.09, switchover=0.006, pause_base=0.017, pause_share=1.4,
+                        prepare=0.14, finish=0.045)
 TRUE_CLASSES = (
     (StreamClass(GBIT, Compression.ZSTD, False), Throughput(page_rate=180e6, wire_ratio=0.2, walk_per_gib=0.12)),
     (StreamClass(None, Compression.NONE, False), Throughput(page_rate=450e6, wire_ratio=1.0, walk_per_gib=0.08)),
@@ -203,9 +207,12 @@ def test_calibration_recovers_the_parameters_that_made_the_history() -> None:
     truth = ModelParams(TRUE_FIXED, TRUE_CLASSES)
     fitted = calibrate(_synthetic(truth))
     assert fitted.samples == 36
-    for name in ("setup", "setup_tls", "resume", "prepare", "finish"):
+    for name in ("setup", "setup_tls", "prepare", "finish"):
         assert getattr(fitted.fixed, name) == pytest.approx(getattr(TRUE_FIXED, name), rel=1e-6), name
     assert fitted.fixed.switchover == pytest.approx(TRUE_FIXED.switchover, abs=0.001)
+    # The guest's pause is a line of its own: the destination's tail grows with what was pending.
+    assert fitted.fixed.pause_base == pytest.approx(TRUE_FIXED.pause_base, abs=0.001)
+    assert fitted.fixed.pause_share == pytest.approx(TRUE_FIXED.pause_share, rel=0.05)
     for cls, th in TRUE_CLASSES:
         got = fitted.throughput(cls)
         assert got.samples == 12
@@ -222,6 +229,61 @@ def test_a_calibrated_model_predicts_its_own_history() -> None:
         p = predictor.predict(o.guest, o.route)
         assert p.duration == pytest.approx(o.duration, rel=0.05)
         assert p.downtime == pytest.approx(o.downtime, rel=0.2, abs=0.002)
+
+
+def _observed_like(p: Prediction, *, scale: float, memory: int, dirty: float) -> Observed:
+    """A past migration of a guest like `p`'s whose times were `scale` x what the replay said."""
+    return Observed(guest=Guest(memory=memory, zero_fraction=0.5, dirty_rate=dirty, working_set=256 * MIB),
+                    route=p.route, compression=p.compression, total=p.total * scale, setup=0.005,
+                    downtime=p.downtime * scale, page_bytes=p.page_bytes, wire_bytes=p.bytes, pause=p.pause * scale,
+                    prepare=0.15, duration=p.duration * scale)
+
+
+def test_alike_past_migrations_correct_the_replay_and_others_do_not() -> None:
+    params = ModelParams(TRUE_FIXED, TRUE_CLASSES)
+    guest = Guest(memory=GIB, zero_fraction=0.5, dirty_rate=60e6, working_set=256 * MIB)
+    route = Route(GBIT)
+    base = replay(guest, route, params)
+    assert base.converged and base.alike == 0 and base.basis == "replay of the policy"
+
+    def past(scale: float, memory: int = GIB, dirty: float = 60e6) -> Past:
+        g = Guest(memory=memory, zero_fraction=0.5, dirty_rate=dirty, working_set=256 * MIB)
+        r = replay(g, route, params)
+        o = _observed_like(r, scale=scale, memory=memory, dirty=dirty)
+        return Past(stream_class(route), memory, dirty, True, (r.duration, r.total, r.pause, r.downtime),
+                    (o.duration, o.total, o.pause, o.downtime))
+
+    # Three alike (memory and dirty rate within 1.5x) took twice, 2.2x and 3x the replay: the median ratio.
+    alike = (past(2.0), past(2.2, memory=GIB * 5 // 4), past(3.0, dirty=50e6))
+    p = predict(guest, route, dataclasses.replace(params, past=alike))
+    assert p.alike == 3 and p.basis == "replay corrected by 3 alike past migrations"
+    assert p.pause == pytest.approx(base.pause * 2.2, rel=0.02)
+    assert p.duration == pytest.approx(base.duration * 2.2, rel=0.02)
+    # Two are too few, and unlike ones (twice the memory, thrice the dirty rate, another link) do not count.
+    unlike = (past(5.0, memory=2 * GIB), past(5.0, dirty=180e6),
+              dataclasses.replace(past(5.0), stream=StreamClass(None, Compression.NONE, True)))
+    assert predict(guest, route, dataclasses.replace(params, past=alike[:2] + unlike)) == base
+
+
+def test_alike_migrations_that_converged_outweigh_a_replay_that_does_not() -> None:
+    params = ModelParams(TRUE_FIXED, TRUE_CLASSES)
+    # Beyond the link and deaf to the throttle, says the replay
+    guest = Guest(memory=GIB, zero_fraction=0.5, dirty_rate=2e9, working_set=256 * MIB, throttleable=False)
+    route = Route(GBIT)
+    assert not replay(guest, route, params).converged
+    past = tuple(Past(stream_class(route), GIB, 2e9, False, None, (d, d - 0.3, pause, pause / 2))
+                 for d, pause in ((12.0, 0.05), (14.0, 0.07), (13.0, 0.09)))
+    p = predict(guest, route, dataclasses.replace(params, past=past))
+    assert p.converged and p.reason is None and p.alike == 3
+    assert (p.duration, p.pause) == (13.0, 0.07)
+
+
+def test_calibration_keeps_the_history_for_corrections() -> None:
+    history = _synthetic(ModelParams(TRUE_FIXED, TRUE_CLASSES))
+    fitted = calibrate(history)
+    assert len(fitted.past) == len(history)
+    assert all(x.replayed is not None for x in fitted.past)
+    assert [x.actual[0] for x in fitted.past] == [o.duration for o in history]
 
 
 def test_an_unseen_slower_link_is_bounded_by_the_link() -> None:

@@ -455,7 +455,8 @@ function migrationView(d) {
     const s = d.summary;
     if (s) {
       parts.push(el("h3", {}, "Summary"), figures([
-        ["Total", ms(s.total_ms)], ["Downtime", ms(s.downtime_ms)], ["Rounds", String(s.rounds)],
+        ["Total", ms(s.total_ms)], ["Downtime", ms(s.pause_ms ?? s.downtime_ms)],
+        ["QEMU downtime", ms(s.downtime_ms)], ["Rounds", String(s.rounds)],
         ["Bytes", mib(s.bytes)], ["Mean link rate", rate(s.mean_link_rate)],
         ["Peak dirty rate", rate(s.peak_dirty_rate)], ["Max throttle", `${Math.round(s.throttle_max * 100)}%`],
         ["Converged", s.converged ? "yes" : "no"], ["Encrypted", s.encrypted ? "yes" : "no"],
