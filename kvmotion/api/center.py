@@ -304,6 +304,9 @@ class VmLoad(Wire):
     # and runnable but waiting for a CPU (vSphere's "ready"). None on the first sample of a process.
     cpu_demand: Annotated[float, Field(ge=0, le=65536)] | None = None
     cpu_ready: Annotated[float, Field(ge=0, le=65536)] | None = None
+    # Bytes/s of pages the guest dirtied in QEMU's last sampling (kvmotion.qemu.dirtyrate); None
+    # until one is measured, and while it migrates.
+    dirty_rate: Annotated[float, Field(ge=0, le=1e13)] | None = None
 
 
 class HostLoad(Wire):

@@ -98,8 +98,8 @@ class Operations:
         if self._predictor is None or self.clock() - self._predictor[0] > PREDICTOR_TTL:
             self.cost()
         assert self._predictor is not None
-        p = self._predictor[1].predict(Guest(memory=spec.memory), Route(link_rate=int(link),
-                                                                          encrypted=settings.encrypted))
+        guest = Guest(memory=spec.memory, dirty_rate=planning.dirty_rate(planning.measured_load(src, vm)))
+        p = self._predictor[1].predict(guest, Route(link_rate=int(link), encrypted=settings.encrypted))
         return (round(p.duration, 2), round(p.pause * 1000, 1)) if p.converged else (None, None)
 
     def _host(self, name: str) -> HostRow:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kvmotion.api.center import ObservedState, PowerState, Severity, TaskKind, TaskState
+from kvmotion.api.center import ObservedState, PowerState, Severity, TaskKind, TaskState, VmLoad
 from kvmotion.api.migration import MigrationRecord, record_from_json
 from kvmotion.api.operations import DrsConfig, DrsStatus, Move, Plan, Recommendation, RuleKind, RuleSpec, Unmovable
 from kvmotion.api.spec import VmSpec
@@ -37,6 +37,16 @@ def _health(severity: Severity) -> cluster.Health:
     return cluster.Health(severity.value)
 
 
+def measured_load(host: HostRow, vm: str) -> VmLoad | None:
+    """What `host`'s agent last measured of `vm` (None: nothing)."""
+    return next((v for v in host.load.vms if v.name == vm), None) if host.load else None
+
+
+def dirty_rate(measured: VmLoad | None, otherwise: float = 0.0) -> float:
+    """The VM's dirty rate as its agent last measured it, else `otherwise` (its last migration's)."""
+    return measured.dirty_rate if measured is not None and measured.dirty_rate is not None else otherwise
+
+
 def _vm(row: VmRow, hosts: dict[str, HostRow], moved_at: dict[str, float],
         dirty: dict[str, float]) -> cluster.Vm | None:
     where = row.observed_host if row.observed_state is not ObservedState.ABSENT else None
@@ -44,8 +54,7 @@ def _vm(row: VmRow, hosts: dict[str, HostRow], moved_at: dict[str, float],
     if where is None or where not in hosts:
         return None
     spec = VmSpec.from_json(json.loads(row.spec)) if row.spec else None
-    load = hosts[where].load
-    measured = next((v for v in load.vms if v.name == row.name), None) if load else None
+    measured = measured_load(hosts[where], row.name)
     demand = (measured.cpu_demand or 0.0) + (measured.cpu_ready or 0.0) if measured else 0.0
     memory = spec.memory if spec else (measured.memory if measured and measured.memory else 1 << 20)
     on = row.observed_state not in STOPPED if row.observed_state is not ObservedState.UNKNOWN \
@@ -59,7 +68,8 @@ def _vm(row: VmRow, hosts: dict[str, HostRow], moved_at: dict[str, float],
                     barred[name] = "; ".join(why)
     local = spec is not None and any(d.datastore is None for d in spec.disks)
     return cluster.Vm(name=row.name, host=where, memory=memory, vcpus=spec.vcpus if spec else 1, cpu_demand=demand,
-                      dirty_rate=dirty.get(row.name, 0.0), local_disk=local, power=PowerState.ON if on else PowerState.OFF,
+                      dirty_rate=dirty_rate(measured, dirty.get(row.name, 0.0)), local_disk=local,
+                      power=PowerState.ON if on else PowerState.OFF,
                       moved_at=moved_at.get(row.name), barred=barred)
 
 

@@ -79,7 +79,9 @@ class LoadSampler:
             out.append(Observed(vm, sample, 0 if vm.pid is None else self.rss(vm.pid)))
         return out
 
-    def loads(self, observed: Sequence[Observed]) -> tuple[VmLoad, ...]:
+    def loads(self, observed: Sequence[Observed], dirty: Mapping[str, float] | None = None) -> tuple[VmLoad, ...]:
+        """`dirty`: each VM's measured dirty rate, bytes/s."""
+        dirty = dirty or {}
         loads = []
         current: dict[str, VcpuSample] = {}
         for o in observed:
@@ -88,7 +90,7 @@ class LoadSampler:
             rate = cpu_load(self.previous.get(o.status.name), o.sample)
             current[o.status.name] = o.sample
             loads.append(VmLoad(name=o.status.name, memory=o.memory, cpu_demand=None if rate is None else rate.demand,
-                                cpu_ready=None if rate is None else rate.ready))
+                                cpu_ready=None if rate is None else rate.ready, dirty_rate=dirty.get(o.status.name)))
         self.previous = current  # VMs that stopped are forgotten
         return tuple(loads)
 
@@ -163,12 +165,15 @@ class Heartbeats:
     def __init__(self, root: StateRoot, vms: Callable[[], list[VmStatus]],
                  migrations: Callable[[], Sequence[ActiveMigration]], *, clock: Callable[[], float] = time.time,
                  tick_timeout: float = 10.0, refresh_every: float = REFRESH_EVERY,
-                 portgroups: Callable[[], Mapping[str, str]] | None = None) -> None:
-        """`portgroups`: port group -> bridge, for the link health provider."""
+                 portgroups: Callable[[], Mapping[str, str]] | None = None,
+                 dirty_rates: Callable[[], Awaitable[Mapping[str, float]]] | None = None) -> None:
+        """`portgroups`: port group -> bridge, for the link health provider; `dirty_rates`: each
+        VM's measured dirty rate, asked at each full report."""
         self.root = root
         self.name = root.config().name
         self.vms = vms
         self.migrations = migrations
+        self.dirty_rates = dirty_rates
         self.clock = clock
         self.tick_timeout = tick_timeout
         self.refresh_every = refresh_every
@@ -201,8 +206,9 @@ class Heartbeats:
 
         async def full() -> Heartbeat:  # the load averaged since the previous full report
             memory = await asyncio.to_thread(resources.meminfo)
-            return build_heartbeat(reports, self.sampler.loads(observed), memory, resources.cpu_count(), migrations,
-                                   resources.cpu_capacity(), health)
+            dirty = await self.dirty_rates() if self.dirty_rates is not None else {}
+            return build_heartbeat(reports, self.sampler.loads(observed, dirty), memory, resources.cpu_count(),
+                                   migrations, resources.cpu_capacity(), health)
 
         answer, _ = await beat(client, self.name, self.cadence, reports, migrations, full,
                                self.report_interval, time.monotonic(), health)

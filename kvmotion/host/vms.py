@@ -25,7 +25,7 @@ from kvmotion.guest.cmdline import kernel_cmdline
 from kvmotion.host import resources, throttle
 from kvmotion.host.store import VmRecord, VmStore
 from kvmotion.net import links
-from kvmotion.qemu import confine, cpus
+from kvmotion.qemu import confine, cpus, dirtyrate
 from kvmotion.qemu.accel import AccelChoice
 from kvmotion.qemu.cancel import cancel_migration
 from kvmotion.qemu.cmdline import HostContext, QemuFds, VmPaths, build_argv, local_file_node, process_tag
@@ -135,6 +135,17 @@ class VmManager:
 
     def list(self) -> list[VmStatus]:
         return [self.status(n) for n in sorted(self._vms)]
+
+    async def dirty_rates(self) -> dict[str, float]:
+        """Each running VM's last measured dirty rate, bytes/s, and its next measurement started
+        (kvmotion.qemu.dirtyrate). VMs not running, migrating included, are not measured."""
+        out = {}
+        for vm in list(self._vms.values()):
+            if vm.state is VmState.RUNNING and vm.qmp is not None:
+                rate = await dirtyrate.sample(vm.qmp.execute_within)
+                if rate is not None:
+                    out[vm.name] = rate
+        return out
 
     def incoming_migration(self, name: str) -> str | None:
         """The migration VM `name` is the uncommitted shadow of, if it is one."""

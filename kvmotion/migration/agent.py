@@ -97,7 +97,7 @@ def serve_joined(
 
     async def heartbeats(manager: VmManager, stop: asyncio.Event) -> None:
         await Heartbeats(root, manager.list, lambda: [m for svc in services for m in svc.active_migrations()],
-                         portgroups=lambda: config.portgroups).run(stop)
+                         portgroups=lambda: config.portgroups, dirty_rates=manager.dirty_rates).run(stop)
 
     app = create_app(config, extra_routers=(migrations,), background=(heartbeats,), registry=registry)
     server = make_server(app, security, f"agent {name}", lifespan="on")

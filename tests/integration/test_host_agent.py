@@ -16,6 +16,7 @@ from kvmotion.net import netns
 
 pytestmark = pytest.mark.qemu
 MAC = "52:54:00:12:34:56"
+MEM_RATE = 40_000_000  # bytes/s the guest's memory writer dirties
 
 
 def guest_events(host, vm: str) -> list:
@@ -34,6 +35,12 @@ def wait_ready(host, vm: str, timeout: float = 60.0):
         time.sleep(0.2)
 
 
+def _dirty_rate(store, host: str, vm: str) -> float | None:
+    row = store.host(host)
+    loads = {v.name: v for v in row.load.vms} if row is not None and row.load is not None else {}
+    return loads[vm].dirty_rate if vm in loads else None
+
+
 def _echo_roundtrip(ip: str, port: int) -> tuple[bytes, bytes]:
     with socket.create_connection((ip, port), timeout=5) as s:
         s.sendall(b"hello kvmotion\n")
@@ -50,8 +57,11 @@ def _echo_roundtrip(ip: str, port: int) -> tuple[bytes, bytes]:
 
 def test_boot_echo_disk_list_stop(host):
     ip = f"{host.vm_net}.2"
+    r = host.cli("cluster", "settings", "--report-interval", "1s")  # full reports, with dirty rates, each second
+    assert r.returncode == 0, r.stderr
     r = host.cli("vm", "create", "web1", "--memory", "256M", "--disk", "web1.img:64M",
-                 "--nic", f"pg=vm-net,mac={MAC},ip={ip}/24", "--workload", "echo,disk")
+                 "--nic", f"pg=vm-net,mac={MAC},ip={ip}/24", "--workload", "echo,disk,mem",
+                 "--mem-wss", "64M", "--mem-rate", f"{MEM_RATE}")
     assert r.returncode == 0, r.stderr
     r = host.cli("vm", "start", "web1", "--json")
     assert r.returncode == 0, r.stderr
@@ -59,7 +69,17 @@ def test_boot_echo_disk_list_stop(host):
     assert task["state"] == "done" and task["result"]["host"] == "host-a", task
     status = wait_ready(host, "web1")
     assert status.state.value == "running" and status.ready is True
-    assert any(isinstance(e, Ready) and set(e.workloads) == {"echo", "disk"} for e in guest_events(host, "web1"))
+    assert any(isinstance(e, Ready) and set(e.workloads) == {"echo", "disk", "mem"} for e in guest_events(host, "web1"))
+
+    # QEMU's page-sampling estimate of the writer's rate reaches the center with the host's load.
+    assert host.center is not None
+    store = host.center.prepared.center.store
+    deadline = time.monotonic() + 30
+    while (rate := _dirty_rate(store, "host-a", "web1")) is None:
+        assert time.monotonic() < deadline, "no dirty rate reached the center"
+        time.sleep(0.5)
+    print(f"\ndirty rate at the center: {rate / 1e6:.1f} MB/s (writer {MEM_RATE / 1e6:.0f} MB/s)")
+    assert MEM_RATE / 4 <= rate <= MEM_RATE * 10, f"dirty rate {rate / 1e6:.0f} MB/s for a writer of {MEM_RATE / 1e6:.0f}"
 
     tcp, udp = netns.run_in_ns(host.ns, _echo_roundtrip, ip, 7000)
     assert tcp == b"hello kvmotion\n" and udp == b"probe-1"

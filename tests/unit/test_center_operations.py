@@ -37,10 +37,11 @@ def ops(c: Cluster) -> Operations:
     return Operations(c.store, Tasks(c.store, c.clock), c.clock)
 
 
-def beat(store: SqliteStore, host: str, vms: dict[str, float], at: float) -> None:
-    """host reports `vms` running, each with that CPU demand (cores)."""
+def beat(store: SqliteStore, host: str, vms: dict[str, float], at: float, dirty: dict[str, float] | None = None) -> None:
+    """host reports `vms` running, each with that CPU demand (cores) and the `dirty` rates measured."""
     reports = tuple(VmReport(name=n, state=ReportedState.RUNNING) for n in vms)
-    loads = tuple(VmLoad(name=n, cpu_demand=d, cpu_ready=0.0, memory=GIB) for n, d in vms.items())
+    loads = tuple(VmLoad(name=n, cpu_demand=d, cpu_ready=0.0, memory=GIB, dirty_rate=(dirty or {}).get(n))
+                  for n, d in vms.items())
     base = load(12 * GIB)
     store.record_heartbeat(host, at, reports, HostLoad(cpus=base.cpus, memory_total=base.memory_total,
                                                        memory_available=base.memory_available, vms=loads), ())
@@ -270,6 +271,16 @@ def test_powered_off_vms_are_rehomed(cluster: Cluster) -> None:
     assert cluster.store.vm("cold1").desired_host == task.destination
     ops(cluster).tick_sync()
     assert cluster.store.host("host-a").mode is HostMode.MAINTENANCE
+
+
+def test_a_measured_dirty_rate_feeds_the_snapshot_and_the_prediction(cluster: Cluster) -> None:
+    running(cluster, "host-a", "web1", "busy1")
+    beat(cluster.store, "host-a", {"web1": 0.1, "busy1": 0.1}, cluster.clock() + 2, dirty={"busy1": 300e6})
+    snap = planning.snapshot(cluster.store, cluster.clock())
+    assert (snap.vm["web1"].dirty_rate, snap.vm["busy1"].dirty_rate) == (0.0, 300e6)
+    idle_s, _ = ops(cluster).predict("web1", "host-a", "host-b")
+    busy_s, _ = ops(cluster).predict("busy1", "host-a", "host-b")
+    assert idle_s is not None and busy_s is not None and busy_s > idle_s  # re-sending what it dirties takes time
 
 
 def test_a_users_migration_records_its_prediction_beside_the_actual(cluster: Cluster) -> None:

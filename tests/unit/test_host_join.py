@@ -187,7 +187,13 @@ def test_heartbeats_report_vms_load_and_migrations(served: Served, tmp_path: Pat
     store.save_settings(store.settings().model_copy(update={"report_interval": 1.0}))
     vms = [_vm("web1", 4321), _vm("db1", None)]
     moving = ActiveMigration(id="0123456789ab", vm="web1", role=MigrationRole.SOURCE, peer="host-b", phase="precopy")
-    beats = Heartbeats(root, lambda: vms, lambda: [moving], tick_timeout=5)
+    asked: list[float] = []
+
+    async def dirty_rates() -> dict[str, float]:  # VmManager.dirty_rates: asked at each full report
+        asked.append(time.monotonic())
+        return {"web1": 30e6}
+
+    beats = Heartbeats(root, lambda: vms, lambda: [moving], tick_timeout=5, dirty_rates=dirty_rates)
     ticks = itertools.count(0.0, 2.0)  # the sampler's clock: 2 s between samples
     runs = itertools.count(0, 1_000_000_000)  # 1 s of vCPU run time per 2 s: half a CPU
     beats.sampler = LoadSampler(clock=lambda: next(ticks), rss=lambda pid: 300 << 20,
@@ -211,6 +217,8 @@ def test_heartbeats_report_vms_load_and_migrations(served: Served, tmp_path: Pat
     assert view.state is HostState.CONNECTED and view.vms == 2
     assert view.cpu_demand == pytest.approx(0.5)  # web1's vCPU ran 1 s of every 2 (the sampler's fake clock)
     assert view.migrations == (moving,)
+    assert view.load is not None and {v.name: v.dirty_rate for v in view.load.vms} == {"web1": 30e6}
+    assert len(asked) >= 2  # at each full report: the second brought the demand
     assert [h.state for h in root.cache().hosts] == [HostState.CONNECTED]  # the cache refreshed from the center
 
     # The center unreachable: the loop goes on (one warning), and cancellation is not swallowed.

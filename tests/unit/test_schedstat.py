@@ -118,5 +118,6 @@ def test_sampler_turns_counters_into_rates() -> None:
     vms = [_status("web1", 1234), _status("off", None)]
     first = sampler.loads(sampler.observe(vms))
     assert [(v.name, v.cpu_demand, v.memory) for v in first] == [("web1", None, 4096)]  # stopped VMs have no load
-    second = sampler.loads(sampler.observe(vms))
+    second = sampler.loads(sampler.observe(vms), {"web1": 20e6})
     assert second[0].cpu_demand == pytest.approx(0.5) and second[0].cpu_ready == pytest.approx(0.1)
+    assert first[0].dirty_rate is None and second[0].dirty_rate == 20e6  # as the VM manager measured it
