@@ -6,7 +6,8 @@ A beat is small (`Alive`: a sequence number and the digest of what the agent las
 a full report is due (`Cadence`): what it observes changed (its VMs, their states and specs, its
 migrations), the center asks for one, or `report_interval` (20 s) passed. The full report lists
 its VMs, their CPU demand and ready time averaged since the previous full report (from
-/proc/PID/task/TID/schedstat), their memory, the host's memory and its active migrations.
+/proc/PID/task/TID/schedstat), their memory and dirty rate (kvmotion.qemu.dirtyrate), the host's
+memory and its active migrations.
 
 Runs under the agent's lifespan TaskGroup until `stop` is set: each beat is bounded (`tick_timeout`),
 a failed beat is logged (once per kind of failure, not every 2 s) and the next one tries again,
