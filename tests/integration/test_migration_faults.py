@@ -240,6 +240,7 @@ def test_destination_agent_frozen_at_commit(make_lab, record_property):
     record_property("figures", line)
 
 
+@pytest.mark.slow  # a source agent's restart is also met in switchover (_phases) and at commit (below)
 def test_source_agent_killed_during_precopy_then_restarted(make_lab, record_property):
     """The driving agent dies mid pre-copy: its QEMU keeps the VM; the restarted agent cancels the
     orphaned migration and the destination's guard destroys the shadow the source forgot."""
