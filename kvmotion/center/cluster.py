@@ -201,7 +201,9 @@ def apply(snapshot: Snapshot, moves: Iterable[Move]) -> Snapshot:
 
 def collapse(snapshot: Snapshot, moves: Iterable[Move], cost: MigrationCost) -> list[Move]:
     """One move per VM: a VM a plan moved twice (a rule mended after an evacuation) goes straight from
-    where it is to where it ends (none if that is where it is), then `sequence`."""
+    where it is to where it ends (none if that is where it is), then `sequence`. Unless no order of
+    those fits: a swap through a third host became a direct swap between two full hosts. Then the
+    moves stay as planned, hops included: the planner made each fit in its turn."""
     moves = list(moves)
     first: dict[str, str] = {}
     last: dict[str, Move] = {}
@@ -216,12 +218,14 @@ def collapse(snapshot: Snapshot, moves: Iterable[Move], cost: MigrationCost) -> 
             src, dst = snapshot.host[first[m.vm]], snapshot.host[m.destination]
             m = replace(m, source=src.name, estimate=cost(snapshot.vm[m.vm], src, dst, snapshot.rate(src.name, dst.name)))
         out.append(m)
-    return sequence(snapshot, out)
+    ordered = sequence(snapshot, out)
+    return ordered if ordered is not None else sequence(snapshot, moves) or moves
 
 
-def sequence(snapshot: Snapshot, moves: Iterable[Move]) -> list[Move]:
+def sequence(snapshot: Snapshot, moves: Iterable[Move]) -> list[Move] | None:
     """The moves in their order, except that a move whose destination lacks the memory when its turn comes
-    waits for the first one that frees it (none ever overcommits a host while the plan runs)."""
+    waits for the first one that frees it: none ever overcommits a host while the plan runs. None when
+    no order does (every move left waits for another)."""
     free = {h.name: h.memory for h in snapshot.hosts}
     for v in snapshot.vms:
         if v.on:
@@ -229,7 +233,9 @@ def sequence(snapshot: Snapshot, moves: Iterable[Move]) -> list[Move]:
     pending = [(m, snapshot.vm[m.vm].memory if snapshot.vm[m.vm].on else 0) for m in moves]
     out = []
     while pending:
-        i = next((i for i, (m, need) in enumerate(pending) if need <= free[m.destination]), 0)
+        i = next((i for i, (m, need) in enumerate(pending) if need <= free[m.destination]), None)
+        if i is None:
+            return None
         m, need = pending.pop(i)
         free[m.source] += need
         free[m.destination] -= need

@@ -18,7 +18,12 @@ Calibration (`calibrate`) fits the few free numbers from past migrations with me
 per stream class (link rate, compression, TLS), the page rate and the per-GiB walk cost as a
 Theil–Sen line through (page bytes, pre-copy time) per GiB of guest; the compression ratio; the
 fixed setup, switchover, pause, prepare and commit costs. Without history, `ModelParams()`
-holds defaults taken from bench/README.md's runs on 2-core TCG hosts.
+holds defaults taken from bench/README.md's runs on 2-core TCG hosts. Where the history holds at
+least MIN_ALIKE migrations alike the one asked about (`corrected`), their outcome corrects the
+replay's: the replay gives the shape, the cluster's own runs the level.
+
+"Downtime" for the planners is the guest's pause (source stopped -> destination resumed), not
+QEMU's figure, which ends before the destination has loaded the stream's tail.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kvmotion.api.center import Candidate, Placement, PowerState
@@ -9,16 +11,21 @@ from kvmotion.api.operations import Automation
 from kvmotion.api.operations import DrsConfig as DrsSettings
 from kvmotion.center.cluster import (
     GIB,
+    Estimate,
     Health,
     Host,
+    Move,
     MoveKind,
     Rule,
     RuleKind,
     Snapshot,
     Vm,
     apply,
+    collapse,
     default_cost,
     imbalance,
+    overcommitted,
+    sequence,
 )
 from kvmotion.center.drs import DrsConfig, initial_host, recommend
 from kvmotion.center.maintenance import plan_evacuation, plan_move_back
@@ -227,3 +234,24 @@ def test_drs_keep_apart_moves_the_vms_that_can_leave_so_planning_again_moves_not
     assert [(m.vm, m.destination, m.kind) for m in plan.moves] == [("sick", "b", MoveKind.RULE)]
     assert plan.stuck == () and plan.notes == () and violations(apply(q, plan.moves)) == []
     assert recommend(apply(q, plan.moves), DrsConfig(threshold=1)).moves == ()
+
+
+def test_a_swap_through_a_third_host_keeps_its_hop_rather_than_deadlock() -> None:
+    # x must go A -> B and y B -> A, both hosts full: no order of two direct moves fits, the hop via C does.
+    s = Snapshot(hosts=(host("A", memory=2 * GIB), host("B", memory=2 * GIB), host("C", memory=2 * GIB)),
+                 vms=(vm("x", "A", memory=2 * GIB), vm("y", "B", memory=2 * GIB)), rules=())
+    est = Estimate(1.0, 0.01, 1)
+    planned = [Move("x", "A", "C", MoveKind.RULE, "x: hop", est), Move("y", "B", "A", MoveKind.RULE, "y: over", est),
+               Move("x", "C", "B", MoveKind.RULE, "x: on", est)]
+    direct = [replace(planned[2], source="A"), planned[1]]
+    assert sequence(s, direct) is None  # each waits for the other
+    moves = collapse(s, planned, default_cost)
+    assert [(m.vm, m.source, m.destination) for m in moves] == [("x", "A", "C"), ("y", "B", "A"), ("x", "C", "B")]
+    step = s
+    for m in moves:
+        step = apply(step, [m])
+        assert not overcommitted(step)
+    # A chain that does fit collapses to one move per VM.
+    roomy = replace(s, hosts=(host("A", memory=2 * GIB), host("B", memory=4 * GIB), host("C", memory=2 * GIB)))
+    assert [(m.vm, m.source, m.destination) for m in collapse(roomy, planned, default_cost)] == [
+        ("x", "A", "B"), ("y", "B", "A")]
