@@ -531,7 +531,7 @@ class TaskResult(Wire):
     host: str | None = None  # where the VM is now
     migration: str | None = None  # the source agent's migration id
     downtime_ms: float | None = None  # QEMU's: the source's part of the pause
-    pause_ms: float | None = None  # the guest's downtime (source stopped -> destination resumed), as predicted
+    pause_ms: float | None = None  # the guest's downtime (source stopped -> destination resumed): predicted_downtime_ms foresaw it
     total_ms: float | None = None
 
 
