@@ -139,13 +139,8 @@ class VmManager:
     async def dirty_rates(self) -> dict[str, float]:
         """Each running VM's last measured dirty rate, bytes/s, and its next measurement started
         (kvmotion.qemu.dirtyrate). VMs not running, migrating included, are not measured."""
-        out = {}
-        for vm in list(self._vms.values()):
-            if vm.state is VmState.RUNNING and vm.qmp is not None:
-                rate = await dirtyrate.sample(vm.qmp.execute_within)
-                if rate is not None:
-                    out[vm.name] = rate
-        return out
+        return await dirtyrate.sample_all({vm.name: vm.qmp.execute_within for vm in self._vms.values()
+                                           if vm.state is VmState.RUNNING and vm.qmp is not None})
 
     def incoming_migration(self, name: str) -> str | None:
         """The migration VM `name` is the uncommitted shadow of, if it is one."""

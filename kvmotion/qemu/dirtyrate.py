@@ -9,6 +9,7 @@ it never waits for one. Migration predictions use it for a VM never migrated yet
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -45,3 +46,10 @@ async def sample(execute_within: ExecuteWithin) -> float | None:
     except KvmotionError:
         pass  # one still measuring, or the guest stopped meanwhile: the next report tries again
     return last
+
+
+async def sample_all(vms: Mapping[str, ExecuteWithin]) -> dict[str, float]:
+    """`sample` of every VM at once: a stuck QEMU costs its own bounded answer, not every VM's."""
+    async with asyncio.TaskGroup() as group:
+        tasks = {name: group.create_task(sample(execute)) for name, execute in vms.items()}
+    return {name: rate for name, task in tasks.items() if (rate := task.result()) is not None}

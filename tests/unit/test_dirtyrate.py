@@ -58,3 +58,24 @@ def test_a_refusal_is_no_figure_and_the_next_measurement_is_still_asked_for() ->
     # One still running (QEMU refuses a second): the figure already measured is kept.
     busy = FakeQemu({"query-dirty-rate": {"status": "measured", "dirty-rate": 5}, "calc-dirty-rate": refused})
     assert asyncio.run(dirtyrate.sample(busy.execute_within)) == 5.0 * MIB
+
+
+def test_every_vm_is_asked_at_once_and_a_stuck_one_costs_only_its_own_bound() -> None:
+    class Slow(FakeQemu):
+        async def execute_within(self, seconds: float, command: str, /, **arguments: Any) -> Any:
+            await asyncio.sleep(0.3)  # as long as each of a stuck QEMU's bounded answers
+            raise VmFailed(f"QEMU of VM db1 did not answer {command} within {seconds:g} s")
+
+    fast = FakeQemu({"query-dirty-rate": {"status": "measured", "dirty-rate": 7}, "calc-dirty-rate": {}})
+    slow = [Slow({}) for _ in range(4)]
+
+    async def run() -> tuple[dict[str, float], float]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rates = await dirtyrate.sample_all({"web1": fast.execute_within, **{f"db{i}": s.execute_within
+                                                                            for i, s in enumerate(slow)}})
+        return rates, loop.time() - t0
+
+    rates, took = asyncio.run(run())
+    assert rates == {"web1": 7.0 * MIB}  # the stuck ones have no figure
+    assert took < 1.0  # 4 stuck VMs x 2 questions x 0.3 s one after the other would be 2.4 s
