@@ -289,14 +289,22 @@ def _times(p: Prediction) -> tuple[float, float, float, float]:
 
 def replay(guest: Guest, route: Route, params: ModelParams, config: pol.PolicyConfig | None = None) -> Prediction:
     """The replay alone (no correction by past migrations)."""
+    return _priced(_simulate(guest, route, params, config), params.fixed)
+
+
+def _simulate(guest: Guest, route: Route, params: ModelParams, config: pol.PolicyConfig | None) -> _Replay:
+    """The replay run to its end; of the fixed costs only the setup enters it (`_priced` adds the rest)."""
     config = config or pol.preset("balanced")
     if route.postcopy != config.allow_postcopy:
         config = dataclasses.replace(config, allow_postcopy=route.postcopy)
-    th = params.throughput(stream_class(route))
-    fixed = params.fixed
-    setup = fixed.setup_tls if route.encrypted else fixed.setup
-    sim = _Replay(guest, th, config)
-    sim.run(setup)
+    sim = _Replay(guest, params.throughput(stream_class(route)), config, route)
+    sim.run(params.fixed.setup_tls if route.encrypted else params.fixed.setup)
+    return sim
+
+
+def _priced(sim: _Replay, fixed: FixedCosts) -> Prediction:
+    """The prediction of a finished replay under `fixed` (whose setup the replay ran with)."""
+    guest, route, th, config = sim.guest, sim.route, sim.th, sim.config
     pending = sim.final_pending / th.page_rate  # s to send what is pending at the switchover
     stopped = sim.converged or sim.postcopy
     downtime = fixed.pending_share * pending + fixed.switchover if stopped else 0.0
@@ -328,10 +336,10 @@ class _Replay:
     """The fluid replay: time, pending bytes and dirtied bytes advance piecewise between events
     (a round's end, a policy tick)."""
 
-    def __init__(self, guest: Guest, th: Throughput, config: pol.PolicyConfig) -> None:
+    def __init__(self, guest: Guest, th: Throughput, config: pol.PolicyConfig, route: Route) -> None:
         if th.page_rate <= 0 or th.wire_ratio <= 0:
             raise InvalidInput(f"invalid stream throughput {th}: rates must be positive")
-        self.guest, self.th, self.config = guest, th, config
+        self.guest, self.th, self.config, self.route = guest, th, config, route
         cap = guest.nonzero if guest.working_set is None else guest.working_set
         self.cap = max(0.0, min(float(cap), float(guest.memory)))
         self.decision = pol.start(config, guest.memory)
@@ -559,15 +567,16 @@ def calibrate(history: Iterable[Observed], config: pol.PolicyConfig | None = Non
         params = dataclasses.replace(params, classes=classes, fixed=bare)
         # QEMU's downtime and the guest's pause: each a fixed part plus a share of the time the
         # replay says the pending pages take (bare: exactly that time).
-        pending = [replay(o.guest, o.route, params, config).downtime for o in obs]
+        sims = [_simulate(o.guest, o.route, params, config) for o in obs]
+        pending = [_priced(sim, bare).downtime for sim in sims]
         share, switchover = _pending_line([(x, o.downtime) for x, o in zip(pending, obs, strict=True)], d.switchover)
         pause_share, pause_base = _pending_line(
             [(x, o.pause) for x, o in zip(pending, obs, strict=True) if o.pause is not None], d.pause_base)
         params = dataclasses.replace(params, fixed=dataclasses.replace(
             bare, switchover=switchover, pending_share=share, pause_base=pause_base, pause_share=pause_share))
     past = []
-    for o in obs:
-        r = replay(o.guest, o.route, params, config)
+    for o, sim in zip(obs, sims, strict=True):  # the last pass's replays: only the fixed costs changed since
+        r = _priced(sim, params.fixed)
         past.append(Past(o.stream_class, o.guest.memory, o.guest.dirty_rate, o.guest.throttleable,
                          _times(r) if r.converged else None,
                          (o.duration, o.total, o.pause, o.downtime)))
