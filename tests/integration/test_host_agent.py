@@ -13,6 +13,7 @@ from kvmotion.core.errors import Conflict
 from kvmotion.guest.records import verify_image
 from kvmotion.guest.serial import DiskAck, Ready, parse_line
 from kvmotion.net import netns
+from tests.integration.lab_fixture import wait_until
 
 pytestmark = pytest.mark.qemu
 MAC = "52:54:00:12:34:56"
@@ -74,10 +75,7 @@ def test_boot_echo_disk_list_stop(host):
     # QEMU's page-sampling estimate of the writer's rate reaches the center with the host's load.
     assert host.center is not None
     store = host.center.prepared.center.store
-    deadline = time.monotonic() + 30
-    while (rate := _dirty_rate(store, "host-a", "web1")) is None:
-        assert time.monotonic() < deadline, "no dirty rate reached the center"
-        time.sleep(0.5)
+    rate = wait_until("a dirty rate of web1 at the center", lambda: _dirty_rate(store, "host-a", "web1"), 30, 0.5)
     print(f"\ndirty rate at the center: {rate / 1e6:.1f} MB/s (writer {MEM_RATE / 1e6:.0f} MB/s)")
     assert MEM_RATE / 4 <= rate <= MEM_RATE * 10, f"dirty rate {rate / 1e6:.0f} MB/s for a writer of {MEM_RATE / 1e6:.0f}"
 
