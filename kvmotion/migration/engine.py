@@ -213,7 +213,7 @@ class MigrationService:
         except Conflict:  # the agent began stopping while the checks ran
             self._release(vm, mid)
             self.records.live.pop(mid, None)
-            self.cancels.pop(mid, None)
+            self.source.forget(mid)
             await dest.aclose()
             raise
         return rec
@@ -223,6 +223,7 @@ class MigrationService:
         try:
             await self._run(mid, dest)
         finally:
+            self.source.forget(mid)
             self._release(self.records[mid].vm, mid)
 
     async def _run(self, mid: str, dest: AsyncAgentClient) -> None:

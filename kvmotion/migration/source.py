@@ -509,6 +509,12 @@ class SourceSide:
         self.cancels[mid].set()
         return rec
 
+    def forget(self, mid: str) -> None:
+        """A migration ended (or never started): its cancel state goes; a later cancel is too late."""
+        self.cancels.pop(mid, None)
+        self.cancelled_by.pop(mid, None)
+        self.healthy_cancels.discard(mid)
+
     def _check_cancel(self, mid: str) -> None:
         if self.cancels[mid].is_set():
             raise Cancelled(f"cancelled by {self.cancelled_by.get(mid, 'the user')}")
