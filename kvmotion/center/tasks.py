@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from kvmotion.api.center import (
@@ -75,6 +76,9 @@ class Tasks:
         self.store = store
         self.clock = clock
         self.predict = predict  # (vm, source, destination) -> predicted seconds, downtime ms: for its task
+        # Requests are served on several threads: a destination is chosen and its reservation
+        # written under this lock, so that two moves placed at once each see the other's.
+        self._placing = threading.Lock()
 
     # ---- VMs ----
     def vm_list_json(self) -> str:
@@ -139,29 +143,30 @@ class Tasks:
         if busy is not None:
             doing = "already migrating" if busy.kind is TaskKind.MIGRATE else f"busy ({busy.kind.value})"
             raise InvalidInput(f"VM {request.vm} is {doing}: task {busy.id}")
-        placement = None
-        if request.destination is not None:
-            named = self.store.host(request.destination)
-            if named is None:
-                raise InvalidInput(f"unknown host {request.destination}: no such host has joined")
-            refuse_maintenance(named, request.vm)
-            if request.destination == source:
-                raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
-            destination = request.destination
-        else:
-            if row.spec is None:
-                raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
-            placement = self.placement(VmSpec.from_json(json.loads(row.spec)), source)
-            if placement.chosen is None:
-                raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
-            destination = placement.chosen
-        options = request.model_dump_json(include=MIGRATION_OPTIONS)
-        seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
-        try:
-            queued = self.queue_move(request.vm, source, destination, str(who), options=options, predicted_s=seconds,
-                                     predicted_downtime_ms=downtime)
-        except Conflict as exc:  # a migration requested in between
-            raise InvalidInput(str(exc)) from None
+        with self._placing:
+            placement = None
+            if request.destination is not None:
+                named = self.store.host(request.destination)
+                if named is None:
+                    raise InvalidInput(f"unknown host {request.destination}: no such host has joined")
+                refuse_maintenance(named, request.vm)
+                if request.destination == source:
+                    raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
+                destination = request.destination
+            else:
+                if row.spec is None:
+                    raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
+                placement = self.placement(VmSpec.from_json(json.loads(row.spec)), source)
+                if placement.chosen is None:
+                    raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
+                destination = placement.chosen
+            options = request.model_dump_json(include=MIGRATION_OPTIONS)
+            seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
+            try:
+                queued = self.queue_move(request.vm, source, destination, str(who), options=options, predicted_s=seconds,
+                                         predicted_downtime_ms=downtime)
+            except Conflict as exc:  # a migration requested in between
+                raise InvalidInput(str(exc)) from None
         return TaskStarted(task=queued, placement=placement)
 
     def queue_move(self, vm: str, source: str, destination: str, who: str, *, options: str | None = None, why: str = "",

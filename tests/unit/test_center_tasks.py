@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from kvmotion.api.center import (
     HostFacts,
     HostLoad,
     HostState,
+    MigrateRequest,
     ObservedState,
     PowerState,
     ReportedState,
@@ -32,7 +34,8 @@ from kvmotion.api.migration import MigrationOptions, MigrationRecord, MigrationR
 from kvmotion.api.spec import VmSpec
 from kvmotion.center.dispatcher import Dispatcher, drift_of
 from kvmotion.center.store import HostRow, MigrationRow, SqliteStore, VmRow
-from kvmotion.core.errors import Conflict, NotFound, PrecheckFailed
+from kvmotion.center.tasks import Tasks
+from kvmotion.core.errors import Conflict, InsufficientResources, NotFound, PrecheckFailed
 from tests.unit.test_center_api import ADMIN, T0, VIEWER, Cluster
 
 GIB = 1 << 30
@@ -64,13 +67,14 @@ def cluster(tmp_path: Path):
     c.store.close()
 
 
-def run_vm(store: SqliteStore, name: str, host: str, at: float = T0 + 1) -> None:
+def run_vm(store: SqliteStore, name: str, host: str, at: float = T0 + 1, memory: int = GIB) -> None:
     """A VM created through the center and reported running on `host`."""
     now = time.time()
     task = TaskView(id=f"{abs(hash(name)):016x}"[:16], kind=TaskKind.CREATE, target=name, state=TaskState.QUEUED,
                     created=now, requested_by="user:admin")
     store.create_vm(VmRow(name=name, observed_state=ObservedState.ABSENT, updated=now,
-                          spec=VmSpec.validated(spec(name)).dumps(), desired_host=host, desired_power=PowerState.ON),
+                          spec=VmSpec.validated(spec(name, memory)).dumps(), desired_host=host,
+                          desired_power=PowerState.ON),
                     task, "user:admin")
     store.end_task(task.id, TaskState.DONE, now)
     store.record_heartbeat(host, at, (VmReport(name=name, state=ReportedState.RUNNING),), load(), ())
@@ -181,6 +185,45 @@ def test_migration_requests_and_their_one_line_refusals(cluster: Cluster) -> Non
     assert cluster.client(VIEWER).post(f"/v1/tasks/{task_id}/cancel").status_code == 403
     r = op.post(f"/v1/tasks/{task_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
+
+
+def test_moves_placed_at_once_see_each_other_s_reservation(cluster: Cluster, monkeypatch) -> None:
+    """Two 7 GiB VMs asked to move at the same moment: host-c fits one, host-b neither. The first
+    placed reserves host-c before the second is placed, so the second is refused instead of
+    being sent where it cannot fit."""
+    s = cluster.store
+    for name in ("big1", "big2"):
+        run_vm(s, name, "host-a", memory=7 * GIB)
+    ops = Tasks(s, time.time)
+    placing = ops.placement
+    inside = threading.Barrier(2, timeout=0.5)
+
+    def slow_placement(vm_spec, source):
+        chosen = placing(vm_spec, source)
+        try:
+            inside.wait()  # both requests placed before either wrote its task: the race
+        except threading.BrokenBarrierError:
+            pass  # the other request waits for the lock: what should happen
+        return chosen
+
+    monkeypatch.setattr(ops, "placement", slow_placement)
+    outcomes: dict[str, object] = {}
+
+    def move(vm: str) -> None:
+        try:
+            outcomes[vm] = ops.migrate(MigrateRequest(vm=vm), OPERATOR).task.destination
+        except InsufficientResources as exc:
+            outcomes[vm] = exc
+
+    threads = [threading.Thread(target=move, args=(vm,)) for vm in ("big1", "big2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(map(str, outcomes.values()))[-1] == "host-c", outcomes
+    refused = [o for o in outcomes.values() if isinstance(o, InsufficientResources)]
+    assert len(refused) == 1 and "cannot migrate VM" in str(refused[0]), outcomes
+    assert [t.destination for t in s.tasks(open_only=True)] == ["host-c"]
 
 
 def test_events_follow_streams_server_sent_events(cluster: Cluster) -> None:
