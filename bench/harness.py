@@ -366,7 +366,7 @@ class BareQemu:
             pass
 
 
-async def _tls(qmp, endpoint: str, lab: BenchLab, host: str) -> None:
+async def tls_creds(qmp, endpoint: str, lab: BenchLab, host: str) -> None:
     # The host's own identity, from its join (the baselines' QEMUs stand in for its agent's).
     creds = lab.cluster.host_state(host) / "tls"
 
@@ -396,9 +396,9 @@ async def _baseline(lab: BenchLab, cell: Cell, method: Method, timeout: float, f
         for q in (sq, dq):  # events only report; they change nothing in the migration
             await q.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         if lab.encrypted:
-            await _tls(dq, "server", lab, dst_host)
+            await tls_creds(dq, "server", lab, dst_host)
             await dq.execute("migrate-set-parameters", **{"tls-creds": "bench-tls"})
-            await _tls(sq, "client", lab, src_host)
+            await tls_creds(sq, "client", lab, src_host)
             await sq.execute("migrate-set-parameters", **{"tls-creds": "bench-tls", "tls-hostname": dst_host})
         ip = lab.topo.host(dst_host).mgmt_ip
         await dq.execute("migrate-incoming", uri=f"tcp:{ip}:0")

@@ -128,7 +128,7 @@ class SourceSide:
         self.spawn = spawn
         self.cancels: dict[str, asyncio.Event] = {}
         self.cancelled_by: dict[str, str] = {}
-        self.healthy_cancels: set[str] = set()  # cancelled by a user, the stream still sound: quiesced first
+        self.healthy_cancels: set[str] = set()  # cancelled by a user, the stream still sound
 
     # ---- the migration ------------------------------------------------------------------------------
     async def run(self, mid: str, dest: AsyncAgentClient) -> None:
@@ -394,7 +394,7 @@ class SourceSide:
             if not status.is_terminal and status is not MigrationStatus.NONE:
                 # A stalled stream is broken off in the order QEMU 10.0 survives (qemu/cancel.py).
                 await cancel_migration(ask, self.manager.status(run.vm).pid, CANCEL_WAIT,
-                                       healthy=run.mid in self.healthy_cancels)
+                                       moving=run.mid in self.healthy_cancels)
             if (await ask("query-status"))["status"] != "running":
                 await ask("cont")
             run.resumed = True

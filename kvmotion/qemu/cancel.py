@@ -1,4 +1,4 @@
-"""Cancelling an outgoing migration whose stream stalled, in an order QEMU 10.0 survives.
+"""Cancelling an outgoing migration in an order QEMU 10.0 survives.
 
 QEMU 10.0.2 with multifd over TLS aborts the source ("util/error.c:68: error_setv: Assertion
 `*errp == NULL' failed") when a multifd socket fails while its sender thread and the main thread
@@ -11,15 +11,26 @@ stream that is only cancelled stays "cancelling" until the destination dies; its
 fail one after the other, the first failure wakes the migration thread, and the cleanup's bye
 races the senders still blocked.
 
-A stream still moving when the user cancels it fails at once (migrate_cancel shuts its main
-channel down), and the cleanup's bye then races senders still inside writes to a slow link. So a
-user's cancel first quiesces the stream: max-bandwidth 1 byte/s stops the migration thread queueing pages, and
-once no migration thread is inside a write (or QUIESCE_TIMEOUT has passed), migrate_cancel.
-
 A cancelled migration ("cancelling") says bye on channel 0 first and stops at the first bye that
-fails. So once the cancelled stream is seen to make no progress: shut down channel 0's socket
-first; its sender fails and leaves its write before it wakes the migration thread, whose cleanup's
-bye on channel 0 then fails at once; then every other socket of the stream. Plain multifd sends
+fails; a failed one says bye on every channel. So a stream is never broken before it is cancelled,
+and channel 0 matters most: its sender must not be inside a write, nor start one, while the
+cleanup says bye on it.
+
+A stream still moving when the user cancels it fails at once (migrate_cancel shuts its main
+channel down), and the cleanup then says bye on channel 0 while its sender may be writing to a
+slow link, or may be about to with a batch just handed to it. So a user's cancel waits for a moment
+when channel 0's sender is inside a write (seen twice, 1 ms apart: held by the link, it stays
+there for a while, and holds no new batch), cancels, and at once shuts channel 0's socket down:
+the sender leaves its write failing, and the bye on channel 0 fails alone. Then every other socket
+of the stream goes, as below. (Slowing the stream first cannot give such a moment: QEMU's smallest
+max-bandwidth, 10 bytes/s, still sends a multifd batch on every channel each 100 ms, and 1 byte/s
+rounds to 0, "unlimited". Breaking every socket before migrate_cancel fails the migration instead,
+and a failed one says bye on every channel, racing senders still compressing a batch.)
+
+A stream that stalled (nothing leaves it) is cancelled first; once it is seen to make no progress,
+channel 0's socket is shut down first; its sender fails and leaves its write before it wakes the
+migration thread, whose cleanup's bye on channel 0 then fails at once; then every other socket of
+the stream. Plain multifd sends
 no bye, but a stalled stream is broken off the same way: the cancel then ends at once instead of
 when the destination dies.
 """
@@ -29,13 +40,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kvmotion.qemu.migstatus import MigrationSample, MigrationStatus
-from kvmotion.qemu.sockets import BlockedWrite, TcpSocket, blocked_writes, shutdown_socket, still_writing, tcp_sockets
+from kvmotion.qemu.sockets import (
+    BlockedWrite,
+    TcpSocket,
+    blocked_writes,
+    dup_socket,
+    shut,
+    shutdown_socket,
+    still_writing,
+    tcp_sockets,
+)
 
 log = logging.getLogger("kvmotion.migration")
 
@@ -46,10 +67,9 @@ SENDER = re.compile(r"mig/src/send_(\d+)")
 CANCEL_STALL = 1.0  # s a cancelled stream may make no progress before it is broken off
 LEAVE_TIMEOUT = 2.0  # s channel 0's sender may take to leave its write once its socket is shut down
 LEAVE_POLL = 0.001  # s; it takes ~0.1 ms
+CATCH_TIMEOUT = 0.5  # s a user's cancel waits for channel 0's sender to be inside a write
+CATCH_POLL = 0.001  # s between looks (a look reads /proc: ~0.3 ms)
 CANCEL_POLL = 0.025  # s between queries while the cancel settles
-QUIESCE_RATE = 1  # bytes/s: max-bandwidth while a stream is quiesced (0 would mean unlimited)
-QUIESCE_TIMEOUT = 1.5  # s the senders may take to finish the writes under way (a stalled one never does)
-QUIESCE_POLL = 0.005  # s
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,22 @@ class Broken:
         return f"shut down {self.shut} of its sockets" + (", channel 0's first" if self.first else " at once")
 
 
+def _left_its_write(pid: int, w: BlockedWrite) -> None:
+    """Wait until the thread of `w` has left its write (its socket was just shut down)."""
+    deadline = time.monotonic() + LEAVE_TIMEOUT
+    while still_writing(pid, w):
+        if time.monotonic() > deadline:
+            log.warning("QEMU %d: its multifd channel 0 sender did not leave its write %.0f s after its socket "
+                        "was shut down", pid, LEAVE_TIMEOUT)
+            return
+        time.sleep(LEAVE_POLL)
+
+
+def _shut_rest(pid: int, peers: frozenset[tuple[str, int]], first: BlockedWrite | None) -> int:
+    return sum(shutdown_socket(pid, s.fd, s.inode) for s in tcp_sockets(pid)
+               if s.peer in peers and (first is None or s.fd != first.fd))
+
+
 def break_stalled_stream(pid: int) -> Broken:
     """Shut down the stalled stream's sockets of the source QEMU `pid` in the order of
     break_plan (blocking: run it in a thread)."""
@@ -111,52 +147,77 @@ def break_stalled_stream(pid: int) -> Broken:
     done = 0
     if plan.first is not None and shutdown_socket(pid, plan.first.fd, plan.first.inode):
         done += 1
-        deadline = time.monotonic() + LEAVE_TIMEOUT
-        while still_writing(pid, plan.first):
-            if time.monotonic() > deadline:
-                log.warning("QEMU %d: its multifd channel 0 sender did not leave its write %.0f s after its socket "
-                            "was shut down", pid, LEAVE_TIMEOUT)
-                break
-            time.sleep(LEAVE_POLL)
-    for s in tcp_sockets(pid):
-        if s.peer in plan.peers and (plan.first is None or s.fd != plan.first.fd):
-            done += shutdown_socket(pid, s.fd, s.inode)
-    return Broken(shut=done, first=plan.first is not None)
+        _left_its_write(pid, plan.first)
+    return Broken(shut=done + _shut_rest(pid, plan.peers, plan.first), first=plan.first is not None)
+
+
+def channel_0_write(pid: int) -> BlockedWrite | None:
+    """Channel 0's sender, if it is inside a write to a socket."""
+    return next((w for w in blocked_writes(pid) if (m := SENDER.fullmatch(w.thread)) and m.group(1) == "0"), None)
+
+
+@dataclass
+class Caught:
+    """Channel 0's sender caught inside a write, and our duplicate of that socket."""
+
+    write: BlockedWrite
+    sock: socket.socket
+
+
+def catch_channel_0(pid: int, timeout: float) -> Caught | None:
+    """Channel 0's sender seen inside the same write on two looks in a row (held there by the
+    link), with a duplicate of its socket ready to shut down; None if not within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        w = channel_0_write(pid)
+        if w is not None and w == last:
+            sock = dup_socket(pid, w.fd, w.inode)
+            return Caught(w, sock) if sock is not None else None
+        last = w
+        time.sleep(CATCH_POLL)
+    return None
+
+
+def finish_break(pid: int, caught: Caught) -> Broken:
+    """After channel 0's socket was shut down: wait for its sender to leave its write, then shut
+    every other socket to the same peer (the destination)."""
+    peer = next((s.peer for s in tcp_sockets(pid) if s.inode == caught.write.inode), None)
+    _left_its_write(pid, caught.write)
+    return Broken(shut=1 + (_shut_rest(pid, frozenset({peer}), caught.write) if peer else 0), first=True)
 
 
 Ask = Callable[..., Awaitable[Any]]  # one QMP command: its decoded JSON answer
 
 
-def stream_writes(pid: int) -> list[BlockedWrite]:
-    """The source QEMU's migration threads inside a write to a socket."""
-    return [w for w in blocked_writes(pid) if w.thread.startswith(MIGRATION_THREADS)]
-
-
-async def quiesce(ask: Ask, pid: int) -> bool:
-    """Stop the stream queueing pages and wait until none of its threads is inside a write; False
-    when some still is after QUIESCE_TIMEOUT (a stalled stream)."""
-    await ask("migrate-set-parameters", **{"max-bandwidth": QUIESCE_RATE})
-    deadline = time.monotonic() + QUIESCE_TIMEOUT
-    while await asyncio.to_thread(stream_writes, pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(QUIESCE_POLL)
-    return True
-
-
-async def cancel_migration(ask: Ask, pid: int | None, wait: float, *, healthy: bool = False) -> MigrationStatus:
-    """migrate_cancel (a `healthy` stream, one the user cancels, quiesced first), then wait up to
-    `wait` s for QEMU to end it; a stream that makes no progress while cancelling is broken off
-    (break_stalled_stream). `ask` runs one QMP command. Returns the last status seen.
+async def cancel_migration(ask: Ask, pid: int | None, wait: float, *, moving: bool = False) -> MigrationStatus:
+    """migrate_cancel, then wait up to `wait` s for QEMU to end it; a stream that makes no progress
+    while cancelling is broken off (break_stalled_stream). `ask` runs one QMP command. Returns the
+    last status seen. `moving`: a sound stream a user cancels, cancelled while channel 0's sender
+    is caught inside a write (catch_channel_0).
 
     A stream rolled back because its destination failed is cancelled at once: its sockets are
     failing, and a migration QEMU sees fail before it is cancelled says bye on every channel."""
-    if healthy and pid is not None and not await quiesce(ask, pid):
-        log.warning("QEMU %s: its migration stream was still writing %.1f s after it was slowed to a stop; "
-                    "cancelling all the same", pid, QUIESCE_TIMEOUT)
-    await ask("migrate_cancel")
-    watch = CancelWatch()
+    caught = None
+    if moving and pid is not None:
+        caught = await asyncio.to_thread(catch_channel_0, pid, CATCH_TIMEOUT)
+        if caught is None:
+            log.info("QEMU %s: its multifd channel 0 sender was not seen inside a write within %.1f s: "
+                     "cancelling as it is", pid, CATCH_TIMEOUT)
+    try:
+        await ask("migrate_cancel")
+    finally:
+        if caught is not None:
+            with caught.sock:
+                shut(caught.sock)  # at once: before the cleanup says bye on channel 0
     broken = pid is None
+    if caught is not None:
+        broken = True
+        try:
+            await asyncio.to_thread(finish_break, pid, caught)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            log.warning("QEMU %s: breaking off its cancelled migration stream failed: %s", pid, exc)
+    watch = CancelWatch()
     deadline = time.monotonic() + wait
     while True:
         sample = MigrationSample.from_qmp(await ask("query-migrate"))

@@ -237,18 +237,33 @@ def still_writing(pid: int, w: BlockedWrite) -> bool:
     return _write_in_progress(pid, w.tid) == w.fd
 
 
-def shutdown_socket(pid: int, fd: int, inode: int) -> bool:
-    """Shut down `pid`'s socket `fd` if that descriptor still is socket `inode` (checked on our
-    duplicate, which keeps it from being reused under us). False when it is not."""
+def dup_socket(pid: int, fd: int, inode: int) -> socket.socket | None:
+    """Our duplicate of `pid`'s socket `fd` if that descriptor still is socket `inode` (the
+    duplicate keeps it from being reused under us); None when it is not."""
     try:
         sock = _dup(pid, fd)
     except OSError:
-        return False  # closed meanwhile
-    with sock:
-        if os.fstat(sock.fileno()).st_ino != inode:
-            return False
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            return False  # not connected any more: nothing left to shut down
+        return None  # closed meanwhile
+    if os.fstat(sock.fileno()).st_ino != inode:
+        sock.close()
+        return None
+    return sock
+
+
+def shut(sock: socket.socket) -> bool:
+    """Shut down both directions of a (duplicated) socket; False if it was not connected any more."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return False
     return True
+
+
+def shutdown_socket(pid: int, fd: int, inode: int) -> bool:
+    """Shut down `pid`'s socket `fd` if that descriptor still is socket `inode`. False when it is
+    not, or was not connected any more."""
+    sock = dup_socket(pid, fd, inode)
+    if sock is None:
+        return False
+    with sock:
+        return shut(sock)

@@ -131,50 +131,125 @@ def fast(monkeypatch):
     monkeypatch.setattr(cancel, "CANCEL_POLL", 0.005)
     broken: list[int] = []
     monkeypatch.setattr(cancel, "break_stalled_stream", lambda pid: broken.append(pid) or cancel.Broken(4, True))
-    monkeypatch.setattr(cancel, "stream_writes", lambda pid: [])
     return broken
+
+
+class FakeSocket:
+    """Our duplicate of channel 0's socket: records when it is shut down, after which QMP command."""
+
+    def __init__(self, monitor: FakeMonitor) -> None:
+        self.monitor = monitor
+        self.shut_after: list[str] | None = None
+        self.closed = False
+
+    def shutdown(self, how: int) -> None:
+        self.shut_after = list(self.monitor.commands)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closed = True
+
+
+class Catch:
+    """catch_channel_0 and finish_break, recorded."""
+
+    def __init__(self, monitor: FakeMonitor, caught: bool = True) -> None:
+        self.sock = FakeSocket(monitor)
+        self.caught = cancel.Caught(_w("mig/src/send_0", 21), self.sock) if caught else None  # type: ignore[arg-type]
+        self.monitor = monitor
+        self.finished: list[tuple] = []
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(cancel, "catch_channel_0", lambda pid, timeout: self.caught)
+        monkeypatch.setattr(cancel, "finish_break", self.finish)
+
+    def finish(self, pid: int, caught: cancel.Caught) -> cancel.Broken:
+        assert self.sock.shut_after is not None, "channel 0 is shut down before the rest"
+        self.finished.append((pid, caught.write.fd, list(self.monitor.commands)))
+        return cancel.Broken(4, True)
 
 
 def test_a_stream_that_ends_by_itself_is_not_broken(fast):
     monitor = FakeMonitor([{"status": "cancelling", "ram": {"transferred": n}} for n in range(1, 4)]
                           + [{"status": "cancelled"}])
-    status = asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 5.0, healthy=True))
+    status = asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 5.0))
     assert status.value == "cancelled" and fast == []
-    assert monitor.commands[:2] == ["migrate-set-parameters", "migrate_cancel"]
-    assert monitor.arguments[0] == {"max-bandwidth": cancel.QUIESCE_RATE}
-
-
-def test_a_failing_stream_is_cancelled_at_once(fast, monkeypatch):
-    """A rollback after the destination failed: no quiesce (the stream's sockets are failing)."""
-    monkeypatch.setattr(cancel, "stream_writes", lambda pid: [_w("mig/src/send_0", 21)])
-    monitor = FakeMonitor([{"status": "cancelled"}])
-    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
     assert monitor.commands[0] == "migrate_cancel"
 
 
-def test_cancel_waits_until_no_sender_is_inside_a_write(fast, monkeypatch):
-    """The cleanup migrate_cancel starts says bye on each TLS session: only once no sender writes to one."""
-    looks: list[str] = []
-
-    def writes(pid: int) -> list:
-        looks.append(monitor.commands[-1])
-        return [_w("mig/src/send_0", 21)] if len(looks) < 3 else []
-
-    monkeypatch.setattr(cancel, "stream_writes", writes)
+def test_a_user_s_cancel_comes_while_channel_0_writes_and_shuts_it_at_once(fast, monkeypatch):
+    """Cancelled first (so the cleanup's byes stop at channel 0), then channel 0's socket at once,
+    before the rest of the stream and before any other QMP command."""
     monitor = FakeMonitor([{"status": "cancelled"}])
-    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0, healthy=True)).value == "cancelled"
-    assert looks == ["migrate-set-parameters"] * 3  # every look came before migrate_cancel
-    assert monitor.commands[1] == "migrate_cancel"
+    catch = Catch(monitor)
+    catch.install(monkeypatch)
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0, moving=True)).value == "cancelled"
+    assert catch.sock.shut_after == ["migrate_cancel"] and catch.sock.closed
+    assert catch.finished == [(1234, 21, ["migrate_cancel"])]
+    assert fast == []  # broken once, not again by the stall watch
 
 
-def test_a_stream_that_keeps_writing_is_cancelled_after_the_quiesce_bound(fast, monkeypatch):
-    monkeypatch.setattr(cancel, "QUIESCE_TIMEOUT", 0.05)
-    monkeypatch.setattr(cancel, "stream_writes", lambda pid: [_w("mig/src/send_0", 21)])
+def test_a_broken_off_stream_that_hangs_is_not_broken_again(fast, monkeypatch):
+    monitor = FakeMonitor([{"status": "cancelling", "ram": {"transferred": 7}}])
+    Catch(monitor).install(monkeypatch)
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 0.2, moving=True)).value == "cancelling"
+    assert fast == []
+
+
+def test_a_user_s_cancel_without_channel_0_caught_is_a_plain_cancel(fast, monkeypatch):
+    monitor = FakeMonitor([{"status": "cancelling", "ram": {"transferred": 7}}])
+    catch = Catch(monitor, caught=False)
+    catch.install(monkeypatch)
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 0.3, moving=True)).value == "cancelling"
+    assert monitor.commands[0] == "migrate_cancel" and catch.finished == []
+    assert fast == [1234]  # the stall watch still breaks it off
+
+
+def test_a_failing_stream_is_cancelled_at_once(fast, monkeypatch):
+    """A rollback after the destination failed: no wait for channel 0 (its sockets are failing)."""
     monitor = FakeMonitor([{"status": "cancelled"}])
+    monkeypatch.setattr(cancel, "catch_channel_0", lambda pid, timeout: pytest.fail("waited for channel 0"))
+    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0)).value == "cancelled"
+    assert monitor.commands == ["migrate_cancel", "query-migrate"]
+
+
+def test_channel_0_is_caught_only_inside_the_same_write_on_two_looks(monkeypatch):
+    looks = iter([None, _w("mig/src/send_0", 21), _w("mig/src/send_0", 22), _w("mig/src/send_0", 22)])
+    monkeypatch.setattr(cancel, "channel_0_write", lambda pid: next(looks))
+    monkeypatch.setattr(cancel, "CATCH_POLL", 0.0)
+    dups: list[tuple] = []
+    monkeypatch.setattr(cancel, "dup_socket", lambda pid, fd, inode: dups.append((fd, inode)) or "sock")
+    caught = cancel.catch_channel_0(1234, 1.0)
+    assert caught == cancel.Caught(_w("mig/src/send_0", 22), "sock") and dups == [(22, 1022)]  # type: ignore[arg-type]
+
+
+def test_channel_0_not_caught_in_time_or_gone(monkeypatch):
+    monkeypatch.setattr(cancel, "CATCH_POLL", 0.001)
+    monkeypatch.setattr(cancel, "channel_0_write", lambda pid: None)
     t0 = time.monotonic()
-    assert asyncio.run(cancel.cancel_migration(monitor.ask, 1234, 1.0, healthy=True)).value == "cancelled"
-    assert 0.05 <= time.monotonic() - t0 < 1.0
-    assert monitor.commands[:2] == ["migrate-set-parameters", "migrate_cancel"]
+    assert cancel.catch_channel_0(1234, 0.05) is None and time.monotonic() - t0 < 0.5
+    monkeypatch.setattr(cancel, "channel_0_write", lambda pid: _w("mig/src/send_0", 21))
+    monkeypatch.setattr(cancel, "dup_socket", lambda pid, fd, inode: None)  # closed meanwhile
+    assert cancel.catch_channel_0(1234, 0.05) is None
+
+
+def test_channel_0_write_is_sender_0_s_only(monkeypatch):
+    monkeypatch.setattr(cancel, "blocked_writes", lambda pid: [_w("mig/src/send_10", 23), _w("mig/src/main", 20),
+                                                               _w("mig/src/send_0", 21)])
+    assert cancel.channel_0_write(1234) == _w("mig/src/send_0", 21)
+    monkeypatch.setattr(cancel, "blocked_writes", lambda pid: [_w("mig/src/send_1", 22)])
+    assert cancel.channel_0_write(1234) is None
+
+
+def test_after_channel_0_the_rest_of_the_stream_goes_once_its_sender_left(monkeypatch):
+    fake = FakeQemu([])
+    fake.install(monkeypatch)
+    caught = cancel.Caught(_w("mig/src/send_0", 21), None)  # type: ignore[arg-type]
+    assert cancel.finish_break(1234, caught) == cancel.Broken(shut=4, first=True)
+    assert fake.calls == [("look", 21), ("look", 21), ("shutdown", 20, 1020), ("shutdown", 22, 1022),
+                          ("shutdown", 23, 1023)]  # never the datastore's socket
 
 
 def test_a_cancelled_stream_that_stalls_is_broken_once(fast):
