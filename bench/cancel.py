@@ -253,9 +253,7 @@ def main() -> int:
                     results += asyncio.run(_qemu_runs(lab, cell, args.runs, rng, Path(tmp), log))
                 write()
     except KeyboardInterrupt:
-        write()
-        print(f"cancel: interrupted, the lab torn down; the runs so far are in {args.out}", file=sys.stderr)
-        return 130
+        return harness.interrupted("cancel", write, f"the runs so far are in {args.out}")
     write()
     print(json.dumps(json.loads(args.out.read_text())["summary"], indent=1))
     return 0

@@ -161,9 +161,7 @@ def main() -> int:
                         results += run_cell(lab, cell, methods, args.runs, args.timeout, Path(tmp), log)
                         write()
     except KeyboardInterrupt:
-        write()
-        print(f"compare: interrupted, the lab torn down; the finished cells are in {args.out}", file=sys.stderr)
-        return 130
+        return harness.interrupted("compare", write, f"the finished cells are in {args.out}")
     write()
     print()
     print(args.out.with_suffix(".md").read_text())

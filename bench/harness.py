@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +84,13 @@ def bench_lab(link_rate: int | None, encrypted: bool) -> Iterator[BenchLab]:
         finally:
             with uninterruptible():
                 labmod.lab_down(name)
+
+
+def interrupted(bench: str, write: Callable[[], None], kept: str) -> int:
+    """Ctrl-C (or SIGTERM) during a bench: what it has so far written out, the exit code 130."""
+    write()
+    print(f"{bench}: interrupted, the lab torn down; {kept}", file=sys.stderr)
+    return 130
 
 
 def guest_spec(cell: Cell, topo: labmod.LabTopology, guest_announce: bool = False) -> VmSpec:

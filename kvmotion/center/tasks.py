@@ -90,6 +90,14 @@ class Tasks:
             raise NotFound(f"no VM {name} in the cluster")
         return vm_view(row)
 
+    def _named_host(self, name: str, vm: str) -> HostRow:
+        """The host a request names for `vm`: joined, and taking VMs (not in maintenance)."""
+        named = self.store.host(name)
+        if named is None:
+            raise InvalidInput(f"unknown host {name}: no such host has joined")
+        refuse_maintenance(named, vm)
+        return named
+
     def placement(self, spec: VmSpec, source: str | None) -> Placement:
         return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
                      baseline=self.store.settings().cpu_baseline)
@@ -100,11 +108,7 @@ class Tasks:
         spec = request.spec
         placement = None
         if request.host is not None:
-            named = self.store.host(request.host)
-            if named is None:
-                raise InvalidInput(f"unknown host {request.host}: no such host has joined")
-            refuse_maintenance(named, spec.name)
-            host = request.host
+            host = self._named_host(request.host, spec.name).name
         else:
             placement = self.placement(spec, None)
             host = initial_host(self.store.drs_config().automation, spec.name, placement)
@@ -146,10 +150,7 @@ class Tasks:
         with self._placing:
             placement = None
             if request.destination is not None:
-                named = self.store.host(request.destination)
-                if named is None:
-                    raise InvalidInput(f"unknown host {request.destination}: no such host has joined")
-                refuse_maintenance(named, request.vm)
+                self._named_host(request.destination, request.vm)
                 if request.destination == source:
                     raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
                 destination = request.destination
