@@ -76,8 +76,8 @@ class Tasks:
         self.store = store
         self.clock = clock
         self.predict = predict  # (vm, source, destination) -> predicted seconds, downtime ms: for its task
-        # Requests are served on several threads: a destination is chosen and its reservation
-        # written under this lock, so that two moves placed at once each see the other's.
+        # Requests are served on several threads: a placed destination is checked again and its
+        # reservation written under this lock, so that two moves placed at once see each other's.
         self._placing = threading.Lock()
 
     # ---- VMs ----
@@ -97,6 +97,18 @@ class Tasks:
             raise InvalidInput(f"unknown host {name}: no such host has joined")
         refuse_maintenance(named, vm)
         return named
+
+    def _place(self, spec: VmSpec, source: str, vm: str) -> tuple[Placement, str]:
+        placement = self.placement(spec, source)
+        if placement.chosen is None:
+            raise InsufficientResources(f"cannot migrate VM {vm}: {summary(placement)}")
+        return placement, placement.chosen
+
+    def _still_fits(self, spec: VmSpec, destination: str) -> bool:
+        """Whether `destination`'s memory, less every reservation written so far, still takes `spec`."""
+        host = self.store.host(destination)
+        reserved = self.store.reservations().get(destination, (0, 0))[0]
+        return host is not None and host.load is not None and host.load.memory_available - reserved >= spec.memory
 
     def placement(self, spec: VmSpec, source: str | None) -> Placement:
         return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
@@ -147,22 +159,24 @@ class Tasks:
         if busy is not None:
             doing = "already migrating" if busy.kind is TaskKind.MIGRATE else f"busy ({busy.kind.value})"
             raise InvalidInput(f"VM {request.vm} is {doing}: task {busy.id}")
+        placement, spec = None, None
+        if request.destination is not None:
+            self._named_host(request.destination, request.vm)
+            if request.destination == source:
+                raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
+            destination = request.destination
+        else:
+            if row.spec is None:
+                raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
+            spec = VmSpec.from_json(json.loads(row.spec))
+            placement, destination = self._place(spec, source, request.vm)
+        options = request.model_dump_json(include=MIGRATION_OPTIONS)
+        seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
         with self._placing:
-            placement = None
-            if request.destination is not None:
-                self._named_host(request.destination, request.vm)
-                if request.destination == source:
-                    raise InvalidInput(f"VM {request.vm} is already on {source}: name another host")
-                destination = request.destination
-            else:
-                if row.spec is None:
-                    raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
-                placement = self.placement(VmSpec.from_json(json.loads(row.spec)), source)
-                if placement.chosen is None:
-                    raise InsufficientResources(f"cannot migrate VM {request.vm}: {summary(placement)}")
-                destination = placement.chosen
-            options = request.model_dump_json(include=MIGRATION_OPTIONS)
-            seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
+            if spec is not None and not self._still_fits(spec, destination):
+                # Another move took the room while this one was placed: placed again (seldom).
+                placement, destination = self._place(spec, source, request.vm)
+                seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
             try:
                 queued = self.queue_move(request.vm, source, destination, str(who), options=options, predicted_s=seconds,
                                          predicted_downtime_ms=downtime)
