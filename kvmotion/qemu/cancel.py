@@ -156,7 +156,7 @@ def channel_0_write(pid: int) -> BlockedWrite | None:
     return next((w for w in blocked_writes(pid) if (m := SENDER.fullmatch(w.thread)) and m.group(1) == "0"), None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Caught:
     """Channel 0's sender caught inside a write, and our duplicate of that socket."""
 
@@ -206,10 +206,13 @@ async def cancel_migration(ask: Ask, pid: int | None, wait: float, *, moving: bo
                      "cancelling as it is", pid, CATCH_TIMEOUT)
     try:
         await ask("migrate_cancel")
-    finally:
+    except BaseException:
         if caught is not None:
-            with caught.sock:
-                shut(caught.sock)  # at once: before the cleanup says bye on channel 0
+            caught.sock.close()  # not cancelled: breaking channel 0 now would fail the migration instead
+        raise
+    if caught is not None:
+        with caught.sock:
+            shut(caught.sock)  # at once: before the cleanup says bye on channel 0
     broken = pid is None
     if caught is not None:
         broken = True

@@ -151,6 +151,9 @@ class FakeSocket:
     def __exit__(self, *exc) -> None:
         self.closed = True
 
+    def close(self) -> None:
+        self.closed = True
+
 
 class Catch:
     """catch_channel_0 and finish_break, recorded."""
@@ -189,6 +192,20 @@ def test_a_user_s_cancel_comes_while_channel_0_writes_and_shuts_it_at_once(fast,
     assert catch.sock.shut_after == ["migrate_cancel"] and catch.sock.closed
     assert catch.finished == [(1234, 21, ["migrate_cancel"])]
     assert fast == []  # broken once, not again by the stall watch
+
+
+def test_a_cancel_that_fails_leaves_channel_0_alone(fast, monkeypatch):
+    """migrate_cancel did not get through: breaking channel 0 would fail the migration instead."""
+    monitor = FakeMonitor([{"status": "active"}])
+    catch = Catch(monitor)
+    catch.install(monkeypatch)
+
+    async def refuse(command: str, **arguments) -> object:
+        raise RuntimeError("lost the QEMU monitor")
+
+    with pytest.raises(RuntimeError, match="lost the QEMU monitor"):
+        asyncio.run(cancel.cancel_migration(refuse, 1234, 0.2, moving=True))
+    assert catch.sock.shut_after is None and catch.sock.closed and catch.finished == []  # our duplicate closed
 
 
 def test_a_broken_off_stream_that_hangs_is_not_broken_again(fast, monkeypatch):
