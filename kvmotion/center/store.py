@@ -62,7 +62,7 @@ from kvmotion.api.center import (
 from kvmotion.api.identity import Role
 from kvmotion.api.operations import DrsConfig, HealthEntry, HealthReport, RuleSpec
 from kvmotion.center.liveness import after_heartbeat
-from kvmotion.core.errors import Conflict, NotFound, SetupError
+from kvmotion.core.errors import Conflict, InsufficientResources, NotFound, SetupError
 
 BUSY_TIMEOUT_MS = 5000  # how long a writer waits for another's transaction
 EVENTS_KEPT = 100_000  # older events are pruned
@@ -250,7 +250,10 @@ class Store(Protocol):
     def create_vm(self, vm: VmRow, task: TaskView, who: str) -> None: ...
 
     # Conflict if the VM is unknown or has an unfinished task; `migration` for a migrate task
-    def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None) -> TaskView: ...
+    # `room`: the migration's destination's free memory as placement saw it; refused
+    # (InsufficientResources) when the reservations written so far leave too little of it
+    def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None,
+                 room: int | None = None) -> TaskView: ...
 
     def task(self, task_id: str) -> TaskView | None: ...
 
@@ -879,15 +882,26 @@ class SqliteStore:
         self._add_event(conn, task.created, EventKind.TASK_QUEUED, f"task:{task.id}", f"task {task.id} queued: {what}",
                         who)
 
-    def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None) -> TaskView:
+    def add_task(self, task: TaskView, who: str, migration: MigrationRow | None = None,
+                 room: int | None = None) -> TaskView:
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM vms WHERE name = ?", (task.target,)).fetchone() is None:
+            vm = conn.execute("SELECT coalesce(json_extract(spec, '$.memory'), 0) AS memory FROM vms WHERE name = ?",
+                              (task.target,)).fetchone()
+            if vm is None:
                 raise NotFound(f"no VM {task.target} in the cluster")
             busy = conn.execute("SELECT id, kind FROM tasks WHERE target = ? AND state IN ('queued', 'running') "
                                 "LIMIT 1", (task.target,)).fetchone()
             if busy is not None:
                 doing = "already migrating" if busy["kind"] == TaskKind.MIGRATE.value else f"busy ({busy['kind']})"
                 raise Conflict(f"VM {task.target} is {doing}: task {busy['id']}; wait for it or cancel it")
+            if migration is not None and room is not None:
+                # Checked in the write transaction: moves placed at the same moment see each other.
+                reserved = conn.execute(
+                    "SELECT coalesce(sum(m.memory), 0) AS memory FROM tasks t JOIN migrations m ON m.task_id = t.id "
+                    "WHERE m.destination = ? AND t.state IN ('queued', 'running')", (migration.destination,)).fetchone()
+                if reserved["memory"] + vm["memory"] > room:
+                    raise InsufficientResources(f"{migration.destination} has no room left for VM {task.target}: "
+                                                f"other moves took it meanwhile")
             self._insert_task(conn, task, migration, who)
             return _task(conn.execute(_TASKS + " WHERE t.id = ?", (task.id,)).fetchone())
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from kvmotion.api.center import (
@@ -76,9 +75,6 @@ class Tasks:
         self.store = store
         self.clock = clock
         self.predict = predict  # (vm, source, destination) -> predicted seconds, downtime ms: for its task
-        # Requests are served on several threads: a placed destination is checked again and its
-        # reservation written under this lock, so that two moves placed at once see each other's.
-        self._placing = threading.Lock()
 
     # ---- VMs ----
     def vm_list_json(self) -> str:
@@ -98,17 +94,13 @@ class Tasks:
         refuse_maintenance(named, vm)
         return named
 
-    def _place(self, spec: VmSpec, source: str, vm: str) -> tuple[Placement, str]:
+    def _place(self, spec: VmSpec, source: str, vm: str) -> tuple[Placement, str, int | None]:
+        """Where a VM moves, and that host's free memory as placement saw it."""
         placement = self.placement(spec, source)
         if placement.chosen is None:
             raise InsufficientResources(f"cannot migrate VM {vm}: {summary(placement)}")
-        return placement, placement.chosen
-
-    def _still_fits(self, spec: VmSpec, destination: str) -> bool:
-        """Whether `destination`'s memory, less every reservation written so far, still takes `spec`."""
-        host = self.store.host(destination)
-        reserved = self.store.reservations().get(destination, (0, 0))[0]
-        return host is not None and host.load is not None and host.load.memory_available - reserved >= spec.memory
+        host = self.store.host(placement.chosen)
+        return placement, placement.chosen, host.load.memory_available if host and host.load else None
 
     def placement(self, spec: VmSpec, source: str | None) -> Placement:
         return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
@@ -159,7 +151,7 @@ class Tasks:
         if busy is not None:
             doing = "already migrating" if busy.kind is TaskKind.MIGRATE else f"busy ({busy.kind.value})"
             raise InvalidInput(f"VM {request.vm} is {doing}: task {busy.id}")
-        placement, spec = None, None
+        placement, spec, room = None, None, None
         if request.destination is not None:
             self._named_host(request.destination, request.vm)
             if request.destination == source:
@@ -169,26 +161,29 @@ class Tasks:
             if row.spec is None:
                 raise InvalidInput(f"VM {request.vm} was not created through the center: name a destination")
             spec = VmSpec.from_json(json.loads(row.spec))
-            placement, destination = self._place(spec, source, request.vm)
+            placement, destination, room = self._place(spec, source, request.vm)
         options = request.model_dump_json(include=MIGRATION_OPTIONS)
-        seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
-        with self._placing:
-            if spec is not None and not self._still_fits(spec, destination):
-                # Another move took the room while this one was placed: placed again (seldom).
-                placement, destination = self._place(spec, source, request.vm)
-                seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
+        for again in (False, True):
+            seconds, downtime = self.predict(request.vm, source, destination) if self.predict else (None, None)
             try:
                 queued = self.queue_move(request.vm, source, destination, str(who), options=options, predicted_s=seconds,
-                                         predicted_downtime_ms=downtime)
+                                         predicted_downtime_ms=downtime, room=room)
+                break
+            except InsufficientResources:
+                if spec is None or again:
+                    raise
+                # Another move placed at the same moment took the room: placed again, once.
+                placement, destination, room = self._place(spec, source, request.vm)
             except Conflict as exc:  # a migration requested in between
                 raise InvalidInput(str(exc)) from None
         return TaskStarted(task=queued, placement=placement)
 
     def queue_move(self, vm: str, source: str, destination: str, who: str, *, options: str | None = None, why: str = "",
                    predicted_s: float | None = None, predicted_downtime_ms: float | None = None,
-                   rehome: bool = False) -> TaskView:
+                   rehome: bool = False, room: int | None = None) -> TaskView:
         """A migrate task (a rehome task for a powered-off VM) from source to destination, queued;
-        Conflict if the VM has an open task."""
+        Conflict if the VM has an open task; InsufficientResources if `room` (the destination's free
+        memory as placement saw it) no longer holds the VM beside the moves queued there."""
         kind = TaskKind.REHOME if rehome else TaskKind.MIGRATE
         if options is None:  # the defaults a user's request has
             options = MigrateRequest(vm=vm).model_dump_json(include=MIGRATION_OPTIONS)
@@ -197,7 +192,7 @@ class Tasks:
                         progress=TaskProgress(phase="queued", message="waiting for admission" if not rehome else ""))
         migration = MigrationRow(id=task.id, task_id=task.id, vm=vm, source=source, destination=destination,
                                  options=options)
-        return self.store.add_task(task, who, migration)
+        return self.store.add_task(task, who, migration, room)
 
     # ---- tasks ----
     def _task(self, task_id: str) -> TaskView:

@@ -188,9 +188,9 @@ def test_migration_requests_and_their_one_line_refusals(cluster: Cluster) -> Non
 
 
 def test_moves_placed_at_once_see_each_other_s_reservation(cluster: Cluster, monkeypatch) -> None:
-    """Two 7 GiB VMs asked to move at the same moment: host-c fits one, host-b neither. The first
-    placed reserves host-c before the second is placed, so the second is refused instead of
-    being sent where it cannot fit."""
+    """Two 7 GiB VMs asked to move at the same moment: host-c fits one, host-b neither. Both are
+    placed on host-c; the second written finds the first's reservation, is placed again and
+    refused, instead of being sent where it cannot fit."""
     s = cluster.store
     for name in ("big1", "big2"):
         run_vm(s, name, "host-a", memory=7 * GIB)
