@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import harness
 from bench.benchmodel import Cell
 from bench.compare import qemu_version
+from kvmotion.api.agent import AgentClient
 from kvmotion.api.migration import Compression, MigrationRequest, OptionsBody, StreamSettings
 from kvmotion.core.errors import KvmotionError
 from kvmotion.core.units import parse_rate, parse_size
@@ -88,8 +89,17 @@ def _keep(lab: harness.BenchLab, folder: Path) -> None:
 
 def kvmotion_runs(lab: harness.BenchLab, cell: Cell, runs: int, rng: random.Random, log,
                   keep: Path | None = None) -> list[CancelRun]:
-    spec = harness.guest_spec(cell, lab.topo)
     a, b = lab.agent("host-a"), lab.agent("host-b")
+    try:
+        return _kvmotion_runs(lab, cell, runs, rng, log, keep, a, b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _kvmotion_runs(lab: harness.BenchLab, cell: Cell, runs: int, rng: random.Random, log, keep: Path | None,
+                   a: AgentClient, b: AgentClient) -> list[CancelRun]:
+    spec = harness.guest_spec(cell, lab.topo)
     out: list[CancelRun] = []
     booted = False
     for i in range(runs):

@@ -96,15 +96,18 @@ class Tasks:
 
     def _place(self, spec: VmSpec, source: str, vm: str) -> tuple[Placement, str, int | None]:
         """Where a VM moves, and that host's free memory as placement saw it."""
-        placement = self.placement(spec, source)
+        hosts = snapshots(self.store.hosts(), self.store.reservations())
+        placement = self.placement(spec, source, hosts)
         if placement.chosen is None:
             raise InsufficientResources(f"cannot migrate VM {vm}: {summary(placement)}")
-        host = self.store.host(placement.chosen)
-        return placement, placement.chosen, host.load.memory_available if host and host.load else None
+        room = next((h.load.memory_available for h in hosts if h.name == placement.chosen and h.load), None)
+        return placement, placement.chosen, room
 
-    def placement(self, spec: VmSpec, source: str | None) -> Placement:
-        return place(spec, snapshots(self.store.hosts(), self.store.reservations()), source=source,
-                     baseline=self.store.settings().cpu_baseline)
+    def placement(self, spec: VmSpec, source: str | None, hosts: Sequence[HostSnapshot] | None = None) -> Placement:
+        """`hosts`: the snapshots to place on (default: the store's hosts and reservations now)."""
+        if hosts is None:
+            hosts = snapshots(self.store.hosts(), self.store.reservations())
+        return place(spec, hosts, source=source, baseline=self.store.settings().cpu_baseline)
 
     def create_vm(self, request: VmCreate, who: Identity) -> VmCreated:
         """The VM defined on its host (named, or chosen by placement as DRS's automation level allows:

@@ -30,9 +30,8 @@ and a failed one says bye on every channel, racing senders still compressing a b
 A stream that stalled (nothing leaves it) is cancelled first; once it is seen to make no progress,
 channel 0's socket is shut down first; its sender fails and leaves its write before it wakes the
 migration thread, whose cleanup's bye on channel 0 then fails at once; then every other socket of
-the stream. Plain multifd sends
-no bye, but a stalled stream is broken off the same way: the cancel then ends at once instead of
-when the destination dies.
+the stream. Plain multifd sends no bye, but a stalled stream is broken off the same way: the
+cancel then ends at once instead of when the destination dies.
 """
 
 from __future__ import annotations
@@ -90,8 +89,12 @@ def break_plan(writes: Iterable[BlockedWrite], sockets: Iterable[TcpSocket]) -> 
     peers = frozenset(peer_of[w.fd] for w in ours if w.fd in peer_of)
     if not peers:
         return None
-    first = next((w for w in ours if (m := SENDER.fullmatch(w.thread)) and int(m.group(1)) == 0), None)
-    return BreakPlan(first=first, peers=peers)
+    return BreakPlan(first=_channel_0(ours), peers=peers)
+
+
+def _channel_0(writes: Iterable[BlockedWrite]) -> BlockedWrite | None:
+    """The write of multifd channel 0's sender among `writes`, if it is one of them."""
+    return next((w for w in writes if (m := SENDER.fullmatch(w.thread)) and int(m.group(1)) == 0), None)
 
 
 class CancelWatch:
@@ -153,7 +156,7 @@ def break_stalled_stream(pid: int) -> Broken:
 
 def channel_0_write(pid: int) -> BlockedWrite | None:
     """Channel 0's sender, if it is inside a write to a socket."""
-    return next((w for w in blocked_writes(pid) if (m := SENDER.fullmatch(w.thread)) and m.group(1) == "0"), None)
+    return _channel_0(blocked_writes(pid))
 
 
 @dataclass(frozen=True)

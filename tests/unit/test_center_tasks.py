@@ -198,12 +198,12 @@ def test_moves_placed_at_once_see_each_other_s_reservation(cluster: Cluster, mon
     placing = ops.placement
     inside = threading.Barrier(2, timeout=0.5)
 
-    def slow_placement(vm_spec, source):
-        chosen = placing(vm_spec, source)
+    def slow_placement(vm_spec, source, hosts=None):
+        chosen = placing(vm_spec, source, hosts)
         try:
             inside.wait()  # both requests placed before either wrote its task: the race
         except threading.BrokenBarrierError:
-            pass  # the other request waits for the lock: what should happen
+            pass  # the second request's placement again, after it found the room taken
         return chosen
 
     monkeypatch.setattr(ops, "placement", slow_placement)
